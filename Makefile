@@ -1,0 +1,37 @@
+# fedcare: every target creates/uses .venv and installs what it needs.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fedcare-installed
+
+export FLWR_TELEMETRY_ENABLED := 0
+export FLWR_DISABLE_UPDATE_CHECK := 1
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: demo test bench clean install
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and pinned: on this machine kind it takes the local CPU wheel.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## The main job: 4 real hospitals (Fed-Heart-Disease), DP-SGD, Flower Simulation Engine.
+demo: $(STAMP)
+	$(BIN)/fedcare simulate --output-dir runs/demo
+
+## Everything the CI runs.
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_heart_accuracy.py --seeds 5 --write docs/benchmarks.md
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,207 @@
+"""The hospital's ClientApp: statistics, DP training and evaluation on local data.
+
+Settings come from the coordinator's message (what to train) and from the node (where the data
+and ledger are, what privacy budget the hospital grants). A node setting always wins, so the
+coordinator cannot raise a hospital's budget. Errors the hospital can fix, and budget refusals,
+are replied as a ``refusal`` record with a one-line reason instead of a traceback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.datasets import HospitalData, load_hospital
+from client.feature_stats import local_sums, normalise, stats_key
+from client.privacy_ledger import PrivacyLedger
+from fedcare import protocol
+from fedcare.errors import BudgetExhausted, FedcareError
+
+
+@lru_cache(maxsize=16)
+def _hospital(dataset: str, partition_id: int) -> HospitalData:
+    return load_hospital(dataset, partition_id)
+
+
+class _Node:
+    """What this node knows about itself, resolved for one message."""
+
+    def __init__(self, context: Context, config: Mapping[str, Any], defaults: Mapping[str, Any]) -> None:
+        self.context = context
+        self.config = config
+        self.defaults = defaults
+
+    def setting(self, key: str, fallback: Any = None) -> Any:
+        for source in (self.context.node_config, self.defaults, self.context.run_config):
+            if key in source:
+                return source[key]
+        return self.config.get(key, fallback)
+
+    @property
+    def dp(self) -> bool:
+        return bool(self.config["dp"])
+
+    @property
+    def seed(self) -> int:
+        return int(self.config["seed"]) * 1000 + int(self.setting("partition-id", 0))
+
+    def data(self) -> HospitalData:
+        data = _hospital(str(self.config["dataset"]), int(self.setting("partition-id", 0)))
+        data.check_trainable(int(self.config["batch-size"]))
+        return data
+
+    def ledger(self, data: HospitalData) -> PrivacyLedger:
+        budget = float(self.setting("epsilon-budget", self.config["target-epsilon"]))
+        return PrivacyLedger.open(
+            self.setting("ledger-dir", "fedcare-ledgers"), data.name, data.fingerprint(),
+            budget=budget, delta=float(self.config["delta"]),
+        )
+
+    def plan(self, data: HospitalData, ledger: PrivacyLedger, stats_needed: bool):
+        from client.dp_trainer import steps_per_epoch
+
+        steps = steps_per_epoch(len(data.y_train), int(self.config["batch-size"]))
+        return ledger.plan_run(
+            run_id=str(self.context.run_id),
+            rounds=int(self.config["num-rounds"]),
+            steps_per_round=steps * int(self.config["local-epochs"]),
+            sample_rate=1.0 / steps,
+            run_epsilon=float(self.config["target-epsilon"]),
+            stats_fraction=float(self.config["stats-budget-fraction"]) if stats_needed else None,
+        )
+
+
+def _reply(msg: Message, data_name: str, **records: Any) -> Message:
+    content = RecordDict({protocol.HOSPITAL: ConfigRecord({"name": data_name}), **records})
+    return Message(content=content, reply_to=msg)
+
+
+def _refusal(msg: Message, name: str, exc: FedcareError) -> Message:
+    kind = "budget" if isinstance(exc, BudgetExhausted) else "data"
+    return _reply(msg, name, **{protocol.REFUSAL: ConfigRecord({"reason": str(exc), "kind": kind})})
+
+
+def _stats_columns(data: HospitalData) -> tuple[list[int], list[tuple[float, float]]]:
+    cols = [data.feature_names.index(f) for f in data.numeric_features]
+    return cols, [tuple(data.feature_bounds[f]) for f in data.numeric_features]
+
+
+def _guarded(handler: Callable[[_Node, Message], Message], defaults: Mapping[str, Any]):
+    def run(msg: Message, context: Context) -> Message:
+        node = _Node(context, msg.content[protocol.CONFIG], defaults)
+        try:
+            return handler(node, msg)
+        except FedcareError as exc:
+            name = str(node.setting("hospital-name", f"partition {node.setting('partition-id', '?')}"))
+            try:
+                name = _hospital(str(node.config["dataset"]), int(node.setting("partition-id", 0))).name
+            except FedcareError:
+                pass
+            return _refusal(msg, name, exc)
+
+    return run
+
+
+def _feature_stats(node: _Node, msg: Message) -> Message:
+    data = node.data()
+    cols, bounds = _stats_columns(data)
+    rng = np.random.default_rng(node.seed)
+    count_weight = float(len(data.y_train))
+    if not node.dp:
+        values = local_sums(data.x_train, cols, bounds, None, rng)
+    else:
+        ledger = node.ledger(data)
+        key = stats_key(data.numeric_features, data.feature_bounds, None)
+        values = ledger.feature_stats(key)
+        plan = node.plan(data, ledger, stats_needed=values is None)
+        if values is None:
+            values = local_sums(data.x_train, cols, bounds, plan.stats_noise_multiplier, rng)
+            ledger.record(str(node.context.run_id), 0, "feature-stats",
+                          [(plan.stats_noise_multiplier, 1.0, 1)], stats_key=key, values=values)
+        count_weight = values["count"][0]
+    metrics: dict[str, Any] = {
+        "count": values["count"], "sum": values["sum"], "sum-sq": values["sum_sq"],
+        protocol.NUM_EXAMPLES: max(1.0, count_weight),
+    }
+    if node.dp:
+        metrics["epsilon"] = ledger.epsilon()
+    features = ConfigRecord({
+        "names": data.numeric_features, "n-features": data.n_features,
+        "bounds-lo": [float(lo) for lo, _ in bounds], "bounds-hi": [float(hi) for _, hi in bounds],
+    })
+    return _reply(msg, data.name, **{protocol.METRICS: MetricRecord(metrics), "features": features})
+
+
+def _prepared(node: _Node, data: HospitalData, x: np.ndarray) -> np.ndarray:
+    cols, _ = _stats_columns(data)
+    return normalise(x, cols, list(node.config["norm-mean"]), list(node.config["norm-std"]))
+
+
+def _train(node: _Node, msg: Message) -> Message:
+    from client.dp_trainer import DPSettings, train
+    from shared_models.registry import build_model
+    from shared_models.weights import load_arrays, model_to_arrays
+
+    data = node.data()
+    server_round = int(node.config["server-round"])
+    model = build_model(str(node.config["model"]), data.n_features)
+    load_arrays(model, msg.content[protocol.ARRAYS])
+    dp, ledger, plan = None, None, None
+    weight = float(len(data.y_train))
+    if node.dp:
+        ledger = node.ledger(data)
+        plan = ledger.plan(str(node.context.run_id)) or node.plan(data, ledger, stats_needed=False)
+        ledger.check_release([(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)])
+        dp = DPSettings(plan.noise_multiplier, float(node.config["max-grad-norm"]))
+        weight = max(1.0, float(ledger.feature_stats(stats_key(data.numeric_features, data.feature_bounds, None))["count"][0]))
+    outcome = train(
+        model, _prepared(node, data, data.x_train), data.y_train,
+        epochs=int(node.config["local-epochs"]), batch_size=int(node.config["batch-size"]),
+        lr=float(node.config["learning-rate"]), dp=dp, seed=node.seed * 1000 + server_round,
+        proximal_mu=float(node.config.get("proximal-mu", 0.0)),
+    )
+    metrics: dict[str, Any] = {protocol.NUM_EXAMPLES: weight}
+    if ledger is not None:
+        eps = ledger.record(str(node.context.run_id), server_round, "train", outcome.steps,
+                            noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm)
+        metrics.update({"epsilon": eps, "noise-multiplier": dp.noise_multiplier,
+                        "steps": sum(k for _, _, k in outcome.steps)})
+    else:
+        metrics["train-loss"] = outcome.mean_loss  # only without DP: a raw loss is not private
+    return _reply(msg, data.name, **{protocol.ARRAYS: model_to_arrays(model),
+                                     protocol.METRICS: MetricRecord(metrics)})
+
+
+def _evaluate(node: _Node, msg: Message) -> Message:
+    from client.dp_trainer import evaluate
+    from shared_models.registry import build_model
+    from shared_models.weights import load_arrays
+
+    data = node.data()
+    model = build_model(str(node.config["model"]), data.n_features)
+    load_arrays(model, msg.content[protocol.ARRAYS])
+    s = evaluate(model, _prepared(node, data, data.x_test), data.y_test)
+    metrics = MetricRecord({
+        "tp": s.tp, "fp": s.fp, "tn": s.tn, "fn": s.fn, "loss-sum": s.loss_sum,
+        "pos-hist": s.pos_hist.tolist(), "neg-hist": s.neg_hist.tolist(),
+        protocol.NUM_EXAMPLES: s.n,
+    })
+    return _reply(msg, data.name, **{protocol.METRICS: metrics})
+
+
+def make_client_app(node_defaults: Mapping[str, Any] | None = None) -> ClientApp:
+    """The ClientApp; ``node_defaults`` stand in for node config in in-process simulations."""
+    defaults = dict(node_defaults or {})
+    client_app = ClientApp()
+    client_app.query("feature_stats")(_guarded(_feature_stats, defaults))
+    client_app.train()(_guarded(_train, defaults))
+    client_app.evaluate()(_guarded(_evaluate, defaults))
+    return client_app
+
+
+app = make_client_app()

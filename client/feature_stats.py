@@ -1,0 +1,55 @@
+"""The hospital's half of the federated statistics round: noisy counts and sums, never rows.
+
+Each numeric feature is first clipped to its public range and mapped to u in [-0.5, 0.5]; a
+patient then contributes (1, u_1..u_d, u_1^2..u_d^2), whose L2 norm is at most
+sqrt(1 + 0.3125 d). Gaussian noise with that sensitivity times the noise multiplier makes the
+release (epsilon, delta)-DP; the ledger counts it as one sampled-Gaussian step with rate 1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import numpy as np
+
+from fedcare.errors import FedcareError
+
+
+def stats_key(feature_names: list[str], bounds: dict[str, tuple[float, float]], noise_multiplier: float | None) -> str:
+    """Identifies a statistics query, so an identical later query re-sends the paid-for answer."""
+    payload = json.dumps({"features": feature_names, "bounds": bounds, "sigma": noise_multiplier}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def sensitivity(n_features: int) -> float:
+    return math.sqrt(1.0 + 0.3125 * n_features)
+
+
+def scaled(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    return (np.clip(x, lo, hi) - lo) / (hi - lo) - 0.5
+
+
+def local_sums(x: np.ndarray, columns: list[int], bounds: list[tuple[float, float]],
+               noise_multiplier: float | None, rng: np.random.Generator) -> dict[str, list[float]]:
+    """count, sum(u) and sum(u^2) per feature, with Gaussian noise unless ``noise_multiplier`` is None."""
+    if len(x) == 0:
+        raise FedcareError("cannot compute feature statistics on an empty training set")
+    u = np.stack([scaled(x[:, c].astype(float), lo, hi) for c, (lo, hi) in zip(columns, bounds)], axis=1)
+    count = float(len(x))
+    s1 = u.sum(axis=0)
+    s2 = (u**2).sum(axis=0)
+    if noise_multiplier is not None:
+        std = noise_multiplier * sensitivity(len(columns))
+        count += float(rng.normal(0.0, std))
+        s1 = s1 + rng.normal(0.0, std, size=s1.shape)
+        s2 = s2 + rng.normal(0.0, std, size=s2.shape)
+    return {"count": [count], "sum": s1.tolist(), "sum_sq": s2.tolist()}
+
+
+def normalise(x: np.ndarray, columns: list[int], mean: list[float], std: list[float]) -> np.ndarray:
+    """Standardise the numeric columns with the federation's agreed mean and std."""
+    out = x.astype(np.float32, copy=True)
+    out[:, columns] = (out[:, columns] - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return out

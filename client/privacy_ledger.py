@@ -1,0 +1,297 @@
+"""A hospital's on-disk privacy ledger: what it released, and the epsilon that cost.
+
+Keyed by a fingerprint of the training data, so epsilon accumulates across rounds *and runs* on
+the same data. It stores the Opacus accountant history (noise multiplier, sample rate, steps),
+delta and the budget; epsilon is always recomputed by the accountant from that history, so a
+ledger reloaded between rounds gives exactly what one long-lived accountant would. Every write
+is atomic (temp file + rename) under a file lock: a ClientApp process may be fresh per message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from opacus.accountants import RDPAccountant
+from opacus.accountants.analysis.rdp import compute_rdp
+
+from fedcare.errors import BudgetExhausted, FedcareError
+
+LEDGER_VERSION = 1
+# RDP orders searched for the tightest conversion; Opacus's default stops at 63, which is not
+# enough for the small epsilons hospitals ask for (the optimum sits beyond it).
+ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [80, 96, 128, 192, 256, 384, 512]
+MAX_NOISE_MULTIPLIER = 1e4
+_EPS_TOLERANCE = 1e-9
+
+Entry = tuple[float, float, int]  # (noise multiplier, sample rate, steps)
+
+
+def epsilon_of(history: list[Entry], delta: float) -> float:
+    """Epsilon of a composition of sampled-Gaussian releases, by Opacus's RDP accountant."""
+    if not history:
+        return 0.0
+    accountant = RDPAccountant()
+    accountant.history = [(float(s), float(q), int(k)) for s, q, k in history]
+    return float(accountant.get_epsilon(delta=delta, alphas=ALPHAS))
+
+
+def calibrate_noise(prefix: list[Entry], release: tuple[float, int], delta: float, target: float) -> float:
+    """Smallest noise multiplier for ``release=(sample rate, steps)`` after ``prefix`` stays <= target.
+
+    Like ``opacus.accountants.utils.get_noise_multiplier`` but composed with what was already
+    spent, so the plan accounts for earlier rounds, runs and the statistics release.
+    """
+    q, steps = release
+    if epsilon_of(prefix, delta) >= target:
+        raise ValueError("nothing left to spend")
+    lo, hi = 0.0, 1.0
+    while epsilon_of(prefix + [(hi, q, steps)], delta) > target:
+        lo, hi = hi, hi * 2
+        if hi > MAX_NOISE_MULTIPLIER:
+            raise ValueError("budget too small")
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if epsilon_of(prefix + [(mid, q, steps)], delta) > target:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-6 * hi:
+            break
+    return hi
+
+
+def _stats_noise(prefix: list[Entry], release: tuple[float, int], delta: float, target: float,
+                 fraction: float) -> float:
+    """Noise multiplier for the statistics release so it takes ``fraction`` of the run's RDP.
+
+    Splitting epsilon linearly would waste most of the budget (every (epsilon, delta) conversion
+    pays log(1/delta) again); splitting Renyi divergence at the order that is optimal for the
+    planned training is how the two releases actually compose.
+    """
+    q, steps = release
+    sigma0 = calibrate_noise(prefix, release, delta, target)
+    accountant = RDPAccountant()
+    accountant.history = prefix + [(sigma0, q, steps)]
+    _, alpha = accountant.get_privacy_spent(delta=delta, alphas=ALPHAS)
+    rdp_train = float(compute_rdp(q=q, noise_multiplier=sigma0, steps=steps, orders=[alpha])[0])
+    # A Gaussian release with sensitivity 1 has RDP alpha / (2 sigma^2).
+    return math.sqrt(alpha * (1 - fraction) / (2 * fraction * rdp_train))
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Noise calibrated once for a whole run against the hospital's remaining budget."""
+
+    run_id: str
+    rounds: int
+    steps_per_round: int
+    sample_rate: float
+    noise_multiplier: float
+    stats_noise_multiplier: float | None
+    target_epsilon: float
+
+
+class PrivacyLedger:
+    """One hospital's privacy ledger (one JSON file per training-data fingerprint)."""
+
+    def __init__(self, path: Path, data: dict[str, Any]) -> None:
+        self.path = path
+        self._data = data
+
+    # ---- opening -------------------------------------------------------------------------
+    @classmethod
+    def open(cls, ledger_dir: str | Path, hospital: str, fingerprint: str, budget: float, delta: float) -> "PrivacyLedger":
+        """Open (or create) the ledger of this dataset; the hospital's budget may change, delta may not."""
+        directory = Path(ledger_dir)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FedcareError(f"cannot create the privacy-ledger folder {directory}: {exc.strerror}",
+                               "set ledger-dir to a writable path") from None
+        path = directory / f"privacy-ledger-{fingerprint[:24]}.json"
+        with _locked(path):
+            if path.exists():
+                data = _read(path)
+                if data.get("fingerprint") != fingerprint:
+                    raise FedcareError(f"privacy ledger {path} belongs to other data (fingerprint mismatch)",
+                                       "move it away; never delete a ledger that recorded releases")
+                if not math.isclose(data["delta"], delta, rel_tol=1e-12):
+                    raise FedcareError(
+                        f"{hospital}: the privacy ledger uses delta={data['delta']:g}, this run asks delta={delta:g}",
+                        "keep delta fixed for a dataset; its epsilon is only comparable at one delta",
+                    )
+                if not math.isclose(data["budget"], budget):
+                    data["budget_changes"].append({"time": time.time(), "from": data["budget"], "to": budget})
+                    data["budget"] = budget
+                    _write(path, data)
+            else:
+                data = {
+                    "version": LEDGER_VERSION,
+                    "hospital": hospital,
+                    "fingerprint": fingerprint,
+                    "accountant": "rdp",
+                    "delta": delta,
+                    "budget": budget,
+                    "budget_changes": [],
+                    "history": [],
+                    "releases": [],
+                    "plans": {},
+                    "feature_stats": None,
+                }
+                _write(path, data)
+        return cls(path, data)
+
+    # ---- reading -------------------------------------------------------------------------
+    @property
+    def hospital(self) -> str:
+        return self._data["hospital"]
+
+    @property
+    def budget(self) -> float:
+        return float(self._data["budget"])
+
+    @property
+    def delta(self) -> float:
+        return float(self._data["delta"])
+
+    @property
+    def history(self) -> list[Entry]:
+        return [(float(s), float(q), int(k)) for s, q, k in self._data["history"]]
+
+    @property
+    def releases(self) -> list[dict[str, Any]]:
+        return list(self._data["releases"])
+
+    def epsilon(self) -> float:
+        """Epsilon spent so far, over every recorded release."""
+        return epsilon_of(self.history, self.delta)
+
+    def last_release(self) -> dict[str, Any] | None:
+        training = [r for r in self._data["releases"] if r["kind"] == "train"]
+        return training[-1] if training else None
+
+    def plan(self, run_id: str) -> RunPlan | None:
+        raw = self._data["plans"].get(run_id)
+        return RunPlan(**raw) if raw else None
+
+    def feature_stats(self, key: str) -> dict[str, Any] | None:
+        """A statistics release already paid for (re-sending it costs nothing: post-processing)."""
+        cached = self._data.get("feature_stats")
+        return cached["values"] if cached and cached["key"] == key else None
+
+    def exhausted_message(self) -> str:
+        last = self.last_release()
+        where = f"after round {last['round']} of run {last['run_id']}" if last else "before any round"
+        return f"{self.hospital}: budget {self.budget:.2f} exhausted {where} (spent {self.epsilon():.3f})"
+
+    # ---- planning and checking -----------------------------------------------------------
+    def plan_run(self, run_id: str, rounds: int, steps_per_round: int, sample_rate: float,
+                 run_epsilon: float, stats_fraction: float | None) -> RunPlan:
+        """Calibrate the noise once for the whole run (and the statistics release, if needed).
+
+        The run may spend ``run_epsilon`` on top of what was spent before, capped by the budget.
+        Repeated calls for the same run return the stored plan.
+        """
+        existing = self.plan(run_id)
+        if existing is not None:
+            return existing
+        spent = self.epsilon()
+        target = min(spent + run_epsilon, self.budget)
+        if target - spent <= 1e-6:
+            raise BudgetExhausted(self.exhausted_message(), "raise this hospital's epsilon budget or stop training on this data")
+        prefix = self.history
+        stats_sigma = None
+        try:
+            if stats_fraction is not None:
+                stats_sigma = _stats_noise(prefix, (sample_rate, rounds * steps_per_round), self.delta,
+                                           target, stats_fraction)
+                prefix = prefix + [(stats_sigma, 1.0, 1)]
+            sigma = calibrate_noise(prefix, (sample_rate, rounds * steps_per_round), self.delta, target)
+        except ValueError:
+            raise BudgetExhausted(
+                f"{self.hospital}: remaining budget {target - spent:.3g} cannot pay for {rounds} rounds "
+                f"(noise multiplier would exceed {MAX_NOISE_MULTIPLIER:g})",
+                "plan fewer rounds or raise this hospital's epsilon budget",
+            ) from None
+        plan = RunPlan(run_id, rounds, steps_per_round, sample_rate, sigma, stats_sigma, target)
+        with self._updating() as data:
+            data["plans"][run_id] = plan.__dict__
+        return plan
+
+    def check_release(self, entries: list[Entry]) -> float:
+        """Epsilon after releasing ``entries``; raises BudgetExhausted if that exceeds the budget."""
+        after = epsilon_of(self.history + entries, self.delta)
+        if after > self.budget + _EPS_TOLERANCE:
+            raise BudgetExhausted(self.exhausted_message(), "raise this hospital's epsilon budget or stop training on this data")
+        return after
+
+    # ---- recording -----------------------------------------------------------------------
+    def record(self, run_id: str, round_: int, kind: str, entries: list[Entry], **extra: Any) -> float:
+        """Append what was actually released and return the cumulative epsilon after it."""
+        with self._updating() as data:
+            history = [tuple(e) for e in data["history"]]
+            for sigma, q, steps in entries:
+                if steps <= 0:
+                    continue
+                if history and history[-1][0] == sigma and history[-1][1] == q:
+                    s, qq, k = history.pop()
+                    history.append((s, qq, k + steps))
+                else:
+                    history.append((sigma, q, steps))
+            data["history"] = [list(e) for e in history]
+            eps = epsilon_of([(float(s), float(q), int(k)) for s, q, k in history], data["delta"])
+            data["releases"].append({
+                "run_id": run_id, "round": round_, "kind": kind, "time": time.time(),
+                "entries": [list(e) for e in entries], "epsilon_after": eps, **extra,
+            })
+            if kind == "feature-stats":
+                data["feature_stats"] = {"key": extra["stats_key"], "values": extra["values"]}
+        return eps
+
+    @contextlib.contextmanager
+    def _updating(self) -> Iterator[dict[str, Any]]:
+        with _locked(self.path):
+            data = _read(self.path)
+            yield data
+            _write(self.path, data)
+            self._data = data
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    lock_path = path.with_suffix(".lock")
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FedcareError(f"privacy ledger {path} is unreadable ({exc})",
+                           "restore it from backup; training stays refused until then") from None
+    if data.get("version") != LEDGER_VERSION:
+        raise FedcareError(f"privacy ledger {path} has unknown version {data.get('version')}")
+    return data
+
+
+def _write(path: Path, data: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)

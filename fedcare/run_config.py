@@ -1,0 +1,126 @@
+"""Run settings shared by the ServerApp, the ClientApp and the CLI: names, defaults, checks.
+
+The defaults here are the single source of truth; ``[tool.flwr.app.config]`` in pyproject.toml
+mirrors them for ``flwr run`` (a test keeps both identical).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from fedcare.errors import FedcareError
+
+DATASETS = ("fed-heart-disease",)
+MODELS = ("logistic", "mlp")
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """Everything a run is configured by. Field names map to run-config keys (``_`` -> ``-``)."""
+
+    dataset: str = "fed-heart-disease"
+    model: str = "logistic"
+    strategy: str = "fedavg"
+    num_rounds: int = 15
+    local_epochs: int = 1
+    batch_size: int = 16
+    learning_rate: float = 0.1
+    proximal_mu: float = 0.01
+    server_learning_rate: float = 0.1
+    dp: bool = True
+    target_epsilon: float = 1.0
+    delta: float = 1e-4
+    max_grad_norm: float = 1.0
+    stats_budget_fraction: float = 0.1
+    hospitals: int = 4          # how many hospital nodes the run waits for
+    min_hospitals: int = 2      # stop cleanly when fewer can still train
+    seed: int = 0
+    output_dir: str = "fedcare-runs/latest"
+    ledger_dir: str = "fedcare-ledgers"
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "RunSettings":
+        """Build from a Flower run config (dash-separated keys); unknown keys are an error."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in config.items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                raise FedcareError(
+                    f"unknown run-config key '{key}'",
+                    f"known keys: {', '.join(k.replace('_', '-') for k in fields)}",
+                )
+            values[name] = _coerce(key, value, fields[name].type)
+        return cls(**values)
+
+    def to_config(self) -> dict[str, Any]:
+        """Dash-separated run-config dict (what ``flwr run --run-config`` would carry)."""
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes: Any) -> "RunSettings":
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(key: str, value: Any, type_name: Any) -> Any:
+    kind = type_name if isinstance(type_name, str) else type_name.__name__
+    try:
+        if kind == "bool":
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1")
+            return bool(value)
+        if kind == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if kind == "float":
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise FedcareError(
+            f"run-config '{key}' must be a {kind}, got {value!r}", "fix the value"
+        ) from None
+
+
+def validate(s: RunSettings) -> None:
+    """Reject settings that cannot run, with a one-line reason and a fix."""
+    if s.dataset not in DATASETS:
+        raise FedcareError(f"unknown dataset '{s.dataset}'", f"choose one of: {', '.join(DATASETS)}")
+    if s.model not in MODELS:
+        raise FedcareError(f"unknown model '{s.model}'", f"choose one of: {', '.join(MODELS)}")
+    if s.strategy not in STRATEGIES:
+        raise FedcareError(
+            f"unknown strategy '{s.strategy}'", f"choose one of: {', '.join(STRATEGIES)}"
+        )
+    for name in ("num_rounds", "local_epochs", "batch_size", "hospitals", "min_hospitals"):
+        if getattr(s, name) < 1:
+            raise FedcareError(f"{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
+    for name in ("learning_rate", "server_learning_rate", "max_grad_norm"):
+        value = getattr(s, name)
+        if not (value > 0 and math.isfinite(value)):
+            raise FedcareError(f"{name.replace('_', '-')} must be > 0, got {value}")
+    if s.proximal_mu < 0:
+        raise FedcareError(f"proximal-mu must be >= 0, got {s.proximal_mu}")
+    if s.dp:
+        if not (s.target_epsilon > 0 and math.isfinite(s.target_epsilon)):
+            raise FedcareError(
+                f"target epsilon must be > 0, got {s.target_epsilon}",
+                "pass a positive --epsilon (e.g. 1.0), or --no-dp to train without DP",
+            )
+        if not (0 < s.delta < 1):
+            raise FedcareError(
+                f"delta must be in (0, 1), got {s.delta}",
+                "use a delta well below 1/n, e.g. 1e-4",
+            )
+        if not (0 < s.stats_budget_fraction < 1):
+            raise FedcareError(
+                f"stats-budget-fraction must be in (0, 1), got {s.stats_budget_fraction}"
+            )

@@ -1,0 +1,246 @@
+"""The coordinator's round loop: statistics round, then train/evaluate rounds.
+
+Uses Flower's Message-API strategies for sampling and aggregation, and adds what a hospital
+federation needs around them: hospitals that refuse (privacy budget, bad data) are reported by
+name and left out; the run stops cleanly when fewer than ``min-hospitals`` can still train;
+every round is evaluated per hospital and pooled from confusion matrices and score histograms.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from fedcare import protocol
+from fedcare.errors import FedcareError
+from fedcare.run_config import RunSettings
+from server.feature_statistics import Normalisation, pooled_normalisation
+from server.strategies import build_strategy
+from shared_models.classification_metrics import BinarySummary
+from shared_models.registry import build_model
+from shared_models.weights import model_to_arrays
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class Hospital:
+    node_id: int
+    name: str
+    active: bool = True
+    refusal: str | None = None
+    epsilon: float | None = None
+    weight: float | None = None
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    seconds: float
+    trained: list[str]
+    refused: dict[str, str]
+    failed: dict[str, str]
+    epsilon: dict[str, float]
+    evaluation: dict[str, dict[str, float]]  # hospital name (and "pooled") -> metrics
+    train_loss: float | None = None
+
+
+@dataclass
+class FederationResult:
+    arrays: ArrayRecord
+    normalisation: Normalisation
+    hospitals: dict[int, Hospital]
+    rounds: list[RoundRecord] = field(default_factory=list)
+    stopped_early: str | None = None
+    final_summaries: dict[str, BinarySummary] = field(default_factory=dict)
+
+
+def training_config(s: RunSettings) -> dict[str, Any]:
+    """What every node needs to know about this run (sent in each message)."""
+    keys = ("dataset", "model", "num-rounds", "local-epochs", "batch-size", "learning-rate", "dp",
+            "target-epsilon", "delta", "max-grad-norm", "stats-budget-fraction", "seed")
+    config = s.to_config()
+    return {k: config[k] for k in keys}
+
+
+def _wait_for_nodes(grid: Grid, expected: int, timeout: float, progress: Progress) -> list[int]:
+    deadline = time.monotonic() + timeout
+    announced = False
+    while len(nodes := list(grid.get_node_ids())) < expected:
+        if time.monotonic() > deadline:
+            raise FedcareError(
+                f"only {len(nodes)} of {expected} hospitals connected within {timeout:.0f} s",
+                "start the missing SuperNodes or lower the expected hospital count",
+            )
+        if not announced:
+            progress(f"waiting for {expected} hospitals ({len(nodes)} connected)")
+            announced = True
+        time.sleep(0.5)
+    return sorted(nodes)
+
+
+def _name(msg: Message) -> str:
+    if protocol.HOSPITAL in msg.content.config_records:
+        return str(msg.content.config_records[protocol.HOSPITAL]["name"])
+    return f"node {msg.metadata.src_node_id}"
+
+
+def _refusal(msg: Message) -> str | None:
+    if msg.has_error() or protocol.REFUSAL not in msg.content.config_records:
+        return None
+    return str(msg.content.config_records[protocol.REFUSAL]["reason"])
+
+
+def _statistics_round(grid: Grid, nodes: list[int], config: dict[str, Any], hospitals: dict[int, Hospital],
+                      timeout: float, progress: Progress) -> tuple[Normalisation, int]:
+    messages = [Message(RecordDict({protocol.CONFIG: ConfigRecord(config)}), dst_node_id=n,
+                        message_type=protocol.FEATURE_STATS) for n in nodes]
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    sums, schema = [], None
+    answered = set()
+    for msg in replies:
+        node = msg.metadata.src_node_id
+        answered.add(node)
+        if msg.has_error():
+            hospitals[node] = Hospital(node, f"node {node}", active=False, refusal=f"failed: {msg.error.reason}")
+            progress(f"statistics: node {node} failed ({msg.error.reason.splitlines()[0] if msg.error.reason else 'no reason'})")
+            continue
+        name = _name(msg)
+        hospital = hospitals.setdefault(node, Hospital(node, name))
+        hospital.name = name
+        if (reason := _refusal(msg)) is not None:
+            hospital.active, hospital.refusal = False, reason
+            progress(f"statistics: {reason}")
+            continue
+        metrics = msg.content.metric_records[protocol.METRICS]
+        features = msg.content.config_records["features"]
+        this_schema = (tuple(features["names"]), tuple(features["bounds-lo"]), tuple(features["bounds-hi"]),
+                       int(features["n-features"]))
+        if schema is None:
+            schema = this_schema
+        elif this_schema != schema:
+            raise FedcareError(f"{name} describes its features differently from the other hospitals",
+                               "every hospital must use the same dataset schema and version")
+        sums.append({"count": list(metrics["count"]), "sum": list(metrics["sum"]), "sum_sq": list(metrics["sum-sq"])})
+        hospital.weight = float(metrics[protocol.NUM_EXAMPLES])
+        if "epsilon" in metrics:
+            hospital.epsilon = float(metrics["epsilon"])
+    for node in set(nodes) - answered:
+        hospitals[node] = Hospital(node, f"node {node}", active=False, refusal="no reply to the statistics round")
+    if schema is None:
+        reasons = "; ".join(h.refusal or "" for h in hospitals.values())
+        raise FedcareError(f"no hospital can take part: {reasons}")
+    names, lo, hi, n_features = schema
+    return pooled_normalisation(list(names), list(zip(lo, hi)), sums), n_features
+
+
+def _summary(metrics: Any) -> BinarySummary:
+    return BinarySummary(
+        tp=int(metrics["tp"]), fp=int(metrics["fp"]), tn=int(metrics["tn"]), fn=int(metrics["fn"]),
+        loss_sum=float(metrics["loss-sum"]),
+        pos_hist=np.asarray(metrics["pos-hist"], dtype=np.int64),
+        neg_hist=np.asarray(metrics["neg-hist"], dtype=np.int64),
+    )
+
+
+def run_federation(grid: Grid, s: RunSettings, expected_hospitals: int, progress: Progress,
+                   timeout: float = 600.0) -> FederationResult:
+    """Run the whole federation and return the final model and per-round records."""
+    import torch
+
+    nodes = _wait_for_nodes(grid, expected_hospitals, timeout, progress)
+    config = training_config(s)
+    hospitals: dict[int, Hospital] = {}
+    normalisation, n_features = _statistics_round(grid, nodes, config, hospitals, timeout, progress)
+    active = [h for h in hospitals.values() if h.active]
+    progress(f"statistics round: {len(active)} of {len(nodes)} hospitals, "
+             f"~{normalisation.pooled_count:.0f} training patients in total")
+    config |= {"norm-mean": normalisation.mean, "norm-std": normalisation.std}
+
+    torch.manual_seed(s.seed)
+    arrays = model_to_arrays(build_model(s.model, n_features))
+    strategy = build_strategy(s, expected_hospitals)
+    result = FederationResult(arrays, normalisation, hospitals)
+    if len(active) < s.min_hospitals:
+        result.stopped_early = (f"only {len(active)} hospital(s) can train (min-hospitals={s.min_hospitals}); "
+                                "no round was run")
+        progress(result.stopped_early)
+        return result
+
+    for rnd in range(1, s.num_rounds + 1):
+        t0 = time.monotonic()
+        record = RoundRecord(rnd, 0.0, [], {}, {}, {}, {})
+        messages = [m for m in strategy.configure_train(rnd, arrays, ConfigRecord(dict(config)), grid)
+                    if hospitals.get(m.metadata.dst_node_id, Hospital(0, "")).active]
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        valid = []
+        for msg in replies:
+            hospital = hospitals[msg.metadata.src_node_id]
+            if msg.has_error():
+                record.failed[hospital.name] = msg.error.reason
+                continue
+            if (reason := _refusal(msg)) is not None:
+                hospital.active, hospital.refusal = False, reason
+                record.refused[hospital.name] = reason
+                progress(f"round {rnd}: {reason}")
+                continue
+            metrics = msg.content.metric_records[protocol.METRICS]
+            if "epsilon" in metrics:
+                hospital.epsilon = float(metrics["epsilon"])
+                record.epsilon[hospital.name] = hospital.epsilon
+            record.trained.append(hospital.name)
+            valid.append(msg)
+        missing = {m.metadata.dst_node_id for m in messages} - {r.metadata.src_node_id for r in replies}
+        for node in missing:
+            record.failed[hospitals[node].name] = "no reply before the timeout"
+        if valid:
+            new_arrays, train_metrics = strategy.aggregate_train(rnd, valid)
+            if new_arrays is not None:
+                arrays = new_arrays
+            if train_metrics is not None and "train-loss" in train_metrics:
+                record.train_loss = float(train_metrics["train-loss"])
+        result.arrays = arrays
+
+        eval_messages = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(config)), grid))
+        summaries: dict[str, BinarySummary] = {}
+        for msg in grid.send_and_receive(eval_messages, timeout=timeout):
+            if msg.has_error() or _refusal(msg) is not None:
+                continue
+            summaries[_name(msg)] = _summary(msg.content.metric_records[protocol.METRICS])
+        if summaries:
+            pooled = sum(summaries.values(), BinarySummary())
+            record.evaluation = {name: sm.metrics() for name, sm in sorted(summaries.items())}
+            record.evaluation["pooled"] = pooled.metrics()
+            result.final_summaries = summaries
+        record.seconds = time.monotonic() - t0
+        result.rounds.append(record)
+        progress(_progress_line(record, s.num_rounds, len(messages)))
+
+        still = sum(1 for h in hospitals.values() if h.active)
+        if still < s.min_hospitals and rnd < s.num_rounds:
+            result.stopped_early = (f"stopped after round {rnd}: only {still} hospital(s) can still train "
+                                    f"(min-hospitals={s.min_hospitals})")
+            progress(result.stopped_early)
+            break
+    return result
+
+
+def _progress_line(r: RoundRecord, total: int, asked: int) -> str:
+    pooled = r.evaluation.get("pooled", {})
+    parts = [f"round {r.round:>2}/{total}", f"hospitals {len(r.trained)}/{asked}"]
+    if r.train_loss is not None:
+        parts.append(f"train loss {r.train_loss:.3f}")
+    if pooled:
+        parts.append(f"pooled acc {pooled['accuracy']:.3f} AUC {pooled['auc']:.3f} F1 {pooled['f1']:.3f}")
+    if r.epsilon:
+        parts.append(f"epsilon max {max(r.epsilon.values()):.3f}")
+    if r.failed:
+        parts.append("failed: " + ", ".join(sorted(r.failed)))
+    parts.append(f"{r.seconds:.1f}s")
+    return " | ".join(parts)

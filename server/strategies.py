@@ -1,0 +1,26 @@
+"""Flower Message-API strategies fedcare offers, built from run settings."""
+
+from __future__ import annotations
+
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+
+from fedcare.errors import FedcareError
+from fedcare.run_config import RunSettings
+
+
+def build_strategy(s: RunSettings, expected_hospitals: int) -> FedAvg:
+    """FedAvg, FedProx or FedAdam sampling every hospital each round (cross-silo)."""
+    common = dict(
+        fraction_train=1.0,
+        fraction_evaluate=1.0,
+        min_train_nodes=1,
+        min_evaluate_nodes=1,
+        min_available_nodes=expected_hospitals,
+    )
+    if s.strategy == "fedavg":
+        return FedAvg(**common)
+    if s.strategy == "fedprox":
+        return FedProx(proximal_mu=s.proximal_mu, **common)
+    if s.strategy == "fedadam":
+        return FedAdam(eta=s.server_learning_rate, eta_l=s.learning_rate, beta_1=0.9, beta_2=0.99, tau=1e-3, **common)
+    raise FedcareError(f"unknown strategy '{s.strategy}'", "choose one of: fedavg, fedprox, fedadam")

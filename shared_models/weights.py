@@ -1,0 +1,68 @@
+"""Model weights <-> Flower ArrayRecord, keyed by parameter name (never by position).
+
+Names come from ``named_parameters()`` of the plain module, so Opacus wrappers (``_module.``
+prefixes) and layers whose ``state_dict`` carries alias keys (DPGRU/DPLSTM) exchange cleanly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+from torch import nn
+
+_WRAPPER_PREFIX = "_module."
+
+
+def _plain(model: nn.Module) -> nn.Module:
+    return getattr(model, "_module", model)
+
+
+def parameter_names(model: nn.Module) -> list[str]:
+    return [name for name, _ in _plain(model).named_parameters()]
+
+
+def model_to_arrays(model: nn.Module) -> ArrayRecord:
+    """Trainable parameters as an ArrayRecord keyed by parameter name."""
+    return ArrayRecord(
+        {name: Array(p.detach().cpu().numpy().copy()) for name, p in _plain(model).named_parameters()}
+    )
+
+
+def arrays_to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    return {name: array.numpy() for name, array in arrays.items()}
+
+
+def load_arrays(model: nn.Module, arrays: ArrayRecord | dict[str, np.ndarray]) -> None:
+    """Copy weights into ``model`` by name; a missing, extra or misshaped name is an error."""
+    values = arrays_to_numpy(arrays) if isinstance(arrays, ArrayRecord) else arrays
+    params = dict(_plain(model).named_parameters())
+    missing = sorted(set(params) - set(values))
+    extra = sorted(set(values) - set(params))
+    if missing or extra:
+        raise ValueError(
+            f"weights do not match the model: missing {missing or 'none'}, unexpected {extra or 'none'}"
+        )
+    with torch.no_grad():
+        for name, param in params.items():
+            value = torch.as_tensor(values[name], dtype=param.dtype)
+            if value.shape != param.shape:
+                raise ValueError(
+                    f"weight '{name}' has shape {tuple(value.shape)}, model expects {tuple(param.shape)}"
+                )
+            param.copy_(value)
+
+
+def weights_digest(arrays: ArrayRecord | dict[str, np.ndarray]) -> str:
+    """SHA-256 over names, shapes, dtypes and bytes, in name order: identifies a model version."""
+    values = arrays_to_numpy(arrays) if isinstance(arrays, ArrayRecord) else arrays
+    h = hashlib.sha256()
+    for name in sorted(values):
+        a = np.ascontiguousarray(values[name])
+        h.update(name.encode())
+        h.update(str(a.shape).encode())
+        h.update(str(a.dtype).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()

@@ -1,0 +1,93 @@
+"""The coordinator's loop against real ClientApps, routed in-process (no Ray): refusals, stops."""
+
+from __future__ import annotations
+
+import pytest
+from flwr.app import Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.client_app import make_client_app
+from client.datasets.fed_heart_disease import load_center
+from client.privacy_ledger import PrivacyLedger
+from fedcare.run_config import RunSettings
+from server.federation_loop import run_federation
+
+RUN_ID = 4242
+
+
+class InProcessGrid:
+    """Routes each message to the ClientApp of its node, like a SuperLink would."""
+
+    def __init__(self, node_configs: dict[int, dict]):
+        self.app = make_client_app()
+        self.contexts = {n: Context(RUN_ID, n, cfg, RecordDict(), {}) for n, cfg in node_configs.items()}
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            replies.append(self.app(msg, self.contexts[node]))
+        return replies
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, 1, 1
+
+
+def _nodes(tmp_path, budgets):
+    return {100 + i: {"partition-id": i, "ledger-dir": str(tmp_path / "ledgers"), "epsilon-budget": b}
+            for i, b in enumerate(budgets)}
+
+
+def _exhaust(tmp_path, partition):
+    data = load_center(partition)
+    ledger = PrivacyLedger.open(tmp_path / "ledgers", data.name, data.fingerprint(), budget=1.0, delta=1e-4)
+    ledger.record("earlier-run", 12, "train", [(0.5, 0.1, 400)])
+
+
+def test_a_hospital_out_of_budget_is_reported_by_name_and_the_others_carry_on(tmp_path):
+    _exhaust(tmp_path, 2)
+    progress = []
+    s = RunSettings(num_rounds=2, min_hospitals=2, output_dir=str(tmp_path / "out"))
+    result = run_federation(InProcessGrid(_nodes(tmp_path, [1.0] * 4)), s, 4, progress.append, timeout=5)
+    assert len(result.rounds) == 2 and result.stopped_early is None
+    swiss = next(h for h in result.hospitals.values() if h.name == "Switzerland")
+    assert not swiss.active and "Switzerland: budget 1.00 exhausted after round 12" in swiss.refusal
+    assert any("Switzerland: budget 1.00 exhausted after round 12" in line for line in progress)
+    assert sorted(result.rounds[-1].trained) == ["Cleveland", "Hungary", "VA Long Beach"]
+    for h in result.hospitals.values():
+        if h.active:
+            assert 0.9 < h.epsilon <= 1.0 + 1e-9  # the whole plan was spent, not more
+    assert "Switzerland" in result.rounds[-1].evaluation  # still evaluated: no privacy cost
+
+
+def test_the_run_stops_cleanly_when_too_few_hospitals_can_train(tmp_path):
+    for p in (0, 1, 3):
+        _exhaust(tmp_path, p)
+    progress = []
+    s = RunSettings(num_rounds=2, min_hospitals=2)
+    result = run_federation(InProcessGrid(_nodes(tmp_path, [1.0] * 4)), s, 4, progress.append, timeout=5)
+    assert result.rounds == []
+    assert result.stopped_early.startswith("only 1 hospital(s) can train (min-hospitals=2)")
+
+
+def test_node_budget_caps_the_coordinators_target(tmp_path):
+    s = RunSettings(num_rounds=2, target_epsilon=1.0)
+    result = run_federation(InProcessGrid(_nodes(tmp_path, [0.5, 1.0, 1.0, 1.0])), s, 4, lambda _: None, timeout=5)
+    eps = {h.name: h.epsilon for h in result.hospitals.values()}
+    assert eps["Cleveland"] == pytest.approx(0.5, abs=0.01) and eps["Cleveland"] <= 0.5 + 1e-9
+    assert eps["Hungary"] == pytest.approx(1.0, abs=0.01)
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam"])
+def test_without_dp_no_ledger_is_written(tmp_path, strategy):
+    s = RunSettings(num_rounds=1, dp=False, strategy=strategy)
+    result = run_federation(InProcessGrid(_nodes(tmp_path, [1.0] * 4)), s, 4, lambda _: None, timeout=5)
+    assert result.rounds[0].train_loss is not None
+    assert result.rounds[0].evaluation["pooled"]["n"] == 254
+    assert all(h.epsilon is None for h in result.hospitals.values())
+    assert not (tmp_path / "ledgers").exists()
