@@ -23,7 +23,9 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 ## The main job: 4 real hospitals (Fed-Heart-Disease), DP-SGD, Flower Simulation Engine.
+## Each demo starts with fresh simulated hospitals (their ledgers live in runs/demo/ledgers).
 demo: $(STAMP)
+	rm -rf runs/demo
 	$(BIN)/fedcare simulate --output-dir runs/demo
 
 ## Everything the CI runs.

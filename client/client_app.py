@@ -47,11 +47,21 @@ class _Node:
         return bool(self.config["dp"])
 
     @property
+    def partition(self) -> int:
+        value = self.setting("partition-id")
+        if value is None:
+            raise FedcareError(
+                f"node config has no partition-id for the bundled dataset '{self.config['dataset']}'",
+                "start the node with --node-config 'partition-id=N' (0-based hospital index)",
+            )
+        return int(value)
+
+    @property
     def seed(self) -> int:
-        return int(self.config["seed"]) * 1000 + int(self.setting("partition-id", 0))
+        return int(self.config["seed"]) * 1000 + self.partition
 
     def data(self) -> HospitalData:
-        data = _hospital(str(self.config["dataset"]), int(self.setting("partition-id", 0)))
+        data = _hospital(str(self.config["dataset"]), self.partition)
         data.check_trainable(int(self.config["batch-size"]))
         return data
 
@@ -97,9 +107,9 @@ def _guarded(handler: Callable[[_Node, Message], Message], defaults: Mapping[str
         try:
             return handler(node, msg)
         except FedcareError as exc:
-            name = str(node.setting("hospital-name", f"partition {node.setting('partition-id', '?')}"))
+            name = f"partition {node.setting('partition-id', '?')}"
             try:
-                name = _hospital(str(node.config["dataset"]), int(node.setting("partition-id", 0))).name
+                name = _hospital(str(node.config["dataset"]), node.partition).name
             except FedcareError:
                 pass
             return _refusal(msg, name, exc)
@@ -107,11 +117,26 @@ def _guarded(handler: Callable[[_Node, Message], Message], defaults: Mapping[str
     return run
 
 
+def _public_size(node: _Node, data: HospitalData) -> float:
+    """Training size the federation may know: DP steps per epoch x batch size (exact without DP).
+
+    With DP, Opacus's sample rate 1/steps is public anyway; this reveals the size only to within
+    one batch, and the server uses it to weight FedAvg and to divide the statistics sums.
+    """
+    from client.dp_trainer import steps_per_epoch
+
+    n = len(data.y_train)
+    if not node.dp:
+        return float(n)
+    batch = int(node.config["batch-size"])
+    return float(steps_per_epoch(n, batch) * batch)
+
+
 def _feature_stats(node: _Node, msg: Message) -> Message:
     data = node.data()
     cols, bounds = _stats_columns(data)
     rng = np.random.default_rng(node.seed)
-    count_weight = float(len(data.y_train))
+    metrics: dict[str, Any] = {}
     if not node.dp:
         values = local_sums(data.x_train, cols, bounds, None, rng)
     else:
@@ -123,13 +148,8 @@ def _feature_stats(node: _Node, msg: Message) -> Message:
             values = local_sums(data.x_train, cols, bounds, plan.stats_noise_multiplier, rng)
             ledger.record(str(node.context.run_id), 0, "feature-stats",
                           [(plan.stats_noise_multiplier, 1.0, 1)], stats_key=key, values=values)
-        count_weight = values["count"][0]
-    metrics: dict[str, Any] = {
-        "count": values["count"], "sum": values["sum"], "sum-sq": values["sum_sq"],
-        protocol.NUM_EXAMPLES: max(1.0, count_weight),
-    }
-    if node.dp:
         metrics["epsilon"] = ledger.epsilon()
+    metrics |= {"sum": values["sum"], protocol.NUM_EXAMPLES: _public_size(node, data)}
     features = ConfigRecord({
         "names": data.numeric_features, "n-features": data.n_features,
         "bounds-lo": [float(lo) for lo, _ in bounds], "bounds-hi": [float(hi) for _, hi in bounds],
@@ -152,20 +172,18 @@ def _train(node: _Node, msg: Message) -> Message:
     model = build_model(str(node.config["model"]), data.n_features)
     load_arrays(model, msg.content[protocol.ARRAYS])
     dp, ledger, plan = None, None, None
-    weight = float(len(data.y_train))
     if node.dp:
         ledger = node.ledger(data)
         plan = ledger.plan(str(node.context.run_id)) or node.plan(data, ledger, stats_needed=False)
         ledger.check_release([(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)])
         dp = DPSettings(plan.noise_multiplier, float(node.config["max-grad-norm"]))
-        weight = max(1.0, float(ledger.feature_stats(stats_key(data.numeric_features, data.feature_bounds, None))["count"][0]))
     outcome = train(
         model, _prepared(node, data, data.x_train), data.y_train,
         epochs=int(node.config["local-epochs"]), batch_size=int(node.config["batch-size"]),
-        lr=float(node.config["learning-rate"]), dp=dp, seed=node.seed * 1000 + server_round,
+        lr=float(node.config["learning-rate"]), weight_decay=float(node.config["weight-decay"]), dp=dp, seed=node.seed * 1000 + server_round,
         proximal_mu=float(node.config.get("proximal-mu", 0.0)),
     )
-    metrics: dict[str, Any] = {protocol.NUM_EXAMPLES: weight}
+    metrics: dict[str, Any] = {protocol.NUM_EXAMPLES: _public_size(node, data)}
     if ledger is not None:
         eps = ledger.record(str(node.context.run_id), server_round, "train", outcome.steps,
                             noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm)

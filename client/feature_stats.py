@@ -1,9 +1,13 @@
 """The hospital's half of the federated statistics round: noisy counts and sums, never rows.
 
 Each numeric feature is first clipped to its public range and mapped to u in [-0.5, 0.5]; a
-patient then contributes (1, u_1..u_d, u_1^2..u_d^2), whose L2 norm is at most
-sqrt(1 + 0.3125 d). Gaussian noise with that sensitivity times the noise multiplier makes the
-release (epsilon, delta)-DP; the ledger counts it as one sampled-Gaussian step with rate 1.
+patient then contributes (u_1..u_d), whose L2 norm is at most sqrt(d/4). Gaussian noise with
+that sensitivity times the noise multiplier makes the release (epsilon, delta)-DP; the ledger
+counts it as one sampled-Gaussian step with rate 1. The count is not part of the release: the
+server divides by the hospital's public training size (its DP step count times the batch size,
+which Opacus's sample rate already makes public). Second moments are not released either: at
+tens to hundreds of patients they drown in the noise, so the scale comes from the public range
+(see server/feature_statistics.py).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ def stats_key(feature_names: list[str], bounds: dict[str, tuple[float, float]], 
 
 
 def sensitivity(n_features: int) -> float:
-    return math.sqrt(1.0 + 0.3125 * n_features)
+    return math.sqrt(0.25 * n_features)
 
 
 def scaled(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -33,19 +37,14 @@ def scaled(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 def local_sums(x: np.ndarray, columns: list[int], bounds: list[tuple[float, float]],
                noise_multiplier: float | None, rng: np.random.Generator) -> dict[str, list[float]]:
-    """count, sum(u) and sum(u^2) per feature, with Gaussian noise unless ``noise_multiplier`` is None."""
+    """sum(u) per feature, with Gaussian noise unless ``noise_multiplier`` is None."""
     if len(x) == 0:
         raise FedcareError("cannot compute feature statistics on an empty training set")
     u = np.stack([scaled(x[:, c].astype(float), lo, hi) for c, (lo, hi) in zip(columns, bounds)], axis=1)
-    count = float(len(x))
     s1 = u.sum(axis=0)
-    s2 = (u**2).sum(axis=0)
     if noise_multiplier is not None:
-        std = noise_multiplier * sensitivity(len(columns))
-        count += float(rng.normal(0.0, std))
-        s1 = s1 + rng.normal(0.0, std, size=s1.shape)
-        s2 = s2 + rng.normal(0.0, std, size=s2.shape)
-    return {"count": [count], "sum": s1.tolist(), "sum_sq": s2.tolist()}
+        s1 = s1 + rng.normal(0.0, noise_multiplier * sensitivity(len(columns)), size=s1.shape)
+    return {"sum": s1.tolist()}
 
 
 def normalise(x: np.ndarray, columns: list[int], mean: list[float], std: list[float]) -> np.ndarray:

@@ -43,6 +43,7 @@ def simulate(
     epsilon_budget: Optional[float] = typer.Option(None, help="each hospital's lifetime budget on its data (default: --epsilon)"),
     batch_size: int = typer.Option(_defaults().batch_size, help="expected local batch size (Poisson sampling)"),
     learning_rate: float = typer.Option(_defaults().learning_rate, help="local SGD learning rate"),
+    weight_decay: float = typer.Option(_defaults().weight_decay, help="local L2 weight decay"),
     min_hospitals: int = typer.Option(_defaults().min_hospitals, help="stop when fewer hospitals can train"),
     seed: int = typer.Option(_defaults().seed, help="seed for model init, sampling and noise"),
     output_dir: Path = typer.Option(Path("runs/latest"), help="where the model, results.json and plots go"),
@@ -53,14 +54,18 @@ def simulate(
     """Run a local multi-hospital simulation on Flower's Simulation Engine."""
     try:
         _simulate(dataset, rounds, local_epochs, strategy, model, epsilon, delta, dp, epsilon_budget, batch_size,
-                  learning_rate, min_hospitals, seed, output_dir, ledger_dir, local_baseline, verbose)
+                  learning_rate, weight_decay, min_hospitals, seed, output_dir, ledger_dir, local_baseline, verbose)
     except FedcareError as exc:
-        err_console.print(f"[bold red]error:[/] {exc.problem}" + (f"\n  [yellow]what to do:[/] {exc.hint}" if exc.hint else ""))
+        hint = exc.hint
+        if "exhausted" in exc.problem:
+            hint = ("these simulated hospitals spent their budget in an earlier run: use a new --output-dir "
+                    "(fresh ledgers), or grant more with --epsilon-budget")
+        err_console.print(f"[bold red]error:[/] {exc.problem}" + (f"\n  [yellow]what to do:[/] {hint}" if hint else ""))
         raise typer.Exit(2) from None
 
 
 def _simulate(dataset, rounds, local_epochs, strategy, model, epsilon, delta, dp, epsilon_budget, batch_size,
-              learning_rate, min_hospitals, seed, output_dir, ledger_dir, local_baseline, verbose) -> None:
+              learning_rate, weight_decay, min_hospitals, seed, output_dir, ledger_dir, local_baseline, verbose) -> None:
     import time
 
     from fedcare.run_config import RunSettings
@@ -69,7 +74,7 @@ def _simulate(dataset, rounds, local_epochs, strategy, model, epsilon, delta, dp
 
     t0 = time.monotonic()
     s = RunSettings(dataset=dataset, model=model, strategy=strategy, num_rounds=rounds, local_epochs=local_epochs,
-                    batch_size=batch_size, learning_rate=learning_rate, dp=dp, target_epsilon=epsilon, delta=delta,
+                    batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay, dp=dp, target_epsilon=epsilon, delta=delta,
                     min_hospitals=min_hospitals, seed=seed, output_dir=str(output_dir))
     n = num_hospitals(dataset)
     s = s.replace(hospitals=n, min_hospitals=min(min_hospitals, n))
@@ -77,6 +82,8 @@ def _simulate(dataset, rounds, local_epochs, strategy, model, epsilon, delta, dp
     for h in hospitals:
         h.check_trainable(batch_size)
     ledgers = ledger_dir or output_dir / "ledgers"
+    if dp and any(Path(ledgers).glob("privacy-ledger-*.json")):
+        console.print(f"[yellow]reusing the privacy ledgers in {ledgers}: epsilon accumulates across runs[/]")
     privacy = f"DP-SGD, target epsilon {epsilon:g} at delta {delta:g} per hospital" if dp else "no DP"
     console.print(f"[bold]fedcare simulate[/]: {dataset}, {n} hospitals, {strategy}, {model}, {rounds} rounds x "
                   f"{local_epochs} local epoch(s), {privacy}")

@@ -27,8 +27,9 @@ class RunSettings:
     strategy: str = "fedavg"
     num_rounds: int = 15
     local_epochs: int = 1
-    batch_size: int = 16
-    learning_rate: float = 0.1
+    batch_size: int = 30
+    learning_rate: float = 0.3
+    weight_decay: float = 0.05
     proximal_mu: float = 0.01
     server_learning_rate: float = 0.1
     dp: bool = True
@@ -107,8 +108,9 @@ def validate(s: RunSettings) -> None:
         value = getattr(s, name)
         if not (value > 0 and math.isfinite(value)):
             raise FedcareError(f"{name.replace('_', '-')} must be > 0, got {value}")
-    if s.proximal_mu < 0:
-        raise FedcareError(f"proximal-mu must be >= 0, got {s.proximal_mu}")
+    for name in ("proximal_mu", "weight_decay"):
+        if getattr(s, name) < 0:
+            raise FedcareError(f"{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")
     if s.dp:
         if not (s.target_epsilon > 0 and math.isfinite(s.target_epsilon)):
             raise FedcareError(

@@ -63,7 +63,7 @@ class FederationResult:
 
 def training_config(s: RunSettings) -> dict[str, Any]:
     """What every node needs to know about this run (sent in each message)."""
-    keys = ("dataset", "model", "num-rounds", "local-epochs", "batch-size", "learning-rate", "dp",
+    keys = ("dataset", "model", "num-rounds", "local-epochs", "batch-size", "learning-rate", "weight-decay", "dp",
             "target-epsilon", "delta", "max-grad-norm", "stats-budget-fraction", "seed")
     config = s.to_config()
     return {k: config[k] for k in keys}
@@ -127,8 +127,8 @@ def _statistics_round(grid: Grid, nodes: list[int], config: dict[str, Any], hosp
         elif this_schema != schema:
             raise FedcareError(f"{name} describes its features differently from the other hospitals",
                                "every hospital must use the same dataset schema and version")
-        sums.append({"count": list(metrics["count"]), "sum": list(metrics["sum"]), "sum_sq": list(metrics["sum-sq"])})
         hospital.weight = float(metrics[protocol.NUM_EXAMPLES])
+        sums.append({"count": hospital.weight, "sum": list(metrics["sum"])})
         if "epsilon" in metrics:
             hospital.epsilon = float(metrics["epsilon"])
     for node in set(nodes) - answered:
@@ -160,12 +160,12 @@ def run_federation(grid: Grid, s: RunSettings, expected_hospitals: int, progress
     normalisation, n_features = _statistics_round(grid, nodes, config, hospitals, timeout, progress)
     active = [h for h in hospitals.values() if h.active]
     progress(f"statistics round: {len(active)} of {len(nodes)} hospitals, "
-             f"~{normalisation.pooled_count:.0f} training patients in total")
+             f"~{normalisation.pooled_count:.0f} training patients (to a batch)")
     config |= {"norm-mean": normalisation.mean, "norm-std": normalisation.std}
 
     torch.manual_seed(s.seed)
     arrays = model_to_arrays(build_model(s.model, n_features))
-    strategy = build_strategy(s, expected_hospitals)
+    strategy = build_strategy(s)
     result = FederationResult(arrays, normalisation, hospitals)
     if len(active) < s.min_hospitals:
         result.stopped_early = (f"only {len(active)} hospital(s) can train (min-hospitals={s.min_hospitals}); "

@@ -61,6 +61,7 @@ def plot_rounds(results: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rounds = results["rounds"]
     if not rounds:
@@ -89,6 +90,9 @@ def plot_rounds(results: dict[str, Any], path: Path) -> None:
         ax.axhline(target, color="red", linestyle="--", linewidth=1, label="target")
     ax.set_title("epsilon spent (cumulative, accountant)" if hospital_names else "no DP: epsilon not bounded")
     ax.set_xlabel("round")
+    ax.set_ylim(bottom=0)
+    for a in axes:
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     if hospital_names:
         ax.legend(fontsize=8)

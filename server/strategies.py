@@ -8,14 +8,18 @@ from fedcare.errors import FedcareError
 from fedcare.run_config import RunSettings
 
 
-def build_strategy(s: RunSettings, expected_hospitals: int) -> FedAvg:
-    """FedAvg, FedProx or FedAdam sampling every hospital each round (cross-silo)."""
+def build_strategy(s: RunSettings) -> FedAvg:
+    """FedAvg, FedProx or FedAdam sampling every connected hospital each round (cross-silo).
+
+    The round loop waits for all expected hospitals before the first round; after that a
+    strategy must not block on a hospital that went away, hence ``min_available_nodes=1``.
+    """
     common = dict(
         fraction_train=1.0,
         fraction_evaluate=1.0,
         min_train_nodes=1,
         min_evaluate_nodes=1,
-        min_available_nodes=expected_hospitals,
+        min_available_nodes=1,
     )
     if s.strategy == "fedavg":
         return FedAvg(**common)

@@ -12,6 +12,10 @@ class LogisticRegression(nn.Module):
     def __init__(self, n_features: int) -> None:
         super().__init__()
         self.linear = nn.Linear(n_features, 1)
+        # The loss is convex: start at the all-zero model (p = 0.5) rather than a random point
+        # that noisy DP steps would first have to walk away from.
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x).squeeze(-1)

@@ -36,5 +36,5 @@ def local_only(data: HospitalData, s: RunSettings) -> BinarySummary:
     torch.manual_seed(s.seed)
     model = build_model(s.model, data.n_features)
     train(model, x_tr, data.y_train, epochs=epochs, batch_size=min(s.batch_size, len(data.y_train)),
-          lr=s.learning_rate, dp=dp, seed=s.seed)
+          lr=s.learning_rate, weight_decay=s.weight_decay, dp=dp, seed=s.seed)
     return evaluate(model, x_te, data.y_test)

@@ -1,10 +1,13 @@
 """Real `fedcare simulate` runs on Flower's Simulation Engine (Ray, loopback only)."""
 
+import ipaddress
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
+import psutil
 import pytest
 
 from client.privacy_ledger import PrivacyLedger
@@ -14,16 +17,38 @@ pytestmark = pytest.mark.e2e
 HOSPITALS = ("Cleveland", "Hungary", "Switzerland", "VA Long Beach")
 
 
-def _simulate(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedcare.cli", "simulate", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+def _is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
+
+
+def _simulate(*args: str, listeners: set | None = None) -> subprocess.CompletedProcess:
+    """Run `fedcare simulate`; collect every listening address of its process tree meanwhile."""
+    cmd = [sys.executable, "-m", "fedcare.cli", "simulate", *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while listeners is not None and proc.poll() is None and time.monotonic() < deadline:
+        tree = set()
+        try:
+            tree = {proc.pid} | {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
+        except psutil.NoSuchProcess:
+            pass
+        for conn in psutil.net_connections(kind="inet"):
+            if conn.status == psutil.CONN_LISTEN and conn.pid in tree:
+                listeners.add(conn.laddr.ip)
+        time.sleep(0.5)
+    out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def test_dp_simulation_end_to_end_then_budget_refusal_on_the_same_data(tmp_path):
     out, ledgers = tmp_path / "run1", tmp_path / "ledgers"
+    listeners: set = set()
     done = _simulate("--rounds", "2", "--epsilon", "1.0", "--seed", "3", "--output-dir", str(out),
-                     "--ledger-dir", str(ledgers))
+                     "--ledger-dir", str(ledgers), listeners=listeners)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert listeners, "Ray started no listening service?"
+    assert all(_is_loopback(ip) for ip in listeners), listeners  # Ray stays on loopback
     assert "round  1/2" in done.stdout and "round  2/2" in done.stdout
     for name in HOSPITALS:
         assert name in done.stdout
