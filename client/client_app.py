@@ -1,8 +1,10 @@
 """The hospital's ClientApp: statistics, DP training and evaluation on local data.
 
-Settings come from the coordinator's message (what to train) and from the node (where the data
-and ledger are, what privacy budget the hospital grants). A node setting always wins, so the
-coordinator cannot raise a hospital's budget. Errors the hospital can fix, and budget refusals,
+Settings come from the coordinator's message (what to train) and from the node (which data, where
+the ledger is, what privacy budget the hospital grants). Hospital-owned settings are read from the
+node config only, never from the coordinator's run config or messages, so a coordinator cannot
+raise a hospital's budget; a node that sets no ``epsilon-budget`` accepts the run's
+``target-epsilon`` as its budget. Errors the hospital can fix, and budget refusals,
 are replied as a ``refusal`` record with a one-line reason instead of a traceback.
 """
 
@@ -37,10 +39,11 @@ class _Node:
         self.defaults = defaults
 
     def setting(self, key: str, fallback: Any = None) -> Any:
-        for source in (self.context.node_config, self.defaults, self.context.run_config):
+        """A hospital-owned setting: node config, else the in-process simulation's stand-in."""
+        for source in (self.context.node_config, self.defaults):
             if key in source:
                 return source[key]
-        return self.config.get(key, fallback)
+        return fallback
 
     @property
     def dp(self) -> bool:
@@ -60,15 +63,17 @@ class _Node:
     def seed(self) -> int:
         return int(self.config["seed"]) * 1000 + self.partition
 
-    def data(self) -> HospitalData:
+    def data(self, for_training: bool = True) -> HospitalData:
         data = _hospital(str(self.config["dataset"]), self.partition)
-        data.check_trainable(int(self.config["batch-size"]))
+        if for_training:
+            data.check_trainable(int(self.config["batch-size"]))
         return data
 
     def ledger(self, data: HospitalData) -> PrivacyLedger:
         budget = float(self.setting("epsilon-budget", self.config["target-epsilon"]))
+        ledger_dir = self.setting("ledger-dir", self.context.run_config.get("ledger-dir", "fedcare-ledgers"))
         return PrivacyLedger.open(
-            self.setting("ledger-dir", "fedcare-ledgers"), data.name, data.fingerprint(),
+            ledger_dir, data.name, data.fingerprint(),
             budget=budget, delta=float(self.config["delta"]),
         )
 
@@ -180,8 +185,8 @@ def _train(node: _Node, msg: Message) -> Message:
     outcome = train(
         model, _prepared(node, data, data.x_train), data.y_train,
         epochs=int(node.config["local-epochs"]), batch_size=int(node.config["batch-size"]),
-        lr=float(node.config["learning-rate"]), weight_decay=float(node.config["weight-decay"]), dp=dp, seed=node.seed * 1000 + server_round,
-        proximal_mu=float(node.config.get("proximal-mu", 0.0)),
+        lr=float(node.config["learning-rate"]), weight_decay=float(node.config["weight-decay"]),
+        dp=dp, seed=node.seed * 1000 + server_round, proximal_mu=float(node.config.get("proximal-mu", 0.0)),
     )
     metrics: dict[str, Any] = {protocol.NUM_EXAMPLES: _public_size(node, data)}
     if ledger is not None:
@@ -200,7 +205,7 @@ def _evaluate(node: _Node, msg: Message) -> Message:
     from shared_models.registry import build_model
     from shared_models.weights import load_arrays
 
-    data = node.data()
+    data = node.data(for_training=False)
     model = build_model(str(node.config["model"]), data.n_features)
     load_arrays(model, msg.content[protocol.ARRAYS])
     s = evaluate(model, _prepared(node, data, data.x_test), data.y_test)

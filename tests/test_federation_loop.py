@@ -18,9 +18,10 @@ RUN_ID = 4242
 class InProcessGrid:
     """Routes each message to the ClientApp of its node, like a SuperLink would."""
 
-    def __init__(self, node_configs: dict[int, dict]):
+    def __init__(self, node_configs: dict[int, dict], run_config: dict | None = None):
         self.app = make_client_app()
-        self.contexts = {n: Context(RUN_ID, n, cfg, RecordDict(), {}) for n, cfg in node_configs.items()}
+        self.contexts = {n: Context(RUN_ID, n, cfg, RecordDict(), dict(run_config or {}))
+                         for n, cfg in node_configs.items()}
 
     def get_node_ids(self):
         return list(self.contexts)
@@ -77,7 +78,9 @@ def test_the_run_stops_cleanly_when_too_few_hospitals_can_train(tmp_path):
 
 def test_node_budget_caps_the_coordinators_target(tmp_path):
     s = RunSettings(num_rounds=2, target_epsilon=1.0)
-    result = run_federation(InProcessGrid(_nodes(tmp_path, [0.5, 1.0, 1.0, 1.0])), s, 4, lambda _: None, timeout=5)
+    # a coordinator slipping a budget into the run config changes nothing: budgets are node-owned
+    grid = InProcessGrid(_nodes(tmp_path, [0.5, 1.0, 1.0, 1.0]), run_config={"epsilon-budget": 10.0})
+    result = run_federation(grid, s, 4, lambda _: None, timeout=5)
     eps = {h.name: h.epsilon for h in result.hospitals.values()}
     assert eps["Cleveland"] == pytest.approx(0.5, abs=0.01) and eps["Cleveland"] <= 0.5 + 1e-9
     assert eps["Hungary"] == pytest.approx(1.0, abs=0.01)
