@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -74,8 +73,9 @@ def _simulate(dataset, rounds, local_epochs, strategy, model, epsilon, delta, dp
 
     t0 = time.monotonic()
     s = RunSettings(dataset=dataset, model=model, strategy=strategy, num_rounds=rounds, local_epochs=local_epochs,
-                    batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay, dp=dp, target_epsilon=epsilon, delta=delta,
-                    min_hospitals=min_hospitals, seed=seed, output_dir=str(output_dir))
+                    batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay, dp=dp,
+                    target_epsilon=epsilon, delta=delta, min_hospitals=min_hospitals, seed=seed,
+                    output_dir=str(output_dir))
     n = num_hospitals(dataset)
     s = s.replace(hospitals=n, min_hospitals=min(min_hospitals, n))
     hospitals = [load_hospital(dataset, i) for i in range(n)]  # fail fast on missing/bad data
@@ -91,32 +91,15 @@ def _simulate(dataset, rounds, local_epochs, strategy, model, epsilon, delta, dp
     from simulation.runner import run
 
     outcome = run(s, ledger_dir=ledgers, epsilon_budget=epsilon_budget, progress=console.print, verbose=verbose)
-    results = outcome.results
-    rows, local_summaries = [], []
-    for h in hospitals:
-        row = {"name": h.name, "train_n": len(h.y_train), "test_n": len(h.y_test),
-               "fed": results["final"].get(h.name), "epsilon": (results["hospitals"].get(h.name) or {}).get("epsilon")}
-        if local_baseline:
-            from simulation.local_baseline import local_only
+    from server.run_report import save_results
+    from simulation.summary_table import build_table, compare_with_local
 
-            summary = local_only(h, s)
-            local_summaries.append(summary)
-            row["local"] = summary.metrics()
-        rows.append(row)
-    pooled = {"name": "pooled", "train_n": sum(r["train_n"] for r in rows), "test_n": sum(r["test_n"] for r in rows),
-              "fed": results["final"].get("pooled"),
-              "epsilon": max((r["epsilon"] for r in rows if r["epsilon"] is not None), default=None)}
-    if local_summaries:
-        pooled["local"] = sum(local_summaries[1:], local_summaries[0]).metrics()
-    from simulation.summary_table import build_table
-
+    rows, pooled = compare_with_local(hospitals, outcome.results, s, local_baseline)
     console.print(build_table(rows, pooled, dp))
-    if results.get("stopped_early"):
-        console.print(f"[yellow]{results['stopped_early']}[/]")
-    results["table"] = {"hospitals": rows, "pooled": pooled}
-    from server.run_report import RESULTS, _clean
-
-    (Path(s.output_dir) / RESULTS).write_text(json.dumps(_clean(results), indent=1))
+    if outcome.results.get("stopped_early"):
+        console.print(f"[yellow]{outcome.results['stopped_early']}[/]")
+    outcome.results["table"] = {"hospitals": rows, "pooled": pooled}
+    save_results(s.output_dir, outcome.results)
     console.print(f"run directory: {s.output_dir}  (results.json, final_model.npz, training_curves.png); "
                   f"ledgers: {ledgers}; {time.monotonic() - t0:.0f} s")
 

@@ -50,9 +50,14 @@ def write_report(out_dir: str | Path, s: RunSettings, result: FederationResult, 
         "rounds": [dataclasses.asdict(r) for r in result.rounds],
         "final": final,
     }
-    (out / RESULTS).write_text(json.dumps(_clean(results), indent=1))
+    save_results(out, results)
     plot_rounds(results, out / PLOT)
     return results
+
+
+def save_results(out_dir: str | Path, results: dict[str, Any]) -> None:
+    """(Re)write results.json; non-finite numbers become null (JSON has no NaN)."""
+    (Path(out_dir) / RESULTS).write_text(json.dumps(_clean(results), indent=1))
 
 
 def plot_rounds(results: dict[str, Any], path: Path) -> None:

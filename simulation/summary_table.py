@@ -7,6 +7,9 @@ from typing import Any
 
 from rich.table import Table
 
+from client.datasets import HospitalData
+from fedcare.run_config import RunSettings
+
 
 def _f(value: Any, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -32,3 +35,26 @@ def build_table(rows: list[dict[str, Any]], pooled: dict[str, Any], dp: bool) ->
             style="bold" if r is pooled else None,
         )
     return table
+
+
+def compare_with_local(hospitals: list[HospitalData], results: dict[str, Any], s: RunSettings,
+                       local_baseline: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows of the final table: the federated run's figures beside each hospital's local-only model."""
+    from simulation.local_baseline import local_only
+
+    rows, local_summaries = [], []
+    for h in hospitals:
+        row = {"name": h.name, "train_n": len(h.y_train), "test_n": len(h.y_test),
+               "fed": results["final"].get(h.name),
+               "epsilon": (results["hospitals"].get(h.name) or {}).get("epsilon")}
+        if local_baseline:
+            summary = local_only(h, s)
+            local_summaries.append(summary)
+            row["local"] = summary.metrics()
+        rows.append(row)
+    pooled = {"name": "pooled", "train_n": sum(r["train_n"] for r in rows), "test_n": sum(r["test_n"] for r in rows),
+              "fed": results["final"].get("pooled"),
+              "epsilon": max((r["epsilon"] for r in rows if r["epsilon"] is not None), default=None)}
+    if local_summaries:
+        pooled["local"] = sum(local_summaries[1:], local_summaries[0]).metrics()
+    return rows, pooled
