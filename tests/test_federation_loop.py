@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import make_client_app
@@ -94,3 +94,45 @@ def test_without_dp_no_ledger_is_written(tmp_path, strategy):
     assert result.rounds[0].evaluation["pooled"]["n"] == 254
     assert all(h.epsilon is None for h in result.hospitals.values())
     assert not (tmp_path / "ledgers").exists()
+
+
+class FlakyGrid(InProcessGrid):
+    """A node whose ClientApp crashes on its first training message (as Flower reports it)."""
+
+    def __init__(self, node_configs, crash_node):
+        super().__init__(node_configs)
+        self.crash_node, self.crashed = crash_node, False
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for msg in messages:
+            if (msg.metadata.message_type == "train" and msg.metadata.dst_node_id == self.crash_node
+                    and not self.crashed):
+                self.crashed = True
+                replies.append(Message(Error(code=0, reason="ClientApp crashed: out of memory"), reply_to=msg))
+            else:
+                replies.extend(super().send_and_receive([msg], timeout))
+        return replies
+
+
+def test_a_node_that_fails_mid_round_is_reported_and_the_round_completes(tmp_path):
+    s = RunSettings(num_rounds=2)
+    progress = []
+    result = run_federation(FlakyGrid(_nodes(tmp_path, [1.0] * 4), crash_node=101), s, 4, progress.append, timeout=5)
+    first, second = result.rounds
+    assert first.failed == {"Hungary": "ClientApp crashed: out of memory"}
+    assert sorted(first.trained) == ["Cleveland", "Switzerland", "VA Long Beach"]
+    assert "failed: Hungary" in progress[-2]
+    assert len(second.trained) == 4  # a transient failure does not exclude the hospital
+    # Hungary released nothing in round 1, so its ledger counts one round fewer than the others
+    eps = {h.name: h.epsilon for h in result.hospitals.values()}
+    assert eps["Hungary"] < eps["Cleveland"] - 0.01
+
+
+@pytest.mark.parametrize("dp", [True, False])
+def test_mlp_trains_federated_with_and_without_dp(tmp_path, dp):
+    s = RunSettings(num_rounds=1, model="mlp", dp=dp)
+    result = run_federation(InProcessGrid(_nodes(tmp_path, [1.0] * 4)), s, 4, lambda _: None, timeout=5)
+    assert set(result.arrays.keys()) == {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias",
+                                         "net.4.weight", "net.4.bias"}
+    assert len(result.rounds[0].trained) == 4
