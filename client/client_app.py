@@ -146,7 +146,7 @@ def _feature_stats(node: _Node, msg: Message) -> Message:
         values = local_sums(data.x_train, cols, bounds, None, rng)
     else:
         ledger = node.ledger(data)
-        key = stats_key(data.numeric_features, data.feature_bounds, None)
+        key = stats_key(data.numeric_features, data.feature_bounds)
         values = ledger.feature_stats(key)
         plan = node.plan(data, ledger, stats_needed=values is None)
         if values is None:

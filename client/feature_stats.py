@@ -1,4 +1,4 @@
-"""The hospital's half of the federated statistics round: noisy counts and sums, never rows.
+"""The hospital's half of the federated statistics round: noisy feature sums, never rows.
 
 Each numeric feature is first clipped to its public range and mapped to u in [-0.5, 0.5]; a
 patient then contributes (u_1..u_d), whose L2 norm is at most sqrt(d/4). Gaussian noise with
@@ -21,9 +21,9 @@ import numpy as np
 from fedcare.errors import FedcareError
 
 
-def stats_key(feature_names: list[str], bounds: dict[str, tuple[float, float]], noise_multiplier: float | None) -> str:
+def stats_key(feature_names: list[str], bounds: dict[str, tuple[float, float]]) -> str:
     """Identifies a statistics query, so an identical later query re-sends the paid-for answer."""
-    payload = json.dumps({"features": feature_names, "bounds": bounds, "sigma": noise_multiplier}, sort_keys=True)
+    payload = json.dumps({"features": feature_names, "bounds": bounds}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 

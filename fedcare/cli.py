@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from fedcare.errors import FedcareError
+from fedcare.errors import BudgetExhausted, FedcareError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="fedcare: federated learning across hospitals (Flower + Opacus DP-SGD).")
@@ -56,7 +56,7 @@ def simulate(
                   learning_rate, weight_decay, min_hospitals, seed, output_dir, ledger_dir, local_baseline, verbose)
     except FedcareError as exc:
         hint = exc.hint
-        if "exhausted" in exc.problem:
+        if isinstance(exc, BudgetExhausted):
             hint = ("these simulated hospitals spent their budget in an earlier run: use a new --output-dir "
                     "(fresh ledgers), or grant more with --epsilon-budget")
         err_console.print(f"[bold red]error:[/] {exc.problem}" + (f"\n  [yellow]what to do:[/] {hint}" if hint else ""))

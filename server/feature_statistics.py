@@ -1,10 +1,10 @@
 """The coordinator's half of the statistics round: a shared standardisation from hospitals' sums.
 
 Inputs are each hospital's noisy (DP) sums of its numeric features mapped to [-0.5, 0.5] within
-their public ranges, and its public training size. The centre is the pooled mean; the scale is a quarter of the public range. Noisy
-second moments were tried and lost accuracy under DP (variance estimates from a few hundred
-patients drown in the noise); the public scale gave the same accuracy as exact pooled
-standard deviations without DP (docs/benchmarks.md).
+their public ranges, and its public training size. The centre is the pooled mean; the scale is a
+quarter of the public range. Noisy second moments were tried and lost accuracy under DP
+(variance estimates from a few hundred patients drown in the noise); the public scale gave the
+same accuracy as exact pooled standard deviations without DP (docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedcare import protocol
-from fedcare.errors import FedcareError
+from fedcare.errors import BudgetExhausted, FedcareError
 from fedcare.run_config import RunSettings
 from server.feature_statistics import Normalisation, pooled_normalisation
 from server.strategies import build_strategy
@@ -35,6 +35,7 @@ class Hospital:
     name: str
     active: bool = True
     refusal: str | None = None
+    refusal_kind: str | None = None  # "budget" or "data", as the hospital said
     epsilon: float | None = None
     weight: float | None = None
 
@@ -97,6 +98,10 @@ def _refusal(msg: Message) -> str | None:
     return str(msg.content.config_records[protocol.REFUSAL]["reason"])
 
 
+def _refusal_kind(msg: Message) -> str:
+    return str(msg.content.config_records[protocol.REFUSAL]["kind"])
+
+
 def _statistics_round(grid: Grid, nodes: list[int], config: dict[str, Any], hospitals: dict[int, Hospital],
                       timeout: float, progress: Progress) -> tuple[Normalisation, int]:
     messages = [Message(RecordDict({protocol.CONFIG: ConfigRecord(config)}), dst_node_id=n,
@@ -115,7 +120,7 @@ def _statistics_round(grid: Grid, nodes: list[int], config: dict[str, Any], hosp
         hospital = hospitals.setdefault(node, Hospital(node, name))
         hospital.name = name
         if (reason := _refusal(msg)) is not None:
-            hospital.active, hospital.refusal = False, reason
+            hospital.active, hospital.refusal, hospital.refusal_kind = False, reason, _refusal_kind(msg)
             progress(f"statistics: {reason}")
             continue
         metrics = msg.content.metric_records[protocol.METRICS]
@@ -135,6 +140,9 @@ def _statistics_round(grid: Grid, nodes: list[int], config: dict[str, Any], hosp
         hospitals[node] = Hospital(node, f"node {node}", active=False, refusal="no reply to the statistics round")
     if schema is None:
         reasons = "; ".join(h.refusal or "" for h in hospitals.values())
+        if all(h.refusal_kind == "budget" for h in hospitals.values()):
+            raise BudgetExhausted(f"no hospital can take part: {reasons}",
+                                  "every hospital has spent its privacy budget on this data")
         raise FedcareError(f"no hospital can take part: {reasons}")
     names, lo, hi, n_features = schema
     return pooled_normalisation(list(names), list(zip(lo, hi)), sums), n_features
@@ -186,7 +194,7 @@ def run_federation(grid: Grid, s: RunSettings, expected_hospitals: int, progress
                 record.failed[hospital.name] = msg.error.reason
                 continue
             if (reason := _refusal(msg)) is not None:
-                hospital.active, hospital.refusal = False, reason
+                hospital.active, hospital.refusal, hospital.refusal_kind = False, reason, _refusal_kind(msg)
                 record.refused[hospital.name] = reason
                 progress(f"round {rnd}: {reason}")
                 continue
