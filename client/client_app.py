@@ -18,16 +18,16 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.datasets import HospitalData, load_hospital
-from client.feature_stats import local_sums, normalise, stats_key
+from client.datasets import DataSource, HospitalData, load_hospital
+from client.feature_stats import local_sums, stats_key
 from client.privacy_ledger import PrivacyLedger
 from fedcare import protocol
 from fedcare.errors import BudgetExhausted, FedcareError
 
 
 @lru_cache(maxsize=16)
-def _hospital(dataset: str, partition_id: int) -> HospitalData:
-    return load_hospital(dataset, partition_id)
+def _hospital(dataset: str, source: DataSource) -> HospitalData:
+    return load_hospital(dataset, source)
 
 
 class _Node:
@@ -50,24 +50,38 @@ class _Node:
         return bool(self.config["dp"])
 
     @property
-    def partition(self) -> int:
-        value = self.setting("partition-id")
-        if value is None:
-            raise FedcareError(
-                f"node config has no partition-id for the bundled dataset '{self.config['dataset']}'",
-                "start the node with --node-config 'partition-id=N' (0-based hospital index)",
-            )
-        return int(value)
-
-    @property
     def seed(self) -> int:
-        return int(self.config["seed"]) * 1000 + self.partition
+        return int(self.config["seed"]) * 1000 + int(self.setting("partition-id", 0))
+
+    def source(self) -> DataSource:
+        """Where this hospital's data is: node config (run config only for a shared data root)."""
+        def text(key: str) -> str | None:
+            value = self.setting(key)
+            return None if value in (None, "") else str(value)
+
+        partition = self.setting("partition-id")
+        root = text("data-root") or (str(self.context.run_config["data-root"])
+                                     if self.context.run_config.get("data-root") else None)
+        return DataSource(
+            partition_id=None if partition is None else int(partition),
+            data_root=root, data_path=text("data-path"), labels=text("labels"), schema=text("schema"),
+            cache_dir=str(self.setting("cache-dir", "fedcare-cache")),
+            image_size=int(self.config.get("image-size", 64)),
+            multiframe=str(self.setting("multiframe", "first")),
+            require_deidentified=_flag(self.setting("require-deidentified", True)),
+            on_unreadable=str(self.setting("on-unreadable", "error")),
+        )
 
     def data(self, for_training: bool = True) -> HospitalData:
-        data = _hospital(str(self.config["dataset"]), self.partition)
+        data = _hospital(str(self.config["dataset"]), self.source())
         if for_training:
             data.check_trainable(int(self.config["batch-size"]))
         return data
+
+    def model(self, data: HospitalData):
+        from shared_models.registry import build_model, resolve_model
+
+        return build_model(resolve_model(str(self.config["model"]), data.task), data.input_shape)
 
     def ledger(self, data: HospitalData) -> PrivacyLedger:
         budget = float(self.setting("epsilon-budget", self.config["target-epsilon"]))
@@ -91,6 +105,12 @@ class _Node:
         )
 
 
+def _flag(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() not in ("false", "0", "no", "off")
+    return bool(value)
+
+
 def _reply(msg: Message, data_name: str, **records: Any) -> Message:
     content = RecordDict({protocol.HOSPITAL: ConfigRecord({"name": data_name}), **records})
     return Message(content=content, reply_to=msg)
@@ -101,11 +121,6 @@ def _refusal(msg: Message, name: str, exc: FedcareError) -> Message:
     return _reply(msg, name, **{protocol.REFUSAL: ConfigRecord({"reason": str(exc), "kind": kind})})
 
 
-def _stats_columns(data: HospitalData) -> tuple[list[int], list[tuple[float, float]]]:
-    cols = [data.feature_names.index(f) for f in data.numeric_features]
-    return cols, [tuple(data.feature_bounds[f]) for f in data.numeric_features]
-
-
 def _guarded(handler: Callable[[_Node, Message], Message], defaults: Mapping[str, Any]):
     def run(msg: Message, context: Context) -> Message:
         node = _Node(context, msg.content[protocol.CONFIG], defaults)
@@ -114,8 +129,8 @@ def _guarded(handler: Callable[[_Node, Message], Message], defaults: Mapping[str
         except FedcareError as exc:
             name = f"partition {node.setting('partition-id', '?')}"
             try:
-                name = _hospital(str(node.config["dataset"]), node.partition).name
-            except FedcareError:
+                name = _hospital(str(node.config["dataset"]), node.source()).name
+            except (FedcareError, ValueError, TypeError):
                 pass
             return _refusal(msg, name, exc)
 
@@ -139,42 +154,41 @@ def _public_size(node: _Node, data: HospitalData) -> float:
 
 def _feature_stats(node: _Node, msg: Message) -> Message:
     data = node.data()
-    cols, bounds = _stats_columns(data)
+    bounds = data.numeric_bounds()
+    rows = data.per_patient_numeric(data.x_train)
     rng = np.random.default_rng(node.seed)
     metrics: dict[str, Any] = {}
     if not node.dp:
-        values = local_sums(data.x_train, cols, bounds, None, rng)
+        values = local_sums(rows, bounds, None, rng)
     else:
         ledger = node.ledger(data)
         key = stats_key(data.numeric_features, data.feature_bounds)
-        values = ledger.feature_stats(key)
+        values = ledger.feature_stats(key) if bounds else {"sum": []}  # nothing to release: no cost
         plan = node.plan(data, ledger, stats_needed=values is None)
         if values is None:
-            values = local_sums(data.x_train, cols, bounds, plan.stats_noise_multiplier, rng)
+            values = local_sums(rows, bounds, plan.stats_noise_multiplier, rng)
             ledger.record(str(node.context.run_id), 0, "feature-stats",
                           [(plan.stats_noise_multiplier, 1.0, 1)], stats_key=key, values=values)
         metrics["epsilon"] = ledger.epsilon()
     metrics |= {"sum": values["sum"], protocol.NUM_EXAMPLES: _public_size(node, data)}
     features = ConfigRecord({
-        "names": data.numeric_features, "n-features": data.n_features,
+        "names": data.numeric_features, "input-shape": list(data.input_shape), "task": data.task,
         "bounds-lo": [float(lo) for lo, _ in bounds], "bounds-hi": [float(hi) for _, hi in bounds],
     })
     return _reply(msg, data.name, **{protocol.METRICS: MetricRecord(metrics), "features": features})
 
 
 def _prepared(node: _Node, data: HospitalData, x: np.ndarray) -> np.ndarray:
-    cols, _ = _stats_columns(data)
-    return normalise(x, cols, list(node.config["norm-mean"]), list(node.config["norm-std"]))
+    return data.prepared(x, list(node.config["norm-mean"]), list(node.config["norm-std"]))
 
 
 def _train(node: _Node, msg: Message) -> Message:
     from client.dp_trainer import DPSettings, train
-    from shared_models.registry import build_model
     from shared_models.weights import load_arrays, model_to_arrays
 
     data = node.data()
     server_round = int(node.config["server-round"])
-    model = build_model(str(node.config["model"]), data.n_features)
+    model = node.model(data)
     load_arrays(model, msg.content[protocol.ARRAYS])
     dp, ledger, plan = None, None, None
     if node.dp:
@@ -202,11 +216,10 @@ def _train(node: _Node, msg: Message) -> Message:
 
 def _evaluate(node: _Node, msg: Message) -> Message:
     from client.dp_trainer import evaluate
-    from shared_models.registry import build_model
     from shared_models.weights import load_arrays
 
     data = node.data(for_training=False)
-    model = build_model(str(node.config["model"]), data.n_features)
+    model = node.model(data)
     load_arrays(model, msg.content[protocol.ARRAYS])
     s = evaluate(model, _prepared(node, data, data.x_test), data.y_test)
     metrics = MetricRecord({

@@ -19,6 +19,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from shared_models.classification_metrics import BinarySummary, summarize
 
 
+EVAL_BATCH = 512  # images: bounded memory at evaluation
+
+
 @dataclass(frozen=True)
 class DPSettings:
     noise_multiplier: float
@@ -97,9 +100,11 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray) -> BinarySummary:
     """Confusion matrix, loss and score histograms on (x, y)."""
     dev = device()
     model = getattr(model, "_module", model).to(dev).eval()
-    xt = torch.as_tensor(x, dtype=torch.float32, device=dev)
-    yt = torch.as_tensor(y, dtype=torch.float32, device=dev)
-    logits = model(xt)
-    loss_sum = float(nn.functional.binary_cross_entropy_with_logits(logits, yt, reduction="sum"))
-    probs = torch.sigmoid(logits).cpu().numpy()
-    return summarize(probs, y, loss_sum)
+    probs, loss_sum = [], 0.0
+    for start in range(0, len(y), EVAL_BATCH):
+        xt = torch.as_tensor(x[start:start + EVAL_BATCH], dtype=torch.float32, device=dev)
+        yt = torch.as_tensor(y[start:start + EVAL_BATCH], dtype=torch.float32, device=dev)
+        logits = model(xt)
+        loss_sum += float(nn.functional.binary_cross_entropy_with_logits(logits, yt, reduction="sum"))
+        probs.append(torch.sigmoid(logits).cpu().numpy())
+    return summarize(np.concatenate(probs) if probs else np.zeros(0), y, loss_sum)

@@ -35,20 +35,20 @@ def scaled(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return (np.clip(x, lo, hi) - lo) / (hi - lo) - 0.5
 
 
-def local_sums(x: np.ndarray, columns: list[int], bounds: list[tuple[float, float]],
+def local_sums(values: np.ndarray, bounds: list[tuple[float, float]],
                noise_multiplier: float | None, rng: np.random.Generator) -> dict[str, list[float]]:
-    """sum(u) per feature, with Gaussian noise unless ``noise_multiplier`` is None."""
-    if len(x) == 0:
+    """sum(u) per feature over patients (one row each), with Gaussian noise unless ``noise_multiplier`` is None.
+
+    A missing value (NaN) contributes u = 0, the middle of the public range: the patient's
+    contribution stays bounded, at the price of pulling that feature's mean towards the middle
+    in proportion to how often it is missing.
+    """
+    if len(values) == 0:
         raise FedcareError("cannot compute feature statistics on an empty training set")
-    u = np.stack([scaled(x[:, c].astype(float), lo, hi) for c, (lo, hi) in zip(columns, bounds)], axis=1)
-    s1 = u.sum(axis=0)
+    if values.shape[1] == 0:
+        return {"sum": []}
+    u = np.stack([scaled(values[:, j].astype(float), lo, hi) for j, (lo, hi) in enumerate(bounds)], axis=1)
+    s1 = np.nan_to_num(u, nan=0.0).sum(axis=0)
     if noise_multiplier is not None:
-        s1 = s1 + rng.normal(0.0, noise_multiplier * sensitivity(len(columns)), size=s1.shape)
+        s1 = s1 + rng.normal(0.0, noise_multiplier * sensitivity(len(bounds)), size=s1.shape)
     return {"sum": s1.tolist()}
-
-
-def normalise(x: np.ndarray, columns: list[int], mean: list[float], std: list[float]) -> np.ndarray:
-    """Standardise the numeric columns with the federation's agreed mean and std."""
-    out = x.astype(np.float32, copy=True)
-    out[:, columns] = (out[:, columns] - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return out

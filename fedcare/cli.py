@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from fedcare.data_commands import data_app
 from fedcare.errors import BudgetExhausted, FedcareError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -18,75 +19,101 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
-def _defaults():
-    from fedcare.run_config import RunSettings
-
-    return RunSettings()
-
-
 @app.callback()
 def _root() -> None:
     """fedcare: federated learning across hospitals."""
 
 
+app.add_typer(data_app, name="data")
+
+
 @app.command()
 def simulate(
-    dataset: str = typer.Option("fed-heart-disease", help="bundled dataset: fed-heart-disease (4 real hospitals)"),
-    rounds: int = typer.Option(_defaults().num_rounds, "--rounds", help="federated rounds"),
-    local_epochs: int = typer.Option(_defaults().local_epochs, help="local epochs per round"),
-    strategy: str = typer.Option(_defaults().strategy, help="fedavg | fedprox | fedadam"),
-    model: str = typer.Option(_defaults().model, help="logistic | mlp"),
-    epsilon: float = typer.Option(_defaults().target_epsilon, help="target epsilon each hospital may spend in this run"),
-    delta: float = typer.Option(_defaults().delta, help="delta per hospital"),
+    dataset: str = typer.Option("fed-heart-disease", help="fed-heart-disease (4 real hospitals, tables) | "
+                                "pbc2 (real PBC2 lab sequences split across hospitals) | "
+                                "synthetic-imaging (generated DICOM hospitals)"),
+    rounds: Optional[int] = typer.Option(None, "--rounds", help="federated rounds [dataset preset]"),
+    local_epochs: Optional[int] = typer.Option(None, help="local epochs per round [preset]"),
+    strategy: Optional[str] = typer.Option(None, help="fedavg | fedprox | fedadam [fedavg]"),
+    model: Optional[str] = typer.Option(None, help="auto | logistic | mlp (tables) | gru (sequences) | cnn (images)"),
+    epsilon: Optional[float] = typer.Option(None, help="target epsilon each hospital may spend in this run [preset]"),
+    delta: Optional[float] = typer.Option(None, help="delta per hospital [1e-4]"),
     dp: bool = typer.Option(True, "--dp/--no-dp", help="DP-SGD at every hospital (default) or plain SGD"),
     epsilon_budget: Optional[float] = typer.Option(None, help="each hospital's lifetime budget on its data (default: --epsilon)"),
-    batch_size: int = typer.Option(_defaults().batch_size, help="expected local batch size (Poisson sampling)"),
-    learning_rate: float = typer.Option(_defaults().learning_rate, help="local SGD learning rate"),
-    weight_decay: float = typer.Option(_defaults().weight_decay, help="local L2 weight decay"),
-    min_hospitals: int = typer.Option(_defaults().min_hospitals, help="stop when fewer hospitals can train"),
-    seed: int = typer.Option(_defaults().seed, help="seed for model init, sampling and noise"),
+    batch_size: Optional[int] = typer.Option(None, help="expected local batch size (Poisson sampling) [preset]"),
+    learning_rate: Optional[float] = typer.Option(None, help="local SGD learning rate [preset]"),
+    weight_decay: Optional[float] = typer.Option(None, help="local L2 weight decay [preset]"),
+    hospitals: Optional[int] = typer.Option(None, help="generated datasets: how many hospitals [preset]"),
+    min_hospitals: Optional[int] = typer.Option(None, help="stop when fewer hospitals can train [2]"),
+    image_size: Optional[int] = typer.Option(None, help="images: resize to this many pixels a side [64]"),
+    seed: Optional[int] = typer.Option(None, help="seed for model init, sampling and noise [0]"),
     output_dir: Path = typer.Option(Path("runs/latest"), help="where the model, results.json and plots go"),
     ledger_dir: Optional[Path] = typer.Option(None, help="hospitals' privacy ledgers (default: OUTPUT_DIR/ledgers); reuse it to accumulate epsilon across runs"),
+    data_root: Optional[Path] = typer.Option(None, help="generated datasets: where the hospital folders are written/reused (default: runs/data/DATASET)"),
     local_baseline: bool = typer.Option(True, "--local-baseline/--no-local-baseline", help="also train each hospital alone, for comparison"),
+    pooled_baseline: bool = typer.Option(False, "--pooled-baseline/--no-pooled-baseline", help="also train one model on all hospitals' rows pooled (the central reference; simulation only)"),
     verbose: bool = typer.Option(False, help="show Flower's own log"),
 ) -> None:
     """Run a local multi-hospital simulation on Flower's Simulation Engine."""
+    options = dict(num_rounds=rounds, local_epochs=local_epochs, strategy=strategy, model=model,
+                   target_epsilon=epsilon, delta=delta, dp=dp, batch_size=batch_size, learning_rate=learning_rate,
+                   weight_decay=weight_decay, hospitals=hospitals, min_hospitals=min_hospitals,
+                   image_size=image_size, seed=seed, output_dir=str(output_dir))
     try:
-        _simulate(dataset, rounds, local_epochs, strategy, model, epsilon, delta, dp, epsilon_budget, batch_size,
-                  learning_rate, weight_decay, min_hospitals, seed, output_dir, ledger_dir, local_baseline, verbose)
+        _simulate(dataset, options, epsilon_budget, ledger_dir, data_root, local_baseline, pooled_baseline, verbose)
     except FedcareError as exc:
         hint = exc.hint
         if isinstance(exc, BudgetExhausted):
             hint = ("these simulated hospitals spent their budget in an earlier run: use a new --output-dir "
                     "(fresh ledgers), or grant more with --epsilon-budget")
-        err_console.print(f"[bold red]error:[/] {exc.problem}" + (f"\n  [yellow]what to do:[/] {hint}" if hint else ""))
-        raise typer.Exit(2) from None
+        _fail(exc.problem, hint)
 
 
-def _simulate(dataset, rounds, local_epochs, strategy, model, epsilon, delta, dp, epsilon_budget, batch_size,
-              learning_rate, weight_decay, min_hospitals, seed, output_dir, ledger_dir, local_baseline, verbose) -> None:
+def _fail(problem: str, hint: str = "") -> None:
+    err_console.print(f"[bold red]error:[/] {problem}" + (f"\n  [yellow]what to do:[/] {hint}" if hint else ""))
+    raise typer.Exit(2)
+
+
+def _simulate(dataset: str, options: dict, epsilon_budget: float | None, ledger_dir: Path | None,
+              data_root: Path | None, local_baseline: bool, pooled_baseline: bool, verbose: bool) -> None:
     import time
 
+    from client.datasets import DataSource, load_hospital, num_hospitals
     from fedcare.run_config import RunSettings
-
-    from client.datasets import load_hospital, num_hospitals
+    from simulation.generated_data import GENERATED_DATASETS, prepare_dataset
 
     t0 = time.monotonic()
-    s = RunSettings(dataset=dataset, model=model, strategy=strategy, num_rounds=rounds, local_epochs=local_epochs,
-                    batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay, dp=dp,
-                    target_epsilon=epsilon, delta=delta, min_hospitals=min_hospitals, seed=seed,
-                    output_dir=str(output_dir))
-    n = num_hospitals(dataset)
-    s = s.replace(hospitals=n, min_hospitals=min(min_hospitals, n))
-    hospitals = [load_hospital(dataset, i) for i in range(n)]  # fail fast on missing/bad data
+    s = RunSettings.for_dataset(dataset, **options)
+    if dataset in GENERATED_DATASETS:
+        root = data_root or Path("runs/data") / dataset
+        console.print(f"preparing {s.hospitals} {dataset} hospitals in {root} (reused when already there)")
+        prepare_dataset(dataset, root, s.hospitals)
+        s = s.replace(data_root=str(root))
+        n = s.hospitals
+    elif dataset == "fed-heart-disease":
+        n = num_hospitals(dataset)
+    else:
+        raise FedcareError(f"`fedcare simulate` runs bundled or generated data; '{dataset}' is a hospital's own data",
+                           "run it with `flwr run` and SuperNodes whose node config points at the data (see README)")
+    s = s.replace(hospitals=n, min_hospitals=min(s.min_hospitals, n))
+    cache = str(Path(s.data_root) / ".fedcare-cache") if s.data_root else "fedcare-cache"
+    sources = [DataSource(partition_id=i, data_root=s.data_root or None, cache_dir=cache, image_size=s.image_size)
+               for i in range(n)]
+    hospitals = [load_hospital(dataset, src) for src in sources]  # fail fast on missing/bad data
     for h in hospitals:
-        h.check_trainable(batch_size)
-    ledgers = ledger_dir or output_dir / "ledgers"
-    if dp and any(Path(ledgers).glob("privacy-ledger-*.json")):
+        h.check_trainable(s.batch_size)
+        for note in h.notes:
+            console.print(f"[dim]{h.name}: {note}[/]", highlight=False)
+    ledgers = ledger_dir or Path(s.output_dir) / "ledgers"
+    if s.dp and any(Path(ledgers).glob("privacy-ledger-*.json")):
         console.print(f"[yellow]reusing the privacy ledgers in {ledgers}: epsilon accumulates across runs[/]")
-    privacy = f"DP-SGD, target epsilon {epsilon:g} at delta {delta:g} per hospital" if dp else "no DP"
-    console.print(f"[bold]fedcare simulate[/]: {dataset}, {n} hospitals, {strategy}, {model}, {rounds} rounds x "
-                  f"{local_epochs} local epoch(s), {privacy}")
+    privacy = (f"DP-SGD, target epsilon {s.target_epsilon:g} at delta {s.delta:g} per hospital"
+               if s.dp else "no DP")
+    from shared_models.registry import resolve_model
+
+    console.print(f"[bold]fedcare simulate[/]: {dataset}, {n} hospitals, {s.strategy}, "
+                  f"{resolve_model(s.model, hospitals[0].task)}, {s.num_rounds} rounds x "
+                  f"{s.local_epochs} local epoch(s), batch {s.batch_size}, lr {s.learning_rate:g}, {privacy}")
 
     from simulation.runner import run
 
@@ -94,8 +121,8 @@ def _simulate(dataset, rounds, local_epochs, strategy, model, epsilon, delta, dp
     from server.run_report import save_results
     from simulation.summary_table import build_table, compare_with_local
 
-    rows, pooled = compare_with_local(hospitals, outcome.results, s, local_baseline)
-    console.print(build_table(rows, pooled, dp))
+    rows, pooled = compare_with_local(hospitals, outcome.results, s, local_baseline, pooled_baseline)
+    console.print(build_table(rows, pooled, s.dp))
     if outcome.results.get("stopped_early"):
         console.print(f"[yellow]{outcome.results['stopped_early']}[/]")
     outcome.results["table"] = {"hospitals": rows, "pooled": pooled}

@@ -13,9 +13,31 @@ from typing import Any
 
 from fedcare.errors import FedcareError
 
-DATASETS = ("fed-heart-disease",)
-MODELS = ("logistic", "mlp")
+# dataset -> the kind of input its hospitals hold (which models can train on it)
+DATASET_TASKS = {
+    "fed-heart-disease": "tabular",   # bundled: 4 real hospitals
+    "pbc2": "sequence",               # generated from bundled PBC2 labs: `fedcare data prepare pbc2 DIR`
+    "synthetic-imaging": "image",     # generated DICOM hospitals: `fedcare data prepare synthetic-imaging DIR`
+    "ehr-table": "tabular",           # a hospital's own CSV/Parquet + schema (node config)
+    "ehr-events": "sequence",         # a hospital's own events table + schema (node config)
+    "dicom": "image",                 # a hospital's own DICOM folder + labels.csv (node config)
+}
+DATASETS = tuple(DATASET_TASKS)
+MODELS = ("auto", "logistic", "mlp", "cnn", "gru")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
+
+# Per-dataset starting points (tuned in bench/; see docs/benchmarks.md). `fedcare simulate`
+# applies them under whatever the user passes; `flwr run` users pass them as run config.
+DATASET_PRESETS: dict[str, dict[str, Any]] = {
+    "fed-heart-disease": {},
+    "ehr-table": {},
+    "pbc2": {"num_rounds": 15, "batch_size": 16, "learning_rate": 0.5, "weight_decay": 0.0,
+             "target_epsilon": 3.0, "hospitals": 3},
+    "ehr-events": {"batch_size": 16, "learning_rate": 0.5, "weight_decay": 0.0},
+    "synthetic-imaging": {"num_rounds": 10, "batch_size": 32, "learning_rate": 0.5, "weight_decay": 0.0,
+                          "target_epsilon": 3.0, "hospitals": 4},
+    "dicom": {"batch_size": 32, "learning_rate": 0.5, "weight_decay": 0.0},
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +45,7 @@ class RunSettings:
     """Everything a run is configured by. Field names map to run-config keys (``_`` -> ``-``)."""
 
     dataset: str = "fed-heart-disease"
-    model: str = "logistic"
+    model: str = "auto"         # the dataset's default: logistic (tables), gru (sequences), cnn (images)
     strategy: str = "fedavg"
     num_rounds: int = 15
     local_epochs: int = 1
@@ -40,6 +62,8 @@ class RunSettings:
     hospitals: int = 4          # how many hospital nodes the run waits for
     min_hospitals: int = 2      # stop cleanly when fewer can still train
     seed: int = 0
+    image_size: int = 64        # images are resized to image_size x image_size before training
+    data_root: str = ""         # generated datasets: where `fedcare data prepare` wrote the hospitals
     output_dir: str = "fedcare-runs/latest"
     ledger_dir: str = "fedcare-ledgers"
 
@@ -67,6 +91,14 @@ class RunSettings:
 
     def replace(self, **changes: Any) -> "RunSettings":
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def for_dataset(cls, dataset: str, **overrides: Any) -> "RunSettings":
+        """The dataset's preset under explicit ``overrides`` (None values mean "not given")."""
+        if dataset not in DATASET_PRESETS:
+            raise FedcareError(f"unknown dataset '{dataset}'", f"choose one of: {', '.join(DATASETS)}")
+        values = dict(DATASET_PRESETS[dataset]) | {k: v for k, v in overrides.items() if v is not None}
+        return cls(dataset=dataset, **values)
 
 
 def _coerce(key: str, value: Any, type_name: Any) -> Any:
@@ -97,11 +129,14 @@ def validate(s: RunSettings) -> None:
         raise FedcareError(f"unknown dataset '{s.dataset}'", f"choose one of: {', '.join(DATASETS)}")
     if s.model not in MODELS:
         raise FedcareError(f"unknown model '{s.model}'", f"choose one of: {', '.join(MODELS)}")
+    from shared_models.registry import resolve_model
+
+    resolve_model(s.model, DATASET_TASKS[s.dataset])
     if s.strategy not in STRATEGIES:
         raise FedcareError(
             f"unknown strategy '{s.strategy}'", f"choose one of: {', '.join(STRATEGIES)}"
         )
-    for name in ("num_rounds", "local_epochs", "batch_size", "hospitals", "min_hospitals"):
+    for name in ("num_rounds", "local_epochs", "batch_size", "hospitals", "min_hospitals", "image_size"):
         if getattr(s, name) < 1:
             raise FedcareError(f"{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
     for name in ("learning_rate", "server_learning_rate", "max_grad_norm"):

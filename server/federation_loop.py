@@ -23,7 +23,7 @@ from fedcare.run_config import RunSettings
 from server.feature_statistics import Normalisation, pooled_normalisation
 from server.strategies import build_strategy
 from shared_models.classification_metrics import BinarySummary
-from shared_models.registry import build_model
+from shared_models.registry import build_model, resolve_model
 from shared_models.weights import model_to_arrays
 
 Progress = Callable[[str], None]
@@ -65,7 +65,7 @@ class FederationResult:
 def training_config(s: RunSettings) -> dict[str, Any]:
     """What every node needs to know about this run (sent in each message)."""
     keys = ("dataset", "model", "num-rounds", "local-epochs", "batch-size", "learning-rate", "weight-decay", "dp",
-            "target-epsilon", "delta", "max-grad-norm", "stats-budget-fraction", "seed")
+            "target-epsilon", "delta", "max-grad-norm", "stats-budget-fraction", "seed", "image-size")
     config = s.to_config()
     return {k: config[k] for k in keys}
 
@@ -103,7 +103,7 @@ def _refusal_kind(msg: Message) -> str:
 
 
 def _statistics_round(grid: Grid, nodes: list[int], config: dict[str, Any], hospitals: dict[int, Hospital],
-                      timeout: float, progress: Progress) -> tuple[Normalisation, int]:
+                      timeout: float, progress: Progress) -> tuple[Normalisation, tuple[int, ...], str]:
     messages = [Message(RecordDict({protocol.CONFIG: ConfigRecord(config)}), dst_node_id=n,
                         message_type=protocol.FEATURE_STATS) for n in nodes]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
@@ -126,7 +126,7 @@ def _statistics_round(grid: Grid, nodes: list[int], config: dict[str, Any], hosp
         metrics = msg.content.metric_records[protocol.METRICS]
         features = msg.content.config_records["features"]
         this_schema = (tuple(features["names"]), tuple(features["bounds-lo"]), tuple(features["bounds-hi"]),
-                       int(features["n-features"]))
+                       tuple(int(v) for v in features["input-shape"]), str(features["task"]))
         if schema is None:
             schema = this_schema
         elif this_schema != schema:
@@ -144,8 +144,8 @@ def _statistics_round(grid: Grid, nodes: list[int], config: dict[str, Any], hosp
             raise BudgetExhausted(f"no hospital can take part: {reasons}",
                                   "every hospital has spent its privacy budget on this data")
         raise FedcareError(f"no hospital can take part: {reasons}")
-    names, lo, hi, n_features = schema
-    return pooled_normalisation(list(names), list(zip(lo, hi)), sums), n_features
+    names, lo, hi, input_shape, task = schema
+    return pooled_normalisation(list(names), list(zip(lo, hi)), sums), input_shape, task
 
 
 def _summary(metrics: Any) -> BinarySummary:
@@ -165,14 +165,14 @@ def run_federation(grid: Grid, s: RunSettings, expected_hospitals: int, progress
     nodes = _wait_for_nodes(grid, expected_hospitals, timeout, progress)
     config = training_config(s)
     hospitals: dict[int, Hospital] = {}
-    normalisation, n_features = _statistics_round(grid, nodes, config, hospitals, timeout, progress)
+    normalisation, input_shape, task = _statistics_round(grid, nodes, config, hospitals, timeout, progress)
     active = [h for h in hospitals.values() if h.active]
     progress(f"statistics round: {len(active)} of {len(nodes)} hospitals, "
              f"~{normalisation.pooled_count:.0f} training patients (to a batch)")
     config |= {"norm-mean": normalisation.mean, "norm-std": normalisation.std}
 
     torch.manual_seed(s.seed)
-    arrays = model_to_arrays(build_model(s.model, n_features))
+    arrays = model_to_arrays(build_model(resolve_model(s.model, task), input_shape))
     strategy = build_strategy(s)
     result = FederationResult(arrays, normalisation, hospitals)
     if len(active) < s.min_hospitals:

@@ -8,25 +8,36 @@ training data. It never leaves the hospital, so it touches no ledger.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
 from client.datasets import HospitalData
 from client.dp_trainer import DPSettings, evaluate, steps_per_epoch, train
-from client.feature_stats import normalise
 from client.privacy_ledger import calibrate_noise
 from fedcare.run_config import RunSettings
 from shared_models.classification_metrics import BinarySummary
-from shared_models.registry import build_model
+from shared_models.registry import build_model, resolve_model
+
+
+def local_normalisation(data: HospitalData) -> tuple[list[float], list[float]]:
+    """Mean and std of the numeric features over this hospital's own training patients."""
+    rows = data.per_patient_numeric(data.x_train)
+    if rows.shape[1] == 0:
+        return [], []
+    with warnings.catch_warnings():  # a feature missing everywhere here: centre 0, scale 1
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nan_to_num(np.nanmean(rows, axis=0), nan=0.0)
+        std = np.nan_to_num(np.nanstd(rows, axis=0), nan=1.0)
+    return mean.tolist(), np.maximum(std, 1e-6).tolist()
 
 
 def local_only(data: HospitalData, s: RunSettings) -> BinarySummary:
     """Train on this hospital alone and evaluate on its test split."""
-    cols = [data.feature_names.index(f) for f in data.numeric_features]
-    mean = data.x_train[:, cols].mean(axis=0)
-    std = np.maximum(data.x_train[:, cols].std(axis=0), 1e-6)
-    x_tr = normalise(data.x_train, cols, mean.tolist(), std.tolist())
-    x_te = normalise(data.x_test, cols, mean.tolist(), std.tolist())
+    mean, std = local_normalisation(data)
+    x_tr = data.prepared(data.x_train, mean, std)
+    x_te = data.prepared(data.x_test, mean, std)
     epochs = s.num_rounds * s.local_epochs
     dp = None
     if s.dp:
@@ -34,7 +45,7 @@ def local_only(data: HospitalData, s: RunSettings) -> BinarySummary:
         sigma = calibrate_noise([], (1.0 / steps, steps * epochs), s.delta, s.target_epsilon)
         dp = DPSettings(sigma, s.max_grad_norm)
     torch.manual_seed(s.seed)
-    model = build_model(s.model, data.n_features)
+    model = build_model(resolve_model(s.model, data.task), data.input_shape)
     train(model, x_tr, data.y_train, epochs=epochs, batch_size=min(s.batch_size, len(data.y_train)),
           lr=s.learning_rate, weight_decay=s.weight_decay, dp=dp, seed=s.seed)
     return evaluate(model, x_te, data.y_test)

@@ -48,6 +48,8 @@ def run(s: RunSettings, *, ledger_dir: str | Path, epsilon_budget: float | None 
     from server.server_app import make_server_app
 
     node_defaults: dict[str, Any] = {"ledger-dir": str(ledger_dir)}
+    if s.data_root:
+        node_defaults |= {"data-root": s.data_root, "cache-dir": str(Path(s.data_root) / ".fedcare-cache")}
     if epsilon_budget is not None:
         node_defaults["epsilon-budget"] = float(epsilon_budget)
     captured: dict[str, Any] = {}

@@ -1,26 +1,158 @@
-"""Hospital-side data loaders, by dataset name."""
+"""Hospital-side data loaders: which local data a node trains on, by dataset name.
+
+Bundled sets (``fed-heart-disease``, and the simulated ``pbc2`` and ``synthetic-imaging``
+hospitals under a data root) are found by partition id; a hospital's own data (``dicom``,
+``ehr-table``, ``ehr-events``) is found by the paths in its node config. Train/test splits use a
+fixed seed, so the same data always gives the same training set and the same privacy ledger.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
 from client.datasets.hospital_data import HospitalData
 from fedcare.errors import FedcareError
+from fedcare.run_config import DATASET_TASKS
+
+GENERATED = ("pbc2", "synthetic-imaging")   # written by `fedcare data prepare` / the simulation
+SPLIT_SEED = 43                            # fixed: the training set, hence the ledger, never moves
+IMAGE_TEST_FRACTION = 0.3
 
 
-def load_hospital(dataset: str, partition_id: int) -> HospitalData:
-    """Load the local data of the hospital with this partition id."""
+@dataclass(frozen=True)
+class DataSource:
+    """Where one node's data is, and how to read it (all hospital-side settings)."""
+
+    partition_id: int | None = None
+    data_root: str | None = None          # generated sets: DATA_ROOT/hospital-<partition>
+    data_path: str | None = None          # a hospital's own folder (dicom) or table/events file
+    labels: str | None = None             # dicom: labels CSV (default DATA_PATH/labels.csv)
+    schema: str | None = None             # ehr-table / ehr-events: schema TOML
+    cache_dir: str = "fedcare-cache"      # decoded-image cache
+    image_size: int = 64
+    multiframe: str = "first"
+    require_deidentified: bool = True
+    on_unreadable: str = "error"
+
+
+def dataset_task(dataset: str) -> str:
+    try:
+        return DATASET_TASKS[dataset]
+    except KeyError:
+        raise FedcareError(f"unknown dataset '{dataset}'", f"choose one of: {', '.join(DATASET_TASKS)}") from None
+
+
+def hospital_folder(source: DataSource, dataset: str) -> Path:
+    """The folder of a generated hospital: DATA_ROOT/hospital-<partition-id>."""
+    if source.data_path:
+        return Path(source.data_path)
+    if source.data_root is None or source.partition_id is None:
+        raise FedcareError(
+            f"dataset '{dataset}' needs its hospital folders: no data-root/partition-id or data-path given",
+            f"run `fedcare data prepare {dataset} DIR` and start the node with --node-config "
+            "\"data-root='DIR' partition-id=N\" (or data-path='DIR/hospital-N')",
+        )
+    folder = Path(source.data_root) / f"hospital-{source.partition_id}"
+    if not folder.is_dir():
+        raise FedcareError(f"no hospital folder {folder}",
+                           f"run `fedcare data prepare {dataset} {source.data_root}` first, or check partition-id")
+    return folder
+
+
+def load_hospital(dataset: str, source: DataSource) -> HospitalData:
+    """Load the local data this node trains and evaluates on."""
+    task = dataset_task(dataset)
     if dataset == "fed-heart-disease":
         from client.datasets.fed_heart_disease import load_center
 
-        return load_center(partition_id)
-    raise FedcareError(f"unknown dataset '{dataset}'", "choose one of: fed-heart-disease")
+        if source.partition_id is None:
+            raise FedcareError("node config has no partition-id for the bundled dataset 'fed-heart-disease'",
+                               "start the node with --node-config 'partition-id=N' (0-based hospital index)")
+        return load_center(source.partition_id)
+    if task == "image":
+        folder = hospital_folder(source, dataset)
+        return _image_hospital(folder, Path(source.labels) if source.labels else folder / "labels.csv", source)
+    if dataset == "pbc2":
+        folder = hospital_folder(source, dataset)
+        return _sequence_hospital(folder.name, folder / "events.csv", folder / "schema.toml")
+    path, schema = _own_files(dataset, source)
+    if dataset == "ehr-table":
+        return _table_hospital(path, schema)
+    return _sequence_hospital(path.stem, path, schema)
 
 
-def num_hospitals(dataset: str) -> int:
+def _own_files(dataset: str, source: DataSource) -> tuple[Path, Path]:
+    if not source.data_path or not source.schema:
+        raise FedcareError(f"dataset '{dataset}' reads the hospital's own file: data-path or schema is not set",
+                           "start the node with --node-config \"data-path='/data/table.csv' schema='/data/schema.toml'\"")
+    return Path(source.data_path), Path(source.schema)
+
+
+def _image_hospital(folder: Path, labels: Path, source: DataSource) -> HospitalData:
+    from sklearn.model_selection import train_test_split
+
+    from client.datasets.dicom_folder import load_dicom_folder
+    from client.datasets.dicom_reader import ImagePolicy
+
+    policy = ImagePolicy(size=source.image_size, multiframe=source.multiframe)
+    images = load_dicom_folder(folder, labels, policy, Path(source.cache_dir),
+                               require_deidentified=source.require_deidentified,
+                               on_unreadable=source.on_unreadable)
+    groups = np.asarray(images.groups)
+    files = np.unique(groups)
+    file_label = np.array([images.y[groups == g][0] for g in files])
+    if len(files) < 2:
+        raise FedcareError(f"hospital folder {folder} holds {len(files)} labelled image file(s)",
+                           "a hospital needs at least 2 labelled images (one to train, one to test)")
+    stratify = file_label if np.bincount(file_label, minlength=2).min() >= 2 else None
+    train_files, _ = train_test_split(files, test_size=IMAGE_TEST_FRACTION, random_state=SPLIT_SEED,
+                                      stratify=stratify)
+    train = np.isin(groups, train_files)
+    notes = list(images.notes)
+    return HospitalData(
+        name=folder.name, feature_names=[], numeric_features=[], feature_bounds={},
+        x_train=images.x[train], y_train=images.y[train], x_test=images.x[~train], y_test=images.y[~train],
+        task="image", notes=notes,
+    )
+
+
+def _table_hospital(path: Path, schema_path: Path) -> HospitalData:
+    from client.datasets.ehr_schema import EhrSchema
+    from client.datasets.ehr_table import load_ehr_table
+
+    split = load_ehr_table(path, EhrSchema.from_file(schema_path), seed=SPLIT_SEED)
+    return _from_split(path.stem, split, "tabular")
+
+
+def _sequence_hospital(name: str, events: Path, schema_path: Path) -> HospitalData:
+    from client.datasets.ehr_events import load_event_sequences
+    from client.datasets.ehr_schema import EhrSchema
+
+    split = load_event_sequences(events, EhrSchema.from_file(schema_path), seed=SPLIT_SEED)
+    return _from_split(name, split, "sequence")
+
+
+def _from_split(name: str, split, task: str) -> HospitalData:
+    return HospitalData(
+        name=name, feature_names=list(split.feature_names), numeric_features=list(split.numeric_features),
+        feature_bounds={k: tuple(v) for k, v in split.feature_bounds.items()},
+        x_train=split.x_train, y_train=split.y_train, x_test=split.x_test, y_test=split.y_test, task=task,
+        notes=split.report.notes(),
+    )
+
+
+def num_hospitals(dataset: str, data_root: str | None = None) -> int:
+    """How many hospitals a bundled or generated dataset has."""
     if dataset == "fed-heart-disease":
         from client.datasets.fed_heart_disease import CENTERS
 
         return len(CENTERS)
-    raise FedcareError(f"unknown dataset '{dataset}'", "choose one of: fed-heart-disease")
+    if dataset in GENERATED and data_root:
+        return len(sorted(Path(data_root).glob("hospital-*")))
+    raise FedcareError(f"dataset '{dataset}' has no fixed hospital count", "pass --hospitals N")
 
 
-__all__ = ["HospitalData", "load_hospital", "num_hospitals"]
+__all__ = ["DATASET_TASKS", "DataSource", "HospitalData", "dataset_task", "load_hospital", "num_hospitals"]

