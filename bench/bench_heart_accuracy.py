@@ -118,19 +118,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.write:
-        _replace_section(args.write, "## Fed-Heart-Disease accuracy", text)
-
-
-def _replace_section(path: Path, heading: str, text: str) -> None:
-    """Rewrite one '## ' section of a markdown file, keeping the others."""
-    old = path.read_text() if path.exists() else "# fedcare benchmarks\n\n"
-    start = old.find(heading)
-    if start < 0:
-        new = old.rstrip() + "\n\n" + text + "\n"
-    else:
-        end = old.find("\n## ", start + len(heading))
-        new = old[:start] + text + ("\n" + old[end + 1:] if end >= 0 else "\n")
-    path.write_text(new)
+        replace_section(args.write, "## Fed-Heart-Disease accuracy", text)
 
 
 if __name__ == "__main__":

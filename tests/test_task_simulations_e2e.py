@@ -41,3 +41,15 @@ def test_pbc2_sequences_train_a_dp_gru_across_hospitals(tmp_path):
     assert (data / "hospital-0" / "events.csv").is_file() and (data / "hospital-0" / "schema.toml").is_file()
     pooled = results["final"]["pooled"]
     assert 0.0 <= pooled["auc"] <= 1.0 and pooled["n"] > 50
+
+
+def test_synthetic_dicom_hospitals_train_a_dp_cnn_from_decoded_and_cached_files(tmp_path):
+    out, data = tmp_path / "run", tmp_path / "data"
+    done = _simulate("--dataset", "synthetic-imaging", "--hospitals", "2", "--rounds", "2", "--epsilon", "3",
+                     "--data-root", str(data), "--output-dir", str(out), "--no-local-baseline")
+    results = _check_run(done, out, ["hospital-0", "hospital-1"], rounds=2, epsilon=3.0)
+    assert "cnn" in done.stdout
+    assert len(list((data / "hospital-0" / "images").glob("*.dcm"))) > 50
+    cached = list((data / ".fedcare-cache").rglob("*"))
+    assert any(p.is_file() for p in cached), "decoded images were not cached"
+    assert results["final"]["pooled"]["n"] == sum(results["final"][h]["n"] for h in ("hospital-0", "hospital-1"))

@@ -1,0 +1,112 @@
+"""t-of-n Shamir secret sharing over the prime field GF(2**521 - 1).
+
+Why this field: one field element holds a whole secret of up to 40 bytes (the 32-byte keys and
+seeds used here) plus a header and a checksum, so there is no chunking, and the Mersenne prime
+keeps the arithmetic plain Python integers. A node id ``i`` (an int in [0, 2**64)) is the
+x-coordinate ``i + 1``: distinct ids give distinct, non-zero points.
+
+The secret is encoded as the integer of ``0x01 || len(secret) || secret || SHA-256(secret)[:16]``;
+a combination without a valid header and checksum (too few, wrong or corrupted shares, even a
+one-bit change of one share) is rejected instead of returning a wrong secret. With more than
+t shares, the extra ones are also checked against the polynomial the first t define.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Iterable, Mapping
+
+from secure_aggregation.errors import ShamirError
+
+PRIME = 2**521 - 1
+SHARE_BYTES = 66  # ceil(521 / 8)
+MAX_SECRET_BYTES = 40
+_TAG_BYTES = 16
+MAX_NODE_ID = 2**64 - 1
+
+
+def x_coordinate(node_id: int) -> int:
+    """The field point of a node: its id plus one (ids are ints in [0, 2**64))."""
+    if isinstance(node_id, bool) or not isinstance(node_id, int) or not 0 <= node_id <= MAX_NODE_ID:
+        raise ShamirError(f"node id {node_id!r} must be an int in [0, 2**64) to be a Shamir point")
+    return node_id + 1
+
+
+def _tag(secret: bytes) -> bytes:
+    return hashlib.sha256(b"fedcare-secagg-shamir" + secret).digest()[:_TAG_BYTES]
+
+
+def _encode(secret: bytes) -> bytes:
+    return b"\x01" + bytes([len(secret)]) + secret + _tag(secret)
+
+
+def _decode(raw: bytes) -> bytes | None:
+    if len(raw) < 2 + _TAG_BYTES or raw[0] != 1 or raw[1] != len(raw) - 2 - _TAG_BYTES:
+        return None
+    secret, tag = raw[2:-_TAG_BYTES], raw[-_TAG_BYTES:]
+    return secret if tag == _tag(secret) else None
+
+
+def _eval(coeffs: list[int], x: int) -> int:
+    acc = 0
+    for c in reversed(coeffs):
+        acc = (acc * x + c) % PRIME
+    return acc
+
+
+def split(secret: bytes, t: int, node_ids: Iterable[int]) -> dict[int, bytes]:
+    """Split ``secret`` so that any ``t`` of the returned shares (keyed by node id) recover it."""
+    ids = list(node_ids)
+    xs = [x_coordinate(i) for i in ids]
+    if len(set(ids)) != len(ids):
+        raise ShamirError("Shamir split needs distinct node ids")
+    if not 1 <= t <= len(ids):
+        raise ShamirError(f"Shamir threshold {t} must be between 1 and the number of holders ({len(ids)})")
+    if not isinstance(secret, (bytes, bytearray)) or len(secret) > MAX_SECRET_BYTES:
+        raise ShamirError(f"Shamir secret must be bytes of length <= {MAX_SECRET_BYTES}")
+    encoded = int.from_bytes(_encode(bytes(secret)), "big")
+    coeffs = [encoded] + [secrets.randbelow(PRIME) for _ in range(t - 1)]
+    return {i: _eval(coeffs, x).to_bytes(SHARE_BYTES, "big") for i, x in zip(ids, xs)}
+
+
+def _lagrange_at(points: list[tuple[int, int]], x: int) -> int:
+    """Value at ``x`` of the polynomial through ``points`` (distinct xs)."""
+    total = 0
+    for j, (xj, yj) in enumerate(points):
+        num, den = 1, 1
+        for m, (xm, _) in enumerate(points):
+            if m != j:
+                num = num * (x - xm) % PRIME
+                den = den * (xj - xm) % PRIME
+        total = (total + yj * num * pow(den, -1, PRIME)) % PRIME
+    return total
+
+
+def combine(shares: Mapping[int, bytes], t: int) -> bytes:
+    """Recover the secret from at least ``t`` shares keyed by node id.
+
+    Raises ShamirError for fewer than t shares, malformed shares, extra shares that disagree
+    with the first t, or a result that is not a valid encoded secret.
+    """
+    if t < 1 or len(shares) < t:
+        raise ShamirError(f"{len(shares)} Shamir shares given but {t} are needed to recover the secret")
+    points: list[tuple[int, int]] = []
+    for node_id in sorted(shares):
+        share = shares[node_id]
+        if not isinstance(share, (bytes, bytearray)) or len(share) != SHARE_BYTES:
+            raise ShamirError(f"Shamir share of node {node_id} is malformed ({SHARE_BYTES} bytes expected)")
+        y = int.from_bytes(share, "big")
+        if y >= PRIME:
+            raise ShamirError(f"Shamir share of node {node_id} is not a field element")
+        points.append((x_coordinate(node_id), y))
+    base, extra = points[:t], points[t:]
+    for x, y in extra:
+        if _lagrange_at(base, x) != y:
+            raise ShamirError("Shamir shares are inconsistent (one is corrupted or from another secret)")
+    value = _lagrange_at(base, 0)
+    raw = value.to_bytes((value.bit_length() + 7) // 8, "big")
+    secret = _decode(raw)
+    if secret is None:
+        raise ShamirError("Shamir shares do not reconstruct a valid secret (too few, wrong or corrupted shares)")
+    return secret
