@@ -78,6 +78,13 @@ class _Node:
             data.check_trainable(int(self.config["batch-size"]))
         return data
 
+    def secagg_state(self):
+        """This node's secure-aggregation state file for this run (private keys: hospital-side)."""
+        from client.secure_update import state_file
+
+        ledger_dir = self.setting("ledger-dir", self.context.run_config.get("ledger-dir", "fedcare-ledgers"))
+        return state_file(ledger_dir, self.context.run_id, self.context.node_id)
+
     def model(self, data: HospitalData):
         from shared_models.registry import build_model, resolve_model
 
@@ -196,6 +203,7 @@ def _train(node: _Node, msg: Message) -> Message:
         plan = ledger.plan(str(node.context.run_id)) or node.plan(data, ledger, stats_needed=False)
         ledger.check_release([(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)])
         dp = DPSettings(plan.noise_multiplier, float(node.config["max-grad-norm"]))
+    global_arrays = msg.content[protocol.ARRAYS]
     outcome = train(
         model, _prepared(node, data, data.x_train), data.y_train,
         epochs=int(node.config["local-epochs"]), batch_size=int(node.config["batch-size"]),
@@ -203,15 +211,24 @@ def _train(node: _Node, msg: Message) -> Message:
         dp=dp, seed=node.seed * 1000 + server_round, proximal_mu=float(node.config.get("proximal-mu", 0.0)),
     )
     metrics: dict[str, Any] = {protocol.NUM_EXAMPLES: _public_size(node, data)}
+    records: dict[str, Any] = {protocol.ARRAYS: model_to_arrays(model)}
+    if protocol.SECAGG in msg.content.config_records:
+        from client import secure_update
+
+        # Masked before the ledger records: an update outside the clip range is never released.
+        masked, secagg = secure_update.masked_update(
+            node.secagg_state(), secure_update.payload(msg.content.config_records), global_arrays,
+            records.pop(protocol.ARRAYS), int(metrics[protocol.NUM_EXAMPLES]),
+            float(node.config["secagg-clip-range"]))
+        records |= {protocol.MASKED: masked, protocol.SECAGG: secagg}
     if ledger is not None:
         eps = ledger.record(str(node.context.run_id), server_round, "train", outcome.steps,
                             noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm)
         metrics.update({"epsilon": eps, "noise-multiplier": dp.noise_multiplier,
                         "steps": sum(k for _, _, k in outcome.steps)})
-    else:
-        metrics["train-loss"] = outcome.mean_loss  # only without DP: a raw loss is not private
-    return _reply(msg, data.name, **{protocol.ARRAYS: model_to_arrays(model),
-                                     protocol.METRICS: MetricRecord(metrics)})
+    elif protocol.SECAGG not in records:
+        metrics["train-loss"] = outcome.mean_loss  # only without DP or secure aggregation
+    return _reply(msg, data.name, **records, **{protocol.METRICS: MetricRecord(metrics)})
 
 
 def _evaluate(node: _Node, msg: Message) -> Message:
@@ -230,11 +247,35 @@ def _evaluate(node: _Node, msg: Message) -> Message:
     return _reply(msg, data.name, **{protocol.METRICS: metrics})
 
 
+def _secagg_setup(node: _Node, msg: Message) -> Message:
+    from client import secure_update
+
+    data = node.data(for_training=False)
+    request = secure_update.payload(msg.content.config_records)
+    if msg.metadata.message_type == protocol.SECAGG_ADVERTISE:
+        record = secure_update.advertise(node.secagg_state(), node.context.run_id, node.context.node_id, request)
+    else:
+        record = secure_update.share_keys(node.secagg_state(), request)
+    return _reply(msg, data.name, **{protocol.SECAGG: record})
+
+
+def _secagg_unmask(node: _Node, msg: Message) -> Message:
+    from client import secure_update
+
+    data = node.data(for_training=False)
+    request = secure_update.payload(msg.content.config_records)
+    last = int(request["round"]) >= int(node.config["num-rounds"])
+    return _reply(msg, data.name, **{protocol.SECAGG: secure_update.unmask(node.secagg_state(), request, last)})
+
+
 def make_client_app(node_defaults: Mapping[str, Any] | None = None) -> ClientApp:
     """The ClientApp; ``node_defaults`` stand in for node config in in-process simulations."""
     defaults = dict(node_defaults or {})
     client_app = ClientApp()
     client_app.query("feature_stats")(_guarded(_feature_stats, defaults))
+    client_app.query("secagg_advertise")(_guarded(_secagg_setup, defaults))
+    client_app.query("secagg_share_keys")(_guarded(_secagg_setup, defaults))
+    client_app.query("secagg_unmask")(_guarded(_secagg_unmask, defaults))
     client_app.train()(_guarded(_train, defaults))
     client_app.evaluate()(_guarded(_evaluate, defaults))
     return client_app

@@ -39,6 +39,8 @@ def simulate(
     epsilon: Optional[float] = typer.Option(None, help="target epsilon each hospital may spend in this run [preset]"),
     delta: Optional[float] = typer.Option(None, help="delta per hospital [1e-4]"),
     dp: bool = typer.Option(True, "--dp/--no-dp", help="DP-SGD at every hospital (default) or plain SGD"),
+    secure_aggregation: bool = typer.Option(True, "--secure-aggregation/--no-secure-aggregation",
+                                            help="masked updates: the server learns only each round's sum (default on)"),
     epsilon_budget: Optional[float] = typer.Option(None, help="each hospital's lifetime budget on its data (default: --epsilon)"),
     batch_size: Optional[int] = typer.Option(None, help="expected local batch size (Poisson sampling) [preset]"),
     learning_rate: Optional[float] = typer.Option(None, help="local SGD learning rate [preset]"),
@@ -56,7 +58,7 @@ def simulate(
 ) -> None:
     """Run a local multi-hospital simulation on Flower's Simulation Engine."""
     options = dict(num_rounds=rounds, local_epochs=local_epochs, strategy=strategy, model=model,
-                   target_epsilon=epsilon, delta=delta, dp=dp, batch_size=batch_size, learning_rate=learning_rate,
+                   target_epsilon=epsilon, delta=delta, dp=dp, secure_aggregation=secure_aggregation, batch_size=batch_size, learning_rate=learning_rate,
                    weight_decay=weight_decay, hospitals=hospitals, min_hospitals=min_hospitals,
                    image_size=image_size, seed=seed, output_dir=str(output_dir))
     try:
@@ -108,7 +110,7 @@ def _simulate(dataset: str, options: dict, epsilon_budget: float | None, ledger_
     if s.dp and any(Path(ledgers).glob("privacy-ledger-*.json")):
         console.print(f"[yellow]reusing the privacy ledgers in {ledgers}: epsilon accumulates across runs[/]")
     privacy = (f"DP-SGD, target epsilon {s.target_epsilon:g} at delta {s.delta:g} per hospital"
-               if s.dp else "no DP")
+               if s.dp else "no DP") + (", secure aggregation" if s.secure_aggregation else ", plain aggregation")
     from shared_models.registry import resolve_model
 
     console.print(f"[bold]fedcare simulate[/]: {dataset}, {n} hospitals, {s.strategy}, "

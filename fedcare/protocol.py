@@ -7,3 +7,10 @@ METRICS = "metrics"
 HOSPITAL = "hospital"   # ConfigRecord in every reply: {"name": hospital name}
 REFUSAL = "refusal"     # ConfigRecord in a reply that declines: {"reason": ..., "kind": "budget"|"data"}
 NUM_EXAMPLES = "num-examples"
+
+# Secure aggregation (see secure_aggregation/ and server/secure_rounds.py)
+SECAGG_ADVERTISE = "query.secagg_advertise"     # setup 1: node's public keys
+SECAGG_SHARE_KEYS = "query.secagg_share_keys"   # setup 2: encrypted Shamir shares of its mask key
+SECAGG_UNMASK = "query.secagg_unmask"           # per round: reveal shares for survivors / dropped
+SECAGG = "secagg"       # ConfigRecord carrying a (flattened) protocol payload
+MASKED = "masked"       # ArrayRecord in a secure train reply: {"masked": uint64 vector}

@@ -59,6 +59,9 @@ class RunSettings:
     delta: float = 1e-4
     max_grad_norm: float = 1.0
     stats_budget_fraction: float = 0.1
+    secure_aggregation: bool = True   # masked updates: the server learns only each round's weighted mean
+    secagg_threshold: int = 0         # fewest hospitals a secure round can finish with (0: a strict majority)
+    secagg_clip_range: float = 10.0   # |update - global model| per value must stay below this (quantisation)
     hospitals: int = 4          # how many hospital nodes the run waits for
     min_hospitals: int = 2      # stop cleanly when fewer can still train
     seed: int = 0
@@ -139,7 +142,9 @@ def validate(s: RunSettings) -> None:
     for name in ("num_rounds", "local_epochs", "batch_size", "hospitals", "min_hospitals", "image_size"):
         if getattr(s, name) < 1:
             raise FedcareError(f"{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
-    for name in ("learning_rate", "server_learning_rate", "max_grad_norm"):
+    if s.secagg_threshold < 0:
+        raise FedcareError(f"secagg-threshold must be >= 0 (0 = a strict majority), got {s.secagg_threshold}")
+    for name in ("learning_rate", "server_learning_rate", "max_grad_norm", "secagg_clip_range"):
         value = getattr(s, name)
         if not (value > 0 and math.isfinite(value)):
             raise FedcareError(f"{name.replace('_', '-')} must be > 0, got {value}")

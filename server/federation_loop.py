@@ -65,7 +65,8 @@ class FederationResult:
 def training_config(s: RunSettings) -> dict[str, Any]:
     """What every node needs to know about this run (sent in each message)."""
     keys = ("dataset", "model", "num-rounds", "local-epochs", "batch-size", "learning-rate", "weight-decay", "dp",
-            "target-epsilon", "delta", "max-grad-norm", "stats-budget-fraction", "seed", "image-size")
+            "target-epsilon", "delta", "max-grad-norm", "stats-budget-fraction", "seed", "image-size",
+            "secagg-clip-range")
     config = s.to_config()
     return {k: config[k] for k in keys}
 
@@ -158,7 +159,7 @@ def _summary(metrics: Any) -> BinarySummary:
 
 
 def run_federation(grid: Grid, s: RunSettings, expected_hospitals: int, progress: Progress,
-                   timeout: float = 600.0) -> FederationResult:
+                   timeout: float = 600.0, run_id: int = 0) -> FederationResult:
     """Run the whole federation and return the final model and per-round records."""
     import torch
 
@@ -181,11 +182,28 @@ def run_federation(grid: Grid, s: RunSettings, expected_hospitals: int, progress
         progress(result.stopped_early)
         return result
 
+    secure = None
+    if s.secure_aggregation:
+        from server.secure_rounds import SecureAggregation
+
+        secure = SecureAggregation(grid, dict(config), s.secagg_threshold, s.secagg_clip_range, timeout, progress)
+        keyed = set(secure.setup([h.node_id for h in active], run_id, arrays))
+        for h in active:
+            if h.node_id not in keyed:
+                h.active, h.refusal = False, "dropped out during secure-aggregation key agreement"
+
     for rnd in range(1, s.num_rounds + 1):
         t0 = time.monotonic()
         record = RoundRecord(rnd, 0.0, [], {}, {}, {}, {})
         messages = [m for m in strategy.configure_train(rnd, arrays, ConfigRecord(dict(config)), grid)
                     if hospitals.get(m.metadata.dst_node_id, Hospital(0, "")).active]
+        if secure is not None:
+            try:
+                messages = secure.attach_requests(rnd, messages)
+            except FedcareError as exc:
+                result.stopped_early = f"stopped before round {rnd}: {exc.problem}"
+                progress(result.stopped_early)
+                break
         replies = list(grid.send_and_receive(messages, timeout=timeout))
         valid = []
         for msg in replies:
@@ -207,6 +225,9 @@ def run_federation(grid: Grid, s: RunSettings, expected_hospitals: int, progress
         missing = {m.metadata.dst_node_id for m in messages} - {r.metadata.src_node_id for r in replies}
         for node in missing:
             record.failed[hospitals[node].name] = "no reply before the timeout"
+        if valid and secure is not None:
+            valid = secure.aggregate(rnd, valid, arrays, record.failed, {n: h.name for n, h in hospitals.items()})
+            record.trained = [name for name in record.trained if name not in record.failed]
         if valid:
             new_arrays, train_metrics = strategy.aggregate_train(rnd, valid)
             if new_arrays is not None:

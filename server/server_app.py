@@ -32,7 +32,7 @@ def make_server_app(settings: RunSettings | None = None, expected_hospitals: int
         say = progress or _log_progress
         expected = expected_hospitals or s.hospitals
         try:
-            result = run_federation(grid, s, expected, say)
+            result = run_federation(grid, s, expected, say, run_id=int(context.run_id))
         except FedcareError as exc:
             say(f"run failed: {exc}")
             raise

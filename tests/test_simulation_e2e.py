@@ -50,6 +50,8 @@ def test_dp_simulation_end_to_end_then_budget_refusal_on_the_same_data(tmp_path)
     assert listeners, "Ray started no listening service?"
     assert all(_is_loopback(ip) for ip in listeners), listeners  # Ray stays on loopback
     assert "round  1/2" in done.stdout and "round  2/2" in done.stdout
+    assert "secure aggregation: keys agreed with 4 hospitals" in done.stdout  # on by default
+    assert not [p for p in ledgers.glob("secagg/**/*") if p.is_file()]  # round keys deleted after the run
     for name in HOSPITALS:
         assert name in done.stdout
 
