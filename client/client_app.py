@@ -88,7 +88,8 @@ class _Node:
     def model(self, data: HospitalData):
         from shared_models.registry import build_model, resolve_model
 
-        return build_model(resolve_model(str(self.config["model"]), data.task), data.input_shape)
+        return build_model(resolve_model(str(self.config["model"]), data.task), data.input_shape,
+                           int(self.config.get("hidden-units", 32)))
 
     def ledger(self, data: HospitalData) -> PrivacyLedger:
         budget = float(self.setting("epsilon-budget", self.config["target-epsilon"]))

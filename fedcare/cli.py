@@ -31,7 +31,8 @@ app.add_typer(data_app, name="data")
 def simulate(
     dataset: str = typer.Option("fed-heart-disease", help="fed-heart-disease (4 real hospitals, tables) | "
                                 "pbc2 (real PBC2 lab sequences split across hospitals) | "
-                                "synthetic-imaging (generated DICOM hospitals)"),
+                                "synthetic-imaging (generated DICOM hospitals) | ehr-table / ehr-events "
+                                "(your own multi-site tables under --data-root)"),
     rounds: Optional[int] = typer.Option(None, "--rounds", help="federated rounds [dataset preset]"),
     local_epochs: Optional[int] = typer.Option(None, help="local epochs per round [preset]"),
     strategy: Optional[str] = typer.Option(None, help="fedavg | fedprox | fedadam [fedavg]"),
@@ -51,7 +52,8 @@ def simulate(
     seed: Optional[int] = typer.Option(None, help="seed for model init, sampling and noise [0]"),
     output_dir: Path = typer.Option(Path("runs/latest"), help="where the model, results.json and plots go"),
     ledger_dir: Optional[Path] = typer.Option(None, help="hospitals' privacy ledgers (default: OUTPUT_DIR/ledgers); reuse it to accumulate epsilon across runs"),
-    data_root: Optional[Path] = typer.Option(None, help="generated datasets: where the hospital folders are written/reused (default: runs/data/DATASET)"),
+    data_root: Optional[Path] = typer.Option(None, help="hospital folders (hospital-0, hospital-1, ...): written/reused for generated datasets (default: runs/data/DATASET); required for ehr-table / ehr-events"),
+    hidden_units: Optional[int] = typer.Option(None, help="MLP width [32]"),
     local_baseline: bool = typer.Option(True, "--local-baseline/--no-local-baseline", help="also train each hospital alone, for comparison"),
     pooled_baseline: bool = typer.Option(False, "--pooled-baseline/--no-pooled-baseline", help="also train one model on all hospitals' rows pooled (the central reference; simulation only)"),
     verbose: bool = typer.Option(False, help="show Flower's own log"),
@@ -60,7 +62,7 @@ def simulate(
     options = dict(num_rounds=rounds, local_epochs=local_epochs, strategy=strategy, model=model,
                    target_epsilon=epsilon, delta=delta, dp=dp, secure_aggregation=secure_aggregation, batch_size=batch_size, learning_rate=learning_rate,
                    weight_decay=weight_decay, hospitals=hospitals, min_hospitals=min_hospitals,
-                   image_size=image_size, seed=seed, output_dir=str(output_dir))
+                   image_size=image_size, hidden_units=hidden_units, seed=seed, output_dir=str(output_dir))
     try:
         _simulate(dataset, options, epsilon_budget, ledger_dir, data_root, local_baseline, pooled_baseline, verbose)
     except FedcareError as exc:
@@ -94,9 +96,16 @@ def _simulate(dataset: str, options: dict, epsilon_budget: float | None, ledger_
         n = s.hospitals
     elif dataset == "fed-heart-disease":
         n = num_hospitals(dataset)
+    elif dataset in ("ehr-table", "ehr-events") and data_root is not None:
+        s = s.replace(data_root=str(data_root))
+        n = num_hospitals(dataset, str(data_root))
+        if n == 0:
+            raise FedcareError(f"{data_root} holds no hospital-<i> folders",
+                               "lay out one folder per hospital: hospital-0/{table|events}.csv + schema.toml, ...")
     else:
-        raise FedcareError(f"`fedcare simulate` runs bundled or generated data; '{dataset}' is a hospital's own data",
-                           "run it with `flwr run` and SuperNodes whose node config points at the data (see README)")
+        raise FedcareError(f"`fedcare simulate --dataset {dataset}` needs the hospitals' data",
+                           "pass --data-root DIR with one hospital-<i> folder per hospital (table.csv or "
+                           "events.csv, plus schema.toml), or run real nodes with `flwr run` (see README)")
     s = s.replace(hospitals=n, min_hospitals=min(s.min_hospitals, n))
     cache = str(Path(s.data_root) / ".fedcare-cache") if s.data_root else "fedcare-cache"
     sources = [DataSource(partition_id=i, data_root=s.data_root or None, cache_dir=cache, image_size=s.image_size)

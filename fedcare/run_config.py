@@ -34,9 +34,9 @@ DATASET_PRESETS: dict[str, dict[str, Any]] = {
     "pbc2": {"num_rounds": 15, "batch_size": 16, "learning_rate": 0.5, "weight_decay": 0.0,
              "target_epsilon": 3.0, "hospitals": 3},
     "ehr-events": {"batch_size": 16, "learning_rate": 0.5, "weight_decay": 0.0},
-    "synthetic-imaging": {"num_rounds": 10, "batch_size": 32, "learning_rate": 0.5, "weight_decay": 0.0,
-                          "target_epsilon": 3.0, "hospitals": 4},
-    "dicom": {"batch_size": 32, "learning_rate": 0.5, "weight_decay": 0.0},
+    "synthetic-imaging": {"num_rounds": 15, "local_epochs": 3, "batch_size": 32, "learning_rate": 0.2,
+                          "weight_decay": 0.0, "target_epsilon": 8.0, "hospitals": 4},
+    "dicom": {"local_epochs": 3, "batch_size": 32, "learning_rate": 0.2, "weight_decay": 0.0},
 }
 
 
@@ -46,6 +46,7 @@ class RunSettings:
 
     dataset: str = "fed-heart-disease"
     model: str = "auto"         # the dataset's default: logistic (tables), gru (sequences), cnn (images)
+    hidden_units: int = 32      # MLP width
     strategy: str = "fedavg"
     num_rounds: int = 15
     local_epochs: int = 1
@@ -139,7 +140,7 @@ def validate(s: RunSettings) -> None:
         raise FedcareError(
             f"unknown strategy '{s.strategy}'", f"choose one of: {', '.join(STRATEGIES)}"
         )
-    for name in ("num_rounds", "local_epochs", "batch_size", "hospitals", "min_hospitals", "image_size"):
+    for name in ("num_rounds", "local_epochs", "batch_size", "hospitals", "min_hospitals", "image_size", "hidden_units"):
         if getattr(s, name) < 1:
             raise FedcareError(f"{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
     if s.secagg_threshold < 0:

@@ -54,7 +54,7 @@ fit the quantisation range (``Quantizer`` raises rather than wraps). The server 
 its state in memory: a server restart means a new run (new setup). Cost: uint64 vectors are
 2x a float32 update; everything else is O(n) small ciphertexts per node per round.
 
-Modules: ``quantization`` (fixed point), ``prg`` (ChaCha20 masks), ``keys`` (X25519, HKDF,
+Modules: ``quantization`` (fixed point), ``prg`` (AES-256-CTR masks), ``keys`` (X25519, HKDF,
 AES-GCM), ``shamir``, ``masking``, ``node_half``/``node_state``, ``server_half``, ``records``
 (flatten payloads for ConfigRecords), ``inprocess`` (reference flow), ``bench`` (costs).
 """

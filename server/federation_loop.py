@@ -66,7 +66,7 @@ def training_config(s: RunSettings) -> dict[str, Any]:
     """What every node needs to know about this run (sent in each message)."""
     keys = ("dataset", "model", "num-rounds", "local-epochs", "batch-size", "learning-rate", "weight-decay", "dp",
             "target-epsilon", "delta", "max-grad-norm", "stats-budget-fraction", "seed", "image-size",
-            "secagg-clip-range")
+            "secagg-clip-range", "hidden-units")
     config = s.to_config()
     return {k: config[k] for k in keys}
 
@@ -173,7 +173,7 @@ def run_federation(grid: Grid, s: RunSettings, expected_hospitals: int, progress
     config |= {"norm-mean": normalisation.mean, "norm-std": normalisation.std}
 
     torch.manual_seed(s.seed)
-    arrays = model_to_arrays(build_model(resolve_model(s.model, task), input_shape))
+    arrays = model_to_arrays(build_model(resolve_model(s.model, task), input_shape, s.hidden_units))
     strategy = build_strategy(s)
     result = FederationResult(arrays, normalisation, hospitals)
     if len(active) < s.min_hospitals:

@@ -31,14 +31,17 @@ def resolve_model(name: str, task: str) -> str:
     return name
 
 
-def build_model(name: str, input_shape: int | Sequence[int]) -> "nn.Module":
-    """A freshly initialised model (seed torch first for reproducible weights)."""
+def build_model(name: str, input_shape: int | Sequence[int], hidden_units: int = 32) -> "nn.Module":
+    """A freshly initialised model (seed torch first for reproducible weights).
+
+    ``hidden_units`` sets the MLP's width (the other models have a fixed size).
+    """
     shape = (int(input_shape),) if isinstance(input_shape, int) else tuple(int(v) for v in input_shape)
     if name in ("logistic", "mlp"):
         from shared_models.tabular import MLP, LogisticRegression
 
         _expect(name, shape, 1, "(features,)")
-        return (LogisticRegression if name == "logistic" else MLP)(shape[0])
+        return LogisticRegression(shape[0]) if name == "logistic" else MLP(shape[0], hidden=hidden_units)
     if name == "cnn":
         from shared_models.imaging_cnn import SmallCNN
 

@@ -45,7 +45,7 @@ def local_only(data: HospitalData, s: RunSettings) -> BinarySummary:
         sigma = calibrate_noise([], (1.0 / steps, steps * epochs), s.delta, s.target_epsilon)
         dp = DPSettings(sigma, s.max_grad_norm)
     torch.manual_seed(s.seed)
-    model = build_model(resolve_model(s.model, data.task), data.input_shape)
+    model = build_model(resolve_model(s.model, data.task), data.input_shape, s.hidden_units)
     train(model, x_tr, data.y_train, epochs=epochs, batch_size=min(s.batch_size, len(data.y_train)),
           lr=s.learning_rate, weight_decay=s.weight_decay, dp=dp, seed=s.seed)
     return evaluate(model, x_te, data.y_test)

@@ -40,7 +40,7 @@ def pooled_training(hospitals: list[HospitalData], s: RunSettings) -> dict[str, 
         dp = DPSettings(calibrate_noise([], (1.0 / steps, steps * epochs), s.delta, s.target_epsilon),
                         s.max_grad_norm)
     torch.manual_seed(s.seed)
-    model = build_model(resolve_model(s.model, first.task), first.input_shape)
+    model = build_model(resolve_model(s.model, first.task), first.input_shape, s.hidden_units)
     train(model, first.prepared(x, mean, std), y, epochs=epochs, batch_size=s.batch_size, lr=s.learning_rate,
           weight_decay=s.weight_decay, dp=dp, seed=s.seed)
     out = {h.name: evaluate(model, h.prepared(h.x_test, mean, std), h.y_test) for h in hospitals}

@@ -75,13 +75,26 @@ def load_hospital(dataset: str, source: DataSource) -> HospitalData:
     if task == "image":
         folder = hospital_folder(source, dataset)
         return _image_hospital(folder, Path(source.labels) if source.labels else folder / "labels.csv", source)
-    if dataset == "pbc2":
+    if dataset == "pbc2" or (dataset in ("ehr-table", "ehr-events") and not source.data_path):
+        # multi-site layout: DATA_ROOT/hospital-<i>/{table,events}.{csv,parquet} + schema.toml
         folder = hospital_folder(source, dataset)
-        return _sequence_hospital(folder.name, folder / "events.csv", folder / "schema.toml")
+        stem = "table" if dataset == "ehr-table" else "events"
+        path = _data_file(folder, stem)
+        if dataset == "ehr-table":
+            return _table_hospital(path, folder / "schema.toml", folder.name)
+        return _sequence_hospital(folder.name, path, folder / "schema.toml")
     path, schema = _own_files(dataset, source)
     if dataset == "ehr-table":
-        return _table_hospital(path, schema)
+        return _table_hospital(path, schema, path.stem)
     return _sequence_hospital(path.stem, path, schema)
+
+
+def _data_file(folder: Path, stem: str) -> Path:
+    for suffix in (".csv", ".parquet"):
+        if (folder / f"{stem}{suffix}").is_file():
+            return folder / f"{stem}{suffix}"
+    raise FedcareError(f"hospital folder {folder} has no {stem}.csv or {stem}.parquet",
+                       f"put the hospital's {stem} file and schema.toml in {folder}")
 
 
 def _own_files(dataset: str, source: DataSource) -> tuple[Path, Path]:
@@ -119,12 +132,12 @@ def _image_hospital(folder: Path, labels: Path, source: DataSource) -> HospitalD
     )
 
 
-def _table_hospital(path: Path, schema_path: Path) -> HospitalData:
+def _table_hospital(path: Path, schema_path: Path, name: str) -> HospitalData:
     from client.datasets.ehr_schema import EhrSchema
     from client.datasets.ehr_table import load_ehr_table
 
     split = load_ehr_table(path, EhrSchema.from_file(schema_path), seed=SPLIT_SEED)
-    return _from_split(path.stem, split, "tabular")
+    return _from_split(name, split, "tabular")
 
 
 def _sequence_hospital(name: str, events: Path, schema_path: Path) -> HospitalData:
@@ -150,9 +163,10 @@ def num_hospitals(dataset: str, data_root: str | None = None) -> int:
         from client.datasets.fed_heart_disease import CENTERS
 
         return len(CENTERS)
-    if dataset in GENERATED and data_root:
+    if data_root and dataset in (*GENERATED, "ehr-table", "ehr-events"):
         return len(sorted(Path(data_root).glob("hospital-*")))
-    raise FedcareError(f"dataset '{dataset}' has no fixed hospital count", "pass --hospitals N")
+    raise FedcareError(f"dataset '{dataset}' has no fixed hospital count",
+                       "give --data-root, a folder with one hospital-<i> folder per hospital")
 
 
 __all__ = ["DATASET_TASKS", "DataSource", "HospitalData", "dataset_task", "load_hospital", "num_hospitals"]
