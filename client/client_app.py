@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -78,12 +79,16 @@ class _Node:
             data.check_trainable(int(self.config["batch-size"]))
         return data
 
-    def secagg_state(self):
+    @property
+    def ledger_dir(self) -> str:
+        """The hospital's private state folder: privacy ledgers and secure-aggregation keys."""
+        return str(self.setting("ledger-dir", self.context.run_config.get("ledger-dir", "fedcare-ledgers")))
+
+    def secagg_state(self) -> Path:
         """This node's secure-aggregation state file for this run (private keys: hospital-side)."""
         from client.secure_update import state_file
 
-        ledger_dir = self.setting("ledger-dir", self.context.run_config.get("ledger-dir", "fedcare-ledgers"))
-        return state_file(ledger_dir, self.context.run_id, self.context.node_id)
+        return state_file(self.ledger_dir, self.context.run_id, self.context.node_id)
 
     def model(self, data: HospitalData):
         from shared_models.registry import build_model, resolve_model
@@ -93,9 +98,8 @@ class _Node:
 
     def ledger(self, data: HospitalData) -> PrivacyLedger:
         budget = float(self.setting("epsilon-budget", self.config["target-epsilon"]))
-        ledger_dir = self.setting("ledger-dir", self.context.run_config.get("ledger-dir", "fedcare-ledgers"))
         return PrivacyLedger.open(
-            ledger_dir, data.name, data.fingerprint(),
+            self.ledger_dir, data.name, data.fingerprint(),
             budget=budget, delta=float(self.config["delta"]),
         )
 
