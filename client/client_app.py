@@ -103,12 +103,17 @@ class _Node:
             budget=budget, delta=float(self.config["delta"]),
         )
 
+    @property
+    def plan_id(self) -> str:
+        """The run whose privacy plan this message follows: itself, or the run a resumed run continues."""
+        return str(self.config.get("plan-run-id") or self.context.run_id)
+
     def plan(self, data: HospitalData, ledger: PrivacyLedger, stats_needed: bool):
         from client.dp_trainer import steps_per_epoch
 
         steps = steps_per_epoch(len(data.y_train), int(self.config["batch-size"]))
         return ledger.plan_run(
-            run_id=str(self.context.run_id),
+            run_id=self.plan_id,
             rounds=int(self.config["num-rounds"]),
             steps_per_round=steps * int(self.config["local-epochs"]),
             sample_rate=1.0 / steps,
@@ -205,7 +210,7 @@ def _train(node: _Node, msg: Message) -> Message:
     dp, ledger, plan = None, None, None
     if node.dp:
         ledger = node.ledger(data)
-        plan = ledger.plan(str(node.context.run_id)) or node.plan(data, ledger, stats_needed=False)
+        plan = ledger.plan(node.plan_id) or node.plan(data, ledger, stats_needed=False)
         ledger.check_release([(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)])
         dp = DPSettings(plan.noise_multiplier, float(node.config["max-grad-norm"]))
     global_arrays = msg.content[protocol.ARRAYS]

@@ -55,6 +55,7 @@ def simulate(
     data_root: Optional[Path] = typer.Option(None, help="hospital folders (hospital-0, hospital-1, ...): written/reused for generated datasets (default: runs/data/DATASET); required for ehr-table / ehr-events"),
     hidden_units: Optional[int] = typer.Option(None, help="MLP width [32]"),
     local_baseline: bool = typer.Option(True, "--local-baseline/--no-local-baseline", help="also train each hospital alone, for comparison"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run checkpointed in OUTPUT_DIR from its last completed round"),
     pooled_baseline: bool = typer.Option(False, "--pooled-baseline/--no-pooled-baseline", help="also train one model on all hospitals' rows pooled (the central reference; simulation only)"),
     verbose: bool = typer.Option(False, help="show Flower's own log"),
 ) -> None:
@@ -62,7 +63,8 @@ def simulate(
     options = dict(num_rounds=rounds, local_epochs=local_epochs, strategy=strategy, model=model,
                    target_epsilon=epsilon, delta=delta, dp=dp, secure_aggregation=secure_aggregation, batch_size=batch_size, learning_rate=learning_rate,
                    weight_decay=weight_decay, hospitals=hospitals, min_hospitals=min_hospitals,
-                   image_size=image_size, hidden_units=hidden_units, seed=seed, output_dir=str(output_dir))
+                   image_size=image_size, hidden_units=hidden_units, seed=seed, output_dir=str(output_dir),
+                   resume=resume or None)
     try:
         _simulate(dataset, options, epsilon_budget, ledger_dir, data_root, local_baseline, pooled_baseline, verbose)
     except FedcareError as exc:

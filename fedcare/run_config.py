@@ -68,6 +68,7 @@ class RunSettings:
     seed: int = 0
     image_size: int = 64        # images are resized to image_size x image_size before training
     data_root: str = ""         # generated datasets: where `fedcare data prepare` wrote the hospitals
+    resume: bool = False        # continue the run checkpointed in output_dir from its last completed round
     output_dir: str = "fedcare-runs/latest"
     ledger_dir: str = "fedcare-ledgers"
 

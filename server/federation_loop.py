@@ -8,6 +8,7 @@ every round is evaluated per hospital and pooled from confusion matrices and sco
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -163,10 +164,22 @@ def run_federation(grid: Grid, s: RunSettings, expected_hospitals: int, progress
     """Run the whole federation and return the final model and per-round records."""
     import torch
 
+    from server.checkpoint import (Checkpoint, check_compatible, load_checkpoint, restore_strategy,
+                                   save_checkpoint, strategy_state)
+
     nodes = _wait_for_nodes(grid, expected_hospitals, timeout, progress)
     config = training_config(s)
+    resumed = None
+    if s.resume:
+        resumed = load_checkpoint(s.output_dir)
+        check_compatible(resumed, s.to_config())
+        progress(f"resuming run {resumed.plan_run_id} after round {resumed.completed_round} of {s.num_rounds}")
+    plan_run_id = resumed.plan_run_id if resumed else str(run_id)
+    config["plan-run-id"] = plan_run_id  # hospitals keep that run's privacy plan (same noise, no recount)
     hospitals: dict[int, Hospital] = {}
     normalisation, input_shape, task = _statistics_round(grid, nodes, config, hospitals, timeout, progress)
+    if resumed is not None:
+        normalisation = Normalisation(**resumed.normalisation)
     active = [h for h in hospitals.values() if h.active]
     progress(f"statistics round: {len(active)} of {len(nodes)} hospitals, "
              f"~{normalisation.pooled_count:.0f} training patients (to a batch)")
@@ -175,7 +188,13 @@ def run_federation(grid: Grid, s: RunSettings, expected_hospitals: int, progress
     torch.manual_seed(s.seed)
     arrays = model_to_arrays(build_model(resolve_model(s.model, task), input_shape, s.hidden_units))
     strategy = build_strategy(s)
+    first_round = 1
+    if resumed is not None:
+        arrays, first_round = resumed.arrays, resumed.completed_round + 1
+        restore_strategy(strategy, resumed.strategy_state)
     result = FederationResult(arrays, normalisation, hospitals)
+    if resumed is not None:
+        result.rounds = [RoundRecord(**r) for r in resumed.rounds]
     if len(active) < s.min_hospitals:
         result.stopped_early = (f"only {len(active)} hospital(s) can train (min-hospitals={s.min_hospitals}); "
                                 "no round was run")
@@ -192,7 +211,7 @@ def run_federation(grid: Grid, s: RunSettings, expected_hospitals: int, progress
             if h.node_id not in keyed:
                 h.active, h.refusal = False, "dropped out during secure-aggregation key agreement"
 
-    for rnd in range(1, s.num_rounds + 1):
+    for rnd in range(first_round, s.num_rounds + 1):
         t0 = time.monotonic()
         record = RoundRecord(rnd, 0.0, [], {}, {}, {}, {})
         messages = [m for m in strategy.configure_train(rnd, arrays, ConfigRecord(dict(config)), grid)
@@ -250,6 +269,9 @@ def run_federation(grid: Grid, s: RunSettings, expected_hospitals: int, progress
         record.seconds = time.monotonic() - t0
         result.rounds.append(record)
         progress(_progress_line(record, s.num_rounds, len(messages)))
+        save_checkpoint(s.output_dir, Checkpoint(
+            rnd, plan_run_id, s.to_config(), dataclasses.asdict(normalisation),
+            [dataclasses.asdict(r) for r in result.rounds], arrays, strategy_state(strategy)))
 
         still = sum(1 for h in hospitals.values() if h.active)
         if still < s.min_hospitals and rnd < s.num_rounds:

@@ -18,9 +18,9 @@ RUN_ID = 4242
 class InProcessGrid:
     """Routes each message to the ClientApp of its node, like a SuperLink would."""
 
-    def __init__(self, node_configs: dict[int, dict], run_config: dict | None = None):
+    def __init__(self, node_configs: dict[int, dict], run_config: dict | None = None, run_id: int = RUN_ID):
         self.app = make_client_app()
-        self.contexts = {n: Context(RUN_ID, n, cfg, RecordDict(), dict(run_config or {}))
+        self.contexts = {n: Context(run_id, n, cfg, RecordDict(), dict(run_config or {}))
                          for n, cfg in node_configs.items()}
 
     def get_node_ids(self):
