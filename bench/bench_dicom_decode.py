@@ -131,8 +131,8 @@ def main() -> None:
             f"All sets: epoch 1 {cold_all:.0f} images/s, cached epochs {warm_all:.0f} images/s "
             f"({warm_all / cold_all:.1f}x). Writing the 4 synthetic hospitals "
             f"({sum(r[1] for r in rows[:4])} files) took {write_seconds:.1f} s.",
-            "A cached load still reads and hashes every file and re-checks its header for identifying "
-            "attributes (a changed file must not reuse a stale entry), so it is not free; the share column "
+            "A cached load checks each file's size and modification time against the header index (a changed file is "
+            "reread, re-hashed and re-checked for identifying attributes) and reads its decoded entry; the share column "
             "says how much of a cached DP epoch that is.",
         ])
         print(text)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -257,3 +258,17 @@ def test_all_files_unusable_is_an_error(tmp_path):
 def test_missing_folder(tmp_path):
     with pytest.raises(FedcareError, match="imaging folder not found"):
         load_dicom_folder(tmp_path / "nope", tmp_path / "labels.csv", POLICY)
+
+
+def test_later_epochs_skip_unchanged_files_and_a_changed_file_is_decoded_again(tmp_path):
+    root, cache = hospital(tmp_path / "h"), tmp_path / "cache"
+    first = load(root, cache_dir=cache)
+    assert (first.cache_hits, first.cache_misses) == (0, 6)
+    again = load(root, cache_dir=cache)
+    assert (again.cache_hits, again.cache_misses) == (6, 0)
+    np.testing.assert_array_equal(again.x, first.x)
+    write_dicom(root / "img02.dcm", ramp(24, 24, lo=2000, hi=2100, seed=9))  # an edit: new size/mtime
+    os.utime(root / "img02.dcm", ns=(1, 1))
+    edited = load(root, cache_dir=cache)
+    assert (edited.cache_hits, edited.cache_misses) == (5, 1)
+    assert not np.array_equal(edited.x[2], first.x[2])

@@ -30,7 +30,7 @@ import numpy as np
 
 from client.datasets.dicom_reader import (DicomRejected, ImagePolicy, quiet_pydicom, read_dicom_bytes, read_header,
                                           read_header_bytes)
-from client.datasets.image_cache import ImageCache, file_digest
+from client.datasets.image_cache import HeaderIndex, ImageCache, file_digest
 from client.datasets.phi_guard import phi_findings
 from fedcare.errors import FedcareError
 
@@ -101,7 +101,14 @@ def load_dicom_folder(folder: Path, labels_csv: Path, policy: ImagePolicy, cache
     phi: dict[str, list[str]] = {}
     sizes: dict[str, tuple[int, int]] = {}
     digests: dict[str, str] = {}
+    index = HeaderIndex(cache_dir, folder, retain) if cache_dir is not None else None
     for name in labelled:
+        known = index.get(folder, name) if index is not None else None
+        if known is not None:  # unchanged since it was last read: skip rereading and re-hashing it
+            digests[name], sizes[name] = known["digest"], tuple(known["size"])
+            if known["phi"]:
+                phi[name] = list(known["phi"])
+            continue
         try:
             data = (folder / name).read_bytes()
             digests[name] = file_digest(data)
@@ -120,8 +127,12 @@ def load_dicom_folder(folder: Path, labels_csv: Path, policy: ImagePolicy, cache
             continue
         if findings:
             phi[name] = findings
+        if index is not None:
+            index.put(folder, name, digests[name], findings, sizes[name])
     if phi and require_deidentified:
         raise phi_error(phi, extra=len(rejected))
+    if index is not None:
+        index.save()
 
     # Pass 2: pixels, through the cache (a hit does not even reread the file).
     cache = ImageCache(cache_dir) if cache_dir is not None else None

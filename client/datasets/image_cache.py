@@ -97,3 +97,51 @@ class ImageCache:
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
             return None
         return list(stack)
+
+
+class HeaderIndex:
+    """What pass 1 learned about each file (digest, identifying-attribute keywords, size), keyed by
+    the file's size and modification time, so a later epoch or round need not reread unchanged files.
+
+    One JSON per (folder, PHI-retain options) under the cache root; a stale or corrupt index is
+    simply rebuilt. Like make, it trusts (size, mtime_ns): a file rewritten with the same size
+    within the same nanosecond would be missed; any real edit changes the mtime.
+    """
+
+    def __init__(self, root: Path, folder: Path, retain: tuple[str, ...]) -> None:
+        key = hashlib.sha256(f"{Path(folder).resolve()}|{','.join(retain)}|v{CACHE_FORMAT_VERSION}".encode())
+        self.path = Path(root) / "headers" / f"{key.hexdigest()}.json"
+        try:
+            self.entries: dict[str, dict] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.entries = {}
+        self.changed = False
+
+    @staticmethod
+    def _stamp(path: Path) -> list[int]:
+        st = path.stat()
+        return [st.st_size, st.st_mtime_ns]
+
+    def get(self, folder: Path, name: str) -> dict | None:
+        entry = self.entries.get(name)
+        try:
+            return entry if entry is not None and entry.get("stamp") == self._stamp(folder / name) else None
+        except OSError:
+            return None
+
+    def put(self, folder: Path, name: str, digest: str, phi: list[str], size: tuple[int, int]) -> None:
+        try:
+            stamp = self._stamp(folder / name)
+        except OSError:
+            return
+        self.entries[name] = {"stamp": stamp, "digest": digest, "phi": list(phi), "size": list(size)}
+        self.changed = True
+
+    def save(self) -> None:
+        if not self.changed:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(self.entries, fh)
+        os.replace(tmp, self.path)
