@@ -24,6 +24,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.markdown_report import replace_section  # noqa: E402
+
 # (label, epsilon or None for no DP, settings that differ from the defaults)
 CONFIGS = [
     ("FedAvg, no DP", None, ["--weight-decay", "0.2"]),

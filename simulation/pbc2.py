@@ -38,14 +38,13 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from fedcare.errors import FedcareError
+from simulation.folder_lock import locked_folder
 
 GENERATOR_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -203,7 +202,7 @@ def write_pbc2_hospitals(root: Path, n_hospitals: int = 3, seed: int = 0,
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     params = {"n_hospitals": n_hospitals, "seed": seed, "window_years": window_years}
-    with _locked(root):
+    with locked_folder(root):
         reused = _reuse(root, params)
         if reused is not None:
             return reused
@@ -281,19 +280,3 @@ def _reuse(root: Path, params: dict) -> list[Path] | None:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     return folders
-
-
-@contextmanager
-def _locked(root: Path) -> Iterator[None]:
-    """Serialise writers of the same root (parallel simulation workers may all ask for it)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no cross-process lock, callers must not race
-        yield
-        return
-    with (root / ".lock").open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

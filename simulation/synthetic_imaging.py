@@ -24,8 +24,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from pydicom.uid import (
 )
 
 from fedcare.errors import FedcareError
+from simulation.folder_lock import locked_folder
 
 GENERATOR_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -115,7 +115,7 @@ def write_hospitals(
     counts = _counts(n_hospitals, images_per_hospital)
     params = {"n_hospitals": n_hospitals, "images_per_hospital": counts, "seed": int(seed)}
     root.mkdir(parents=True, exist_ok=True)
-    with _locked(root):
+    with locked_folder(root):
         reused = _reuse(root, params)
         if reused is not None:
             return reused
@@ -509,19 +509,3 @@ def _hospital(root: Path, entry: dict) -> HospitalFolder:
         scanner=Scanner(**entry["scanner"]), n_images=int(entry["n_images"]),
         n_positive=int(entry["n_positive"]), prevalence=float(entry["prevalence"]),
     )
-
-
-@contextmanager
-def _locked(root: Path) -> Iterator[None]:
-    """Serialise writers of the same root (parallel simulation workers may all ask for it)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no cross-process lock, callers must not race
-        yield
-        return
-    with (root / ".lock").open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

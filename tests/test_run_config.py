@@ -1,4 +1,3 @@
-import sys
 import tomllib
 
 import pytest

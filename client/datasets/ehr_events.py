@@ -32,6 +32,7 @@ import pandas as pd
 from client.datasets.ehr_schema import TIME_UNITS, EhrSchema
 from client.datasets.ehr_table import (
     DataReport,
+    TableSplit,
     category_text,
     encode_features,
     encode_labels,
@@ -46,24 +47,12 @@ from fedcare.errors import FedcareError
 
 
 @dataclass
-class SequenceSplit:
-    """Masked event sequences (float32, last channel = mask) and 0/1 labels, split by patient."""
+class SequenceSplit(TableSplit):
+    """Masked event sequences (float32, last channel = mask) and 0/1 labels, split by patient.
 
-    name: str
-    feature_names: list[str]                          # the d step features (not the mask)
-    numeric_features: list[str]                       # all of them: each has public bounds
-    feature_bounds: dict[str, tuple[float, float]]
-    x_train: np.ndarray                               # (patients, max_length, d + 1)
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    ids_train: list[str]                              # local only: never leaves the hospital
-    ids_test: list[str]
-    report: DataReport
-
-    @property
-    def n_features(self) -> int:
-        return len(self.feature_names)
+    Same fields as a table split; ``x_*`` are (patients, max_length, d + 1) and ``feature_names``
+    are the d step features (not the mask).
+    """
 
     @property
     def input_shape(self) -> tuple[int, int]:
