@@ -90,6 +90,12 @@ class _Node:
 
         return state_file(self.ledger_dir, self.context.run_id, self.context.node_id)
 
+    def audit_log(self, hospital: str):
+        """This hospital's signed audit log (next to its privacy ledger)."""
+        from client.audit_trail import open_log
+
+        return open_log(self.ledger_dir, hospital)
+
     def model(self, data: HospitalData):
         from shared_models.registry import build_model, resolve_model
 
@@ -134,7 +140,9 @@ def _reply(msg: Message, data_name: str, **records: Any) -> Message:
 
 
 def _refusal(msg: Message, name: str, exc: FedcareError) -> Message:
-    kind = "budget" if isinstance(exc, BudgetExhausted) else "data"
+    from secure_aggregation import ClipRangeError
+
+    kind = "budget" if isinstance(exc, BudgetExhausted) else "clip-range" if isinstance(exc, ClipRangeError) else "data"
     return _reply(msg, name, **{protocol.REFUSAL: ConfigRecord({"reason": str(exc), "kind": kind})})
 
 
@@ -149,7 +157,16 @@ def _guarded(handler: Callable[[_Node, Message], Message], defaults: Mapping[str
                 name = _hospital(str(node.config["dataset"]), node.source()).name
             except (FedcareError, ValueError, TypeError):
                 pass
-            return _refusal(msg, name, exc)
+            reply = _refusal(msg, name, exc)
+            try:
+                from client import audit_trail
+
+                audit_trail.refusal(node.audit_log(name), run_id=context.run_id,
+                                    round_=int(node.config.get("server-round", 0)), reason=str(exc),
+                                    kind=str(reply.content.config_records[protocol.REFUSAL]["kind"]))
+            except FedcareError:
+                pass  # the refusal itself is what the coordinator must hear about
+            return reply
 
     return run
 
@@ -174,7 +191,10 @@ def _feature_stats(node: _Node, msg: Message) -> Message:
     bounds = data.numeric_bounds()
     rows = data.per_patient_numeric(data.x_train)
     rng = np.random.default_rng(node.seed)
+    from client import audit_trail
+
     metrics: dict[str, Any] = {}
+    dp_params = None
     if not node.dp:
         values = local_sums(rows, bounds, None, rng)
     else:
@@ -182,11 +202,19 @@ def _feature_stats(node: _Node, msg: Message) -> Message:
         key = stats_key(data.numeric_features, data.feature_bounds)
         values = ledger.feature_stats(key) if bounds else {"sum": []}  # nothing to release: no cost
         plan = node.plan(data, ledger, stats_needed=values is None)
-        if values is None:
+        fresh = values is None
+        if fresh:
             values = local_sums(rows, bounds, plan.stats_noise_multiplier, rng)
             ledger.record(str(node.context.run_id), 0, "feature-stats",
                           [(plan.stats_noise_multiplier, 1.0, 1)], stats_key=key, values=values)
         metrics["epsilon"] = ledger.epsilon()
+        # a re-sent paid-for answer (or an empty one) is post-processing: zero steps
+        dp_params = audit_trail.DPParams(plan.stats_noise_multiplier or 0.0, 1.0, 1 if fresh else 0, None,
+                                         float(node.config["delta"]))
+    audit_trail.release(node.audit_log(data.name), run_id=node.context.run_id, round_=0, stage="feature-stats",
+                        data_fingerprint=data.fingerprint(), global_arrays=None,
+                        sent={"sum": np.asarray(values["sum"], dtype=np.float64)}, dp=dp_params,
+                        epsilon=metrics.get("epsilon"), secagg=None)
     metrics |= {"sum": values["sum"], protocol.NUM_EXAMPLES: _public_size(node, data)}
     features = ConfigRecord({
         "names": data.numeric_features, "input-shape": list(data.input_shape), "task": data.task,
@@ -231,6 +259,7 @@ def _train(node: _Node, msg: Message) -> Message:
             records.pop(protocol.ARRAYS), int(metrics[protocol.NUM_EXAMPLES]),
             float(node.config["secagg-clip-range"]))
         records |= {protocol.MASKED: masked, protocol.SECAGG: secagg}
+    eps = None
     if ledger is not None:
         eps = ledger.record(str(node.context.run_id), server_round, "train", outcome.steps,
                             noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm)
@@ -238,7 +267,26 @@ def _train(node: _Node, msg: Message) -> Message:
                         "steps": sum(k for _, _, k in outcome.steps)})
     elif protocol.SECAGG not in records:
         metrics["train-loss"] = outcome.mean_loss  # only without DP or secure aggregation
+    _audit_train(node, msg, data, global_arrays, records, outcome, dp, eps)
     return _reply(msg, data.name, **records, **{protocol.METRICS: MetricRecord(metrics)})
+
+
+def _audit_train(node: _Node, msg: Message, data: HospitalData, global_arrays: Any, records: dict[str, Any],
+                 outcome: Any, dp: Any, eps: float | None) -> None:
+    from client import audit_trail
+
+    secure = protocol.SECAGG in records
+    request = msg.content.config_records[protocol.SECAGG] if secure else None
+    secagg = audit_trail.SecAggInfo(
+        role="masked" if secure else "plain",
+        participants=sorted(int(v) for v in (request.get("active") or [])) if request is not None else [],
+        threshold=None) if secure else audit_trail.SecAggInfo(role="plain")
+    dp_params = (audit_trail.DPParams.from_entries(outcome.steps, dp.max_grad_norm, float(node.config["delta"]))
+                 if dp is not None else None)
+    audit_trail.release(node.audit_log(data.name), run_id=node.context.run_id, round_=int(node.config["server-round"]),
+                        stage="train", data_fingerprint=data.fingerprint(), global_arrays=global_arrays,
+                        sent=records[protocol.MASKED if secure else protocol.ARRAYS], dp=dp_params, epsilon=eps,
+                        secagg=secagg)
 
 
 def _evaluate(node: _Node, msg: Message) -> Message:
@@ -273,9 +321,15 @@ def _secagg_unmask(node: _Node, msg: Message) -> Message:
     from client import secure_update
 
     data = node.data(for_training=False)
+    from client import audit_trail
+
     request = secure_update.payload(msg.content.config_records)
     last = int(request["round"]) >= int(node.config["num-rounds"])
-    return _reply(msg, data.name, **{protocol.SECAGG: secure_update.unmask(node.secagg_state(), request, last)})
+    revealed = secure_update.unmask(node.secagg_state(), request, last)
+    audit_trail.unmask(node.audit_log(data.name), run_id=node.context.run_id, round_=int(request["round"]),
+                       survivors=[int(v) for v in request["survivors"]],
+                       dropped=[int(v) for v in request.get("dropped", [])])
+    return _reply(msg, data.name, **{protocol.SECAGG: revealed})
 
 
 def make_client_app(node_defaults: Mapping[str, Any] | None = None) -> ClientApp:

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from fedcare.audit_commands import audit_app
 from fedcare.data_commands import data_app
 from fedcare.errors import BudgetExhausted, FedcareError
 
@@ -25,6 +26,7 @@ def _root() -> None:
 
 
 app.add_typer(data_app, name="data")
+app.add_typer(audit_app, name="audit")
 
 
 @app.command()

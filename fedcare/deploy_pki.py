@@ -209,7 +209,7 @@ def _connection_toml(address: str, ca: Path) -> str:
 
 
 def _hospital_toml(index: int, address: str, demo: bool) -> str:
-    data = (f'dataset = "fed-heart-disease"     # demo data: replace with your own (see below)\n'
+    data = (f'dataset = "fed-heart-disease"     # bundled demo data; your own: dicom / ehr-table / ehr-events\n'
             f'partition-id = {index}\n') if demo else (
             'dataset = "ehr-table"             # dicom | ehr-table | ehr-events | fed-heart-disease | ...\n'
             'data-path = "/path/to/table.csv"  # EDIT: your table (dicom: a folder + labels)\n'
@@ -259,6 +259,7 @@ def init_deployment(out_dir: Path, hospitals: list[str], sans: list[str] | None 
                                "use letters, digits, '-', '_' or '.' (not ca, superlink, flwr-home)")
     if len(set(hospitals)) != len(hospitals):
         raise FedcareError("a hospital is named twice", "give each --hospital a distinct name")
+    _san(sans)                      # every SAN is an IP or DNS name
     if host not in sans:
         raise FedcareError(f"the SuperLink address host '{host}' is not among the certificate SANs {sans}",
                            f"add --san {host}: nodes verify the certificate against the address they dial")

@@ -195,6 +195,11 @@ def run_federation(grid: Grid, s: RunSettings, expected_hospitals: int, progress
     result = FederationResult(arrays, normalisation, hospitals)
     if resumed is not None:
         result.rounds = [RoundRecord(**r) for r in resumed.rounds]
+    from server import audit_trail
+
+    audit = audit_trail.open_log(s.output_dir)
+    audit_trail.run_started(audit, run_id, s.to_config() | {"resumed-from": resumed.plan_run_id if resumed else None},
+                            arrays)
     if len(active) < s.min_hospitals:
         result.stopped_early = (f"only {len(active)} hospital(s) can train (min-hospitals={s.min_hospitals}); "
                                 "no round was run")
@@ -244,6 +249,8 @@ def run_federation(grid: Grid, s: RunSettings, expected_hospitals: int, progress
         missing = {m.metadata.dst_node_id for m in messages} - {r.metadata.src_node_id for r in replies}
         for node in missing:
             record.failed[hospitals[node].name] = "no reply before the timeout"
+        received = {hospitals[m.metadata.src_node_id].name: m.content[protocol.ARRAYS]
+                    for m in valid if secure is None}
         if valid and secure is not None:
             valid = secure.aggregate(rnd, valid, arrays, record.failed, {n: h.name for n, h in hospitals.items()})
             record.trained = [name for name in record.trained if name not in record.failed]
@@ -268,6 +275,11 @@ def run_federation(grid: Grid, s: RunSettings, expected_hospitals: int, progress
             result.final_summaries = summaries
         record.seconds = time.monotonic() - t0
         result.rounds.append(record)
+        audit_trail.round_done(
+            audit, run_id=run_id, round_=rnd, strategy=s.strategy,
+            sampled=[hospitals[m.metadata.dst_node_id].name for m in messages], responded=record.trained,
+            failed=record.failed, refused=record.refused, arrays=arrays,
+            secagg=secure.audit_summary() if secure is not None else None, received=received)
         progress(_progress_line(record, s.num_rounds, len(messages)))
         save_checkpoint(s.output_dir, Checkpoint(
             rnd, plan_run_id, s.to_config(), dataclasses.asdict(normalisation),

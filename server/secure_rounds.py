@@ -93,6 +93,15 @@ class SecureAggregation:
             good.append(msg)
         return good
 
+    def audit_summary(self) -> dict:
+        """What the audit log records about this round's secure aggregation."""
+        assert self.server is not None
+        try:
+            survivors = sorted(int(v) for v in self.server.survivors)
+        except SecAggError:  # the round ended before its survivors were fixed
+            survivors = []
+        return {"threshold": self.server.threshold, "survivors": survivors}
+
     def attach_requests(self, rnd: int, messages: list[Message]) -> list[Message]:
         """Open round ``rnd`` and put each active node's mask request into its train message.
 

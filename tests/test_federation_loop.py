@@ -93,7 +93,8 @@ def test_without_dp_no_ledger_is_written(tmp_path, strategy):
     assert result.rounds[0].train_loss is not None
     assert result.rounds[0].evaluation["pooled"]["n"] == 254
     assert all(h.epsilon is None for h in result.hospitals.values())
-    assert not (tmp_path / "ledgers").exists()
+    assert not list((tmp_path / "ledgers").glob("privacy-ledger-*.json"))  # no DP: nothing to account
+    assert len(list((tmp_path / "ledgers" / "audit").glob("*.jsonl"))) == 4  # releases are still logged
 
 
 class FlakyGrid(InProcessGrid):

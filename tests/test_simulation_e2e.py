@@ -41,6 +41,11 @@ def _simulate(*args: str, listeners: set | None = None) -> subprocess.CompletedP
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def _fedcare(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedcare.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
 def test_dp_simulation_end_to_end_then_budget_refusal_on_the_same_data(tmp_path):
     out, ledgers = tmp_path / "run1", tmp_path / "ledgers"
     listeners: set = set()
@@ -72,6 +77,24 @@ def test_dp_simulation_end_to_end_then_budget_refusal_on_the_same_data(tmp_path)
     claimed = sorted(h["epsilon"] for h in results["hospitals"].values())
     on_disk = sorted(PrivacyLedger(f, json.loads(f.read_text())).epsilon() for f in files)
     assert np.allclose(claimed, on_disk, rtol=1e-12)
+
+    # The auditor: every log verifies offline, and replays to the epsilon the final table showed.
+    logs = sorted((ledgers / "audit").glob("*.jsonl")) + [out / "audit" / "server.jsonl"]
+    assert len(logs) == 5
+    audit = _fedcare("audit", "verify", *map(str, logs), "--ledger-dir", str(ledgers), "--json")
+    assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr[-2000:]
+    verified = json.loads(audit.stdout)
+    for name in HOSPITALS:
+        (replayed,) = verified["hospitals"][name]["epsilon"].values()
+        assert replayed == pytest.approx(results["hospitals"][name]["epsilon"], rel=1e-9)
+    report = _fedcare("audit", "report", *map(str, logs), "--out", str(tmp_path / "audit"))
+    assert report.returncode == 0 and (tmp_path / "audit" / "epsilon.png").is_file()
+    text = (tmp_path / "audit" / "audit-report.md").read_text()
+    assert all(name in text for name in HOSPITALS)
+    tampered = logs[0].read_bytes().replace(b'"round":1', b'"round":3', 1)
+    logs[0].write_bytes(tampered)
+    broken = _fedcare("audit", "verify", *map(str, logs))
+    assert broken.returncode == 1 and logs[0].name in broken.stdout + broken.stderr
 
     again = _simulate("--rounds", "2", "--epsilon", "1.0", "--output-dir", str(tmp_path / "run2"),
                       "--ledger-dir", str(ledgers))

@@ -1,0 +1,535 @@
+"""Offline verification of fedcare audit logs (nodes' and server's), and of the privacy ledgers.
+
+What is checked, and why each check catches a kind of tampering:
+
+1. Per file, per line: valid JSON with exactly the line fields, in canonical form (a changed byte
+   that still parses breaks this or the signature), a valid Ed25519 signature, and a well-formed
+   body for its kind.
+2. Per file, the chain: ``seq`` counts 0, 1, 2, ... (a deleted, inserted or reordered line
+   breaks it), ``prev`` is the SHA-256 of the previous line (same), the first line chains to
+   the genesis hash (a removed head), one public key and one actor throughout (a line inserted
+   by anyone else), and the same key for an actor across files (and the registered key, when
+   ``trusted_keys`` is given: a wholesale re-signed forgery).
+3. Across files, node vs server: every node ``release`` of a training round appears among the
+   server round's ``responded`` (or, as a note, its ``failed``: released but not aggregated);
+   every ``responded`` hospital whose log is supplied has a release for that round; the model a
+   node says it received is the server's previous aggregate (or the run's initial model); a
+   plain-aggregation update digest matches what the server says it received; a node's unmask
+   survivors match the server's.
+4. Epsilon: per hospital and data fingerprint, the RDP accountant (Opacus, fedcare's orders) is
+   replayed over the recorded DP parameters of every release in order, and each
+   ``epsilon_after`` must match to 1e-6 relative. With ``ledger_dir``, each privacy ledger
+   (``privacy-ledger-*.json``) must hold the same releases, the same epsilons, and a history
+   whose epsilon equals the replayed one.
+
+Corrupt input never raises: everything wrong is a ``Finding(file, line, reason)``; a finding of
+level ``note`` is information for the auditor (e.g. a hospital whose log was not supplied) and
+does not make ``ok`` False.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from audit.audit_log import (GENESIS, KIND_REFUSAL, KIND_RELEASE, KIND_ROUND, KIND_RUN, KIND_UNMASK, NODE_KINDS,
+                             SERVER_KINDS, last_line_problem, line_hash, schema_problems)
+
+EPS_RTOL = 1e-6
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem: ``file``, 1-based ``line`` (0 = the file as a whole), ``reason``, ``level``."""
+
+    file: str
+    line: int
+    reason: str
+    level: str = "error"  # "error" makes the report fail; "note" informs
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.level}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A line that verified on its own (signature, form, schema): safe to reason about."""
+
+    file: str
+    line: int
+    seq: int
+    time: str
+    actor: str
+    kind: str
+    body: dict[str, Any]
+    pubkey: str
+
+
+@dataclass
+class ReleaseView:
+    """One node release as the report shows it: claimed and replayed epsilon side by side."""
+
+    run_id: str
+    round: int
+    stage: str
+    time: str
+    data_fingerprint: str
+    dp: dict[str, Any] | None
+    epsilon_after: float | None
+    epsilon_replayed: float | None
+    secagg: dict[str, Any] | None
+    file: str
+    line: int
+
+
+@dataclass
+class HospitalView:
+    """Everything verified about one node (actor)."""
+
+    actor: str
+    pubkey: str = ""
+    files: list[str] = field(default_factory=list)
+    releases: list[ReleaseView] = field(default_factory=list)
+    refusals: list[dict[str, Any]] = field(default_factory=list)
+    unmasks: int = 0
+    epsilon: dict[str, float] = field(default_factory=dict)  # data fingerprint -> replayed epsilon
+    delta: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class VerifyReport:
+    """The result of ``verify``: findings plus the verified records, for the datasheet."""
+
+    files: list[str]
+    findings: list[Finding] = field(default_factory=list)
+    hospitals: dict[str, HospitalView] = field(default_factory=dict)
+    rounds: list[Entry] = field(default_factory=list)
+    runs: list[Entry] = field(default_factory=list)
+    heads: dict[str, dict[str, Any]] = field(default_factory=dict)  # file -> last seq, its hash, key
+    ledgers: list[str] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "error"]
+
+    @property
+    def notes(self) -> list[Finding]:
+        return [f for f in self.findings if f.level != "error"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok, "files": self.files, "ledgers": self.ledgers,
+            "errors": [asdict(f) for f in self.errors], "notes": [asdict(f) for f in self.notes],
+            "heads": self.heads,
+            "hospitals": {a: {"pubkey": h.pubkey, "files": h.files, "releases": len(h.releases),
+                              "refusals": len(h.refusals), "epsilon": h.epsilon, "delta": h.delta}
+                          for a, h in sorted(self.hospitals.items())},
+            "server_rounds": len(self.rounds), "server_runs": len(self.runs),
+        }
+
+
+def verify(paths: Iterable[str | Path], ledger_dir: str | Path | None = None,
+           trusted_keys: Mapping[str, str] | None = None) -> VerifyReport:
+    """Verify audit logs ``paths`` together (and the privacy ledgers in ``ledger_dir``).
+
+    ``trusted_keys`` (optional): actor -> registered public key (hex); a log signed by another
+    key is then a finding even if it is internally consistent.
+    """
+    files = [str(p) for p in paths]
+    report = VerifyReport(files=files)
+    entries: list[Entry] = []
+    seen: set[Path] = set()
+    for name in files:
+        resolved = Path(name).resolve()
+        if resolved in seen:
+            report.findings.append(Finding(name, 0, "passed twice: checked once", "note"))
+            continue
+        seen.add(resolved)
+        entries += _check_file(name, report)
+    _check_keys(entries, report, trusted_keys or {})
+    node = [e for e in entries if e.kind in NODE_KINDS]
+    server = [e for e in entries if e.kind in SERVER_KINDS]
+    report.rounds = [e for e in server if e.kind == KIND_ROUND]
+    report.runs = [e for e in server if e.kind == KIND_RUN]
+    _replay_epsilon(node, report)
+    _cross_check(node, server, report)
+    if ledger_dir is not None:
+        _check_ledgers(Path(ledger_dir), report)
+    return report
+
+
+# ---- 1 and 2: one file ----------------------------------------------------------------------------
+def _check_file(name: str, report: VerifyReport) -> list[Entry]:
+    def bad(line: int, reason: str) -> None:
+        report.findings.append(Finding(name, line, reason))
+
+    try:
+        data = Path(name).read_bytes()
+    except OSError as exc:
+        bad(0, f"cannot read the file: {exc.strerror or exc}")
+        return []
+    if not data:
+        report.findings.append(Finding(name, 0, "empty log (no records)", "note"))
+        return []
+    raws = data.split(b"\n")
+    torn = raws[-1] != b""
+    if not torn:
+        raws.pop()
+    good: list[tuple[int, bytes, dict[str, Any]]] = []
+    prev_raw, prev_ok, expected_seq = None, False, 0
+    for number, raw in enumerate(raws, start=1):
+        if torn and number == len(raws):
+            bad(number, "the last line is incomplete (no final newline: a torn or truncated write)")
+        line: Any = None
+        try:
+            line = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            bad(number, "not valid JSON (a corrupted or non-log line)")
+        ok = False
+        if line is not None:
+            problem = last_line_problem(line, raw)
+            if problem is not None:
+                bad(number, f"record does not verify: {problem}")
+            else:
+                ok = True
+                if problems := schema_problems(line["kind"], line["body"]):
+                    bad(number, "malformed record: " + "; ".join(problems))
+                    ok = False
+        if isinstance(line, dict) and isinstance(line.get("seq"), int):
+            seq = line["seq"]
+            if seq != expected_seq:
+                what = "missing before this line (deleted)" if seq > expected_seq else "out of order or duplicated"
+                bad(number, f"seq {seq} where {expected_seq} was expected: records {what}")
+            expected_seq = seq + 1
+        if isinstance(line, dict):
+            want = GENESIS if prev_raw is None else line_hash(prev_raw)
+            if line.get("prev") != want and (prev_raw is None or prev_ok):
+                bad(number, "does not chain to the start of the log: earlier records were removed"
+                    if prev_raw is None else
+                    f"prev hash does not match line {number - 1}: a record was deleted, inserted or reordered here")
+        if ok:
+            good.append((number, raw, line))
+        prev_raw, prev_ok = raw, ok and line is not None
+    keys = Counter(line["pubkey"] for _, _, line in good)
+    actors = Counter(line["actor"] for _, _, line in good)
+    file_key = keys.most_common(1)[0][0] if keys else ""
+    file_actor = actors.most_common(1)[0][0] if actors else ""
+    entries = []
+    for number, raw, line in good:
+        if line["pubkey"] != file_key:
+            bad(number, f"signed by key {line['pubkey'][:16]}..., not this log's key {file_key[:16]}... "
+                        "(a record inserted by someone else)")
+            continue
+        if line["actor"] != file_actor:
+            bad(number, f"actor {line['actor']!r} in the log of {file_actor!r}")
+            continue
+        entries.append(Entry(name, number, line["seq"], str(line["time"]), line["actor"], line["kind"],
+                             line["body"], line["pubkey"]))
+    if good:
+        number, raw, line = good[-1]
+        report.heads[name] = {"actor": file_actor, "pubkey": file_key, "last_seq": line["seq"],
+                              "last_line": number, "head_hash": line_hash(raw)}
+    return entries
+
+
+def _check_keys(entries: list[Entry], report: VerifyReport, trusted: Mapping[str, str]) -> None:
+    first: dict[str, Entry] = {}
+    flagged: set[tuple[str, str]] = set()
+    for e in entries:
+        if e.actor in trusted and e.pubkey != trusted[e.actor].lower() and (e.file, e.actor) not in flagged:
+            flagged.add((e.file, e.actor))
+            report.findings.append(Finding(e.file, e.line, f"{e.actor} signs with key {e.pubkey[:16]}..., "
+                                           f"not its registered key {trusted[e.actor][:16]}..."))
+        seen = first.setdefault(e.actor, e)
+        if seen.pubkey != e.pubkey and (e.file, "key") not in flagged:
+            flagged.add((e.file, "key"))
+            report.findings.append(Finding(e.file, e.line, f"{e.actor} signs with key {e.pubkey[:16]}... here but "
+                                           f"with {seen.pubkey[:16]}... in {seen.file}"))
+
+
+# ---- 4: epsilon ------------------------------------------------------------------------------------
+class _Replay:
+    """Opacus's RDP accounting, replayed incrementally: what ``RDPAccountant`` computes for a history.
+
+    ``RDPAccountant.get_privacy_spent`` sums ``compute_rdp(q, sigma, steps, orders)`` over its
+    history and converts with ``analysis.rdp.get_privacy_spent``; RDP is linear in steps, so the
+    per-step vector of each (sigma, q) is computed once and scaled. The orders are fedcare's
+    privacy-ledger orders (Opacus's default stops at 63, too low for small epsilons).
+    """
+
+    _per_step: dict[tuple[float, float], Any] = {}
+
+    def __init__(self) -> None:
+        from client.privacy_ledger import ALPHAS
+
+        self.orders = list(ALPHAS)
+        self.rdp: Any = 0.0
+        self.empty = True
+
+    def add(self, sigma: float, q: float, steps: int) -> None:
+        from opacus.accountants.analysis.rdp import compute_rdp
+
+        if steps <= 0:
+            return
+        key = (float(sigma), float(q))
+        if key not in self._per_step:
+            self._per_step[key] = compute_rdp(q=key[1], noise_multiplier=key[0], steps=1, orders=self.orders)
+        self.rdp = self.rdp + self._per_step[key] * int(steps)
+        self.empty = False
+
+    def epsilon(self, delta: float) -> float:
+        from opacus.accountants.analysis.rdp import get_privacy_spent
+
+        return 0.0 if self.empty else float(get_privacy_spent(orders=self.orders, rdp=self.rdp, delta=delta)[0])
+
+
+def _epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+    """Epsilon of an accountant ``history`` at ``delta`` (see ``_Replay``)."""
+    replay = _Replay()
+    for sigma, q, steps in history:
+        replay.add(sigma, q, steps)
+    return replay.epsilon(delta)
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=EPS_RTOL, abs_tol=1e-12)
+
+
+def _ordered(group: list[Entry]) -> list[Entry]:
+    if len({e.file for e in group}) == 1:
+        return sorted(group, key=lambda e: e.line)
+    return sorted(group, key=lambda e: (e.time, e.file, e.line))
+
+
+def _replay_epsilon(node: list[Entry], report: VerifyReport) -> None:
+    groups: dict[tuple[str, str], list[Entry]] = defaultdict(list)
+    for e in node:
+        view = report.hospitals.setdefault(e.actor, HospitalView(e.actor, e.pubkey))
+        if e.file not in view.files:
+            view.files.append(e.file)
+        if e.kind == KIND_RELEASE:
+            groups[(e.actor, e.body["data_fingerprint"])].append(e)
+        elif e.kind == KIND_REFUSAL:
+            view.refusals.append(dict(e.body, time=e.time))
+        elif e.kind == KIND_UNMASK:
+            view.unmasks += 1
+    for (actor, fingerprint), group in groups.items():
+        view = report.hospitals[actor]
+        replay = _Replay()
+        delta: float | None = None
+        no_dp = 0
+        for e in _ordered(group):
+            b = e.body
+            dp, claimed, replayed = b["dp"], b["epsilon_after"], None
+            if dp is None:
+                no_dp += 1
+                if claimed is not None:
+                    report.findings.append(Finding(e.file, e.line, f"claims epsilon {claimed} without DP parameters"))
+            else:
+                if delta is None:
+                    delta = float(dp["delta"])
+                elif not math.isclose(delta, float(dp["delta"]), rel_tol=1e-12):
+                    report.findings.append(Finding(e.file, e.line, f"delta {dp['delta']:g} differs from the {delta:g} "
+                                                   "of earlier releases on this data (epsilons are not comparable)"))
+                try:
+                    replay.add(float(dp["noise_multiplier"]), float(dp["sample_rate"]), int(dp["steps"]))
+                    replayed = replay.epsilon(delta)
+                except (ValueError, ArithmeticError, TypeError) as exc:
+                    report.findings.append(Finding(e.file, e.line,
+                                                   f"the accountant cannot replay these DP parameters ({exc})"))
+                else:
+                    if not _close(float(claimed), replayed):
+                        report.findings.append(Finding(
+                            e.file, e.line, f"{actor} claims epsilon_after {claimed:.9g} but the RDP accountant gives "
+                                            f"{replayed:.9g} from the recorded DP parameters "
+                                            f"(run {b['run_id']} round {b['round']})"))
+            view.releases.append(ReleaseView(b["run_id"], b["round"], b["stage"], e.time, fingerprint, dp, claimed,
+                                             replayed, b.get("secagg"), e.file, e.line))
+        if delta is not None:
+            view.epsilon[fingerprint] = replay.epsilon(delta)
+            view.delta[fingerprint] = delta
+        if no_dp:
+            report.findings.append(Finding(group[0].file, 0, f"{actor}: {no_dp} release(s) without differential "
+                                           f"privacy on data {fingerprint[:12]}... (no epsilon guarantee)", "note"))
+
+
+# ---- 3: node vs server -------------------------------------------------------------------------------
+def _cross_check(node: list[Entry], server: list[Entry], report: VerifyReport) -> None:
+    def error(e: Entry, reason: str) -> None:
+        report.findings.append(Finding(e.file, e.line, reason))
+
+    def note(e: Entry, reason: str) -> None:
+        report.findings.append(Finding(e.file, e.line, reason, "note"))
+
+    rounds: dict[tuple[str, int], Entry] = {}
+    for e in server:
+        if e.kind == KIND_ROUND:
+            key = (e.body["run_id"], e.body["round"])
+            if key in rounds:
+                first = rounds[key]
+                error(e, f"a second server record for run {key[0]} round {key[1]} (first: {first.file}:{first.line})")
+            rounds.setdefault(key, e)
+    runs = {e.body["run_id"]: e for e in server if e.kind == KIND_RUN}
+    server_runs = {r for r, _ in rounds} | set(runs)
+    covered = {e.actor for e in node}
+    releases: dict[tuple[str, int, str], list[Entry]] = defaultdict(list)
+    unnoted_runs: set[str] = set()
+    for e in node:
+        b = e.body
+        run, rnd = b["run_id"], b["round"]
+        if run not in server_runs:
+            if run not in unnoted_runs:
+                unnoted_runs.add(run)
+                note(e, f"no server log for run {run} among the inputs: its releases are not cross-checked")
+            continue
+        srv = rounds.get((run, rnd))
+        if e.kind == KIND_RELEASE:
+            releases[(run, rnd, e.actor)].append(e)
+            if b["stage"] == "train" or srv is not None:
+                _check_release(e, srv, rounds, runs, error, note)
+        elif e.kind == KIND_REFUSAL and srv is not None:
+            s = srv.body
+            if e.actor in s["responded"]:
+                error(e, f"{e.actor} refused run {run} round {rnd}, but the server ({srv.file}:{srv.line}) "
+                         "counts it as responded")
+            elif e.actor not in s["refused"] and e.actor not in s["failed"]:
+                note(e, f"the server's round record ({srv.file}:{srv.line}) does not mention this refusal")
+        elif e.kind == KIND_UNMASK and srv is not None and srv.body.get("secagg"):
+            mine = sorted(str(v) for v in b["survivors"])
+            theirs = sorted(str(v) for v in srv.body["secagg"].get("survivors", []))
+            if mine != theirs:
+                error(e, f"unmasked for survivors {mine}, but the server ({srv.file}:{srv.line}) "
+                         f"records survivors {theirs}")
+    for (run, rnd, actor), group in releases.items():
+        trains = [g for g in group if g.body["stage"] == "train"]
+        if len(trains) > 1:
+            error(trains[1], f"{actor} logged a second training release for run {run} round {rnd}")
+    uncovered_noted: set[str] = set()
+    for (run, rnd), srv in sorted(rounds.items(), key=lambda kv: (kv[1].file, kv[1].line)):
+        for actor in srv.body["responded"]:
+            if actor not in covered:
+                if actor not in uncovered_noted:
+                    uncovered_noted.add(actor)
+                    note(srv, f"no audit log supplied for {actor}: its releases cannot be cross-checked")
+                continue
+            if not releases.get((run, rnd, actor)):
+                error(srv, f"the server lists {actor} as responded in run {run} round {rnd}, "
+                           f"but {actor}'s log has no release for that round")
+
+
+def _check_release(e: Entry, srv: Entry | None, rounds: dict[tuple[str, int], Entry], runs: dict[str, Entry],
+                   error, note) -> None:
+    b = e.body
+    run, rnd, actor = b["run_id"], b["round"], e.actor
+    if srv is None:
+        error(e, f"{actor} released in run {run} round {rnd}, but the server logged no such round")
+        return
+    s = srv.body
+    where = f"{srv.file}:{srv.line}"
+    if actor in s["responded"]:
+        pass
+    elif actor in s["failed"]:
+        note(e, f"{actor} released in run {run} round {rnd}; the server ({where}) records it as failed "
+                f"({s['failed'][actor]}): the update was not aggregated")
+    elif actor in s["refused"]:
+        error(e, f"{actor} released in run {run} round {rnd}, but the server ({where}) records a refusal")
+    else:
+        error(e, f"{actor} released in run {run} round {rnd}, but the server round ({where}) "
+                 "does not list it as responded")
+    received = s.get("received_digests") or {}
+    if actor in received and received[actor] != b["sent_digest"]:
+        error(e, f"sent_digest differs from the digest the server ({where}) says it received")
+    if b["stage"] == "train":
+        before = rounds.get((run, rnd - 1))
+        expected = before.body["aggregate_digest"] if before is not None else (
+            runs[run].body.get("initial_model_digest") if run in runs and rnd == 1 else "")
+        if expected and b["global_model_digest"] != expected:
+            source = f"{before.file}:{before.line}" if before is not None else f"{runs[run].file}:{runs[run].line}"
+            error(e, f"trained from a model (digest {b['global_model_digest'][:12]}...) that is not the server's "
+                     f"global model for round {rnd} ({expected[:12]}..., {source})")
+
+
+# ---- 4b: the hospitals' privacy ledgers -------------------------------------------------------------
+def _check_ledgers(directory: Path, report: VerifyReport) -> None:
+    paths = sorted(directory.glob("privacy-ledger-*.json")) if directory.is_dir() else []
+    if not paths:
+        report.findings.append(Finding(str(directory), 0, "no privacy-ledger-*.json files in this folder"))
+        return
+    by_fingerprint: dict[str, tuple[HospitalView, list[ReleaseView]]] = {}
+    for view in report.hospitals.values():
+        for r in view.releases:
+            by_fingerprint.setdefault(r.data_fingerprint, (view, []))[1].append(r)
+    for path in paths:
+        report.ledgers.append(str(path))
+        _check_ledger(path, by_fingerprint, report)
+
+
+def _check_ledger(path: Path, by_fingerprint: dict[str, tuple[HospitalView, list[ReleaseView]]],
+                  report: VerifyReport) -> None:
+    name = str(path)
+
+    def error(reason: str) -> None:
+        report.findings.append(Finding(name, 0, reason))
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        fingerprint, hospital = str(data["fingerprint"]), str(data["hospital"])
+        delta = float(data["delta"])
+        history = [(float(s), float(q), int(k)) for s, q, k in data["history"]]
+        ledger_releases = [(str(r["run_id"]), int(r["round"]), str(r["kind"]), float(r["epsilon_after"]))
+                           for r in data["releases"]]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        error(f"unreadable privacy ledger ({type(exc).__name__}: {exc})")
+        return
+    try:
+        ledger_eps = _epsilon(history, delta)
+    except (ValueError, ArithmeticError) as exc:
+        error(f"the accountant cannot replay this ledger's history ({exc})")
+        return
+    if ledger_releases and not _close(ledger_releases[-1][3], ledger_eps):
+        error(f"{hospital}: the ledger's history gives epsilon {ledger_eps:.9g}, its last release claims "
+              f"{ledger_releases[-1][3]:.9g}")
+    match = next((v for fp, v in by_fingerprint.items() if fp == fingerprint or
+                  (len(fp) >= 16 and (fingerprint.startswith(fp) or fp.startswith(fingerprint)))), None)
+    if match is None:
+        covered = hospital in report.hospitals
+        if ledger_releases:
+            report.findings.append(Finding(
+                name, 0, f"{hospital}: the ledger records {len(ledger_releases)} release(s) on data "
+                         f"{fingerprint[:12]}... that no supplied audit log records"
+                         + ("" if covered else f" (no log of {hospital} supplied)"),
+                "error" if covered else "note"))
+        return
+    view, audit_releases = match
+    audit_fp = audit_releases[0].data_fingerprint
+    dp_releases = [r for r in audit_releases if r.dp is not None and r.epsilon_after is not None]
+    audit_delta = view.delta.get(audit_fp)
+    if audit_delta is not None and not math.isclose(audit_delta, delta, rel_tol=1e-12):
+        error(f"{hospital}: the ledger's delta {delta:g} differs from the audit log's {audit_delta:g}")
+    remaining = list(dp_releases)
+    for run, rnd, kind, eps in ledger_releases:
+        found = next((r for r in remaining if r.run_id == run and r.round == rnd and r.stage == kind), None)
+        if found is None:
+            error(f"{hospital}: ledger release run {run} round {rnd} ({kind}) has no audit-log record")
+            continue
+        remaining.remove(found)
+        if not _close(eps, float(found.epsilon_after)):
+            report.findings.append(Finding(found.file, found.line,
+                                           f"{hospital}: epsilon_after {found.epsilon_after:.9g} "
+                                           f"differs from the privacy ledger's {eps:.9g} ({name})"))
+    for r in remaining:
+        report.findings.append(Finding(r.file, r.line, f"{view.actor}: release run {r.run_id} round {r.round} "
+                                       f"({r.stage}) is missing from the privacy ledger {name}"))
+    replayed = view.epsilon.get(audit_fp)
+    if replayed is not None and not _close(replayed, ledger_eps):
+        error(f"{hospital}: the ledger's epsilon {ledger_eps:.9g} differs from the {replayed:.9g} replayed "
+              "from the audit log")

@@ -1,0 +1,57 @@
+"""The hospital's signed, hash-chained audit log: one record per release, refusal and unmask.
+
+It lives next to the privacy ledger (``<ledger-dir>/audit/<hospital>.jsonl``, signed with the
+hospital's own Ed25519 key kept beside it), and every epsilon it records is the value the privacy
+ledger has just returned, so the two agree by construction. Auditors verify it offline with
+``fedcare audit verify``; nothing in it is patient data (digests, parameters, counts).
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from audit.audit_log import (AuditLog, DPParams, RefusalRecord, ReleaseRecord, SecAggInfo, UnmaskRecord,
+                             code_digest, digest_arrays)
+from audit.signing import load_or_create_key
+
+APP_PACKAGES = ("client", "shared_models", "secure_aggregation", "fedcare")
+
+
+@lru_cache(maxsize=1)
+def app_digest() -> str:
+    """Digest of the code that runs at the hospital (what the auditor can compare with a release)."""
+    root = Path(__file__).resolve().parents[1]
+    return code_digest(sorted(p for pkg in APP_PACKAGES for p in (root / pkg).rglob("*.py")))
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "hospital"
+
+
+def open_log(ledger_dir: str | Path, hospital: str) -> AuditLog:
+    folder = Path(ledger_dir) / "audit"
+    key = load_or_create_key(folder / f"{_slug(hospital)}-signing-key.pem")
+    return AuditLog(folder / f"{_slug(hospital)}.jsonl", key, actor=hospital)
+
+
+def release(log: AuditLog, *, run_id: Any, round_: int, stage: str, data_fingerprint: str,
+            global_arrays: Any, sent: Any, dp: DPParams | None, epsilon: float | None,
+            secagg: SecAggInfo | None) -> None:
+    log.release(ReleaseRecord(
+        run_id=str(run_id), round=round_, stage=stage, app_digest=app_digest(), data_fingerprint=data_fingerprint,
+        global_model_digest=digest_arrays(global_arrays) if global_arrays is not None else "",
+        sent_digest=digest_arrays(sent), dp=dp, epsilon_after=epsilon, secagg=secagg))
+
+
+def refusal(log: AuditLog, *, run_id: Any, round_: int, reason: str, kind: str) -> None:
+    log.refusal(RefusalRecord(run_id=str(run_id), round=round_, reason=reason, kind=kind))
+
+
+def unmask(log: AuditLog, *, run_id: Any, round_: int, survivors: list[int], dropped: list[int]) -> None:
+    log.unmask(UnmaskRecord(run_id=str(run_id), round=round_, survivors=survivors, dropped=dropped))
+
+
+__all__ = ["DPParams", "SecAggInfo", "app_digest", "open_log", "refusal", "release", "unmask"]

@@ -1,0 +1,220 @@
+"""`fedcare deploy ...` (coordinator: keys, certificates, commands) and `fedcare node ...` (hospital).
+
+Exit codes, as in `fedcare data`: 0 done (or the node stopped cleanly), 1 the node or its data
+failed (one line saying why and what to do), 2 a usage error (bad settings, refusing to overwrite).
+
+Flower 1.41's processes exit 1 for every failure and print their real reason as
+"Exit Code: NNN" in the log, so `node start` relays the node's output and reads that line.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from fedcare.errors import FedcareError
+
+deploy_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                         help="Coordinator: create the deployment's CA, SuperLink certificate and hospital node keys.")
+node_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                       help="Hospital: check settings and data, then run this hospital's SuperNode.")
+
+
+@deploy_app.callback()
+def _deploy_root() -> None:
+    """Create the key material and commands for a TLS + node-authenticated deployment."""
+
+
+@node_app.callback()
+def _node_root() -> None:
+    """Run a hospital's SuperNode from its hospital.toml."""
+
+
+def _console(stderr: bool = False) -> Console:
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else 160)
+
+
+def _fail(problem: str, hint: str = "", code: int = 2) -> None:
+    _console(stderr=True).print(f"[bold red]error:[/] {problem}" + (f" -> {hint}" if hint else ""),
+                                soft_wrap=True, highlight=False)
+    raise typer.Exit(code)
+
+
+@deploy_app.command()
+def init(
+    out_dir: Path = typer.Argument(..., help="folder for the CA, SuperLink certificate, node keys and COMMANDS.md"),
+    hospital: list[str] = typer.Option(..., "--hospital", help="a hospital's name (repeat once per hospital)"),
+    san: Optional[list[str]] = typer.Option(None, "--san", help="an IP or DNS name nodes use to reach the SuperLink "
+                                            "(repeatable) [127.0.0.1, localhost]"),
+    address: str = typer.Option("127.0.0.1:9092", "--address", help="the SuperLink's HOST:PORT"),
+    force: bool = typer.Option(False, "--force", help="replace existing keys (replaced node keys must be registered again)"),
+) -> None:
+    """Write a CA, the SuperLink's TLS certificate, one node key per hospital, settings and COMMANDS.md."""
+    from fedcare.deploy_pki import init_deployment
+
+    try:
+        files = init_deployment(out_dir, hospital, san or None, address, force=force)
+    except FedcareError as exc:
+        _fail(exc.problem, exc.hint)
+    console = _console()
+    console.print(f"wrote the deployment to {files.out_dir} (private keys 0600, folders 0700)", highlight=False)
+    for h in files.hospitals:
+        console.print(f"  {h.name}: hand over {h.folder} (node.key never leaves the hospital)", highlight=False)
+    assert files.commands_file is not None
+    console.print(f"\n{files.commands_file.read_text()}", highlight=False, markup=False)
+
+
+@deploy_app.command("node-key")
+def node_key(
+    path: Path = typer.Argument(Path("node.key"), help="where to write the private key (the .pub goes next to it)"),
+    force: bool = typer.Option(False, "--force", help="replace an existing key"),
+) -> None:
+    """A hospital makes its own node key; only the printed .pub is sent to the coordinator."""
+    from fedcare.deploy_pki import make_node_key
+
+    try:
+        public = make_node_key(path, force=force)
+    except FedcareError as exc:
+        _fail(exc.problem, exc.hint)
+    typer.echo(f"private key: {path} (0600, stays here)\npublic key:  {public} (send this to the coordinator)")
+
+
+# Flower's log line "Exit Code: NNN" and what each means to a hospital.
+_EXIT_LINE = re.compile(r"Exit Code: (\d+)")
+
+
+def diagnose(lines: list[str], returncode: int, settings) -> str | None:
+    """One line saying why the SuperNode stopped, or None when it stopped cleanly."""
+    text = "\n".join(lines)
+    codes = _EXIT_LINE.findall(text)
+    if returncode == 0 and not codes:
+        return None
+    code = int(codes[-1]) if codes else None
+    address = settings.superlink_address
+    if code == 305:
+        if "Failed to activate SuperNode" in text or "[code: 2004]" in text:
+            return (f"this node's public key is not registered with the SuperLink at {address}: send "
+                    f"{settings.public_key} to the coordinator, who runs "
+                    f"`flwr supernode register {settings.public_key.name} <connection>`, then start again")
+        if re.search(r"certificate|ssl|tls", text, re.IGNORECASE):
+            return (f"TLS failure talking to {address}: the SuperLink's certificate was not accepted with "
+                    f"{settings.root_certificates} (it must be the deployment's ca.crt, and the host of "
+                    f"'{address}' must be one of the certificate's SANs)")
+        if "Connection refused" in text:
+            return f"connection refused at {address}: is the SuperLink running, and is the address/port right?"
+        if "Server disconnected" in text:
+            return f"{address} closed the connection: is it a fedcare SuperLink speaking TLS on that port?"
+        return f"could not connect to the SuperLink at {address} (Flower exit code 305): see the log above"
+    if code == 302:
+        return f"{settings.private_key} is not an EC private key in OpenSSH format: use the node.key from `fedcare deploy`"
+    if code is not None:
+        last = next((ln for ln in reversed(lines) if ln.strip() and "Exit Code" not in ln), "")
+        return f"flower-supernode stopped with Flower exit code {code}: {last.strip()}"
+    return f"flower-supernode exited with status {returncode}: see the log above"
+
+
+def _flower_bin(name: str) -> str:
+    """Flower's executable from this environment (so flower-superexec is found beside it)."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+def shell_line(command: list[str]) -> str:
+    """The command as one copy-pasteable shell line (`--node-config "k='v'"` rather than '"'"' escapes)."""
+    def quote(arg: str) -> str:
+        if "'" in arg and not re.search(r'["$`\\!]', arg):
+            return f'"{arg}"'
+        return shlex.quote(arg)
+
+    return " ".join(quote(a) for a in command)
+
+
+def run_supernode(command: list[str], echo=print) -> tuple[int, list[str]]:
+    """Run the SuperNode in the foreground, relaying its log; SIGTERM/SIGINT are passed on to it.
+
+    When flower-supernode exits early (e.g. refused), its flower-superexec child is orphaned and
+    keeps retrying while holding the log pipe (Flower 1.41, measured): so the node runs in its own
+    process group, and the whole group is stopped once the SuperNode itself has exited.
+    """
+    from simulation.environment import apply_safe_environment
+
+    apply_safe_environment()
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(command[0]).parent}{os.pathsep}{env.get('PATH', '')}"
+    tail: collections.deque[str] = collections.deque(maxlen=200)
+    # Own session: a terminal's Ctrl-C reaches only us and is passed on once (Flower force-exits on a second).
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            errors="replace", start_new_session=True)
+
+    def relay() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            echo(line.rstrip("\n"))
+            tail.append(line.rstrip("\n"))
+
+    def forward(signum, _frame) -> None:
+        proc.send_signal(signum)
+
+    reader = threading.Thread(target=relay, daemon=True)
+    reader.start()
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        returncode = proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait()
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)     # orphaned flower-superexec, if any
+        except ProcessLookupError:
+            pass
+    reader.join(timeout=30)
+    return returncode, list(tail)
+
+
+@node_app.command()
+def start(
+    config: Path = typer.Option(..., "--config", help="this hospital's hospital.toml"),
+    check_only: bool = typer.Option(False, "--check-only", help="validate settings and data, print the command, stop"),
+) -> None:
+    """Validate hospital.toml and the local data, then run flower-supernode in the foreground."""
+    from fedcare.node_settings import check_data, load_node_settings, supernode_command
+
+    console = _console()
+    try:
+        settings = load_node_settings(config)
+    except FedcareError as exc:
+        _fail(exc.problem, exc.hint, 2)
+    try:
+        data = check_data(settings)
+    except FedcareError as exc:
+        _fail(f"the node's data would not load: {exc.problem}", exc.hint, 1)
+    console.print(f"data ok: {data.name} ({settings.dataset}), {len(data.y_train)} training and "
+                  f"{len(data.y_test)} test examples", highlight=False)
+    for note in data.notes:
+        console.print(f"[dim]{note}[/]", highlight=False)
+    Path(str(settings.node_config["ledger-dir"])).mkdir(parents=True, exist_ok=True, mode=0o700)
+    command = supernode_command(settings, _flower_bin("flower-supernode"))
+    console.print(shell_line(command), highlight=False, markup=False, soft_wrap=True)
+    if check_only:
+        raise typer.Exit(0)
+    returncode, lines = run_supernode(command, echo=lambda line: typer.echo(line))
+    reason = diagnose(lines, returncode, settings)
+    if reason is not None:
+        _fail(reason, code=1)
+    console.print("the node stopped", highlight=False)

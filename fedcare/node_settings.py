@@ -1,0 +1,308 @@
+"""A hospital node's settings (`hospital.toml`): validated, turned into the `flower-supernode` command.
+
+Hospital IT edits one file; this module checks it completely before anything connects (unknown
+keys, missing certificates/keys, unreadable data, a busy port) and then builds the exact
+`flower-supernode` command, so nothing is typed by hand. Example::
+
+    [superlink]
+    address = "superlink.example.org:9092"
+    root-certificates = "ca.crt"          # the deployment's CA: TLS is not optional
+
+    [node]
+    private-key = "node.key"              # EC P-384, OpenSSH format; its .pub is registered
+    clientappio-port = 9094               # this SuperNode's local Runtime API port (one per node)
+
+    [data]
+    dataset = "dicom"                     # fed-heart-disease | dicom | ehr-table | ehr-events | pbc2 | synthetic-imaging
+    data-path = "/data/dicom"
+    labels = "/data/dicom/labels.csv"
+
+    [privacy]
+    ledger-dir = "ledgers"
+    epsilon-budget = 1.0
+
+Relative paths are relative to the settings file. `clientappio-port` becomes flower-supernode's
+`--host 127.0.0.1 --port N` (Flower 1.41 removed `--clientappio-api-address`); the ClientApp
+process it starts talks to the node over that loopback port only.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import stat
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedcare.errors import FedcareError
+
+DATA_KEYS = {
+    # dataset -> (required keys, optional keys) in [data]
+    "fed-heart-disease": ({"partition-id"}, set()),
+    "dicom": ({"data-path"}, {"labels", "multiframe", "require-deidentified", "on-unreadable"}),
+    "ehr-table": ({"data-path", "schema"}, set()),
+    "ehr-events": ({"data-path", "schema"}, {"labels"}),
+    "pbc2": ({"data-root", "partition-id"}, set()),
+    "synthetic-imaging": ({"data-root", "partition-id"},
+                          {"multiframe", "require-deidentified", "on-unreadable"}),
+}
+SECTIONS: dict[str, set[str]] = {
+    "superlink": {"address", "root-certificates"},
+    "node": {"private-key", "clientappio-port", "max-retries"},
+    "data": {"dataset", "cache-dir", "partition-id", "data-path", "labels", "schema", "data-root",
+             "multiframe", "require-deidentified", "on-unreadable"},
+    "privacy": {"ledger-dir", "epsilon-budget"},
+}
+CHOICES = {"multiframe": ("first", "every", "reject"), "on-unreadable": ("error", "skip")}
+FHD_PARTITIONS = 4
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """One hospital node, resolved: absolute paths, typed values, the node config Flower gets."""
+
+    path: Path
+    superlink_address: str
+    root_certificates: Path
+    private_key: Path
+    clientappio_port: int
+    dataset: str
+    node_config: dict[str, str | int | float | bool] = field(default_factory=dict)
+    max_retries: int | None = None
+
+    @property
+    def public_key(self) -> Path:
+        """The key to send to the coordinator for `flwr supernode register`."""
+        return self.private_key.with_name(self.private_key.name.removesuffix(".key") + ".pub")
+
+
+def _err(settings: Path, where: str, problem: str, hint: str) -> FedcareError:
+    return FedcareError(f"{settings}: {where}: {problem}", hint)
+
+
+class _Reader:
+    """Typed access to one parsed settings file, every error naming the file and the key."""
+
+    def __init__(self, path: Path, doc: dict[str, Any]) -> None:
+        self.path, self.doc, self.base = path, doc, path.parent
+
+    def get(self, section: str, key: str, kind: type, required: bool = False) -> Any:
+        value = self.doc.get(section, {}).get(key)
+        if value is None:
+            if required:
+                raise _err(self.path, f"[{section}] {key}", "is missing", f"add `{key} = ...` under [{section}]")
+            return None
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            raise _err(self.path, f"[{section}] {key}", f"must be {kind.__name__}, not {type(value).__name__}",
+                       "strings need quotes, numbers and true/false do not")
+        return value
+
+    def file(self, section: str, key: str, required: bool = True, directory: bool = False) -> Path | None:
+        text = self.get(section, key, str, required)
+        if text is None:
+            return None
+        path = (self.base / Path(text).expanduser()).resolve()
+        where = f"[{section}] {key}"
+        if not path.exists():
+            raise _err(self.path, where, f"{path} does not exist", "fix the path (relative paths start at this file)")
+        if directory and not path.is_dir():
+            raise _err(self.path, where, f"{path} is not a folder", "point it at the folder")
+        if not directory and not path.is_file():
+            raise _err(self.path, where, f"{path} is not a file", "point it at the file")
+        if not os.access(path, os.R_OK | (os.X_OK if directory else 0)):
+            raise _err(self.path, where, f"{path} is not readable by this user",
+                       "run the node as a user that can read it, or fix its permissions")
+        return path
+
+    def folder_to_create(self, section: str, key: str, default: str) -> Path:
+        path = (self.base / Path(self.get(section, key, str) or default).expanduser()).resolve()
+        probe = path if path.exists() else next(p for p in path.parents if p.exists())
+        if probe is path and not path.is_dir():
+            raise _err(self.path, f"[{section}] {key}", f"{path} is a file", "point it at a folder")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise _err(self.path, f"[{section}] {key}", f"{probe} is not writable by this user",
+                       "choose a folder the node's user owns")
+        return path
+
+
+def _check_unknown(path: Path, doc: dict[str, Any]) -> None:
+    for section, body in doc.items():
+        if section not in SECTIONS:
+            raise _err(path, f"[{section}]", "unknown section", f"sections are {', '.join(SECTIONS)}")
+        if not isinstance(body, dict):
+            raise _err(path, section, "must be a [section], not a value", f"write [{section}] on its own line")
+        for key in body:
+            if key not in SECTIONS[section]:
+                raise _err(path, f"[{section}] {key}", "unknown key",
+                           f"keys allowed in [{section}]: {', '.join(sorted(SECTIONS[section]))}")
+
+
+def port_is_free(port: int) -> bool:
+    """Whether 127.0.0.1:port can be bound now (the SuperNode's Runtime API needs it)."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _private_key(reader: _Reader) -> Path:
+    key = reader.file("node", "private-key")
+    assert key is not None
+    mode = stat.S_IMODE(key.stat().st_mode)
+    if mode & 0o077:
+        raise _err(reader.path, "[node] private-key", f"{key} is readable by other users (mode {mode:04o})",
+                   f"chmod 600 {key}")
+    if not key.read_bytes().startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----"):
+        raise _err(reader.path, "[node] private-key", f"{key} is not an OpenSSH private key",
+                   "use the node.key written by `fedcare deploy init` or `fedcare deploy node-key` (never the .pub)")
+    return key
+
+
+def _data_config(reader: _Reader, dataset: str) -> dict[str, str | int | float | bool]:
+    required, optional = DATA_KEYS[dataset]
+    present = {k for k in reader.doc.get("data", {}) if k not in ("dataset", "cache-dir")}
+    for key in sorted(required - present):
+        raise _err(reader.path, f"[data] {key}", f"is missing (dataset '{dataset}' needs {', '.join(sorted(required))})",
+                   f"add `{key} = ...` under [data]")
+    for key in sorted(present - required - optional):
+        raise _err(reader.path, f"[data] {key}", f"is not used by dataset '{dataset}'",
+                   "remove it, or set dataset to the kind of data it describes")
+    config: dict[str, str | int | float | bool] = {}
+    if "partition-id" in required:
+        pid = reader.get("data", "partition-id", int, True)
+        limit = FHD_PARTITIONS if dataset == "fed-heart-disease" else None
+        if pid < 0 or (limit is not None and pid >= limit):
+            raise _err(reader.path, "[data] partition-id", f"{pid} is out of range",
+                       f"use 0..{limit - 1}" if limit else "use the hospital's 0-based index")
+        config["partition-id"] = pid
+    if "data-path" in required:
+        config["data-path"] = str(reader.file("data", "data-path", directory=dataset == "dicom"))
+    if "data-root" in required:
+        config["data-root"] = str(reader.file("data", "data-root", directory=True))
+    for key in ("schema", "labels"):
+        if key in present:
+            config[key] = str(reader.file("data", key))
+    for key, choices in CHOICES.items():
+        if key in present:
+            value = reader.get("data", key, str)
+            if value not in choices:
+                raise _err(reader.path, f"[data] {key}", f"'{value}' is not one of {', '.join(choices)}",
+                           f"set {key} to one of: {', '.join(choices)}")
+            config[key] = value
+    if "require-deidentified" in present:
+        config["require-deidentified"] = reader.get("data", "require-deidentified", bool)
+    config["cache-dir"] = str(reader.folder_to_create("data", "cache-dir", "cache"))
+    return config
+
+
+def load_node_settings(path: Path, check_port: bool = True) -> NodeSettings:
+    """Read and validate `hospital.toml`; every problem is one FedcareError naming file, key and fix."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise FedcareError(f"no node settings file at {path}",
+                           "use the hospital.toml from `fedcare deploy init` (see COMMANDS.md)")
+    try:
+        doc = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise FedcareError(f"{path} is not valid TOML: {exc}", "fix the line named above") from None
+    _check_unknown(path, doc)
+    reader = _Reader(path, doc)
+
+    address = reader.get("superlink", "address", str, True)
+    from fedcare.deploy_pki import split_address
+
+    try:
+        split_address(address)
+    except FedcareError as exc:
+        raise _err(path, "[superlink] address", exc.problem, exc.hint) from None
+    root = reader.file("superlink", "root-certificates")
+    key = _private_key(reader)
+    port = reader.get("node", "clientappio-port", int) or 9094
+    if not 1024 <= port <= 65535:
+        raise _err(path, "[node] clientappio-port", f"{port} is outside 1024..65535", "choose a free local port")
+    if check_port and not port_is_free(port):
+        raise _err(path, "[node] clientappio-port", f"127.0.0.1:{port} is already in use",
+                   "another SuperNode (or program) holds it: give each node on this host its own port")
+    retries = reader.get("node", "max-retries", int)
+
+    dataset = reader.get("data", "dataset", str, True)
+    if dataset not in DATA_KEYS:
+        raise _err(path, "[data] dataset", f"unknown dataset '{dataset}'", f"choose one of: {', '.join(DATA_KEYS)}")
+    config = _data_config(reader, dataset)
+    config["ledger-dir"] = str(reader.folder_to_create("privacy", "ledger-dir", "ledgers"))
+    budget = reader.get("privacy", "epsilon-budget", float)
+    if budget is not None:
+        if not budget > 0:
+            raise _err(path, "[privacy] epsilon-budget", f"{budget} is not positive",
+                       "grant a positive lifetime epsilon, e.g. 1.0")
+        config["epsilon-budget"] = budget
+    return NodeSettings(path, address, root, key, port, dataset, config, retries)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def format_node_config(config: dict[str, str | int | float | bool]) -> str:
+    """`k=v ...` as Flower's `--node-config` parser reads it (TOML values: 'str', 1, 1.5, true)."""
+    parts = []
+    for key, value in config.items():
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", key):
+            raise FedcareError(f"node-config key '{key}' is not a bare TOML key", "use letters, digits, '-' and '_'")
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, (int, float)):
+            text = repr(value)
+        else:
+            value = str(value)
+            if _CONTROL.search(value):
+                raise FedcareError(f"node-config {key} contains a control character", "rename the path")
+            if "'" not in value:
+                text = f"'{value}'"          # TOML literal string: no escapes, spaces kept
+            elif '"' not in value and "\\" not in value:
+                text = f'"{value}"'
+            else:
+                raise FedcareError(f"node-config {key} = {value!r} mixes quotes Flower's parser cannot carry",
+                                   "rename the file or folder without ' and \" in its path")
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+def supernode_command(settings: NodeSettings, executable: str = "flower-supernode") -> list[str]:
+    """The `flower-supernode` command for these settings: TLS, node key, loopback Runtime API."""
+    command = [executable,
+               "--superlink", settings.superlink_address,
+               "--root-certificates", str(settings.root_certificates),
+               "--auth-supernode-private-key", str(settings.private_key),
+               "--host", "127.0.0.1", "--port", str(settings.clientappio_port),
+               "--node-config", format_node_config(settings.node_config)]
+    if settings.max_retries is not None:
+        command += ["--max-retries", str(settings.max_retries)]
+    return command
+
+
+def check_data(settings: NodeSettings):
+    """Load the node's data with the ClientApp's own loader, so bad data fails before the node joins."""
+    from client.datasets import DataSource, load_hospital
+
+    c = settings.node_config
+
+    def text(key: str) -> str | None:
+        return str(c[key]) if key in c else None
+
+    source = DataSource(
+        partition_id=int(c["partition-id"]) if "partition-id" in c else None,
+        data_root=text("data-root"), data_path=text("data-path"), labels=text("labels"), schema=text("schema"),
+        cache_dir=str(c.get("cache-dir", "fedcare-cache")), multiframe=str(c.get("multiframe", "first")),
+        require_deidentified=bool(c.get("require-deidentified", True)),
+        on_unreadable=str(c.get("on-unreadable", "error")),
+    )
+    Path(source.cache_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+    return load_hospital(settings.dataset, source)
