@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def replace_section(path: Path, heading: str, text: str) -> None:
+def replace_section(path: Path | str, heading: str, text: str) -> None:
     """Rewrite one '## ' section of a markdown file, keeping the others."""
+    path = Path(path)
     old = path.read_text() if path.exists() else "# fedcare benchmarks\n\n"
     start = old.find(heading)
     if start < 0:
