@@ -11,6 +11,7 @@ from rich.console import Console
 
 from fedcare.audit_commands import audit_app
 from fedcare.data_commands import data_app
+from fedcare.deploy_commands import deploy_app, node_app
 from fedcare.errors import BudgetExhausted, FedcareError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -27,6 +28,8 @@ def _root() -> None:
 
 app.add_typer(data_app, name="data")
 app.add_typer(audit_app, name="audit")
+app.add_typer(deploy_app, name="deploy")
+app.add_typer(node_app, name="node")
 
 
 @app.command()
