@@ -9,6 +9,7 @@ neither restart the budget nor count a round twice. Written atomically after eve
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -62,6 +63,14 @@ def save_checkpoint(out_dir: str | Path, ckpt: Checkpoint) -> None:
         for f in old.iterdir():
             f.unlink()
         old.rmdir()
+
+
+def checkpoint_digest(out_dir: str | Path) -> str:
+    """SHA-256 over the checkpoint's files, for the coordinator's audit log."""
+    h = hashlib.sha256()
+    for name in (STATE, ARRAYS):
+        h.update((Path(out_dir) / CHECKPOINT_DIR / name).read_bytes())
+    return h.hexdigest()
 
 
 def load_checkpoint(out_dir: str | Path) -> Checkpoint:

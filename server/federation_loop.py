@@ -164,8 +164,8 @@ def run_federation(grid: Grid, s: RunSettings, expected_hospitals: int, progress
     """Run the whole federation and return the final model and per-round records."""
     import torch
 
-    from server.checkpoint import (Checkpoint, check_compatible, load_checkpoint, restore_strategy,
-                                   save_checkpoint, strategy_state)
+    from server.checkpoint import (Checkpoint, check_compatible, checkpoint_digest, load_checkpoint,
+                                   restore_strategy, save_checkpoint, strategy_state)
 
     nodes = _wait_for_nodes(grid, expected_hospitals, timeout, progress)
     config = training_config(s)
@@ -275,15 +275,16 @@ def run_federation(grid: Grid, s: RunSettings, expected_hospitals: int, progress
             result.final_summaries = summaries
         record.seconds = time.monotonic() - t0
         result.rounds.append(record)
-        audit_trail.round_done(
-            audit, run_id=run_id, round_=rnd, strategy=s.strategy,
-            sampled=[hospitals[m.metadata.dst_node_id].name for m in messages], responded=record.trained,
-            failed=record.failed, refused=record.refused, arrays=arrays,
-            secagg=secure.audit_summary() if secure is not None else None, received=received)
         progress(_progress_line(record, s.num_rounds, len(messages)))
         save_checkpoint(s.output_dir, Checkpoint(
             rnd, plan_run_id, s.to_config(), dataclasses.asdict(normalisation),
             [dataclasses.asdict(r) for r in result.rounds], arrays, strategy_state(strategy)))
+        audit_trail.round_done(
+            audit, run_id=run_id, round_=rnd, strategy=s.strategy,
+            sampled=[hospitals[m.metadata.dst_node_id].name for m in messages], responded=record.trained,
+            failed=record.failed, refused=record.refused, arrays=arrays,
+            secagg=secure.audit_summary() if secure is not None else None, received=received,
+            checkpoint=checkpoint_digest(s.output_dir))
 
         still = sum(1 for h in hospitals.values() if h.active)
         if still < s.min_hospitals and rnd < s.num_rounds:
