@@ -1,22 +1,29 @@
-"""Local training at a hospital: DP-SGD through Opacus (or plain SGD), plus evaluation.
+"""Local training at a hospital: DP-SGD with Opacus's sampler, optimizer and accountant (or plain
+SGD), plus evaluation.
 
-The model arrives fresh each round (Opacus cannot wrap a module twice). Steps actually taken are
-read back from Opacus's accountant, so the ledger records what really happened, empty Poisson
-batches included.
+The per-sample clipping runs in one backward pass (``client/per_sample_clipping.py``); the noise,
+averaging and accounting are Opacus's. Steps actually taken are read back from the accountant,
+so the ledger records what really happened, empty Poisson batches included.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.per_sample_clipping import PerSampleClipper
 from shared_models.classification_metrics import BinarySummary, summarize
+
+if TYPE_CHECKING:
+    from opacus.accountants import RDPAccountant
+
+    from client.dp_optimizer import ClippedSumDPOptimizer
 
 
 EVAL_BATCH = 512  # images: bounded memory at evaluation
@@ -55,51 +62,79 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, batch_
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=weight_decay)
-    engine = None
-    if dp is not None:
-        from opacus import PrivacyEngine
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "secure RNG off": see README, DP section
-            engine = PrivacyEngine(accountant="rdp")
-            model, optimizer, loader = engine.make_private(
-                module=model, optimizer=optimizer, data_loader=loader,
-                noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-                poisson_sampling=True, grad_sample_mode="hooks",
-            )
-    loss_fn = nn.BCEWithLogitsLoss()
-    plain = getattr(model, "_module", model)
+    private = _make_private(model, optimizer, loader, dp) if dp is not None else None
+    if private is not None:
+        optimizer, loader = private.optimizer, private.loader
+    mean_loss = nn.BCEWithLogitsLoss()
+    summed_loss = nn.BCEWithLogitsLoss(reduction="sum")  # DP: each sample's own loss gradient
     total, batches = 0.0, 0
-    for _ in range(epochs):
-        for xb, yb in loader:
-            xb, yb = xb.to(dev), yb.to(dev)
-            optimizer.zero_grad(set_to_none=True)
-            logits = model(xb)
-            loss = loss_fn(logits, yb) if len(yb) else logits.sum() * 0.0
-            with warnings.catch_warnings():
-                # Opacus's hooks on a first layer whose input needs no grad: expected, harmless.
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                loss.backward()
-            optimizer.step()
-            if anchor is not None:
-                # FedProx's proximal term is data-independent: a decoupled step costs no privacy.
-                with torch.no_grad():
-                    for p, p0 in zip(plain.parameters(), anchor):
-                        p.sub_(lr * proximal_mu * (p - p0))
-            if len(yb):
-                total += float(loss.detach())
-                batches += 1
-    steps = [tuple(e) for e in engine.accountant.history] if engine is not None else []
-    if engine is not None:
-        plain.cpu()
+    try:
+        for _ in range(epochs):
+            for xb, yb in loader:
+                xb, yb = xb.to(dev), yb.to(dev)
+                optimizer.zero_grad(set_to_none=True)
+                if private is None:
+                    loss = mean_loss(model(xb), yb)
+                    loss.backward()
+                else:
+                    with private.clipper.recording():
+                        loss = summed_loss(model(xb), yb)
+                    private.clipper.clip_and_sum(loss, len(yb))
+                    loss = loss / max(len(yb), 1)
+                optimizer.step()
+                if anchor is not None:
+                    # FedProx's proximal term is data-independent: a decoupled step costs no privacy.
+                    with torch.no_grad():
+                        for p, p0 in zip(model.parameters(), anchor):
+                            p.sub_(lr * proximal_mu * (p - p0))
+                if len(yb):
+                    total += float(loss.detach())
+                    batches += 1
+    finally:
+        if private is not None:
+            private.clipper.close()
+    steps = [tuple(e) for e in private.accountant.history] if private is not None else []
+    if private is not None:
+        model.cpu()
     return TrainOutcome(steps=steps, mean_loss=total / max(batches, 1))
+
+
+@dataclass
+class _PrivateTraining:
+    clipper: PerSampleClipper
+    optimizer: ClippedSumDPOptimizer
+    loader: DataLoader
+    accountant: RDPAccountant
+
+
+def _make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
+                  dp: DPSettings) -> _PrivateTraining:
+    """Opacus's DP-SGD pieces, wired as ``PrivacyEngine.make_private`` wires them: Poisson
+    sampling from the loader's seeded generator, sample rate 1 / batches per epoch, the
+    optimizer's step hook feeding an RDP accountant. Only the clipped gradient sum is computed
+    differently (one backward pass, ``client/per_sample_clipping.py``)."""
+    from opacus.accountants import RDPAccountant  # Opacus loads only where DP training runs
+    from opacus.data_loader import DPDataLoader
+
+    from client.dp_optimizer import ClippedSumDPOptimizer
+
+    loader = DPDataLoader.from_data_loader(loader)
+    sample_rate = 1 / len(loader)
+    expected_batch_size = int(len(loader.dataset) * sample_rate)
+    private_optimizer = ClippedSumDPOptimizer(
+        optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+        expected_batch_size=expected_batch_size, loss_reduction="mean",
+    )
+    accountant = RDPAccountant()
+    private_optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+    return _PrivateTraining(PerSampleClipper(model, dp.max_grad_norm), private_optimizer, loader, accountant)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray) -> BinarySummary:
     """Confusion matrix, loss and score histograms on (x, y)."""
     dev = device()
-    model = getattr(model, "_module", model).to(dev).eval()
+    model = model.to(dev).eval()
     probs, loss_sum = [], 0.0
     for start in range(0, len(y), EVAL_BATCH):
         xt = torch.as_tensor(x[start:start + EVAL_BATCH], dtype=torch.float32, device=dev)

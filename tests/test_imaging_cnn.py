@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
-from opacus import PrivacyEngine
 from opacus.validators import ModuleValidator
-from torch.utils.data import DataLoader, TensorDataset
 
+from client.dp_trainer import DPSettings, train
 from fedcare.errors import FedcareError
 from shared_models.imaging_cnn import SmallCNN
 
@@ -49,35 +46,16 @@ def test_same_seed_same_weights() -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_trains_under_opacus_poisson_hooks_including_empty_batches() -> None:
-    torch.manual_seed(0)
+def test_trains_with_dp_sgd_and_poisson_sampling_including_empty_batches() -> None:
     size = 32
-    images = torch.rand(6, 1, size, size)
+    images = torch.rand(6, 1, size, size, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0, 0.0])
+    torch.manual_seed(0)
     model = SmallCNN(image_size=size)
     before = [p.detach().clone() for p in model.parameters()]
-    loader = DataLoader(TensorDataset(images, labels), batch_size=1, generator=torch.Generator().manual_seed(0))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # secure-RNG and full-backward-hook notices
-        engine = PrivacyEngine()
-        private, optimizer, loader = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
-            poisson_sampling=True, grad_sample_mode="hooks",
-        )
-        sizes = []
-        for _ in range(3):
-            for x, y in loader:
-                optimizer.zero_grad()
-                logits = private(x)
-                assert logits.shape == y.shape
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="sum") / max(len(y), 1)
-                loss.backward()
-                optimizer.step()
-                sizes.append(len(y))
-    assert 0 in sizes, "the seeded Poisson sampler should have produced an empty batch"
-    assert any(n > 0 for n in sizes)
+    outcome = train(model, images.numpy(), labels.numpy(), epochs=3, batch_size=1, lr=0.1,
+                    dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0), seed=0)
+    assert outcome.steps == [(1.0, 1 / 6, 18)]  # every step, empty Poisson batches included, accounted
     after = list(model.parameters())
     assert all(torch.isfinite(p).all() for p in after)
     assert any(not torch.equal(b, a) for b, a in zip(before, after, strict=True))
-    assert engine.accountant.history  # every step, empty ones included, was accounted

@@ -1,16 +1,15 @@
-"""SequenceGRU: Opacus-valid, padding-invariant, exact per-sample gradients, DP-SGD incl. empty batches."""
+"""SequenceGRU: Opacus-valid, padding-invariant, a standard GRU cell, DP-SGD incl. empty batches.
+
+Its clipped per-sample gradients are checked in tests/test_per_sample_clipping.py."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
-from opacus import GradSampleModule, PrivacyEngine
 from opacus.validators import ModuleValidator
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
+from client.dp_trainer import DPSettings, train
 from shared_models.sequence_gru import SequenceGRU
 
 D, T = 5, 6
@@ -69,44 +68,25 @@ def test_parameters_are_named_without_aliases_and_round_trip_by_name():
         assert torch.equal(other(x), m(x))
 
 
-def test_per_sample_gradients_equal_one_sample_at_a_time():
-    m, x = model(), batch(6, seed=3)
-    y = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 0.0])
-    gsm = GradSampleModule(model(), batch_first=True, loss_reduction="sum", force_functorch=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        nn.functional.binary_cross_entropy_with_logits(gsm(x), y, reduction="sum").backward()
-    for i in range(len(x)):
-        m.zero_grad()
-        nn.functional.binary_cross_entropy_with_logits(m(x[i:i + 1]), y[i:i + 1], reduction="sum").backward()
-        for (name, p), q in zip(m.named_parameters(), gsm._module.parameters()):
-            torch.testing.assert_close(q.grad_sample[i], p.grad, msg=name, atol=1e-5, rtol=1e-4)
+def test_the_cell_computes_pytorchs_gru_equations():
+    m = model()
+    ref = nn.GRUCell(D, 8)
+    with torch.no_grad():
+        for mine, theirs in ((m.cell.ih, "ih"), (m.cell.hh, "hh")):
+            getattr(ref, f"weight_{theirs}").copy_(mine.weight)
+            getattr(ref, f"bias_{theirs}").copy_(mine.bias)
+        x, h = torch.randn(5, D), torch.randn(5, 8)
+        torch.testing.assert_close(m.cell.step(m.cell.ih(x), h), ref(x, h))
 
 
 def test_dp_sgd_with_poisson_sampling_survives_empty_batches():
-    torch.manual_seed(0)
-    x, y = batch(30, seed=1), (torch.rand(30) > 0.5).float()
+    """Sample rate 1/30: many Poisson batches are empty; each still counts as a step."""
+    x, y = batch(30, seed=1), (torch.rand(30, generator=torch.Generator().manual_seed(2)) > 0.5).float()
     m = model()
     before = [p.detach().clone() for p in m.parameters()]
-    loader = DataLoader(TensorDataset(x, y), batch_size=1)   # sample rate 1/30: many empty batches
-    optimizer = torch.optim.SGD(m.parameters(), lr=0.1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        engine = PrivacyEngine(accountant="rdp")
-        private, optimizer, loader = engine.make_private(
-            module=m, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
-            poisson_sampling=True, grad_sample_mode="hooks")
-        sizes = []
-        for xb, yb in loader:
-            optimizer.zero_grad(set_to_none=True)
-            logits = private(xb)
-            loss = nn.functional.binary_cross_entropy_with_logits(logits, yb) if len(yb) else logits.sum() * 0.0
-            loss.backward()
-            optimizer.step()
-            sizes.append(len(yb))
-    assert 0 in sizes and any(s > 0 for s in sizes)
-    assert sum(steps for _, _, steps in engine.accountant.history) == len(sizes)  # empty steps counted
+    outcome = train(m, x.numpy(), y.numpy(), epochs=2, batch_size=1, lr=0.1,
+                    dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0), seed=0)
+    assert outcome.steps == [(1.0, 1 / 30, 60)]
     after = list(m.parameters())
     assert all(torch.isfinite(p).all() for p in after)
     assert any(not torch.equal(a, b) for a, b in zip(after, before))
-    assert engine.get_epsilon(1e-5) > 0

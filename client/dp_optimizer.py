@@ -1,0 +1,73 @@
+"""Opacus's DP optimizer for pre-clipped gradient sums, with its per-parameter bookkeeping batched.
+
+``PerSampleClipper`` leaves sum_i clip(g_i) in ``p.grad``. Opacus's
+``DPOptimizerFastGradientClipping`` turns that into the DP-SGD update,
+``(sum_i clip(g_i) + N(0, (sigma C)^2 I)) / expected_batch_size``, and reports (sigma, sample rate)
+to the accountant through its step hook. For a small model its Python bookkeeping costs more than
+the model's own step: a deep copy of every gradient, one noise draw and one division per
+parameter. This subclass keeps every rule (the processed-gradient checks, skipped steps, the step
+hook, secure mode) and only batches the work: the clipper's fresh ``p.grad`` is taken over without
+a copy, and when the gradients are views of one flat tensor (as the clipper writes them) the noise
+is one draw of i.i.d. N(0, (sigma C)^2) values for all parameters -- the same distribution as
+Opacus's per-parameter draws -- added and averaged in one operation each.
+"""
+
+from __future__ import annotations
+
+import torch
+from opacus.optimizers import DPOptimizerFastGradientClipping
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+
+class ClippedSumDPOptimizer(DPOptimizerFastGradientClipping):
+    """``DPOptimizerFastGradientClipping`` whose noise and averaging run once for all parameters."""
+
+    _noisy_flat: torch.Tensor | None = None  # this step's noisy gradients, when they share one tensor
+
+    def accumulate(self) -> None:
+        for p in self.params:
+            if p.summed_grad is None:
+                p.summed_grad = p.grad  # written fresh by the clipper; add_noise replaces p.grad
+            else:
+                p.summed_grad.add_(p.grad)  # in place, as Opacus does: a used gradient stays marked
+
+    def add_noise(self) -> None:
+        params = self.params
+        flat = None if self.secure_mode else _shared_flat([p.summed_grad for p in params])
+        if flat is None:
+            self._noisy_flat = None
+            super().add_noise()
+            return
+        sigma = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
+        std = sigma * self.max_grad_norm
+        noisy = torch.normal(mean=0.0, std=std, size=flat.shape, device=flat.device, dtype=flat.dtype,
+                             generator=self.generator) if std > 0 else torch.zeros_like(flat)
+        noisy.add_(flat)
+        for p, part in zip(params, noisy.split([p.numel() for p in params])):
+            _check_processed_flag(p.summed_grad)
+            p.grad = part.view_as(p)
+            _mark_as_processed(p.summed_grad)
+        self._noisy_flat = noisy
+
+    def scale_grad(self) -> None:
+        if self.loss_reduction != "mean":
+            return
+        denominator = self.expected_batch_size * self.accumulated_iterations
+        if self._noisy_flat is not None:
+            self._noisy_flat.div_(denominator)  # every p.grad is a view of it
+            self._noisy_flat = None
+        else:
+            torch._foreach_div_([p.grad for p in self.params], denominator)
+
+
+def _shared_flat(grads: list[torch.Tensor]) -> torch.Tensor | None:
+    """The 1-D tensor ``grads`` tile in order, start to end, if they do; otherwise None."""
+    base = grads[0]._base if grads else None
+    if base is None or base.dim() != 1 or not base.is_contiguous():
+        return None
+    offset, size = 0, base.element_size()
+    for g in grads:
+        if g._base is not base or not g.is_contiguous() or g.data_ptr() != base.data_ptr() + offset * size:
+            return None
+        offset += g.numel()
+    return base if offset == base.numel() else None

@@ -1,0 +1,106 @@
+"""The one-pass clipped gradient sum equals DP-SGD's definition, computed one sample at a time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from client.per_sample_clipping import PerSampleClipper
+from fedcare.errors import FedcareError
+from shared_models.registry import build_model
+
+C = 1.0
+
+
+def _reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    """sum_i clip(g_i), with microbatches of one sample and Opacus's clip factor."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p) for p in params]
+    for i in range(len(y)):
+        model.zero_grad(set_to_none=True)
+        nn.functional.binary_cross_entropy_with_logits(model(x[i:i + 1]), y[i:i + 1], reduction="sum").backward()
+        grads = [p.grad.detach().clone() for p in params]
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        coef = (C / (norm + 1e-6)).clamp(max=1.0)
+        total = [t + coef * g for t, g in zip(total, grads)]
+    model.zero_grad(set_to_none=True)
+    return total
+
+
+def _one_pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    clipper = PerSampleClipper(model, C)
+    with clipper.recording():
+        loss = nn.functional.binary_cross_entropy_with_logits(model(x), y, reduction="sum")
+    clipper.clip_and_sum(loss, len(y))
+    return [p.grad.detach().clone() for p in model.parameters() if p.requires_grad]
+
+
+def _sequences(n: int, steps: int, features: int) -> torch.Tensor:
+    """Left-padded sequences: mask column last, each patient with 1..steps real events."""
+    x = torch.randn(n, steps, features + 1, dtype=torch.float64)
+    lengths = torch.randint(1, steps + 1, (n,))
+    mask = (torch.arange(steps)[None, :] >= steps - lengths[:, None]).to(torch.float64)
+    x[..., -1] = mask
+    x[..., :-1][mask == 0] = float("nan")  # padding content must not matter
+    return x
+
+
+CASES = {
+    "logistic": lambda: (build_model("logistic", 7), torch.randn(12, 7, dtype=torch.float64) * 3),
+    "mlp": lambda: (build_model("mlp", 7, hidden_units=16), torch.randn(12, 7, dtype=torch.float64) * 3),
+    "cnn": lambda: (build_model("cnn", (1, 16, 16)), torch.randn(6, 1, 16, 16, dtype=torch.float64)),
+    "cnn-rgb": lambda: (build_model("cnn", (3, 8, 8)), torch.randn(5, 3, 8, 8, dtype=torch.float64)),
+    "conv-strided": lambda: (nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, dilation=2, padding=1), nn.GroupNorm(1, 3),
+                                           nn.ReLU(), nn.Flatten(), nn.Linear(48, 1), nn.Flatten(0)),
+                             torch.randn(5, 2, 9, 9, dtype=torch.float64)),
+    "gru": lambda: (build_model("gru", (6, 5)), _sequences(9, 6, 4)),
+    "gru-long": lambda: (build_model("gru", (40, 3)), _sequences(4, 40, 2)),  # more steps than weights
+}
+
+
+@pytest.mark.parametrize("family", sorted(CASES))
+def test_clipped_sum_matches_one_sample_at_a_time(family: str) -> None:
+    torch.manual_seed(7)
+    model, x = CASES[family]()
+    model = model.double()
+    if family == "logistic":  # zero-initialised: move off zero so gradients differ per feature
+        nn.init.normal_(model.linear.weight)
+    y = (torch.rand(len(x), dtype=torch.float64) > 0.5).to(torch.float64)
+    expected = _reference(model, x, y)
+    got = _one_pass(model, x, y)
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_some_samples_are_clipped_and_some_are_not() -> None:
+    """The comparison above is only meaningful if both branches of min(1, C/||g||) occur."""
+    torch.manual_seed(7)
+    model = build_model("mlp", 7, hidden_units=16).double()
+    x = torch.randn(40, 7, dtype=torch.float64) * torch.linspace(0.01, 5, 40, dtype=torch.float64)[:, None]
+    y = torch.ones(40, dtype=torch.float64)
+    clipper = PerSampleClipper(model, C)
+    with clipper.recording():
+        loss = nn.functional.binary_cross_entropy_with_logits(model(x), y, reduction="sum")
+    norms = clipper.clip_and_sum(loss, 40)
+    assert (norms < C).any() and (norms > C).any()
+
+
+@pytest.mark.parametrize("family", ["mlp", "cnn", "gru"])
+def test_empty_poisson_batch_gives_zero_gradients(family: str) -> None:
+    torch.manual_seed(7)
+    model, x = CASES[family]()
+    model = model.double()
+    x, y = x[:0], torch.zeros(0, dtype=torch.float64)
+    got = _one_pass(model, x, y)
+    assert all(torch.count_nonzero(g) == 0 for g in got)
+    assert [g.shape for g in got] == [p.shape for p in model.parameters()]
+
+
+@pytest.mark.parametrize("layer", [nn.BatchNorm1d(4), nn.Conv2d(4, 4, 3, groups=2),
+                                   nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")])
+def test_unsupported_layer_is_refused_with_its_name(layer: nn.Module) -> None:
+    model = nn.Sequential(nn.Linear(3, 4), layer)
+    with pytest.raises(FedcareError, match=rf"'1' \({type(layer).__name__}\)"):
+        PerSampleClipper(model, C)
