@@ -7,7 +7,7 @@ from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.dp_trainer import DPSettings, train
-from client.privacy_ledger import ALPHAS, PrivacyLedger, epsilon_of
+from client.privacy_ledger import ALPHAS, PrivacyLedger, calibrate_noise, epsilon_of
 from fedcare.errors import BudgetExhausted, FedcareError
 from shared_models.registry import build_model
 
@@ -27,6 +27,19 @@ def test_plan_spends_exactly_the_target_and_no_more(tmp_path):
     assert ledger.plan("run-1") == plan  # calibrated once, reused for every round
     reopened = _ledger(tmp_path)
     assert reopened.plan("run-1") == plan
+
+
+@pytest.mark.parametrize("prefix, release, delta, target", [
+    ([], (1 / 7, 105), 1e-4, 0.3),
+    ([(5.0, 1.0, 1)], (1 / 9, 135), 1e-4, 1.0),
+    ([], (0.1, 450), 1e-5, 8.0),       # the best RDP order moves between bracket and answer
+    ([(1.2, 0.1, 300)], (0.1, 100), 1e-4, 30.0),
+])
+def test_calibrated_noise_is_the_smallest_that_keeps_the_target_under_all_orders(prefix, release, delta, target):
+    sigma = calibrate_noise(prefix, release, delta, target)
+    q, steps = release
+    assert epsilon_of(prefix + [(sigma, q, steps)], delta) <= target
+    assert epsilon_of(prefix + [(sigma * (1 - 1e-5), q, steps)], delta) > target
 
 
 def test_epsilon_from_ledger_reloaded_each_round_equals_one_long_lived_accountant(tmp_path):
