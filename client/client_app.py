@@ -10,10 +10,11 @@ are replied as a ``refusal`` record with a one-line reason instead of a tracebac
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -21,9 +22,15 @@ from flwr.clientapp import ClientApp
 
 from client.datasets import DataSource, HospitalData, load_hospital
 from client.feature_stats import local_sums, stats_key
-from client.privacy_ledger import PrivacyLedger
-from fedcare import protocol
+from fedcare import protocol, timing
 from fedcare.errors import BudgetExhausted, FedcareError
+
+if TYPE_CHECKING:
+    from client.privacy_ledger import PrivacyLedger
+
+# Heavy imports (opacus via the privacy ledger, torch via the trainer and models) happen inside the
+# handlers that need them: Flower runs every message in a fresh process, and importing opacus alone
+# takes seconds, which secure-aggregation and evaluation messages do not need to pay.
 
 
 @lru_cache(maxsize=16)
@@ -103,6 +110,8 @@ class _Node:
                            int(self.config.get("hidden-units", 32)))
 
     def ledger(self, data: HospitalData) -> PrivacyLedger:
+        from client.privacy_ledger import PrivacyLedger
+
         budget = float(self.setting("epsilon-budget", self.config["target-epsilon"]))
         return PrivacyLedger.open(
             self.ledger_dir, data.name, data.fingerprint(),
@@ -168,7 +177,23 @@ def _guarded(handler: Callable[[_Node, Message], Message], defaults: Mapping[str
                 pass  # the refusal itself is what the coordinator must hear about
             return reply
 
-    return run
+    return _traced(run)
+
+
+def _traced(run: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """With $FEDCARE_TIMING_LOG set (the deployment benchmark), record when the handler ran."""
+    def traced(msg: Message, context: Context) -> Message:
+        if not timing.enabled():
+            return run(msg, context)
+        started = time.time()
+        reply = run(msg, context)
+        metrics = reply.content.metric_records.get(protocol.METRICS) if reply.has_content() else None
+        timing.trace("clientapp", type=msg.metadata.message_type, round=msg.metadata.group_id,
+                     node=context.node_id, process_start=timing.process_started_at(), handler_start=started,
+                     train_s=metrics.get("train-seconds") if metrics is not None else None)
+        return reply
+
+    return traced
 
 
 def _public_size(node: _Node, data: HospitalData) -> float:
@@ -242,13 +267,16 @@ def _train(node: _Node, msg: Message) -> Message:
         ledger.check_release([(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)])
         dp = DPSettings(plan.noise_multiplier, float(node.config["max-grad-norm"]))
     global_arrays = msg.content[protocol.ARRAYS]
+    started = time.perf_counter()
     outcome = train(
         model, _prepared(node, data, data.x_train), data.y_train,
         epochs=int(node.config["local-epochs"]), batch_size=int(node.config["batch-size"]),
         lr=float(node.config["learning-rate"]), weight_decay=float(node.config["weight-decay"]),
         dp=dp, seed=node.seed * 1000 + server_round, proximal_mu=float(node.config.get("proximal-mu", 0.0)),
     )
-    metrics: dict[str, Any] = {protocol.NUM_EXAMPLES: _public_size(node, data)}
+    # local training wall time (to 10 ms), so the coordinator can tell training from round overhead
+    train_seconds = round(time.perf_counter() - started, 2)
+    metrics: dict[str, Any] = {protocol.NUM_EXAMPLES: _public_size(node, data), "train-seconds": train_seconds}
     records: dict[str, Any] = {protocol.ARRAYS: model_to_arrays(model)}
     if protocol.SECAGG in msg.content.config_records:
         from client import secure_update

@@ -112,7 +112,8 @@ def _simulate(dataset: str, options: dict, epsilon_budget: float | None, ledger_
     else:
         raise FedcareError(f"`fedcare simulate --dataset {dataset}` needs the hospitals' data",
                            "pass --data-root DIR with one hospital-<i> folder per hospital (table.csv or "
-                           "events.csv, plus schema.toml), or run real nodes with `flwr run` (see README)")
+                           "events.csv, plus schema.toml; `fedcare data prepare synthetic-table DIR --hospitals N` "
+                           "writes N generated ones), or run real nodes with `flwr run` (see README)")
     s = s.replace(hospitals=n, min_hospitals=min(s.min_hospitals, n))
     cache = str(Path(s.data_root) / ".fedcare-cache") if s.data_root else "fedcare-cache"
     sources = [DataSource(partition_id=i, data_root=s.data_root or None, cache_dir=cache, image_size=s.image_size)

@@ -145,9 +145,10 @@ def shell_line(command: list[str]) -> str:
 def run_supernode(command: list[str], echo=print) -> tuple[int, list[str]]:
     """Run the SuperNode in the foreground, relaying its log; SIGTERM/SIGINT are passed on to it.
 
-    When flower-supernode exits early (e.g. refused), its flower-superexec child is orphaned and
-    keeps retrying while holding the log pipe (Flower 1.41, measured): so the node runs in its own
-    process group, and the whole group is stopped once the SuperNode itself has exited.
+    When flower-supernode exits early (e.g. refused), its executor child (Flower's flower-superexec,
+    or fedcare's warm ClientApp executor) is orphaned and can hold the log pipe (Flower 1.41,
+    measured): so the node runs in its own process group, and the whole group is stopped once the
+    SuperNode itself has exited.
     """
     from simulation.environment import apply_safe_environment
 

@@ -218,7 +218,9 @@ def _hospital_toml(index: int, address: str, demo: bool) -> str:
             f"# Relative paths are relative to this file.\n\n"
             f"[superlink]\naddress = \"{address}\"\nroot-certificates = \"ca.crt\"\n\n"
             f"[node]\nprivate-key = \"node.key\"\n"
-            f"clientappio-port = {FIRST_CLIENTAPPIO_PORT + index}   # one free port per node on this host\n\n"
+            f"clientappio-port = {FIRST_CLIENTAPPIO_PORT + index}   # one free port per node on this host\n"
+            f"warm-clientapp = true      # fork each message's ClientApp from a warm process (false: Flower's own)\n"
+            f"poll-interval = 0.5        # longest wait between message polls while a run is active (3: Flower's)\n\n"
             f"[data]\n{data}cache-dir = \"cache\"\n\n"
             f"[privacy]\nledger-dir = \"ledgers\"\nepsilon-budget = 1.0\n")
 

@@ -11,6 +11,8 @@ keys, missing certificates/keys, unreadable data, a busy port) and then builds t
     [node]
     private-key = "node.key"              # EC P-384, OpenSSH format; its .pub is registered
     clientappio-port = 9094               # this SuperNode's local Runtime API port (one per node)
+    warm-clientapp = true                 # fork ClientApps from a warm executor (default; false: Flower's own)
+    poll-interval = 0.5                   # longest wait between message polls during a run (3 = Flower's)
 
     [data]
     dataset = "dicom"                     # fed-heart-disease | dicom | ehr-table | ehr-events | pbc2 | synthetic-imaging
@@ -24,6 +26,11 @@ keys, missing certificates/keys, unreadable data, a busy port) and then builds t
 Relative paths are relative to the settings file. `clientappio-port` becomes flower-supernode's
 `--host 127.0.0.1 --port N` (Flower 1.41 removed `--clientappio-api-address`); the ClientApp
 process it starts talks to the node over that loopback port only.
+
+`warm-clientapp` and `poll-interval` cut the time a deployment round spends waiting (see
+`fedcare/node_launcher.py` and docs/benchmarks.md). With `warm-clientapp = false` and
+`poll-interval = 3` the command is Flower's plain `flower-supernode` (subprocess isolation, a cold
+`flwr-clientapp` process per message, 3 s polls).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import os
 import re
 import socket
 import stat
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,13 +59,15 @@ DATA_KEYS = {
 }
 SECTIONS: dict[str, set[str]] = {
     "superlink": {"address", "root-certificates"},
-    "node": {"private-key", "clientappio-port", "max-retries"},
+    "node": {"private-key", "clientappio-port", "max-retries", "warm-clientapp", "poll-interval"},
     "data": {"dataset", "cache-dir", "partition-id", "data-path", "labels", "schema", "data-root",
              "multiframe", "require-deidentified", "on-unreadable"},
     "privacy": {"ledger-dir", "epsilon-budget"},
 }
 CHOICES = {"multiframe": ("first", "every", "reject"), "on-unreadable": ("error", "skip")}
 FHD_PARTITIONS = 4
+DEFAULT_POLL_S = 0.5        # longest poll wait while a run is active (Flower 1.41: a fixed 3 s)
+FLOWER_POLL_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,8 @@ class NodeSettings:
     dataset: str
     node_config: dict[str, str | int | float | bool] = field(default_factory=dict)
     max_retries: int | None = None
+    warm_clientapp: bool = True
+    poll_interval: float = DEFAULT_POLL_S
 
     @property
     def public_key(self) -> Path:
@@ -232,6 +244,11 @@ def load_node_settings(path: Path, check_port: bool = True) -> NodeSettings:
         raise _err(path, "[node] clientappio-port", f"127.0.0.1:{port} is already in use",
                    "another SuperNode (or program) holds it: give each node on this host its own port")
     retries = reader.get("node", "max-retries", int)
+    warm = reader.get("node", "warm-clientapp", bool)
+    poll = reader.get("node", "poll-interval", float)
+    if poll is not None and not 0.05 <= poll <= 60:
+        raise _err(path, "[node] poll-interval", f"{poll} is outside 0.05..60 seconds",
+                   f"use e.g. {DEFAULT_POLL_S} (fast rounds) or {FLOWER_POLL_S:g} (Flower's own polling)")
 
     dataset = reader.get("data", "dataset", str, True)
     if dataset not in DATA_KEYS:
@@ -244,7 +261,8 @@ def load_node_settings(path: Path, check_port: bool = True) -> NodeSettings:
             raise _err(path, "[privacy] epsilon-budget", f"{budget} is not positive",
                        "grant a positive lifetime epsilon, e.g. 1.0")
         config["epsilon-budget"] = budget
-    return NodeSettings(path, address, root, key, port, dataset, config, retries)
+    return NodeSettings(path, address, root, key, port, dataset, config, retries,
+                        True if warm is None else warm, DEFAULT_POLL_S if poll is None else poll)
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -275,10 +293,27 @@ def format_node_config(config: dict[str, str | int | float | bool]) -> str:
     return " ".join(parts)
 
 
-def supernode_command(settings: NodeSettings, executable: str = "flower-supernode") -> list[str]:
-    """The `flower-supernode` command for these settings: TLS, node key, loopback Runtime API."""
-    command = [executable,
-               "--superlink", settings.superlink_address,
+def supernode_command(settings: NodeSettings, executable: str = "flower-supernode",
+                      python: str | None = None) -> list[str]:
+    """The SuperNode command for these settings: TLS, node key, loopback Runtime API.
+
+    Flower's `flower-supernode` (``executable``) itself when the node keeps Flower's timing;
+    otherwise the same arguments through ``python -m fedcare.node_launcher`` (warm ClientApp
+    executor, shorter polls while a run is active), which runs Flower's entry point in-process.
+    """
+    flower = _flower_args(settings)
+    launcher = []
+    if settings.warm_clientapp:
+        launcher.append("--warm-clientapp")
+    if settings.poll_interval < FLOWER_POLL_S:
+        launcher += ["--poll-interval", f"{settings.poll_interval:g}"]
+    if not launcher:
+        return [executable, *flower]
+    return [python or sys.executable, "-m", "fedcare.node_launcher", *launcher, "--", *flower]
+
+
+def _flower_args(settings: NodeSettings) -> list[str]:
+    command = ["--superlink", settings.superlink_address,
                "--root-certificates", str(settings.root_certificates),
                "--auth-supernode-private-key", str(settings.private_key),
                "--host", "127.0.0.1", "--port", str(settings.clientappio_port),

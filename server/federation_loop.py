@@ -9,6 +9,7 @@ every round is evaluated per hospital and pooled from confusion matrices and sco
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedcare import protocol
+from fedcare import protocol, timing
 from fedcare.errors import BudgetExhausted, FedcareError
 from fedcare.run_config import RunSettings
 from server.feature_statistics import Normalisation, pooled_normalisation
@@ -28,6 +29,11 @@ from shared_models.registry import build_model, resolve_model
 from shared_models.weights import model_to_arrays
 
 Progress = Callable[[str], None]
+
+# How long one exchange (statistics, train, unmask, evaluate) waits for replies. Deployed
+# hospitals answer in parallel; a simulation runs them in waves on its workers and scales this
+# (see ``simulation.runner.exchange_timeout``).
+EXCHANGE_TIMEOUT = 600.0
 
 
 @dataclass
@@ -51,6 +57,7 @@ class RoundRecord:
     epsilon: dict[str, float]
     evaluation: dict[str, dict[str, float]]  # hospital name (and "pooled") -> metrics
     train_loss: float | None = None
+    train_seconds: dict[str, float] = field(default_factory=dict)  # hospital -> local training wall time
 
 
 @dataclass
@@ -70,6 +77,74 @@ def training_config(s: RunSettings) -> dict[str, Any]:
             "secagg-clip-range", "hidden-units")
     config = s.to_config()
     return {k: config[k] for k in keys}
+
+
+class PromptGrid:
+    """A Grid whose ``send_and_receive`` polls for replies within 50-250 ms, not every 3 s.
+
+    Flower 1.41's deployment Grid sleeps a fixed 3 s between pulls (``GrpcGrid``/``HttpGrid``), so
+    every exchange (statistics, key agreement, train, unmask, evaluate) waits up to 3 s after its
+    last reply arrived. This wrapper does the same push-then-pull with Flower's public
+    ``push_messages``/``pull_messages``, polling soon after the push and backing off to 250 ms.
+    Polling promptly means often meeting a reply whose objects are still being uploaded, which
+    Flower retries after 1 s: that backoff is shortened too (``fedcare.flower_latency``).
+    Everything else is the wrapped Grid's. ``FEDCARE_FLOWER_POLLING=1`` keeps Flower's own loop
+    and backoff (for before/after measurements).
+    """
+
+    FIRST_POLL_S, MAX_POLL_S = 0.05, 0.25
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self._flower = os.environ.get("FEDCARE_FLOWER_POLLING") == "1"
+        if not self._flower:
+            from fedcare.flower_latency import shorten_object_pull_backoff
+
+            shorten_object_pull_backoff()
+
+    @classmethod
+    def wrap(cls, grid: Any) -> Any:
+        """``grid`` wrapped, when it is a Flower Grid (a stand-in with only send_and_receive is kept)."""
+        has_api = all(callable(getattr(grid, m, None)) for m in ("push_messages", "pull_messages"))
+        return cls(grid) if has_api and not isinstance(grid, cls) else grid
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:
+        messages = list(messages)
+        kinds = sorted({m.metadata.message_type for m in messages})
+        timing.trace("server-push", type=",".join(kinds), round=_group(messages), n=len(messages))
+        if self._flower:
+            replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+            _trace_replies(replies)
+            return replies
+        waiting = set(self._grid.push_messages(messages))
+        del messages
+        end = time.time() + (timeout if timeout is not None else 0.0)
+        replies: list[Message] = []
+        delay = self.FIRST_POLL_S
+        while timeout is None or time.time() < end:
+            got = list(self._grid.pull_messages(waiting))
+            _trace_replies(got)
+            replies.extend(got)
+            waiting.difference_update(m.metadata.reply_to_message_id for m in got)
+            if not waiting:
+                break
+            time.sleep(delay)
+            delay = min(self.MAX_POLL_S, delay * 1.5)
+        return replies
+
+
+def _group(messages: list[Message]) -> str:
+    return messages[0].metadata.group_id if messages else ""
+
+
+def _trace_replies(replies: list[Message]) -> None:
+    if timing.enabled():
+        for m in replies:
+            timing.trace("server-reply", type=m.metadata.message_type, round=m.metadata.group_id,
+                         node=m.metadata.src_node_id)
 
 
 def _wait_for_nodes(grid: Grid, expected: int, timeout: float, progress: Progress) -> list[int]:
@@ -160,13 +235,14 @@ def _summary(metrics: Any) -> BinarySummary:
 
 
 def run_federation(grid: Grid, s: RunSettings, expected_hospitals: int, progress: Progress,
-                   timeout: float = 600.0, run_id: int = 0) -> FederationResult:
+                   timeout: float = EXCHANGE_TIMEOUT, run_id: int = 0) -> FederationResult:
     """Run the whole federation and return the final model and per-round records."""
     import torch
 
     from server.checkpoint import (Checkpoint, check_compatible, checkpoint_digest, load_checkpoint,
                                    restore_strategy, save_checkpoint, strategy_state)
 
+    grid = PromptGrid.wrap(grid)
     nodes = _wait_for_nodes(grid, expected_hospitals, timeout, progress)
     config = training_config(s)
     resumed = None
@@ -244,6 +320,8 @@ def run_federation(grid: Grid, s: RunSettings, expected_hospitals: int, progress
             if "epsilon" in metrics:
                 hospital.epsilon = float(metrics["epsilon"])
                 record.epsilon[hospital.name] = hospital.epsilon
+            if "train-seconds" in metrics:
+                record.train_seconds[hospital.name] = float(metrics["train-seconds"])
             record.trained.append(hospital.name)
             valid.append(msg)
         missing = {m.metadata.dst_node_id for m in messages} - {r.metadata.src_node_id for r in replies}
@@ -274,6 +352,7 @@ def run_federation(grid: Grid, s: RunSettings, expected_hospitals: int, progress
             record.evaluation["pooled"] = pooled.metrics()
             result.final_summaries = summaries
         record.seconds = time.monotonic() - t0
+        timing.trace("server-round", round=rnd, seconds=record.seconds)
         result.rounds.append(record)
         progress(_progress_line(record, s.num_rounds, len(messages)))
         save_checkpoint(s.output_dir, Checkpoint(

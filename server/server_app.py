@@ -12,7 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedcare.errors import FedcareError
 from fedcare.run_config import RunSettings
-from server.federation_loop import FederationResult, run_federation
+from server.federation_loop import EXCHANGE_TIMEOUT, FederationResult, run_federation
 from server.run_report import write_report
 
 
@@ -22,8 +22,10 @@ def _log_progress(line: str) -> None:
 
 def make_server_app(settings: RunSettings | None = None, expected_hospitals: int | None = None,
                     progress: Callable[[str], None] | None = None,
-                    on_result: Callable[[FederationResult, dict[str, Any]], None] | None = None) -> ServerApp:
-    """The ServerApp. In-process simulations pass settings directly (their run config is empty)."""
+                    on_result: Callable[[FederationResult, dict[str, Any]], None] | None = None,
+                    timeout: float = EXCHANGE_TIMEOUT) -> ServerApp:
+    """The ServerApp. In-process simulations pass settings directly (their run config is empty)
+    and a ``timeout`` per exchange that allows for their hospitals running in waves."""
     server_app = ServerApp()
 
     @server_app.main()
@@ -32,7 +34,7 @@ def make_server_app(settings: RunSettings | None = None, expected_hospitals: int
         say = progress or _log_progress
         expected = expected_hospitals or s.hospitals
         try:
-            result = run_federation(grid, s, expected, say, run_id=int(context.run_id))
+            result = run_federation(grid, s, expected, say, timeout=timeout, run_id=int(context.run_id))
         except FedcareError as exc:
             say(f"run failed: {exc}")
             raise

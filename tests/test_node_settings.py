@@ -53,14 +53,45 @@ def test_valid_settings_give_the_exact_supernode_command(node_dir):
     assert s.dataset == "fed-heart-disease" and s.private_key == node_dir / "node.key"
     assert s.node_config == {"partition-id": 1, "cache-dir": str(node_dir / "cache"),
                              "ledger-dir": str(node_dir / "my ledgers"), "epsilon-budget": 2.0}
-    cmd = supernode_command(s)
-    flags = dict(zip(cmd[1::2], cmd[2::2]))
+    assert s.warm_clientapp and s.poll_interval == 0.5          # the fast defaults
+    cmd = supernode_command(s, "/venv/bin/flower-supernode", python="/venv/bin/python")
+    at = cmd.index("--")
+    assert cmd[:at] == ["/venv/bin/python", "-m", "fedcare.node_launcher", "--warm-clientapp", "--poll-interval", "0.5"]
+    flower = cmd[at + 1:]
+    flags = dict(zip(flower[::2], flower[1::2]))
     assert flags["--root-certificates"] == str(node_dir / "ca.crt")
     assert flags["--auth-supernode-private-key"] == str(node_dir / "node.key")
     assert flags["--superlink"] == "127.0.0.1:9092"
     assert flags["--host"] == "127.0.0.1" and flags["--port"] == str(s.clientappio_port)
     assert "--insecure" not in cmd
     assert parse_config_args([flags["--node-config"]]) == s.node_config   # Flower reads back what we meant
+
+
+def _with_node_keys(path, keys: str):
+    path.write_text(path.read_text().replace("[data]", keys + "[data]"))
+    return path
+
+
+def test_flowers_own_timing_gives_plain_flower_supernode(node_dir):
+    s = load_node_settings(_with_node_keys(_write(node_dir, FHD), "warm-clientapp = false\npoll-interval = 3\n"))
+    assert not s.warm_clientapp and s.poll_interval == 3.0
+    cmd = supernode_command(s, "/venv/bin/flower-supernode")
+    assert cmd[0] == "/venv/bin/flower-supernode" and cmd[1] == "--superlink"
+    assert "--" not in cmd and "--isolation" not in cmd and "--auth-supernode-private-key" in cmd
+    s = load_node_settings(_with_node_keys(_write(node_dir, FHD), "warm-clientapp = true\npoll-interval = 3\n"))
+    assert supernode_command(s, python="py")[:5] == ["py", "-m", "fedcare.node_launcher", "--warm-clientapp", "--"]
+    s = load_node_settings(_with_node_keys(_write(node_dir, FHD), "warm-clientapp = false\npoll-interval = 0.25\n"))
+    assert supernode_command(s, python="py")[3:6] == ["--poll-interval", "0.25", "--"]
+
+
+@pytest.mark.parametrize("keys,message", [
+    ("poll-interval = 0\n", r"\[node\] poll-interval: 0.0 is outside 0.05..60 seconds"),
+    ("poll-interval = 'fast'\n", "must be float, not str"),
+    ("warm-clientapp = 'yes'\n", "must be bool, not str"),
+])
+def test_bad_latency_settings(node_dir, keys, message):
+    with pytest.raises(FedcareError, match=message):
+        load_node_settings(_with_node_keys(_write(node_dir, FHD), keys))
 
 
 def test_node_config_quoting_round_trips_through_flowers_parser():

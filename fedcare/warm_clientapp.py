@@ -1,0 +1,243 @@
+"""A warm ClientApp executor for `flower-supernode --isolation process` (one per SuperNode).
+
+Flower 1.41 runs every message a node receives in a fresh `flwr-clientapp` process that Flower's
+`flower-superexec` starts with `subprocess.Popen`: the interpreter starts, imports Flower's
+runtime, and the ClientApp imports torch, opacus, pandas and scikit-learn, for every message
+(train, evaluate, each secure-aggregation exchange). On a 2-core machine that is 5-15 s a
+message. Flower has no process reuse for ClientApps in 1.41 (`flwr-clientapp` runs one task and
+exits; its warm executor pools exist only for the Kubernetes executor and other task types).
+
+This executor takes the place of `flower-superexec` (Flower's documented `--isolation process`
+mode: the node runs no executor of its own) and keeps Flower's isolation: one process per
+message, running Flower's own `run_clientapp` with the task's token, exactly as `flwr-clientapp
+--token` would. The difference is how that process starts: it is forked from this process, which
+imported the heavy third-party libraries once, instead of exec'd from scratch.
+
+- Only third-party modules stay loaded in the parent. The ClientApp's own code (fedcare, client,
+  server, ... packages) is purged from `sys.modules` before forking, so every message imports the
+  app from the FAB Flower installed for the run, as a fresh `flwr-clientapp` would.
+- The parent only imports: it runs no torch operation and never touches CUDA, so no torch thread
+  pool or device context is inherited (OpenBLAS, started by the NumPy import, stops its threads
+  at fork and restarts them in the child). The child reseeds NumPy's global generator like a
+  fresh interpreter; Python's `random` reseeds itself after fork.
+- Flower's object-pull backoff (1 s before retrying an object that is not stored yet) starts at
+  20 ms in the children (fedcare.flower_latency).
+- The parent asks the SuperNode's Runtime API (loopback) for pending ClientApp tasks
+  (`AcquireTask`, as flower-superexec does) as soon as the node says it stored a message (a pipe
+  from `fedcare.node_launcher`), and every 10 s regardless (a safety net); started on its
+  own (no pipe), it polls every 50 ms.
+- It reuses the FAB Flower already installed for the run instead of unzipping it per message.
+
+Run by `python -m fedcare.node_launcher` (which `fedcare node start` uses); stops when its
+SuperNode (`--parent-pid`) exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import os
+import select
+import signal
+import sys
+import time
+import traceback
+from logging import DEBUG, INFO, WARNING
+
+# The packages of this project: never kept loaded across forks (the FAB's copy must be used).
+PROJECT_PACKAGES = ("fedcare", "client", "server", "shared_models", "secure_aggregation", "audit", "simulation",
+                    "bench", "tests")
+# Imported once in the parent for their third-party dependencies (torch, opacus, pandas, sklearn,
+# scipy, cryptography, pydicom, ...), then purged.
+APP_MODULES = ("client.client_app", "client.privacy_ledger", "client.dp_trainer", "client.secure_update",
+               "client.audit_trail", "client.feature_stats", "shared_models.registry", "shared_models.weights",
+               "client.datasets.fed_heart_disease", "client.datasets.ehr_table", "client.datasets.ehr_events",
+               "client.datasets.dicom_folder", "client.datasets.medmnist_npz")
+FLOWER_MODULES = ("flwr.supernode.runtime.run_clientapp", "flwr.clientapp", "flwr.app")
+# Imported lazily by the libraries on first use: torch.optim's first optimizer imports torch._dynamo
+# (~1 s, measured), which would otherwise land in every training message's time.
+LAZY_LIBRARY_MODULES = ("torch._dynamo",)
+DEFAULT_POLL_S = 0.05     # without a wake pipe
+IDLE_POLL_S = 10.0        # with one: a safety net only (a poll can meet a message still being stored)
+
+
+def _is_project_module(name: str) -> bool:
+    return name.partition(".")[0] in PROJECT_PACKAGES
+
+
+def preload() -> tuple[int, list[str]]:
+    """Import Flower's ClientApp runtime and the app's dependencies; drop the app's own modules."""
+    import logging
+
+    before = set(sys.modules)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    failed = []
+    for name in FLOWER_MODULES + APP_MODULES + LAZY_LIBRARY_MODULES:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # an optional dataset dependency may be missing: the app says so later
+            failed.append(f"{name} ({type(exc).__name__}: {exc})")
+    # opacus calls logging.basicConfig on import; a fresh flwr-clientapp has no root handler until then
+    root.handlers[:], root.level = handlers, level
+    from fedcare.flower_latency import reuse_installed_fab, shorten_object_pull_backoff
+
+    # A ClientApp that starts while its node is still storing the message would otherwise meet a
+    # not-yet-stored object and sleep Flower's 1 s backoff (woken by the node, it rarely does).
+    shorten_object_pull_backoff()
+    reuse_installed_fab()
+    for name in [n for n in sys.modules if _is_project_module(n)]:
+        del sys.modules[name]
+    gc.collect()
+    gc.freeze()   # keep the preloaded objects out of the collector: their pages stay shared after fork
+    return len(set(sys.modules) - before), failed
+
+
+def _trace(event: str, **fields: object) -> None:
+    """fedcare.timing.trace, inlined: this process must not import the project's packages."""
+    path = os.environ.get("FEDCARE_TIMING_LOG")
+    if path:
+        import json
+
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, (json.dumps({"ev": event, "t": time.time(), "pid": os.getpid(), **fields}) + "\n").encode())
+        finally:
+            os.close(fd)
+
+
+def _trace_steps(runtime) -> None:
+    """Benchmark aid: time Flower's own steps of one task (task input, FAB install, app load)."""
+    def timed(name, function):
+        def wrapper(*args, **kwargs):
+            started = time.time()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                _trace("clientapp-step", step=name, start=started)
+        return wrapper
+
+    runtime.pull_task_input = timed("pull-task-input", runtime.pull_task_input)
+    runtime.install_from_fab = timed("install-fab", runtime.install_from_fab)
+    load = runtime.get_load_client_app_fn
+
+    def get_load(*args, **kwargs):
+        return timed("load-app", load(*args, **kwargs))
+
+    runtime.get_load_client_app_fn = get_load
+    runtime.push_message = timed("push-reply", runtime.push_message)
+    runtime.push_task_output = timed("push-task-output", runtime.push_task_output)
+
+
+def _child(runtime_api_address: str, token: str, parent_pid: int, wake_fd: int | None) -> None:
+    """In the forked process: run the task exactly as `flwr-clientapp --token` does, then exit."""
+    code = 1
+    try:
+        if wake_fd is not None:
+            os.close(wake_fd)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
+        for name in [n for n in sys.modules if _is_project_module(n)]:
+            del sys.modules[name]   # the app comes from the run's FAB, never from this node's install
+        import numpy as np
+
+        np.random.seed(int.from_bytes(os.urandom(4), "little"))  # as a fresh interpreter would
+        from flwr.supernode.runtime import run_clientapp as runtime
+        from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+        if os.environ.get("FEDCARE_TIMING_LOG"):
+            _trace_steps(runtime)
+        run_clientapp(runtime_api_address=runtime_api_address, token=token, insecure=True, certificates=None,
+                      parent_pid=parent_pid, runtime_dependency_install=False)
+        code = 0
+    except SystemExit as exc:       # Flower ends every task with flwr_exit -> sys.exit
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:           # noqa: BLE001 - report, never fall back into the parent's loop
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def serve(runtime_api_address: str, parent_pid: int | None, poll_s: float, wake_fd: int | None = None) -> None:
+    """Preload, then fork one process per ClientApp task until the SuperNode goes away.
+
+    With ``wake_fd`` (a pipe the node writes to whenever it has stored a message), the executor
+    asks for a task when woken and otherwise every ``IDLE_POLL_S``; without it, every ``poll_s``.
+    """
+    from flwr.supercore import log
+    from flwr.supercore.app_utils import start_parent_process_monitor
+
+    if parent_pid is not None:
+        start_parent_process_monitor(parent_pid)   # SIGINT to us when the SuperNode exits
+    started = time.monotonic()
+    count, failed = preload()
+    log(INFO, "fedcare warm ClientApp executor: preloaded %d modules in %.1f s; serving Runtime API %s",
+        count, time.monotonic() - started, runtime_api_address)
+    for problem in failed:
+        log(DEBUG, "fedcare warm ClientApp executor: could not preload %s", problem)
+
+    import httpx
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    client = RuntimeHttpClient.from_server_address(
+        server_address=runtime_api_address, insecure=True, root_certificates=None,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")])
+    request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+    children: set[int] = set()
+    unreachable_since: float | None = None
+    while True:
+        for pid in list(children):
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            if done:
+                children.discard(pid)
+        try:
+            response = client.AcquireTask(request)
+            unreachable_since = None
+        except httpx.TransportError:
+            # the SuperNode's Runtime API is not up yet (or restarting)
+            now = time.monotonic()
+            unreachable_since = unreachable_since or now
+            if now - unreachable_since > 120:
+                log(WARNING, "fedcare warm ClientApp executor: Runtime API %s unreachable for 120 s",
+                    runtime_api_address)
+                unreachable_since = now
+            time.sleep(0.25)
+            continue
+        if response.HasField("task") and response.token:
+            _trace("executor-acquire", task=response.task.task_id)
+            pid = os.fork()
+            if pid == 0:
+                _child(runtime_api_address, response.token, os.getppid(), wake_fd)
+            children.add(pid)
+            continue
+        if wake_fd is None:
+            time.sleep(poll_s)
+        elif select.select([wake_fd], [], [], IDLE_POLL_S)[0] and not os.read(wake_fd, 4096):
+            wake_fd = None   # the node closed the pipe (it is stopping): plain polling until we are stopped
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API, HOST:PORT")
+    parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process (the SuperNode) exits")
+    parser.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_S,
+                        help=f"seconds between AcquireTask polls without --wake-fd ({DEFAULT_POLL_S})")
+    parser.add_argument("--wake-fd", type=int, default=None,
+                        help="a pipe the SuperNode writes to when it has stored a message")
+    args = parser.parse_args(argv)
+    try:
+        serve(args.runtime_api_address, args.parent_pid, max(0.01, args.poll_interval), args.wake_fd)
+    except KeyboardInterrupt:   # the SuperNode stopped (parent monitor) or Ctrl-C
+        pass
+
+
+if __name__ == "__main__":
+    main()
