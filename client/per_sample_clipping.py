@@ -4,19 +4,20 @@ DP-SGD needs sum_i clip(g_i), each sample's gradient g_i scaled to norm <= C. Op
 g_i with module hooks (an MLP step costs 15-44x a plain one on a CPU) or runs a second backward
 pass (ghost clipping). Here the backward pass runs once and only as far as the layers' outputs
 (``torch.autograd.grad`` to those outputs), so autograd never forms the unclipped weight gradient
-nobody uses. From a layer's inputs A and output gradients G the
-per-sample norms follow in closed form (||g a^T|| = ||g|| ||a|| for a single position, a Gram
-product over positions, or the small per-sample gradient itself where that is cheaper), and the
-clipped sum is one more matrix product with G scaled by each sample's clip factor.
+nobody uses. From a layer's inputs A and output gradients G the per-sample norms follow in
+closed form (||g a^T|| = ||g|| ||a|| for a single position, a Gram product over positions, or the
+small per-sample gradient itself where that is cheaper), and the clipped sum is one more matrix
+product with G scaled by each sample's clip factor.
 
-The result goes to ``p.grad``; Opacus's ``DPOptimizerFastGradientClipping`` then adds the noise,
-averages over the expected batch size and reports the step to the accountant, exactly as for its
-own ghost clipping. Clip factors follow Opacus: ``min(1, C / (||g_i|| + 1e-6))`` over all
-parameters together (flat clipping).
+The result goes to ``p.grad``; Opacus's ``DPOptimizerFastGradientClipping`` (its bookkeeping
+batched in ``client/dp_optimizer.py``) then adds the noise, averages over the expected batch size
+and reports the step to the accountant, exactly as for Opacus's own ghost clipping. Clip factors
+follow Opacus: ``min(1, C / (||g_i|| + 1e-6))`` over all parameters together (flat clipping).
 
 Supported layers: ``nn.Linear`` (any number of leading position dimensions, and called any
 number of times in one forward pass, as a recurrent cell's hidden map is), ``nn.Conv2d``
-(``groups=1``, zero padding) and ``nn.GroupNorm``. A model with any other parameterised layer is refused.
+(``groups=1``, zero padding) and ``nn.GroupNorm``. A model with any other parameterised layer is
+refused.
 """
 
 from __future__ import annotations
