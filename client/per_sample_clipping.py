@@ -131,6 +131,7 @@ class PerSampleClipper:
             r.outputs = []
         for (r, i, _), g in zip(wanted, grads):
             r.grads[i] = g
+        del wanted, grads  # the records now hold the only references: rules can free as they go
         parts = [rule(module, records[module]) for module, rule in self.layers]
         squares = [sq for _, sq in parts if sq is not None]
         if not squares:  # no recorded layer reached the loss: every gradient is zero
@@ -176,17 +177,24 @@ def _linear(module: nn.Linear, record: _Record):
                 torch.mv(g2.t(), coef, out=out[id(module.bias)])
         return summer, sq
     batch = pairs[0][0].shape[0]
-    a = torch.cat([x.reshape(batch, -1, x.shape[-1]) for x, _ in pairs], dim=1)   # (B, T, in)
-    g = torch.cat([y.reshape(batch, -1, y.shape[-1]) for _, y in pairs], dim=1)   # (B, T, out)
+    a = _positions([x for x, _ in pairs], batch)                                 # (B, T, in)
+    g = _positions([y for _, y in pairs], batch)                                 # (B, T, out)
+    del pairs
+    record.inputs, record.grads = [], []  # per-call tensors, now copied into a and g (or viewed)
     positions, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
     gb = g.sum(1) if bias else None                                              # (B, out)
     if positions * positions < d_in * d_out:
         # Gram form: ||sum_t g_t a_t^T||^2 = sum_{t,s} (g_t . g_s)(a_t . a_s)
-        sq = (torch.bmm(g, g.transpose(1, 2)) * torch.bmm(a, a.transpose(1, 2))).sum((1, 2))
+        sq = torch.linalg.vecdot(torch.bmm(g, g.transpose(1, 2)).flatten(1), torch.bmm(a, a.transpose(1, 2)).flatten(1))
 
         def summer(coef: torch.Tensor, out: dict[int, torch.Tensor]) -> None:
-            scaled = (g * coef[:, None, None]).reshape(-1, d_out)
-            torch.mm(scaled.t(), a.reshape(-1, d_in), out=out[id(module.weight)])
+            # scale whichever side is narrower: the product is the same, the temporary smaller
+            if d_in <= d_out:
+                torch.mm(g.reshape(-1, d_out).t(), (a * coef[:, None, None]).reshape(-1, d_in),
+                         out=out[id(module.weight)])
+            else:
+                torch.mm((g * coef[:, None, None]).reshape(-1, d_out).t(), a.reshape(-1, d_in),
+                         out=out[id(module.weight)])
             if bias:
                 torch.mv(gb.t(), coef, out=out[id(module.bias)])
     else:
@@ -200,6 +208,14 @@ def _linear(module: nn.Linear, record: _Record):
     if bias:
         sq = sq + gb.pow(2).sum(1)
     return summer, sq
+
+
+def _positions(tensors: list[torch.Tensor], batch: int) -> torch.Tensor:
+    """(B, positions, features) from one call's (B, ..., features) or many calls' (B, features)."""
+    if len(tensors) == 1:
+        return tensors[0].reshape(batch, -1, tensors[0].shape[-1])  # a view where the layout allows
+    return torch.stack([t.reshape(batch, t.shape[-1]) for t in tensors], dim=1) if all(
+        t.dim() == 2 for t in tensors) else torch.cat([t.reshape(batch, -1, t.shape[-1]) for t in tensors], dim=1)
 
 
 def _conv2d(module: nn.Conv2d, record: _Record):
