@@ -214,8 +214,9 @@ def _positions(tensors: list[torch.Tensor], batch: int) -> torch.Tensor:
     """(B, positions, features) from one call's (B, ..., features) or many calls' (B, features)."""
     if len(tensors) == 1:
         return tensors[0].reshape(batch, -1, tensors[0].shape[-1])  # a view where the layout allows
-    return torch.stack([t.reshape(batch, t.shape[-1]) for t in tensors], dim=1) if all(
-        t.dim() == 2 for t in tensors) else torch.cat([t.reshape(batch, -1, t.shape[-1]) for t in tensors], dim=1)
+    if all(t.dim() == 2 for t in tensors):
+        return torch.stack(tensors, dim=1)
+    return torch.cat([t.reshape(batch, -1, t.shape[-1]) for t in tensors], dim=1)
 
 
 def _conv2d(module: nn.Conv2d, record: _Record):
