@@ -123,12 +123,11 @@ def make_step(case: Case, mode: str, x: torch.Tensor, y: torch.Tensor) -> Callab
         opt = ClippedSumDPOptimizer(sgd, loss_reduction="mean", **common)
         opt.attach_step_hook(RDPAccountant().get_optimizer_hook_fn(sample_rate=0.1))
         clipper = PerSampleClipper(model, 1.0)
-        loss_fn = nn.BCEWithLogitsLoss(reduction="sum")
 
         def fedcare() -> None:
             opt.zero_grad(set_to_none=True)
             with clipper.recording():
-                loss = loss_fn(model(x), y)
+                loss = nn.functional.binary_cross_entropy_with_logits(model(x), y, reduction="sum")
             clipper.clip_and_sum(loss, len(y))
             opt.step()
         return fedcare

@@ -9,7 +9,7 @@ parameter. This subclass keeps every rule (the processed-gradient checks, skippe
 hook, secure mode) and only batches the work: the clipper's fresh ``p.grad`` is taken over without
 a copy, and when the gradients are views of one flat tensor (as the clipper writes them) the noise
 is one draw of i.i.d. N(0, (sigma C)^2) values for all parameters -- the same distribution as
-Opacus's per-parameter draws -- added and averaged in one operation each.
+Opacus's per-parameter draws -- added to that tensor in place and averaged in one operation each.
 """
 
 from __future__ import annotations
@@ -23,6 +23,19 @@ class ClippedSumDPOptimizer(DPOptimizerFastGradientClipping):
     """``DPOptimizerFastGradientClipping`` whose noise and averaging run once for all parameters."""
 
     _noisy_flat: torch.Tensor | None = None  # this step's noisy gradients, when they share one tensor
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """Opacus's zero_grad (``summed_grad`` cleared unless the last step was skipped) with the
+        wrapped optimizer's ``set_to_none`` pass done here: the same ``p.grad = None`` for every
+        parameter, without its per-call profiler annotation, which costs as much as a small layer."""
+        if not set_to_none:
+            super().zero_grad(set_to_none)
+            return
+        keep_sums = self._is_last_step_skipped
+        for p in self.params:
+            if not keep_sums:
+                p.summed_grad = None
+            p.grad = None
 
     def accumulate(self) -> None:
         for p in self.params:
@@ -40,14 +53,14 @@ class ClippedSumDPOptimizer(DPOptimizerFastGradientClipping):
             return
         sigma = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
         std = sigma * self.max_grad_norm
-        noisy = torch.normal(mean=0.0, std=std, size=flat.shape, device=flat.device, dtype=flat.dtype,
-                             generator=self.generator) if std > 0 else torch.zeros_like(flat)
-        noisy.add_(flat)
-        for p, part in zip(params, noisy.split([p.numel() for p in params])):
-            _check_processed_flag(p.summed_grad)
-            p.grad = part.view_as(p)
-            _mark_as_processed(p.summed_grad)
-        self._noisy_flat = noisy
+        _check_processed_flag(flat)  # Opacus's reuse check, on the buffer all the gradients share
+        if std > 0:  # in place: the clipped sums are this step's own buffer, nothing else reads them
+            flat.add_(torch.normal(mean=0.0, std=std, size=flat.shape, device=flat.device, dtype=flat.dtype,
+                                   generator=self.generator))
+        for p in params:
+            p.grad = p.summed_grad
+        _mark_as_processed(flat)
+        self._noisy_flat = flat
 
     def scale_grad(self) -> None:
         if self.loss_reduction != "mean":
@@ -61,13 +74,13 @@ class ClippedSumDPOptimizer(DPOptimizerFastGradientClipping):
 
 
 def _shared_flat(grads: list[torch.Tensor]) -> torch.Tensor | None:
-    """The 1-D tensor ``grads`` tile in order, start to end, if they do; otherwise None."""
+    """The 1-D tensor ``grads`` tile in order, start to end, when ``PerSampleClipper`` wrote them
+    so (it numbers the views it hands out); otherwise None."""
     base = grads[0]._base if grads else None
-    if base is None or base.dim() != 1 or not base.is_contiguous():
+    if base is None:
         return None
-    offset, size = 0, base.element_size()
-    for g in grads:
-        if g._base is not base or not g.is_contiguous() or g.data_ptr() != base.data_ptr() + offset * size:
+    count = len(grads)
+    for index, g in enumerate(grads):
+        if g._base is not base or getattr(g, "clipped_sum_part", None) != (index, count):
             return None
-        offset += g.numel()
-    return base if offset == base.numel() else None
+    return base

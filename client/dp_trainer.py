@@ -65,8 +65,7 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, batch_
     private = _make_private(model, optimizer, loader, dp) if dp is not None else None
     if private is not None:
         optimizer, loader = private.optimizer, private.loader
-    mean_loss = nn.BCEWithLogitsLoss()
-    summed_loss = nn.BCEWithLogitsLoss(reduction="sum")  # DP: each sample's own loss gradient
+    bce = nn.functional.binary_cross_entropy_with_logits
     total, batches = 0.0, 0
     try:
         for _ in range(epochs):
@@ -74,11 +73,11 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, batch_
                 xb, yb = xb.to(dev), yb.to(dev)
                 optimizer.zero_grad(set_to_none=True)
                 if private is None:
-                    loss = mean_loss(model(xb), yb)
+                    loss = bce(model(xb), yb)
                     loss.backward()
                 else:
                     with private.clipper.recording():
-                        loss = summed_loss(model(xb), yb)
+                        loss = bce(model(xb), yb, reduction="sum")  # each sample's own gradient
                     private.clipper.clip_and_sum(loss, len(yb))
                     loss = loss / max(len(yb), 1)
                 optimizer.step()

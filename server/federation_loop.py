@@ -169,6 +169,17 @@ def _name(msg: Message) -> str:
     return f"node {msg.metadata.src_node_id}"
 
 
+def _sender(msg: Message, sent: list[Message]) -> int:
+    """The node a reply stands for. Flower's SuperLink answers by itself for a node that stopped sending
+    heartbeats (an error reply from node 1, ``SUPERLINK_NODE_ID``): that reply is the node's, found by the
+    message it replies to."""
+    node = msg.metadata.src_node_id
+    if node not in {m.metadata.dst_node_id for m in sent}:
+        node = next((m.metadata.dst_node_id for m in sent
+                     if m.metadata.message_id and m.metadata.message_id == msg.metadata.reply_to_message_id), node)
+    return node
+
+
 def _refusal(msg: Message) -> str | None:
     if msg.has_error() or protocol.REFUSAL not in msg.content.config_records:
         return None
@@ -187,7 +198,7 @@ def _statistics_round(grid: Grid, nodes: list[int], config: dict[str, Any], hosp
     sums, schema = [], None
     answered = set()
     for msg in replies:
-        node = msg.metadata.src_node_id
+        node = _sender(msg, messages)
         answered.add(node)
         if msg.has_error():
             hospitals[node] = Hospital(node, f"node {node}", active=False, refusal=f"failed: {msg.error.reason}")
@@ -307,7 +318,7 @@ def run_federation(grid: Grid, s: RunSettings, expected_hospitals: int, progress
         replies = list(grid.send_and_receive(messages, timeout=timeout))
         valid = []
         for msg in replies:
-            hospital = hospitals[msg.metadata.src_node_id]
+            hospital = hospitals[_sender(msg, messages)]
             if msg.has_error():
                 record.failed[hospital.name] = msg.error.reason
                 continue
@@ -324,7 +335,7 @@ def run_federation(grid: Grid, s: RunSettings, expected_hospitals: int, progress
                 record.train_seconds[hospital.name] = float(metrics["train-seconds"])
             record.trained.append(hospital.name)
             valid.append(msg)
-        missing = {m.metadata.dst_node_id for m in messages} - {r.metadata.src_node_id for r in replies}
+        missing = {m.metadata.dst_node_id for m in messages} - {_sender(r, messages) for r in replies}
         for node in missing:
             record.failed[hospitals[node].name] = "no reply before the timeout"
         received = {hospitals[m.metadata.src_node_id].name: m.content[protocol.ARRAYS]

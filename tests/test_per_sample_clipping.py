@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -104,3 +106,18 @@ def test_unsupported_layer_is_refused_with_its_name(layer: nn.Module) -> None:
     model = nn.Sequential(nn.Linear(3, 4), layer)
     with pytest.raises(FedcareError, match=rf"'1' \({type(layer).__name__}\)"):
         PerSampleClipper(model, C)
+
+
+def test_only_recorded_passes_are_kept_and_close_leaves_a_plain_model() -> None:
+    torch.manual_seed(0)
+    model = build_model("mlp", 5, hidden_units=4)
+    x = torch.randn(3, 5)
+    expected = model(x).detach()
+    clipper = PerSampleClipper(model, C)
+    with clipper.recording():
+        model(x)
+    model(x)  # e.g. an evaluation between steps: not recorded, nothing held
+    assert [len(r.inputs) for r in clipper._records.values()] == [1, 1, 1]
+    clipper.close()
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    torch.testing.assert_close(copy.deepcopy(model)(x), expected)  # a copy runs its own layers

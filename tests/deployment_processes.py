@@ -1,0 +1,217 @@
+"""Process helpers for the real-deployment tests: `flower-superlink`, `flower-supernode` and `flwr` on 127.0.0.1.
+
+Every process is started in its own process group (``start_new_session``) with its output in a log
+file, and stopped by PID through that group, so nothing outlives a test. Waits are hang guards only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from fedcare.deploy_pki import DeploymentFiles
+from fedcare.node_settings import NodeSettings, load_node_settings
+from simulation.environment import SAFE_ENVIRONMENT
+from tests.conftest import ROOT
+
+BIN = Path(sys.executable).parent
+HANG_GUARD_S = 900
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    """Wait until ``proc`` (a SuperLink) accepts connections on 127.0.0.1:``port``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"flower-superlink exited early:\n{log.read_text()[-3000:]}"
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"SuperLink did not listen on 127.0.0.1:{port}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group of ``proc`` (SIGKILL after 30 s); reap the leader.
+
+    Processes it started in groups of their own (the SuperLink's SuperExec and the ServerApps under it) are
+    given 10 s to follow their parent out, as Flower makes them, then killed by group.
+    """
+    others = child_groups(proc.pid) if proc.poll() is None else []   # (a reaped PID may be reused)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    else:  # the leader exited; make sure no child of its group is left behind
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 10
+    while any(group_members(g) for g in others) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for group in others:
+        if group_members(group):
+            _killpg(group)
+
+
+def kill_group(proc: subprocess.Popen, timeout: float = 30) -> list[int]:
+    """A crash: SIGKILL the process group of ``proc`` and every group its descendants started (no cleanup
+    anywhere), wait until none of them is left, and return the PIDs that were killed."""
+    groups = [proc.pid, *(child_groups(proc.pid) if proc.poll() is None else [])]
+    killed = [pid for group in groups for pid in group_members(group)]
+    for group in groups:
+        _killpg(group)
+    proc.wait(timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while any(group_members(g) for g in groups) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = [pid for group in groups for pid in group_members(group)]
+    assert not left, f"processes survived SIGKILL: {left}"
+    return killed
+
+
+def _killpg(group: int) -> None:
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, parent pid, process group) of a live process, from /proc (Linux)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    state, ppid, pgrp = stat[stat.rindex(")") + 2:].split()[:3]
+    return state, int(ppid), int(pgrp)
+
+
+def _processes() -> dict[int, tuple[str, int, int]]:
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _proc_stat(int(entry.name))) is not None:
+            found[int(entry.name)] = stat
+    return found
+
+
+def group_members(pgid: int) -> list[int]:
+    """PIDs of live (non-zombie) processes in process group ``pgid``."""
+    return sorted(pid for pid, (state, _, pgrp) in _processes().items() if pgrp == pgid and state != "Z")
+
+
+def descendants(pid: int) -> list[int]:
+    """PIDs of the live descendants of ``pid``."""
+    table = _processes()
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [p for p, (state, ppid, _) in table.items() if ppid == parent and state != "Z"]
+        found += children
+        frontier += children
+    return sorted(found)
+
+
+def child_groups(pid: int) -> list[int]:
+    """Process groups, other than its own, that descendants of ``pid`` run in (e.g. a SuperLink's SuperExec)."""
+    own = _proc_stat(pid)
+    groups = {stat[2] for p in descendants(pid) if (stat := _proc_stat(p)) is not None}
+    return sorted(groups - {own[2] if own else pid})
+
+
+def hospital_settings(files: DeploymentFiles, index: int, partition: int, ledgers: Path) -> NodeSettings:
+    """The init-written hospital.toml, with a free local port and a ledger folder in tmp."""
+    path = files.hospitals[index].settings
+    text = re.sub(r"clientappio-port = \d+", f"clientappio-port = {free_port()}", path.read_text())
+    text = re.sub(r"partition-id = \d+", f"partition-id = {partition}", text)
+    text = text.replace('ledger-dir = "ledgers"', f'ledger-dir = "{ledgers / files.hospitals[index].name}"')
+    path.write_text(text)
+    return load_node_settings(path)
+
+
+def deployment_env(files: DeploymentFiles, **extra: str) -> dict[str, str]:
+    """The environment of every process: loopback-only, no telemetry, the deployment's FLWR_HOME."""
+    return {**os.environ, **SAFE_ENVIRONMENT, "FLWR_HOME": str(files.flwr_home),
+            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **extra}   # flower-superexec must be on PATH
+
+
+class Processes:
+    """The processes one test started (each in its own group, logging to ``logs/NAME.log``) and `flwr`."""
+
+    def __init__(self, tmp_path: Path, env: dict[str, str]) -> None:
+        self.tmp_path, self.env = tmp_path, env
+        self.logs = tmp_path / "logs"
+        self.logs.mkdir(exist_ok=True)
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, name: str, command: list[str]) -> tuple[subprocess.Popen, Path]:
+        log = self.logs / f"{name}.log"
+        with open(log, "a") as out:
+            proc = subprocess.Popen(command, cwd=ROOT if command[0] == sys.executable else self.tmp_path,
+                                    env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        return proc, log
+
+    def flwr(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "flwr"), *args], cwd=ROOT, env=self.env, capture_output=True, text=True,
+                              timeout=300)
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            stop(proc)
+
+
+def start_run(flwr: Callable[..., subprocess.CompletedProcess], connection: str, run_config: str) -> str:
+    """`flwr run . CONNECTION --run-config ...`; returns the new run's id."""
+    run = flwr("run", ".", connection, "--run-config", run_config)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return re.search(r"started run (\d+)", run.stdout + run.stderr).group(1)
+
+
+def run_status(flwr: Callable[..., subprocess.CompletedProcess], connection: str, run_id: str) -> str:
+    """The run's status as `flwr ls` reports it (e.g. ``running``, ``finished:completed``); "" if unknown."""
+    listing = flwr("ls", connection, "--run-id", run_id, "--format", "json")
+    try:
+        runs = json.loads(listing.stdout).get("runs", []) if listing.returncode == 0 else []
+    except json.JSONDecodeError:
+        runs = []
+    return runs[0]["status"].lower() if runs else ""
+
+
+def wait_for_run(flwr: Callable[..., subprocess.CompletedProcess], connection: str, run_id: str,
+                 nodes: list[tuple[subprocess.Popen, Path]], timeout: float = HANG_GUARD_S,
+                 poll_s: float = 5, done: Callable[[], bool] | None = None, fallback_s: float = 20) -> str:
+    """Poll `flwr ls` until the run finished (its status returned); every SuperNode in ``nodes`` must stay up.
+
+    Each `flwr` call costs ~2 s of CPU (imports), which slows a run on a 2-core machine: with ``done`` (a cheap
+    check, e.g. "results.json of this run exists") `flwr ls` is asked only once ``done()`` holds, or every
+    ``fallback_s`` seconds (a run that failed writes no results).
+    """
+    status, deadline, asked = "", time.monotonic() + timeout, time.monotonic()
+    while time.monotonic() < deadline:
+        if done is None or done() or time.monotonic() - asked > fallback_s:
+            asked = time.monotonic()
+            status = run_status(flwr, connection, run_id)
+            if status.startswith("finished"):
+                break
+        for proc, log in nodes:
+            assert proc.poll() is None, f"a SuperNode died:\n{log.read_text()[-3000:]}"
+        time.sleep(poll_s)
+    return status
