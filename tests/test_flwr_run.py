@@ -2,54 +2,33 @@
 
 import json
 import os
-import signal
-import socket
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
 from simulation.environment import SAFE_ENVIRONMENT
 from tests.conftest import ROOT
+from tests.deployment_processes import BIN, free_port, stop, wait_for_port
 
 pytestmark = pytest.mark.e2e
-BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "flower-superlink exited early"
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.3)
-    raise TimeoutError(f"SuperLink did not listen on 127.0.0.1:{port}")
 
 
 def test_flwr_run_with_run_config_overrides(tmp_path):
-    port = _free_port()
+    port = free_port()
     home = tmp_path / "flwr-home"
     home.mkdir()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "fedcare-local"\n\n[superlink.fedcare-local]\n'
         f'address = "127.0.0.1:{port}"\ninsecure = true\n')
     env = {**os.environ, **SAFE_ENVIRONMENT, "FLWR_HOME": str(home), "PATH": f"{BIN}:{os.environ['PATH']}"}
+    log = tmp_path / "superlink.log"
     link = subprocess.Popen(
         [str(BIN / "flower-superlink"), "--simulation", "--insecure", "--host", "127.0.0.1", "--port", str(port),
          "--database", str(tmp_path / "state.db")],
-        cwd=tmp_path, env=env, stdout=open(tmp_path / "superlink.log", "w"), stderr=subprocess.STDOUT,
+        cwd=tmp_path, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
         start_new_session=True)
     try:
-        _wait_for_port(port, link)
+        wait_for_port(port, link, log)
         out = tmp_path / "out"
         run = subprocess.run(
             [str(BIN / "flwr"), "run", ".", "fedcare-local", "--stream",
@@ -66,9 +45,4 @@ def test_flwr_run_with_run_config_overrides(tmp_path):
         assert results["settings"]["strategy"] == "fedprox" and len(results["rounds"]) == 2
         assert all(0.9 < h["epsilon"] <= 1.0 + 1e-9 for h in results["hospitals"].values())
     finally:
-        os.killpg(link.pid, signal.SIGTERM)
-        try:
-            link.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(link.pid, signal.SIGKILL)
-            link.wait()
+        stop(link)
