@@ -13,6 +13,7 @@ t shares, the extra ones are also checked against the polynomial the first t def
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import secrets
 from collections.abc import Iterable, Mapping
@@ -70,17 +71,28 @@ def split(secret: bytes, t: int, node_ids: Iterable[int]) -> dict[int, bytes]:
     return {i: _eval(coeffs, x).to_bytes(SHARE_BYTES, "big") for i, x in zip(ids, xs)}
 
 
-def _lagrange_at(points: list[tuple[int, int]], x: int) -> int:
-    """Value at ``x`` of the polynomial through ``points`` (distinct xs)."""
-    total = 0
-    for j, (xj, yj) in enumerate(points):
+@functools.lru_cache(maxsize=4096)
+def _lagrange_weights(xs: tuple[int, ...], x: int) -> tuple[int, ...]:
+    """Weights w_j with f(x) = sum_j w_j f(xs[j]) for any polynomial f of degree < len(xs).
+
+    They depend only on the points, not on the shares: the server combines one secret per
+    survivor from the same survivors' shares, so a round computes them once per point instead of
+    once per secret (at 100 hospitals that was O(N t^2) big-integer products a round)."""
+    weights = []
+    for j, xj in enumerate(xs):
         num, den = 1, 1
-        for m, (xm, _) in enumerate(points):
+        for m, xm in enumerate(xs):
             if m != j:
                 num = num * (x - xm) % PRIME
                 den = den * (xj - xm) % PRIME
-        total = (total + yj * num * pow(den, -1, PRIME)) % PRIME
-    return total
+        weights.append(num * pow(den, -1, PRIME) % PRIME)
+    return tuple(weights)
+
+
+def _lagrange_at(points: list[tuple[int, int]], x: int) -> int:
+    """Value at ``x`` of the polynomial through ``points`` (distinct xs)."""
+    weights = _lagrange_weights(tuple(xj for xj, _ in points), x)
+    return sum(w * yj for w, (_, yj) in zip(weights, points)) % PRIME
 
 
 def combine(shares: Mapping[int, bytes], t: int) -> bytes:
