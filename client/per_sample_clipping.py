@@ -3,7 +3,7 @@
 DP-SGD needs sum_i clip(g_i), each sample's gradient g_i scaled to norm <= C. Opacus builds every
 g_i with module hooks (an MLP step costs 15-44x a plain one on a CPU) or runs a second backward
 pass (ghost clipping). Here the backward pass runs once and only as far as the layers' outputs
-(``torch.autograd.grad`` to those outputs), so autograd never forms the unclipped weight gradient
+(autograd's engine, called as ``torch.autograd.grad`` calls it, to those outputs), so autograd never forms the unclipped weight gradient
 nobody uses. From a layer's inputs A and output gradients G the per-sample norms follow in
 closed form (||g a^T|| = ||g|| ||a|| for a single position, a Gram product over positions, or the
 small per-sample gradient itself where that is cheaper), and the clipped sum is one more matrix
