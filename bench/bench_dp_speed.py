@@ -17,7 +17,13 @@ measured per (case, mode) in a fresh process: the peak resident memory a step ad
 kept between steps, plus that state (parameters, gradients, the batch), with glibc's mmap threshold
 lowered so freed tensors leave the resident set at once.
 
+With ``--device cuda`` the same cases run on the GPU: each step is timed by the wall clock between
+two ``torch.cuda.synchronize()`` calls, and peak memory is the CUDA allocator's peak of allocated
+bytes over a few steps built from nothing (model, gradients, batch and the step's temporaries).
+Those results go into their own section.
+
     .venv/bin/python bench/bench_dp_speed.py --write docs/benchmarks.md
+    python bench/bench_dp_speed.py --device cuda --write docs/benchmarks.md   # where a GPU is
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ from client.per_sample_clipping import PerSampleClipper  # noqa: E402
 from shared_models.registry import build_model  # noqa: E402
 
 HEADING = "## DP-SGD step time and memory vs plain SGD (issue 7)"
+GPU_HEADING = "## DP-SGD step time and memory vs plain SGD on a GPU (issue 7)"
+DEVICE = torch.device("cpu")  # set once by main(); every model and batch is placed on it
 MODES = ("plain", "fedcare", "opacus hooks", "opacus ghost")
 
 
@@ -106,7 +114,7 @@ def make_step(case: Case, mode: str, x: torch.Tensor, y: torch.Tensor) -> Callab
     """One training step of ``mode`` on (x, y), built the way fedcare or Opacus builds it."""
     torch.manual_seed(0)
     if mode in ("plain", "fedcare (no DP)"):
-        model = (case.plain_model or case.model)() if mode == "plain" else case.model()
+        model = ((case.plain_model or case.model)() if mode == "plain" else case.model()).to(DEVICE)
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
 
         def plain() -> None:
@@ -114,7 +122,7 @@ def make_step(case: Case, mode: str, x: torch.Tensor, y: torch.Tensor) -> Callab
             nn.functional.binary_cross_entropy_with_logits(model(x), y).backward()
             opt.step()
         return plain
-    model = case.model()
+    model = case.model().to(DEVICE)
     sgd = torch.optim.SGD(model.parameters(), lr=0.05)
     common = dict(noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=len(y))
     if mode == "fedcare":
@@ -162,7 +170,7 @@ def make_step(case: Case, mode: str, x: torch.Tensor, y: torch.Tensor) -> Callab
 
 def _data(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
     torch.manual_seed(1)
-    return case.batch(case.batch_size), (torch.rand(case.batch_size) > 0.5).float()
+    return case.batch(case.batch_size).to(DEVICE), (torch.rand(case.batch_size) > 0.5).float().to(DEVICE)
 
 
 def time_case(case: Case, modes: list[str], reps: int, budget_s: float,
@@ -239,8 +247,35 @@ def _models_in(step: Callable[[], None]) -> list[torch.Tensor]:
 
 def _clock(threads: int) -> Callable[[], float]:
     """With one torch thread all of a step runs on the calling thread: its CPU time is the step
-    time on an idle core, and other processes sharing the machine do not inflate it."""
+    time on an idle core, and other processes sharing the machine do not inflate it. On a GPU the
+    kernels run asynchronously, so a step is the wall time between two synchronisations."""
+    if DEVICE.type == "cuda":
+        def synchronized() -> float:
+            torch.cuda.synchronize()
+            return time.perf_counter()
+        return synchronized
     return time.thread_time if threads == 1 else time.perf_counter
+
+
+def measure_cuda_memory(case: Case, mode: str) -> float:
+    """Peak MiB the CUDA allocator hands out while ``mode`` is built and steps five times."""
+    import gc
+
+    gc.collect()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        x, y = _data(case)
+        step = make_step(case, mode, x, y)
+        for _ in range(5):
+            step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del step, x, y
+    gc.collect()
+    return peak / 2**20
 
 
 def _status_kib(key: str) -> int:
@@ -261,11 +296,16 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--budget", type=float, default=0.4, help="seconds of steps per mode and repetition")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (fedcare's simulation actors use 1)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--cases", default="", help="comma-separated case indices (default: all)")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--write", type=Path, help="write the results into this markdown file")
     parser.add_argument("--memory-of", nargs=2, metavar=("CASE", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global DEVICE
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to torch on this machine")
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
     if args.memory_of:
         print(json.dumps({"mib": measure_memory(int(args.memory_of[0]), args.memory_of[1])}))
@@ -280,7 +320,8 @@ def main() -> None:
         memory = {}
         if not args.no_memory:
             for mode in ("plain", "fedcare") + (("fedcare (no DP)",) if case.plain_model else ()):
-                memory[mode] = memory_in_subprocess(index, mode)
+                memory[mode] = (measure_cuda_memory(case, mode) if DEVICE.type == "cuda"
+                                else memory_in_subprocess(index, mode))
         rows.append((case, timing, memory))
         for mode, t in timing.items():
             print(f"  {mode:16s} {t['ms']:9.3f} ms  {t['ratio']:6.2f}x  (median per-repetition ratio "
@@ -290,7 +331,7 @@ def main() -> None:
     text = report(rows, args)
     print("\n" + text)
     if args.write:
-        replace_section(args.write, HEADING, text)
+        replace_section(args.write, GPU_HEADING if DEVICE.type == "cuda" else HEADING, text)
 
 
 RESOLVABLE_MIB = 0.5  # below this, resident-set differences are allocator noise
@@ -314,13 +355,20 @@ def report(rows: list, args: argparse.Namespace) -> str:
         t = timing.get(mode)
         return "n/a" if t is None else f"{t['ms']:.2f} ms ({t['ratio']:.2f}x)"
 
+    write = " --write docs/benchmarks.md" if args.write else ""
+    if DEVICE.type == "cuda":
+        command = f"python bench/bench_dp_speed.py --device cuda{write}"
+        where = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, best of {args.reps} interleaved "
+                 "repetitions; wall-clock time per step between two CUDA synchronisations; peak memory is the "
+                 "CUDA allocator's peak of allocated bytes over five steps, model and batch included")
+    else:
+        command = f".venv/bin/python bench/bench_dp_speed.py{write}"
+        where = (f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
+                 f"{args.threads} torch thread(s), best of {args.reps} interleaved repetitions; "
+                 f"{'CPU time of the training thread' if args.threads == 1 else 'wall-clock time'} per step")
     lines = [
-        HEADING, "",
-        f"`.venv/bin/python bench/bench_dp_speed.py{' --write docs/benchmarks.md' if args.write else ''}` "
-        f"({date.today()}, {platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{args.threads} torch thread(s), best of {args.reps} interleaved repetitions; "
-        f"{'CPU time of the training thread' if args.threads == 1 else 'wall-clock time'} per step; "
-        "no GPU was lent to this session). "
+        GPU_HEADING if DEVICE.type == "cuda" else HEADING, "",
+        f"`{command}` ({date.today()}, {where}). "
         "Step = zero_grad, forward, loss, backward (and clipping), optimizer step, noise multiplier 1, "
         "clip norm 1. Ratios are to the plain step of the same architecture on the same batch; for the "
         "GRU, plain is PyTorch's fused `nn.GRU`. The last column shows the median of the per-repetition "
