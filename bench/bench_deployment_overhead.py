@@ -12,7 +12,8 @@ Modes:
            per message), 0.2 s message polls while a run is active, and the coordinator's 50-250 ms
            reply polls.
 
-Per round: wall time (the coordinator's round time: train, unmask, evaluate exchanges), the slowest
+Per round: wall time (the coordinator's round time: the train exchange, in which each node first
+evaluates the model it receives, i.e. the previous round's, then the unmask exchange), the slowest
 node's local training time (`train-seconds` in its train reply), overhead = wall - slowest training,
 and where the round's time went along its critical path (for every exchange, the node whose reply
 came last), from a wall-clock trace every process appends to (`FEDCARE_TIMING_LOG`, see
@@ -68,7 +69,8 @@ BIN = Path(sys.executable).parent
 HOSPITALS = ["cleveland", "hungary", "switzerland", "va-long-beach"]
 HEADING = "## Deployment round overhead (issue 5)"
 STAGES = ("pickup", "download", "start", "handler", "training", "return", "upload", "reply-poll", "server")
-EXCHANGES = ("train", "query.secagg_unmask", "evaluate")
+EXCHANGES = ("train", "query.secagg_unmask")
+FINAL_EXCHANGE = "evaluate"  # once per run, after the last round: the final model's evaluation
 MODE_NODE_SETTINGS = {"flower": ("false", "3"), "fedcare": ("true", None)}   # None: `deploy init`'s default
 _RECEIVING = re.compile(r"Receiving: (\S+) message")
 
@@ -344,8 +346,13 @@ def analyse(run: dict) -> dict:
         rounds.append({"round": rnd, "wall": record["seconds"], "slowest_train": slowest,
                        "overhead": record["seconds"] - slowest, "stages": stages, "exchanges": exchanges})
     first_round_start = min((ends[r["round"]]["t"] - r["wall"] for r in rounds), default=run["finished"])
+    last_end = max((e["t"] for e in ends.values()), default=run["finished"])
+    final_push = _first(pushes, lambda e: e["type"] == FINAL_EXCHANGE and e["t"] >= last_end - 0.5)
+    final_replies = [e["t"] for e in replies if final_push and e["type"] == FINAL_EXCHANGE and e["t"] >= final_push["t"]]
+    final_eval_s = max(final_replies) - final_push["t"] if final_replies else float("nan")
     cpu = run.get("round_cpu", [])
     return {"mode": run["mode"], "load": run["load"], "rounds": rounds, "startup_s": first_round_start - run["launched"],
+            "final_eval_s": final_eval_s,
             "superlink_cpu_per_round": statistics.median([c[0] for c in cpu]) if cpu else float("nan"),
             "serverapp_cpu_per_round": statistics.median([c[1] for c in cpu]) if cpu else float("nan"),
             "nodes_cpu_per_round": statistics.median([c[2] for c in cpu]) if cpu else float("nan"),
@@ -378,12 +385,13 @@ def table(analyses: list[dict]) -> list[str]:
 def exchange_table(analyses: list[dict]) -> list[str]:
     lines = ["| mode | machine load (1-min avg, median) | run start-up s (launch -> round 1) | nodes ready s | " +
              " | ".join(f"{k} exchange s (median)" for k in EXCHANGES) +
+             " | final evaluate exchange s (once per run)"
              " | CPU s per round: SuperLink / ServerApp / all nodes | CPU cores busy: idle / during run / after run |",
-             "|" + "---|" * (6 + len(EXCHANGES))]
+             "|" + "---|" * (7 + len(EXCHANGES))]
     for a in analyses:
         ex = [statistics.median([r["exchanges"].get(k, float("nan")) for r in a["rounds"]]) for k in EXCHANGES]
         lines.append(f"| {a['mode']} | {a['load']:.1f} | {a['startup_s']:.1f} | {a['nodes_ready_s']:.1f} | " +
-                     " | ".join(_fmt(x) for x in ex) +
+                     " | ".join(_fmt(x) for x in ex) + f" | {_fmt(a.get('final_eval_s', float('nan')))}" +
                      f" | {_fmt(a['superlink_cpu_per_round'])} / {_fmt(a['serverapp_cpu_per_round'])} / "
                      f"{_fmt(a['nodes_cpu_per_round'])}"
                      f" | {a['idle_cpu']:.2f} / {a['run_cpu']:.2f} / {a['after_run_cpu']:.2f} |")
@@ -401,15 +409,16 @@ def where_it_goes(analyses: list[dict]) -> list[str]:
              f"- {transfer:.1f} s moving messages through the SuperLink (download {med['download']:.1f}, upload "
              f"{med['upload']:.1f}, reply pickup {med['reply-poll']:.1f}): Flower 1.41 sends every record, array and "
              "array chunk as its own HTTP request (a secure train message is 9 objects, its reply 8), each one "
-             "TLS + node-signature check + SQLite at the SuperLink; the SuperLink process alone used "
-             f"{a['superlink_cpu_per_round']:.1f} CPU-s a round, so on a busy 2-core machine requests queue behind "
-             "each other.",
+             "TLS, node-signature check and Flower's FastAPI middleware stack at the SuperLink (about 25 ms of "
+             "SuperLink CPU per request here, from a profile of the SuperLink process); the SuperLink process "
+             f"alone used {a['superlink_cpu_per_round']:.1f} CPU-s a round, so requests queue behind each other.",
              f"- {med['pickup']:.1f} s until nodes noticed a new message (polling, 50 ms after their last message "
              "backing off to `poll-interval`).",
              f"- {med['start']:.1f} s from a stored message to the handler: the warm executor's fork, the task input "
              "and message pulled from the node's Runtime API, importing the app from the installed FAB.",
              f"- {med['handler']:.1f} s in handlers besides training: privacy-ledger accounting (RDP epsilon, twice "
-             "per train message), secure-aggregation masking and unmasking, evaluation, signed audit records.",
+             "per train message), secure-aggregation masking and unmasking, evaluating the received model, signed audit "
+             "records.",
              f"- {med['return']:.1f} s handing replies to the node and {med['server']:.1f} s of coordinator work "
              "between exchanges."]
     return lines

@@ -148,8 +148,8 @@ def main() -> None:
         "",
         *lines,
         "",
-        "A secure round adds one unmask exchange (n small share messages) to the train and evaluate "
-        "exchanges, and each node sends its update as uint64 fixed point (2x a float32 update) plus "
+        "A plain round is one train exchange (each node also evaluates the model it receives, the previous "
+        "round's); a secure round adds one unmask exchange (n small share messages), and each node sends its update as uint64 fixed point (2x a float32 update) plus "
         "O(n) encrypted shares. Flower's legacy SecAgg+ is not run side by side: it needs the legacy "
         "API fedcare does not use (DESIGN.md).",
     ])

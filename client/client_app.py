@@ -143,16 +143,24 @@ def _flag(value: Any) -> bool:
     return bool(value)
 
 
-def _reply(msg: Message, data_name: str, **records: Any) -> Message:
-    content = RecordDict({protocol.HOSPITAL: ConfigRecord({"name": data_name}), **records})
+def _reply(msg: Message, data_name: str, report: Mapping[str, Any] | None = None, **records: Any) -> Message:
+    """A reply: the hospital record (its name, plus ``report``'s prefixed keys) and ``records``."""
+    content = RecordDict({protocol.HOSPITAL: ConfigRecord({"name": data_name, **(report or {})}), **records})
     return Message(content=content, reply_to=msg)
+
+
+def _secure(msg: Message) -> bool:
+    """Whether the server's message carries a secure-aggregation request."""
+    return any(key.startswith(protocol.SECAGG) for key in msg.content[protocol.CONFIG].keys())
 
 
 def _refusal(msg: Message, name: str, exc: FedcareError) -> Message:
     from secure_aggregation import ClipRangeError
 
     kind = "budget" if isinstance(exc, BudgetExhausted) else "clip-range" if isinstance(exc, ClipRangeError) else "data"
-    return _reply(msg, name, **{protocol.REFUSAL: ConfigRecord({"reason": str(exc), "kind": kind})})
+    # the received model may have been tested before the refusal: that evaluation is still sent
+    return _reply(msg, name, getattr(exc, "evaluation", None),
+                  **{protocol.REFUSAL: ConfigRecord({"reason": str(exc), "kind": kind})})
 
 
 def _guarded(handler: Callable[[_Node, Message], Message], defaults: Mapping[str, Any]):
@@ -253,6 +261,20 @@ def _prepared(node: _Node, data: HospitalData, x: np.ndarray) -> np.ndarray:
 
 
 def _train(node: _Node, msg: Message) -> Message:
+    """Train on the received model; first test it when asked (the previous round's evaluation)."""
+    evaluation = None
+    if node.config.get(protocol.EVALUATE_INCOMING):
+        # in the hospital record, not a MetricRecord: a train reply's one MetricRecord is what the
+        # strategy aggregates
+        evaluation = {f"{protocol.EVALUATION}{k}": v for k, v in _test_metrics(node, msg).items()}
+    try:
+        return _train_received(node, msg, evaluation or {})
+    except FedcareError as exc:
+        exc.evaluation = evaluation
+        raise
+
+
+def _train_received(node: _Node, msg: Message, report: dict[str, Any]) -> Message:
     from client.dp_trainer import DPSettings, train
     from shared_models.weights import load_arrays, model_to_arrays
 
@@ -278,33 +300,35 @@ def _train(node: _Node, msg: Message) -> Message:
     train_seconds = round(time.perf_counter() - started, 2)
     metrics: dict[str, Any] = {protocol.NUM_EXAMPLES: _public_size(node, data), "train-seconds": train_seconds}
     records: dict[str, Any] = {protocol.ARRAYS: model_to_arrays(model)}
-    if protocol.SECAGG in msg.content.config_records:
+    request = None
+    if _secure(msg):
         from client import secure_update
 
         # Masked before the ledger records: an update outside the clip range is never released.
+        request = secure_update.payload(msg.content)
         masked, secagg = secure_update.masked_update(
-            node.secagg_state(), secure_update.payload(msg.content.config_records), global_arrays,
+            node.secagg_state(), request, global_arrays,
             records.pop(protocol.ARRAYS), int(metrics[protocol.NUM_EXAMPLES]),
             float(node.config["secagg-clip-range"]))
-        records |= {protocol.MASKED: masked, protocol.SECAGG: secagg}
+        records[protocol.MASKED] = masked
+        report = report | secagg
     eps = None
     if ledger is not None:
         eps = ledger.record(str(node.context.run_id), server_round, "train", outcome.steps,
                             noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm)
         metrics.update({"epsilon": eps, "noise-multiplier": dp.noise_multiplier,
                         "steps": sum(k for _, _, k in outcome.steps)})
-    elif protocol.SECAGG not in records:
+    elif request is None:
         metrics["train-loss"] = outcome.mean_loss  # only without DP or secure aggregation
-    _audit_train(node, msg, data, global_arrays, records, outcome, dp, eps)
-    return _reply(msg, data.name, **records, **{protocol.METRICS: MetricRecord(metrics)})
+    _audit_train(node, data, global_arrays, records, request, outcome, dp, eps)
+    return _reply(msg, data.name, report, **records, **{protocol.METRICS: MetricRecord(metrics)})
 
 
-def _audit_train(node: _Node, msg: Message, data: HospitalData, global_arrays: Any, records: dict[str, Any],
-                 outcome: Any, dp: Any, eps: float | None) -> None:
+def _audit_train(node: _Node, data: HospitalData, global_arrays: Any, records: dict[str, Any],
+                 request: dict | None, outcome: Any, dp: Any, eps: float | None) -> None:
     from client import audit_trail
 
-    secure = protocol.SECAGG in records
-    request = msg.content.config_records[protocol.SECAGG] if secure else None
+    secure = request is not None
     secagg = audit_trail.SecAggInfo(
         role="masked" if secure else "plain",
         participants=sorted(int(v) for v in (request.get("active") or [])) if request is not None else [],
@@ -318,6 +342,12 @@ def _audit_train(node: _Node, msg: Message, data: HospitalData, global_arrays: A
 
 
 def _evaluate(node: _Node, msg: Message) -> Message:
+    data = node.data(for_training=False)
+    return _reply(msg, data.name, **{protocol.METRICS: _test_metrics(node, msg)})
+
+
+def _test_metrics(node: _Node, msg: Message) -> MetricRecord:
+    """Confusion matrix and score histograms of the received model on this hospital's test split."""
     from client.dp_trainer import evaluate
     from shared_models.weights import load_arrays
 
@@ -325,24 +355,23 @@ def _evaluate(node: _Node, msg: Message) -> Message:
     model = node.model(data)
     load_arrays(model, msg.content[protocol.ARRAYS])
     s = evaluate(model, _prepared(node, data, data.x_test), data.y_test)
-    metrics = MetricRecord({
+    return MetricRecord({
         "tp": s.tp, "fp": s.fp, "tn": s.tn, "fn": s.fn, "loss-sum": s.loss_sum,
         "pos-hist": s.pos_hist.tolist(), "neg-hist": s.neg_hist.tolist(),
         protocol.NUM_EXAMPLES: s.n,
     })
-    return _reply(msg, data.name, **{protocol.METRICS: metrics})
 
 
 def _secagg_setup(node: _Node, msg: Message) -> Message:
     from client import secure_update
 
     data = node.data(for_training=False)
-    request = secure_update.payload(msg.content.config_records)
+    request = secure_update.payload(msg.content)
     if msg.metadata.message_type == protocol.SECAGG_ADVERTISE:
-        record = secure_update.advertise(node.secagg_state(), node.context.run_id, node.context.node_id, request)
+        report = secure_update.advertise(node.secagg_state(), node.context.run_id, node.context.node_id, request)
     else:
-        record = secure_update.share_keys(node.secagg_state(), request)
-    return _reply(msg, data.name, **{protocol.SECAGG: record})
+        report = secure_update.share_keys(node.secagg_state(), request)
+    return _reply(msg, data.name, report)
 
 
 def _secagg_unmask(node: _Node, msg: Message) -> Message:
@@ -351,13 +380,13 @@ def _secagg_unmask(node: _Node, msg: Message) -> Message:
     data = node.data(for_training=False)
     from client import audit_trail
 
-    request = secure_update.payload(msg.content.config_records)
+    request = secure_update.payload(msg.content)
     last = int(request["round"]) >= int(node.config["num-rounds"])
     revealed = secure_update.unmask(node.secagg_state(), request, last)
     audit_trail.unmask(node.audit_log(data.name), run_id=node.context.run_id, round_=int(request["round"]),
                        survivors=[int(v) for v in request["survivors"]],
                        dropped=[int(v) for v in request.get("dropped", [])])
-    return _reply(msg, data.name, **{protocol.SECAGG: revealed})
+    return _reply(msg, data.name, revealed)
 
 
 def make_client_app(node_defaults: Mapping[str, Any] | None = None) -> ClientApp:

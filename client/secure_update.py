@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord, RecordDict
 
 from fedcare import protocol
 from secure_aggregation import Quantizer, SecAggNode
@@ -24,24 +24,26 @@ def state_file(state_dir: str | Path, run_id: int, node_id: int) -> Path:
     return Path(state_dir) / "secagg" / f"node-{node_id}" / f"secagg-run-{run_id}.json"
 
 
-def payload(config_records: Any) -> dict:
-    return unflatten(dict(config_records[protocol.SECAGG]))
+def payload(content: RecordDict) -> dict:
+    """The server's request, from the ``secagg/`` keys of the message's config record."""
+    return unflatten(dict(content[protocol.CONFIG]), protocol.SECAGG)
 
 
-def advertise(path: Path, run_id: int, node_id: int, request: dict) -> ConfigRecord:
+def advertise(path: Path, run_id: int, node_id: int, request: dict) -> dict[str, Any]:
     keys = SecAggNode(path).advertise(run_id, node_id, int(request["threshold"]),
                                       [int(n) for n in request["nodes"]])
-    return ConfigRecord(flatten(keys))
+    return flatten(keys, protocol.SECAGG)
 
 
-def share_keys(path: Path, request: dict) -> ConfigRecord:
+def share_keys(path: Path, request: dict) -> dict[str, Any]:
     shares = SecAggNode(path).share_keys(request["keys"], int(request["threshold"]))
-    return ConfigRecord(flatten({"shares": shares}))
+    return flatten({"shares": shares}, protocol.SECAGG)
 
 
 def masked_update(path: Path, request: dict, global_arrays: ArrayRecord, trained: ArrayRecord,
-                  weight: int, clip: float) -> tuple[ArrayRecord, ConfigRecord]:
-    """Quantise weight x (trained - global), mask it for this round; the reply's two records.
+                  weight: int, clip: float) -> tuple[ArrayRecord, dict[str, Any]]:
+    """Quantise weight x (trained - global), mask it for this round: the masked vector's record and
+    the reply's ``secagg/`` keys.
 
     Raises ``ClipRangeError`` (nothing released) when the update leaves the agreed clip range.
     """
@@ -55,14 +57,14 @@ def masked_update(path: Path, request: dict, global_arrays: ArrayRecord, trained
     node.receive_keys(rnd, request["s_public_keys"], request["s_share_ciphertexts"])
     reply = node.mask(rnd, encoded)
     masked = reply.pop("masked")
-    return ArrayRecord({"masked": Array(masked)}), ConfigRecord(flatten(reply))
+    return ArrayRecord({"masked": Array(masked)}), flatten(reply, protocol.SECAGG)
 
 
-def unmask(path: Path, request: dict, last_round: bool) -> ConfigRecord:
+def unmask(path: Path, request: dict, last_round: bool) -> dict[str, Any]:
     """Reveal this round's shares; after the run's last round the private state is deleted."""
     revealed = SecAggNode(path).unmask(int(request["round"]), [int(n) for n in request["survivors"]],
                                        [int(n) for n in request.get("dropped", [])],
                                        request.get("b_share_ciphertexts", {}))
     if last_round:
         path.unlink(missing_ok=True)
-    return ConfigRecord(flatten(revealed))
+    return flatten(revealed, protocol.SECAGG)

@@ -7,10 +7,15 @@ METRICS = "metrics"
 HOSPITAL = "hospital"   # ConfigRecord in every reply: {"name": hospital name}
 REFUSAL = "refusal"     # ConfigRecord in a reply that declines: {"reason": ..., "kind": "budget"|"data"}
 NUM_EXAMPLES = "num-examples"
+EVALUATE_INCOMING = "evaluate-incoming"  # train config flag: test the received model before training on it
+EVALUATION = "evaluation/"  # key prefix, in such a train reply's hospital record: the received model's test metrics
 
 # Secure aggregation (see secure_aggregation/ and server/secure_rounds.py)
 SECAGG_ADVERTISE = "query.secagg_advertise"     # setup 1: node's public keys
 SECAGG_SHARE_KEYS = "query.secagg_share_keys"   # setup 2: encrypted Shamir shares of its mask key
 SECAGG_UNMASK = "query.secagg_unmask"           # per round: reveal shares for survivors / dropped
-SECAGG = "secagg"       # ConfigRecord carrying a (flattened) protocol payload
+# A (flattened) protocol payload rides under this key prefix in the message's config record (server
+# -> node) and in the reply's hospital record (node -> server): every record is one more request
+# per node and message at the SuperLink, so none is added for it.
+SECAGG = "secagg/"
 MASKED = "masked"       # ArrayRecord in a secure train reply: {"masked": uint64 vector}

@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedcare import protocol, timing
 from fedcare.errors import BudgetExhausted, FedcareError
 from fedcare.run_config import RunSettings
+from secure_aggregation.records import unflatten
 from server.feature_statistics import Normalisation, pooled_normalisation
 from server.strategies import build_strategy
 from shared_models.classification_metrics import BinarySummary
@@ -58,6 +59,7 @@ class RoundRecord:
     evaluation: dict[str, dict[str, float]]  # hospital name (and "pooled") -> metrics
     train_loss: float | None = None
     train_seconds: dict[str, float] = field(default_factory=dict)  # hospital -> local training wall time
+    asked: int = 0  # hospitals sent a train message
 
 
 @dataclass
@@ -303,22 +305,45 @@ def run_federation(grid: Grid, s: RunSettings, expected_hospitals: int, progress
             if h.node_id not in keyed:
                 h.active, h.refusal = False, "dropped out during secure-aggregation key agreement"
 
+    def save(rounds_done: int) -> None:
+        save_checkpoint(s.output_dir, Checkpoint(
+            rounds_done, plan_run_id, s.to_config(), dataclasses.asdict(normalisation),
+            [dataclasses.asdict(r) for r in result.rounds], arrays, strategy_state(strategy)))
+
+    # A round's global model is evaluated in the next round's train exchange (each hospital tests the
+    # model it receives before training on it), so a round costs one exchange fewer; hospitals that do
+    # not train next round get an evaluation message in that same exchange. The last model gets its own.
+    unevaluated = _unevaluated(result.rounds)
+    stop_message = None
     for rnd in range(first_round, s.num_rounds + 1):
         t0 = time.monotonic()
         record = RoundRecord(rnd, 0.0, [], {}, {}, {}, {})
-        messages = [m for m in strategy.configure_train(rnd, arrays, ConfigRecord(dict(config)), grid)
+        train_config = dict(config) | ({protocol.EVALUATE_INCOMING: True} if unevaluated else {})
+        messages = [m for m in strategy.configure_train(rnd, arrays, ConfigRecord(train_config), grid)
                     if hospitals.get(m.metadata.dst_node_id, Hospital(0, "")).active]
         if secure is not None:
             try:
                 messages = secure.attach_requests(rnd, messages)
             except FedcareError as exc:
-                result.stopped_early = f"stopped before round {rnd}: {exc.problem}"
-                progress(result.stopped_early)
+                stop_message = f"stopped before round {rnd}: {exc.problem}"
                 break
-        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        evaluators: set[int] = set()
+        eval_only: list[Message] = []
+        if unevaluated is not None:
+            eval_messages = _evaluation_messages(strategy, unevaluated.round, arrays, config, grid)
+            evaluators = {m.metadata.dst_node_id for m in eval_messages}
+            training = {m.metadata.dst_node_id for m in messages}
+            eval_only = [m for m in eval_messages if m.metadata.dst_node_id not in training]
+        replies = list(grid.send_and_receive(messages + eval_only, timeout=timeout))
+        summaries: dict[str, BinarySummary] = {}
         valid = []
         for msg in replies:
-            hospital = hospitals[_sender(msg, messages)]
+            node = _sender(msg, messages + eval_only)
+            if not msg.has_error() and node in evaluators:
+                _collect_evaluation(msg, summaries)
+            if any(m.metadata.dst_node_id == node for m in eval_only):
+                continue
+            hospital = hospitals[node]
             if msg.has_error():
                 record.failed[hospital.name] = msg.error.reason
                 continue
@@ -350,25 +375,15 @@ def run_federation(grid: Grid, s: RunSettings, expected_hospitals: int, progress
             if train_metrics is not None and "train-loss" in train_metrics:
                 record.train_loss = float(train_metrics["train-loss"])
         result.arrays = arrays
-
-        eval_messages = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(config)), grid))
-        summaries: dict[str, BinarySummary] = {}
-        for msg in grid.send_and_receive(eval_messages, timeout=timeout):
-            if msg.has_error() or _refusal(msg) is not None:
-                continue
-            summaries[_name(msg)] = _summary(msg.content.metric_records[protocol.METRICS])
-        if summaries:
-            pooled = sum(summaries.values(), BinarySummary())
-            record.evaluation = {name: sm.metrics() for name, sm in sorted(summaries.items())}
-            record.evaluation["pooled"] = pooled.metrics()
-            result.final_summaries = summaries
+        if unevaluated is not None:
+            _record_evaluation(unevaluated, summaries, result)
+            progress(_progress_line(unevaluated, s.num_rounds))
+        record.asked = len(messages)
         record.seconds = time.monotonic() - t0
         timing.trace("server-round", round=rnd, seconds=record.seconds)
         result.rounds.append(record)
-        progress(_progress_line(record, s.num_rounds, len(messages)))
-        save_checkpoint(s.output_dir, Checkpoint(
-            rnd, plan_run_id, s.to_config(), dataclasses.asdict(normalisation),
-            [dataclasses.asdict(r) for r in result.rounds], arrays, strategy_state(strategy)))
+        unevaluated = record
+        save(rnd)
         audit_trail.round_done(
             audit, run_id=run_id, round_=rnd, strategy=s.strategy,
             sampled=[hospitals[m.metadata.dst_node_id].name for m in messages], responded=record.trained,
@@ -378,16 +393,55 @@ def run_federation(grid: Grid, s: RunSettings, expected_hospitals: int, progress
 
         still = sum(1 for h in hospitals.values() if h.active)
         if still < s.min_hospitals and rnd < s.num_rounds:
-            result.stopped_early = (f"stopped after round {rnd}: only {still} hospital(s) can still train "
-                                    f"(min-hospitals={s.min_hospitals})")
-            progress(result.stopped_early)
+            stop_message = (f"stopped after round {rnd}: only {still} hospital(s) can still train "
+                            f"(min-hospitals={s.min_hospitals})")
             break
+    if unevaluated is not None:
+        summaries = {}
+        for msg in grid.send_and_receive(
+                _evaluation_messages(strategy, unevaluated.round, arrays, config, grid), timeout=timeout):
+            if not msg.has_error():
+                _collect_evaluation(msg, summaries)
+        _record_evaluation(unevaluated, summaries, result)
+        progress(_progress_line(unevaluated, s.num_rounds))
+        save(unevaluated.round)
+    if stop_message is not None:
+        result.stopped_early = stop_message
+        progress(stop_message)
     return result
 
 
-def _progress_line(r: RoundRecord, total: int, asked: int) -> str:
+def _unevaluated(rounds: list[RoundRecord]) -> RoundRecord | None:
+    """The last round if its model has not been evaluated yet (e.g. a checkpoint taken before that)."""
+    return rounds[-1] if rounds and not rounds[-1].evaluation else None
+
+
+def _evaluation_messages(strategy: Any, rnd: int, arrays: ArrayRecord, config: dict[str, Any],
+                         grid: Grid) -> list[Message]:
+    return list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(config)), grid))
+
+
+def _collect_evaluation(msg: Message, summaries: dict[str, BinarySummary]) -> None:
+    """A hospital's test metrics of the model it received: an evaluate reply's metrics, or the
+    evaluation record of a train reply (present even when the hospital then refused to train)."""
+    evaluation = unflatten(dict(msg.content.config_records.get(protocol.HOSPITAL, {})), protocol.EVALUATION)
+    if evaluation:
+        summaries[_name(msg)] = _summary(evaluation)
+    elif msg.metadata.message_type == MessageType.EVALUATE and _refusal(msg) is None:
+        summaries[_name(msg)] = _summary(msg.content.metric_records[protocol.METRICS])
+
+
+def _record_evaluation(record: RoundRecord, summaries: dict[str, BinarySummary], result: FederationResult) -> None:
+    if summaries:
+        pooled = sum(summaries.values(), BinarySummary())
+        record.evaluation = {name: sm.metrics() for name, sm in sorted(summaries.items())}
+        record.evaluation["pooled"] = pooled.metrics()
+        result.final_summaries = summaries
+
+
+def _progress_line(r: RoundRecord, total: int) -> str:
     pooled = r.evaluation.get("pooled", {})
-    parts = [f"round {r.round:>2}/{total}", f"hospitals {len(r.trained)}/{asked}"]
+    parts = [f"round {r.round:>2}/{total}", f"hospitals {len(r.trained)}/{r.asked}"]
     if r.train_loss is not None:
         parts.append(f"train loss {r.train_loss:.3f}")
     if pooled:

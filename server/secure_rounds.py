@@ -57,8 +57,7 @@ class SecureAggregation:
     def _query(self, node_payloads: dict[int, dict], message_type: str) -> list[Message]:
         messages = []
         for node, payload in node_payloads.items():
-            content = RecordDict({protocol.CONFIG: ConfigRecord(self.config),
-                                  protocol.SECAGG: ConfigRecord(flatten(payload))})
+            content = RecordDict({protocol.CONFIG: ConfigRecord(self.config | flatten(payload, protocol.SECAGG))})
             messages.append(Message(content, dst_node_id=node, message_type=message_type))
         return list(self.grid.send_and_receive(messages, timeout=self.timeout))
 
@@ -115,8 +114,8 @@ class SecureAggregation:
             request = requests.get(msg.metadata.dst_node_id)
             if request is not None:
                 # Flower's strategies give every train message the same RecordDict: copy, then add.
-                msg.content = RecordDict({**dict(msg.content.items()),
-                                          protocol.SECAGG: ConfigRecord(flatten(request))})
+                config = dict(msg.content[protocol.CONFIG]) | flatten(request, protocol.SECAGG)
+                msg.content = RecordDict({**dict(msg.content.items()), protocol.CONFIG: ConfigRecord(config)})
                 kept.append(msg)
         return kept
 
@@ -180,7 +179,11 @@ def apply_delta(arrays: ArrayRecord, delta: np.ndarray) -> ArrayRecord:
 
 
 def _payload(msg: Message) -> dict:
-    return unflatten(dict(msg.content.config_records[protocol.SECAGG]))
+    """A node's reply payload: the ``secagg/`` keys of its hospital record."""
+    record = dict(msg.content.config_records.get(protocol.HOSPITAL, {}))
+    if not any(key.startswith(protocol.SECAGG) for key in record):
+        raise KeyError("the reply carries no secure-aggregation payload")
+    return unflatten(record, protocol.SECAGG)
 
 
 def _first_line(text: str | None) -> str:

@@ -63,7 +63,8 @@ def test_a_hospital_out_of_budget_is_reported_by_name_and_the_others_carry_on(tm
     for h in result.hospitals.values():
         if h.active:
             assert 0.9 < h.epsilon <= 1.0 + 1e-9  # the whole plan was spent, not more
-    assert "Switzerland" in result.rounds[-1].evaluation  # still evaluated: no privacy cost
+    for record in result.rounds:  # still evaluated every round (an evaluate message in the train exchange)
+        assert "Switzerland" in record.evaluation
 
 
 def test_the_run_stops_cleanly_when_too_few_hospitals_can_train(tmp_path):
@@ -95,6 +96,48 @@ def test_without_dp_no_ledger_is_written(tmp_path, strategy):
     assert all(h.epsilon is None for h in result.hospitals.values())
     assert not list((tmp_path / "ledgers").glob("privacy-ledger-*.json"))  # no DP: nothing to account
     assert len(list((tmp_path / "ledgers" / "audit").glob("*.jsonl"))) == 4  # releases are still logged
+
+
+class RecordingGrid(InProcessGrid):
+    """Keeps every exchange's message types and the train messages (the global model each carried)."""
+
+    def __init__(self, node_configs):
+        super().__init__(node_configs)
+        self.exchanges: list[list[str]] = []
+        self.train_messages: list[list[Message]] = []
+
+    def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        self.exchanges.append(sorted({m.metadata.message_type for m in messages}))
+        if any(m.metadata.message_type == "train" for m in messages):
+            self.train_messages.append([m for m in messages if m.metadata.message_type == "train"])
+        return super().send_and_receive(messages, timeout)
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_each_model_is_evaluated_in_the_next_train_exchange_and_the_last_one_alone(tmp_path, secure):
+    """One exchange fewer per round; the metrics are those of the model the round produced."""
+    grid = RecordingGrid(_nodes(tmp_path, [1.0] * 4))
+    s = RunSettings(num_rounds=3, dp=False, secure_aggregation=secure)
+    result = run_federation(grid, s, 4, lambda _: None, timeout=5, run_id=RUN_ID)
+    per_round = [["query.secagg_unmask"]] if secure else []
+    setup = [["query.secagg_advertise"], ["query.secagg_share_keys"]] if secure else []
+    assert grid.exchanges == [["query.feature_stats"], *setup,
+                              *([["train"], *per_round] * 3), ["evaluate"]]
+    for record, next_train in zip(result.rounds, grid.train_messages[1:] + [None]):
+        assert set(record.evaluation) == {"Cleveland", "Hungary", "Switzerland", "VA Long Beach", "pooled"}
+        if next_train is None:
+            continue
+        # the model the next round started from, evaluated on its own, gives the reported metrics
+        carried = next_train[0]
+        ask = Message(RecordDict({"arrays": carried.content["arrays"], "config": carried.content["config"]}),
+                      dst_node_id=carried.metadata.dst_node_id, message_type="evaluate")
+        alone = InProcessGrid.send_and_receive(grid, [ask])[0].content.metric_records["metrics"]
+        name = {100: "Cleveland", 101: "Hungary", 102: "Switzerland", 103: "VA Long Beach"}[
+            carried.metadata.dst_node_id]
+        assert record.evaluation[name]["n"] == alone["num-examples"]
+        assert record.evaluation[name]["accuracy"] == pytest.approx((alone["tp"] + alone["tn"]) / alone["num-examples"])
+        assert record.evaluation[name]["loss"] == pytest.approx(alone["loss-sum"] / alone["num-examples"])
 
 
 class FlakyGrid(InProcessGrid):
