@@ -408,7 +408,8 @@ def where_it_goes(analyses: list[dict]) -> list[str]:
              f"{a['load']:.1f} on {os.cpu_count()} cores:", "",
              f"- {transfer:.1f} s moving messages through the SuperLink (download {med['download']:.1f}, upload "
              f"{med['upload']:.1f}, reply pickup {med['reply-poll']:.1f}): Flower 1.41 sends every record, array and "
-             "array chunk as its own HTTP request (a secure train message is 9 objects, its reply 8), each one "
+             "array chunk as its own HTTP request (a secure train message is 8 objects and its reply 7, an unmask "
+             "message and its reply 3 each), each one "
              "TLS, node-signature check and Flower's FastAPI middleware stack at the SuperLink (about 25 ms of "
              "SuperLink CPU per request here, from a profile of the SuperLink process); the SuperLink process "
              f"alone used {a['superlink_cpu_per_round']:.1f} CPU-s a round, so requests queue behind each other.",
