@@ -45,8 +45,10 @@ class SequenceGRU(nn.Module):
         gate = real.to(x.dtype)
         gates_x = self.cell.ih(steps)                                 # (B, T, 3H), all steps at once
         h = x.new_zeros(x.shape[0], self.hidden)
-        for t in range(x.shape[1]):
-            h = h + gate[:, t] * (self.cell.step(gates_x[:, t], h) - h)
+        # unbind, not gates_x[:, t]: backward then stacks the T step gradients once instead of
+        # writing each into its own zero-filled (B, T, 3H) tensor and adding those up
+        for gates_t, gate_t in zip(gates_x.unbind(1), gate.unbind(1)):
+            h = h + gate_t * (self.cell.step(gates_t, h) - h)
         return self.head(h).squeeze(-1)
 
 
