@@ -334,14 +334,16 @@ def run_federation(grid: Grid, s: RunSettings, expected_hospitals: int, progress
             evaluators = {m.metadata.dst_node_id for m in eval_messages}
             training = {m.metadata.dst_node_id for m in messages}
             eval_only = [m for m in eval_messages if m.metadata.dst_node_id not in training]
-        replies = list(grid.send_and_receive(messages + eval_only, timeout=timeout))
+        sent = messages + eval_only
+        evaluating_only = {m.metadata.dst_node_id for m in eval_only}
+        replies = list(grid.send_and_receive(sent, timeout=timeout))
         summaries: dict[str, BinarySummary] = {}
         valid = []
         for msg in replies:
-            node = _sender(msg, messages + eval_only)
+            node = _sender(msg, sent)
             if not msg.has_error() and node in evaluators:
                 _collect_evaluation(msg, summaries)
-            if any(m.metadata.dst_node_id == node for m in eval_only):
+            if node in evaluating_only:
                 continue
             hospital = hospitals[node]
             if msg.has_error():
