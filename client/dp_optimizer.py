@@ -75,12 +75,12 @@ class ClippedSumDPOptimizer(DPOptimizerFastGradientClipping):
 
 def _shared_flat(grads: list[torch.Tensor]) -> torch.Tensor | None:
     """The 1-D tensor ``grads`` tile in order, start to end, when ``PerSampleClipper`` wrote them
-    so (it numbers the views it hands out); otherwise None."""
+    so (it lists the views it hands out on that tensor); otherwise None."""
     base = grads[0]._base if grads else None
-    if base is None:
+    views = getattr(base, "clipped_sum_views", None)
+    if views is None or len(views) != len(grads):
         return None
-    count = len(grads)
-    for index, g in enumerate(grads):
-        if g._base is not base or getattr(g, "clipped_sum_part", None) != (index, count):
+    for g, view in zip(grads, views):
+        if g._base is not base or id(g) != view:
             return None
     return base

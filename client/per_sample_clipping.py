@@ -15,9 +15,15 @@ and reports the step to the accountant, exactly as for Opacus's own ghost clippi
 follow Opacus: ``min(1, C / (||g_i|| + 1e-6))`` over all parameters together (flat clipping).
 
 Supported layers: ``nn.Linear`` (any number of leading position dimensions, and called any
-number of times in one forward pass, as a recurrent cell's hidden map is), ``nn.Conv2d``
-(``groups=1``, zero padding) and ``nn.GroupNorm``. A model with any other parameterised layer is
-refused.
+number of times in one forward pass), ``nn.Conv2d`` (``groups=1``, zero padding),
+``nn.GroupNorm`` and the masked GRU's ``GRUGates``. A model with any other parameterised layer
+is refused.
+
+``GRUGates`` is handled as one layer: the backward pass stops at its input map's output (the
+gate pre-activations of every time step, one tensor), and the hidden map's output gradients are
+derived from those: for the r and z gates they are the same values, for the candidate gate they
+are scaled by r, recomputed over all steps in one product. So no gradient is kept per time step
+and call, and the hidden map's inputs are the only per-step record.
 """
 
 from __future__ import annotations
@@ -29,10 +35,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from fedcare.errors import FedcareError
+from shared_models.sequence_gru import GRUGates
 
-SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d, nn.GroupNorm)
+SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d, nn.GroupNorm, GRUGates)
 _AUTOGRAD_ENGINE = torch.autograd.Variable._execution_engine  # the engine torch.autograd.grad runs
 
 
@@ -41,8 +49,9 @@ class _Record:
     """One layer's inputs, outputs and output gradients for every call in the current step."""
 
     inputs: list[torch.Tensor] = field(default_factory=list)
-    outputs: list[torch.Tensor] = field(default_factory=list)
+    outputs: list[GradientEdge | None] = field(default_factory=list)  # None: the output needs no gradient
     grads: list[torch.Tensor | None] = field(default_factory=list)
+    inputs_only: bool = False  # a map whose output gradients its composite layer derives itself
 
 
 class PerSampleClipper:
@@ -59,8 +68,18 @@ class PerSampleClipper:
         self.max_grad_norm = float(max_grad_norm)
         self.layers: list[tuple[nn.Module, _Rule]] = []
         covered: set[int] = set()
+        inside: set[int] = set()  # the parts of a composite layer, recorded for it
         for name, module in model.named_modules():
-            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            if id(module) in inside:
+                continue
+            if isinstance(module, GRUGates):
+                inside.update(id(m) for m in module.modules())
+                own = [p for p in module.parameters() if p.requires_grad]
+                if own and len(own) != len(list(module.parameters())):
+                    raise FedcareError(f"layer '{name}' (GRUGates) has some parameters frozen",
+                                       "train all of a GRU cell's parameters or none of them")
+            else:
+                own = [p for p in module.parameters(recurse=False) if p.requires_grad]
             if not own:
                 continue
             if not isinstance(module, SUPPORTED_LAYERS) or (isinstance(module, nn.Conv2d) and not _plain_conv(module)):
@@ -76,16 +95,24 @@ class PerSampleClipper:
         if missing:
             raise FedcareError(f"parameters outside supported layers: {', '.join(missing)}",
                                "use Linear, Conv2d and GroupNorm layers, or train without DP")
-        self._own_params = [[p for p in m.parameters(recurse=False) if p.requires_grad] for m, _ in self.layers]
+        self._own_params = [[p for p in m.parameters(recurse=isinstance(m, GRUGates)) if p.requires_grad]
+                            for m, _ in self.layers]
         self._sizes = [p.numel() for p in self.params]
+        self._shapes = [p.shape for p in self.params]
+        self._param_ids = [id(p) for p in self.params]
         self._records: dict[nn.Module, _Record] = {}
         self._recording = False
         self.last_norms: torch.Tensor | None = None  # per-sample gradient norms of the last step
-        # Each layer's forward is wrapped once (an instance attribute over the class's forward):
-        # a forward hook would send every call down nn.Module's slow path, and adding and
+        # What is recorded: each layer, or a GRU's two maps; the hidden map only its inputs.
+        recorded: list[tuple[nn.Module, bool]] = []
+        for module, _ in self.layers:
+            recorded += [(module.ih, False), (module.hh, True)] if isinstance(module, GRUGates) else [(module, False)]
+        self._inputs_only = {id(m) for m, only in recorded if only}
+        # Each recorded module's forward is wrapped once (an instance attribute over the class's
+        # forward): a forward hook would send every call down nn.Module's slow path, and adding and
         # removing hooks every step costs as much as a small layer.
         # While wrapped, copy or pickle the model only after ``close()``.
-        self._wrapped = [(m, m.__dict__.get("forward")) for m, _ in self.layers]
+        self._wrapped = [(m, m.__dict__.get("forward")) for m, _ in recorded]
         for module, _ in self._wrapped:
             module.forward = self._recorder(module)
 
@@ -103,7 +130,7 @@ class PerSampleClipper:
         """Record the inputs and outputs of every supported layer during a forward pass."""
         if not self._wrapped:
             raise RuntimeError("this PerSampleClipper was closed")
-        self._records = {m: _Record() for m, _ in self.layers}
+        self._records = {m: _Record(inputs_only=id(m) in self._inputs_only) for m, _ in self._wrapped}
         self._recording = True
         try:
             yield
@@ -118,7 +145,9 @@ class PerSampleClipper:
             if self._recording:
                 record = self._records[module]
                 record.inputs.append(x)  # read under no_grad only
-                record.outputs.append(output)
+                if not record.inputs_only:
+                    # the output's place in the graph, not the output: nothing keeps its values alive
+                    record.outputs.append(_edge(output) if output.requires_grad else None)
             return output
         return recorded
 
@@ -132,17 +161,16 @@ class PerSampleClipper:
         self._records = {}
         first = self.params[0]
         flat = torch.empty(sum(self._sizes), device=first.device, dtype=first.dtype)
-        out = {}
-        count = len(self.params)
-        for index, (p, part) in enumerate(zip(self.params, flat.split_with_sizes(self._sizes))):
-            view = part.view_as(p)
-            view.clipped_sum_part = (index, count)  # tells ClippedSumDPOptimizer the views tile ``flat``
-            p.grad = out[id(p)] = view
+        views = [part.view(shape) for part, shape in zip(flat.split_with_sizes(self._sizes), self._shapes)]
+        flat.clipped_sum_views = tuple(map(id, views))  # tells ClippedSumDPOptimizer the views tile ``flat``
+        for p, view in zip(self.params, views):
+            p.grad = view
+        out = dict(zip(self._param_ids, views))
         if batch_size == 0:  # an empty Poisson batch: the step still happens, on noise alone
             flat.zero_()
             self.last_norms = torch.zeros(0)
             return self.last_norms
-        wanted = [(r, i, o) for r in records.values() for i, o in enumerate(r.outputs) if o.requires_grad]
+        wanted = [(r, i, o) for r in records.values() for i, o in enumerate(r.outputs) if o is not None]
         grads = _grads_to(loss, tuple(o for _, _, o in wanted)) if wanted else ()
         for r in records.values():
             r.grads = [None] * len(r.outputs)
@@ -151,7 +179,7 @@ class PerSampleClipper:
             r.grads[i] = g
         del wanted, grads  # the records now hold the only references: rules can free as they go
         with torch.no_grad():
-            parts = [rule(module, records[module], out) for module, rule in self.layers]
+            parts = [rule(module, records, out) for module, rule in self.layers]
             squares = [sq for _, sq in parts if sq is not None]
             if not squares:  # no recorded layer reached the loss: every gradient is zero
                 squares = [torch.zeros(batch_size, device=first.device, dtype=first.dtype)]
@@ -168,17 +196,27 @@ class PerSampleClipper:
         return norms
 
 
-def _grads_to(loss: torch.Tensor, outputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, ...]:
+def _grads_to(loss: torch.Tensor, outputs: tuple[GradientEdge, ...]) -> tuple[torch.Tensor | None, ...]:
     """``torch.autograd.grad(loss, outputs, allow_unused=True)`` for a scalar loss, called on
     autograd's engine directly: the wrapper's argument handling costs ~50 us a call on a CPU,
     a tenth of a small tabular model's whole step."""
     return _AUTOGRAD_ENGINE.run_backward((loss,), (torch.ones_like(loss),), False, False, outputs, True, False)
 
 
+def _edge(output: torch.Tensor) -> GradientEdge:
+    """``get_gradient_edge(output)`` for a layer's output, built directly where autograd's own
+    node keeps the graph alive (what ``get_gradient_edge`` checks costs a small layer's time)."""
+    node = output.grad_fn
+    if node is None or isinstance(node, torch._C._FunctionBase):
+        return get_gradient_edge(output)
+    return GradientEdge(node, output.output_nr)
+
+
 # Writes a layer's clipped sum into its gradient views, given the clip factors as (B,) and (B, 1).
 _Summer = Callable[[torch.Tensor, torch.Tensor], None]
-# (layer, its record, the gradient views by parameter id) -> (summer, per-sample squared norms)
-_Rule = Callable[[nn.Module, "_Record", dict[int, torch.Tensor]], tuple[_Summer | None, torch.Tensor | None]]
+# (layer, the records by module, the gradient views by parameter id) -> (summer, per-sample squared norms)
+_Rule = Callable[[nn.Module, dict[nn.Module, "_Record"], dict[int, torch.Tensor]],
+                 tuple[_Summer | None, torch.Tensor | None]]
 
 
 def _plain_conv(module: nn.Conv2d) -> bool:
@@ -190,7 +228,8 @@ def _pairs(record: _Record) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(x, g) for x, g in zip(record.inputs, record.grads) if g is not None]
 
 
-def _linear(module: nn.Linear, record: _Record, out_views: dict[int, torch.Tensor]):
+def _linear(module: nn.Linear, records: dict[nn.Module, _Record], out_views: dict[int, torch.Tensor]):
+    record = records[module]
     pairs = _pairs(record)
     if not pairs:
         return None, None
@@ -219,33 +258,54 @@ def _linear(module: nn.Linear, record: _Record, out_views: dict[int, torch.Tenso
     g = _positions([y for _, y in pairs], batch)                                 # (B, T, out)
     del pairs
     record.inputs, record.grads = [], []  # per-call tensors, now copied into a and g (or viewed)
+    return _over_positions(a, g, out_views[id(module.weight)], out_views[id(module.bias)] if bias else None)
+
+
+def _over_positions(a: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                    ) -> tuple[_Summer, torch.Tensor]:
+    """A linear map applied at T positions per sample, inputs ``a`` (B, T, in) and output
+    gradients ``g`` (B, T, out), both possibly strided views: each sample's squared gradient norm,
+    and the summer writing sum_i clip_i sum_t g_it a_it^T into ``weight`` (and sum_t g_it into
+    ``bias``)."""
     positions, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
-    gb = g.sum(1) if bias else None                                              # (B, out)
+    gb = g.sum(1) if bias is not None else None                                  # (B, out)
+    a2, g2 = a.flatten(0, 1), g.flatten(0, 1)                                    # views of (B*T, ...)
     if positions * positions < d_in * d_out:
-        # Gram form: ||sum_t g_t a_t^T||^2 = sum_{t,s} (g_t . g_s)(a_t . a_s)
-        sq = torch.linalg.vecdot(torch.bmm(g, g.transpose(1, 2)).flatten(1), torch.bmm(a, a.transpose(1, 2)).flatten(1))
+        sq = _gram_norms(a, g)
 
         def summer(coef: torch.Tensor, column: torch.Tensor) -> None:
             # scale whichever side is narrower: the product is the same, the temporary smaller
             if d_in <= d_out:
-                torch.mm(g.reshape(-1, d_out).t(), (a * column.unsqueeze(2)).reshape(-1, d_in),
-                         out=out_views[id(module.weight)])
+                torch.mm(g2.t(), (a * column.unsqueeze(2)).flatten(0, 1), out=weight)
             else:
-                torch.mm((g * column.unsqueeze(2)).reshape(-1, d_out).t(), a.reshape(-1, d_in),
-                         out=out_views[id(module.weight)])
-            if bias:
-                torch.mv(gb.t(), coef, out=out_views[id(module.bias)])
+                torch.mm((g * column.unsqueeze(2)).flatten(0, 1).t(), a2, out=weight)
+            if bias is not None:
+                torch.mv(gb.t(), coef, out=bias)
     else:
         per_sample = torch.bmm(g.transpose(1, 2), a)                             # (B, out, in)
         sq = per_sample.pow(2).sum((1, 2))
 
         def summer(coef: torch.Tensor, column: torch.Tensor) -> None:
-            torch.mv(per_sample.flatten(1).t(), coef, out=out_views[id(module.weight)].view(-1))
-            if bias:
-                torch.mv(gb.t(), coef, out=out_views[id(module.bias)])
-    if bias:
+            torch.mv(per_sample.flatten(1).t(), coef, out=weight.view(-1))
+            if bias is not None:
+                torch.mv(gb.t(), coef, out=bias)
+    if bias is not None:
         sq = sq + gb.pow(2).sum(1)
     return summer, sq
+
+
+def _gram_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per sample ||sum_t g_t a_t^T||^2 = sum_{t,s} (g_t . g_s)(a_t . a_s), over chunks of samples
+    so that the (T, T) Gram matrices in flight stay near ``_GRAM_ELEMENTS`` values, not B T^2."""
+    batch, positions = a.shape[0], a.shape[1]
+    chunk = max(1, _GRAM_ELEMENTS // (positions * positions))
+    if chunk >= batch:
+        return torch.linalg.vecdot(torch.bmm(g, g.transpose(1, 2)).flatten(1),
+                                   torch.bmm(a, a.transpose(1, 2)).flatten(1))
+    return torch.cat([_gram_norms(a[i:i + chunk], g[i:i + chunk]) for i in range(0, batch, chunk)])
+
+
+_GRAM_ELEMENTS = 16384
 
 
 def _positions(tensors: list[torch.Tensor], batch: int) -> torch.Tensor:
@@ -257,7 +317,8 @@ def _positions(tensors: list[torch.Tensor], batch: int) -> torch.Tensor:
     return torch.cat([t.reshape(batch, -1, t.shape[-1]) for t in tensors], dim=1)
 
 
-def _conv2d(module: nn.Conv2d, record: _Record, out_views: dict[int, torch.Tensor]):
+def _conv2d(module: nn.Conv2d, records: dict[nn.Module, _Record], out_views: dict[int, torch.Tensor]):
+    record = records[module]
     pairs = _pairs(record)
     if not pairs:
         return None, None
@@ -287,7 +348,8 @@ def _conv2d(module: nn.Conv2d, record: _Record, out_views: dict[int, torch.Tenso
     return summer, sq
 
 
-def _group_norm(module: nn.GroupNorm, record: _Record, out_views: dict[int, torch.Tensor]):
+def _group_norm(module: nn.GroupNorm, records: dict[nn.Module, _Record], out_views: dict[int, torch.Tensor]):
+    record = records[module]
     pairs = _pairs(record)
     if not pairs:
         return None, None
@@ -311,4 +373,57 @@ def _group_norm(module: nn.GroupNorm, record: _Record, out_views: dict[int, torc
     return summer, sq
 
 
-_RULES = {nn.Linear: _linear, nn.Conv2d: _conv2d, nn.GroupNorm: _group_norm}
+def _gru_gates(module: GRUGates, records: dict[nn.Module, _Record], out_views: dict[int, torch.Tensor]):
+    ih, hh, hidden = module.ih, module.hh, module.hidden
+    pairs = _pairs(records[ih])
+    if not pairs:
+        return None, None
+    batch = pairs[0][0].shape[0]
+    x = _positions([a for a, _ in pairs], batch)                                 # (B, T, d) step inputs
+    g = _positions([y for _, y in pairs], batch)                                 # (B, T, 3H) gate pre-activations
+    del pairs
+    hh_inputs = records[hh].inputs
+    if len(hh_inputs) != g.shape[1]:
+        raise FedcareError(f"GRUGates: the hidden map ran {len(hh_inputs)} times for {g.shape[1]} input steps",
+                           "call the cell's step once per time step of its input map's output")
+    records[ih].inputs, records[ih].grads = [], []
+    sq = _summed_map_sq(x, g)
+    h = torch.stack(hh_inputs, 1)                                                # (B, T, H): h_{t-1}
+    records[hh].inputs = []
+    # The hidden map's output gradients: for the r and z rows g's own, for the candidate's rows
+    # g's times r, recomputed here for all steps at once (in the buffer that then holds the product).
+    r_rows, rz, candidate = slice(0, hidden), slice(0, 2 * hidden), slice(2 * hidden, 3 * hidden)
+    g_candidate = torch.addmm(ih.bias[r_rows], x.flatten(0, 1), ih.weight[r_rows].t())
+    g_candidate.addmm_(h.flatten(0, 1), hh.weight[r_rows].t()).add_(hh.bias[r_rows]).sigmoid_()
+    g_candidate = g_candidate.view_as(h).mul_(g[..., candidate])                # (B, T, H)
+    sq += _summed_map_sq(h, g[..., rz]) + _summed_map_sq(h, g_candidate)
+
+    def summer(coef: torch.Tensor, column: torch.Tensor) -> None:
+        # Scaled in place, so the products need no temporary: g is the input map's output gradient
+        # as the backward pass returned it (the time steps' gradients stacked into a tensor of its
+        # own) and g_candidate was made here; nothing reads either unscaled any more.
+        scale = column.unsqueeze(2)
+        g.mul_(scale)
+        g_candidate.mul_(scale)
+        x2, h2, g2 = x.flatten(0, 1), h.flatten(0, 1), g.flatten(0, 1)
+        torch.mm(g2.t(), x2, out=out_views[id(ih.weight)])
+        torch.sum(g2, 0, out=out_views[id(ih.bias)])
+        torch.mm(g2[:, rz].t(), h2, out=out_views[id(hh.weight)][rz])
+        torch.sum(g2[:, rz], 0, out=out_views[id(hh.bias)][rz])
+        torch.mm(g_candidate.flatten(0, 1).t(), h2, out=out_views[id(hh.weight)][candidate])
+        torch.sum(g_candidate.flatten(0, 1), 0, out=out_views[id(hh.bias)][candidate])
+    return summer, sq
+
+
+def _summed_map_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per sample, the squared norm of a linear map's gradient over T positions with a bias:
+    ||sum_t g_t a_t^T||^2 + ||sum_t g_t||^2, for inputs ``a`` (B, T, in) and output gradients
+    ``g`` (B, T, out)."""
+    if a.shape[1] ** 2 < a.shape[2] * g.shape[2]:
+        sq = _gram_norms(a, g)
+    else:
+        sq = torch.bmm(g.transpose(1, 2), a).pow_(2).sum((1, 2))
+    return sq.add_(g.sum(1).pow_(2).sum(1))
+
+
+_RULES = {nn.Linear: _linear, nn.Conv2d: _conv2d, nn.GroupNorm: _group_norm, GRUGates: _gru_gates}

@@ -58,6 +58,8 @@ CASES = {
                              torch.randn(5, 2, 9, 9, dtype=torch.float64)),
     "gru": lambda: (build_model("gru", (6, 5)), _sequences(9, 6, 4)),
     "gru-long": lambda: (build_model("gru", (40, 3)), _sequences(4, 40, 2)),  # more steps than weights
+    # enough samples x steps that the (T, T) Gram products are taken a chunk of samples at a time
+    "gru-chunked": lambda: (build_model("gru", (40, 3)), _sequences(23, 40, 2)),
 }
 
 
