@@ -158,12 +158,13 @@ def _tree_cpu_seconds(pids: list[int], children: bool = True) -> float:
 
 
 def run_mode(mode: str, app_dir: Path, n_nodes: int, rounds: int, work: Path, timeout: float,
-             poll: str | None = None) -> dict:
+             poll: str | None = None, superlink_state: str = "database") -> dict:
     """One deployment run in ``mode``; returns its results, trace and node logs (parsed)."""
     work.mkdir(parents=True)
     port = _free_port()
     names = HOSPITALS[:n_nodes]
-    files = init_deployment(work / "deploy", names, superlink_address=f"127.0.0.1:{port}")
+    files = init_deployment(work / "deploy", names, superlink_address=f"127.0.0.1:{port}",
+                            superlink_state=superlink_state)
     trace = work / "trace.jsonl"
     env = {**os.environ, **SAFE_ENVIRONMENT, "FLWR_HOME": str(files.flwr_home), "FEDCARE_TIMING_LOG": str(trace),
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1"}
@@ -408,11 +409,12 @@ def where_it_goes(analyses: list[dict]) -> list[str]:
              f"{a['load']:.1f} on {os.cpu_count()} cores:", "",
              f"- {transfer:.1f} s moving messages through the SuperLink (download {med['download']:.1f}, upload "
              f"{med['upload']:.1f}, reply pickup {med['reply-poll']:.1f}): Flower 1.41 sends every record, array and "
-             "array chunk as its own HTTP request (a secure train message is 8 objects and its reply 7, an unmask "
-             "message and its reply 3 each), each one "
-             "TLS, node-signature check and Flower's FastAPI middleware stack at the SuperLink (about 25 ms of "
-             "SuperLink CPU per request here, from a profile of the SuperLink process); the SuperLink process "
-             f"alone used {a['superlink_cpu_per_round']:.1f} CPU-s a round, so requests queue behind each other.",
+             "array chunk as its own HTTP request (a secure train message is 8 objects and its reply 3, an unmask "
+             "message and its reply 3 each). At the SuperLink each request costs its FastAPI middleware stack "
+             "(~4.4 ms of SuperLink CPU for a bare /health request here) plus, with a `--database`, the SQLAlchemy "
+             "queries on its SQLite state (node-key lookup, run status, message and object rows), which cost "
+             "more than the rest (see docs/benchmarks.md); the SuperLink process alone used "
+             f"{a['superlink_cpu_per_round']:.1f} CPU-s a round, so requests queue behind each other.",
              f"- {med['pickup']:.1f} s until nodes noticed a new message (polling, 50 ms after their last message "
              "backing off to `poll-interval`).",
              f"- {med['start']:.1f} s from a stored message to the handler: the warm executor's fork, the task input "
@@ -435,6 +437,9 @@ def main() -> None:
                              "of the code before this change, to measure the original ClientApp imports")
     parser.add_argument("--poll-interval", default=None, help="fedcare mode: the nodes' poll-interval "
                         "(default: what `fedcare deploy init` writes)")
+    parser.add_argument("--superlink-states", nargs="+", default=["database"], choices=["database", "memory"],
+                        help="where the SuperLink keeps its state (`fedcare deploy init --superlink-state`); "
+                             "each mode runs once per state")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds one run may take")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, trace)")
     parser.add_argument("--write", type=Path, default=None, help="markdown file whose section to rewrite")
@@ -443,11 +448,13 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="fedcare-bench-deploy-"))
     analyses = []
     try:
-        for mode in args.modes:
+        for mode, state in [(m, s) for m in args.modes for s in args.superlink_states]:
             app_dir = args.baseline_app_dir.resolve() if (mode == "flower" and args.baseline_app_dir) else ROOT
-            print(f"{mode}: {args.nodes} nodes, {args.rounds} rounds (app {app_dir}) ...", flush=True)
-            analysis = analyse(run_mode(mode, app_dir, args.nodes, args.rounds, work / mode, args.timeout,
-                                        args.poll_interval))
+            label = mode if state == "database" else f"{mode}, memory state"
+            print(f"{label}: {args.nodes} nodes, {args.rounds} rounds (app {app_dir}) ...", flush=True)
+            analysis = analyse(run_mode(mode, app_dir, args.nodes, args.rounds, work / f"{mode}-{state}",
+                                        args.timeout, args.poll_interval, state))
+            analysis["mode"] = label
             analyses.append(analysis)
             for r in analysis["rounds"]:
                 print(f"  round {r['round']}: wall {r['wall']:.1f} s, slowest training {r['slowest_train']:.2f} s, "
@@ -464,7 +471,8 @@ def main() -> None:
         HEADING,
         "",
         f"Measured {date.today().isoformat()} on {platform.machine()}, {os.cpu_count()} cores (shared), one "
-        f"machine: SuperLink with TLS and --enable-supernode-auth, {args.nodes} registered SuperNodes started "
+        f"machine: SuperLink with TLS and --enable-supernode-auth (state in a SQLite file, `--database`, unless "
+        f"the mode says memory state), {args.nodes} registered SuperNodes started "
         "with `fedcare node start` (Fed-Heart-Disease partitions, DP-SGD on), secure aggregation on, the default "
         f"logistic model, {args.rounds} rounds, everything on 127.0.0.1. Overhead = round wall time - the "
         "slowest node's local training time (`train-seconds` in its train reply). Stages follow each exchange's "

@@ -71,13 +71,14 @@ def run_once(root: Path, out: Path, hidden: int, secure: bool, rounds: int) -> d
 
 
 def wire_bytes(params: int, n_nodes: int) -> tuple[int, int]:
-    """Serialized train-reply payload per node: plain float32 ArrayRecord vs masked reply records."""
+    """Serialized train-reply payload per node: plain float32 ArrayRecord vs the masked reply's record
+    (the masked vector packed as bytes among its keys, as the ClientApp sends it)."""
     from flwr.app import Array, ArrayRecord, ConfigRecord
     from flwr.common.serde import array_record_to_proto, config_record_to_proto
 
     from secure_aggregation import inprocess
     from secure_aggregation.quantization import Quantizer
-    from secure_aggregation.records import flatten
+    from secure_aggregation.records import flatten, pack_vector
 
     plain = array_record_to_proto(ArrayRecord({"w": Array(np.zeros(params, dtype=np.float32))})).ByteSize()
     state = Path(tempfile.mkdtemp(prefix="fedcare-bench-secagg-"))
@@ -90,9 +91,8 @@ def wire_bytes(params: int, n_nodes: int) -> tuple[int, int]:
         node = SecAggNode(inprocess.state_path(state, 1, nodes[0]))
         node.receive_keys(1, requests[nodes[0]]["s_public_keys"], requests[nodes[0]]["s_share_ciphertexts"])
         reply = node.mask(1, Quantizer(10.0).encode(np.zeros(params), 1))
-        masked = reply.pop("masked")
-        secure = (array_record_to_proto(ArrayRecord({"masked": Array(masked)})).ByteSize()
-                  + config_record_to_proto(ConfigRecord(flatten(reply))).ByteSize())
+        reply["masked"] = pack_vector(reply["masked"])
+        secure = config_record_to_proto(ConfigRecord(flatten(reply))).ByteSize()
     finally:
         shutil.rmtree(state, ignore_errors=True)
     return plain, secure

@@ -195,10 +195,10 @@ def _traced(run: Callable[[Message, Context], Message]) -> Callable[[Message, Co
             return run(msg, context)
         started = time.time()
         reply = run(msg, context)
-        metrics = reply.content.metric_records.get(protocol.METRICS) if reply.has_content() else None
+        report = reply.content.config_records.get(protocol.HOSPITAL) if reply.has_content() else None
         timing.trace("clientapp", type=msg.metadata.message_type, round=msg.metadata.group_id,
                      node=context.node_id, process_start=timing.process_started_at(), handler_start=started,
-                     train_s=metrics.get("train-seconds") if metrics is not None else None)
+                     train_s=report.get(f"{protocol.TRAINED}train-seconds") if report is not None else None)
         return reply
 
     return traced
@@ -298,33 +298,36 @@ def _train_received(node: _Node, msg: Message, report: dict[str, Any]) -> Messag
     )
     # local training wall time (to 10 ms), so the coordinator can tell training from round overhead
     train_seconds = round(time.perf_counter() - started, 2)
-    metrics: dict[str, Any] = {protocol.NUM_EXAMPLES: _public_size(node, data), "train-seconds": train_seconds}
-    records: dict[str, Any] = {protocol.ARRAYS: model_to_arrays(model)}
-    request = None
+    trained: dict[str, Any] = {"train-seconds": train_seconds}
+    weight = _public_size(node, data)
+    request, sent = None, model_to_arrays(model)
+    records: dict[str, Any] = {}
     if _secure(msg):
         from client import secure_update
 
         # Masked before the ledger records: an update outside the clip range is never released.
+        # The whole reply is then the hospital record: the weight travels masked, not as a metric.
         request = secure_update.payload(msg.content)
         masked, secagg = secure_update.masked_update(
-            node.secagg_state(), request, global_arrays,
-            records.pop(protocol.ARRAYS), int(metrics[protocol.NUM_EXAMPLES]),
-            float(node.config["secagg-clip-range"]))
-        records[protocol.MASKED] = masked
+            node.secagg_state(), request, global_arrays, sent, int(weight), float(node.config["secagg-clip-range"]))
+        sent = {"masked": masked}
         report = report | secagg
+    else:
+        records = {protocol.ARRAYS: sent, protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: weight})}
     eps = None
     if ledger is not None:
         eps = ledger.record(str(node.context.run_id), server_round, "train", outcome.steps,
                             noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm)
-        metrics.update({"epsilon": eps, "noise-multiplier": dp.noise_multiplier,
+        trained.update({"epsilon": eps, "noise-multiplier": dp.noise_multiplier,
                         "steps": sum(k for _, _, k in outcome.steps)})
     elif request is None:
-        metrics["train-loss"] = outcome.mean_loss  # only without DP or secure aggregation
-    _audit_train(node, data, global_arrays, records, request, outcome, dp, eps)
-    return _reply(msg, data.name, report, **records, **{protocol.METRICS: MetricRecord(metrics)})
+        records[protocol.METRICS]["train-loss"] = outcome.mean_loss  # only without DP or secure aggregation
+    _audit_train(node, data, global_arrays, sent, request, outcome, dp, eps)
+    report = report | {f"{protocol.TRAINED}{k}": v for k, v in trained.items()}
+    return _reply(msg, data.name, report, **records)
 
 
-def _audit_train(node: _Node, data: HospitalData, global_arrays: Any, records: dict[str, Any],
+def _audit_train(node: _Node, data: HospitalData, global_arrays: Any, sent: Any,
                  request: dict | None, outcome: Any, dp: Any, eps: float | None) -> None:
     from client import audit_trail
 
@@ -337,7 +340,7 @@ def _audit_train(node: _Node, data: HospitalData, global_arrays: Any, records: d
                  if dp is not None else None)
     audit_trail.release(node.audit_log(data.name), run_id=node.context.run_id, round_=int(node.config["server-round"]),
                         stage="train", data_fingerprint=data.fingerprint(), global_arrays=global_arrays,
-                        sent=records[protocol.MASKED if secure else protocol.ARRAYS], dp=dp_params, epsilon=eps,
+                        sent=sent, dp=dp_params, epsilon=eps,
                         secagg=secagg)
 
 

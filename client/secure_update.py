@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import ArrayRecord, RecordDict
 
 from fedcare import protocol
 from secure_aggregation import Quantizer, SecAggNode
-from secure_aggregation.records import flatten, unflatten
+from secure_aggregation.records import flatten, pack_vector, unflatten
 
 
 def state_file(state_dir: str | Path, run_id: int, node_id: int) -> Path:
@@ -41,9 +41,9 @@ def share_keys(path: Path, request: dict) -> dict[str, Any]:
 
 
 def masked_update(path: Path, request: dict, global_arrays: ArrayRecord, trained: ArrayRecord,
-                  weight: int, clip: float) -> tuple[ArrayRecord, dict[str, Any]]:
-    """Quantise weight x (trained - global), mask it for this round: the masked vector's record and
-    the reply's ``secagg/`` keys.
+                  weight: int, clip: float) -> tuple[np.ndarray, dict[str, Any]]:
+    """Quantise weight x (trained - global), mask it for this round: the masked vector, and the
+    reply's ``secagg/`` keys (the masked vector packed among them).
 
     Raises ``ClipRangeError`` (nothing released) when the update leaves the agreed clip range.
     """
@@ -57,7 +57,7 @@ def masked_update(path: Path, request: dict, global_arrays: ArrayRecord, trained
     node.receive_keys(rnd, request["s_public_keys"], request["s_share_ciphertexts"])
     reply = node.mask(rnd, encoded)
     masked = reply.pop("masked")
-    return ArrayRecord({"masked": Array(masked)}), flatten(reply, protocol.SECAGG)
+    return masked, flatten(reply | {"masked": pack_vector(masked)}, protocol.SECAGG)
 
 
 def unmask(path: Path, request: dict, last_round: bool) -> dict[str, Any]:

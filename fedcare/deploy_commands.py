@@ -61,12 +61,15 @@ def init(
                                             "(repeatable) [127.0.0.1, localhost]"),
     address: str = typer.Option("127.0.0.1:9092", "--address", help="the SuperLink's HOST:PORT"),
     force: bool = typer.Option(False, "--force", help="replace existing keys (replaced node keys must be registered again)"),
+    superlink_state: str = typer.Option("database", "--superlink-state",
+                                        help="database: a SQLite file, kept across SuperLink restarts; memory: about "
+                                        "half the SuperLink's work per request, lost when it restarts"),
 ) -> None:
     """Write a CA, the SuperLink's TLS certificate, one node key per hospital, settings and COMMANDS.md."""
     from fedcare.deploy_pki import init_deployment
 
     try:
-        files = init_deployment(out_dir, hospital, san or None, address, force=force)
+        files = init_deployment(out_dir, hospital, san or None, address, force=force, superlink_state=superlink_state)
     except FedcareError as exc:
         _fail(exc.problem, exc.hint)
     console = _console()

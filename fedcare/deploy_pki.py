@@ -41,6 +41,11 @@ CA_DAYS = 3650
 SERVER_DAYS = 825
 FIRST_CLIENTAPPIO_PORT = 9094       # flower-supernode's default Runtime API port
 DEMO_PARTITIONS = 4                 # fed-heart-disease has 4 real hospitals
+# Where the SuperLink keeps its state (registered node keys, runs, messages in flight):
+#   database: a SQLite file (--database); a restarted SuperLink knows its nodes and runs.
+#   memory:   Flower's in-memory state, about half the SuperLink CPU per request (measured in
+#             bench/bench_deployment_overhead.py); a restarted SuperLink starts empty.
+SUPERLINK_STATES = ("database", "memory")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -68,12 +73,12 @@ class DeploymentFiles:
     flwr_home: Path
     connection: str
     superlink_address: str
-    database: Path
+    database: Path | None               # None: the SuperLink keeps its state in memory
     hospitals: list[HospitalFiles] = field(default_factory=list)
     commands_file: Path | None = None
 
     def superlink_command(self, executable: str = "flower-superlink") -> list[str]:
-        """The SuperLink: TLS on its one port, node authentication, persistent state."""
+        """The SuperLink: TLS on its one port, node authentication, its state in a file or in memory."""
         host, port = split_address(self.superlink_address)
         return [executable,
                 "--ssl-ca-certfile", str(self.ca_certificate),
@@ -81,7 +86,7 @@ class DeploymentFiles:
                 "--ssl-keyfile", str(self.server_key),
                 "--enable-supernode-auth",
                 "--host", host, "--port", str(port),
-                "--database", str(self.database),
+                *(["--database", str(self.database)] if self.database is not None else []),
                 "--disable-runtime-dependency-installation"]
 
     def register_command(self, hospital: HospitalFiles, executable: str = "flwr") -> list[str]:
@@ -231,9 +236,15 @@ def _commands_md(files: DeploymentFiles) -> str:
     lines = ["# fedcare deployment: commands, in order", "",
              f"SuperLink address: `{files.superlink_address}`; connection name for `flwr`: `{files.connection}`.",
              "Keep `ca/ca.key` offline once the SuperLink certificate is issued.", "",
-             "## 1. Coordinator: start the SuperLink (TLS, node authentication, persistent state)", "",
+             ("## 1. Coordinator: start the SuperLink (TLS, node authentication, persistent state)"
+              if files.database is not None else
+              "## 1. Coordinator: start the SuperLink (TLS, node authentication, state in memory)"), "",
              "    " + env,
              "    " + shlex.join(files.superlink_command()), "",
+             *([] if files.database is not None else [
+                 "A restarted SuperLink starts empty: register the hospitals again (step 2) and relaunch the",
+                 "run with `resume=true` (fedcare's checkpoint continues it). Where the SuperLink must keep",
+                 "its nodes and runs across restarts, use `fedcare deploy init --superlink-state database`.", ""]),
              "## 2. Coordinator: register each hospital's node public key", ""]
     lines += ["    " + shlex.join(files.register_command(h)) for h in files.hospitals]
     lines += ["", "## 3. Each hospital: copy its folder there, edit `[data]` in hospital.toml, start the node", "",
@@ -248,8 +259,12 @@ def _commands_md(files: DeploymentFiles) -> str:
 
 
 def init_deployment(out_dir: Path, hospitals: list[str], sans: list[str] | None = None,
-                    superlink_address: str = "127.0.0.1:9092", force: bool = False) -> DeploymentFiles:
-    """Create the CA, the SuperLink certificate, one node key per hospital, settings and COMMANDS.md."""
+                    superlink_address: str = "127.0.0.1:9092", force: bool = False,
+                    superlink_state: str = "database") -> DeploymentFiles:
+    """Create the CA, the SuperLink certificate, one node key per hospital, settings and COMMANDS.md.
+
+    ``superlink_state`` (one of ``SUPERLINK_STATES``) is where the SuperLink command keeps its state.
+    """
     sans = list(sans) if sans else ["127.0.0.1", "localhost"]
     out = _private_dir(Path(out_dir).resolve())
     host, _ = split_address(superlink_address)
@@ -261,6 +276,9 @@ def init_deployment(out_dir: Path, hospitals: list[str], sans: list[str] | None 
                                "use letters, digits, '-', '_' or '.' (not ca, superlink, flwr-home)")
     if len(set(hospitals)) != len(hospitals):
         raise FedcareError("a hospital is named twice", "give each --hospital a distinct name")
+    if superlink_state not in SUPERLINK_STATES:
+        raise FedcareError(f"unknown SuperLink state '{superlink_state}'",
+                           f"use one of: {', '.join(SUPERLINK_STATES)}")
     _san(sans)                      # every SAN is an IP or DNS name
     if host not in sans:
         raise FedcareError(f"the SuperLink address host '{host}' is not among the certificate SANs {sans}",
@@ -300,7 +318,8 @@ def init_deployment(out_dir: Path, hospitals: list[str], sans: list[str] | None 
         bundles.append(HospitalFiles(name, folder, folder / "node.key", public, folder / "ca.crt", settings))
 
     files = DeploymentFiles(out, ca_cert_path, ca_key_path, link_dir / "server.crt", link_dir / "server.key",
-                            home, "fedcare", superlink_address, link_dir / "state.db", bundles,
+                            home, "fedcare", superlink_address,
+                            link_dir / "state.db" if superlink_state == "database" else None, bundles,
                             out / "COMMANDS.md")
     files.commands_file.write_text(_commands_md(files))
     return files

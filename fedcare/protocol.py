@@ -9,6 +9,10 @@ REFUSAL = "refusal"     # ConfigRecord in a reply that declines: {"reason": ...,
 NUM_EXAMPLES = "num-examples"
 EVALUATE_INCOMING = "evaluate-incoming"  # train config flag: test the received model before training on it
 EVALUATION = "evaluation/"  # key prefix, in such a train reply's hospital record: the received model's test metrics
+# Key prefix, in a train reply's hospital record: the hospital's own report on its training
+# (train-seconds; with DP epsilon, noise-multiplier, steps). Not in the MetricRecord, which holds
+# only what the strategy aggregates (num-examples, and train-loss without DP or secure aggregation).
+TRAINED = "trained/"
 
 # Secure aggregation (see secure_aggregation/ and server/secure_rounds.py)
 SECAGG_ADVERTISE = "query.secagg_advertise"     # setup 1: node's public keys
@@ -17,5 +21,6 @@ SECAGG_UNMASK = "query.secagg_unmask"           # per round: reveal shares for s
 # A (flattened) protocol payload rides under this key prefix in the message's config record (server
 # -> node) and in the reply's hospital record (node -> server): every record is one more request
 # per node and message at the SuperLink, so none is added for it.
+# The masked update too, as bytes (``secure_aggregation.records.pack_vector``) under "secagg/masked":
+# a secure train reply is the hospital record alone.
 SECAGG = "secagg/"
-MASKED = "masked"       # ArrayRecord in a secure train reply: {"masked": uint64 vector}

@@ -354,12 +354,12 @@ def run_federation(grid: Grid, s: RunSettings, expected_hospitals: int, progress
                 record.refused[hospital.name] = reason
                 progress(f"round {rnd}: {reason}")
                 continue
-            metrics = msg.content.metric_records[protocol.METRICS]
-            if "epsilon" in metrics:
-                hospital.epsilon = float(metrics["epsilon"])
+            report = msg.content.config_records[protocol.HOSPITAL]
+            if (eps := report.get(f"{protocol.TRAINED}epsilon")) is not None:
+                hospital.epsilon = float(eps)
                 record.epsilon[hospital.name] = hospital.epsilon
-            if "train-seconds" in metrics:
-                record.train_seconds[hospital.name] = float(metrics["train-seconds"])
+            if (seconds := report.get(f"{protocol.TRAINED}train-seconds")) is not None:
+                record.train_seconds[hospital.name] = float(seconds)
             record.trained.append(hospital.name)
             valid.append(msg)
         missing = {m.metadata.dst_node_id for m in messages} - {_sender(r, messages) for r in replies}

@@ -19,7 +19,7 @@ from flwr.serverapp import Grid
 from fedcare import protocol
 from fedcare.errors import FedcareError
 from secure_aggregation import Quantizer, SecAggError, SecAggServer, TooFewSurvivors
-from secure_aggregation.records import flatten, unflatten
+from secure_aggregation.records import flatten, unflatten, unpack_vector
 
 Progress = Callable[[str], None]
 
@@ -147,7 +147,8 @@ class SecureAggregation:
         for msg in replies:
             node = msg.metadata.src_node_id
             try:
-                reply = _payload(msg) | {"masked": msg.content.array_records[protocol.MASKED]["masked"].numpy()}
+                reply = _payload(msg)
+                reply["masked"] = unpack_vector(reply.get("masked"), f"the masked update of node {node}")
                 self.server.add_masked(node, reply)
             except (SecAggError, KeyError) as exc:
                 outcome.failed[node] = f"masked update rejected: {exc}"

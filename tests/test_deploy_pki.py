@@ -81,6 +81,16 @@ def test_connection_snippet_and_commands(deployment):
         assert f"fedcare node start --config {h.settings}" in commands
 
 
+def test_superlink_state_in_memory_drops_the_database_and_says_what_a_restart_loses(tmp_path):
+    files = init_deployment(tmp_path / "mem", ["alpha"], superlink_state="memory")
+    assert files.database is None
+    command = files.superlink_command()
+    assert "--database" not in command and "--enable-supernode-auth" in command
+    commands = files.commands_file.read_text()
+    assert "state in memory" in commands and "register the hospitals again" in commands
+    assert "--database" not in commands
+
+
 def test_refuses_to_overwrite_keys_unless_forced(deployment, tmp_path):
     before = deployment.hospitals[0].private_key.read_bytes()
     with pytest.raises(FedcareError, match="refusing"):
@@ -105,6 +115,7 @@ def test_refuses_to_overwrite_keys_unless_forced(deployment, tmp_path):
     (dict(hospitals=["a"], superlink_address="10.0.0.5:9092"), "not among the certificate SANs"),
     (dict(hospitals=["a"], superlink_address="nohost"), "is not HOST:PORT"),
     (dict(hospitals=["a"], sans=["bad name!"]), "neither an IP address nor a DNS name"),
+    (dict(hospitals=["a"], superlink_state="redis"), "unknown SuperLink state 'redis'"),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, kwargs, message):
     with pytest.raises(FedcareError, match=message):

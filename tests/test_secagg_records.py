@@ -1,4 +1,4 @@
-"""Protocol messages survive a trip through Flower ConfigRecord/ArrayRecord serialisation."""
+"""Protocol messages survive a trip through Flower ConfigRecord serialisation."""
 
 from __future__ import annotations
 
@@ -7,17 +7,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord
-from flwr.common.serde import (
-    array_record_from_proto,
-    array_record_to_proto,
-    config_record_from_proto,
-    config_record_to_proto,
-)
+from flwr.app import ConfigRecord
+from flwr.common.serde import config_record_from_proto, config_record_to_proto
 
 from secure_aggregation import Quantizer, SecAggError, SecAggNode, SecAggServer
 from secure_aggregation import inprocess as ip
-from secure_aggregation.records import flatten, unflatten
+from secure_aggregation.records import flatten, pack_vector, unflatten, unpack_vector
 
 IDS = [3, 2**63 + 5, 2**64 - 1]  # Flower node ids are uint64
 
@@ -28,9 +23,10 @@ def _wire(payload: dict[str, Any]) -> dict[str, Any]:
     return unflatten(config_record_from_proto(config_record_to_proto(record)))
 
 
-def _wire_array(vector: np.ndarray) -> np.ndarray:
-    record = ArrayRecord({"masked": Array(vector)})
-    return array_record_from_proto(array_record_to_proto(record))["masked"].numpy()
+def _wire_masked(reply: dict[str, Any]) -> dict[str, Any]:
+    """A mask reply as the hospital sends it: the masked vector packed among the ConfigRecord's keys."""
+    sent = _wire({**reply, "masked": pack_vector(reply["masked"])})
+    return {**sent, "masked": unpack_vector(sent["masked"], "the masked update")}
 
 
 def test_flatten_round_trip_and_refusals() -> None:
@@ -38,10 +34,24 @@ def test_flatten_round_trip_and_refusals() -> None:
     assert flatten(payload)["b/7"] == b"x"
     back = unflatten(flatten(payload))
     assert back == {"round": 2, "survivors": [1, 2], "b": {"7": b"x", "9": b"y"}, "s": {}, "tag": "t"}
-    with pytest.raises(SecAggError, match="ArrayRecord"):
+    with pytest.raises(SecAggError, match="pack it with pack_vector"):
         flatten({"masked": np.zeros(2, dtype=np.uint64)})
     with pytest.raises(SecAggError, match="cannot be flattened"):
         flatten({"a/b": 1})
+
+
+def test_masked_vector_packs_to_bytes_and_back_exactly() -> None:
+    vector = np.array([0, 1, 2**63, 2**64 - 1], dtype=np.uint64)
+    data = pack_vector(vector)
+    assert len(data) == 32
+    back = unpack_vector(data, "x")
+    assert back.dtype == np.uint64 and np.array_equal(back, vector)
+    with pytest.raises(SecAggError, match="only a 1-D uint64 vector"):
+        pack_vector(vector.astype(np.int64))
+    with pytest.raises(SecAggError, match="the masked update of node 7 is not a packed uint64 vector"):
+        unpack_vector(data[:-3], "the masked update of node 7")
+    with pytest.raises(SecAggError, match="not a packed uint64 vector"):
+        unpack_vector(None, "the masked update")
 
 
 def test_full_protocol_over_flower_records(tmp_path: Path) -> None:
@@ -64,9 +74,7 @@ def test_full_protocol_over_flower_records(tmp_path: Path) -> None:
         node(i).receive_keys(req["round"], req["s_public_keys"], req["s_share_ciphertexts"])
         if i == IDS[1]:
             continue  # dropped this round
-        reply = node(i).mask(1, q.encode(deltas[i], 1))
-        masked = _wire_array(reply.pop("masked"))
-        server.add_masked(i, {**_wire(reply), "masked": masked})
+        server.add_masked(i, _wire_masked(node(i).mask(1, q.encode(deltas[i], 1))))
     replies = {}
     for i, req in server.unmask_requests().items():
         req = _wire(req)
