@@ -63,7 +63,8 @@ def init(
     force: bool = typer.Option(False, "--force", help="replace existing keys (replaced node keys must be registered again)"),
     superlink_state: str = typer.Option("database", "--superlink-state",
                                         help="database: a SQLite file, kept across SuperLink restarts; memory: about "
-                                        "half the SuperLink's work per request, lost when it restarts"),
+                                        "half the SuperLink's work per request, but a restart loses the nodes "
+                                        "(each hospital starts its node again)"),
 ) -> None:
     """Write a CA, the SuperLink's TLS certificate, one node key per hospital, settings and COMMANDS.md."""
     from fedcare.deploy_pki import init_deployment

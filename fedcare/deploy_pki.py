@@ -44,7 +44,8 @@ DEMO_PARTITIONS = 4                 # fed-heart-disease has 4 real hospitals
 # Where the SuperLink keeps its state (registered node keys, runs, messages in flight):
 #   database: a SQLite file (--database); a restarted SuperLink knows its nodes and runs.
 #   memory:   Flower's in-memory state, about half the SuperLink CPU per request (measured in
-#             bench/bench_deployment_overhead.py); a restarted SuperLink starts empty.
+#             bench/bench_deployment_overhead.py); a restarted SuperLink starts empty and the
+#             SuperNodes exit, so every hospital starts its node again.
 SUPERLINK_STATES = ("database", "memory")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -242,9 +243,11 @@ def _commands_md(files: DeploymentFiles) -> str:
              "    " + env,
              "    " + shlex.join(files.superlink_command()), "",
              *([] if files.database is not None else [
-                 "A restarted SuperLink starts empty: register the hospitals again (step 2) and relaunch the",
-                 "run with `resume=true` (fedcare's checkpoint continues it). Where the SuperLink must keep",
-                 "its nodes and runs across restarts, use `fedcare deploy init --superlink-state database`.", ""]),
+                 "A restarted SuperLink starts empty and the hospitals' nodes stop (Flower's SuperNode exits",
+                 "once the SuperLink no longer knows it): register the hospitals again (step 2), have each",
+                 "hospital start its node again (step 3), then relaunch the run with `resume=true` (fedcare's",
+                 "checkpoint continues it). Where the SuperLink must keep its nodes and runs across restarts,",
+                 "use `fedcare deploy init --superlink-state database`.", ""]),
              "## 2. Coordinator: register each hospital's node public key", ""]
     lines += ["    " + shlex.join(files.register_command(h)) for h in files.hospitals]
     lines += ["", "## 3. Each hospital: copy its folder there, edit `[data]` in hospital.toml, start the node", "",

@@ -88,6 +88,7 @@ def test_superlink_state_in_memory_drops_the_database_and_says_what_a_restart_lo
     assert "--database" not in command and "--enable-supernode-auth" in command
     commands = files.commands_file.read_text()
     assert "state in memory" in commands and "register the hospitals again" in commands
+    assert "start its node again" in commands
     assert "--database" not in commands
 
 
