@@ -409,8 +409,8 @@ def where_it_goes(analyses: list[dict]) -> list[str]:
              f"{a['load']:.1f} on {os.cpu_count()} cores:", "",
              f"- {transfer:.1f} s moving messages through the SuperLink (download {med['download']:.1f}, upload "
              f"{med['upload']:.1f}, reply pickup {med['reply-poll']:.1f}): Flower 1.41 sends every record, array and "
-             "array chunk as its own HTTP request (a secure train message is 8 objects and its reply 3, an unmask "
-             "message and its reply 3 each). At the SuperLink each request costs its FastAPI middleware stack "
+             "array chunk as its own HTTP request (a secure train message is 4 objects, the model packed in one "
+             "record shared by all nodes, and its reply 3; an unmask message and its reply 3 each). At the SuperLink each request costs its FastAPI middleware stack "
              "(~4.4 ms of SuperLink CPU for a bare /health request here) plus, with a `--database`, the SQLAlchemy "
              "queries on its SQLite state (node-key lookup, run status, message and object rows), which cost "
              "more than the rest (see docs/benchmarks.md); the SuperLink process alone used "

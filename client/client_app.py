@@ -281,14 +281,14 @@ def _train_received(node: _Node, msg: Message, report: dict[str, Any]) -> Messag
     data = node.data()
     server_round = int(node.config["server-round"])
     model = node.model(data)
-    load_arrays(model, msg.content[protocol.ARRAYS])
+    global_arrays = _received_model(msg)
+    load_arrays(model, global_arrays)
     dp, ledger, plan = None, None, None
     if node.dp:
         ledger = node.ledger(data)
         plan = ledger.plan(node.plan_id) or node.plan(data, ledger, stats_needed=False)
         ledger.check_release([(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)])
         dp = DPSettings(plan.noise_multiplier, float(node.config["max-grad-norm"]))
-    global_arrays = msg.content[protocol.ARRAYS]
     started = time.perf_counter()
     outcome = train(
         model, _prepared(node, data, data.x_train), data.y_train,
@@ -349,6 +349,15 @@ def _evaluate(node: _Node, msg: Message) -> Message:
     return _reply(msg, data.name, **{protocol.METRICS: _test_metrics(node, msg)})
 
 
+def _received_model(msg: Message) -> Any:
+    """The global model a train or evaluate message carries (packed by the server; an ArrayRecord also works)."""
+    from shared_models.weights import unpack_arrays
+
+    if protocol.MODEL in msg.content.config_records:
+        return unpack_arrays(msg.content.config_records[protocol.MODEL])
+    return msg.content[protocol.ARRAYS]
+
+
 def _test_metrics(node: _Node, msg: Message) -> MetricRecord:
     """Confusion matrix and score histograms of the received model on this hospital's test split."""
     from client.dp_trainer import evaluate
@@ -356,7 +365,7 @@ def _test_metrics(node: _Node, msg: Message) -> MetricRecord:
 
     data = node.data(for_training=False)
     model = node.model(data)
-    load_arrays(model, msg.content[protocol.ARRAYS])
+    load_arrays(model, _received_model(msg))
     s = evaluate(model, _prepared(node, data, data.x_test), data.y_test)
     return MetricRecord({
         "tp": s.tp, "fp": s.fp, "tn": s.tn, "fn": s.fn, "loss-sum": s.loss_sum,

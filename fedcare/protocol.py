@@ -1,7 +1,8 @@
 """Names both sides of the wire agree on: message types and record keys."""
 
 FEATURE_STATS = "query.feature_stats"  # message type of the federated statistics round
-ARRAYS = "arrays"
+ARRAYS = "arrays"      # ArrayRecord: a plain train reply's update
+MODEL = "model"        # ConfigRecord in train/evaluate messages: the global model, shared_models.weights.pack_arrays
 CONFIG = "config"
 METRICS = "metrics"
 HOSPITAL = "hospital"   # ConfigRecord in every reply: {"name": hospital name}

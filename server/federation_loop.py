@@ -27,7 +27,7 @@ from server.feature_statistics import Normalisation, pooled_normalisation
 from server.strategies import build_strategy
 from shared_models.classification_metrics import BinarySummary
 from shared_models.registry import build_model, resolve_model
-from shared_models.weights import model_to_arrays
+from shared_models.weights import model_to_arrays, pack_arrays
 
 Progress = Callable[[str], None]
 
@@ -336,7 +336,7 @@ def run_federation(grid: Grid, s: RunSettings, expected_hospitals: int, progress
             eval_only = [m for m in eval_messages if m.metadata.dst_node_id not in training]
         sent = messages + eval_only
         evaluating_only = {m.metadata.dst_node_id for m in eval_only}
-        replies = list(grid.send_and_receive(sent, timeout=timeout))
+        replies = list(grid.send_and_receive(_model_packed(sent), timeout=timeout))
         summaries: dict[str, BinarySummary] = {}
         valid = []
         for msg in replies:
@@ -401,7 +401,8 @@ def run_federation(grid: Grid, s: RunSettings, expected_hospitals: int, progress
     if unevaluated is not None:
         summaries = {}
         for msg in grid.send_and_receive(
-                _evaluation_messages(strategy, unevaluated.round, arrays, config, grid), timeout=timeout):
+                _model_packed(_evaluation_messages(strategy, unevaluated.round, arrays, config, grid)),
+                timeout=timeout):
             if not msg.has_error():
                 _collect_evaluation(msg, summaries)
         _record_evaluation(unevaluated, summaries, result)
@@ -421,6 +422,24 @@ def _unevaluated(rounds: list[RoundRecord]) -> RoundRecord | None:
 def _evaluation_messages(strategy: Any, rnd: int, arrays: ArrayRecord, config: dict[str, Any],
                          grid: Grid) -> list[Message]:
     return list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(config)), grid))
+
+
+def _model_packed(messages: list[Message]) -> list[Message]:
+    """``messages`` with the model they carry as one packed ConfigRecord instead of an ArrayRecord.
+
+    In a deployment every record, array and array chunk is a request at the SuperLink for the
+    ServerApp and for each node; packed, the model is one object, shared by all nodes' messages.
+    """
+    packed: dict[int, ConfigRecord] = {}
+    for msg in messages:
+        arrays = msg.content.array_records.get(protocol.ARRAYS)
+        if arrays is None:
+            continue
+        if id(arrays) not in packed:
+            packed[id(arrays)] = pack_arrays(arrays)
+        rest = {key: record for key, record in msg.content.items() if key != protocol.ARRAYS}
+        msg.content = RecordDict({**rest, protocol.MODEL: packed[id(arrays)]})
+    return messages
 
 
 def _collect_evaluation(msg: Message, summaries: dict[str, BinarySummary]) -> None:

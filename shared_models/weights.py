@@ -7,10 +7,11 @@ prefixes) and layers whose ``state_dict`` carries alias keys (DPGRU/DPLSTM) exch
 from __future__ import annotations
 
 import hashlib
+import io
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord
 from torch import nn
 
 _WRAPPER_PREFIX = "_module."
@@ -33,6 +34,35 @@ def model_to_arrays(model: nn.Module) -> ArrayRecord:
 
 def arrays_to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
     return {name: array.numpy() for name, array in arrays.items()}
+
+
+def pack_arrays(arrays: ArrayRecord) -> ConfigRecord:
+    """The model as one ConfigRecord of ``.npy`` bytes keyed by parameter name, for the wire.
+
+    Flower stores and moves every record, array and array chunk as an object of its own: one
+    request each at the SuperLink and at every node that pulls the message. A ConfigRecord is one
+    object however many parameters the model has; a model shared by all nodes of an exchange stays
+    one stored object, since objects are addressed by their content.
+    """
+    packed: dict[str, bytes] = {}
+    for name, array in arrays.items():
+        buffer = io.BytesIO()
+        np.save(buffer, array.numpy(), allow_pickle=False)
+        packed[name] = buffer.getvalue()
+    return ConfigRecord(packed)
+
+
+def unpack_arrays(record: ConfigRecord) -> ArrayRecord:
+    """Inverse of ``pack_arrays``; an entry that is not a packed array is an error naming it."""
+    arrays = {}
+    for name, value in record.items():
+        try:
+            if not isinstance(value, bytes):
+                raise ValueError(f"a {type(value).__name__}, not bytes")
+            arrays[name] = Array(np.load(io.BytesIO(value), allow_pickle=False))
+        except (ValueError, OSError, EOFError) as exc:
+            raise ValueError(f"model weight '{name}' in the message is not a packed array ({exc})") from None
+    return ArrayRecord(arrays)
 
 
 def load_arrays(model: nn.Module, arrays: ArrayRecord | dict[str, np.ndarray]) -> None:

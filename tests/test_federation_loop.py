@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 from flwr.app import Context, Error, Message, RecordDict
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import make_client_app
@@ -124,13 +127,17 @@ def test_each_model_is_evaluated_in_the_next_train_exchange_and_the_last_one_alo
     setup = [["query.secagg_advertise"], ["query.secagg_share_keys"]] if secure else []
     assert grid.exchanges == [["query.feature_stats"], *setup,
                               *([["train"], *per_round] * 3), ["evaluate"]]
+    # the model rides as one packed record, not an ArrayRecord of arrays and chunks (one wire object each)
+    train = grid.train_messages[0][0]
+    kinds = Counter(type(o).__name__ for o in get_all_nested_objects(train).values())
+    assert kinds == Counter({"Message": 1, "RecordDict": 1, "ConfigRecord": 2})
     for record, next_train in zip(result.rounds, grid.train_messages[1:] + [None]):
         assert set(record.evaluation) == {"Cleveland", "Hungary", "Switzerland", "VA Long Beach", "pooled"}
         if next_train is None:
             continue
         # the model the next round started from, evaluated on its own, gives the reported metrics
         carried = next_train[0]
-        ask = Message(RecordDict({"arrays": carried.content["arrays"], "config": carried.content["config"]}),
+        ask = Message(RecordDict({"model": carried.content["model"], "config": carried.content["config"]}),
                       dst_node_id=carried.metadata.dst_node_id, message_type="evaluate")
         alone = InProcessGrid.send_and_receive(grid, [ask])[0].content.metric_records["metrics"]
         name = {100: "Cleveland", 101: "Hungary", 102: "Switzerland", 103: "VA Long Beach"}[

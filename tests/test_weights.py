@@ -5,7 +5,10 @@ from opacus import GradSampleModule
 from opacus.layers import DPGRU
 
 from shared_models.registry import build_model
-from shared_models.weights import load_arrays, model_to_arrays, parameter_names, weights_digest
+from flwr.app import Array, ConfigRecord
+
+from shared_models.weights import (load_arrays, model_to_arrays, pack_arrays, parameter_names, unpack_arrays,
+                                    weights_digest)
 
 
 def test_weights_travel_by_name_not_position():
@@ -40,3 +43,22 @@ def test_mismatched_weights_are_named():
         load_arrays(model, {"linear.weight": np.zeros((1, 15), dtype=np.float32)})
     with pytest.raises(ValueError, match="'linear.weight' has shape"):
         load_arrays(model, {"linear.weight": np.zeros((1, 3), np.float32), "linear.bias": np.zeros(1, np.float32)})
+
+
+def test_packed_model_is_one_record_and_unpacks_to_the_same_weights():
+    torch.manual_seed(0)
+    arrays = model_to_arrays(build_model("gru", (5, 7)))
+    arrays["step"] = Array(np.arange(3, dtype=np.int64))
+    packed = pack_arrays(arrays)
+    assert list(packed.keys()) == list(arrays.keys())
+    back = unpack_arrays(packed)
+    assert weights_digest(back) == weights_digest(arrays)
+    assert back["step"].numpy().dtype == np.int64
+
+
+def test_corrupt_packed_weight_is_named():
+    packed = pack_arrays(model_to_arrays(build_model("logistic", 15)))
+    with pytest.raises(ValueError, match="'linear.bias' in the message is not a packed array"):
+        unpack_arrays(ConfigRecord({**dict(packed), "linear.bias": packed["linear.bias"][:20]}))
+    with pytest.raises(ValueError, match=r"'linear.weight' .*\(a str, not bytes\)"):
+        unpack_arrays(ConfigRecord({**dict(packed), "linear.weight": "zeros"}))
