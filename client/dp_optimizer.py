@@ -58,7 +58,8 @@ class ClippedSumDPOptimizer(DPOptimizerFastGradientClipping):
             flat.add_(torch.normal(mean=0.0, std=std, size=flat.shape, device=flat.device, dtype=flat.dtype,
                                    generator=self.generator))
         for p in params:
-            p.grad = p.summed_grad
+            if p.grad is not p.summed_grad:
+                p.grad = p.summed_grad
         _mark_as_processed(flat)
         self._noisy_flat = flat
 

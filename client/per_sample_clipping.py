@@ -28,6 +28,7 @@ and call, and the hidden map's inputs are the only per-step record.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -103,6 +104,7 @@ class PerSampleClipper:
         self._records: dict[nn.Module, _Record] = {}
         self._recording = False
         self.last_norms: torch.Tensor | None = None  # per-sample gradient norms of the last step
+        self._buffer: tuple[torch.Tensor, list[torch.Tensor], dict[int, torch.Tensor], list[int]] | None = None
         # What is recorded: each layer, or a GRU's two maps; the hidden map only its inputs.
         recorded: list[tuple[nn.Module, bool]] = []
         for module, _ in self.layers:
@@ -159,13 +161,9 @@ class PerSampleClipper:
         optimizer can add the noise and average in one operation each."""
         records = self._records
         self._records = {}
-        first = self.params[0]
-        flat = torch.empty(sum(self._sizes), device=first.device, dtype=first.dtype)
-        views = [part.view(shape) for part, shape in zip(flat.split_with_sizes(self._sizes), self._shapes)]
-        flat.clipped_sum_views = tuple(map(id, views))  # tells ClippedSumDPOptimizer the views tile ``flat``
+        flat, views, out = self._gradient_buffer()
         for p, view in zip(self.params, views):
             p.grad = view
-        out = dict(zip(self._param_ids, views))
         if batch_size == 0:  # an empty Poisson batch: the step still happens, on noise alone
             flat.zero_()
             self.last_norms = torch.zeros(0)
@@ -182,9 +180,12 @@ class PerSampleClipper:
             parts = [rule(module, records, out) for module, rule in self.layers]
             squares = [sq for _, sq in parts if sq is not None]
             if not squares:  # no recorded layer reached the loss: every gradient is zero
-                squares = [torch.zeros(batch_size, device=first.device, dtype=first.dtype)]
+                squares = [torch.zeros(batch_size, device=flat.device, dtype=flat.dtype)]
             norms = (torch.stack(squares).sum(0) if len(squares) > 1 else squares[0]).sqrt_()
-            coef = (norms + 1e-6).reciprocal_().mul_(self.max_grad_norm).clamp_(max=1.0)  # min(1, C/(n+1e-6))
+            coef = (norms + 1e-6).reciprocal_()  # min(1, C/(n+1e-6)); C = 1 (the default) needs no product
+            if self.max_grad_norm != 1.0:
+                coef.mul_(self.max_grad_norm)
+            coef.clamp_(max=1.0)
             column = coef.unsqueeze(1)
             for own, (summer, _) in zip(self._own_params, parts):
                 if summer is not None:
@@ -195,6 +196,34 @@ class PerSampleClipper:
         self.last_norms = norms
         return norms
 
+    def _gradient_buffer(self) -> tuple[torch.Tensor, list[torch.Tensor], dict[int, torch.Tensor]]:
+        """The flat gradient tensor, its per-parameter views and those views by parameter id.
+
+        Last step's buffer is reused when no Python object but this clipper still refers to it
+        (the optimizer's ``zero_grad`` dropped its sums; ``p.grad`` is reassigned anyway): every
+        value is rewritten, and building the views costs as much as a small layer. While anything
+        else still holds last step's gradients, a fresh buffer is made instead.
+        """
+        if self._buffer is not None:
+            flat, views, out, free = self._buffer
+            if _reference_counts(flat, views) == free:
+                for used in (flat, *views):  # Opacus's used-once mark of last step's gradients
+                    used.__dict__.pop("_processed", None)
+                return flat, views, out
+        first = self.params[0]
+        flat = torch.empty(sum(self._sizes), device=first.device, dtype=first.dtype)
+        views = [part.view(shape) for part, shape in zip(flat.split_with_sizes(self._sizes), self._shapes)]
+        flat.clipped_sum_views = tuple(map(id, views))  # tells ClippedSumDPOptimizer the views tile ``flat``
+        out = dict(zip(self._param_ids, views))
+        free: list[int] = []
+        self._buffer = (flat, views, out, free)
+        # counted with the same bindings as in the check above, so equal means: nothing else refers
+        free.extend(_reference_counts(flat, views))
+        return flat, views, out
+
+
+def _reference_counts(flat: torch.Tensor, views: list[torch.Tensor]) -> list[int]:
+    return [sys.getrefcount(flat), *(sys.getrefcount(v) for v in views)]
 
 def _grads_to(loss: torch.Tensor, outputs: tuple[GradientEdge, ...]) -> tuple[torch.Tensor | None, ...]:
     """``torch.autograd.grad(loss, outputs, allow_unused=True)`` for a scalar loss, called on

@@ -75,3 +75,55 @@ def test_each_step_reaches_the_accountant_and_a_reused_gradient_is_refused() -> 
         pass
     else:
         raise AssertionError("a processed gradient was used again")
+
+
+def test_a_clipper_kept_across_steps_reuses_its_buffer_and_trains_the_same_model() -> None:
+    """The flat gradient buffer is reused once the optimizer is done with it; the result is unchanged."""
+    kept, kept_opt, x, y = _setup(sigma=0.0, lr=0.5)
+    fresh, fresh_opt, _, _ = _setup(sigma=0.0, lr=0.5)
+    clipper = PerSampleClipper(kept, 1.0)
+    buffers = set()
+    for _ in range(3):
+        kept_opt.zero_grad(set_to_none=True)
+        with clipper.recording():
+            loss = nn.functional.binary_cross_entropy_with_logits(kept(x), y, reduction="sum")
+        clipper.clip_and_sum(loss, len(y))
+        buffers.add(next(kept.parameters()).grad._base.data_ptr())
+        kept_opt.step()
+        _step(fresh, fresh_opt, x, y)  # a new clipper, hence a new buffer, every step
+    assert len(buffers) == 1
+    for a, b in zip(kept.parameters(), fresh.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_gradients_a_caller_still_holds_are_never_overwritten() -> None:
+    model, optimizer, x, y = _setup(sigma=0.0)
+    clipper = PerSampleClipper(model, 1.0)
+    with clipper.recording():
+        loss = nn.functional.binary_cross_entropy_with_logits(model(x), y, reduction="sum")
+    clipper.clip_and_sum(loss, len(y))
+    held = [p.grad for p in model.parameters()]
+    copies = [g.clone() for g in held]
+    optimizer.zero_grad(set_to_none=True)
+    with clipper.recording():
+        loss = nn.functional.binary_cross_entropy_with_logits(model(2 * x), y, reduction="sum")
+    clipper.clip_and_sum(loss, len(y))
+    for g, c, p in zip(held, copies, model.parameters()):
+        assert torch.equal(g, c) and p.grad.data_ptr() != g.data_ptr()
+
+
+def test_a_gradient_is_still_refused_twice_with_a_kept_clipper() -> None:
+    model, optimizer, x, y = _setup(sigma=1.0)
+    clipper = PerSampleClipper(model, 1.0)
+    for _ in range(2):
+        optimizer.zero_grad(set_to_none=True)
+        with clipper.recording():
+            loss = nn.functional.binary_cross_entropy_with_logits(model(x), y, reduction="sum")
+        clipper.clip_and_sum(loss, len(y))
+        optimizer.step()
+    try:
+        optimizer.step()
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("a processed gradient was used again")

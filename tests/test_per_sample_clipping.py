@@ -123,3 +123,15 @@ def test_only_recorded_passes_are_kept_and_close_leaves_a_plain_model() -> None:
     clipper.close()
     assert not any("forward" in m.__dict__ for m in model.modules())
     torch.testing.assert_close(copy.deepcopy(model)(x), expected)  # a copy runs its own layers
+
+
+def test_a_loss_that_no_recorded_layer_reaches_gives_zero_gradients() -> None:
+    """e.g. a regulariser on the weights alone: there is no per-sample gradient to clip."""
+    model = build_model("mlp", 5, hidden_units=4)
+    clipper = PerSampleClipper(model, 1.0)
+    with clipper.recording():
+        model(torch.randn(6, 5))
+        loss = sum(p.sum() for p in model.parameters()) * 0.0
+    norms = clipper.clip_and_sum(loss, 6)
+    assert torch.equal(norms, torch.zeros(6))
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
