@@ -225,6 +225,7 @@ class PerSampleClipper:
 def _reference_counts(flat: torch.Tensor, views: list[torch.Tensor]) -> list[int]:
     return [sys.getrefcount(flat), *(sys.getrefcount(v) for v in views)]
 
+
 def _grads_to(loss: torch.Tensor, outputs: tuple[GradientEdge, ...]) -> tuple[torch.Tensor | None, ...]:
     """``torch.autograd.grad(loss, outputs, allow_unused=True)`` for a scalar loss, called on
     autograd's engine directly: the wrapper's argument handling costs ~50 us a call on a CPU,
