@@ -1,5 +1,7 @@
 """Secure vs plain aggregation, side by side in one run: round time on Flower's Simulation Engine
-(10 hospitals, an MLP of ~1M and ~4M parameters) and bytes on the wire per node per round.
+(10 hospitals, an MLP of ~1M and ~4M parameters) and bytes on the wire per node per round; then
+Flower's own legacy SecAgg+ against Flower's plain FedAvg on the same workload (``--no-flower``
+skips it).
 
 The hospitals are an `ehr-table` multi-site layout written from scikit-learn's breast-cancer
 table (569 patients split across 10 hospital folders), so the runs go through the same loaders,
@@ -103,13 +105,14 @@ def main() -> None:
     parser.add_argument("--hospitals", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--hidden", type=int, nargs="+", default=[990, 1990], help="MLP widths (~1M, ~4M params)")
+    parser.add_argument("--no-flower", action="store_true", help="skip Flower's legacy SecAgg+ side by side")
     parser.add_argument("--write", type=Path, default=None)
     args = parser.parse_args()
     from simulation.environment import apply_safe_environment
 
     apply_safe_environment()
     work = Path(tempfile.mkdtemp(prefix="fedcare-bench-secagg-"))
-    rows = []
+    rows, flower_rows = [], []
     try:
         write_hospitals(work / "data", args.hospitals)
         for hidden in args.hidden:
@@ -129,6 +132,8 @@ def main() -> None:
             rows.append((params, np.median(plain), np.median(secure), b_plain, b_secure,
                          np.mean([r["accuracy"] for r in result["plain"]]),
                          np.mean([r["accuracy"] for r in result["secure"]])))
+            if not args.no_flower:
+                flower_rows.append((params, *flower_side_by_side(work / "data", hidden, args.hospitals, args.rounds)))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     lines = ["| parameters | plain round s | secure round s | secure / plain | bytes/node/round plain | "
@@ -150,12 +155,45 @@ def main() -> None:
         "",
         "A plain round is one train exchange (each node also evaluates the model it receives, the previous "
         "round's); a secure round adds one unmask exchange (n small share messages), and each node sends its update as uint64 fixed point (2x a float32 update) plus "
-        "O(n) encrypted shares. Flower's legacy SecAgg+ is not run side by side: it needs the legacy "
-        "API fedcare does not use (DESIGN.md).",
+        "O(n) encrypted shares.",
+        *flower_table(flower_rows, args.hospitals, args.rounds),
+        "",
     ])
     print(text)
     if args.write:
         replace_section(args.write, "## Secure vs plain aggregation", text)
+
+
+def flower_side_by_side(data: Path, hidden: int, nodes: int, rounds: int) -> tuple[float, float]:
+    """Median fit-phase seconds (rounds 2..) of Flower's plain FedAvg and of FedAvg under its legacy
+    SecAgg+, two interleaved runs each, on the same hospitals, model and training."""
+    from bench.flower_secaggplus import run_once as flower_run
+
+    seconds: dict[bool, list[float]] = {False: [], True: []}
+    for secure in (False, True, False, True):
+        r = flower_run(data, hidden, nodes, rounds, secure)
+        seconds[secure] += r[1:]
+        print(f"hidden {hidden}: Flower {'SecAgg+' if secure else 'plain'} fit rounds {['%.2f' % x for x in r]}",
+              flush=True)
+    return float(np.median(seconds[False])), float(np.median(seconds[True]))
+
+
+def flower_table(rows: list[tuple[int, float, float]], nodes: int, rounds: int) -> list[str]:
+    if not rows:
+        return []
+    lines = [
+        "",
+        f"Flower's own SecAgg+ side by side (same run, same {nodes} hospitals, MLP and local training; Flower "
+        "1.41's legacy API, `bench/flower_secaggplus.py`): every node shares with every other and the "
+        "reconstruction threshold is a majority, as in fedcare; Flower's default 32-bit modulus and 22-bit "
+        f"quantisation. A round is the fit phase (`configure_fit` to the end of `aggregate_fit`), median over "
+        f"rounds 2..{rounds} of 2 runs per side.",
+        "",
+        "| parameters | Flower plain fit s | Flower SecAgg+ fit s | SecAgg+ / plain |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {params:,} | {p:.2f} | {s:.2f} | {s / p:.2f}x |" for params, p, s in rows]
+    return lines
 
 
 def _cores() -> int:

@@ -47,10 +47,13 @@ def masked_update(path: Path, request: dict, global_arrays: ArrayRecord, trained
 
     Raises ``ClipRangeError`` (nothing released) when the update leaves the agreed clip range.
     """
-    delta = np.concatenate([
-        (trained[name].numpy().astype(np.float64) - global_arrays[name].numpy()).ravel()
-        for name in global_arrays.keys()
-    ])
+    delta = np.empty(sum(int(np.prod(a.shape)) for a in global_arrays.values()), dtype=np.float64)
+    start = 0
+    for name in global_arrays.keys():
+        before = global_arrays[name].numpy()
+        part = delta[start:start + before.size].reshape(before.shape)
+        np.subtract(trained[name].numpy(), before, out=part, dtype=np.float64)
+        start += before.size
     encoded = Quantizer(clip).encode(delta, weight)
     rnd = int(request["round"])
     node = SecAggNode(path)

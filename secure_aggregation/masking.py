@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from secure_aggregation import keys
-from secure_aggregation.prg import mask_vector
+from secure_aggregation.prg import add_masks
 
 
 def pairwise_sign(me: int, peer: int) -> int:
@@ -25,11 +25,7 @@ def pairwise_sign(me: int, peer: int) -> int:
 
 def apply_mask(acc: np.ndarray, seed: bytes, sign: int) -> None:
     """In place: acc = acc + sign * PRG(seed)  (mod 2**64)."""
-    m = mask_vector(seed, acc.size)
-    if sign > 0:
-        np.add(acc, m, out=acc)
-    else:
-        np.subtract(acc, m, out=acc)
+    add_masks(acc, [(seed, sign)])
 
 
 def pairwise_seed(
@@ -38,6 +34,21 @@ def pairwise_seed(
     """Mask seed k_(me,peer) for one round, from my private and the peer's public mask key."""
     shared = keys.agree(my_s_private, peer_s_public, peer=peer)
     return keys.mask_seed(shared, run_id, round_, me, peer)
+
+
+def pairwise_masks(
+    run_id: keys.RunId,
+    round_: int,
+    me: int,
+    my_s_private: bytes,
+    peer_s_publics: Mapping[int, bytes],
+) -> list[tuple[bytes, int]]:
+    """Node ``me``'s (seed, sign) for every peer in ``peer_s_publics``, for ``add_masks``."""
+    return [
+        (pairwise_seed(run_id, round_, me, my_s_private, peer, peer_pk), pairwise_sign(me, peer))
+        for peer, peer_pk in peer_s_publics.items()
+        if peer != me
+    ]
 
 
 def add_pairwise_masks(
@@ -49,8 +60,4 @@ def add_pairwise_masks(
     peer_s_publics: Mapping[int, bytes],
 ) -> None:
     """In place: add node ``me``'s signed pairwise masks with every peer in ``peer_s_publics``."""
-    for peer, peer_pk in peer_s_publics.items():
-        if peer == me:
-            continue
-        seed = pairwise_seed(run_id, round_, me, my_s_private, peer, peer_pk)
-        apply_mask(acc, seed, pairwise_sign(me, peer))
+    add_masks(acc, pairwise_masks(run_id, round_, me, my_s_private, peer_s_publics))

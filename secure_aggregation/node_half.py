@@ -53,6 +53,7 @@ class SecAggNode:
     def __init__(self, state_path: str | os.PathLike[str]) -> None:
         self.path = Path(state_path)
         self._state: dict[str, Any] | None = node_state.load(self.path)
+        self._enc_keys: dict[int, bytes] = {}  # per peer, for this object's lifetime (one step)
 
     # ---- small helpers -------------------------------------------------------------------
 
@@ -84,10 +85,12 @@ class SecAggNode:
         return SecAggError(f"node {st['node_id']} (run {st['run_id']}) refuses: {reason}", hint)
 
     def _enc_key(self, peer: int) -> bytes:
-        st = self._st()
-        peer_c = unb64(st["peers"][str(peer)]["c_pk"])
-        shared = keys.agree(unb64(st["c_sk"]), peer_c, peer=peer)
-        return keys.encryption_key(shared, st["run_id"], st["node_id"], peer)
+        if peer not in self._enc_keys:
+            st = self._st()
+            peer_c = unb64(st["peers"][str(peer)]["c_pk"])
+            shared = keys.agree(unb64(st["c_sk"]), peer_c, peer=peer)
+            self._enc_keys[peer] = keys.encryption_key(shared, st["run_id"], st["node_id"], peer)
+        return self._enc_keys[peer]
 
     def _seal_to(self, peer: int, plaintext: bytes, round_: int, stage: str) -> bytes:
         st = self._st()
@@ -346,8 +349,7 @@ class SecAggNode:
 
         y = x.copy()
         b = os.urandom(SEED_BYTES)
-        masking.apply_mask(y, b, +1)
-        masking.add_pairwise_masks(y, st["run_id"], r, me, unb64(st["s_sk"]), s_pks)
+        masking.add_masks(y, [(b, +1), *masking.pairwise_masks(st["run_id"], r, me, unb64(st["s_sk"]), s_pks)])
 
         b_shares = shamir.split(b, t, active)
         next_sk, next_pk = keys.generate_keypair()

@@ -79,24 +79,34 @@ class Quantizer:
                 "weights are public integer sizes (e.g. training examples) >= 1; raise max_weight if needed",
             )
         x = np.asarray(delta, dtype=np.float64).ravel()
-        bad = ~np.isfinite(x) | (np.abs(np.nan_to_num(x, nan=np.inf)) > self.clip)
-        n_bad = int(np.count_nonzero(bad))
-        if n_bad:
-            n_nonfinite = int(np.count_nonzero(~np.isfinite(x)))
-            finite = np.abs(x[np.isfinite(x)])
-            worst = float(finite.max()) if finite.size else float("nan")
-            extra = f", {n_nonfinite} of them NaN/inf" if n_nonfinite else ""
-            raise ClipRangeError(
-                f"{n_bad} of {x.size} update values lie outside [-{self.clip:g}, {self.clip:g}] "
-                f"(max |finite value| = {worst:.6g}{extra}); secure aggregation would wrap them",
-                "raise secagg-clip-range (or clip/normalise the update before encoding)",
-            )
-        q = np.rint((x + self.clip) / (2.0 * self.clip) * self.levels)
-        q = np.clip(q, 0, self.levels).astype(np.uint64)
+        # min/max are NaN when any value is; the element-wise count runs only to explain a failure
+        if x.size and not (-self.clip <= float(x.min()) and float(x.max()) <= self.clip):
+            self._raise_out_of_range(x)
+        t = x + self.clip  # one float64 buffer, updated in place
+        t *= self.levels / (2.0 * self.clip)
+        np.rint(t, out=t)
+        np.clip(t, 0, self.levels, out=t)
         out = np.empty(x.size + 1, dtype=np.uint64)
-        np.multiply(q, np.uint64(weight), out=out[:-1])
+        if weight * self.levels < 2**53:  # the float product is an exact integer (the default: 2**52)
+            t *= weight
+            out[:-1] = t
+        else:
+            np.multiply(t.astype(np.uint64), np.uint64(weight), out=out[:-1])
         out[-1] = weight
         return out
+
+    def _raise_out_of_range(self, x: np.ndarray) -> None:
+        bad = ~np.isfinite(x) | (np.abs(np.nan_to_num(x, nan=np.inf)) > self.clip)
+        n_bad = int(np.count_nonzero(bad))
+        n_nonfinite = int(np.count_nonzero(~np.isfinite(x)))
+        finite = np.abs(x[np.isfinite(x)])
+        worst = float(finite.max()) if finite.size else float("nan")
+        extra = f", {n_nonfinite} of them NaN/inf" if n_nonfinite else ""
+        raise ClipRangeError(
+            f"{n_bad} of {x.size} update values lie outside [-{self.clip:g}, {self.clip:g}] "
+            f"(max |finite value| = {worst:.6g}{extra}); secure aggregation would wrap them",
+            "raise secagg-clip-range (or clip/normalise the update before encoding)",
+        )
 
     def decode_mean(self, total: np.ndarray, n_nodes: int) -> tuple[np.ndarray, int]:
         """Turn the modular sum of ``n_nodes`` encodings into (weighted mean float64, total weight)."""

@@ -68,8 +68,9 @@ def pack_vector(vector: np.ndarray) -> bytes:
 
 
 def unpack_vector(data: Any, what: str) -> np.ndarray:
-    """``pack_vector``'s inverse; a payload that is not whole uint64 values is named and refused."""
+    """``pack_vector``'s inverse, a read-only view of ``data`` (no copy of a large update); a payload
+    that is not whole uint64 values is named and refused."""
     if not isinstance(data, bytes) or len(data) % _WIRE_DTYPE.itemsize:
         size = len(data) if isinstance(data, bytes) else type(data).__name__
         raise SecAggError(f"{what} is not a packed uint64 vector (got {size} bytes)")
-    return np.frombuffer(data, dtype=_WIRE_DTYPE).astype(np.uint64)
+    return np.frombuffer(data, dtype=_WIRE_DTYPE).astype(np.uint64, copy=False)

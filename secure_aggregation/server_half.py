@@ -270,11 +270,12 @@ class SecAggServer:
                 s_shares[d][holder] = share
 
         total = rnd.sum.copy_total()
+        unmasks: list[tuple[bytes, int]] = []
         for v in surv:
             seed = self._reconstruct(b_shares[v], v, rnd.number, "self-mask seed")
             if len(seed) != SEED_BYTES:
                 raise TamperingDetected(f"the self-mask seed of node {v} for round {rnd.number} has the wrong size")
-            masking.apply_mask(total, seed, -1)
+            unmasks.append((seed, -1))
         for d in drop:
             sk = self._reconstruct(s_shares[d], d, rnd.number, "mask key")
             if len(sk) != keys.KEY_BYTES or keys.public_key_of(sk) != rnd.s_pks[d]:
@@ -284,7 +285,8 @@ class SecAggServer:
                 )
             for u in surv:
                 seed = masking.pairwise_seed(self.run_id, rnd.number, d, sk, u, rnd.s_pks[u])
-                masking.apply_mask(total, seed, -masking.pairwise_sign(u, d))
+                unmasks.append((seed, -masking.pairwise_sign(u, d)))
+        masking.add_masks(total, unmasks)
         rnd.status = "finished"
         rnd.sum = _ModularSum(0)
         self._dropped |= set(drop)

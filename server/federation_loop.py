@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -82,7 +83,7 @@ def training_config(s: RunSettings) -> dict[str, Any]:
 
 
 class PromptGrid:
-    """A Grid whose ``send_and_receive`` polls for replies within 50-250 ms, not every 3 s.
+    """A Grid whose ``send_and_receive`` polls for replies within 50-250 ms (10 ms in a simulation), not every 3 s.
 
     Flower 1.41's deployment Grid sleeps a fixed 3 s between pulls (``GrpcGrid``/``HttpGrid``), so
     every exchange (statistics, key agreement, train, unmask, evaluate) waits up to 3 s after its
@@ -95,9 +96,16 @@ class PromptGrid:
     """
 
     FIRST_POLL_S, MAX_POLL_S = 0.05, 0.25
+    # The Simulation Engine's grid reads an in-process table: a pull costs microseconds, not a
+    # request to the SuperLink, so it is polled every 10 ms (a backed-off poll there cost every
+    # exchange up to 0.25 s after its last reply).
+    IN_PROCESS_POLL_S = 0.01
 
     def __init__(self, grid: Grid) -> None:
         self._grid = grid
+        self._first_poll, self._max_poll = self.FIRST_POLL_S, self.MAX_POLL_S
+        if _in_process(grid):
+            self._first_poll = self._max_poll = self.IN_PROCESS_POLL_S
         self._flower = os.environ.get("FEDCARE_FLOWER_POLLING") == "1"
         if not self._flower:
             from fedcare.flower_latency import shorten_object_pull_backoff
@@ -125,7 +133,7 @@ class PromptGrid:
         del messages
         end = time.time() + (timeout if timeout is not None else 0.0)
         replies: list[Message] = []
-        delay = self.FIRST_POLL_S
+        delay = self._first_poll
         while timeout is None or time.time() < end:
             got = list(self._grid.pull_messages(waiting))
             _trace_replies(got)
@@ -134,7 +142,7 @@ class PromptGrid:
             if not waiting:
                 break
             time.sleep(delay)
-            delay = min(self.MAX_POLL_S, delay * 1.5)
+            delay = min(self._max_poll, delay * 1.5)
         return replies
 
 
@@ -236,6 +244,12 @@ def _statistics_round(grid: Grid, nodes: list[int], config: dict[str, Any], hosp
         raise FedcareError(f"no hospital can take part: {reasons}")
     names, lo, hi, input_shape, task = schema
     return pooled_normalisation(list(names), list(zip(lo, hi)), sums), input_shape, task
+
+
+def _in_process(grid: Any) -> bool:
+    """Whether ``grid`` is the Simulation Engine's in-memory grid (no network between it and its state)."""
+    module = sys.modules.get("flwr.superlink.grid.inmemory_grid")  # never loaded outside a simulation
+    return module is not None and isinstance(grid, module.InMemoryGrid)
 
 
 def _summary(metrics: Any) -> BinarySummary:

@@ -153,6 +153,34 @@ def test_prompt_grid_gives_up_at_the_timeout_and_can_defer_to_flower(monkeypatch
     assert PromptGrid(_FakeGrid()).send_and_receive([_msg("a")], timeout=1) == ["flower's own loop"]
 
 
+class _SlowGrid(_FakeGrid):
+    """The one reply shows up on the sixth pull."""
+
+    def pull_messages(self, ids):
+        self.pulls += 1
+        return [self.pending.pop(0)] if self.pulls == 6 else []
+
+
+def test_prompt_grid_polls_the_simulation_engines_grid_every_10_ms(monkeypatch):
+    """A pull of the in-memory grid reads a local table, so a simulation's exchange ends within 10 ms
+    of its last reply; a deployment's grid backs off from 50 to 250 ms (each pull is a request)."""
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    import server.federation_loop as loop
+
+    class _InMemory(_SlowGrid, InMemoryGrid):
+        def __init__(self) -> None:  # no SuperLink state: only push and pull are used
+            _SlowGrid.__init__(self)
+
+    monkeypatch.delenv("FEDCARE_FLOWER_POLLING", raising=False)
+    waits: list[float] = []
+    monkeypatch.setattr(loop.time, "sleep", waits.append)
+    for grid, expected in ((_InMemory(), [0.01] * 5), (_SlowGrid(), [0.05, 0.075, 0.1125, 0.16875, 0.25])):
+        waits.clear()
+        assert len(PromptGrid(grid).send_and_receive([_msg("a")], timeout=30)) == 1
+        assert waits == pytest.approx(expected)
+
+
 @pytest.mark.parametrize("args,address", [
     (["--superlink", "x:1", "--host", "127.0.0.1", "--port", "9105"], "127.0.0.1:9105"),
     (["--port", "9200"], "127.0.0.1:9200"),

@@ -3,7 +3,6 @@ vector looks uniform and cannot be unmasked without t shares."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,15 +32,42 @@ def test_prg_rejects_bad_seeds() -> None:
         mask_vector(b"short", 10)
 
 
-def test_prg_one_million_elements_well_under_a_tenth_of_a_second() -> None:
-    best = min(_timed(lambda: mask_vector(b"\x05" * 32, 1_000_000)) for _ in range(3))
-    assert best < 0.1, f"1M-element mask took {best:.3f}s"
+@settings(max_examples=40, deadline=None)
+@given(
+    length=st.integers(0, 40),
+    chunk=st.integers(1, 9),
+    signs=st.lists(st.sampled_from([1, -1]), min_size=0, max_size=5),
+    start=st.lists(st.integers(0, 2**64 - 1), min_size=40, max_size=40),
+)
+def test_adding_masks_chunk_by_chunk_equals_adding_whole_mask_vectors(
+    length: int, chunk: int, signs: list[int], start: list[int]
+) -> None:
+    from secure_aggregation import prg
+
+    seeds = [bytes([i + 1]) * 32 for i in range(len(signs))]
+    expected = np.array(start[:length], dtype=np.uint64)
+    for seed, sign in zip(seeds, signs):
+        masking_op = np.add if sign > 0 else np.subtract
+        masking_op(expected, mask_vector(seed, length), out=expected)
+    acc = np.array(start[:length], dtype=np.uint64)
+    original = prg._CHUNK_WORDS
+    prg._CHUNK_WORDS = chunk  # chunk boundaries inside, at and past the vector's end
+    try:
+        prg.add_masks(acc, zip(seeds, signs))
+    finally:
+        prg._CHUNK_WORDS = original
+    assert np.array_equal(acc, expected)
 
 
-def _timed(fn: object) -> float:
-    t0 = time.perf_counter()
-    fn()  # type: ignore[operator]
-    return time.perf_counter() - t0
+def test_adding_masks_refuses_what_it_cannot_add_to() -> None:
+    from secure_aggregation import SecAggError, prg
+
+    with pytest.raises(SecAggError, match="sign"):
+        prg.add_masks(np.zeros(4, dtype=np.uint64), [(b"\x01" * 32, 2)])
+    with pytest.raises(SecAggError, match="uint64"):
+        prg.add_masks(np.zeros(4, dtype=np.int64), [(b"\x01" * 32, 1)])
+    with pytest.raises(SecAggError, match="32 bytes"):
+        prg.add_masks(np.zeros(4, dtype=np.uint64), [(b"short", 1)])
 
 
 # ---- keys: derivation and authenticated encryption ---------------------------------------------
