@@ -35,6 +35,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_heart_accuracy.py --seeds 5 --write docs/benchmarks.md
 	$(BIN)/python bench/bench_heart_dp_ablation.py --seeds 10 --write docs/benchmarks.md
+	$(BIN)/python bench/bench_heart_dp_ablation.py --sweep --seeds 10 --write docs/benchmarks.md
 	$(BIN)/python bench/bench_dicom_decode.py --write docs/benchmarks.md
 	$(BIN)/python bench/bench_secure_aggregation.py --write docs/benchmarks.md
 	$(BIN)/python bench/bench_dp_speed.py --write docs/benchmarks.md
