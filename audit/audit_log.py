@@ -21,8 +21,9 @@ The record kinds (the dataclasses below document each field; ``append`` accepts 
 or the equivalent dict):
 
 node   ``release``  one release of data-derived values to the server (stats sums or a model update)
-       ``refusal``  the node refused a request (privacy budget, bad data, clip range)
+       ``refusal``  the node refused a request (privacy budget, policy, bad data)
        ``unmask``   the node revealed secure-aggregation shares for a round
+       ``budget``   a dataset's privacy budget was set or raised (by the hospital, explicitly)
 server ``round``    one completed (or failed) training round
        ``run``      a run's settings, logged once at its start
 """
@@ -50,9 +51,9 @@ from fedcare.errors import FedcareError
 GENESIS = "0" * 64
 LINE_FIELDS = ("seq", "time", "actor", "kind", "prev", "body", "pubkey", "sig")
 
-KIND_RELEASE, KIND_REFUSAL, KIND_UNMASK = "release", "refusal", "unmask"
+KIND_RELEASE, KIND_REFUSAL, KIND_UNMASK, KIND_BUDGET = "release", "refusal", "unmask", "budget"
 KIND_ROUND, KIND_RUN = "round", "run"
-NODE_KINDS = (KIND_RELEASE, KIND_REFUSAL, KIND_UNMASK)
+NODE_KINDS = (KIND_RELEASE, KIND_REFUSAL, KIND_UNMASK, KIND_BUDGET)
 SERVER_KINDS = (KIND_ROUND, KIND_RUN)
 STAGES = ("feature-stats", "train")
 
@@ -199,6 +200,22 @@ class ReleaseRecord:
     dp: DPParams | None
     epsilon_after: float | None
     secagg: SecAggInfo | None = None
+    dataset_id: str = ""   # the privacy ledger's key (the hospital's declared dataset identity)
+
+
+@dataclass(frozen=True)
+class BudgetRecord:
+    """Node: the privacy budget of ``dataset_id`` is ``budget`` from now on (kind ``budget``).
+
+    Written once when the dataset's ledger is created (``reason`` "initial") and by the hospital's
+    explicit ``fedcare node budget`` command; a ledger whose budget exceeds the last such record was
+    raised by hand, and the node refuses to train on it.
+    """
+
+    dataset_id: str
+    budget: float
+    previous: float | None
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -261,13 +278,14 @@ class ServerRunRecord:
 
 
 RECORD_TYPES: dict[str, type] = {KIND_RELEASE: ReleaseRecord, KIND_REFUSAL: RefusalRecord,
-                                 KIND_UNMASK: UnmaskRecord, KIND_ROUND: ServerRoundRecord, KIND_RUN: ServerRunRecord}
+                                 KIND_UNMASK: UnmaskRecord, KIND_BUDGET: BudgetRecord, KIND_ROUND: ServerRoundRecord, KIND_RUN: ServerRunRecord}
 _REQUIRED: dict[str, dict[str, tuple[type, ...]]] = {
     KIND_RELEASE: {"run_id": (str,), "round": (int,), "stage": (str,), "app_digest": (str,),
                    "data_fingerprint": (str,), "global_model_digest": (str,), "sent_digest": (str,),
                    "dp": (dict, type(None)), "epsilon_after": (int, float, type(None))},
     KIND_REFUSAL: {"run_id": (str,), "round": (int,), "reason": (str,), "kind": (str,)},
     KIND_UNMASK: {"run_id": (str,), "round": (int,), "survivors": (list,), "dropped": (list,)},
+    KIND_BUDGET: {"dataset_id": (str,), "budget": (int, float), "previous": (int, float, type(None)), "reason": (str,)},
     KIND_ROUND: {"run_id": (str,), "round": (int,), "strategy": (str,), "sampled": (list,), "responded": (list,),
                  "failed": (dict,), "refused": (dict,), "aggregate_digest": (str,)},
     KIND_RUN: {"run_id": (str,), "settings": (dict,)},
@@ -324,6 +342,7 @@ class AuditLog:
         self.key = key
         self.actor = str(actor)
         self.pubkey_hex = public_key_bytes(key).hex()
+        self.key_existed_before = True   # set by whoever created the key with the log (see client.audit_trail)
 
     def append(self, kind: str, record: Mapping[str, Any] | Any) -> dict[str, Any]:
         """Sign and append one record of ``kind``; returns the full line written (as a dict).
@@ -393,6 +412,48 @@ class AuditLog:
 
     def unmask(self, record: UnmaskRecord | Mapping[str, Any]) -> dict[str, Any]:
         return self.append(KIND_UNMASK, record)
+
+    def budget(self, record: BudgetRecord | Mapping[str, Any]) -> dict[str, Any]:
+        return self.append(KIND_BUDGET, record)
+
+    def read_verified(self) -> list[dict[str, Any]]:
+        """Every line of this log, after checking the whole chain; raises ``AuditLogError`` on any break.
+
+        The hash links from the first line to the last plus the last line's signature authenticate
+        every earlier line (each line's ``prev`` is the hash of the one before), so one signature
+        check covers the file. Every line must carry this log's key and actor.
+        """
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise AuditLogError(f"cannot read the audit log {self.path}: {exc.strerror}") from None
+        if data and not data.endswith(b"\n"):
+            raise AuditLogError(f"audit log {self.path} ends in an incomplete line (a torn write?)",
+                                "an auditor must inspect it (`fedcare audit verify`)")
+        lines, prev = [], GENESIS
+        raws = data.split(b"\n")[:-1] if data else []
+        for number, raw in enumerate(raws, start=1):
+            try:
+                line = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                line = None
+            problem = None
+            if not isinstance(line, dict) or set(line) != set(LINE_FIELDS):
+                problem = "it is not a log record"
+            elif line["prev"] != prev or line["seq"] != number - 1:
+                problem = "it does not chain to the line before (a record was deleted, inserted or edited)"
+            elif line["pubkey"] != self.pubkey_hex or line["actor"] != self.actor:
+                problem = "it was written by another key or actor"
+            elif number == len(raws):
+                problem = last_line_problem(line, raw)
+            if problem is not None:
+                raise AuditLogError(f"audit log {self.path} line {number} does not verify: {problem}",
+                                    "an auditor must inspect it (`fedcare audit verify`); never repair it by hand")
+            lines.append(line)
+            prev = line_hash(raw)
+        return lines
 
     def round(self, record: ServerRoundRecord | Mapping[str, Any]) -> dict[str, Any]:
         return self.append(KIND_ROUND, record)

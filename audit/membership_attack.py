@@ -252,13 +252,15 @@ class FedcareMLP:
         import torch
 
         from client.dp_trainer import DPSettings, train
+        from client.secret_randomness import SecretRandom
         from shared_models.registry import build_model
 
         torch.manual_seed(seed)
         model = build_model("mlp", (x.shape[1],), self.hidden)
         dp = None if self.noise_multiplier is None else DPSettings(self.noise_multiplier, self.max_grad_norm)
         outcome = train(model, x.astype(np.float32), y.astype(np.float32), epochs=self.epochs,
-                        batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay, dp=dp, seed=seed)
+                        batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay, dp=dp,
+                        rng=SecretRandom.reproducible(seed, "membership-audit"))
         self.last_history = list(outcome.steps)
         model.cpu().eval()
 

@@ -87,13 +87,14 @@ def _privacy_section(report: VerifyReport, plot_name: str) -> list[str]:
               "| runs |",
               "|---|---|---|---|---|---|---|---|"]
     for actor, h in sorted(report.hospitals.items()):
-        fingerprints = sorted({r.data_fingerprint for r in h.releases}) or ["-"]
-        for fp in fingerprints:
-            rel = [r for r in h.releases if r.data_fingerprint == fp]
+        keys = sorted({r.data_key for r in h.releases}) or ["-"]
+        for fp in keys:
+            rel = [r for r in h.releases if r.data_key == fp]
             dp = sum(1 for r in rel if r.dp is not None)
             claimed = next((r.epsilon_after for r in reversed(rel) if r.epsilon_after is not None), None)
             runs = sorted({r.run_id for r in rel})
-            lines.append(f"| {_cell(actor)} | `{fp[:12]}` | {dp} / {len(rel) - dp} | {len(h.refusals)} | "
+            shown = fp if rel and rel[0].dataset_id else fp[:12]
+            lines.append(f"| {_cell(actor)} | `{_cell(shown)}` | {dp} / {len(rel) - dp} | {len(h.refusals)} | "
                          f"{_fmt(h.delta.get(fp), 6)} | {_fmt(h.epsilon.get(fp))} | {_fmt(claimed)} | "
                          f"{_cell(', '.join(runs)) or '-'} |")
     lines += ["", f"![epsilon per hospital over releases]({plot_name})", ""]

@@ -16,11 +16,13 @@ What is checked, and why each check catches a kind of tampering:
    node says it received is the server's previous aggregate (or the run's initial model); a
    plain-aggregation update digest matches what the server says it received; a node's unmask
    survivors match the server's.
-4. Epsilon: per hospital and data fingerprint, the RDP accountant (Opacus, fedcare's orders) is
-   replayed over the recorded DP parameters of every release in order, and each
-   ``epsilon_after`` must match to 1e-6 relative. With ``ledger_dir``, each privacy ledger
-   (``privacy-ledger-*.json``) must hold the same releases, the same epsilons, and a history
-   whose epsilon equals the replayed one.
+4. Epsilon: per hospital and dataset (its declared ``dataset_id``; the data fingerprint for
+   records that carry none), the RDP accountant (Opacus, fedcare's orders) is replayed over the
+   recorded DP parameters of every release in order, and each ``epsilon_after`` must match to
+   1e-6 relative and stay within the budget the hospital last signed (``budget`` records). With
+   ``ledger_dir``, each privacy ledger (``privacy-ledger-*.json``) must hold the same releases,
+   the same epsilons, a history whose epsilon equals the replayed one, and no budget above the
+   last signed one (a budget raised by hand).
 
 Corrupt input never raises: everything wrong is a ``Finding(file, line, reason)``; a finding of
 level ``note`` is information for the auditor (e.g. a hospital whose log was not supplied) and
@@ -37,8 +39,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from audit.audit_log import (GENESIS, KIND_REFUSAL, KIND_RELEASE, KIND_ROUND, KIND_RUN, KIND_UNMASK, NODE_KINDS,
-                             SERVER_KINDS, last_line_problem, line_hash, schema_problems)
+from audit.audit_log import (GENESIS, KIND_BUDGET, KIND_REFUSAL, KIND_RELEASE, KIND_ROUND, KIND_RUN, KIND_UNMASK,
+                             NODE_KINDS, SERVER_KINDS, last_line_problem, line_hash, schema_problems)
 
 EPS_RTOL = 1e-6
 
@@ -85,6 +87,12 @@ class ReleaseView:
     secagg: dict[str, Any] | None
     file: str
     line: int
+    dataset_id: str = ""
+
+    @property
+    def data_key(self) -> str:
+        """What the privacy ledger is keyed by: the declared dataset identity (else the fingerprint)."""
+        return self.dataset_id or self.data_fingerprint
 
 
 @dataclass
@@ -97,8 +105,9 @@ class HospitalView:
     releases: list[ReleaseView] = field(default_factory=list)
     refusals: list[dict[str, Any]] = field(default_factory=list)
     unmasks: int = 0
-    epsilon: dict[str, float] = field(default_factory=dict)  # data fingerprint -> replayed epsilon
+    epsilon: dict[str, float] = field(default_factory=dict)  # dataset id (or fingerprint) -> replayed epsilon
     delta: dict[str, float] = field(default_factory=dict)
+    budgets: dict[str, float] = field(default_factory=dict)  # dataset id -> the last signed budget
 
 
 @dataclass
@@ -317,18 +326,25 @@ def _replay_epsilon(node: list[Entry], report: VerifyReport) -> None:
         if e.file not in view.files:
             view.files.append(e.file)
         if e.kind == KIND_RELEASE:
-            groups[(e.actor, e.body["data_fingerprint"])].append(e)
+            groups[(e.actor, e.body.get("dataset_id") or e.body["data_fingerprint"])].append(e)
+        elif e.kind == KIND_BUDGET:
+            groups[(e.actor, e.body["dataset_id"])].append(e)
         elif e.kind == KIND_REFUSAL:
             view.refusals.append(dict(e.body, time=e.time))
         elif e.kind == KIND_UNMASK:
             view.unmasks += 1
-    for (actor, fingerprint), group in groups.items():
+    for (actor, key), group in groups.items():
         view = report.hospitals[actor]
         replay = _Replay()
         delta: float | None = None
+        budget: float | None = None
         no_dp = 0
         for e in _ordered(group):
             b = e.body
+            if e.kind == KIND_BUDGET:
+                budget = float(b["budget"])
+                view.budgets[key] = budget
+                continue
             dp, claimed, replayed = b["dp"], b["epsilon_after"], None
             if dp is None:
                 no_dp += 1
@@ -352,14 +368,19 @@ def _replay_epsilon(node: list[Entry], report: VerifyReport) -> None:
                             e.file, e.line, f"{actor} claims epsilon_after {claimed:.9g} but the RDP accountant gives "
                                             f"{replayed:.9g} from the recorded DP parameters "
                                             f"(run {b['run_id']} round {b['round']})"))
-            view.releases.append(ReleaseView(b["run_id"], b["round"], b["stage"], e.time, fingerprint, dp, claimed,
-                                             replayed, b.get("secagg"), e.file, e.line))
+                    if budget is not None and replayed > budget * (1 + EPS_RTOL) and int(dp["steps"]) > 0:
+                        report.findings.append(Finding(
+                            e.file, e.line, f"{actor} released up to epsilon {replayed:.6g} on {key!r}, above the "
+                                            f"budget {budget:g} it last signed (run {b['run_id']} round {b['round']})"))
+            view.releases.append(ReleaseView(b["run_id"], b["round"], b["stage"], e.time, b["data_fingerprint"], dp,
+                                             claimed, replayed, b.get("secagg"), e.file, e.line,
+                                             b.get("dataset_id") or ""))
         if delta is not None:
-            view.epsilon[fingerprint] = replay.epsilon(delta)
-            view.delta[fingerprint] = delta
+            view.epsilon[key] = replay.epsilon(delta)
+            view.delta[key] = delta
         if no_dp:
             report.findings.append(Finding(group[0].file, 0, f"{actor}: {no_dp} release(s) without differential "
-                                           f"privacy on data {fingerprint[:12]}... (no epsilon guarantee)", "note"))
+                                           f"privacy on data {key[:24]} (no epsilon guarantee)", "note"))
 
 
 # ---- 3: node vs server -------------------------------------------------------------------------------
@@ -385,6 +406,8 @@ def _cross_check(node: list[Entry], server: list[Entry], report: VerifyReport) -
     unnoted_runs: set[str] = set()
     for e in node:
         b = e.body
+        if e.kind == KIND_BUDGET:
+            continue   # a hospital's own budget decision: no server side to compare with
         run, rnd = b["run_id"], b["round"]
         if run not in server_runs:
             if run not in unnoted_runs:
@@ -404,11 +427,13 @@ def _cross_check(node: list[Entry], server: list[Entry], report: VerifyReport) -
             elif e.actor not in s["refused"] and e.actor not in s["failed"]:
                 note(e, f"the server's round record ({srv.file}:{srv.line}) does not mention this refusal")
         elif e.kind == KIND_UNMASK and srv is not None and srv.body.get("secagg"):
-            mine = sorted(str(v) for v in b["survivors"])
-            theirs = sorted(str(v) for v in srv.body["secagg"].get("survivors", []))
-            if mine != theirs:
-                error(e, f"unmasked for survivors {mine}, but the server ({srv.file}:{srv.line}) "
-                         f"records survivors {theirs}")
+            # a node reveals self-mask shares of its surviving neighbours only (all survivors in the
+            # complete graph) and mask-key shares of dropped ones: both must agree with the server's round
+            mine = {str(v) for v in b["survivors"]}
+            theirs = {str(v) for v in srv.body["secagg"].get("survivors", [])}
+            if not mine <= theirs or {str(v) for v in b["dropped"]} & theirs:
+                error(e, f"unmasked for survivors {sorted(mine)} and dropped {sorted(map(str, b['dropped']))}, but "
+                         f"the server ({srv.file}:{srv.line}) records survivors {sorted(theirs)}")
     for (run, rnd, actor), group in releases.items():
         trains = [g for g in group if g.body["stage"] == "train"]
         if len(trains) > 1:
@@ -467,7 +492,7 @@ def _check_ledgers(directory: Path, report: VerifyReport) -> None:
     by_fingerprint: dict[str, tuple[HospitalView, list[ReleaseView]]] = {}
     for view in report.hospitals.values():
         for r in view.releases:
-            by_fingerprint.setdefault(r.data_fingerprint, (view, []))[1].append(r)
+            by_fingerprint.setdefault(r.data_key, (view, []))[1].append(r)
     for path in paths:
         report.ledgers.append(str(path))
         _check_ledger(path, by_fingerprint, report)
@@ -482,7 +507,7 @@ def _check_ledger(path: Path, by_fingerprint: dict[str, tuple[HospitalView, list
 
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        fingerprint, hospital = str(data["fingerprint"]), str(data["hospital"])
+        fingerprint, hospital = str(data.get("dataset_id") or data["fingerprint"]), str(data["hospital"])
         delta = float(data["delta"])
         history = [(float(s), float(q), int(k)) for s, q, k in data["history"]]
         ledger_releases = [(str(r["run_id"]), int(r["round"]), str(r["kind"]), float(r["epsilon_after"]))
@@ -510,7 +535,11 @@ def _check_ledger(path: Path, by_fingerprint: dict[str, tuple[HospitalView, list
                 "error" if covered else "note"))
         return
     view, audit_releases = match
-    audit_fp = audit_releases[0].data_fingerprint
+    audit_fp = audit_releases[0].data_key
+    signed = view.budgets.get(audit_fp)
+    if signed is not None and float(data.get("budget", 0.0)) > signed * (1 + EPS_RTOL):
+        error(f"{hospital}: the ledger's budget {float(data['budget']):g} is above the {signed:g} last signed in "
+              "the audit log (raised without a signed budget record)")
     dp_releases = [r for r in audit_releases if r.dp is not None and r.epsilon_after is not None]
     audit_delta = view.delta.get(audit_fp)
     if audit_delta is not None and not math.isclose(audit_delta, delta, rel_tol=1e-12):

@@ -70,11 +70,12 @@ def timed_loads(folder: Path, cache: Path, policy: ImagePolicy, epochs: int) -> 
 def train_epoch_seconds(x: np.ndarray, y: np.ndarray, dp: bool) -> float:
     """One local epoch of the imaging CNN at batch 32 (DP-SGD through Opacus, or plain SGD)."""
     from client.dp_trainer import DPSettings, train
+    from client.secret_randomness import SecretRandom
     from shared_models.registry import build_model
 
     model = build_model("cnn", x.shape[1:])
     t0 = time.perf_counter()
-    train(model, x, y, epochs=1, batch_size=32, lr=0.1, dp=DPSettings(1.0, 1.0) if dp else None, seed=0)
+    train(model, x, y, epochs=1, batch_size=32, lr=0.1, dp=DPSettings(1.0, 1.0) if dp else None, rng=SecretRandom.reproducible(0))
     return time.perf_counter() - t0
 
 

@@ -52,12 +52,13 @@ from torch import nn  # noqa: E402
 from bench.markdown_report import replace_section  # noqa: E402
 from client.dp_optimizer import ClippedSumDPOptimizer  # noqa: E402
 from client.per_sample_clipping import PerSampleClipper  # noqa: E402
+from client.secret_randomness import SecretRandom  # noqa: E402
 from shared_models.registry import build_model  # noqa: E402
 
 HEADING = "## DP-SGD step time and memory vs plain SGD (issue 7)"
 GPU_HEADING = "## DP-SGD step time and memory vs plain SGD on a GPU (issue 7)"
 DEVICE = torch.device("cpu")  # set once by main(); every model and batch is placed on it
-MODES = ("plain", "fedcare", "opacus hooks", "opacus ghost")
+MODES = ("plain", "fedcare", "fedcare hardened", "opacus hooks", "opacus ghost")
 
 
 class PlainGRU(nn.Module):
@@ -125,10 +126,12 @@ def make_step(case: Case, mode: str, x: torch.Tensor, y: torch.Tensor) -> Callab
     model = case.model().to(DEVICE)
     sgd = torch.optim.SGD(model.parameters(), lr=0.05)
     common = dict(noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=len(y))
-    if mode == "fedcare":
+    if mode in ("fedcare", "fedcare hardened"):
         from opacus.accountants import RDPAccountant
 
-        opt = ClippedSumDPOptimizer(sgd, loss_reduction="mean", **common)
+        # the hospital's secret noise (OS entropy); "hardened": the four-draw float64 mitigation
+        opt = ClippedSumDPOptimizer(sgd, loss_reduction="mean", noise=SecretRandom(hardened=mode != "fedcare"),
+                                    **common)
         opt.attach_step_hook(RDPAccountant().get_optimizer_hook_fn(sample_rate=0.1))
         clipper = PerSampleClipper(model, 1.0)
 
@@ -370,13 +373,15 @@ def report(rows: list, args: argparse.Namespace) -> str:
         GPU_HEADING if DEVICE.type == "cuda" else HEADING, "",
         f"`{command}` ({date.today()}, {where}). "
         "Step = zero_grad, forward, loss, backward (and clipping), optimizer step, noise multiplier 1, "
-        "clip norm 1. Ratios are to the plain step of the same architecture on the same batch; for the "
-        "GRU, plain is PyTorch's fused `nn.GRU`. The last column shows the median of the per-repetition "
-        "fedcare ratios, i.e. how much the machine's load moved them.",
+        "clip norm 1. fedcare's noise and batches come from the hospital's secret stream (AES-256-CTR keyed "
+        "from OS entropy); \"hardened noise\" is the policy option `hardened-noise = true` (Opacus's "
+        "secure-mode Gaussian: four float64 draws per value). Ratios are to the plain step of the same "
+        "architecture on the same batch; for the GRU, plain is PyTorch's fused `nn.GRU`. The last column shows "
+        "the median of the per-repetition fedcare ratios, i.e. how much the machine's load moved them.",
         "",
-        "| case | plain | fedcare DP | Opacus hooks | Opacus ghost | bar | met | peak memory plain / DP (ratio) "
-        "| fedcare median ratio |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| case | plain | fedcare DP | fedcare DP, hardened noise | Opacus hooks | Opacus ghost | bar | met "
+        "| peak memory plain / DP (ratio) | fedcare median ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case, timing, memory in rows:
         ratio = timing["fedcare"]["ratio"]
@@ -384,7 +389,8 @@ def report(rows: list, args: argparse.Namespace) -> str:
         plain = f"{timing['plain']['ms']:.2f} ms"
         if "fedcare (no DP)" in timing:
             plain += f" (fedcare GRU without DP: {timing['fedcare (no DP)']['ms']:.2f} ms)"
-        lines.append(f"| {case.name} | {plain} | {cell(timing, 'fedcare')} | {cell(timing, 'opacus hooks')} | "
+        lines.append(f"| {case.name} | {plain} | {cell(timing, 'fedcare')} | {cell(timing, 'fedcare hardened')} | "
+                     f"{cell(timing, 'opacus hooks')} | "
                      f"{cell(timing, 'opacus ghost')} | <= {case.bar}x | {'yes' if ratio <= case.bar else '**no**'} | "
                      f"{mem} | {timing['fedcare']['median_ratio']:.2f}x |")
     return "\n".join(lines)

@@ -43,6 +43,7 @@ def _client_app(data_root: Path, hidden: int, secure: bool) -> Any:
     from flwr.clientapp import ClientApp
 
     from client.dp_trainer import train
+    from client.secret_randomness import SecretRandom
     from shared_models.registry import build_model
 
     class _Hospital(NumPyClient):
@@ -57,7 +58,7 @@ def _client_app(data_root: Path, hidden: int, secure: bool) -> Any:
         def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
             self._set(parameters)
             train(self.model, self.x, self.y, epochs=1, batch_size=16, lr=0.05, weight_decay=0.0, dp=None,
-                  seed=0)
+                  rng=SecretRandom.reproducible(0))
             weights = [v.detach().cpu().numpy() for v in self.model.state_dict().values()]
             return weights, len(self.y), {}
 

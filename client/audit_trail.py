@@ -13,8 +13,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from audit.audit_log import (AuditLog, DPParams, RefusalRecord, ReleaseRecord, SecAggInfo, UnmaskRecord,
-                             code_digest, digest_arrays)
+from audit.audit_log import (AuditLog, BudgetRecord, DPParams, RefusalRecord, ReleaseRecord, SecAggInfo,
+                             UnmaskRecord, code_digest, digest_arrays)
 from audit.signing import load_or_create_key
 
 APP_PACKAGES = ("client", "shared_models", "secure_aggregation", "fedcare")
@@ -32,18 +32,23 @@ def _slug(name: str) -> str:
 
 
 def open_log(ledger_dir: str | Path, hospital: str) -> AuditLog:
+    """The hospital's log; ``key_existed_before`` tells whether its signing key was already there
+    (a key without a log means the log was removed: ``client/ledger_guard.py`` refuses then)."""
     folder = Path(ledger_dir) / "audit"
-    key = load_or_create_key(folder / f"{_slug(hospital)}-signing-key.pem")
-    return AuditLog(folder / f"{_slug(hospital)}.jsonl", key, actor=hospital)
+    key_path = folder / f"{_slug(hospital)}-signing-key.pem"
+    existed = key_path.exists()
+    log = AuditLog(folder / f"{_slug(hospital)}.jsonl", load_or_create_key(key_path), actor=hospital)
+    log.key_existed_before = existed
+    return log
 
 
 def release(log: AuditLog, *, run_id: Any, round_: int, stage: str, data_fingerprint: str,
             global_arrays: Any, sent: Any, dp: DPParams | None, epsilon: float | None,
-            secagg: SecAggInfo | None) -> None:
+            secagg: SecAggInfo | None, dataset_id: str = "") -> None:
     log.release(ReleaseRecord(
         run_id=str(run_id), round=round_, stage=stage, app_digest=app_digest(), data_fingerprint=data_fingerprint,
         global_model_digest=digest_arrays(global_arrays) if global_arrays is not None else "",
-        sent_digest=digest_arrays(sent), dp=dp, epsilon_after=epsilon, secagg=secagg))
+        sent_digest=digest_arrays(sent), dp=dp, epsilon_after=epsilon, secagg=secagg, dataset_id=dataset_id))
 
 
 def refusal(log: AuditLog, *, run_id: Any, round_: int, reason: str, kind: str) -> None:
@@ -54,4 +59,4 @@ def unmask(log: AuditLog, *, run_id: Any, round_: int, survivors: list[int], dro
     log.unmask(UnmaskRecord(run_id=str(run_id), round=round_, survivors=survivors, dropped=dropped))
 
 
-__all__ = ["DPParams", "SecAggInfo", "app_digest", "open_log", "refusal", "release", "unmask"]
+__all__ = ["BudgetRecord", "DPParams", "SecAggInfo", "app_digest", "open_log", "refusal", "release", "unmask"]

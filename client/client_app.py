@@ -1,11 +1,18 @@
 """The hospital's ClientApp: statistics, DP training and evaluation on local data.
 
-Settings come from the coordinator's message (what to train) and from the node (which data, where
-the ledger is, what privacy budget the hospital grants). Hospital-owned settings are read from the
-node config only, never from the coordinator's run config or messages, so a coordinator cannot
-raise a hospital's budget; a node that sets no ``epsilon-budget`` accepts the run's
-``target-epsilon`` as its budget. Errors the hospital can fix, and budget refusals,
-are replied as a ``refusal`` record with a one-line reason instead of a traceback.
+Settings come from two places that never mix: the coordinator's message says what to train (a
+``RunRequest``), and the node's own settings say which data, where the ledger is and what the
+hospital accepts (its ``NodePolicy``: DP required, budget, delta, smallest federation and
+threshold, widest clip range, what evaluation it releases). Every handler checks the request
+against the policy before it touches the data; a request outside it is refused by name and reason.
+Hospital-owned settings come from the node config only (in an in-process simulation, from the
+defaults the simulation gives every virtual hospital), never from the run config or a message.
+
+DP noise, Poisson sampling and statistics noise are drawn from the hospital's secret stream (OS
+entropy, ``client/secret_randomness.py``), never from the run seed. Before every release the
+privacy ledger is checked against the hospital's signed audit chain (``client/ledger_guard.py``).
+Errors the hospital can fix, and refusals, are replied as a ``refusal`` record with a one-line
+reason instead of a traceback, and written to the hospital's audit log.
 """
 
 from __future__ import annotations
@@ -22,11 +29,20 @@ from flwr.clientapp import ClientApp
 
 from client.datasets import DataSource, HospitalData, load_hospital
 from client.feature_stats import local_sums, stats_key
+from client.node_policy import NodePolicy, PolicyRefusal
+from client.secret_randomness import SecretRandom
 from fedcare import protocol, timing
 from fedcare.errors import BudgetExhausted, FedcareError
+from fedcare.protocol import RunRequest
 
 if TYPE_CHECKING:
     from client.privacy_ledger import PrivacyLedger
+
+# An in-process simulation (never a deployed node) may key every hospital's noise from this seed:
+# reproducible for benchmarks and tests, and every release it makes is reported as not private.
+REPRODUCIBLE_NOISE = "reproducible-noise-seed"
+# An in-process simulation's virtual hospitals: the folder of the secret their identity keys derive from.
+SIMULATED_CONSORTIUM = "simulated-consortium"
 
 # Heavy imports (opacus via the privacy ledger, torch via the trainer and models) happen inside the
 # handlers that need them: Flower runs every message in a fresh process, and importing opacus alone
@@ -45,6 +61,8 @@ class _Node:
         self.context = context
         self.config = config
         self.defaults = defaults
+        self.request = RunRequest.from_config(config)
+        self.policy = _policy(context, defaults, self.request)
 
     def setting(self, key: str, fallback: Any = None) -> Any:
         """A hospital-owned setting: node config, else the in-process simulation's stand-in."""
@@ -55,11 +73,21 @@ class _Node:
 
     @property
     def dp(self) -> bool:
-        return bool(self.config["dp"])
+        return self.request.dp
+
+    def rng(self, data: HospitalData, *label: object) -> SecretRandom:
+        """A fresh secret stream for one release (OS entropy); seeded only in an in-process
+        simulation that asked for reproducible noise (``REPRODUCIBLE_NOISE``, never node config)."""
+        seed = self.defaults.get(REPRODUCIBLE_NOISE)
+        hardened = self.policy.hardened_noise
+        if seed is None:
+            return SecretRandom(hardened=hardened)
+        return SecretRandom.reproducible(int(seed), self.dataset_id(data), self.plan_id, *label, hardened=hardened)
 
     @property
-    def seed(self) -> int:
-        return int(self.config["seed"]) * 1000 + int(self.setting("partition-id", 0))
+    def private(self) -> bool:
+        """False when this node's noise is reproducible (a simulation's benchmark switch)."""
+        return self.defaults.get(REPRODUCIBLE_NOISE) is None
 
     def source(self) -> DataSource:
         """Where this hospital's data is: node config (run config only for a shared data root)."""
@@ -74,17 +102,22 @@ class _Node:
             partition_id=None if partition is None else int(partition),
             data_root=root, data_path=text("data-path"), labels=text("labels"), schema=text("schema"),
             cache_dir=str(self.setting("cache-dir", "fedcare-cache")),
-            image_size=int(self.config.get("image-size", 64)),
+            image_size=self.request.image_size,
             multiframe=str(self.setting("multiframe", "first")),
             require_deidentified=_flag(self.setting("require-deidentified", True)),
             on_unreadable=str(self.setting("on-unreadable", "error")),
         )
 
     def data(self, for_training: bool = True) -> HospitalData:
-        data = _hospital(str(self.config["dataset"]), self.source())
+        data = _hospital(self.request.dataset, self.source())
         if for_training:
-            data.check_trainable(int(self.config["batch-size"]))
+            data.check_trainable(self.request.batch_size)
         return data
+
+    def dataset_id(self, data: HospitalData) -> str:
+        """The identity this hospital's privacy ledger is kept under (hospital.toml ``dataset-id``)."""
+        declared = self.setting("dataset-id")
+        return str(declared) if declared not in (None, "") else f"{self.request.dataset}:{data.name}"
 
     @property
     def ledger_dir(self) -> str:
@@ -97,6 +130,27 @@ class _Node:
 
         return state_file(self.ledger_dir, self.context.run_id, self.context.node_id)
 
+    def member_name(self, data: HospitalData) -> str:
+        """This hospital's name on its consortium roster (hospital.toml [consortium] name)."""
+        declared = self.setting("secagg-name")
+        return str(declared) if declared not in (None, "") else data.name
+
+    def consortium(self, data: HospitalData):
+        """Who this hospital accepts as secure-aggregation peers: its pinned roster and own identity key;
+        a simulated hospital: keys derived from the simulated hospitals' shared secret."""
+        from secure_aggregation.identity import Roster, RosterConsortium, SimulatedConsortium
+
+        roster = self.setting("secagg-roster")
+        if roster not in (None, ""):
+            return RosterConsortium(Roster.load(str(roster)), str(self.setting("secagg-identity-key", "")))
+        simulated = self.defaults.get(SIMULATED_CONSORTIUM)
+        if simulated is None and _simulated(self.context):
+            simulated = str(Path(self.ledger_dir) / "consortium")
+        if simulated is None:
+            raise PolicyRefusal(f"{data.name} refuses: secure aggregation needs its consortium roster, and none "
+                                "is configured", "set [consortium] roster and identity-key in hospital.toml")
+        return SimulatedConsortium.in_folder(str(simulated))
+
     def audit_log(self, hospital: str):
         """This hospital's signed audit log (next to its privacy ledger)."""
         from client.audit_trail import open_log
@@ -106,35 +160,53 @@ class _Node:
     def model(self, data: HospitalData):
         from shared_models.registry import build_model, resolve_model
 
-        return build_model(resolve_model(str(self.config["model"]), data.task), data.input_shape,
-                           int(self.config.get("hidden-units", 32)))
+        return build_model(resolve_model(self.request.model, data.task), data.input_shape,
+                           self.request.hidden_units)
 
     def ledger(self, data: HospitalData) -> PrivacyLedger:
-        from client.privacy_ledger import PrivacyLedger
+        """The dataset's privacy ledger at this hospital's budget and delta, once it agrees with the
+        hospital's signed audit chain (else ``LedgerTampered``: nothing is released)."""
+        from client.ledger_guard import open_checked_ledger
 
-        budget = float(self.setting("epsilon-budget", self.config["target-epsilon"]))
-        return PrivacyLedger.open(
-            self.ledger_dir, data.name, data.fingerprint(),
-            budget=budget, delta=float(self.config["delta"]),
-        )
+        assert self.policy.epsilon_budget is not None  # check_request refuses DP without a budget
+        return open_checked_ledger(self.audit_log(data.name), self.ledger_dir, data.name, self.dataset_id(data),
+                                   budget=self.policy.epsilon_budget, delta=self.policy.delta)
 
     @property
     def plan_id(self) -> str:
         """The run whose privacy plan this message follows: itself, or the run a resumed run continues."""
-        return str(self.config.get("plan-run-id") or self.context.run_id)
+        return self.request.plan_run_id or str(self.context.run_id)
 
     def plan(self, data: HospitalData, ledger: PrivacyLedger, stats_needed: bool):
         from client.dp_trainer import steps_per_epoch
 
-        steps = steps_per_epoch(len(data.y_train), int(self.config["batch-size"]))
+        steps = steps_per_epoch(len(data.y_train), self.request.batch_size)
         return ledger.plan_run(
             run_id=self.plan_id,
-            rounds=int(self.config["num-rounds"]),
-            steps_per_round=steps * int(self.config["local-epochs"]),
+            rounds=self.request.num_rounds,
+            steps_per_round=steps * self.request.local_epochs,
             sample_rate=1.0 / steps,
-            run_epsilon=float(self.config["target-epsilon"]),
-            stats_fraction=float(self.config["stats-budget-fraction"]) if stats_needed else None,
+            run_epsilon=min(self.request.target_epsilon, self.policy.run_epsilon_cap()),
+            stats_fraction=self.request.stats_budget_fraction if stats_needed else None,
         )
+
+
+def _policy(context: Context, defaults: Mapping[str, Any], request: RunRequest) -> NodePolicy:
+    """The hospital's policy: its node settings. A virtual node of Flower's Simulation Engine that was
+    given no policy (``flwr run`` against a simulation SuperLink) is a researcher's stand-in hospital
+    and accepts the run as it is; a deployed node without a budget refuses DP training."""
+    settings = {**defaults, **context.node_config}
+    if "epsilon-budget" not in settings and _simulated(context):
+        return NodePolicy.accepting(request)
+    return NodePolicy.from_settings(settings)
+
+
+def _simulated(context: Context) -> bool:
+    """Whether this ClientApp runs on a virtual node of Flower's Simulation Engine (a Ray actor)."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    return "num-partitions" in context.node_config and ray is not None and ray.is_initialized()
 
 
 def _flag(value: Any) -> bool:
@@ -154,32 +226,42 @@ def _secure(msg: Message) -> bool:
     return any(key.startswith(protocol.SECAGG) for key in msg.content[protocol.CONFIG].keys())
 
 
-def _refusal(msg: Message, name: str, exc: FedcareError) -> Message:
-    from secure_aggregation import ClipRangeError
+def _refusal_kind(exc: FedcareError) -> str:
+    from client.ledger_guard import LedgerTampered
 
-    kind = "budget" if isinstance(exc, BudgetExhausted) else "clip-range" if isinstance(exc, ClipRangeError) else "data"
+    if isinstance(exc, BudgetExhausted):
+        return "budget"
+    if isinstance(exc, PolicyRefusal):
+        return "policy"
+    if isinstance(exc, LedgerTampered):
+        return "ledger"
+    return "data"
+
+
+def _refusal(msg: Message, name: str, exc: FedcareError) -> Message:
     # the received model may have been tested before the refusal: that evaluation is still sent
     return _reply(msg, name, getattr(exc, "evaluation", None),
-                  **{protocol.REFUSAL: ConfigRecord({"reason": str(exc), "kind": kind})})
+                  **{protocol.REFUSAL: ConfigRecord({"reason": str(exc), "kind": _refusal_kind(exc)})})
 
 
 def _guarded(handler: Callable[[_Node, Message], Message], defaults: Mapping[str, Any]):
     def run(msg: Message, context: Context) -> Message:
-        node = _Node(context, msg.content[protocol.CONFIG], defaults)
+        node = None
+        name = f"partition {context.node_config.get('partition-id', defaults.get('partition-id', '?'))}"
         try:
+            node = _Node(context, msg.content[protocol.CONFIG], defaults)
+            name = node.data(for_training=False).name
+            node.policy.check_request(name, node.request)
             return handler(node, msg)
         except FedcareError as exc:
-            name = f"partition {node.setting('partition-id', '?')}"
-            try:
-                name = _hospital(str(node.config["dataset"]), node.source()).name
-            except (FedcareError, ValueError, TypeError):
-                pass
             reply = _refusal(msg, name, exc)
             try:
                 from client import audit_trail
 
-                audit_trail.refusal(node.audit_log(name), run_id=context.run_id,
-                                    round_=int(node.config.get("server-round", 0)), reason=str(exc),
+                ledger_dir = node.ledger_dir if node is not None else str(context.node_config.get(
+                    "ledger-dir", defaults.get("ledger-dir", "fedcare-ledgers")))
+                audit_trail.refusal(audit_trail.open_log(ledger_dir, name), run_id=context.run_id,
+                                    round_=int(msg.content[protocol.CONFIG].get("server-round", 0)), reason=str(exc),
                                     kind=str(reply.content.config_records[protocol.REFUSAL]["kind"]))
             except FedcareError:
                 pass  # the refusal itself is what the coordinator must hear about
@@ -215,7 +297,7 @@ def _public_size(node: _Node, data: HospitalData) -> float:
     n = len(data.y_train)
     if not node.dp:
         return float(n)
-    batch = int(node.config["batch-size"])
+    batch = node.request.batch_size
     return float(steps_per_epoch(n, batch) * batch)
 
 
@@ -223,37 +305,47 @@ def _feature_stats(node: _Node, msg: Message) -> Message:
     data = node.data()
     bounds = data.numeric_bounds()
     rows = data.per_patient_numeric(data.x_train)
-    rng = np.random.default_rng(node.seed)
     from client import audit_trail
 
     metrics: dict[str, Any] = {}
     dp_params = None
+    dataset_id = node.dataset_id(data)
     if not node.dp:
-        values = local_sums(rows, bounds, None, rng)
+        values = local_sums(rows, bounds, None, None)
     else:
         ledger = node.ledger(data)
-        key = stats_key(data.numeric_features, data.feature_bounds)
+        key = stats_key(data.numeric_features, data.feature_bounds, data.fingerprint())
         values = ledger.feature_stats(key) if bounds else {"sum": []}  # nothing to release: no cost
         plan = node.plan(data, ledger, stats_needed=values is None)
         fresh = values is None
         if fresh:
-            values = local_sums(rows, bounds, plan.stats_noise_multiplier, rng)
+            values = local_sums(rows, bounds, plan.stats_noise_multiplier, node.rng(data, "feature-stats"))
             ledger.record(str(node.context.run_id), 0, "feature-stats",
-                          [(plan.stats_noise_multiplier, 1.0, 1)], stats_key=key, values=values)
+                          [(plan.stats_noise_multiplier, 1.0, 1)], stats_key=key, values=values,
+                          data_fingerprint=data.fingerprint())
         metrics["epsilon"] = ledger.epsilon()
         # a re-sent paid-for answer (or an empty one) is post-processing: zero steps
         dp_params = audit_trail.DPParams(plan.stats_noise_multiplier or 0.0, 1.0, 1 if fresh else 0, None,
-                                         float(node.config["delta"]))
+                                         node.policy.delta)
     audit_trail.release(node.audit_log(data.name), run_id=node.context.run_id, round_=0, stage="feature-stats",
                         data_fingerprint=data.fingerprint(), global_arrays=None,
                         sent={"sum": np.asarray(values["sum"], dtype=np.float64)}, dp=dp_params,
-                        epsilon=metrics.get("epsilon"), secagg=None)
+                        epsilon=metrics.get("epsilon"), secagg=None, dataset_id=dataset_id)
     metrics |= {"sum": values["sum"], protocol.NUM_EXAMPLES: _public_size(node, data)}
     features = ConfigRecord({
         "names": data.numeric_features, "input-shape": list(data.input_shape), "task": data.task,
         "bounds-lo": [float(lo) for lo, _ in bounds], "bounds-hi": [float(hi) for _, hi in bounds],
     })
-    return _reply(msg, data.name, **{protocol.METRICS: MetricRecord(metrics), "features": features})
+    report = _privacy_report(node, "stats/")
+    return _reply(msg, data.name, report, **{protocol.METRICS: MetricRecord(metrics), "features": features})
+
+
+def _privacy_report(node: _Node, prefix: str) -> dict[str, Any]:
+    """What the hospital says about its own release: its delta, and whether the noise was secret."""
+    report: dict[str, Any] = {f"{prefix}delta": node.policy.delta} if node.dp else {}
+    if not node.private:
+        report[f"{prefix}not-private"] = True
+    return report
 
 
 def _prepared(node: _Node, data: HospitalData, x: np.ndarray) -> np.ndarray:
@@ -263,7 +355,7 @@ def _prepared(node: _Node, data: HospitalData, x: np.ndarray) -> np.ndarray:
 def _train(node: _Node, msg: Message) -> Message:
     """Train on the received model; first test it when asked (the previous round's evaluation)."""
     evaluation = None
-    if node.config.get(protocol.EVALUATE_INCOMING):
+    if node.config.get(protocol.EVALUATE_INCOMING) and node.policy.release_evaluation != "none":
         # in the hospital record, not a MetricRecord: a train reply's one MetricRecord is what the
         # strategy aggregates
         evaluation = {f"{protocol.EVALUATION}{k}": v for k, v in _test_metrics(node, msg).items()}
@@ -279,7 +371,10 @@ def _train_received(node: _Node, msg: Message, report: dict[str, Any]) -> Messag
     from shared_models.weights import load_arrays, model_to_arrays
 
     data = node.data()
-    server_round = int(node.config["server-round"])
+    secure = _secure(msg)
+    if not secure:
+        node.policy.check_plain_update(data.name)   # the server dropped the masking it promised
+    server_round = node.request.server_round
     model = node.model(data)
     global_arrays = _received_model(msg)
     load_arrays(model, global_arrays)
@@ -288,64 +383,67 @@ def _train_received(node: _Node, msg: Message, report: dict[str, Any]) -> Messag
         ledger = node.ledger(data)
         plan = ledger.plan(node.plan_id) or node.plan(data, ledger, stats_needed=False)
         ledger.check_release([(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)])
-        dp = DPSettings(plan.noise_multiplier, float(node.config["max-grad-norm"]))
+        dp = DPSettings(plan.noise_multiplier, node.request.max_grad_norm)
     started = time.perf_counter()
     outcome = train(
         model, _prepared(node, data, data.x_train), data.y_train,
-        epochs=int(node.config["local-epochs"]), batch_size=int(node.config["batch-size"]),
-        lr=float(node.config["learning-rate"]), weight_decay=float(node.config["weight-decay"]),
-        dp=dp, seed=node.seed * 1000 + server_round, proximal_mu=float(node.config.get("proximal-mu", 0.0)),
+        epochs=node.request.local_epochs, batch_size=node.request.batch_size,
+        lr=node.request.learning_rate, weight_decay=node.request.weight_decay,
+        dp=dp, rng=node.rng(data, "train", server_round), proximal_mu=node.request.proximal_mu,
     )
     # local training wall time (to 10 ms), so the coordinator can tell training from round overhead
     train_seconds = round(time.perf_counter() - started, 2)
     trained: dict[str, Any] = {"train-seconds": train_seconds}
+    eps = None
+    if ledger is not None:
+        # Charged as soon as training ran: whatever happens to the update next, the round is paid for.
+        eps = ledger.record(str(node.context.run_id), server_round, "train", outcome.steps,
+                            noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                            data_fingerprint=data.fingerprint())
+        trained.update({"epsilon": eps, "noise-multiplier": dp.noise_multiplier,
+                        "steps": sum(k for _, _, k in outcome.steps)})
     weight = _public_size(node, data)
     request, sent = None, model_to_arrays(model)
     records: dict[str, Any] = {}
-    if _secure(msg):
+    masked_with: list[int] = []
+    if secure:
         from client import secure_update
 
-        # Masked before the ledger records: an update outside the clip range is never released.
         # The whole reply is then the hospital record: the weight travels masked, not as a metric.
         request = secure_update.payload(msg.content)
-        masked, secagg = secure_update.masked_update(
-            node.secagg_state(), request, global_arrays, sent, int(weight), float(node.config["secagg-clip-range"]))
+        masked, secagg, masked_with = secure_update.masked_update(
+            node.secagg_state(), node.consortium(data), request, global_arrays, sent, int(weight),
+            node.request.secagg_clip_range)
         sent = {"masked": masked}
         report = report | secagg
     else:
         records = {protocol.ARRAYS: sent, protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: weight})}
-    eps = None
-    if ledger is not None:
-        eps = ledger.record(str(node.context.run_id), server_round, "train", outcome.steps,
-                            noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm)
-        trained.update({"epsilon": eps, "noise-multiplier": dp.noise_multiplier,
-                        "steps": sum(k for _, _, k in outcome.steps)})
-    elif request is None:
-        records[protocol.METRICS]["train-loss"] = outcome.mean_loss  # only without DP or secure aggregation
-    _audit_train(node, data, global_arrays, sent, request, outcome, dp, eps)
+        if ledger is None:
+            records[protocol.METRICS]["train-loss"] = outcome.mean_loss  # only without DP or secure aggregation
+    _audit_train(node, data, global_arrays, sent, masked_with if secure else None, outcome, dp, eps)
     report = report | {f"{protocol.TRAINED}{k}": v for k, v in trained.items()}
+    report |= _privacy_report(node, protocol.TRAINED)
     return _reply(msg, data.name, report, **records)
 
 
 def _audit_train(node: _Node, data: HospitalData, global_arrays: Any, sent: Any,
-                 request: dict | None, outcome: Any, dp: Any, eps: float | None) -> None:
+                 masked_with: list[int] | None, outcome: Any, dp: Any, eps: float | None) -> None:
+    """The release record: under secure aggregation, with the node set this hospital masked with."""
     from client import audit_trail
 
-    secure = request is not None
-    secagg = audit_trail.SecAggInfo(
-        role="masked" if secure else "plain",
-        participants=sorted(int(v) for v in (request.get("active") or [])) if request is not None else [],
-        threshold=None) if secure else audit_trail.SecAggInfo(role="plain")
-    dp_params = (audit_trail.DPParams.from_entries(outcome.steps, dp.max_grad_norm, float(node.config["delta"]))
+    secagg = (audit_trail.SecAggInfo(role="masked", participants=sorted(masked_with), threshold=None)
+              if masked_with is not None else audit_trail.SecAggInfo(role="plain"))
+    dp_params = (audit_trail.DPParams.from_entries(outcome.steps, dp.max_grad_norm, node.policy.delta)
                  if dp is not None else None)
-    audit_trail.release(node.audit_log(data.name), run_id=node.context.run_id, round_=int(node.config["server-round"]),
+    audit_trail.release(node.audit_log(data.name), run_id=node.context.run_id, round_=node.request.server_round,
                         stage="train", data_fingerprint=data.fingerprint(), global_arrays=global_arrays,
-                        sent=sent, dp=dp_params, epsilon=eps,
-                        secagg=secagg)
+                        sent=sent, dp=dp_params, epsilon=eps, secagg=secagg, dataset_id=node.dataset_id(data))
 
 
 def _evaluate(node: _Node, msg: Message) -> Message:
     data = node.data(for_training=False)
+    if node.policy.release_evaluation == "none":
+        return _reply(msg, data.name, {protocol.EVALUATION_WITHHELD: True})
     return _reply(msg, data.name, **{protocol.METRICS: _test_metrics(node, msg)})
 
 
@@ -375,30 +473,53 @@ def _test_metrics(node: _Node, msg: Message) -> MetricRecord:
 
 
 def _secagg_setup(node: _Node, msg: Message) -> Message:
+    """Key agreement: advertise signed keys (policy: federation size and threshold), then check every
+    member's advertisement and deal the first mask key's shares (policy: verified members >= minimum)."""
     from client import secure_update
 
     data = node.data(for_training=False)
     request = secure_update.payload(msg.content)
+    path = node.secagg_state()
+    secure_update.forget_abandoned(node.ledger_dir, keep=path)
     if msg.metadata.message_type == protocol.SECAGG_ADVERTISE:
-        report = secure_update.advertise(node.secagg_state(), node.context.run_id, node.context.node_id, request)
+        threshold, neighbours = int(request["threshold"]), int(request["neighbours"])
+        nodes = [int(n) for n in request["nodes"]]
+        node.policy.check_federation(data.name, len(nodes), threshold, neighbours)
+        report = secure_update.advertise(path, node.consortium(data), node.context.run_id, node.context.node_id,
+                                         node.member_name(data), request, floor=node.policy.min_secagg_threshold)
     else:
-        report = secure_update.share_keys(node.secagg_state(), request)
+        report = secure_update.share_keys(path, node.consortium(data), request, min_nodes=node.policy.min_hospitals)
+    return _reply(msg, data.name, report)
+
+
+def _secagg_view(node: _Node, msg: Message) -> Message:
+    """Some hospital dropped: sign the one view of who survived that this node will act on."""
+    from client import secure_update
+
+    data = node.data(for_training=False)
+    report = secure_update.sign_view(node.secagg_state(), node.consortium(data), secure_update.payload(msg.content))
     return _reply(msg, data.name, report)
 
 
 def _secagg_unmask(node: _Node, msg: Message) -> Message:
+    from client import audit_trail, secure_update
+
+    data = node.data(for_training=False)
+    request = secure_update.payload(msg.content)
+    report, revealed = secure_update.unmask(node.secagg_state(), node.consortium(data), request)
+    audit_trail.unmask(node.audit_log(data.name), run_id=node.context.run_id, round_=int(request["round"]),
+                       survivors=sorted(int(v) for v in revealed["b"]),
+                       dropped=sorted(int(v) for v in revealed["s"]))
+    return _reply(msg, data.name, report)
+
+
+def _secagg_end(node: _Node, msg: Message) -> Message:
+    """The run is over (finished or failed): delete this run's private key material."""
     from client import secure_update
 
     data = node.data(for_training=False)
-    from client import audit_trail
-
-    request = secure_update.payload(msg.content)
-    last = int(request["round"]) >= int(node.config["num-rounds"])
-    revealed = secure_update.unmask(node.secagg_state(), request, last)
-    audit_trail.unmask(node.audit_log(data.name), run_id=node.context.run_id, round_=int(request["round"]),
-                       survivors=[int(v) for v in request["survivors"]],
-                       dropped=[int(v) for v in request.get("dropped", [])])
-    return _reply(msg, data.name, revealed)
+    secure_update.end(node.secagg_state())
+    return _reply(msg, data.name)
 
 
 def make_client_app(node_defaults: Mapping[str, Any] | None = None) -> ClientApp:
@@ -408,7 +529,9 @@ def make_client_app(node_defaults: Mapping[str, Any] | None = None) -> ClientApp
     client_app.query("feature_stats")(_guarded(_feature_stats, defaults))
     client_app.query("secagg_advertise")(_guarded(_secagg_setup, defaults))
     client_app.query("secagg_share_keys")(_guarded(_secagg_setup, defaults))
+    client_app.query("secagg_view")(_guarded(_secagg_view, defaults))
     client_app.query("secagg_unmask")(_guarded(_secagg_unmask, defaults))
+    client_app.query("secagg_end")(_guarded(_secagg_end, defaults))
     client_app.train()(_guarded(_train, defaults))
     client_app.evaluate()(_guarded(_evaluate, defaults))
     return client_app

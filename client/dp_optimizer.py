@@ -6,10 +6,14 @@
 to the accountant through its step hook. For a small model its Python bookkeeping costs more than
 the model's own step: a deep copy of every gradient, one noise draw and one division per
 parameter. This subclass keeps every rule (the processed-gradient checks, skipped steps, the step
-hook, secure mode) and only batches the work: the clipper's fresh ``p.grad`` is taken over without
-a copy, and when the gradients are views of one flat tensor (as the clipper writes them) the noise
-is one draw of i.i.d. N(0, (sigma C)^2) values for all parameters -- the same distribution as
-Opacus's per-parameter draws -- added to that tensor in place and averaged in one operation each.
+hook) and only batches the work: the clipper's fresh ``p.grad`` is taken over without a copy, and
+when the gradients are views of one flat tensor (as the clipper writes them) the noise is one draw of
+i.i.d. N(0, (sigma C)^2) values for all parameters -- the same distribution as Opacus's
+per-parameter draws -- added to that tensor in place and averaged in one operation each.
+
+The noise never comes from a torch generator: it is drawn from the hospital's secret stream
+(``client/secret_randomness.py``: OS entropy, AES-256-CTR, Opacus's secure-mode Gaussian), so no
+seed the coordinator knows reproduces it.
 """
 
 from __future__ import annotations
@@ -18,11 +22,20 @@ import torch
 from opacus.optimizers import DPOptimizerFastGradientClipping
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
+from client.secret_randomness import SecretRandom
+
 
 class ClippedSumDPOptimizer(DPOptimizerFastGradientClipping):
-    """``DPOptimizerFastGradientClipping`` whose noise and averaging run once for all parameters."""
+    """``DPOptimizerFastGradientClipping`` whose noise and averaging run once for all parameters.
+
+    ``noise``: where the Gaussian noise comes from (default: a fresh secret stream from OS entropy).
+    """
 
     _noisy_flat: torch.Tensor | None = None  # this step's noisy gradients, when they share one tensor
+
+    def __init__(self, *args, noise: SecretRandom | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.noise = noise if noise is not None else SecretRandom()
 
     def zero_grad(self, set_to_none: bool = False) -> None:
         """Opacus's zero_grad (``summed_grad`` cleared unless the last step was skipped) with the
@@ -46,17 +59,19 @@ class ClippedSumDPOptimizer(DPOptimizerFastGradientClipping):
 
     def add_noise(self) -> None:
         params = self.params
-        flat = None if self.secure_mode else _shared_flat([p.summed_grad for p in params])
-        if flat is None:
-            self._noisy_flat = None
-            super().add_noise()
-            return
         sigma = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
         std = sigma * self.max_grad_norm
+        flat = _shared_flat([p.summed_grad for p in params])
+        if flat is None:  # Opacus's per-parameter loop, with the secret noise
+            self._noisy_flat = None
+            for p in params:
+                _check_processed_flag(p.summed_grad)
+                p.grad = (p.summed_grad + self.noise.gaussian_like(p.summed_grad, std)).view_as(p)
+                _mark_as_processed(p.summed_grad)
+            return
         _check_processed_flag(flat)  # Opacus's reuse check, on the buffer all the gradients share
         if std > 0:  # in place: the clipped sums are this step's own buffer, nothing else reads them
-            flat.add_(torch.normal(mean=0.0, std=std, size=flat.shape, device=flat.device, dtype=flat.dtype,
-                                   generator=self.generator))
+            self.noise.add_gaussian_(flat, std)
         for p in params:
             if p.grad is not p.summed_grad:
                 p.grad = p.summed_grad

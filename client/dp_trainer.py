@@ -1,9 +1,11 @@
-"""Local training at a hospital: DP-SGD with Opacus's sampler, optimizer and accountant (or plain
-SGD), plus evaluation.
+"""Local training at a hospital: DP-SGD with Opacus's optimizer and accountant (or plain SGD),
+plus evaluation.
 
-The per-sample clipping runs in one backward pass (``client/per_sample_clipping.py``); the noise,
-averaging and accounting are Opacus's. Steps actually taken are read back from the accountant,
-so the ledger records what really happened, empty Poisson batches included.
+The per-sample clipping runs in one backward pass (``client/per_sample_clipping.py``); averaging
+and accounting are Opacus's. Poisson sampling and the noise come from the hospital's secret stream
+(``client/secret_randomness.py``), never from a seed: the coordinator cannot replay them. Steps
+actually taken are read back from the accountant, so the ledger records what really happened,
+empty Poisson batches included.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.per_sample_clipping import PerSampleClipper
+from client.secret_randomness import SecretPoissonBatches, SecretRandom
 from shared_models.classification_metrics import BinarySummary, summarize
 
 if TYPE_CHECKING:
@@ -51,20 +54,25 @@ def device() -> torch.device:
 
 
 def train(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, batch_size: int, lr: float,
-          weight_decay: float = 0.0,
-          dp: DPSettings | None, seed: int, proximal_mu: float = 0.0) -> TrainOutcome:
-    """Train ``model`` in place for ``epochs`` local epochs; returns the privacy steps taken."""
-    torch.manual_seed(seed)
+          weight_decay: float = 0.0, dp: DPSettings | None, rng: SecretRandom,
+          proximal_mu: float = 0.0) -> TrainOutcome:
+    """Train ``model`` in place for ``epochs`` local epochs; returns the privacy steps taken.
+
+    ``rng`` draws the batches (Poisson sampling under DP, shuffling without) and the DP noise: a
+    fresh ``SecretRandom()`` for anything released, ``SecretRandom.reproducible`` only where no
+    privacy is claimed (baselines, benchmarks).
+    """
     dev = device()
     model.to(dev).train()
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
-    dataset = TensorDataset(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32))
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
+    xt, yt = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=weight_decay)
-    private = _make_private(model, optimizer, loader, dp) if dp is not None else None
+    private = _make_private(model, optimizer, xt, yt, batch_size, dp, rng) if dp is not None else None
     if private is not None:
         optimizer, loader = private.optimizer, private.loader
+    else:
+        loader = DataLoader(TensorDataset(xt, yt), batch_size=batch_size, shuffle=True,
+                            generator=rng.torch_generator())
     bce = nn.functional.binary_cross_entropy_with_logits
     total, batches = 0.0, 0
     try:
@@ -102,30 +110,31 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, batch_
 class _PrivateTraining:
     clipper: PerSampleClipper
     optimizer: ClippedSumDPOptimizer
-    loader: DataLoader
+    loader: SecretPoissonBatches
     accountant: RDPAccountant
 
 
-def _make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
-                  dp: DPSettings) -> _PrivateTraining:
-    """Opacus's DP-SGD pieces, wired as ``PrivacyEngine.make_private`` wires them: Poisson
-    sampling from the loader's seeded generator, sample rate 1 / batches per epoch, the
-    optimizer's step hook feeding an RDP accountant. Only the clipped gradient sum is computed
-    differently (one backward pass, ``client/per_sample_clipping.py``)."""
+def _make_private(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                  batch_size: int, dp: DPSettings, rng: SecretRandom) -> _PrivateTraining:
+    """Opacus's DP-SGD pieces, wired as ``PrivacyEngine.make_private`` wires them: Poisson sampling
+    at rate 1 / batches per epoch, the optimizer's step hook feeding an RDP accountant. The batches
+    and the noise come from the secret stream, exactly ``steps_per_epoch`` batches an epoch (the
+    number the privacy plan counts), and the clipped gradient sum is computed in one backward pass
+    (``client/per_sample_clipping.py``)."""
     from opacus.accountants import RDPAccountant  # Opacus loads only where DP training runs
-    from opacus.data_loader import DPDataLoader
 
     from client.dp_optimizer import ClippedSumDPOptimizer
 
-    loader = DPDataLoader.from_data_loader(loader)
-    sample_rate = 1 / len(loader)
-    expected_batch_size = int(len(loader.dataset) * sample_rate)
+    steps = steps_per_epoch(len(y), batch_size)
+    sample_rate = 1 / steps
+    expected_batch_size = int(len(y) * sample_rate)
     private_optimizer = ClippedSumDPOptimizer(
         optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-        expected_batch_size=expected_batch_size, loss_reduction="mean",
+        expected_batch_size=expected_batch_size, loss_reduction="mean", noise=rng,
     )
     accountant = RDPAccountant()
     private_optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+    loader = SecretPoissonBatches(x, y, sample_rate, steps, rng)
     return _PrivateTraining(PerSampleClipper(model, dp.max_grad_norm), private_optimizer, loader, accountant)
 
 

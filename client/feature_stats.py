@@ -18,12 +18,14 @@ import math
 
 import numpy as np
 
+from client.secret_randomness import SecretRandom
 from fedcare.errors import FedcareError
 
 
-def stats_key(feature_names: list[str], bounds: dict[str, tuple[float, float]]) -> str:
-    """Identifies a statistics query, so an identical later query re-sends the paid-for answer."""
-    payload = json.dumps({"features": feature_names, "bounds": bounds}, sort_keys=True)
+def stats_key(feature_names: list[str], bounds: dict[str, tuple[float, float]], fingerprint: str) -> str:
+    """Identifies a statistics query on one version of the data, so an identical later query on the
+    same data re-sends the paid-for answer (changed data is a new release, and is charged)."""
+    payload = json.dumps({"features": feature_names, "bounds": bounds, "data": fingerprint}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -36,8 +38,11 @@ def scaled(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 
 def local_sums(values: np.ndarray, bounds: list[tuple[float, float]],
-               noise_multiplier: float | None, rng: np.random.Generator) -> dict[str, list[float]]:
+               noise_multiplier: float | None, rng: SecretRandom | None) -> dict[str, list[float]]:
     """sum(u) per feature over patients (one row each), with Gaussian noise unless ``noise_multiplier`` is None.
+
+    The noise comes from ``rng``, the hospital's secret stream (OS entropy): never from a seed a
+    message carries, which would let the coordinator subtract it.
 
     A missing value (NaN) contributes u = 0, the middle of the public range: the patient's
     contribution stays bounded, at the price of pulling that feature's mean towards the middle
@@ -50,5 +55,7 @@ def local_sums(values: np.ndarray, bounds: list[tuple[float, float]],
     u = np.stack([scaled(values[:, j].astype(float), lo, hi) for j, (lo, hi) in enumerate(bounds)], axis=1)
     s1 = np.nan_to_num(u, nan=0.0).sum(axis=0)
     if noise_multiplier is not None:
-        s1 = s1 + rng.normal(0.0, noise_multiplier * sensitivity(len(bounds)), size=s1.shape)
+        if rng is None:
+            raise ValueError("a noisy statistics release needs the hospital's secret stream")
+        s1 = s1 + rng.standard_normal(s1.size) * (noise_multiplier * sensitivity(len(bounds)))
     return {"sum": s1.tolist()}

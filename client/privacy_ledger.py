@@ -1,10 +1,14 @@
 """A hospital's on-disk privacy ledger: what it released, and the epsilon that cost.
 
-Keyed by a fingerprint of the training data, so epsilon accumulates across rounds *and runs* on
-the same data. It stores the Opacus accountant history (noise multiplier, sample rate, steps),
-delta and the budget; epsilon is always recomputed by the accountant from that history, so a
-ledger reloaded between rounds gives exactly what one long-lived accountant would. Every write
-is atomic (temp file + rename) under a file lock: a ClientApp process may be fresh per message.
+Keyed by the hospital's dataset identity (``dataset-id`` in hospital.toml), not by a digest of
+the data: adding a patient to a table must not start a fresh budget for every patient already in
+it. Each release records the data fingerprint it was computed on. The ledger stores the Opacus
+accountant history (noise multiplier, sample rate, steps), delta and the budget; epsilon is always
+recomputed by the accountant from that history, so a ledger reloaded between rounds gives exactly
+what one long-lived accountant would. Every write is atomic (temp file + rename) under a file
+lock: a ClientApp process may be fresh per message. ``client/ledger_guard.py`` checks it against
+the hospital's signed audit chain before every release, so a deleted, rolled-back or hand-edited
+ledger is refused rather than trusted.
 """
 
 from __future__ import annotations
@@ -12,9 +16,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 import time
 import warnings
@@ -27,7 +33,7 @@ from opacus.accountants.analysis import rdp as privacy_analysis
 
 from fedcare.errors import BudgetExhausted, FedcareError
 
-LEDGER_VERSION = 1
+LEDGER_VERSION = 2
 # RDP orders searched for the tightest conversion; Opacus's default stops at 63, which is not
 # enough for the small epsilons hospitals ask for (the optimum sits beyond it).
 ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [80, 96, 128, 192, 256, 384, 512]
@@ -151,7 +157,7 @@ class RunPlan:
 
 
 class PrivacyLedger:
-    """One hospital's privacy ledger (one JSON file per training-data fingerprint)."""
+    """One hospital's privacy ledger (one JSON file per dataset identity)."""
 
     def __init__(self, path: Path, data: dict[str, Any]) -> None:
         self.path = path
@@ -159,20 +165,25 @@ class PrivacyLedger:
 
     # ---- opening -------------------------------------------------------------------------
     @classmethod
-    def open(cls, ledger_dir: str | Path, hospital: str, fingerprint: str, budget: float, delta: float) -> "PrivacyLedger":
-        """Open (or create) the ledger of this dataset; the hospital's budget may change, delta may not."""
+    def open(cls, ledger_dir: str | Path, hospital: str, dataset_id: str, budget: float,
+             delta: float) -> "PrivacyLedger":
+        """Open (or create) the ledger of this dataset; the hospital's budget may change, delta may not.
+
+        Whether a budget change is allowed is ``client/ledger_guard.py``'s decision (a raise needs a
+        signed record); here every change is only recorded.
+        """
         directory = Path(ledger_dir)
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise FedcareError(f"cannot create the privacy-ledger folder {directory}: {exc.strerror}",
                                "set ledger-dir to a writable path") from None
-        path = directory / f"privacy-ledger-{fingerprint[:24]}.json"
+        path = ledger_path(directory, dataset_id)
         with _locked(path):
             if path.exists():
                 data = _read(path)
-                if data.get("fingerprint") != fingerprint:
-                    raise FedcareError(f"privacy ledger {path} belongs to other data (fingerprint mismatch)",
+                if data.get("dataset_id") != dataset_id:
+                    raise FedcareError(f"privacy ledger {path} belongs to dataset {data.get('dataset_id')!r}",
                                        "move it away; never delete a ledger that recorded releases")
                 if not math.isclose(data["delta"], delta, rel_tol=1e-12):
                     raise FedcareError(
@@ -187,7 +198,7 @@ class PrivacyLedger:
                 data = {
                     "version": LEDGER_VERSION,
                     "hospital": hospital,
-                    "fingerprint": fingerprint,
+                    "dataset_id": dataset_id,
                     "accountant": "rdp",
                     "delta": delta,
                     "budget": budget,
@@ -199,6 +210,15 @@ class PrivacyLedger:
                 }
                 _write(path, data)
         return cls(path, data)
+
+    @staticmethod
+    def peek(ledger_dir: str | Path, dataset_id: str) -> dict[str, Any] | None:
+        """The ledger file of ``dataset_id`` as stored (None if there is none), without opening it."""
+        path = ledger_path(Path(ledger_dir), dataset_id)
+        if not path.exists():
+            return None
+        with _locked(path):
+            return _read(path)
 
     # ---- reading -------------------------------------------------------------------------
     @property
@@ -224,6 +244,14 @@ class PrivacyLedger:
     def epsilon(self) -> float:
         """Epsilon spent so far, over every recorded release."""
         return epsilon_of(self.history, self.delta)
+
+    @property
+    def dataset_id(self) -> str:
+        return self._data["dataset_id"]
+
+    def charged_releases(self) -> int:
+        """How many releases cost privacy (at least one accounted step)."""
+        return sum(1 for r in self._data["releases"] if sum(int(k) for _, _, k in r["entries"]) > 0)
 
     def last_release(self) -> dict[str, Any] | None:
         training = [r for r in self._data["releases"] if r["kind"] == "train"]
@@ -314,6 +342,13 @@ class PrivacyLedger:
             yield data
             _write(self.path, data)
             self._data = data
+
+
+def ledger_path(directory: Path, dataset_id: str) -> Path:
+    """One file per dataset identity: a readable slug plus a digest (distinct ids never share a file)."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", dataset_id).strip("-.")[:40] or "dataset"
+    digest = hashlib.sha256(dataset_id.encode("utf-8")).hexdigest()[:12]
+    return directory / f"privacy-ledger-{slug}-{digest}.json"
 
 
 @contextlib.contextmanager

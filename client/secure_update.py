@@ -1,13 +1,22 @@
 """The hospital's half of secure aggregation, over Flower messages.
 
-Wraps ``secure_aggregation.SecAggNode``, whose state (this run's private keys, received shares,
-what was revealed) lives in the hospital's private state folder next to its privacy ledger, so a
-fresh ClientApp process per message continues where the last one stopped. The trained update
-leaves the hospital only as a masked, quantised, weight-scaled delta from the global model.
+Wraps ``secure_aggregation.SecAggNode``, whose state (this run's private keys, received shares, what
+was revealed) lives in the hospital's private state folder next to its privacy ledger, so a fresh
+ClientApp process per message continues where the last one stopped. The trained update leaves the
+hospital only as a masked, quantised, weight-scaled delta from the global model.
+
+Who the hospital accepts as peers is its consortium (``secure_aggregation.identity``): the roster
+it pinned and its own identity key (hospital.toml ``[consortium]``), or, for a simulated hospital,
+keys derived from a secret kept with the simulated hospitals' state.
+
+Private key material is deleted when the run ends (the coordinator's end message), when the node
+starts (no run survives a node restart: a resumed run agrees new keys), and when a run's state has
+not been touched for ``ABANDONED_AFTER_S`` (checked at every secure-aggregation message).
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +25,35 @@ from flwr.app import ArrayRecord, RecordDict
 
 from fedcare import protocol
 from secure_aggregation import Quantizer, SecAggNode
+from secure_aggregation.identity import Consortium
 from secure_aggregation.records import flatten, pack_vector, unflatten
 
+ABANDONED_AFTER_S = 24 * 3600
 
-def state_file(state_dir: str | Path, run_id: int, node_id: int) -> Path:
+
+def state_dir(ledger_dir: str | Path) -> Path:
+    return Path(ledger_dir) / "secagg"
+
+
+def state_file(ledger_dir: str | Path, run_id: int, node_id: int) -> Path:
     """One file per run and node (in-process simulations share a folder between virtual nodes)."""
-    return Path(state_dir) / "secagg" / f"node-{node_id}" / f"secagg-run-{run_id}.json"
+    return state_dir(ledger_dir) / f"node-{node_id}" / f"secagg-run-{run_id}.json"
+
+
+def forget_abandoned(ledger_dir: str | Path, keep: Path | None = None, older_than_s: float = ABANDONED_AFTER_S) -> int:
+    """Delete secure-aggregation states (private keys) not touched for ``older_than_s``; returns how many."""
+    removed = 0
+    now = time.time()
+    for path in state_dir(ledger_dir).glob("node-*/secagg-run-*.json"):
+        if path != keep and now - path.stat().st_mtime > older_than_s:
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def forget_all(ledger_dir: str | Path) -> int:
+    """Delete every secure-aggregation state of this hospital (at node start: no run survives it)."""
+    return forget_abandoned(ledger_dir, older_than_s=-1.0)
 
 
 def payload(content: RecordDict) -> dict:
@@ -29,23 +61,27 @@ def payload(content: RecordDict) -> dict:
     return unflatten(dict(content[protocol.CONFIG]), protocol.SECAGG)
 
 
-def advertise(path: Path, run_id: int, node_id: int, request: dict) -> dict[str, Any]:
-    keys = SecAggNode(path).advertise(run_id, node_id, int(request["threshold"]),
-                                      [int(n) for n in request["nodes"]])
-    return flatten(keys, protocol.SECAGG)
+def advertise(path: Path, consortium: Consortium, run_id: int, node_id: int, name: str, request: dict,
+              floor: int) -> dict[str, Any]:
+    ad = SecAggNode(path, consortium).advertise(run_id, node_id, name, int(request["threshold"]),
+                                                int(request["neighbours"]), [int(n) for n in request["nodes"]],
+                                                floor=floor)
+    return flatten(ad, protocol.SECAGG)
 
 
-def share_keys(path: Path, request: dict) -> dict[str, Any]:
-    shares = SecAggNode(path).share_keys(request["keys"], int(request["threshold"]))
-    return flatten({"shares": shares}, protocol.SECAGG)
+def share_keys(path: Path, consortium: Consortium, request: dict, min_nodes: int) -> dict[str, Any]:
+    return flatten(SecAggNode(path, consortium).share_keys(request["ads"], min_nodes=min_nodes), protocol.SECAGG)
 
 
-def masked_update(path: Path, request: dict, global_arrays: ArrayRecord, trained: ArrayRecord,
-                  weight: int, clip: float) -> tuple[np.ndarray, dict[str, Any]]:
-    """Quantise weight x (trained - global), mask it for this round: the masked vector, and the
-    reply's ``secagg/`` keys (the masked vector packed among them).
+def masked_update(path: Path, consortium: Consortium, request: dict, global_arrays: ArrayRecord,
+                  trained: ArrayRecord, weight: int, clip: float) -> tuple[np.ndarray, dict[str, Any], list[int]]:
+    """Quantise weight x (trained - global), mask it for this round: the masked vector, the reply's
+    ``secagg/`` keys (the masked vector packed among them), and the nodes it masked with.
 
-    Raises ``ClipRangeError`` (nothing released) when the update leaves the agreed clip range.
+    Values outside the agreed range [-clip, clip] are clipped into it here, at the hospital, and a
+    non-finite value (a diverged step) becomes 0: both are post-processing of the DP release, so
+    nothing about the update has to be refused or explained to the server. How many values were
+    clipped is logged on this node only.
     """
     delta = np.empty(sum(int(np.prod(a.shape)) for a in global_arrays.values()), dtype=np.float64)
     start = 0
@@ -54,20 +90,51 @@ def masked_update(path: Path, request: dict, global_arrays: ArrayRecord, trained
         part = delta[start:start + before.size].reshape(before.shape)
         np.subtract(trained[name].numpy(), before, out=part, dtype=np.float64)
         start += before.size
+    _clip_in_place(delta, clip)
     encoded = Quantizer(clip).encode(delta, weight)
     rnd = int(request["round"])
-    node = SecAggNode(path)
-    node.receive_keys(rnd, request["s_public_keys"], request["s_share_ciphertexts"])
+    node = SecAggNode(path, consortium)
+    node.receive_keys(rnd, request["peers"])
     reply = node.mask(rnd, encoded)
     masked = reply.pop("masked")
-    return masked, flatten(reply | {"masked": pack_vector(masked)}, protocol.SECAGG)
+    return masked, flatten(reply | {"masked": pack_vector(masked)}, protocol.SECAGG), list(reply["active"])
 
 
-def unmask(path: Path, request: dict, last_round: bool) -> dict[str, Any]:
-    """Reveal this round's shares; after the run's last round the private state is deleted."""
-    revealed = SecAggNode(path).unmask(int(request["round"]), [int(n) for n in request["survivors"]],
-                                       [int(n) for n in request.get("dropped", [])],
-                                       request.get("b_share_ciphertexts", {}))
-    if last_round:
-        path.unlink(missing_ok=True)
-    return flatten(revealed, protocol.SECAGG)
+def _clip_in_place(delta: np.ndarray, clip: float) -> None:
+    """[-clip, clip] and finite, in place; the count goes to this node's own log, never to the server."""
+    if delta.size and -clip <= float(delta.min()) and float(delta.max()) <= clip:
+        return   # the common case: one min/max, no per-element work (min/max are NaN if any value is)
+    outside = int(np.count_nonzero(~(np.abs(np.nan_to_num(delta, nan=np.inf)) <= clip)))
+    np.nan_to_num(delta, copy=False, nan=0.0, posinf=clip, neginf=-clip)
+    np.clip(delta, -clip, clip, out=delta)
+    from logging import WARNING
+
+    from flwr.common.logger import log
+
+    log(WARNING, "fedcare: %d update values were outside the secure-aggregation range and were clipped "
+        "at this hospital (not reported to the server)", outside)
+
+
+def sign_view(path: Path, consortium: Consortium, request: dict) -> dict[str, Any]:
+    sig = SecAggNode(path, consortium).sign_view(int(request["round"]), [int(n) for n in request["survivors"]])
+    return flatten({"sig": sig}, protocol.SECAGG)
+
+
+def unmask(path: Path, consortium: Consortium, request: dict) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Reveal this round's shares on the path the request names; returns (reply keys, what was revealed)."""
+    node = SecAggNode(path, consortium)
+    rnd = int(request["round"])
+    if request.get("path") == "fast":
+        revealed = node.unmask_fast(rnd, request.get("b_share_ciphertexts", {}), request.get("statements", {}))
+        revealed["s"] = {}
+    else:
+        revealed = node.unmask(rnd, [int(n) for n in request["survivors"]], request.get("signatures", {}),
+                               request.get("b_share_ciphertexts", {}), request.get("statements", {}))
+    return flatten(revealed, protocol.SECAGG), revealed
+
+
+def end(path: Path) -> bool:
+    """The run is over: delete its private key material. Returns whether there was any."""
+    existed = path.exists()
+    path.unlink(missing_ok=True)
+    return existed

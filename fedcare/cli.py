@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fedcare.audit_commands import audit_app
 from fedcare.data_commands import data_app
@@ -54,7 +55,12 @@ def simulate(
     hospitals: Optional[int] = typer.Option(None, help="generated datasets: how many hospitals [preset]"),
     min_hospitals: Optional[int] = typer.Option(None, help="stop when fewer hospitals can train [2]"),
     image_size: Optional[int] = typer.Option(None, help="images: resize to this many pixels a side [64]"),
-    seed: Optional[int] = typer.Option(None, help="seed for model init, sampling and noise [0]"),
+    seed: Optional[int] = typer.Option(None, help="seed for model initialisation and generated hospitals' data [0] "
+                                       "(DP noise and sampling never come from it)"),
+    policy: Optional[Path] = typer.Option(None, "--policy", help="give every simulated hospital the [privacy] "
+                                          "policy of this hospital.toml (default: hospitals accept the run)"),
+    reproducible_noise: bool = typer.Option(False, "--reproducible-noise", help="benchmarks only: key every "
+                                            "hospital's DP noise from --seed; the results are marked NOT private"),
     output_dir: Path = typer.Option(Path("runs/latest"), help="where the model, results.json and plots go"),
     ledger_dir: Optional[Path] = typer.Option(None, help="hospitals' privacy ledgers (default: OUTPUT_DIR/ledgers); reuse it to accumulate epsilon across runs"),
     data_root: Optional[Path] = typer.Option(None, help="hospital folders (hospital-0, hospital-1, ...): written/reused for generated datasets (default: runs/data/DATASET); required for ehr-table / ehr-events"),
@@ -71,7 +77,8 @@ def simulate(
                    image_size=image_size, hidden_units=hidden_units, seed=seed, output_dir=str(output_dir),
                    resume=resume or None)
     try:
-        _simulate(dataset, options, epsilon_budget, ledger_dir, data_root, local_baseline, pooled_baseline, verbose)
+        _simulate(dataset, options, epsilon_budget, ledger_dir, data_root, local_baseline, pooled_baseline, verbose,
+                  policy, reproducible_noise)
     except FedcareError as exc:
         hint = exc.hint
         if isinstance(exc, BudgetExhausted):
@@ -81,12 +88,15 @@ def simulate(
 
 
 def _fail(problem: str, hint: str = "") -> None:
-    err_console.print(f"[bold red]error:[/] {problem}" + (f"\n  [yellow]what to do:[/] {hint}" if hint else ""))
+    # the problem and hint name the user's paths, columns and settings: escaped, never read as markup
+    err_console.print(f"[bold red]error:[/] {escape(problem)}"
+                      + (f"\n  [yellow]what to do:[/] {escape(hint)}" if hint else ""))
     raise typer.Exit(2)
 
 
 def _simulate(dataset: str, options: dict, epsilon_budget: float | None, ledger_dir: Path | None,
-              data_root: Path | None, local_baseline: bool, pooled_baseline: bool, verbose: bool) -> None:
+              data_root: Path | None, local_baseline: bool, pooled_baseline: bool, verbose: bool,
+              policy_file: Path | None = None, reproducible_noise: bool = False) -> None:
     import time
 
     from client.datasets import DataSource, load_hospital, num_hospitals
@@ -134,9 +144,17 @@ def _simulate(dataset: str, options: dict, epsilon_budget: float | None, ledger_
                   f"{resolve_model(s.model, hospitals[0].task)}, {s.num_rounds} rounds x "
                   f"{s.local_epochs} local epoch(s), batch {s.batch_size}, lr {s.learning_rate:g}, {privacy}")
 
+    from simulation.hospital_policy import simulated_policy
     from simulation.runner import run
 
-    outcome = run(s, ledger_dir=ledgers, epsilon_budget=epsilon_budget, progress=console.print, verbose=verbose)
+    policy = simulated_policy(s, epsilon_budget, policy_file)
+    if policy_file is not None:
+        console.print(f"every hospital applies the [privacy] policy of {policy_file}", highlight=False, markup=False)
+    if reproducible_noise:
+        console.print("[bold yellow]--reproducible-noise: every hospital's DP noise is keyed by --seed; "
+                      "these results are NOT private[/]")
+    outcome = run(s, ledger_dir=ledgers, policy=policy, progress=console.print, verbose=verbose,
+                  reproducible_noise=reproducible_noise)
     from server.run_report import save_results
     from simulation.summary_table import build_table, compare_with_local
 

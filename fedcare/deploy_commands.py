@@ -23,6 +23,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fedcare.errors import FedcareError
 
@@ -48,7 +49,8 @@ def _console(stderr: bool = False) -> Console:
 
 
 def _fail(problem: str, hint: str = "", code: int = 2) -> None:
-    _console(stderr=True).print(f"[bold red]error:[/] {problem}" + (f" -> {hint}" if hint else ""),
+    # paths, section names and keys are the user's text: never rich markup (`[consortium]` would vanish)
+    _console(stderr=True).print(f"[bold red]error:[/] {escape(problem)}" + (f" -> {escape(hint)}" if hint else ""),
                                 soft_wrap=True, highlight=False)
     raise typer.Exit(code)
 
@@ -65,12 +67,17 @@ def init(
                                         help="database: a SQLite file, kept across SuperLink restarts; memory: about "
                                         "half the SuperLink's work per request, but a restart loses the nodes "
                                         "(each hospital starts its node again)"),
+    control_port: Optional[int] = typer.Option(None, "--control-port", help="loopback port of the SuperLink's "
+                                               "control listener (flwr and SuperExec) [public port + 1]"),
+    inside_app: bool = typer.Option(False, "--inside-app", help="allow writing inside a Flower app folder (then "
+                                    "list it in the app's .gitignore)"),
 ) -> None:
-    """Write a CA, the SuperLink's TLS certificate, one node key per hospital, settings and COMMANDS.md."""
+    """Write a CA, the SuperLink's TLS certificates, one node key per hospital, settings and COMMANDS.md."""
     from fedcare.deploy_pki import init_deployment
 
     try:
-        files = init_deployment(out_dir, hospital, san or None, address, force=force, superlink_state=superlink_state)
+        files = init_deployment(out_dir, hospital, san or None, address, force=force, superlink_state=superlink_state,
+                                control_port=control_port, inside_app=inside_app)
     except FedcareError as exc:
         _fail(exc.problem, exc.hint)
     console = _console()
@@ -94,6 +101,52 @@ def node_key(
     except FedcareError as exc:
         _fail(exc.problem, exc.hint)
     typer.echo(f"private key: {path} (0600, stays here)\npublic key:  {public} (send this to the coordinator)")
+
+
+@deploy_app.command("identity-key")
+def identity_key(
+    path: Path = typer.Argument(Path("identity.key"), help="where to write this hospital's identity key"),
+    force: bool = typer.Option(False, "--force", help="replace an existing key (the roster must then be re-pinned)"),
+) -> None:
+    """A hospital makes its own secure-aggregation identity key; it sends only the printed public key."""
+    from secure_aggregation.identity import KEY_PREFIX, fingerprint, make_identity_key
+
+    try:
+        public = make_identity_key(path, force=force)
+    except FedcareError as exc:
+        _fail(exc.problem, exc.hint)
+    typer.echo(f"private key: {path} (0600, stays here)\n"
+               f"public key:  {KEY_PREFIX}{public.hex()}  (send this for the consortium roster)\n"
+               f"fingerprint: {fingerprint(public)}  (confirm it with every other hospital directly)")
+
+
+@deploy_app.command("roster")
+def roster(
+    member: list[str] = typer.Option(..., "--member", help="NAME=ed25519:<hex> for every member hospital"),
+    out: Path = typer.Option(Path("roster.toml"), "--out", help="where to write the roster"),
+) -> None:
+    """Write the consortium roster from every member's public identity key, with the fingerprints to check."""
+    from secure_aggregation.identity import KEY_PREFIX, Roster, fingerprint
+
+    members: dict[str, bytes] = {}
+    for entry in member:
+        name, _, key = entry.partition("=")
+        try:
+            if not name or name in members or not key.startswith(KEY_PREFIX):
+                raise ValueError
+            members[name] = bytes.fromhex(key[len(KEY_PREFIX):])
+        except ValueError:
+            _fail(f"--member {entry!r} is not NAME={KEY_PREFIX}<64 hex> (or names a member twice)",
+                  "use the public key `fedcare deploy identity-key` printed at that hospital")
+    out.write_text(Roster.text(members))
+    try:
+        Roster.load(out)
+    except FedcareError as exc:
+        out.unlink()
+        _fail(exc.problem, exc.hint)
+    typer.echo(f"wrote {out}; every hospital checks these fingerprints before pinning it:")
+    for name in sorted(members):
+        typer.echo(f"  {name}: {fingerprint(members[name])}")
 
 
 # Flower's log line "Exit Code: NNN" and what each means to a hospital.
@@ -223,3 +276,41 @@ def start(
     if reason is not None:
         _fail(reason, code=1)
     console.print("the node stopped", highlight=False)
+
+
+@node_app.command()
+def budget(
+    config: Path = typer.Option(..., "--config", help="this hospital's hospital.toml"),
+    to: float = typer.Option(..., "--to", help="the new lifetime epsilon budget of this hospital's dataset"),
+    reason: str = typer.Option(..., "--reason", help="who approved the raise, and why (kept in the signed audit log)"),
+) -> None:
+    """Raise this hospital's privacy budget: a signed record in its audit log, then the ledger follows.
+
+    A budget raised only in hospital.toml (or in the ledger file) is refused at the next release; this
+    command is the explicit step that makes a raise count. Set the same value as epsilon-budget in
+    hospital.toml. Lowering the budget needs no command.
+    """
+    from client import audit_trail
+    from client.ledger_guard import raise_budget
+    from fedcare.node_settings import check_data, load_node_settings
+
+    try:
+        settings = load_node_settings(config, check_port=False)
+        data = check_data(settings)
+        ledger_dir = str(settings.node_config["ledger-dir"])
+        dataset_id = str(settings.node_config["dataset-id"])
+        before = raise_budget(audit_trail.open_log(ledger_dir, data.name), ledger_dir, data.name, dataset_id, to,
+                              reason)
+    except FedcareError as exc:
+        _fail(exc.problem, exc.hint, 1)
+    _console().print(f"{data.name}: the budget of {dataset_id} is now {to:g} (was {before:g}); recorded in the "
+                     "signed audit log", highlight=False, markup=False)
+    if float(settings.node_config["epsilon-budget"]) < to:
+        _console().print(f"set epsilon-budget = {to:g} in {config} for the node to use it", highlight=False,
+                         markup=False)
+
+
+from fedcare.code_commands import approve, approved, fab  # noqa: E402  (which code a node runs: fedcare/code_commands.py)
+node_app.command("approve")(approve)
+node_app.command("approved")(approved)
+deploy_app.command("fab")(fab)

@@ -17,12 +17,20 @@ warn once and change nothing. Loopback and cross-silo WAN messages alike are sma
 the backoff still doubles up to Flower's 10 s cap, so a slow upload is not polled harder than
 Flower would after a few tries.
 
+The same gate holds fedcare's other hooks into Flower internals, so they live in one place:
+``guard_fab_install`` (a hospital's FAB check, run in the ClientApp process after the task's FAB
+is pulled and before it is installed or imported) and ``build_fab`` (Flower's own FAB build, for
+``fedcare deploy fab``). Unlike the timing hooks, the FAB guard is a security control: on another
+Flower version it is not installed, and its callers then run no ClientApp at all.
+
 Stdlib-only at import time: the warm ClientApp executor imports this before it forks.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
+from pathlib import Path
 
 PATCHED_FLOWER = "1.41.0"
 FLOWER_IDLE_POLL_S = 3.0      # start_client_internal: time.sleep(3) when no message was pulled
@@ -32,17 +40,22 @@ ACTIVE_WINDOW_S = 120.0       # a node that got a message this recently polls fa
 PULL_INITIAL_BACKOFF_S = 0.02
 
 
-def _flower_version_ok(what: str) -> bool:
-    from flwr.supercore.version import package_version
+def flower_version() -> str:
+    """The installed Flower's version (read at call time)."""
+    from flwr.supercore import version
 
-    if package_version == PATCHED_FLOWER:
+    return str(version.package_version)
+
+
+def _flower_version_ok(what: str, fallback: str = "keeping Flower's timing") -> bool:
+    if flower_version() == PATCHED_FLOWER:
         return True
     from logging import WARNING
 
     from flwr.supercore import log
 
-    log(WARNING, "fedcare: %s is written for Flower %s, this is %s: keeping Flower's timing",
-        what, PATCHED_FLOWER, package_version)
+    log(WARNING, "fedcare: %s is written for Flower %s, this is %s: %s",
+        what, PATCHED_FLOWER, flower_version(), fallback)
     return False
 
 
@@ -137,13 +150,12 @@ def reuse_installed_fab() -> bool:
     """
     if not _flower_version_ok("the FAB install shortcut"):
         return False
-    import hashlib
-
     from flwr.common.constant import APP_DIR, FAB_HASH_TRUNCATION
     from flwr.supercore.utils import get_flwr_home
     from flwr.supernode.runtime import run_clientapp as runtime
 
-    install = runtime.install_from_fab
+    guard = runtime.install_from_fab if isinstance(runtime.install_from_fab, _FabGuard) else None
+    install = guard.install if guard is not None else runtime.install_from_fab
 
     def install_unless_installed(fab_file, install_dir=None, skip_prompt=False):
         if isinstance(fab_file, bytes) and install_dir is None and skip_prompt:
@@ -153,6 +165,112 @@ def reuse_installed_fab() -> bool:
                 return found[0]
         return install(fab_file, install_dir=install_dir, skip_prompt=skip_prompt)
 
-    runtime.install_from_fab = install_unless_installed
+    if guard is not None:
+        guard.install = install_unless_installed    # the FAB check stays in front of the shortcut
+    else:
+        runtime.install_from_fab = install_unless_installed
     return True
 
+
+FAB_GUARD_REFUSAL = ("fedcare's FAB approval is written for Flower {wanted}, this is Flower {found}: "
+                     "this node runs no ClientApp rather than unchecked code")
+
+
+def fab_guard_supported() -> bool:
+    """Whether ``guard_fab_install`` can hook this Flower (the pinned version, with the expected functions)."""
+    if flower_version() != PATCHED_FLOWER:
+        return False
+    from flwr.supernode.runtime import run_clientapp as runtime
+
+    return all(callable(getattr(runtime, name, None)) for name in ("pull_task_input", "install_from_fab",
+                                                                    "run_clientapp"))
+
+
+class _FabGuard:
+    """Stands in for ``install_from_fab`` in Flower's ClientApp runtime: check first, then install.
+
+    ``run_clientapp`` calls ``pull_task_input`` (message, context, run, FAB bytes), then
+    ``install_from_fab(fab.content)``, then imports the app from the installed folder; an exception
+    raised here is turned by Flower into an Error reply to the ServerApp (with its text as the reason)
+    and nothing is installed or imported. The run's fab_id/fab_version/fab_hash come from the pull (a
+    wrapped ``pull_task_input``), because Flower loads the app from the folder they name.
+    """
+
+    def __init__(self, check, install, pull) -> None:
+        self.check, self.install, self.pull = check, install, pull
+        self.task = None
+
+    def pull_and_remember(self, client):
+        self.task = None
+        message, context, run, fab = self.pull(client)
+        self.task = (run, fab)
+        return message, context, run, fab
+
+    def __call__(self, fab_file, install_dir=None, skip_prompt=False):
+        from logging import ERROR
+
+        from flwr.supercore import log
+
+        task, self.task = self.task, None
+        digest = hashlib.sha256(fab_file).hexdigest() if isinstance(fab_file, bytes) else "?"
+        try:
+            if task is None or not isinstance(fab_file, bytes) or task[1].content is not fab_file:
+                raise RuntimeError(f"refused to install FAB sha256:{digest} outside a pulled ClientApp task: "
+                                   "only Flower's run_clientapp installs FABs on this node")
+            run, fab = task
+            self.check(fab_file, claimed_digest=fab.hash_str, app_id=run.fab_id, app_version=run.fab_version)
+        except Exception as exc:
+            log(ERROR, "fedcare: refused FAB sha256:%s: %s", digest, exc)
+            raise
+        return self.install(fab_file, install_dir=install_dir, skip_prompt=skip_prompt)
+
+
+def guard_fab_install(check) -> bool:
+    """ClientApp process: run ``check(fab_bytes, claimed_digest=, app_id=, app_version=)`` before any FAB install.
+
+    ``check`` raises to refuse (e.g. ``fedcare.fab_approval.FabPolicy.check``). Installed in front of
+    ``reuse_installed_fab``'s shortcut whatever the order of the two calls; a second call replaces the
+    check. Returns False, hooking nothing, on any Flower but the pinned one: the caller must then run
+    no ClientApp (``FAB_GUARD_REFUSAL``).
+    """
+    if not _flower_version_ok("the FAB approval check", "refusing every FAB") or not fab_guard_supported():
+        return False
+    from flwr.supernode.runtime import run_clientapp as runtime
+
+    current = runtime.install_from_fab
+    if isinstance(current, _FabGuard):
+        current.check = check
+        return True
+    guard = _FabGuard(check, current, runtime.pull_task_input)
+    runtime.pull_task_input = guard.pull_and_remember
+    runtime.install_from_fab = guard
+    return True
+
+
+def build_fab(app_dir: Path) -> tuple[bytes, str | None]:
+    """The FAB ``flwr run APP_DIR`` ships, built by Flower's own function; and a note, or None.
+
+    When Flower's build stops on a path nested deeper than it allows (it checks every *.py, *.toml,
+    *.json, ... in the tree that the root .gitignore does not exclude, before applying ``fab-include``:
+    e.g. a deploy/flwr-home/apps tree of installed FABs), the FAB is built by the same function from
+    the files ``fab-include`` selects (plus pyproject.toml and .gitignore), which gives the bytes Flower
+    would build once that tree is excluded; the note then says `flwr run` itself will stop there.
+    """
+    _flower_version_ok("`fedcare deploy fab`", "building with this Flower's own build function")
+    import tomllib
+
+    from flwr.cli.build import build_fab_from_disk, build_fab_from_files
+    from flwr.cli.utils import AppPathDepthError, build_pathspec, collect_files
+
+    app_dir = Path(app_dir).expanduser().resolve()
+    try:
+        return build_fab_from_disk(app_dir), None
+    except AppPathDepthError as exc:
+        config = tomllib.loads((app_dir / "pyproject.toml").read_text())
+        include = config.get("tool", {}).get("flwr", {}).get("app", {}).get("fab-include")
+        if not include:
+            raise
+        spec = build_pathspec(include)
+        files = {path: file for path, file in collect_files(app_dir).items()
+                 if path in ("pyproject.toml", ".gitignore") or spec.match_file(path)}
+        return build_fab_from_files(files)[0], str(exc)

@@ -16,25 +16,45 @@ keys, missing certificates/keys, unreadable data, a busy port) and then builds t
 
     [data]
     dataset = "dicom"                     # fed-heart-disease | dicom | ehr-table | ehr-events | pbc2 | synthetic-imaging
+    dataset-id = "radiology-chest-2026"   # the identity this hospital's privacy ledger is kept under
     data-path = "/data/dicom"
     labels = "/data/dicom/labels.csv"
 
-    [privacy]
+    [privacy]                             # this hospital's policy: checked before every release
     ledger-dir = "ledgers"
-    epsilon-budget = 1.0
+    epsilon-budget = 1.0                  # lifetime epsilon on this dataset (required)
+    max-run-epsilon = 1.0                 # the most one run may spend (default: no limit but the budget)
+    delta = 1e-5                          # the delta this hospital accounts at
+    require-dp = true
+    require-secure-aggregation = true
+    min-hospitals = 3                     # the smallest federation it joins
+    min-secagg-threshold = 2              # the smallest threshold it accepts (and always t > n/2)
+    max-secagg-clip-range = 10.0          # the widest range of a masked update value
+    release-evaluation = "per-hospital"   # or "none"
+    hardened-noise = false                # true: float64 noise with Opacus's floating-point-attack mitigation
+
+    [consortium]                          # secure aggregation: who this hospital accepts as peers
+    name = "Cleveland"                    # this hospital's name on the roster
+    roster = "roster.toml"                # pinned after checking every member's fingerprint
+    identity-key = "identity.key"         # this hospital's own identity key (0600)
+
+    [code]
+    approved-fabs = ["sha256:..."]        # FABs this node runs (also `fedcare node approve`)
 
 Relative paths are relative to the settings file. `clientappio-port` becomes flower-supernode's
 `--host 127.0.0.1 --port N` (Flower 1.41 removed `--clientappio-api-address`); the ClientApp
 process it starts talks to the node over that loopback port only.
 
 `warm-clientapp` and `poll-interval` cut the time a deployment round spends waiting (see
-`fedcare/node_launcher.py` and docs/benchmarks.md). With `warm-clientapp = false` and
-`poll-interval = 3` the command is Flower's plain `flower-supernode` (subprocess isolation, a cold
-`flwr-clientapp` process per message, 3 s polls).
+`fedcare/node_launcher.py` and docs/benchmarks.md). The node always runs fedcare's ClientApp
+executor, which runs only approved apps (`[code]`, `fedcare node approve`): forked from a warm
+process, or with `warm-clientapp = false` one fresh interpreter per message; `poll-interval = 3`
+keeps Flower's own polling.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import socket
@@ -45,6 +65,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from client.node_policy import NODE_CONFIG_KEYS, NodePolicy
 from fedcare.errors import FedcareError
 
 DATA_KEYS = {
@@ -60,9 +81,11 @@ DATA_KEYS = {
 SECTIONS: dict[str, set[str]] = {
     "superlink": {"address", "root-certificates"},
     "node": {"private-key", "clientappio-port", "max-retries", "warm-clientapp", "poll-interval"},
-    "data": {"dataset", "cache-dir", "partition-id", "data-path", "labels", "schema", "data-root",
+    "data": {"dataset", "dataset-id", "cache-dir", "partition-id", "data-path", "labels", "schema", "data-root",
              "multiframe", "require-deidentified", "on-unreadable"},
-    "privacy": {"ledger-dir", "epsilon-budget"},
+    "privacy": {"ledger-dir", *NODE_CONFIG_KEYS.values()},
+    "code": {"approved-fabs", "approval-store"},
+    "consortium": {"name", "roster", "identity-key"},
 }
 CHOICES = {"multiframe": ("first", "every", "reject"), "on-unreadable": ("error", "skip")}
 FHD_PARTITIONS = 4
@@ -84,6 +107,8 @@ class NodeSettings:
     max_retries: int | None = None
     warm_clientapp: bool = True
     poll_interval: float = DEFAULT_POLL_S
+    approved_fabs: tuple[str, ...] = ()          # [code] approved-fabs: digests this node runs
+    approved_fabs_store: Path | None = None      # [code] approval-store (default <ledger-dir>/approved-fabs.json)
 
     @property
     def public_key(self) -> Path:
@@ -180,7 +205,7 @@ def _private_key(reader: _Reader) -> Path:
 
 def _data_config(reader: _Reader, dataset: str) -> dict[str, str | int | float | bool]:
     required, optional = DATA_KEYS[dataset]
-    present = {k for k in reader.doc.get("data", {}) if k not in ("dataset", "cache-dir")}
+    present = {k for k in reader.doc.get("data", {}) if k not in ("dataset", "dataset-id", "cache-dir")}
     for key in sorted(required - present):
         raise _err(reader.path, f"[data] {key}", f"is missing (dataset '{dataset}' needs {', '.join(sorted(required))})",
                    f"add `{key} = ...` under [data]")
@@ -254,15 +279,77 @@ def load_node_settings(path: Path, check_port: bool = True) -> NodeSettings:
     if dataset not in DATA_KEYS:
         raise _err(path, "[data] dataset", f"unknown dataset '{dataset}'", f"choose one of: {', '.join(DATA_KEYS)}")
     config = _data_config(reader, dataset)
+    dataset_id = reader.get("data", "dataset-id", str, True)
+    if not dataset_id.strip() or _CONTROL.search(dataset_id):
+        raise _err(path, "[data] dataset-id", "is empty or holds a control character",
+                   "name the dataset this node trains on, e.g. \"cardiology-ehr-2026\"")
+    config["dataset-id"] = dataset_id
     config["ledger-dir"] = str(reader.folder_to_create("privacy", "ledger-dir", "ledgers"))
-    budget = reader.get("privacy", "epsilon-budget", float)
-    if budget is not None:
-        if not budget > 0:
-            raise _err(path, "[privacy] epsilon-budget", f"{budget} is not positive",
-                       "grant a positive lifetime epsilon, e.g. 1.0")
-        config["epsilon-budget"] = budget
+    config |= _privacy_policy(reader)
+    config |= _consortium(reader, bool(config["require-secure-aggregation"]))
+    digests, store = _code_settings(reader, Path(str(config["ledger-dir"])))
     return NodeSettings(path, address, root, key, port, dataset, config, retries,
-                        True if warm is None else warm, DEFAULT_POLL_S if poll is None else poll)
+                        True if warm is None else warm, DEFAULT_POLL_S if poll is None else poll, digests, store)
+
+
+def _privacy_policy(reader: _Reader) -> dict[str, str | int | float | bool]:
+    """[privacy]: the hospital's policy (``client/node_policy.py``), validated, as node config."""
+    reader.get("privacy", "epsilon-budget", float, True)     # required: no fallback to a run's epsilon
+    kinds = {f.name: f.type for f in dataclasses.fields(NodePolicy)}
+    values = {}
+    for name, key in NODE_CONFIG_KEYS.items():
+        kind = bool if "bool" in kinds[name] else int if "int" in kinds[name] else float if "float" in kinds[name] \
+            else str
+        value = reader.get("privacy", key, kind)
+        if value is not None:
+            values[key] = value
+    try:
+        policy = NodePolicy.from_settings(values)
+    except FedcareError as exc:
+        raise _err(reader.path, "[privacy]", exc.problem, exc.hint) from None
+    return policy.to_node_config()
+
+
+def _consortium(reader: _Reader, required: bool) -> dict[str, str]:
+    """[consortium]: this hospital's roster name, the pinned roster and its own identity key, checked
+    against each other now (a node that would refuse every secure round does not start)."""
+    if "consortium" not in reader.doc and not required:
+        return {}
+    from secure_aggregation import SecAggError
+    from secure_aggregation.identity import Roster, load_identity_key, public_bytes
+
+    name = reader.get("consortium", "name", str, True)
+    roster_path = reader.file("consortium", "roster")
+    key_path = reader.file("consortium", "identity-key")
+    assert roster_path is not None and key_path is not None
+    mode = stat.S_IMODE(key_path.stat().st_mode)
+    if mode & 0o077:
+        raise _err(reader.path, "[consortium] identity-key", f"{key_path} is readable by other users (mode {mode:04o})",
+                   f"chmod 600 {key_path}")
+    try:
+        roster = Roster.load(roster_path)
+        key = public_bytes(load_identity_key(key_path))
+    except SecAggError as exc:
+        raise _err(reader.path, "[consortium]", exc.problem, exc.hint) from None
+    if roster.members.get(name) != key:
+        raise _err(reader.path, "[consortium] name", f"the roster lists no identity key for {name!r} that matches "
+                   f"{key_path}", "use the name and key your consortium pinned in the roster")
+    return {"secagg-name": name, "secagg-roster": str(roster_path), "secagg-identity-key": str(key_path)}
+
+
+def _code_settings(reader: _Reader, ledger_dir: Path) -> tuple[tuple[str, ...], Path]:
+    """[code]: the FAB digests this node runs, and its approval store (written by `fedcare node approve`)."""
+    from fedcare.fab_approval import STORE_NAME, normalize_digest
+
+    digests = []
+    for value in reader.get("code", "approved-fabs", list) or []:
+        try:
+            digests.append(normalize_digest(value if isinstance(value, str) else repr(value)))
+        except FedcareError as exc:
+            raise _err(reader.path, "[code] approved-fabs", exc.problem, exc.hint) from None
+    text = reader.get("code", "approval-store", str)
+    store = (reader.base / Path(text).expanduser()).resolve() if text else ledger_dir / STORE_NAME
+    return tuple(digests), store
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -307,8 +394,9 @@ def supernode_command(settings: NodeSettings, executable: str = "flower-supernod
         launcher.append("--warm-clientapp")
     if settings.poll_interval < FLOWER_POLL_S:
         launcher += ["--poll-interval", f"{settings.poll_interval:g}"]
-    if not launcher:
-        return [executable, *flower]
+    launcher += ["--approved-fabs", str(settings.approved_fabs_store), "--settings", str(settings.path)]
+    for digest in settings.approved_fabs:
+        launcher += ["--approve", digest]
     return [python or sys.executable, "-m", "fedcare.node_launcher", *launcher, "--", *flower]
 
 

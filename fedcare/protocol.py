@@ -1,4 +1,10 @@
-"""Names both sides of the wire agree on: message types and record keys."""
+"""What both sides of the wire agree on: message types, record keys, and the typed run request."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 FEATURE_STATS = "query.feature_stats"  # message type of the federated statistics round
 ARRAYS = "arrays"      # ArrayRecord: a plain train reply's update
@@ -6,22 +12,76 @@ MODEL = "model"        # ConfigRecord in train/evaluate messages: the global mod
 CONFIG = "config"
 METRICS = "metrics"
 HOSPITAL = "hospital"   # ConfigRecord in every reply: {"name": hospital name}
-REFUSAL = "refusal"     # ConfigRecord in a reply that declines: {"reason": ..., "kind": "budget"|"data"}
+REFUSAL = "refusal"     # ConfigRecord in a reply that declines: {"reason": ..., "kind": "budget"|"policy"|"ledger"|"data"}
 NUM_EXAMPLES = "num-examples"
 EVALUATE_INCOMING = "evaluate-incoming"  # train config flag: test the received model before training on it
 EVALUATION = "evaluation/"  # key prefix, in such a train reply's hospital record: the received model's test metrics
+# In an evaluate reply's hospital record: the hospital's policy releases no evaluation (release-evaluation = "none")
+EVALUATION_WITHHELD = "evaluation-withheld"
 # Key prefix, in a train reply's hospital record: the hospital's own report on its training
 # (train-seconds; with DP epsilon, noise-multiplier, steps). Not in the MetricRecord, which holds
 # only what the strategy aggregates (num-examples, and train-loss without DP or secure aggregation).
 TRAINED = "trained/"
 
 # Secure aggregation (see secure_aggregation/ and server/secure_rounds.py)
-SECAGG_ADVERTISE = "query.secagg_advertise"     # setup 1: node's public keys
-SECAGG_SHARE_KEYS = "query.secagg_share_keys"   # setup 2: encrypted Shamir shares of its mask key
-SECAGG_UNMASK = "query.secagg_unmask"           # per round: reveal shares for survivors / dropped
+SECAGG_ADVERTISE = "query.secagg_advertise"     # setup 1: node's signed public keys
+SECAGG_SHARE_KEYS = "query.secagg_share_keys"   # setup 2: check every member's keys, deal first mask key
+SECAGG_VIEW = "query.secagg_view"               # a round with dropouts: sign one view of the survivors
+SECAGG_UNMASK = "query.secagg_unmask"           # per round: reveal shares (fast path or consistency path)
+SECAGG_END = "query.secagg_end"                 # the run is over: delete private key material
 # A (flattened) protocol payload rides under this key prefix in the message's config record (server
 # -> node) and in the reply's hospital record (node -> server): every record is one more request
 # per node and message at the SuperLink, so none is added for it.
 # The masked update too, as bytes (``secure_aggregation.records.pack_vector``) under "secagg/masked":
 # a secure train reply is the hospital record alone.
 SECAGG = "secagg/"
+
+
+# ---- the run request every message carries (server -> node), typed -----------------------------
+@dataclasses.dataclass(frozen=True)
+class RunRequest:
+    """What the coordinator asks of a hospital in every message's config record.
+
+    Encoded and decoded here only (``to_config``/``from_config``): run-config keys are the field
+    names with ``-`` for ``_``. Everything in it is a *request*: a node checks it against its own
+    policy (``client/node_policy.py``) and never takes a privacy setting from it unchecked.
+    """
+
+    dataset: str
+    model: str = "auto"
+    hidden_units: int = 32
+    num_rounds: int = 1
+    local_epochs: int = 1
+    batch_size: int = 30
+    learning_rate: float = 0.3
+    weight_decay: float = 0.0
+    proximal_mu: float = 0.0
+    dp: bool = True
+    target_epsilon: float = 1.0
+    delta: float = 1e-4
+    max_grad_norm: float = 1.0
+    stats_budget_fraction: float = 0.1
+    seed: int = 0                      # model initialisation and simulated splits only: never noise
+    image_size: int = 64
+    secure_aggregation: bool = True
+    secagg_clip_range: float = 10.0
+    hospitals: int = 0                 # how many hospitals the coordinator says the federation has
+    plan_run_id: str = ""              # the run whose privacy plan this one continues (resume)
+    server_round: int = 0              # set by Flower's strategies in train/evaluate messages
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "RunRequest":
+        """Decode a message's config record (unknown keys are other protocol parts' and are ignored)."""
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            key = f.name.replace("_", "-")
+            if key in config:
+                kind = f.type if isinstance(f.type, str) else f.type.__name__
+                raw = config[key]
+                values[f.name] = (bool(raw) if kind == "bool" else int(raw) if kind == "int"
+                                  else float(raw) if kind == "float" else str(raw))
+        return cls(**values)
+
+    def to_config(self) -> dict[str, Any]:
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "server_round"}

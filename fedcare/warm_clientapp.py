@@ -27,6 +27,14 @@ imported the heavy third-party libraries once, instead of exec'd from scratch.
   from `fedcare.node_launcher`), and every 10 s regardless (a safety net); started on its
   own (no pipe), it polls every 50 ms.
 - It reuses the FAB Flower already installed for the run instead of unzipping it per message.
+- It runs only FABs this hospital approved (fedcare.fab_approval): every task's FAB is checked,
+  after its bytes are pulled and before it is installed or any of its code imported, by code that
+  the executor loaded from this node's own fedcare before any FAB existed. A refused task gets
+  Flower's Error reply naming the digest and the approving command. With no approval store and no
+  approved digest every FAB is refused; only `--allow-any-fab` (unsafe) turns the check off.
+- `--cold` keeps the same checked path but starts a fresh interpreter per task (`--run-task`, the
+  task's token on its stdin) instead of forking a warm one: for nodes with `warm-clientapp = false`,
+  so that approval holds there too (Flower's own executor cannot be hooked).
 
 Run by `python -m fedcare.node_launcher` (which `fedcare node start` uses); stops when its
 SuperNode (`--parent-pid`) exits.
@@ -40,10 +48,11 @@ import importlib
 import os
 import select
 import signal
+import subprocess
 import sys
 import time
 import traceback
-from logging import DEBUG, INFO, WARNING
+from logging import DEBUG, ERROR, INFO, WARNING
 
 # The packages of this project: never kept loaded across forks (the FAB's copy must be used).
 PROJECT_PACKAGES = ("fedcare", "client", "server", "shared_models", "secure_aggregation", "audit", "simulation",
@@ -130,30 +139,49 @@ def _trace_steps(runtime) -> None:
     runtime.push_task_output = timed("push-task-output", runtime.push_task_output)
 
 
+def install_fab_check(policy) -> bool:
+    """Put ``policy.check`` in front of every FAB install in this process (None: any FAB, unsafe).
+
+    Returns False when this Flower cannot be hooked: the caller must then run no ClientApp.
+    """
+    from fedcare.flower_latency import guard_fab_install
+
+    return True if policy is None else guard_fab_install(policy.check)
+
+
+def _run_task(runtime_api_address: str, token: str, parent_pid: int) -> int:
+    """Run one task exactly as `flwr-clientapp --token` does (behind this process's FAB check); its exit status."""
+    code = 1
+    try:
+        for name in [n for n in sys.modules if _is_project_module(n)]:
+            del sys.modules[name]   # the app comes from the run's FAB, never from this node's install
+        from flwr.supernode.runtime import run_clientapp as runtime
+
+        if os.environ.get("FEDCARE_TIMING_LOG"):
+            _trace_steps(runtime)
+        runtime.run_clientapp(runtime_api_address=runtime_api_address, token=token, insecure=True,
+                              certificates=None, parent_pid=parent_pid, runtime_dependency_install=False)
+        code = 0
+    except SystemExit as exc:       # Flower ends every task with flwr_exit -> sys.exit
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:           # noqa: BLE001 - report, never fall back into the parent's loop
+        traceback.print_exc()
+    return code
+
+
 def _child(runtime_api_address: str, token: str, parent_pid: int, wake_fd: int | None) -> None:
-    """In the forked process: run the task exactly as `flwr-clientapp --token` does, then exit."""
+    """In the forked process: run the task, then exit (never return into the parent's loop)."""
     code = 1
     try:
         if wake_fd is not None:
             os.close(wake_fd)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_DFL)
-        for name in [n for n in sys.modules if _is_project_module(n)]:
-            del sys.modules[name]   # the app comes from the run's FAB, never from this node's install
         import numpy as np
 
         np.random.seed(int.from_bytes(os.urandom(4), "little"))  # as a fresh interpreter would
-        from flwr.supernode.runtime import run_clientapp as runtime
-        from flwr.supernode.runtime.run_clientapp import run_clientapp
-
-        if os.environ.get("FEDCARE_TIMING_LOG"):
-            _trace_steps(runtime)
-        run_clientapp(runtime_api_address=runtime_api_address, token=token, insecure=True, certificates=None,
-                      parent_pid=parent_pid, runtime_dependency_install=False)
-        code = 0
-    except SystemExit as exc:       # Flower ends every task with flwr_exit -> sys.exit
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except BaseException:           # noqa: BLE001 - report, never fall back into the parent's loop
+        code = _run_task(runtime_api_address, token, parent_pid)
+    except BaseException:           # noqa: BLE001
         traceback.print_exc()
     finally:
         try:
@@ -163,11 +191,51 @@ def _child(runtime_api_address: str, token: str, parent_pid: int, wake_fd: int |
             os._exit(code)
 
 
-def serve(runtime_api_address: str, parent_pid: int | None, poll_s: float, wake_fd: int | None = None) -> None:
+def run_one_task(runtime_api_address: str, parent_pid: int, policy) -> int:
+    """`--run-task` (cold executor): a fresh interpreter runs one task, its token read from stdin."""
+    from flwr.supercore import log
+
+    token = sys.stdin.readline().strip()
+    if not install_fab_check(policy):
+        from fedcare.flower_latency import FAB_GUARD_REFUSAL, PATCHED_FLOWER, flower_version
+
+        log(ERROR, "fedcare: " + FAB_GUARD_REFUSAL.format(wanted=PATCHED_FLOWER, found=flower_version()))
+        return 1
+    from fedcare.flower_latency import reuse_installed_fab, shorten_object_pull_backoff
+
+    shorten_object_pull_backoff()
+    reuse_installed_fab()
+    return _run_task(runtime_api_address, token, parent_pid)
+
+
+class _ColdTasks:
+    """One fresh `python -m fedcare.warm_clientapp --run-task` per task, with this executor's FAB policy."""
+
+    def __init__(self, runtime_api_address: str, policy_args: list[str]) -> None:
+        self.command = [sys.executable, "-m", "fedcare.warm_clientapp", "--run-task",
+                        "--runtime-api-address", runtime_api_address, "--parent-pid", str(os.getpid()),
+                        *policy_args]
+        self.running: list[subprocess.Popen] = []
+
+    def start(self, token: str) -> None:
+        proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, text=True)  # noqa: S603
+        assert proc.stdin is not None
+        proc.stdin.write(token + "\n")    # not on the command line, where other local users could read it
+        proc.stdin.close()
+        self.running.append(proc)
+
+    def reap(self) -> None:
+        self.running = [p for p in self.running if p.poll() is None]
+
+
+def serve(runtime_api_address: str, parent_pid: int | None, poll_s: float, wake_fd: int | None = None,
+          policy=None, policy_args: list[str] | None = None, cold: bool = False) -> None:
     """Preload, then fork one process per ClientApp task until the SuperNode goes away.
 
     With ``wake_fd`` (a pipe the node writes to whenever it has stored a message), the executor
     asks for a task when woken and otherwise every ``IDLE_POLL_S``; without it, every ``poll_s``.
+    Every task's FAB passes ``policy`` (None: any FAB) before it is installed. ``cold``: no preload,
+    each task in a fresh interpreter given ``policy_args`` (the same policy).
     """
     from flwr.supercore import log
     from flwr.supercore.app_utils import start_parent_process_monitor
@@ -175,11 +243,23 @@ def serve(runtime_api_address: str, parent_pid: int | None, poll_s: float, wake_
     if parent_pid is not None:
         start_parent_process_monitor(parent_pid)   # SIGINT to us when the SuperNode exits
     started = time.monotonic()
-    count, failed = preload()
-    log(INFO, "fedcare warm ClientApp executor: preloaded %d modules in %.1f s; serving Runtime API %s",
-        count, time.monotonic() - started, runtime_api_address)
-    for problem in failed:
-        log(DEBUG, "fedcare warm ClientApp executor: could not preload %s", problem)
+    if cold:
+        from fedcare.flower_latency import fab_guard_supported
+
+        checked = policy is None or fab_guard_supported()
+        cold_tasks = _ColdTasks(runtime_api_address, policy_args or [])
+        log(INFO, "fedcare ClientApp executor (a fresh process per task): serving Runtime API %s", runtime_api_address)
+    else:
+        checked = install_fab_check(policy)    # before the preload purges fedcare's own modules
+        count, failed = preload()
+        log(INFO, "fedcare warm ClientApp executor: preloaded %d modules in %.1f s; serving Runtime API %s",
+            count, time.monotonic() - started, runtime_api_address)
+        for problem in failed:
+            log(DEBUG, "fedcare warm ClientApp executor: could not preload %s", problem)
+    if policy is None:
+        log(WARNING, "fedcare ClientApp executor: runs ANY FAB the SuperLink ships (--allow-any-fab)")
+    else:
+        log(INFO, "fedcare ClientApp executor: runs only approved, code-only FABs")
 
     import httpx
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
@@ -198,6 +278,8 @@ def serve(runtime_api_address: str, parent_pid: int | None, poll_s: float, wake_
             done, _ = os.waitpid(pid, os.WNOHANG)
             if done:
                 children.discard(pid)
+        if cold:
+            cold_tasks.reap()
         try:
             response = client.AcquireTask(request)
             unreachable_since = None
@@ -213,10 +295,18 @@ def serve(runtime_api_address: str, parent_pid: int | None, poll_s: float, wake_
             continue
         if response.HasField("task") and response.token:
             _trace("executor-acquire", task=response.task.task_id)
-            pid = os.fork()
-            if pid == 0:
-                _child(runtime_api_address, response.token, os.getppid(), wake_fd)
-            children.add(pid)
+            if not checked:
+                from fedcare.flower_latency import FAB_GUARD_REFUSAL, PATCHED_FLOWER, flower_version
+
+                log(ERROR, "fedcare: task %s of run %s not run: %s", response.task.task_id, response.task.run_id,
+                    FAB_GUARD_REFUSAL.format(wanted=PATCHED_FLOWER, found=flower_version()))
+            elif cold:
+                cold_tasks.start(response.token)
+            else:
+                pid = os.fork()
+                if pid == 0:
+                    _child(runtime_api_address, response.token, os.getppid(), wake_fd)
+                children.add(pid)
             continue
         if wake_fd is None:
             time.sleep(poll_s)
@@ -225,6 +315,9 @@ def serve(runtime_api_address: str, parent_pid: int | None, poll_s: float, wake_
 
 
 def main(argv: list[str] | None = None) -> None:
+    from fedcare.errors import FedcareError
+    from fedcare.fab_approval import add_policy_arguments, policy_arguments, policy_from_arguments
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API, HOST:PORT")
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process (the SuperNode) exits")
@@ -232,9 +325,24 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"seconds between AcquireTask polls without --wake-fd ({DEFAULT_POLL_S})")
     parser.add_argument("--wake-fd", type=int, default=None,
                         help="a pipe the SuperNode writes to when it has stored a message")
+    parser.add_argument("--cold", action="store_true", help="a fresh interpreter per task instead of a warm fork")
+    parser.add_argument("--run-task", action="store_true", help=argparse.SUPPRESS)   # one task, token on stdin
+    add_policy_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        serve(args.runtime_api_address, args.parent_pid, max(0.01, args.poll_interval), args.wake_fd)
+        policy = policy_from_arguments(args)
+    except FedcareError as exc:   # a bad digest or contradictory options
+        parser.error(str(exc))
+    if args.run_task:
+        if args.parent_pid is None:
+            parser.error("--run-task needs --parent-pid")
+        code = run_one_task(args.runtime_api_address, args.parent_pid, policy)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    try:
+        serve(args.runtime_api_address, args.parent_pid, max(0.01, args.poll_interval), args.wake_fd,
+              policy=policy, policy_args=policy_arguments(policy), cold=args.cold)
     except KeyboardInterrupt:   # the SuperNode stopped (parent monitor) or Ctrl-C
         pass
 

@@ -1,62 +1,52 @@
-"""Secure aggregation for fedcare: the server learns only the (weighted) sum of each round.
+"""Secure aggregation for fedcare: the coordinator learns only sums of each round's inputs.
 
 Transport-agnostic (no Flower imports): a node half (``SecAggNode``) and a server half
-(``SecAggServer``) whose inputs and outputs are plain dicts of bytes, ints, lists and numpy
-uint64 arrays, so they fit Flower ConfigRecords/ArrayRecords. Double masking after Bonawitz et
-al. 2017 (SecAgg), with cross-silo simplifications: keys are agreed once per run.
+(``SecAggServer``) whose inputs and outputs are plain dicts of bytes, ints, lists and numpy uint64
+arrays, so they fit Flower ConfigRecords. Double masking after Bonawitz et al. (CCS 2017), in its
+actively secure variant (signed keys, a consistency round), with SecAgg+'s sparse neighbourhoods
+for large federations (Bell et al., CCS 2020). All arithmetic is modulo 2**64 on ``Quantizer``-
+encoded vectors; every primitive comes from ``cryptography`` (X25519, HKDF-SHA256, AES-256-CTR
+masks, AES-256-GCM sealed shares, Ed25519 signatures); Shamir sharing is over GF(2**521 - 1).
 
-Protocol (t-of-n, t > n/2; all arithmetic modulo 2**64 on ``Quantizer``-encoded vectors)
+Protocol (n members of the hospital's pinned roster; t-of-(k+1) shares over each node's closed
+neighbourhood N[u], k = n - 1 for the complete graph)
 
   Setup, once per run (2 exchanges):
-    1. advertise   server -> node: run id, node id, t.   node -> server: {"c_pk", "s_pk"}
-                   (X25519 public keys: c encrypts shares, s is the first round's mask key).
-    2. share_keys  server -> node: every advertiser's {"c_pk", "s_pk"}.
-                   node -> server: {recipient: AES-GCM ciphertext of a Shamir share of s_sk}.
-  Every round r (2 exchanges; the first round's request also carries the setup shares):
-    3. mask        server -> node: {"round", "active", "s_public_keys", "s_share_ciphertexts"}
-                   (the active nodes' mask keys for r and this node's encrypted shares of them).
-                   node -> server: {"masked": x + PRG(b) + sum_v +/-PRG(k_uv^r) (uint64),
-                   "b_shares": {recipient: ct}, "next_s_pk": bytes, "next_s_shares": {recipient: ct}}.
-    4. unmask      server -> survivor: {"round", "survivors", "dropped", "b_share_ciphertexts"}.
-                   survivor -> server: {"b": {survivor: share}, "s": {dropped: share}}.
+    1. advertise   node -> server: its X25519 keys c (seals shares) and s (first mask key), signed
+                   with its identity key over (run, node, name, t, k, the node list it was told).
+    2. share_keys  server -> node: every advertisement. The node checks each signature against its
+                   roster, one node per member, the same federation view everywhere, its own keys,
+                   the hospital's minimum size; derives the neighbourhood graph from all the keys;
+                   deals t-of-|N[u]| shares of its first mask key to N[u], each sealed to its holder
+                   with the dealer's signature over the share's hash; signs the participant set.
+  Every round r:
+    3. mask        (in the train exchange) the node takes its neighbours' round keys with the
+                   signed statements that announced them, masks x + PRG(b) + sum_v +/-PRG(k_uv) over
+                   the neighbours whose keys it got, deals shares of b and of its next mask key, and
+                   signs a statement (the set it masked with, a commitment to b, its next key).
+    4a. fast path  nobody dropped: each node reveals the self-mask shares it holds, and nothing else.
+    4b. consistency path  someone dropped: each survivor signs one view of who survived; then each
+                   signer reveals self-mask shares of surviving neighbours and mask-key shares of
+                   dropped ones, once t members of every neighbour's neighbourhood signed that view.
     The server sums the masked inputs, rebuilds each survivor's b and each dropped node's round
-    mask key from >= t shares, removes PRG(b) and the dropped nodes' pairwise masks, and gets
-    the sum of the survivors' inputs; the last element is the total weight (``decode_mean``).
+    key from >= t shares (checking each against the owner's signed commitment, dropping and naming
+    any holder whose share its dealer never dealt), removes the masks, and gets the sum.
 
-Why the mask key rotates every round (a deviation from "one s key per run, masks derived per
-round"): if one s key served the whole run, revealing a dropped node's s key in round r would
-also unmask every earlier round in which that node survived (the server already learned its b
-for those rounds), exposing its individual updates. So each masked reply announces a fresh
-mask key for the node's next round and Shamir-shares it like at setup; a reveal then only
-uncovers pairwise masks of that one round. The cost is one public key and n small ciphertexts
-per node per round, and no extra message. Each encrypted share carries its owner's public mask
-key, so a holder detects a relayed key that its owner never sent.
-
-Threat model met. The server (and the network between server and nodes) is honest-but-curious:
-it follows the protocol but may record everything it sees. It learns only the sum of the
-survivors' inputs of each round (and the total weight), as long as fewer than t nodes collude
-with it. Shares are encrypted end to end between nodes (X25519 + HKDF-SHA256 + AES-256-GCM) with
-the run, round, stage, sender and recipient bound as associated data, so the relaying server
-cannot read, redirect, replay or alter them undetected. Double masking protects a node whose
-input arrives late after being declared dropped: its pairwise masks become recoverable, but
-its self mask b is never revealed (honest nodes refuse to reveal b and s for the same node,
-refuse to let a dropped node rejoin, and refuse to unmask a round twice with different lists),
-and the server rejects late inputs outright. Dropout tolerance: a round completes while at
-least t nodes send masked inputs and at least t of them answer the unmask request; nodes that
-drop are out for the rest of the run.
-
-Limits. The setup public keys (c_pk, s_pk) are relayed by the server and not signed by the
-nodes: a server that substitutes them at setup (man in the middle) is outside this model; bind
-the advertised keys to the nodes' registered identities (e.g. sign them with the SuperNode auth
-key) if that matters. The majority threshold limits but does not remove what an actively malicious server
-can do. The aggregate itself is not private: DP-SGD at each hospital protects it. Inputs must
-fit the quantisation range (``Quantizer`` raises rather than wraps). The server half keeps
-its state in memory: a server restart means a new run (new setup). Cost: uint64 vectors are
-2x a float32 update; everything else is O(n) small ciphertexts per node per round.
+Threat model. The coordinator may deviate: relay what it likes, lie to different nodes, claim nodes
+dropped, add nodes, substitute keys. With t a strict majority of every neighbourhood (plus the c
+hospitals colluding with it: t > (|N| + c) / 2), honest nodes answer one unmask path per round and
+sign one view, so no two honest holders of a node's shares act on different views: the coordinator
+never removes both a node's self mask and the masks it shares with honest peers. It learns at most
+sums of the inputs of at least t - c honest hospitals per round (the sum over a neighbourhood's
+survivors in the complete graph: every survivor). Privacy, not correctness: a coordinator can
+always make a round fail. Inputs must fit the quantisation range (``Quantizer`` raises rather than
+wraps; the hospital clips first). The server half keeps its state in memory: a server restart
+means a new run (new setup).
 
 Modules: ``quantization`` (fixed point), ``prg`` (AES-256-CTR masks), ``keys`` (X25519, HKDF,
-AES-GCM), ``shamir``, ``masking``, ``node_half``/``node_state``, ``server_half``, ``records``
-(flatten payloads for ConfigRecords), ``inprocess`` (reference flow), ``bench`` (costs).
+AES-GCM), ``identity`` (roster, signatures), ``graph`` (SecAgg+ parameters and neighbourhoods),
+``shamir``, ``masking``, ``node_half``/``node_state``, ``server_half``, ``records`` (flatten payloads
+for ConfigRecords), ``inprocess`` (the reference message flow).
 """
 
 from __future__ import annotations

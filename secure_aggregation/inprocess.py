@@ -3,7 +3,7 @@
 Each protocol step builds a fresh ``SecAggNode`` from its state file, exactly as a ClientApp
 process that starts anew for every message would. Dropouts are simulated by skipping a node's
 step: ``after_advertise`` nodes never send shares, ``silent`` nodes send no masked input in a
-round, ``mute`` nodes mask but never answer the unmask request.
+round, ``mute`` nodes mask but never answer the unmask exchange(s).
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from secure_aggregation.identity import Consortium
 from secure_aggregation.keys import RunId
 from secure_aggregation.node_half import SecAggNode
-from secure_aggregation.server_half import SecAggServer
+from secure_aggregation.server_half import RoundOutcome, SecAggServer
 
 
 def state_path(state_dir: Path, run_id: RunId, node_id: int) -> Path:
@@ -24,60 +25,68 @@ def state_path(state_dir: Path, run_id: RunId, node_id: int) -> Path:
     return Path(state_dir) / f"node-{node_id}" / f"secagg-{run_id}.json"
 
 
-def setup(
-    state_dir: Path,
-    run_id: RunId,
-    threshold: int,
-    node_ids: Sequence[int],
-    vector_length: int,
-    after_advertise: Collection[int] = (),
-) -> SecAggServer:
+def name_of(node_id: int) -> str:
+    """The consortium name of a node in these in-process runs."""
+    return f"hospital-{node_id}"
+
+
+class Federation:
+    """Nodes (with one shared simulated consortium) and the server of one in-process run."""
+
+    def __init__(self, state_dir: Path, run_id: RunId, consortium: Consortium, server: SecAggServer) -> None:
+        self.state_dir, self.run_id, self.consortium, self.server = Path(state_dir), run_id, consortium, server
+
+    def node(self, nid: int) -> SecAggNode:
+        return SecAggNode(state_path(self.state_dir, self.run_id, nid), self.consortium)
+
+
+def setup(state_dir: Path, run_id: RunId, threshold: int, neighbours: int, node_ids: Sequence[int],
+          vector_length: int, consortium: Consortium, after_advertise: Collection[int] = ()) -> Federation:
     """Run the two setup exchanges; nodes in ``after_advertise`` vanish before sharing keys."""
-    server = SecAggServer(run_id, threshold, node_ids, vector_length)
+    fed = Federation(state_dir, run_id, consortium, SecAggServer(run_id, threshold, neighbours, node_ids, vector_length))
     for nid in node_ids:
-        pks = SecAggNode(state_path(state_dir, run_id, nid)).advertise(run_id, nid, threshold, list(node_ids))
-        server.add_public_keys(nid, pks)
-    broadcast = server.public_keys()
-    for nid in broadcast:
+        ad = fed.node(nid).advertise(run_id, nid, name_of(nid), threshold, neighbours, list(node_ids))
+        fed.server.add_advertisement(nid, ad)
+    ads = fed.server.advertisements()
+    for nid in ads:
         if nid not in after_advertise:
-            cts = SecAggNode(state_path(state_dir, run_id, nid)).share_keys(broadcast, threshold)
-            server.add_setup_shares(nid, cts)
-    return server
+            fed.server.add_setup(nid, fed.node(nid).share_keys(ads))
+    return fed
 
 
-def mask_step(
-    server: SecAggServer, state_dir: Path, round_: int, inputs: Mapping[int, np.ndarray], silent: Collection[int] = ()
-) -> dict[int, dict[str, Any]]:
+def mask_step(fed: Federation, round_: int, inputs: Mapping[int, np.ndarray],
+              silent: Collection[int] = ()) -> dict[int, dict[str, Any]]:
     """Start the round and deliver every active, non-silent node's masked reply; returns the requests."""
-    requests = server.start_round(round_)
+    requests = fed.server.start_round(round_)
     for nid, req in requests.items():
         if nid in silent:
             continue
-        path = state_path(state_dir, server.run_id, nid)
-        SecAggNode(path).receive_keys(round_, req["s_public_keys"], req["s_share_ciphertexts"])
-        server.add_masked(nid, SecAggNode(path).mask(round_, inputs[nid]))
+        node = fed.node(nid)
+        node.receive_keys(round_, req["peers"])
+        fed.server.add_masked(nid, fed.node(nid).mask(round_, inputs[nid]))
     return requests
 
 
-def unmask_step(server: SecAggServer, state_dir: Path, round_: int, mute: Collection[int] = ()) -> dict[int, Any]:
-    """Ask every survivor to unmask; ``mute`` survivors do not answer. Returns the replies."""
+def unmask_step(fed: Federation, round_: int, mute: Collection[int] = ()) -> dict[int, Any]:
+    """The fast path when nobody dropped, else the consistency path; ``mute`` nodes never answer."""
+    server = fed.server
     replies: dict[int, Any] = {}
+    if server.fast_path():
+        for nid, req in server.unmask_fast_requests().items():
+            if nid not in mute:
+                replies[nid] = fed.node(nid).unmask_fast(round_, req["b_share_ciphertexts"], req["statements"])
+        return replies
+    for nid, req in server.view_requests().items():
+        if nid not in mute:
+            server.add_view_signature(nid, fed.node(nid).sign_view(round_, req["survivors"]))
     for nid, req in server.unmask_requests().items():
-        if nid in mute:
-            continue
-        node = SecAggNode(state_path(state_dir, server.run_id, nid))
-        replies[nid] = node.unmask(round_, req["survivors"], req["dropped"], req["b_share_ciphertexts"])
+        replies[nid] = fed.node(nid).unmask(round_, req["survivors"], req["signatures"], req["b_share_ciphertexts"],
+                                            req["statements"])
     return replies
 
 
-def run_round(
-    server: SecAggServer,
-    state_dir: Path,
-    round_: int,
-    inputs: Mapping[int, np.ndarray],
-    silent: Collection[int] = (),
-    mute: Collection[int] = (),
-) -> np.ndarray:
-    """One full round; returns the modular sum of the survivors' inputs."""
-    mask_step(server, state_dir, round_, inputs, silent)
-    return server.finish(unmask_step(server, state_dir, round_, mute))
+def run_round(fed: Federation, round_: int, inputs: Mapping[int, np.ndarray], silent: Collection[int] = (),
+              mute: Collection[int] = ()) -> tuple[np.ndarray, RoundOutcome]:
+    """One full round; returns the modular sum of the survivors' inputs and what finish found."""
+    mask_step(fed, round_, inputs, silent)
+    return fed.server.finish(unmask_step(fed, round_, mute))

@@ -50,7 +50,8 @@ def save(path: Path, state: dict[str, Any]) -> None:
     """Atomically replace the state at ``path`` (tmp file + fsync + os.replace, mode 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    data = json.dumps({**state, "format": FORMAT}, sort_keys=True, indent=1).encode("utf-8")
+    # compact: the C encoder (an indented dump takes Python's, several times slower on every message)
+    data = json.dumps({**state, "format": FORMAT}, sort_keys=True, separators=(",", ":")).encode("utf-8")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "wb") as fh:

@@ -1,26 +1,37 @@
-"""The server (coordinator) half of secure aggregation: routing, a running masked sum, unmasking.
+"""The server (coordinator) half of secure aggregation: routing, a running masked sum, robust unmasking.
 
-The server relays public keys and encrypted shares it cannot read, adds masked inputs into one
-running modular sum, and at the end of a round removes the masks using the shares the nodes
-reveal: each survivor's self mask PRG(b) (from >= t b-shares) and, for each dropped node, the
-pairwise masks it shared with the survivors (from >= t shares of its round mask key).
+The server relays signed advertisements, statements and sealed shares it cannot read, adds masked
+inputs into one running modular sum, and at the end of a round removes the masks with the shares
+the nodes reveal: each survivor's self mask (from >= t shares) and, for a node that dropped after
+the others masked with it, the pairwise masks it shared with them (from >= t shares of its round
+mask key). No individual input is ever stored: a masked input is added to the sum and forgotten.
 
-Why no individual vector is ever stored: the only array the server keeps for a round is the
-sum (``_ModularSum``), and a masked input is added into it and then forgotten; no method returns
-anything but the final unmasked sum. Nodes dropped once stay out for the rest of the run.
+A round is unmasked on the fast path when every active node sent its input (self-mask shares only)
+and otherwise on the consistency path (survivors sign one view; the signatures travel with the
+unmask request). Robustness against one bad hospital: every dealer's signed statement commits to
+the hash of each share it dealt, so a revealed share that is not the committed one is discarded
+and its *sender* named; the round completes while every secret still has t good shares. A dealer
+whose own committed shares do not rebuild its secret is named and the round fails with the model
+unchanged.
+Nodes that drop, or are named, stay out for the rest of the run.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from secure_aggregation import keys, masking, shamir, validation
+from secure_aggregation import keys, masking, shamir
 from secure_aggregation.errors import SecAggError, ShamirError, TamperingDetected, TooFewSurvivors
+from secure_aggregation.identity import verify
+from secure_aggregation.node_half import (HASH_BYTES, SETUP_ROUND, SIG_BYTES, STAGE_B_SHARE, STAGE_S_SHARE,
+                                          advertisement_message, check_graph_parameters, closed_neighbourhoods,
+                                          participants_digest, seed_hash, share_hash)
 from secure_aggregation.prg import SEED_BYTES
-from secure_aggregation.validation import by_node, check_threshold, ciphertext
+from secure_aggregation.validation import by_node, ciphertext, node_id, node_ids
 
 
 class _ModularSum:
@@ -40,272 +51,284 @@ class _ModularSum:
         return self._total.copy()
 
 
+@dataclass
+class RoundOutcome:
+    """What ``finish`` found: whose input was summed, who dropped, who misbehaved and how."""
+
+    survivors: list[int] = field(default_factory=list)
+    dropped: list[int] = field(default_factory=list)
+    blamed: dict[int, str] = field(default_factory=dict)    # node -> what it did wrong (the sender)
+    silent: list[int] = field(default_factory=list)         # survivors that did not answer the unmask
+
+
+@dataclass
 class _Round:
-    """What the server holds for one round: the sum, and ciphertexts it routes but cannot read."""
-
-    __slots__ = ("number", "active", "s_pks", "sum", "contributors", "b_cts", "next_keys", "survivors", "status")
-
-    def __init__(self, number: int, active: list[int], s_pks: dict[int, bytes], length: int) -> None:
-        self.number = number
-        self.active = active
-        self.s_pks = s_pks
-        self.sum = _ModularSum(length)
-        self.contributors: list[int] = []
-        self.b_cts: dict[int, dict[int, bytes]] = {}
-        self.next_keys: dict[int, tuple[bytes, dict[int, bytes]]] = {}
-        self.survivors: list[int] | None = None
-        self.status = "open"
-
-    @property
-    def dropped(self) -> list[int]:
-        present = self.contributors if self.survivors is None else self.survivors
-        return sorted(set(self.active) - set(present))
+    number: int
+    active: list[int]
+    keys: dict[int, bytes]                      # the mask key each active node masks with this round
+    key_commits: dict[int, dict[int, bytes]]    # each key's share commitments (to check a revealed share)
+    sum: _ModularSum
+    peers: dict[int, list[int]] = field(default_factory=dict)   # what each node was asked to mask with
+    contributors: list[int] = field(default_factory=list)
+    statements: dict[int, dict[str, Any]] = field(default_factory=dict)
+    b_cts: dict[int, dict[int, bytes]] = field(default_factory=dict)
+    next_cts: dict[int, dict[int, bytes]] = field(default_factory=dict)
+    view: list[int] | None = None
+    view_sigs: dict[int, bytes] = field(default_factory=dict)
+    path: str | None = None                     # "fast" or "consistency", once the unmask starts
+    status: str = "open"
+    keys_dealt_in: int = SETUP_ROUND            # the round whose dealing carried this round's mask-key shares
 
 
 class SecAggServer:
     """Server half for one run. Not persisted: a server restart needs a new run (new setup)."""
 
-    def __init__(self, run_id: keys.RunId, threshold: int, node_ids: Sequence[int], vector_length: int) -> None:
+    def __init__(self, run_id: keys.RunId, threshold: int, neighbours: int, node_ids_: Sequence[int],
+                 vector_length: int) -> None:
         self.run_id = run_id
-        self.node_ids = validation.node_ids(node_ids, "node_ids")
-        self.threshold = check_threshold(threshold, len(self.node_ids))
+        self.node_ids = node_ids(node_ids_, "node_ids")
+        self.threshold, self.neighbours = check_graph_parameters(threshold, neighbours)
         if isinstance(vector_length, bool) or not isinstance(vector_length, int) or vector_length < 1:
             raise SecAggError(f"vector_length must be an int >= 1, got {vector_length!r}")
         self.vector_length = vector_length
-        self._public_keys: dict[int, dict[str, bytes]] = {}
+        self._ads: dict[int, dict[str, Any]] = {}
         self._keys_closed = False
-        self._setup_cts: dict[int, dict[int, bytes]] = {}
-        self._participants: list[int] | None = None
+        self._setup: dict[int, dict[str, Any]] = {}
+        self.hoods: dict[int, list[int]] = {}
         self._round: _Round | None = None
         self._last_round = 0
-        self._dropped: set[int] = set()
+        self._out: set[int] = set()
 
-    # ---- read-only views -------------------------------------------------------------------
-
+    # ---- views ---------------------------------------------------------------------------------------
     @property
-    def dropped(self) -> list[int]:
-        """Nodes declared dropped in some round; they are out for the rest of the run."""
-        return sorted(self._dropped)
+    def excluded(self) -> list[int]:
+        """Nodes out for the rest of the run (dropped, or named for misbehaving)."""
+        return sorted(self._out)
 
     @property
     def round(self) -> int | None:
-        """The current (or last) round number."""
         return self._round.number if self._round else None
 
     @property
     def survivors(self) -> list[int]:
-        """The current round's survivors once fixed (their count is decode_mean's n_nodes)."""
-        if self._round is None or self._round.survivors is None:
-            raise SecAggError("the round's survivors are not fixed yet", "call unmask_requests() first")
-        return list(self._round.survivors)
+        if self._round is None or self._round.view is None:
+            raise SecAggError("the round's survivors are not fixed yet")
+        return list(self._round.view)
 
-    # ---- setup, exchange 1: public keys ------------------------------------------------------
+    def masked_with(self, node: int) -> list[int]:
+        """The nodes ``node`` was asked to mask with in the current round."""
+        return list(self._round.peers.get(node, [])) if self._round else []
 
-    def add_public_keys(self, node_id: Any, public_keys: Mapping[str, bytes]) -> None:
-        """Record one node's advertised {"c_pk", "s_pk"}."""
-        nid = self._known(node_id)
+    # ---- setup ---------------------------------------------------------------------------------------
+    def add_advertisement(self, node: Any, ad: Mapping[str, Any]) -> None:
+        """Record one node's signed advertisement (checked against its own identity key, so a node
+        that sends garbage is dropped here, named, instead of making every other node abort)."""
+        nid = self._known(node)
         if self._keys_closed:
-            raise SecAggError(f"public keys of node {nid} arrived after the key list was sent out; ignored")
-        if not isinstance(public_keys, Mapping):
-            raise SecAggError(f"public keys of node {nid} must be a dict with c_pk and s_pk")
-        self._public_keys[nid] = {
-            "c_pk": keys.check_key_bytes(public_keys.get("c_pk"), f"c_pk of node {nid}"),
-            "s_pk": keys.check_key_bytes(public_keys.get("s_pk"), f"s_pk of node {nid}"),
-        }
+            raise SecAggError(f"the advertisement of node {nid} arrived after the key list was sent out")
+        try:
+            clean = {"name": str(ad["name"]), "identity": bytes(ad["identity"]), "t": int(ad["t"]),
+                     "k": int(ad["k"]), "nodes": bytes(ad["nodes"]),
+                     "c_pk": keys.check_key_bytes(ad["c_pk"], "c_pk"), "s_pk": keys.check_key_bytes(ad["s_pk"], "s_pk"),
+                     "sig": bytes(ad["sig"])}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SecAggError(f"the advertisement of node {nid} is malformed ({exc})") from None
+        if not verify(clean["identity"], clean["sig"], advertisement_message(self.run_id, nid, clean)):
+            raise SecAggError(f"the advertisement of node {nid} is not signed by the identity key it names")
+        if (clean["t"], clean["k"]) != (self.threshold, self.neighbours):
+            raise SecAggError(f"node {nid} advertised for threshold {clean['t']} and {clean['k']} neighbours")
+        self._ads[nid] = clean
 
-    def public_keys(self) -> dict[int, dict[str, bytes]]:
-        """Close exchange 1 and return every advertised key pair, to send to each advertiser."""
-        if len(self._public_keys) < self.threshold:
-            raise TooFewSurvivors(
-                f"only {len(self._public_keys)} of {len(self.node_ids)} nodes advertised keys; "
-                f"the threshold is {self.threshold}",
-                "wait for more hospitals or start the run with a lower threshold",
-            )
+    def advertisements(self) -> dict[int, dict[str, Any]]:
+        """Close the first exchange: every advertisement, for every advertiser."""
+        if len(self._ads) < self.threshold:
+            raise TooFewSurvivors(f"only {len(self._ads)} of {len(self.node_ids)} nodes advertised keys; "
+                                  f"the threshold is {self.threshold}",
+                                  "wait for more hospitals or start the run with a lower threshold")
         self._keys_closed = True
-        return {nid: dict(pk) for nid, pk in sorted(self._public_keys.items())}
+        self.hoods = closed_neighbourhoods(self.run_id, self._ads, self.neighbours)
+        return {nid: dict(ad) for nid, ad in sorted(self._ads.items())}
 
-    # ---- setup, exchange 2: encrypted shares of the first mask keys -------------------------
+    def add_setup(self, node: Any, reply: Mapping[str, Any]) -> None:
+        """Record one node's setup: its sealed shares of its first mask key and its signed statement."""
+        nid = self._known(node)
+        if not self._keys_closed or nid not in self._ads:
+            raise SecAggError(f"setup from node {nid}, which is not in the distributed key list")
+        if bytes(reply.get("participants", b"")) != participants_digest(self.run_id, sorted(self._ads)):
+            raise SecAggError(f"node {nid} set up for another participant set")
+        shares = {h: ciphertext(c, f"setup share from node {nid}")
+                  for h, c in by_node(reply.get("shares") or {}, "setup shares").items()}
+        if set(shares) != set(self.hoods[nid]):
+            raise SecAggError(f"node {nid} dealt setup shares to {sorted(shares)}, not its neighbourhood")
+        commits = self._commitments(nid, reply.get("s_commits"), self.hoods[nid], "setup share commitments")
+        self._setup[nid] = {"shares": shares, "sig": bytes(reply["sig"]), "s_pk": self._ads[nid]["s_pk"],
+                            "s_commits": commits}
 
-    def add_setup_shares(self, node_id: Any, ciphertexts: Mapping[Any, bytes]) -> None:
-        """Record one node's share ciphertexts {recipient: ciphertext} (one per advertiser)."""
-        nid = self._known(node_id)
-        if not self._keys_closed or nid not in self._public_keys:
-            raise SecAggError(f"setup shares from node {nid}, which is not in the distributed key list")
-        if self._participants is not None:
-            raise SecAggError(f"setup shares from node {nid} arrived after round 1 started; ignored")
-        cts = {
-            r: ciphertext(c, f"setup share from node {nid}") for r, c in by_node(ciphertexts, "setup shares").items()
-        }
-        if set(cts) != set(self._public_keys):
-            raise SecAggError(f"node {nid} sent setup shares for {sorted(cts)}, expected {sorted(self._public_keys)}")
-        self._setup_cts[nid] = cts
-
-    # ---- per round ----------------------------------------------------------------------------
-
+    # ---- per round -----------------------------------------------------------------------------------
     def start_round(self, round_: int) -> dict[int, dict[str, Any]]:
-        """Open a round; returns the mask request for each active node.
+        """Open a round; returns each active node's mask request {"round", "peers": {v: entry}}.
 
-        Each request is {"round", "active": [ids], "s_public_keys": {id: bytes},
-        "s_share_ciphertexts": {sender: bytes}}: the node passes the last two to
-        ``SecAggNode.receive_keys`` and then calls ``mask``.
+        An entry is v's public mask key for the round, the signed statement that announced it and
+        this node's sealed share of v's private mask key. Nodes with fewer than t active neighbours
+        (themselves included) cannot mask and sit the round out.
         """
         if isinstance(round_, bool) or not isinstance(round_, int) or round_ <= self._last_round:
             raise SecAggError(f"round {round_!r} must be an int greater than the last round {self._last_round}")
         if self._round is not None and self._round.status == "open":
-            raise SecAggError(
-                f"round {self._round.number} is still open", "call finish() or abort_round() before the next round"
-            )
-        if self._participants is None:
-            active = sorted(self._setup_cts)
-            s_pks = {v: self._public_keys[v]["s_pk"] for v in active}
-            routed = {u: {v: self._setup_cts[v][u] for v in active} for u in active}
+            raise SecAggError(f"round {self._round.number} is still open", "finish or abort it first")
+        prev = self._round
+        if prev is None:
+            holders = {v: (s["s_pk"], s["shares"], {"sig": s["sig"], "s_commits": s["s_commits"]})
+                       for v, s in self._setup.items()}
         else:
-            prev = self._round
-            holders = {} if prev is None else prev.next_keys
-            active = sorted(set(holders) - self._dropped)
-            s_pks = {v: holders[v][0] for v in active}
-            routed = {u: {v: holders[v][1][u] for v in active} for u in active}
+            holders = {v: (prev.statements[v]["next_s_pk"], prev.next_cts[v],
+                           {f: prev.statements[v][f] for f in ("sig", "active", "b_hash", "b_commits", "s_commits")})
+                       for v in prev.contributors}
+        active = sorted(set(holders) - self._out)
+        holding = len(active)
+        while True:   # a node needs t active neighbours (itself included) to mask; drop those that cannot
+            keep = [u for u in active if len(set(self.hoods[u]) & set(active)) >= self.threshold]
+            if keep == active:
+                break
+            active = keep
         if len(active) < self.threshold:
-            raise TooFewSurvivors(
-                f"only {len(active)} nodes hold mask keys for round {round_}; the threshold is {self.threshold}",
-                "the run cannot continue with secure aggregation; start a new run",
-            )
-        if self._participants is None:
-            self._participants = active
-            self._setup_cts = {}
+            raise TooFewSurvivors(f"only {holding} nodes hold mask keys for round {round_}; the threshold is "
+                                  f"{self.threshold}", "the run cannot continue with secure aggregation")
         self._last_round = round_
-        self._round = _Round(round_, active, s_pks, self.vector_length)
-        return {
-            u: {"round": round_, "active": list(active), "s_public_keys": dict(s_pks), "s_share_ciphertexts": routed[u]}
-            for u in active
-        }
+        rnd = _Round(round_, active, {v: holders[v][0] for v in active},
+                     {v: holders[v][2]["s_commits"] for v in active}, _ModularSum(self.vector_length),
+                     keys_dealt_in=SETUP_ROUND if prev is None else prev.number)
+        requests = {}
+        for u in active:
+            peers = sorted(set(self.hoods[u]) & set(active))
+            rnd.peers[u] = peers
+            requests[u] = {"round": round_, "peers": {
+                v: {"s_pk": holders[v][0], "ct": holders[v][1][u], **holders[v][2]} for v in peers}}
+        self._round = rnd
+        return requests
 
-    def add_masked(self, node_id: Any, reply: Mapping[str, Any]) -> None:
-        """Add one node's ``SecAggNode.mask`` reply: the masked vector goes into the running sum,
-        the encrypted shares are kept for routing. Raises (and changes nothing) for a late,
-        duplicate or malformed reply.
-        """
+    def add_masked(self, node: Any, reply: Mapping[str, Any]) -> None:
+        """Add one node's masked reply to the running sum. A late, duplicate or malformed reply raises
+        and changes nothing (the node then counts as dropped)."""
         rnd = self._open_round()
-        nid = validation.node_id(node_id)
-        if rnd.survivors is not None:
-            raise SecAggError(
-                f"masked input from node {nid} for round {rnd.number} arrived after the survivor list "
-                "was fixed; ignored"
-            )
-        if nid not in rnd.active:
-            raise SecAggError(f"node {nid} is not active in round {rnd.number}; its input is ignored")
-        if nid in rnd.contributors:
-            raise SecAggError(f"node {nid} already sent its masked input for round {rnd.number}")
+        nid = node_id(node)
+        if rnd.view is not None:
+            raise SecAggError(f"the masked input of node {nid} arrived after the round's survivors were fixed")
+        if nid not in rnd.active or nid in rnd.contributors:
+            raise SecAggError(f"node {nid} is not expected to send a masked input for round {rnd.number}")
         masked = np.asarray(reply.get("masked"))
         if masked.dtype != np.uint64 or masked.shape != (self.vector_length,):
-            raise SecAggError(
-                f"masked input from node {nid} must be uint64 of length {self.vector_length}, "
-                f"got {masked.dtype} {masked.shape}"
-            )
-        b_cts = self._bundle(nid, reply.get("b_shares"), rnd, "b-shares")
-        s_cts = self._bundle(nid, reply.get("next_s_shares"), rnd, "next mask-key shares")
-        next_pk = keys.check_key_bytes(reply.get("next_s_pk"), f"next_s_pk of node {nid}")
+            raise SecAggError(f"the masked input of node {nid} is not uint64 of length {self.vector_length}")
+        peers = rnd.peers[nid]
+        if sorted(int(v) for v in reply.get("active", [])) != peers:
+            raise SecAggError(f"node {nid} masked with {sorted(reply.get('active', []))}, not with {peers}")
+        b_cts = self._bundle(nid, reply.get("b_shares"), peers, "self-mask shares")
+        s_cts = self._bundle(nid, reply.get("next_s_shares"), peers, "next mask-key shares")
+        statement = {"active": peers, "b_hash": bytes(reply["b_hash"]),
+                     "next_s_pk": keys.check_key_bytes(reply.get("next_s_pk"), f"next mask key of node {nid}"),
+                     "b_commits": self._commitments(nid, reply.get("b_commits"), peers, "self-mask commitments"),
+                     "s_commits": self._commitments(nid, reply.get("s_commits"), peers, "mask-key commitments"),
+                     "sig": bytes(reply["sig"])}
         rnd.sum.add(masked)
         rnd.contributors.append(nid)
-        rnd.b_cts[nid] = b_cts
-        rnd.next_keys[nid] = (next_pk, s_cts)
+        rnd.statements[nid], rnd.b_cts[nid], rnd.next_cts[nid] = statement, b_cts, s_cts
+
+    def fast_path(self) -> bool:
+        """Whether every active node's input arrived (then only self-mask shares are needed)."""
+        rnd = self._open_round()
+        return sorted(rnd.contributors) == rnd.active
+
+    def unmask_fast_requests(self) -> dict[int, dict[str, Any]]:
+        """Fast path: each contributor is asked for its self-mask shares of the nodes it masked with."""
+        rnd = self._fix_survivors("fast")
+        return {h: {"round": rnd.number, "b_share_ciphertexts": {w: rnd.b_cts[w][h] for w in rnd.peers[h]},
+                    "statements": {w: rnd.statements[w] for w in rnd.peers[h]}} for h in rnd.view}
+
+    def view_requests(self) -> dict[int, dict[str, Any]]:
+        """Consistency path, step 1: ask every survivor to sign the round's one view of who survived."""
+        rnd = self._fix_survivors("consistency")
+        return {h: {"round": rnd.number, "survivors": list(rnd.view)} for h in rnd.view}
+
+    def add_view_signature(self, node: Any, signature: Any) -> None:
+        rnd = self._open_round()
+        nid = node_id(node)
+        if rnd.view is None or nid not in rnd.view:
+            raise SecAggError(f"a view signature from node {nid}, which is not a survivor")
+        if not isinstance(signature, (bytes, bytearray)) or len(signature) != SIG_BYTES:
+            raise SecAggError(f"the view signature of node {nid} is malformed")
+        rnd.view_sigs[nid] = bytes(signature)
 
     def unmask_requests(self) -> dict[int, dict[str, Any]]:
-        """Fix the survivors (nodes whose masked input arrived) and return each survivor's request:
-        {"round", "survivors": [ids], "dropped": [ids], "b_share_ciphertexts": {sender: bytes}}.
-        Fewer than threshold survivors: TooFewSurvivors, nothing is sent, the round stays open.
+        """Consistency path, step 2: each signer gets the view, the signatures that back it for the
+        neighbourhoods it holds shares of, and its sealed self-mask shares of surviving neighbours."""
+        rnd = self._open_round()
+        if rnd.path != "consistency":
+            raise SecAggError("view signatures are only gathered on the consistency path")
+        if len(rnd.view_sigs) < self.threshold:
+            raise TooFewSurvivors(f"only {len(rnd.view_sigs)} survivors signed the view of round {rnd.number}; "
+                                  f"{self.threshold} are needed", "the round cannot be unmasked; nothing was revealed")
+        requests = {}
+        for h in sorted(rnd.view_sigs):
+            backers = set().union(*(self.hoods[w] for w in rnd.peers[h]))
+            alive = [w for w in rnd.peers[h] if w in rnd.view]
+            requests[h] = {"round": rnd.number, "survivors": list(rnd.view),
+                           "signatures": {z: s for z, s in rnd.view_sigs.items() if z in backers},
+                           "b_share_ciphertexts": {w: rnd.b_cts[w][h] for w in alive},
+                           "statements": {w: rnd.statements[w] for w in alive}}
+        return requests
+
+    def finish(self, revealed: Mapping[Any, Mapping[str, Any]]) -> tuple[np.ndarray, RoundOutcome]:
+        """Unmask the round from the replies; returns (modular sum of the survivors' inputs, outcome).
+
+        Raises ``TooFewSurvivors`` (the round stays open) when some secret lacks t good shares, and
+        ``TamperingDetected`` naming a dealer whose own signed shares do not reconstruct.
         """
         rnd = self._open_round()
-        if rnd.survivors is None:
-            if len(rnd.contributors) < self.threshold:
-                raise TooFewSurvivors(
-                    f"only {len(rnd.contributors)} of {len(rnd.active)} nodes sent masked inputs for round "
-                    f"{rnd.number}; the threshold is {self.threshold}",
-                    "wait for more replies or abort the round (nothing has been revealed)",
-                )
-            rnd.survivors = sorted(rnd.contributors)
-        surv, drop = rnd.survivors, rnd.dropped
-        return {
-            u: {
-                "round": rnd.number,
-                "survivors": list(surv),
-                "dropped": list(drop),
-                "b_share_ciphertexts": {v: rnd.b_cts[v][u] for v in surv},
-            }
-            for u in surv
-        }
-
-    def finish(self, revealed: Mapping[Any, Mapping[str, Mapping[Any, bytes]]]) -> np.ndarray:
-        """Unmask the round from the survivors' ``SecAggNode.unmask`` replies; returns the modular sum
-        of the survivors' encoded inputs (uint64). Fewer than threshold replies: TooFewSurvivors and
-        the round stays open (more replies may still be added).
-        """
-        rnd = self._open_round()
-        if rnd.survivors is None:
-            raise SecAggError(f"round {rnd.number} has no survivor list yet", "call unmask_requests() first")
-        surv, drop, t = rnd.survivors, rnd.dropped, self.threshold
-        replies = by_node(revealed, "unmask replies")
-        strangers = sorted(set(replies) - set(surv))
-        if strangers:
-            raise SecAggError(f"unmask replies from nodes {strangers} that are not survivors of round {rnd.number}")
-        if len(replies) < t:
-            raise TooFewSurvivors(
-                f"only {len(replies)} of {len(surv)} survivors answered the unmask request for round "
-                f"{rnd.number}; {t} are needed",
-                "wait for more replies or abort the round",
-            )
-        b_shares: dict[int, dict[int, bytes]] = {v: {} for v in surv}
-        s_shares: dict[int, dict[int, bytes]] = {d: {} for d in drop}
-        for holder, reply in replies.items():
-            b = by_node(reply.get("b", {}), f"b-shares from node {holder}")
-            s = by_node(reply.get("s", {}), f"mask-key shares from node {holder}")
-            if set(b) != set(surv) or set(s) != set(drop):
-                raise SecAggError(
-                    f"unmask reply from node {holder} covers b {sorted(b)} and s {sorted(s)}, "
-                    f"expected b {surv} and s {drop}"
-                )
-            for v, share in b.items():
-                b_shares[v][holder] = share
-            for d, share in s.items():
-                s_shares[d][holder] = share
-
-        total = rnd.sum.copy_total()
+        if rnd.view is None:
+            raise SecAggError(f"round {rnd.number} has no survivor list yet")
+        outcome = RoundOutcome(survivors=list(rnd.view), dropped=sorted(set(rnd.active) - set(rnd.view)))
+        replies = {}
+        for holder, reply in by_node(revealed, "unmask replies").items():
+            if holder not in rnd.view:
+                continue
+            try:
+                replies[holder] = (by_node(reply.get("b") or {}, "b"), by_node(reply.get("s") or {}, "s"))
+            except SecAggError as exc:
+                outcome.blamed[holder] = f"sent a malformed unmask reply ({exc.problem})"
+        outcome.silent = sorted(set(rnd.view) - set(replies) - set(outcome.blamed))
         unmasks: list[tuple[bytes, int]] = []
-        for v in surv:
-            seed = self._reconstruct(b_shares[v], v, rnd.number, "self-mask seed")
-            if len(seed) != SEED_BYTES:
-                raise TamperingDetected(f"the self-mask seed of node {v} for round {rnd.number} has the wrong size")
+        for w in rnd.view:
+            shares = {h: b[w] for h, (b, _) in replies.items() if w in b and h in rnd.peers[w]}
+            seed = self._reconstruct(shares, w, rnd.number, STAGE_B_SHARE, rnd.statements[w]["b_commits"], outcome,
+                                     lambda s, w=w: len(s) == SEED_BYTES and
+                                     seed_hash(self.run_id, rnd.number, w, s) == rnd.statements[w]["b_hash"])
             unmasks.append((seed, -1))
-        for d in drop:
-            sk = self._reconstruct(s_shares[d], d, rnd.number, "mask key")
-            if len(sk) != keys.KEY_BYTES or keys.public_key_of(sk) != rnd.s_pks[d]:
-                raise TamperingDetected(
-                    f"the shares of node {d}'s round-{rnd.number} mask key do not reconstruct its public key",
-                    "a share was corrupted or forged; abort the round",
-                )
-            for u in surv:
-                seed = masking.pairwise_seed(self.run_id, rnd.number, d, sk, u, rnd.s_pks[u])
-                unmasks.append((seed, -masking.pairwise_sign(u, d)))
+        for d in outcome.dropped:
+            shares = {h: s[d] for h, (_, s) in replies.items() if d in s and h in rnd.peers[d]}
+            sk = self._reconstruct(shares, d, rnd.keys_dealt_in, STAGE_S_SHARE, rnd.key_commits[d], outcome,
+                                   lambda s, d=d: len(s) == keys.KEY_BYTES and keys.public_key_of(s) == rnd.keys[d])
+            for u in rnd.view:
+                if d in rnd.peers[u]:
+                    seed = masking.pairwise_seed(self.run_id, rnd.number, d, sk, u, rnd.keys[u])
+                    unmasks.append((seed, -masking.pairwise_sign(u, d)))
+        total = rnd.sum.copy_total()
         masking.add_masks(total, unmasks)
-        rnd.status = "finished"
-        rnd.sum = _ModularSum(0)
-        self._dropped |= set(drop)
-        return total
+        rnd.status, rnd.sum = "finished", _ModularSum(0)
+        self._out |= set(outcome.dropped) | set(outcome.blamed)
+        return total, outcome
 
-    def abort_round(self) -> None:
-        """Give up the open round without a result. Active nodes that sent no masked input are
-        dropped for the rest of the run (they hold no mask key for the next round, and some of
-        their mask-key shares may have been revealed); the others continue.
-        """
+    def abort_round(self, blame: Sequence[int] = ()) -> None:
+        """Give up the open round without a result; its non-contributors and ``blame`` are out for good."""
         rnd = self._open_round()
         rnd.status = "aborted"
-        self._dropped |= set(rnd.dropped)
+        self._out |= set(rnd.active) - set(rnd.contributors) | set(blame)
+        if rnd.path is not None:   # shares may have been revealed: nobody of this round continues unchecked
+            self._out |= set(rnd.active) - set(rnd.view or [])
         rnd.sum = _ModularSum(0)
 
-    # ---- helpers -------------------------------------------------------------------------------
-
+    # ---- helpers -------------------------------------------------------------------------------------
     def _known(self, value: Any) -> int:
-        nid = validation.node_id(value)
+        nid = node_id(value)
         if nid not in self.node_ids:
             raise SecAggError(f"node {nid} is not one of this run's nodes")
         return nid
@@ -315,19 +338,69 @@ class SecAggServer:
             raise SecAggError("no round is open", "call start_round() first")
         return self._round
 
-    def _bundle(self, nid: int, value: Any, rnd: _Round, what: str) -> dict[int, bytes]:
-        cts = {r: ciphertext(c, f"{what} from node {nid}") for r, c in by_node(value or {}, what).items()}
-        if set(cts) != set(rnd.active):
-            raise SecAggError(
-                f"node {nid} sent {what} for {sorted(cts)}, expected round {rnd.number}'s active nodes {rnd.active}"
-            )
+    def _fix_survivors(self, path: str) -> _Round:
+        rnd = self._open_round()
+        if rnd.path is not None and rnd.path != path:
+            raise SecAggError(f"round {rnd.number} is already on the {rnd.path} path")
+        if rnd.view is None:
+            if len(rnd.contributors) < self.threshold:
+                raise TooFewSurvivors(f"only {len(rnd.contributors)} of {len(rnd.active)} nodes sent masked inputs "
+                                      f"for round {rnd.number}; the threshold is {self.threshold}",
+                                      "the round cannot be unmasked; nothing was revealed")
+            if path == "fast" and sorted(rnd.contributors) != rnd.active:
+                raise SecAggError("the fast path needs every active node's input")
+            rnd.view, rnd.path = sorted(rnd.contributors), path
+        return rnd
+
+    def _bundle(self, nid: int, value: Any, holders: list[int], what: str) -> dict[int, bytes]:
+        cts = {h: ciphertext(c, f"{what} from node {nid}") for h, c in by_node(value or {}, what).items()}
+        if sorted(cts) != holders:
+            raise SecAggError(f"node {nid} dealt {what} to {sorted(cts)}, not to the nodes it masked with")
         return cts
 
-    def _reconstruct(self, shares: dict[int, bytes], owner: int, round_: int, what: str) -> bytes:
+    def _commitments(self, nid: int, value: Any, holders: list[int], what: str) -> dict[int, bytes]:
+        commits = by_node(value or {}, f"{what} of node {nid}")
+        if sorted(commits) != holders or not all(isinstance(c, (bytes, bytearray)) and len(c) == HASH_BYTES
+                                                 for c in commits.values()):
+            raise SecAggError(f"node {nid} sent {what} that do not cover the nodes it dealt to")
+        return {h: bytes(c) for h, c in commits.items()}
+
+    def _reconstruct(self, shares: dict[int, Any], owner: int, dealt_in: int, stage: str,
+                     commits: dict[int, bytes], outcome: RoundOutcome, good) -> bytes:
+        """``owner``'s secret from its holders' shares: a share that is malformed, or is not the one the
+        owner's signed statement committed to for that holder, is dropped and its holder (the sender)
+        named; a secret whose committed shares do not rebuild it names its dealer."""
+        t = self.threshold
+        valid: dict[int, bytes] = {}
+        for h, raw in shares.items():
+            if h in outcome.blamed:
+                continue
+            if not isinstance(raw, (bytes, bytearray)) or len(raw) != shamir.SHARE_BYTES:
+                outcome.blamed[h] = f"sent a malformed share of node {owner}'s {_what(stage)}"
+            elif share_hash(self.run_id, dealt_in, stage, owner, h, bytes(raw)) != commits.get(h):
+                outcome.blamed[h] = f"sent a share of node {owner}'s {_what(stage)} that node {owner} never dealt"
+            else:
+                valid[h] = bytes(raw)
+        if len(valid) < t:
+            raise TooFewSurvivors(f"only {len(valid)} good shares of node {owner}'s {_what(stage)} for round "
+                                  f"{self._round.number}; {t} are needed", "the round fails; the model is unchanged")
+        secret = self._combine(valid, good)
+        if secret is None:
+            error = TamperingDetected(f"node {owner} dealt shares of its {_what(stage)} that do not reconstruct it",
+                                      "the round fails; that node is left out of the rest of the run")
+            error.blame = [owner]
+            raise error
+        return secret
+
+    def _combine(self, shares: dict[int, bytes], good) -> bytes | None:
+        if len(shares) < self.threshold:
+            return None
         try:
-            return shamir.combine(shares, self.threshold)
-        except ShamirError as exc:
-            raise TamperingDetected(
-                f"the shares of node {owner}'s round-{round_} {what} do not combine ({exc.problem})",
-                "a share was corrupted or forged; abort the round",
-            ) from None
+            secret = shamir.combine(shares, self.threshold)
+        except ShamirError:
+            return None
+        return secret if good(secret) else None
+
+
+def _what(stage: str) -> str:
+    return "self-mask seed" if stage == STAGE_B_SHARE else "round mask key"

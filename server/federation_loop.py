@@ -47,6 +47,15 @@ class Hospital:
     refusal_kind: str | None = None  # "budget" or "data", as the hospital said
     epsilon: float | None = None
     weight: float | None = None
+    delta: float | None = None        # the delta this hospital accounts at (its own policy's)
+    private_noise: bool = True        # False: its noise was reproducible (a simulation's benchmark switch)
+
+    def note_privacy(self, report: Any, prefix: str) -> None:
+        """Take the hospital's own statement about its release (its delta; reproducible noise)."""
+        if (delta := report.get(f"{prefix}delta")) is not None:
+            self.delta = float(delta)
+        if report.get(f"{prefix}not-private"):
+            self.private_noise = False
 
 
 @dataclass
@@ -61,6 +70,8 @@ class RoundRecord:
     train_loss: float | None = None
     train_seconds: dict[str, float] = field(default_factory=dict)  # hospital -> local training wall time
     asked: int = 0  # hospitals sent a train message
+    # secure aggregation: "path" (fast / consistency), "dropped" and "silent" (no unmask reply) hospitals
+    secagg: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -74,12 +85,14 @@ class FederationResult:
 
 
 def training_config(s: RunSettings) -> dict[str, Any]:
-    """What every node needs to know about this run (sent in each message)."""
-    keys = ("dataset", "model", "num-rounds", "local-epochs", "batch-size", "learning-rate", "weight-decay", "dp",
-            "target-epsilon", "delta", "max-grad-norm", "stats-budget-fraction", "seed", "image-size",
-            "secagg-clip-range", "hidden-units")
-    config = s.to_config()
-    return {k: config[k] for k in keys}
+    """What every node needs to know about this run (sent in each message): a ``RunRequest``."""
+    import dataclasses as dc
+
+    from fedcare.protocol import RunRequest
+
+    values = {f.name: getattr(s, f.name) for f in dc.fields(RunRequest) if hasattr(s, f.name)}
+    values["proximal_mu"] = s.proximal_mu if s.strategy == "fedprox" else 0.0
+    return RunRequest(**values).to_config()
 
 
 class PromptGrid:
@@ -231,6 +244,7 @@ def _statistics_round(grid: Grid, nodes: list[int], config: dict[str, Any], hosp
             raise FedcareError(f"{name} describes its features differently from the other hospitals",
                                "every hospital must use the same dataset schema and version")
         hospital.weight = float(metrics[protocol.NUM_EXAMPLES])
+        hospital.note_privacy(msg.content.config_records[protocol.HOSPITAL], "stats/")
         sums.append({"count": hospital.weight, "sum": list(metrics["sum"])})
         if "epsilon" in metrics:
             hospital.epsilon = float(metrics["epsilon"])
@@ -319,113 +333,131 @@ def run_federation(grid: Grid, s: RunSettings, expected_hospitals: int, progress
             if h.node_id not in keyed:
                 h.active, h.refusal = False, "dropped out during secure-aggregation key agreement"
 
-    def save(rounds_done: int) -> None:
-        save_checkpoint(s.output_dir, Checkpoint(
-            rounds_done, plan_run_id, s.to_config(), dataclasses.asdict(normalisation),
-            [dataclasses.asdict(r) for r in result.rounds], arrays, strategy_state(strategy)))
+    try:
+        def save(rounds_done: int) -> None:
+            save_checkpoint(s.output_dir, Checkpoint(
+                rounds_done, plan_run_id, s.to_config(), dataclasses.asdict(normalisation),
+                [dataclasses.asdict(r) for r in result.rounds], arrays, strategy_state(strategy)))
 
-    # A round's global model is evaluated in the next round's train exchange (each hospital tests the
-    # model it receives before training on it), so a round costs one exchange fewer; hospitals that do
-    # not train next round get an evaluation message in that same exchange. The last model gets its own.
-    unevaluated = _unevaluated(result.rounds)
-    stop_message = None
-    for rnd in range(first_round, s.num_rounds + 1):
-        t0 = time.monotonic()
-        record = RoundRecord(rnd, 0.0, [], {}, {}, {}, {})
-        train_config = dict(config) | ({protocol.EVALUATE_INCOMING: True} if unevaluated else {})
-        messages = [m for m in strategy.configure_train(rnd, arrays, ConfigRecord(train_config), grid)
-                    if hospitals.get(m.metadata.dst_node_id, Hospital(0, "")).active]
-        if secure is not None:
-            try:
-                messages = secure.attach_requests(rnd, messages)
-            except FedcareError as exc:
-                stop_message = f"stopped before round {rnd}: {exc.problem}"
+        # A round's global model is evaluated in the next round's train exchange (each hospital tests the
+        # model it receives before training on it), so a round costs one exchange fewer; hospitals that do
+        # not train next round get an evaluation message in that same exchange. The last model gets its own.
+        unevaluated = _unevaluated(result.rounds)
+        stop_message = None
+        for rnd in range(first_round, s.num_rounds + 1):
+            t0 = time.monotonic()
+            record = RoundRecord(rnd, 0.0, [], {}, {}, {}, {})
+            train_config = dict(config) | ({protocol.EVALUATE_INCOMING: True} if unevaluated else {})
+            messages = [m for m in strategy.configure_train(rnd, arrays, ConfigRecord(train_config), grid)
+                        if hospitals.get(m.metadata.dst_node_id, Hospital(0, "")).active]
+            if secure is not None:
+                try:
+                    messages = secure.attach_requests(rnd, messages)
+                except FedcareError as exc:
+                    stop_message = f"stopped before round {rnd}: {exc.problem}"
+                    break
+            evaluators: set[int] = set()
+            eval_only: list[Message] = []
+            if unevaluated is not None:
+                eval_messages = _evaluation_messages(strategy, unevaluated.round, arrays, config, grid)
+                evaluators = {m.metadata.dst_node_id for m in eval_messages}
+                training = {m.metadata.dst_node_id for m in messages}
+                eval_only = [m for m in eval_messages if m.metadata.dst_node_id not in training]
+            sent = messages + eval_only
+            evaluating_only = {m.metadata.dst_node_id for m in eval_only}
+            replies = list(grid.send_and_receive(_model_packed(sent), timeout=timeout))
+            summaries: dict[str, BinarySummary] = {}
+            valid = []
+            for msg in replies:
+                node = _sender(msg, sent)
+                if not msg.has_error() and node in evaluators:
+                    _collect_evaluation(msg, summaries)
+                if node in evaluating_only:
+                    continue
+                hospital = hospitals[node]
+                if msg.has_error():
+                    record.failed[hospital.name] = msg.error.reason
+                    continue
+                if (reason := _refusal(msg)) is not None:
+                    hospital.active, hospital.refusal, hospital.refusal_kind = False, reason, _refusal_kind(msg)
+                    record.refused[hospital.name] = reason
+                    progress(f"round {rnd}: {reason}")
+                    continue
+                report = msg.content.config_records[protocol.HOSPITAL]
+                hospital.note_privacy(report, protocol.TRAINED)
+                if (eps := report.get(f"{protocol.TRAINED}epsilon")) is not None:
+                    hospital.epsilon = float(eps)
+                    record.epsilon[hospital.name] = hospital.epsilon
+                if (seconds := report.get(f"{protocol.TRAINED}train-seconds")) is not None:
+                    record.train_seconds[hospital.name] = float(seconds)
+                record.trained.append(hospital.name)
+                valid.append(msg)
+            missing = {m.metadata.dst_node_id for m in messages} - {_sender(r, messages) for r in replies}
+            for node in missing:
+                record.failed[hospitals[node].name] = "no reply before the timeout"
+            received = {hospitals[m.metadata.src_node_id].name: m.content[protocol.ARRAYS]
+                        for m in valid if secure is None}
+            secure_outcome = None
+            if valid and secure is not None:
+                valid, secure_outcome = secure.aggregate(rnd, valid, arrays, record.failed,
+                                                         {n: h.name for n, h in hospitals.items()})
+                for node in secure_outcome.failed:   # named for misbehaving: out for the rest of the run
+                    if node in hospitals:
+                        hospitals[node].active, hospitals[node].refusal = False, secure_outcome.failed[node]
+                for node in secure_outcome.dropped:  # its round key was revealed: it cannot rejoin this run
+                    if node in hospitals and hospitals[node].active:
+                        hospitals[node].active = False
+                        hospitals[node].refusal = f"dropped out during secure aggregation in round {rnd}"
+                named = {n: h.name for n, h in hospitals.items()}
+                record.secagg = {"path": secure_outcome.path,
+                                 "dropped": [named.get(n, f"node {n}") for n in secure_outcome.dropped],
+                                 "silent": [named.get(n, f"node {n}") for n in secure_outcome.silent]}
+                record.trained = [name for name in record.trained if name not in record.failed]
+            if valid:
+                new_arrays, train_metrics = strategy.aggregate_train(rnd, valid)
+                if new_arrays is not None:
+                    arrays = new_arrays
+                if train_metrics is not None and "train-loss" in train_metrics:
+                    record.train_loss = float(train_metrics["train-loss"])
+            result.arrays = arrays
+            if unevaluated is not None:
+                _record_evaluation(unevaluated, summaries, result)
+                progress(_progress_line(unevaluated, s.num_rounds))
+            record.asked = len(messages)
+            record.seconds = time.monotonic() - t0
+            timing.trace("server-round", round=rnd, seconds=record.seconds)
+            result.rounds.append(record)
+            unevaluated = record
+            save(rnd)
+            audit_trail.round_done(
+                audit, run_id=run_id, round_=rnd, strategy=s.strategy,
+                sampled=[hospitals[m.metadata.dst_node_id].name for m in messages], responded=record.trained,
+                failed=record.failed, refused=record.refused, arrays=arrays,
+                secagg=secure.audit_summary(secure_outcome) if secure is not None else None, received=received,
+                checkpoint=checkpoint_digest(s.output_dir))
+
+            still = sum(1 for h in hospitals.values() if h.active)
+            if still < s.min_hospitals and rnd < s.num_rounds:
+                stop_message = (f"stopped after round {rnd}: only {still} hospital(s) can still train "
+                                f"(min-hospitals={s.min_hospitals})")
                 break
-        evaluators: set[int] = set()
-        eval_only: list[Message] = []
         if unevaluated is not None:
-            eval_messages = _evaluation_messages(strategy, unevaluated.round, arrays, config, grid)
-            evaluators = {m.metadata.dst_node_id for m in eval_messages}
-            training = {m.metadata.dst_node_id for m in messages}
-            eval_only = [m for m in eval_messages if m.metadata.dst_node_id not in training]
-        sent = messages + eval_only
-        evaluating_only = {m.metadata.dst_node_id for m in eval_only}
-        replies = list(grid.send_and_receive(_model_packed(sent), timeout=timeout))
-        summaries: dict[str, BinarySummary] = {}
-        valid = []
-        for msg in replies:
-            node = _sender(msg, sent)
-            if not msg.has_error() and node in evaluators:
-                _collect_evaluation(msg, summaries)
-            if node in evaluating_only:
-                continue
-            hospital = hospitals[node]
-            if msg.has_error():
-                record.failed[hospital.name] = msg.error.reason
-                continue
-            if (reason := _refusal(msg)) is not None:
-                hospital.active, hospital.refusal, hospital.refusal_kind = False, reason, _refusal_kind(msg)
-                record.refused[hospital.name] = reason
-                progress(f"round {rnd}: {reason}")
-                continue
-            report = msg.content.config_records[protocol.HOSPITAL]
-            if (eps := report.get(f"{protocol.TRAINED}epsilon")) is not None:
-                hospital.epsilon = float(eps)
-                record.epsilon[hospital.name] = hospital.epsilon
-            if (seconds := report.get(f"{protocol.TRAINED}train-seconds")) is not None:
-                record.train_seconds[hospital.name] = float(seconds)
-            record.trained.append(hospital.name)
-            valid.append(msg)
-        missing = {m.metadata.dst_node_id for m in messages} - {_sender(r, messages) for r in replies}
-        for node in missing:
-            record.failed[hospitals[node].name] = "no reply before the timeout"
-        received = {hospitals[m.metadata.src_node_id].name: m.content[protocol.ARRAYS]
-                    for m in valid if secure is None}
-        if valid and secure is not None:
-            valid = secure.aggregate(rnd, valid, arrays, record.failed, {n: h.name for n, h in hospitals.items()})
-            record.trained = [name for name in record.trained if name not in record.failed]
-        if valid:
-            new_arrays, train_metrics = strategy.aggregate_train(rnd, valid)
-            if new_arrays is not None:
-                arrays = new_arrays
-            if train_metrics is not None and "train-loss" in train_metrics:
-                record.train_loss = float(train_metrics["train-loss"])
-        result.arrays = arrays
-        if unevaluated is not None:
+            summaries = {}
+            for msg in grid.send_and_receive(
+                    _model_packed(_evaluation_messages(strategy, unevaluated.round, arrays, config, grid)),
+                    timeout=timeout):
+                if not msg.has_error():
+                    _collect_evaluation(msg, summaries)
             _record_evaluation(unevaluated, summaries, result)
             progress(_progress_line(unevaluated, s.num_rounds))
-        record.asked = len(messages)
-        record.seconds = time.monotonic() - t0
-        timing.trace("server-round", round=rnd, seconds=record.seconds)
-        result.rounds.append(record)
-        unevaluated = record
-        save(rnd)
-        audit_trail.round_done(
-            audit, run_id=run_id, round_=rnd, strategy=s.strategy,
-            sampled=[hospitals[m.metadata.dst_node_id].name for m in messages], responded=record.trained,
-            failed=record.failed, refused=record.refused, arrays=arrays,
-            secagg=secure.audit_summary() if secure is not None else None, received=received,
-            checkpoint=checkpoint_digest(s.output_dir))
-
-        still = sum(1 for h in hospitals.values() if h.active)
-        if still < s.min_hospitals and rnd < s.num_rounds:
-            stop_message = (f"stopped after round {rnd}: only {still} hospital(s) can still train "
-                            f"(min-hospitals={s.min_hospitals})")
-            break
-    if unevaluated is not None:
-        summaries = {}
-        for msg in grid.send_and_receive(
-                _model_packed(_evaluation_messages(strategy, unevaluated.round, arrays, config, grid)),
-                timeout=timeout):
-            if not msg.has_error():
-                _collect_evaluation(msg, summaries)
-        _record_evaluation(unevaluated, summaries, result)
-        progress(_progress_line(unevaluated, s.num_rounds))
-        save(unevaluated.round)
-    if stop_message is not None:
-        result.stopped_early = stop_message
-        progress(stop_message)
-    return result
+            save(unevaluated.round)
+        if stop_message is not None:
+            result.stopped_early = stop_message
+            progress(stop_message)
+        return result
+    finally:
+        if secure is not None:   # finished or failed: every participant deletes its private keys
+            secure.end()
 
 
 def _unevaluated(rounds: list[RoundRecord]) -> RoundRecord | None:
@@ -462,7 +494,8 @@ def _collect_evaluation(msg: Message, summaries: dict[str, BinarySummary]) -> No
     evaluation = unflatten(dict(msg.content.config_records.get(protocol.HOSPITAL, {})), protocol.EVALUATION)
     if evaluation:
         summaries[_name(msg)] = _summary(evaluation)
-    elif msg.metadata.message_type == MessageType.EVALUATE and _refusal(msg) is None:
+    elif (msg.metadata.message_type == MessageType.EVALUATE and _refusal(msg) is None
+          and protocol.METRICS in msg.content.metric_records):   # absent: the hospital's policy withholds it
         summaries[_name(msg)] = _summary(msg.content.metric_records[protocol.METRICS])
 
 

@@ -43,9 +43,12 @@ def write_report(out_dir: str | Path, s: RunSettings, result: FederationResult, 
         "normalisation": dataclasses.asdict(result.normalisation),
         "hospitals": {
             h.name: {"node_id": h.node_id, "active": h.active, "refusal": h.refusal,
-                     "epsilon": h.epsilon, "released_count": h.weight}
+                     "epsilon": h.epsilon, "delta": h.delta, "released_count": h.weight,
+                     "private_noise": h.private_noise}
             for h in result.hospitals.values()
         },
+        # False when any hospital's noise was reproducible: then no epsilon above is a guarantee
+        "private": all(h.private_noise for h in result.hospitals.values()),
         "stopped_early": result.stopped_early,
         "rounds": [dataclasses.asdict(r) for r in result.rounds],
         "final": final,

@@ -1,14 +1,26 @@
 """The coordinator's half of secure aggregation, over Flower messages.
 
-Wraps ``secure_aggregation.SecAggServer``: once per run, two setup exchanges (public keys, then
-encrypted key shares); every round, the train messages carry each node's mask request, the
-replies carry masked updates (weight-scaled, quantised model deltas) that only ever enter a
-running modular sum, and one unmask exchange with the survivors recovers the sum. The server
-never sees one hospital's update: ``train_round`` returns only the federation's weighted mean.
+Wraps ``secure_aggregation.SecAggServer``: once per run, two setup exchanges (signed keys, then
+sealed shares of the first mask keys); every round, the train messages carry each node's mask
+request, the replies carry masked updates (weight-scaled, quantised model deltas) that only ever
+enter a running modular sum, and the survivors unmask the sum: in one exchange when every hospital
+answered (self-mask shares only), or in two when one dropped (each survivor signs one view of who
+survived, then reveals what that view calls for). ``train_round`` returns only the federation's
+weighted mean. Replies that fail a check are discarded and their sender named; at the end of a run
+(finished or failed) every participant is told to delete its private key material.
+
+Graph and threshold: from ``SPARSE_FROM`` hospitals on, SecAgg+'s sparse graph (Bell et al., CCS
+2020) with the neighbourhood size k and threshold t that Google's federated-compute parameter finder
+gives for ``CORRUPT_FRACTION`` colluding and ``DROPOUT_FRACTION`` dropping hospitals
+(``secure_aggregation.graph``); a hospital's work then grows with log n. Below that, the complete
+graph with the smallest t above (n + corrupt hospitals) / 2 (``secagg-threshold`` may ask for more):
+it costs at most a hundred masks a round, and the finder's guarantee for small federations rests on
+rounding the assumed colluders and dropouts down to zero or one (n = 10 gives k = 2, t = 2).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -19,14 +31,25 @@ from flwr.serverapp import Grid
 from fedcare import protocol
 from fedcare.errors import FedcareError
 from secure_aggregation import Quantizer, SecAggError, SecAggServer, TooFewSurvivors
+from secure_aggregation.graph import find_parameters
 from secure_aggregation.records import flatten, unflatten, unpack_vector
 
 Progress = Callable[[str], None]
+CORRUPT_FRACTION = 0.05   # hospitals assumed to collude with a malicious coordinator (SecAgg+ parameters)
+DROPOUT_FRACTION = 0.05   # hospitals assumed to drop in a round (SecAgg+ parameters)
+END_TIMEOUT_S = 30.0      # the end-of-run message: best effort, nodes also expire abandoned keys
+SPARSE_FROM = 100         # hospitals from which SecAgg+'s neighbourhoods replace the complete graph
 
 
-def auto_threshold(n_nodes: int) -> int:
-    """A strict majority (and at least 2): the fewest survivors a round can finish with."""
-    return max(2, n_nodes // 2 + 1)
+def graph_parameters(n_nodes: int, threshold: int = 0) -> tuple[int, int]:
+    """(t, k) for ``n_nodes``: SecAgg+'s neighbourhoods for large federations, else the complete graph."""
+    sparse = (find_parameters(n_nodes, CORRUPT_FRACTION, DROPOUT_FRACTION, semi_malicious=True)
+              if n_nodes >= SPARSE_FROM and not threshold else None)
+    if sparse is not None and sparse.k + 1 < n_nodes:
+        return sparse.t, sparse.k
+    corrupt = math.floor(CORRUPT_FRACTION * n_nodes)
+    t = max(2, (n_nodes + corrupt) // 2 + 1, threshold)
+    return t, n_nodes - 1
 
 
 def vector_length(arrays: ArrayRecord) -> int:
@@ -40,8 +63,10 @@ class SecureRoundOutcome:
     total_weight: int = 0
     survivors: list[int] = field(default_factory=list)
     dropped: list[int] = field(default_factory=list)
-    failed: dict[int, str] = field(default_factory=dict)   # node -> why its input was not used
-    reason: str | None = None                             # why the whole round failed
+    failed: dict[int, str] = field(default_factory=dict)   # node -> why it is out (named, by sender)
+    silent: list[int] = field(default_factory=list)        # survivors that did not answer the unmask
+    path: str = ""                                         # "fast" or "consistency"
+    reason: str | None = None                              # why the whole round failed
 
 
 class SecureAggregation:
@@ -53,59 +78,71 @@ class SecureAggregation:
         self.threshold = threshold
         self.quantizer = Quantizer(clip)
         self.server: SecAggServer | None = None
+        self.participants: list[int] = []
 
-    def _query(self, node_payloads: dict[int, dict], message_type: str) -> list[Message]:
+    def _query(self, node_payloads: dict[int, dict], message_type: str,
+               timeout: float | None = None) -> list[tuple[int, Message]]:
+        """Send each node its payload; (node, reply) pairs, a SuperLink's reply for a lost node attributed."""
         messages = []
         for node, payload in node_payloads.items():
             content = RecordDict({protocol.CONFIG: ConfigRecord(self.config | flatten(payload, protocol.SECAGG))})
             messages.append(Message(content, dst_node_id=node, message_type=message_type))
-        return list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout or self.timeout))
+        return [(_sender(reply, messages), reply) for reply in replies]
 
     def setup(self, nodes: list[int], run_id: int, arrays: ArrayRecord) -> list[int]:
         """Agree keys with ``nodes``; returns the nodes that completed setup."""
-        threshold = self.threshold or auto_threshold(len(nodes))
-        if len(nodes) < 2 or threshold > len(nodes):
+        t, k = graph_parameters(len(nodes), self.threshold)
+        if len(nodes) < 2 or t > len(nodes):
             raise FedcareError(
                 f"secure aggregation needs at least 2 hospitals and a threshold <= the hospital count "
-                f"({len(nodes)} hospital(s), threshold {threshold})",
-                "add hospitals, lower secagg-threshold, or run with secure-aggregation=false",
-            )
+                f"({len(nodes)} hospital(s), threshold {t})",
+                "add hospitals, lower secagg-threshold, or run with secure-aggregation=false")
         self.quantizer.check_capacity(len(nodes))
-        self.server = SecAggServer(run_id, threshold, nodes, vector_length(arrays))
-        advertise = {n: {"threshold": threshold, "nodes": list(nodes), "run": run_id} for n in nodes}
-        for msg in self._ok(self._query(advertise, protocol.SECAGG_ADVERTISE), "key advertisement"):
-            self.server.add_public_keys(msg.metadata.src_node_id, _payload(msg))
-        keys = self.server.public_keys()
-        share = {n: {"threshold": threshold, "keys": keys} for n in keys}
-        for msg in self._ok(self._query(share, protocol.SECAGG_SHARE_KEYS), "key sharing"):
-            self.server.add_setup_shares(msg.metadata.src_node_id, _payload(msg)["shares"])
-        self.progress(f"secure aggregation: keys agreed with {len(keys)} hospitals, threshold {threshold}")
-        return sorted(keys)
+        self.server = SecAggServer(run_id, t, k, nodes, vector_length(arrays))
+        advertise = {n: {"threshold": t, "neighbours": k, "nodes": list(nodes)} for n in nodes}
+        for node, msg in self._ok(self._query(advertise, protocol.SECAGG_ADVERTISE), "key advertisement"):
+            try:
+                self.server.add_advertisement(node, _payload(msg))
+            except (SecAggError, KeyError) as exc:
+                self.progress(f"secure aggregation: {_name(msg, node)}'s keys refused ({_problem(exc)})")
+        ads = self.server.advertisements()
+        for node, msg in self._ok(self._query({n: {"ads": ads} for n in ads}, protocol.SECAGG_SHARE_KEYS),
+                                  "key sharing"):
+            try:
+                self.server.add_setup(node, _payload(msg))
+            except (SecAggError, KeyError) as exc:
+                self.progress(f"secure aggregation: {_name(msg, node)}'s key shares refused ({_problem(exc)})")
+        self.participants = sorted(ads)
+        graph = "every hospital" if k + 1 >= len(ads) else f"{k} neighbours each (SecAgg+)"
+        self.progress(f"secure aggregation: keys agreed with {len(ads)} hospitals, threshold {t}, shares with {graph}")
+        return sorted(ads)
 
-    def _ok(self, replies: Iterable[Message], stage: str) -> list[Message]:
+    def _ok(self, replies: Iterable[tuple[int, Message]], stage: str) -> list[tuple[int, Message]]:
         good = []
-        for msg in replies:
+        for node, msg in replies:
             if msg.has_error() or protocol.REFUSAL in msg.content.config_records:
                 why = msg.error.reason if msg.has_error() else msg.content.config_records[protocol.REFUSAL]["reason"]
-                self.progress(f"secure aggregation {stage}: node {msg.metadata.src_node_id} dropped ({_first_line(why)})")
+                self.progress(f"secure aggregation {stage}: {_name(msg, node)} dropped ({_first_line(why)})")
                 continue
-            good.append(msg)
+            good.append((node, msg))
         return good
 
-    def audit_summary(self) -> dict:
+    def audit_summary(self, outcome: SecureRoundOutcome | None = None) -> dict:
         """What the audit log records about this round's secure aggregation."""
         assert self.server is not None
-        try:
-            survivors = sorted(int(v) for v in self.server.survivors)
-        except SecAggError:  # the round ended before its survivors were fixed
-            survivors = []
-        return {"threshold": self.server.threshold, "survivors": survivors}
+        summary = {"threshold": self.server.threshold, "neighbours": self.server.neighbours,
+                   "survivors": sorted(outcome.survivors) if outcome else []}
+        if outcome is not None:
+            summary |= {"path": outcome.path, "dropped": sorted(outcome.dropped),
+                        "silent": sorted(outcome.silent), "failed": {str(n): r for n, r in outcome.failed.items()}}
+        return summary
 
     def attach_requests(self, rnd: int, messages: list[Message]) -> list[Message]:
         """Open round ``rnd`` and put each active node's mask request into its train message.
 
-        Nodes that dropped out earlier in the run get no message (their keys were revealed).
-        Raises ``TooFewSurvivors`` when fewer than the threshold still hold keys.
+        Nodes that are out of the run (dropped earlier, or named for misbehaving) get no message.
+        Raises ``TooFewSurvivors`` when fewer than the threshold can still mask.
         """
         assert self.server is not None
         requests = self.server.start_round(rnd)
@@ -120,52 +157,89 @@ class SecureAggregation:
         return kept
 
     def aggregate(self, rnd: int, replies: list[Message], arrays: ArrayRecord, failed: dict[str, str],
-                  names: dict[int, str]) -> list[Message]:
+                  names: dict[int, str]) -> tuple[list[Message], SecureRoundOutcome]:
         """The round's replies reduced to one carrying only the weighted mean model and total weight.
 
         That one message goes to the Flower strategy's ``aggregate_train`` (FedAvg, FedProx and
         FedAdam then work unchanged); an empty list means the round failed and the model stays.
+        Every hospital named in the outcome is in ``failed`` with the reason.
         """
         outcome = self.finish_round(rnd, replies, arrays)
         for node, why in outcome.failed.items():
             failed[names.get(node, f"node {node}")] = why
+            self.progress(f"round {rnd}: {names.get(node, f'node {node}')} {why}")
+        for node in outcome.silent:
+            self.progress(f"round {rnd}: {names.get(node, f'node {node}')} did not answer the unmask exchange "
+                          "(its update was still summed)")
         if outcome.mean_arrays is None:
             failed["secure aggregation"] = outcome.reason or "failed"
             self.progress(outcome.reason or f"round {rnd}: secure aggregation failed")
-            return []
+            return [], outcome
         carrier = next(m for m in replies if m.metadata.src_node_id in outcome.survivors)
         carrier.content = RecordDict({
             protocol.ARRAYS: outcome.mean_arrays,
             protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: float(outcome.total_weight)}),
         })
-        return [carrier]
+        return [carrier], outcome
 
     def finish_round(self, rnd: int, replies: list[Message], arrays: ArrayRecord) -> SecureRoundOutcome:
         """Sum the masked replies, unmask with the survivors, return the weighted mean model."""
-        assert self.server is not None
+        server = self.server
+        assert server is not None
         outcome = SecureRoundOutcome(None)
         for msg in replies:
             node = msg.metadata.src_node_id
             try:
                 reply = _payload(msg)
                 reply["masked"] = unpack_vector(reply.get("masked"), f"the masked update of node {node}")
-                self.server.add_masked(node, reply)
-            except (SecAggError, KeyError) as exc:
-                outcome.failed[node] = f"masked update rejected: {exc}"
+                server.add_masked(node, reply)
+            except (SecAggError, KeyError, TypeError, ValueError) as exc:
+                outcome.failed[node] = f"masked update rejected: {_problem(exc)}"
         try:
-            requests = self.server.unmask_requests()
-            revealed = {}
-            for msg in self._ok(self._query(requests, protocol.SECAGG_UNMASK), f"unmask (round {rnd})"):
-                revealed[msg.metadata.src_node_id] = _payload(msg)
-            outcome.survivors, outcome.dropped = list(self.server.survivors), list(self.server.dropped)
-            total = self.server.finish(revealed)
-        except TooFewSurvivors as exc:
-            self.server.abort_round()
-            outcome.reason = f"round {rnd} failed, model unchanged: {exc.problem}"
+            revealed = self._unmask_exchanges(rnd, outcome)
+            total, found = server.finish(revealed)
+        except (TooFewSurvivors, SecAggError) as exc:
+            blame = [n for n in getattr(exc, "blame", [])]
+            server.abort_round(blame)
+            outcome.reason = f"round {rnd} failed, model unchanged: {_problem(exc)}"
             return outcome
+        outcome.survivors, outcome.dropped, outcome.silent = found.survivors, found.dropped, found.silent
+        outcome.failed |= found.blamed
         mean_delta, outcome.total_weight = self.quantizer.decode_mean(total, len(outcome.survivors))
         outcome.mean_arrays = apply_delta(arrays, mean_delta)
         return outcome
+
+    def _unmask_exchanges(self, rnd: int, outcome: SecureRoundOutcome) -> dict[int, dict]:
+        """The fast path's one exchange, or the consistency path's two; the survivors' unmask replies."""
+        server = self.server
+        assert server is not None
+        if server.fast_path():
+            outcome.path = "fast"
+            requests = {n: r | {"path": "fast"} for n, r in server.unmask_fast_requests().items()}
+        else:
+            outcome.path = "consistency"
+            for node, msg in self._ok(self._query(server.view_requests(), protocol.SECAGG_VIEW), f"view (round {rnd})"):
+                try:
+                    server.add_view_signature(node, _payload(msg).get("sig"))
+                except (SecAggError, KeyError) as exc:
+                    outcome.failed[node] = f"sent a malformed view signature ({_problem(exc)})"
+            requests = {n: r | {"path": "consistency"} for n, r in server.unmask_requests().items()}
+        revealed = {}
+        for node, msg in self._ok(self._query(requests, protocol.SECAGG_UNMASK), f"unmask (round {rnd})"):
+            try:
+                revealed[node] = _payload(msg)
+            except KeyError as exc:
+                outcome.failed[node] = f"sent a malformed unmask reply ({_problem(exc)})"
+        return revealed
+
+    def end(self) -> None:
+        """The run is over (finished or failed): every participant deletes its private key material."""
+        if self.server is None or not self.participants:
+            return
+        try:
+            self._query({n: {"end": True} for n in self.participants}, protocol.SECAGG_END, timeout=END_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - best effort: nodes also expire abandoned keys themselves
+            self.progress(f"secure aggregation: could not tell every hospital the run ended ({exc})")
 
 
 def apply_delta(arrays: ArrayRecord, delta: np.ndarray) -> ArrayRecord:
@@ -185,6 +259,24 @@ def _payload(msg: Message) -> dict:
     if not any(key.startswith(protocol.SECAGG) for key in record):
         raise KeyError("the reply carries no secure-aggregation payload")
     return unflatten(record, protocol.SECAGG)
+
+
+def _sender(msg: Message, sent: list[Message]) -> int:
+    """The node a reply stands for: Flower's SuperLink answers for a node it lost (an error from node 1)."""
+    node = msg.metadata.src_node_id
+    if node not in {m.metadata.dst_node_id for m in sent}:
+        node = next((m.metadata.dst_node_id for m in sent
+                     if m.metadata.message_id and m.metadata.message_id == msg.metadata.reply_to_message_id), node)
+    return node
+
+
+def _name(msg: Message, node: int) -> str:
+    record = msg.content.config_records.get(protocol.HOSPITAL) if msg.has_content() else None
+    return str(record["name"]) if record is not None and "name" in record else f"node {node}"
+
+
+def _problem(exc: BaseException) -> str:
+    return getattr(exc, "problem", None) or str(exc)
 
 
 def _first_line(text: str | None) -> str:

@@ -15,6 +15,7 @@ import torch
 
 from client.datasets import HospitalData
 from client.dp_trainer import DPSettings, evaluate, steps_per_epoch, train
+from client.secret_randomness import SecretRandom
 from client.privacy_ledger import calibrate_noise
 from fedcare.run_config import RunSettings
 from shared_models.classification_metrics import BinarySummary
@@ -47,5 +48,5 @@ def local_only(data: HospitalData, s: RunSettings) -> BinarySummary:
     torch.manual_seed(s.seed)
     model = build_model(resolve_model(s.model, data.task), data.input_shape, s.hidden_units)
     train(model, x_tr, data.y_train, epochs=epochs, batch_size=min(s.batch_size, len(data.y_train)),
-          lr=s.learning_rate, weight_decay=s.weight_decay, dp=dp, seed=s.seed)
+          lr=s.learning_rate, weight_decay=s.weight_decay, dp=dp, rng=SecretRandom.reproducible(s.seed))
     return evaluate(model, x_te, data.y_test)

@@ -15,6 +15,7 @@ import torch
 
 from client.datasets import HospitalData
 from client.dp_trainer import DPSettings, evaluate, steps_per_epoch, train
+from client.secret_randomness import SecretRandom
 from client.privacy_ledger import calibrate_noise
 from fedcare.run_config import RunSettings
 from shared_models.classification_metrics import BinarySummary
@@ -42,7 +43,7 @@ def pooled_training(hospitals: list[HospitalData], s: RunSettings) -> dict[str, 
     torch.manual_seed(s.seed)
     model = build_model(resolve_model(s.model, first.task), first.input_shape, s.hidden_units)
     train(model, first.prepared(x, mean, std), y, epochs=epochs, batch_size=s.batch_size, lr=s.learning_rate,
-          weight_decay=s.weight_decay, dp=dp, seed=s.seed)
+          weight_decay=s.weight_decay, dp=dp, rng=SecretRandom.reproducible(s.seed))
     out = {h.name: evaluate(model, h.prepared(h.x_test, mean, std), h.y_test) for h in hospitals}
     out["pooled"] = sum(list(out.values())[1:], next(iter(out.values())))
     return out

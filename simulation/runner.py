@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from client.node_policy import NodePolicy
 from fedcare.errors import FedcareError
 from fedcare.run_config import RunSettings
 from simulation.environment import apply_safe_environment
@@ -63,10 +64,14 @@ def backend_config(num_hospitals: int, max_workers: int | None = None) -> dict[s
 
 def run(s: RunSettings, *, ledger_dir: str | Path, epsilon_budget: float | None = None,
         progress: Callable[[str], None] = print, verbose: bool = False,
-        max_workers: int | None = None) -> SimulationOutcome:
+        max_workers: int | None = None, policy: NodePolicy | None = None,
+        reproducible_noise: bool = False) -> SimulationOutcome:
     """Run one federated simulation; returns the results written to ``s.output_dir``.
 
-    ``max_workers`` caps the parallel ClientApp actors (default: one per CPU), hence peak memory.
+    Every simulated hospital applies ``policy`` (default: ``simulated_policy(s, epsilon_budget)``).
+    ``reproducible_noise`` keys every hospital's noise from the run seed, for benchmarks: the
+    results then say they are not private. ``max_workers`` caps the parallel ClientApp actors
+    (default: one per CPU), hence peak memory.
     """
     apply_safe_environment()
     from flwr.common.logger import FLOWER_LOGGER
@@ -75,11 +80,17 @@ def run(s: RunSettings, *, ledger_dir: str | Path, epsilon_budget: float | None 
     from client.client_app import make_client_app
     from server.server_app import make_server_app
 
-    node_defaults: dict[str, Any] = {"ledger-dir": str(ledger_dir)}
+    from client.client_app import REPRODUCIBLE_NOISE, SIMULATED_CONSORTIUM
+    from simulation.hospital_policy import simulated_policy
+
+    policy = policy or simulated_policy(s, epsilon_budget)
+    # the simulated hospitals' identity keys derive from a secret kept with their state, never the ServerApp's
+    node_defaults: dict[str, Any] = {"ledger-dir": str(ledger_dir), **policy.to_node_config(),
+                                     SIMULATED_CONSORTIUM: str(Path(ledger_dir) / "consortium")}
     if s.data_root:
         node_defaults |= {"data-root": s.data_root, "cache-dir": str(Path(s.data_root) / ".fedcare-cache")}
-    if epsilon_budget is not None:
-        node_defaults["epsilon-budget"] = float(epsilon_budget)
+    if reproducible_noise:
+        node_defaults[REPRODUCIBLE_NOISE] = s.seed
     captured: dict[str, Any] = {}
 
     def keep(federation: Any, results: dict[str, Any]) -> None:

@@ -1,4 +1,4 @@
-"""Process helpers for the real-deployment tests: `flower-superlink`, `flower-supernode` and `flwr` on 127.0.0.1.
+"""Process helpers for the real-deployment tests: fedcare's SuperLink launcher, `flower-supernode` and `flwr` on 127.0.0.1.
 
 Every process is started in its own process group (``start_new_session``) with its output in a log
 file, and stopped by PID through that group, so nothing outlives a test. Waits are hang guards only.
@@ -6,18 +6,21 @@ file, and stopped by PID through that group, so nothing outlives a test. Waits a
 
 from __future__ import annotations
 
+import http.client
+import ipaddress
 import json
 import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from fedcare.deploy_pki import DeploymentFiles
+from fedcare.deploy_pki import DeploymentFiles, split_address
 from fedcare.node_settings import NodeSettings, load_node_settings
 from simulation.environment import SAFE_ENVIRONMENT
 from tests.conftest import ROOT
@@ -32,11 +35,61 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stock_superlink_command(files: DeploymentFiles, executable: str = "flower-superlink") -> list[str]:
+    """Flower's own `flower-superlink` as fedcare started it before its launcher: Fleet, Control and Runtime APIs
+    on the one public port (TLS, node authentication). The baseline the control-plane attacks are checked against."""
+    host, port = split_address(files.superlink_address)
+    return [executable, "--ssl-ca-certfile", str(files.ca_certificate), "--ssl-certfile", str(files.server_certificate),
+            "--ssl-keyfile", str(files.server_key), "--enable-supernode-auth", "--host", host, "--port", str(port),
+            *(["--database", str(files.database)] if files.database is not None else []),
+            "--disable-runtime-dependency-installation"]
+
+
+def listening_addresses(pids: list[int]) -> set[tuple[str, int]]:
+    """(IP, port) of every TCP socket in LISTEN state that one of ``pids`` holds open (Linux /proc)."""
+    inodes = set()
+    for pid in pids:
+        try:
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:   # the process is gone (or a descriptor closed meanwhile)
+            continue
+        inodes |= {link[8:-1] for link in links if link.startswith("socket:[")}
+    found = set()
+    for table, width in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in inodes:        # 0A: LISTEN
+                continue
+            address, port = fields[1].split(":")
+            raw = b"".join(bytes.fromhex(address[i:i + 8])[::-1] for i in range(0, len(address), 8))
+            found.add((str(ipaddress.ip_address(raw[:width])), int(port, 16)))
+    return found
+
+
+def https_status(port: int, method: str, target: str, ca: Path, headers: dict[str, str] | None = None,
+                 body: bytes = b"") -> int:
+    """Send one request with ``target`` exactly as given (no normalising) over TLS to 127.0.0.1:``port``,
+    verifying the server against ``ca``; return the HTTP status."""
+    context = ssl.create_default_context(cafile=str(ca))
+    connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=60)
+    try:
+        connection.putrequest(method, target, skip_accept_encoding=True)
+        for name, value in {"content-type": "application/protobuf", "content-length": str(len(body)),
+                            **(headers or {})}.items():
+            connection.putheader(name, value)
+        connection.endheaders(body)
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    finally:
+        connection.close()
+
+
 def wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
     """Wait until ``proc`` (a SuperLink) accepts connections on 127.0.0.1:``port``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert proc.poll() is None, f"flower-superlink exited early:\n{log.read_text()[-3000:]}"
+        assert proc.poll() is None, f"the SuperLink exited early:\n{log.read_text()[-3000:]}"
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return

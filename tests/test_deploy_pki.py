@@ -41,8 +41,18 @@ def test_server_certificate_chains_to_the_ca_with_the_sans(deployment):
     assert isinstance(ca.public_key(), ec.EllipticCurvePublicKey) and ca.public_key().curve.name == "secp384r1"
 
 
+def test_control_certificate_names_loopback_only(deployment):
+    ca, control = _cert(deployment.ca_certificate), _cert(deployment.control_certificate)
+    control.verify_directly_issued_by(ca)
+    sans = control.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
+    assert sans.get_values_for_type(x509.DNSName) == ["localhost"]      # not the public names
+    assert ExtendedKeyUsageOID.SERVER_AUTH in control.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+
+
 def test_secrets_are_0600_in_0700_folders(deployment):
-    secrets = [deployment.ca_key, deployment.server_key] + [h.private_key for h in deployment.hospitals]
+    secrets = [deployment.ca_key, deployment.server_key, deployment.control_key] + \
+        [h.private_key for h in deployment.hospitals]
     assert all(_mode(p) == 0o600 for p in secrets), {str(p): oct(_mode(p)) for p in secrets}
     folders = [deployment.out_dir, deployment.ca_key.parent, deployment.server_key.parent,
                *(h.folder for h in deployment.hospitals)]
@@ -69,23 +79,48 @@ def test_node_keys_load_with_flowers_own_loaders(deployment):
 
 
 def test_connection_snippet_and_commands(deployment):
+    # the coordinator's flwr talks to the loopback control listener (public port + 1), TLS with the CA
+    assert deployment.control_address == "127.0.0.1:19093"
     config = (deployment.flwr_home / "config.toml").read_text()
-    assert 'address = "127.0.0.1:19092"' in config and f'root-certificates = "{deployment.ca_certificate}"' in config
-    assert "insecure" not in config
+    assert 'address = "127.0.0.1:19093"' in config and f'root-certificates = "{deployment.ca_certificate}"' in config
+    assert "insecure" not in config and "19092" not in config
     commands = deployment.commands_file.read_text()
-    for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth",
-                 "--host 127.0.0.1", "--port 19092", "--database"):
-        assert flag in commands
+    start = next(line for line in commands.splitlines() if "fedcare.superlink_launcher" in line).split()
+    assert start[:3] == ["python", "-m", "fedcare.superlink_launcher"]
+    for flag, value in (("--host", "127.0.0.1"), ("--port", "19092"), ("--control-port", "19093"),
+                        ("--ssl-ca-certfile", str(deployment.ca_certificate)),
+                        ("--ssl-certfile", str(deployment.server_certificate)),
+                        ("--ssl-keyfile", str(deployment.server_key)),
+                        ("--control-ssl-certfile", str(deployment.control_certificate)),
+                        ("--control-ssl-keyfile", str(deployment.control_key)),
+                        ("--database", str(deployment.database))):
+        assert start[start.index(flag) + 1] == value, flag
+    assert "--disable-runtime-dependency-installation" in start
+    assert not any(line.strip().startswith("flower-superlink") for line in commands.splitlines())
+    assert "public `127.0.0.1:19092`" in commands and "control `127.0.0.1:19093`" in commands
+    assert "never forward or proxy it" in commands
     for h in deployment.hospitals:
         assert f"flwr supernode register {h.public_key} fedcare" in commands
         assert f"fedcare node start --config {h.settings}" in commands
+        assert 'address = "127.0.0.1:19092"' in h.settings.read_text()     # hospitals dial the public listener
+
+
+def test_control_port_option_and_the_launcher_command(tmp_path):
+    files = init_deployment(tmp_path / "d", ["a"], superlink_address="127.0.0.1:9092", control_port=9300)
+    assert files.control_address == "127.0.0.1:9300"
+    assert 'address = "127.0.0.1:9300"' in (files.flwr_home / "config.toml").read_text()
+    command = files.superlink_command("/opt/env/bin/python")
+    assert command[:3] == ["/opt/env/bin/python", "-m", "fedcare.superlink_launcher"]
+    assert command[command.index("--control-port") + 1] == "9300"
+    top = init_deployment(tmp_path / "top", ["a"], superlink_address="127.0.0.1:65535")
+    assert top.control_address == "127.0.0.1:65534"
 
 
 def test_superlink_state_in_memory_drops_the_database_and_says_what_a_restart_loses(tmp_path):
     files = init_deployment(tmp_path / "mem", ["alpha"], superlink_state="memory")
     assert files.database is None
     command = files.superlink_command()
-    assert "--database" not in command and "--enable-supernode-auth" in command
+    assert "--database" not in command and "fedcare.superlink_launcher" in command
     commands = files.commands_file.read_text()
     assert "state in memory" in commands and "register the hospitals again" in commands
     assert "start its node again" in commands
@@ -117,7 +152,32 @@ def test_refuses_to_overwrite_keys_unless_forced(deployment, tmp_path):
     (dict(hospitals=["a"], superlink_address="nohost"), "is not HOST:PORT"),
     (dict(hospitals=["a"], sans=["bad name!"]), "neither an IP address nor a DNS name"),
     (dict(hospitals=["a"], superlink_state="redis"), "unknown SuperLink state 'redis'"),
+    (dict(hospitals=["a"], superlink_address="127.0.0.1:9092", control_port=9092), "control port and the public"),
+    (dict(hospitals=["a"], control_port=70000), "control port 70000 is not a port number"),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, kwargs, message):
     with pytest.raises(FedcareError, match=message):
         init_deployment(tmp_path / "d", **kwargs)
+
+
+def test_the_deployment_stays_out_of_the_flower_app_unless_asked(tmp_path):
+    """Keys, ledgers and the coordinator's FLWR_HOME inside the app folder would travel with `flwr run .`
+    (and its installed FABs break Flower's build): deploy init refuses to write there by default."""
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "pyproject.toml").write_text('[project]\nname = "x"\n\n[tool.flwr.app]\npublisher = "x"\n')
+    with pytest.raises(FedcareError, match=r"is inside the Flower app .*app.* write the deployment outside the app"):
+        init_deployment(app / "deploy", ["a"])
+    assert not (app / "deploy").exists()
+    files = init_deployment(app / "deploy", ["a"], inside_app=True)
+    assert files.hospitals[0].settings.is_file()
+
+
+def test_the_hospital_settings_deploy_init_writes_load_with_a_complete_policy(deployment):
+    from fedcare.node_settings import load_node_settings
+
+    settings = load_node_settings(deployment.hospitals[0].settings, check_port=False)
+    config = settings.node_config
+    assert config["dataset-id"].startswith(deployment.hospitals[0].name)
+    assert config["require-dp"] is True and config["require-secure-aggregation"] is True
+    assert config["epsilon-budget"] == 1.0 and config["min-hospitals"] == 3

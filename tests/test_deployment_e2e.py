@@ -16,7 +16,10 @@ import pytest
 
 from fedcare.deploy_commands import diagnose
 from fedcare.deploy_pki import init_deployment
+from fedcare.fab_approval import approve_digest, fab_digest
+from fedcare.flower_latency import build_fab
 from fedcare.node_settings import supernode_command
+from tests.conftest import ROOT
 from tests.deployment_processes import (BIN, HANG_GUARD_S, Processes, deployment_env, free_port,
                                         hospital_settings, start_run, wait_for_port, wait_for_run)
 
@@ -47,7 +50,7 @@ def test_tls_node_auth_deployment_runs_two_rounds(tmp_path):
         text = " ".join(log.read_text().split())
         assert "Exit Code: 305" in text and "Failed to activate SuperNode" in text, text[-2000:]
         assert "this node's public key is not registered with the SuperLink" in text, text[-2000:]
-        assert "-m fedcare.node_launcher --warm-clientapp --poll-interval 0.5 -- --superlink" in text  # our command
+        assert "-m fedcare.node_launcher --warm-clientapp --poll-interval 0.5 --approved-fabs" in text  # our command
 
         # A registered node that does not trust the deployment's CA (no --root-certificates: system
         # roots) fails the TLS handshake; a plain-HTTP node (--insecure) gets no answer.
@@ -69,10 +72,14 @@ def test_tls_node_auth_deployment_runs_two_rounds(tmp_path):
         assert "Exit Code: 305" in text and ("Server disconnected" in text or "Connection reset by peer" in text), \
             text[-2000:]
 
-        # The two registered hospitals join.
+        # The two registered hospitals approve the FAB `flwr run .` ships, and join.
+        digest = fab_digest(build_fab(ROOT)[0])
         nodes = []
         for index in range(2):
+            toml = files.hospitals[index].settings   # these two hospitals accept a federation of two
+            toml.write_text(toml.read_text().replace("min-hospitals = 3", "min-hospitals = 2"))
             settings = hospital_settings(files, index, index, ledgers)
+            approve_digest(settings.approved_fabs_store, digest, source="test: the project's FAB")
             nodes.append(start(f"node-{index}", supernode_command(settings, str(BIN / "flower-supernode"))))
 
         out = tmp_path / "out"

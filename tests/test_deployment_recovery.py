@@ -1,7 +1,8 @@
 """Real-process recovery on loopback: three registered hospitals (Fed-Heart-Disease partitions 0-2) behind a
 TLS SuperLink with node authentication, secure aggregation on (the default), DP on, 2 rounds.
 
-1. An uninterrupted run ends exactly where Flower's Simulation Engine ends (same seed and settings).
+1. An uninterrupted run accounts exactly what Flower's Simulation Engine accounts (same seed and settings)
+   and reaches a comparable model (each hospital draws its own secret noise, so the models differ).
 2. The SuperLink SIGKILLed mid-run and restarted on its database: the coordinator relaunches with
    ``resume=true`` and the run finishes from its checkpoint without counting any privacy twice.
 3. A SuperNode SIGKILLed mid-round: the run finishes with the other two and reports the dropout.
@@ -27,9 +28,12 @@ import pytest
 
 from client.privacy_ledger import epsilon_of
 from fedcare.deploy_pki import DeploymentFiles, init_deployment
+from fedcare.fab_approval import approve_digest, fab_digest
+from fedcare.flower_latency import build_fab
 from fedcare.node_settings import supernode_command
 from server.checkpoint import load_checkpoint
 from simulation.environment import SAFE_ENVIRONMENT
+from tests.conftest import ROOT
 from tests.deployment_processes import (BIN, HANG_GUARD_S, Processes, deployment_env, free_port, group_members,
                                         hospital_settings, kill_group, run_status, start_run, wait_for_port,
                                         wait_for_run)
@@ -76,6 +80,7 @@ class Federation:
         path = self.files.hospitals[index].settings
         path.write_text(path.read_text().replace("epsilon-budget = 1.0", f"epsilon-budget = {BUDGET}"))
         settings = hospital_settings(self.files, index, index, self.ledgers)
+        approve_digest(settings.approved_fabs_store, fab_digest(build_fab(ROOT)[0]), source="test: the project's FAB")
         self.nodes[name] = self.processes.start(name, supernode_command(settings, str(BIN / "flower-supernode")))
 
     def ensure_up(self) -> None:
@@ -186,7 +191,7 @@ def _simulate(tmp_path: Path) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
-def test_three_hospital_deployment_matches_the_simulation_engine(federation, tmp_path):
+def test_three_hospital_deployment_accounts_as_the_simulation_engine_does(federation, tmp_path):
     fed = federation
     fed.ensure_up()
     assert not list(fed.ledgers.glob("*/privacy-ledger-*.json")), "needs fresh ledgers: run this test first"
@@ -201,12 +206,14 @@ def test_three_hospital_deployment_matches_the_simulation_engine(federation, tmp
     simulated = _simulate(tmp_path)   # the nodes idle meanwhile (one poll every few seconds)
     assert [r["round"] for r in simulated["rounds"]] == [1, 2]
     assert set(deployed["final"]) == set(simulated["final"]) == NAMES | {"pooled"}
-    for name in NAMES | {"pooled"}:
-        assert deployed["final"][name]["accuracy"] == pytest.approx(simulated["final"][name]["accuracy"], abs=0.01), \
-            (name, deployed["final"], simulated["final"])
-    for name in NAMES:
+    # The noise is each hospital's own (OS entropy, not the seed): the two models differ, by the noise only.
+    assert deployed["model_digest"] != simulated["model_digest"]
+    assert deployed["final"]["pooled"]["accuracy"] == pytest.approx(simulated["final"]["pooled"]["accuracy"],
+                                                                    abs=0.1), (deployed["final"], simulated["final"])
+    for name in NAMES:   # the privacy accounting is exactly the same
         assert deployed["hospitals"][name]["epsilon"] == pytest.approx(simulated["hospitals"][name]["epsilon"],
                                                                        rel=1e-6), name
+        assert deployed["final"][name]["n"] == simulated["final"][name]["n"]
 
 
 def test_superlink_killed_mid_run_resumes_from_the_checkpoint(federation, tmp_path):
@@ -306,3 +313,34 @@ def test_a_supernode_killed_mid_round_is_reported_and_the_run_finishes(federatio
     # the victim released nothing in round 2 (it died before its update left)
     new = _ledger_or_empty(fed, victim)["releases"][len(before["releases"]):]
     assert [(r["run_id"], r["round"]) for r in new if r["kind"] == "train"] == [(run_id, 1)]
+
+
+def test_a_supernode_killed_in_the_unmask_exchange_is_named_and_its_keys_are_removed(federation, tmp_path):
+    """SIGKILL one SuperNode's group when its round-1 unmask message arrives: its update was already summed,
+    the other two unmask round 1 (threshold 2 of 3) and finish round 2 without it. results.json names it as
+    silent in round 1 and dropped in round 2; restarted, the node deletes that run's keys before it joins."""
+    fed = federation
+    fed.ensure_up()
+    victim, victim_name = "hungary", HOSPITALS["hungary"]
+    node, log = fed.nodes[victim]
+    offset = log.stat().st_size
+    out = tmp_path / "out"
+    run_id = fed.run(out)
+    _wait_until(lambda: b"query.secagg_unmask" in log.read_bytes()[offset:], "the victim's unmask message", fed)
+    kill_group(node)
+    keys = list((fed.ledgers / victim / "secagg").glob(f"node-*/secagg-run-{run_id}.json"))
+    assert keys, "the killed node's keys for this run are on its disk"
+    status = fed.wait(run_id, out, nodes=[n for n in HOSPITALS if n != victim])
+    assert status == "finished:completed", f"{status}\n{fed.server_log(run_id)}\n{fed.logs()}"
+
+    first, second = json.loads((out / "results.json").read_text())["rounds"]
+    assert first["secagg"].get("silent") == [victim_name] and set(first["trained"]) == NAMES, first
+    # round 2: Flower no longer samples the dead node; it held round-2 mask keys, so secure aggregation names it
+    assert second["secagg"]["dropped"] == [victim_name] and second["secagg"]["path"] == "consistency", second
+    assert set(second["trained"]) == NAMES - {victim_name}, second
+    assert f"{victim_name} did not answer the unmask exchange" in fed.server_log(run_id)
+    for folder in HOSPITALS:   # the others deleted their keys when the run ended
+        if folder != victim:
+            assert not list((fed.ledgers / folder / "secagg").glob(f"node-*/secagg-run-{run_id}.json")), folder
+    fed.ensure_up()            # the hospital restarts its node: no key of the abandoned run survives that
+    _wait_until(lambda: not any(path.exists() for path in keys), "the restarted node's key cleanup", fed, timeout=120)

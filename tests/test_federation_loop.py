@@ -9,9 +9,9 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.client_app import make_client_app
+from client.client_app import REPRODUCIBLE_NOISE, SIMULATED_CONSORTIUM, make_client_app
 from client.datasets.fed_heart_disease import load_center
-from client.privacy_ledger import PrivacyLedger
+from tests.hospital_state import spend
 from fedcare.run_config import RunSettings
 from server.federation_loop import run_federation
 
@@ -21,8 +21,13 @@ RUN_ID = 4242
 class InProcessGrid:
     """Routes each message to the ClientApp of its node, like a SuperLink would."""
 
-    def __init__(self, node_configs: dict[int, dict], run_config: dict | None = None, run_id: int = RUN_ID):
-        self.app = make_client_app()
+    def __init__(self, node_configs: dict[int, dict], run_config: dict | None = None, run_id: int = RUN_ID,
+                 reproducible_noise: int | None = None):
+        # reproducible_noise: every hospital's noise and batches keyed from this seed (comparisons of two runs)
+        defaults = {SIMULATED_CONSORTIUM: str(next(iter(node_configs.values()))["ledger-dir"]) + "/consortium"}
+        if reproducible_noise is not None:
+            defaults[REPRODUCIBLE_NOISE] = reproducible_noise
+        self.app = make_client_app(defaults)
         self.contexts = {n: Context(run_id, n, cfg, RecordDict(), dict(run_config or {}))
                          for n, cfg in node_configs.items()}
 
@@ -42,15 +47,19 @@ def _task_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, 1, 1
 
 
-def _nodes(tmp_path, budgets):
-    return {100 + i: {"partition-id": i, "ledger-dir": str(tmp_path / "ledgers"), "epsilon-budget": b}
-            for i, b in enumerate(budgets)}
+# Hospitals that accept whatever these loop tests run (DP or not, masked or not, any size):
+# policy refusals have tests of their own (tests/test_node_policy.py).
+PERMISSIVE = {"require-dp": False, "require-secure-aggregation": False, "min-hospitals": 2}
+
+
+def _nodes(tmp_path, budgets, **policy):
+    return {100 + i: {"partition-id": i, "ledger-dir": str(tmp_path / "ledgers"), "epsilon-budget": b,
+                      **PERMISSIVE, **policy} for i, b in enumerate(budgets)}
 
 
 def _exhaust(tmp_path, partition):
     data = load_center(partition)
-    ledger = PrivacyLedger.open(tmp_path / "ledgers", data.name, data.fingerprint(), budget=1.0, delta=1e-4)
-    ledger.record("earlier-run", 12, "train", [(0.5, 0.1, 400)])
+    spend(tmp_path / "ledgers", data.name, f"fed-heart-disease:{data.name}", [(0.5, 0.1, 400)])
 
 
 def test_a_hospital_out_of_budget_is_reported_by_name_and_the_others_carry_on(tmp_path):
@@ -123,10 +132,11 @@ def test_each_model_is_evaluated_in_the_next_train_exchange_and_the_last_one_alo
     grid = RecordingGrid(_nodes(tmp_path, [1.0] * 4))
     s = RunSettings(num_rounds=3, dp=False, secure_aggregation=secure)
     result = run_federation(grid, s, 4, lambda _: None, timeout=5, run_id=RUN_ID)
-    per_round = [["query.secagg_unmask"]] if secure else []
+    per_round = [["query.secagg_unmask"]] if secure else []   # nobody dropped: the fast path, one exchange
     setup = [["query.secagg_advertise"], ["query.secagg_share_keys"]] if secure else []
+    end = [["query.secagg_end"]] if secure else []            # every hospital deletes its keys
     assert grid.exchanges == [["query.feature_stats"], *setup,
-                              *([["train"], *per_round] * 3), ["evaluate"]]
+                              *([["train"], *per_round] * 3), ["evaluate"], *end]
     # the model rides as one packed record, not an ArrayRecord of arrays and chunks (one wire object each)
     train = grid.train_messages[0][0]
     kinds = Counter(type(o).__name__ for o in get_all_nested_objects(train).values())

@@ -13,6 +13,7 @@ from torch import nn
 
 from client.datasets.fed_heart_disease import load_center
 from client.dp_trainer import DPSettings, evaluate, train
+from client.secret_randomness import SecretRandom
 from shared_models.registry import build_model
 from tests.test_per_sample_clipping import CASES, _one_pass, _reference
 
@@ -48,7 +49,7 @@ def _train_on(dev: str, dp: DPSettings, monkeypatch: pytest.MonkeyPatch) -> tupl
     x, y, x_test, y_test = _standardised_cleveland()
     torch.manual_seed(0)
     model = build_model("mlp", x.shape[1], 16)
-    outcome = train(model, x, y, epochs=3, batch_size=30, lr=0.3, dp=dp, seed=3)
+    outcome = train(model, x, y, epochs=3, batch_size=30, lr=0.3, dp=dp, rng=SecretRandom.reproducible(3))
     accuracy = evaluate(model, x_test, y_test).metrics()["accuracy"]
     return model.cpu(), outcome.steps, accuracy
 

@@ -15,6 +15,7 @@ from fedcare.deploy_commands import deploy_app, diagnose, node_app, shell_line
 from fedcare.deploy_pki import make_node_key
 from fedcare.errors import FedcareError
 from fedcare.node_settings import check_data, format_node_config, load_node_settings, supernode_command
+from tests.hospital_state import write_consortium
 
 
 def _free_port() -> int:
@@ -27,10 +28,21 @@ def _free_port() -> int:
 def node_dir(tmp_path):
     make_node_key(tmp_path / "node.key")
     (tmp_path / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
+    write_consortium(tmp_path, "Hungary")
     return tmp_path
 
 
+CONSORTIUM = '[consortium]\nname = "Hungary"\nroster = "roster.toml"\nidentity-key = "identity.key"\n'
+
+
 def _write(folder, data: str, extra: str = "", port: int | None = None):
+    """hospital.toml with ``data`` under [data] and ``extra`` sections; a dataset-id and a budget unless given."""
+    if "dataset-id" not in data and "dataset = " in data:
+        data += 'dataset-id = "test-data"\n'
+    if "[privacy]" not in extra:
+        extra += '[privacy]\nepsilon-budget = 1.0\n'
+    if "[consortium]" not in extra and "require-secure-aggregation = false" not in extra:
+        extra += CONSORTIUM
     path = folder / "hospital.toml"
     path.write_text(textwrap.dedent(f"""\
         [superlink]
@@ -44,19 +56,26 @@ def _write(folder, data: str, extra: str = "", port: int | None = None):
     return path
 
 
-FHD = 'dataset = "fed-heart-disease"\npartition-id = 1\n'
+FHD = 'dataset = "fed-heart-disease"\ndataset-id = "heart-2026"\npartition-id = 1\n'
 
 
 def test_valid_settings_give_the_exact_supernode_command(node_dir):
     path = _write(node_dir, FHD, '[privacy]\nledger-dir = "my ledgers"\nepsilon-budget = 2\n', port=_free_port())
     s = load_node_settings(path)
     assert s.dataset == "fed-heart-disease" and s.private_key == node_dir / "node.key"
-    assert s.node_config == {"partition-id": 1, "cache-dir": str(node_dir / "cache"),
-                             "ledger-dir": str(node_dir / "my ledgers"), "epsilon-budget": 2.0}
+    assert s.node_config == {"partition-id": 1, "cache-dir": str(node_dir / "cache"), "dataset-id": "heart-2026",
+                             "ledger-dir": str(node_dir / "my ledgers"), "epsilon-budget": 2.0,
+                             # the hospital's whole policy, defaults spelled out: the ClientApp reads nothing else
+                             "delta": 1e-4, "require-dp": True, "require-secure-aggregation": True,
+                             "min-hospitals": 3, "min-secagg-threshold": 2, "max-secagg-clip-range": 10.0,
+                             "release-evaluation": "per-hospital", "hardened-noise": False,
+                             "secagg-name": "Hungary", "secagg-roster": str(node_dir / "roster.toml"),
+                             "secagg-identity-key": str(node_dir / "identity.key")}
     assert s.warm_clientapp and s.poll_interval == 0.5          # the fast defaults
     cmd = supernode_command(s, "/venv/bin/flower-supernode", python="/venv/bin/python")
     at = cmd.index("--")
-    assert cmd[:at] == ["/venv/bin/python", "-m", "fedcare.node_launcher", "--warm-clientapp", "--poll-interval", "0.5"]
+    assert cmd[:at] == ["/venv/bin/python", "-m", "fedcare.node_launcher", "--warm-clientapp", "--poll-interval", "0.5",
+                        "--approved-fabs", str(node_dir / "my ledgers" / "approved-fabs.json"), "--settings", str(s.path)]
     flower = cmd[at + 1:]
     flags = dict(zip(flower[::2], flower[1::2]))
     assert flags["--root-certificates"] == str(node_dir / "ca.crt")
@@ -72,16 +91,34 @@ def _with_node_keys(path, keys: str):
     return path
 
 
-def test_flowers_own_timing_gives_plain_flower_supernode(node_dir):
+def test_flowers_own_timing_still_runs_approved_fabs_only(node_dir):
     s = load_node_settings(_with_node_keys(_write(node_dir, FHD), "warm-clientapp = false\npoll-interval = 3\n"))
     assert not s.warm_clientapp and s.poll_interval == 3.0
-    cmd = supernode_command(s, "/venv/bin/flower-supernode")
-    assert cmd[0] == "/venv/bin/flower-supernode" and cmd[1] == "--superlink"
-    assert "--" not in cmd and "--isolation" not in cmd and "--auth-supernode-private-key" in cmd
+    cmd = supernode_command(s, "/venv/bin/flower-supernode", python="py")
+    at = cmd.index("--")
+    assert cmd[:4] == ["py", "-m", "fedcare.node_launcher", "--approved-fabs"]   # cold executor, FAB check
+    assert "--warm-clientapp" not in cmd and "--poll-interval" not in cmd and "--allow-any-fab" not in cmd
+    assert cmd[at + 1] == "--superlink" and "--isolation" not in cmd and "--auth-supernode-private-key" in cmd
     s = load_node_settings(_with_node_keys(_write(node_dir, FHD), "warm-clientapp = true\npoll-interval = 3\n"))
-    assert supernode_command(s, python="py")[:5] == ["py", "-m", "fedcare.node_launcher", "--warm-clientapp", "--"]
+    assert supernode_command(s, python="py")[:5] == ["py", "-m", "fedcare.node_launcher", "--warm-clientapp",
+                                                      "--approved-fabs"]
     s = load_node_settings(_with_node_keys(_write(node_dir, FHD), "warm-clientapp = false\npoll-interval = 0.25\n"))
-    assert supernode_command(s, python="py")[3:6] == ["--poll-interval", "0.25", "--"]
+    assert supernode_command(s, python="py")[3:6] == ["--poll-interval", "0.25", "--approved-fabs"]
+
+
+def test_the_code_section_approves_digests_and_names_the_store(node_dir):
+    digest = "ab" * 32
+    s = load_node_settings(_write(node_dir, FHD))
+    assert s.approved_fabs == () and s.approved_fabs_store == node_dir / "ledgers" / "approved-fabs.json"
+    s = load_node_settings(_write(node_dir, FHD, f'[code]\napproved-fabs = ["sha256:{digest.upper()}"]\n'
+                                                  'approval-store = "state/fabs.json"\n'))
+    assert s.approved_fabs == (digest,) and s.approved_fabs_store == node_dir / "state" / "fabs.json"
+    cmd = supernode_command(s, python="py")
+    at = cmd.index("--")
+    assert cmd[cmd.index("--approve") + 1] == digest and cmd.index("--approve") < at
+    assert cmd[cmd.index("--approved-fabs") + 1] == str(node_dir / "state" / "fabs.json")
+    with pytest.raises(FedcareError, match=r"\[code\] approved-fabs: 'nope' is not a SHA-256 digest"):
+        load_node_settings(_write(node_dir, FHD, '[code]\napproved-fabs = ["nope"]\n'))
 
 
 @pytest.mark.parametrize("keys,message", [
@@ -120,7 +157,11 @@ def test_node_config_quoting_round_trips_through_flowers_parser():
     ('dataset = "ehr-table"\ndata-path = "nowhere.csv"\nschema = "s.toml"\n', "", "nowhere.csv does not exist"),
     ('dataset = "dicom"\ndata-path = "ca.crt"\n', "", "is not a folder"),
     ('dataset = "dicom"\ndata-path = "."\nmultiframe = "all"\n', "", "'all' is not one of first, every, reject"),
-    (FHD, "[privacy]\nepsilon-budget = 0\n", "epsilon-budget: 0.0 is not positive"),
+    (FHD, "[privacy]\nepsilon-budget = 0\n", "epsilon-budget: 0.0 is not a positive number"),
+    (FHD, "[privacy]\nledger-dir = \"l\"\n", r"\[privacy\] epsilon-budget: is missing"),
+    (FHD, "[privacy]\nepsilon-budget = 1\nmin-hospitals = 1\n", "min-hospitals: 1 is below 2"),
+    (FHD, "[privacy]\nepsilon-budget = 1\nrequire-dp = \"yes\"\n", r"\[privacy\] require-dp: must be bool"),
+    ('dataset = "fed-heart-disease"\ndataset-id = ""\npartition-id = 1\n', "", "dataset-id: is empty"),
 ])
 def test_bad_settings_name_file_key_and_fix(node_dir, data, extra, message):
     path = _write(node_dir, data, extra)

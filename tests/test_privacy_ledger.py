@@ -7,6 +7,7 @@ from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.dp_trainer import DPSettings, train
+from client.secret_randomness import SecretRandom
 from client.privacy_ledger import ALPHAS, PrivacyLedger, calibrate_noise, epsilon_of
 from fedcare.errors import BudgetExhausted, FedcareError
 from shared_models.registry import build_model
@@ -62,7 +63,7 @@ def test_epsilon_from_ledger_reloaded_each_round_equals_one_long_lived_accountan
     for rnd in range(1, rounds + 1):
         ledger = _ledger(tmp_path, budget=100.0)
         outcome = train(build_model("logistic", 15), x, y, epochs=1, batch_size=16, lr=0.1,
-                        dp=DPSettings(sigma, 1.0), seed=rnd)
+                        dp=DPSettings(sigma, 1.0), rng=SecretRandom.reproducible(rnd))
         ledger.record("run-1", rnd, "train", outcome.steps)
     reloaded = _ledger(tmp_path, budget=100.0)
     assert reloaded.history == [(sigma, 1 / 8, rounds * 8)]

@@ -16,8 +16,8 @@ from tests.test_federation_loop import RUN_ID, InProcessGrid, _nodes, _task_iden
 class CrashingGrid(InProcessGrid):
     """The coordinator dies when it tries to send the train messages of round ``crash_round``."""
 
-    def __init__(self, node_configs, crash_round: int):
-        super().__init__(node_configs)
+    def __init__(self, node_configs, crash_round: int, reproducible_noise: int | None = None):
+        super().__init__(node_configs, reproducible_noise=reproducible_noise)
         self.crash_round, self.trains = crash_round, 0
 
     def send_and_receive(self, messages, timeout=None):
@@ -31,17 +31,19 @@ class CrashingGrid(InProcessGrid):
 @pytest.mark.parametrize("strategy,dp", [("fedadam", False), ("fedavg", True)])
 def test_a_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path, strategy, dp):
     s = RunSettings(num_rounds=4, strategy=strategy, dp=dp, output_dir=str(tmp_path / "whole"))
-    whole = run_federation(InProcessGrid(_nodes(tmp_path / "a", [1.0] * 4)), s, 4, lambda _: None, timeout=5,
-                           run_id=RUN_ID)
+    # the same noise in both runs (reproducible noise: a test's seed), so their models can be compared
+    whole = run_federation(InProcessGrid(_nodes(tmp_path / "a", [1.0] * 4), reproducible_noise=0), s, 4,
+                           lambda _: None, timeout=5, run_id=RUN_ID)
 
     crashed = s.replace(output_dir=str(tmp_path / "crashed"))
     nodes = _nodes(tmp_path / "b", [1.0] * 4)
     with pytest.raises(RuntimeError, match="lost power"):
-        run_federation(CrashingGrid(nodes, crash_round=3), crashed, 4, lambda _: None, timeout=5, run_id=RUN_ID)
+        run_federation(CrashingGrid(nodes, crash_round=3, reproducible_noise=0), crashed, 4, lambda _: None,
+                       timeout=5, run_id=RUN_ID)
     assert load_checkpoint(crashed.output_dir).completed_round == 2
 
     progress: list[str] = []
-    relaunch = InProcessGrid(nodes, run_id=RUN_ID + 1)  # a relaunch is a new Flower run
+    relaunch = InProcessGrid(nodes, run_id=RUN_ID + 1, reproducible_noise=0)  # a relaunch is a new Flower run
     resumed = run_federation(relaunch, crashed.replace(resume=True), 4, progress.append, timeout=5,
                              run_id=RUN_ID + 1)
     assert resumed.stopped_early is None, progress

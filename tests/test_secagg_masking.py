@@ -11,8 +11,9 @@ from cryptography.exceptions import InvalidTag
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from secure_aggregation import SecAggNode, ShamirError, TamperingDetected, TooFewSurvivors, keys, masking, shamir
+from secure_aggregation import ShamirError, TamperingDetected, TooFewSurvivors, keys, masking, shamir
 from secure_aggregation import inprocess as ip
+from secure_aggregation.identity import SimulatedConsortium
 from secure_aggregation.prg import mask_vector
 
 # ---- PRG --------------------------------------------------------------------------------------
@@ -153,14 +154,17 @@ def _top_byte_chi_square(values: np.ndarray) -> float:
     return float(((counts - expected) ** 2 / expected).sum())
 
 
+def _fed(tmp_path: Path, run: str, ids: list[int], t: int, length: int) -> ip.Federation:
+    return ip.setup(tmp_path, run, t, len(ids) - 1, ids, length, SimulatedConsortium(b"\x07" * 32))
+
+
 def test_one_masked_constant_vector_is_indistinguishable_from_uniform(tmp_path: Path) -> None:
     ids, length = [1, 2, 3], 60_000
-    server = ip.setup(tmp_path, "uniform", 2, ids, length)
+    federation = _fed(tmp_path, "uniform", ids, 2, length)
     constant = np.full(length, 12345, dtype=np.uint64)
-    requests = server.start_round(1)
-    node = SecAggNode(ip.state_path(tmp_path, "uniform", 1))
-    node.receive_keys(1, requests[1]["s_public_keys"], requests[1]["s_share_ciphertexts"])
-    masked = node.mask(1, constant)["masked"]
+    requests = federation.server.start_round(1)
+    federation.node(1).receive_keys(1, requests[1]["peers"])
+    masked = federation.node(1).mask(1, constant)["masked"]
     assert _bit_balance_ok(masked)
     # chi-square, 255 degrees of freedom: mean 255, sd 22.6; 420 is beyond p = 1e-9
     assert _top_byte_chi_square(masked) < 420
@@ -169,19 +173,17 @@ def test_one_masked_constant_vector_is_indistinguishable_from_uniform(tmp_path: 
 
 def test_masks_of_the_same_constant_differ_every_round_and_look_uniform(tmp_path: Path) -> None:
     ids, length, rounds = [4, 5, 6], 64, 60
-    server = ip.setup(tmp_path, "rounds", 2, ids, length)
+    federation = _fed(tmp_path, "rounds", ids, 2, length)
     constant = np.full(length, 7, dtype=np.uint64)
     seen = []
     for r in range(1, rounds + 1):
-        requests = server.start_round(r)
-        for nid, req in requests.items():
-            node = SecAggNode(ip.state_path(tmp_path, "rounds", nid))
-            node.receive_keys(r, req["s_public_keys"], req["s_share_ciphertexts"])
-            reply = node.mask(r, constant)
-            server.add_masked(nid, reply)
+        for nid, req in federation.server.start_round(r).items():
+            federation.node(nid).receive_keys(r, req["peers"])
+            reply = federation.node(nid).mask(r, constant)
+            federation.server.add_masked(nid, reply)
             if nid == 4:
                 seen.append(reply["masked"])
-        server.abort_round()  # no unmask needed to look at the masked inputs
+        federation.server.abort_round()  # no unmask needed to look at the masked inputs
     stacked = np.concatenate(seen)
     assert len({int(v[0]) for v in seen}) == rounds
     assert _bit_balance_ok(stacked)
@@ -193,15 +195,15 @@ def test_masks_of_the_same_constant_differ_every_round_and_look_uniform(tmp_path
 
 def test_fewer_than_t_shares_do_not_unmask_an_input(tmp_path: Path) -> None:
     ids, t, length = [1, 2, 3, 4, 5], 3, 32
-    server = ip.setup(tmp_path, "few", t, ids, length)
+    federation = _fed(tmp_path, "few", ids, t, length)
     rng = np.random.default_rng(1)
     inputs = {i: rng.integers(0, 2**32, length, dtype=np.uint64) for i in ids}
-    ip.mask_step(server, tmp_path, 1, inputs)
-    replies = ip.unmask_step(server, tmp_path, 1, mute=[3, 4, 5])  # only 2 < t answer
-    with pytest.raises(TooFewSurvivors, match="only 2 of 5 survivors answered"):
-        server.finish(replies)
+    ip.mask_step(federation, 1, inputs)
+    replies = ip.unmask_step(federation, 1, mute=[3, 4, 5])  # only 2 < t answer
+    with pytest.raises(TooFewSurvivors, match="only 2 good shares"):
+        federation.server.finish(replies)
     # The shares of node 1's self-mask seed that the server now holds cannot rebuild it.
-    b_of_1 = {holder: reply["b"][1] for holder, reply in replies.items()}
+    b_of_1 = {holder: reply["b"][1][:shamir.SHARE_BYTES] for holder, reply in replies.items()}
     with pytest.raises(ShamirError):
         shamir.combine(b_of_1, t)
     try:  # pretending the threshold were 2 gives no valid seed either
@@ -210,8 +212,8 @@ def test_fewer_than_t_shares_do_not_unmask_an_input(tmp_path: Path) -> None:
     except ShamirError:
         pass
     # One more reply (t in all) and the round completes: the failed attempt changed nothing.
-    replies.update(ip.unmask_step(server, tmp_path, 1, mute=[1, 2, 4, 5]))
-    total = server.finish(replies)
+    replies.update(ip.unmask_step(federation, 1, mute=[1, 2, 4, 5]))
+    total, _ = federation.server.finish(replies)
     expected = np.zeros(length, dtype=np.uint64)
     for v in inputs.values():
         np.add(expected, v, out=expected)

@@ -1,44 +1,43 @@
-"""The full protocol in-process: correct weighted means with dropouts at every stage, refusals,
-tampering detection, state that survives reloads, and a server that keeps no individual input."""
+"""The full protocol in-process: correct weighted means with dropouts at every stage, and a coordinator
+that deviates gets nothing more than the sum: split views, added nodes, substituted keys, different
+survivor lists, tampered shares. Every attack from the review is a test here; the property tests let
+hypothesis pick dropout schedules and server behaviours."""
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import random
 import stat
+from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from secure_aggregation import (
-    Quantizer,
-    SecAggError,
-    SecAggNode,
-    SecAggServer,
-    TamperingDetected,
-    TooFewSurvivors,
-    masking,
-    shamir,
-)
+from secure_aggregation import Quantizer, SecAggError, SecAggNode, TamperingDetected, TooFewSurvivors
 from secure_aggregation import inprocess as ip
+from secure_aggregation.identity import Roster, RosterConsortium, SimulatedConsortium, public_bytes
+from secure_aggregation.node_half import advertisement_message
+from secure_aggregation.node_state import unb64
 
 CLIP = 0.5
 
 
-def _ids(n: int) -> list[int]:
-    rng = random.Random(n)  # Flower node ids are random uint64 values
+def _ids(n: int, seed: int | None = None) -> list[int]:
+    rng = random.Random(n if seed is None else seed)   # Flower node ids are random uint64 values
     ids: set[int] = set()
     while len(ids) < n:
-        ids.add(rng.getrandbits(64))
+        ids.add(rng.getrandbits(63))
     return sorted(ids)
 
 
-def _threshold(n: int) -> int:
+def _t(n: int) -> int:
     return n // 2 + 1
 
 
@@ -62,289 +61,438 @@ class Fed:
         assert np.max(np.abs(mean - true)) <= self.q.error_bound + 1e-12
 
 
+def _setup(tmp_path: Path, ids: list[int], length: int, t: int | None = None, k: int | None = None,
+           run: Any = 42, after_advertise: Iterable[int] = ()) -> ip.Federation:
+    return ip.setup(tmp_path, run, t or _t(len(ids)), k or len(ids) - 1, ids, length,
+                    SimulatedConsortium(b"\x01" * 32), after_advertise=set(after_advertise))
+
+
 # ---- correctness with dropouts at every stage ----------------------------------------------------
 
-STAGES = ["after_advertise", "after_share_keys", "before_mask", "after_mask"]
+STAGES = ["after_advertise", "after_share_keys", "after_mask"]
 CASES = [("none", "zero")] + [(stage, k) for stage in STAGES for k in ("one", "n-t")]
-GONE_BEFORE_ROUND = {"after_advertise", "after_share_keys", "before_mask"}
 
 
 @pytest.mark.parametrize("n", [3, 5, 10])
 @pytest.mark.parametrize(("stage", "how_many"), CASES)
 def test_secure_mean_equals_plain_weighted_mean(tmp_path: Path, n: int, stage: str, how_many: str) -> None:
-    ids, t, length = _ids(n), _threshold(n), 40
+    ids, t, length = _ids(n), _t(n), 40
     k = {"zero": 0, "one": 1, "n-t": n - t}[how_many]
-    gone = set(ids[1 : 1 + k])  # never the first node: keep a mix of smaller/larger ids around
+    gone = set(ids[1:1 + k])   # never the first node: keep a mix of smaller/larger ids around
     fed = Fed(ids, length, seed=n)
-    server = ip.setup(tmp_path, 42, t, ids, length + 1, after_advertise=gone if stage == "after_advertise" else ())
-    silent = gone if stage in ("after_share_keys", "before_mask") else set()
+    federation = _setup(tmp_path, ids, length + 1, after_advertise=gone if stage == "after_advertise" else ())
+    silent = gone if stage == "after_share_keys" else set()
     mute = gone if stage == "after_mask" else set()
-    total = ip.run_round(server, tmp_path, 1, fed.encoded(), silent=silent, mute=mute)
-    expected_survivors = sorted(set(ids) - gone) if stage in GONE_BEFORE_ROUND else ids
-    assert server.survivors == expected_survivors
-    fed.check(total, server.survivors)
-    # A second round still works (rotated mask keys), without the dropped nodes.
-    fed2 = Fed(ids, length, seed=n + 100)
-    total2 = ip.run_round(server, tmp_path, 2, fed2.encoded())
-    assert server.survivors == expected_survivors
-    fed2.check(total2, server.survivors)
+    total, outcome = ip.run_round(federation, 1, fed.encoded(), silent=silent, mute=mute)
+    expected = sorted(set(ids) - gone) if stage != "after_mask" else ids
+    assert outcome.survivors == expected and outcome.silent == (sorted(gone) if mute else [])
+    fed.check(total, outcome.survivors)
+    fed2 = Fed(ids, length, seed=n + 100)   # a second round: rotated mask keys, without the dropped
+    total2, outcome2 = ip.run_round(federation, 2, fed2.encoded())
+    assert outcome2.survivors == expected
+    fed2.check(total2, outcome2.survivors)
 
 
-def test_setup_shares_can_be_delivered_on_their_own(tmp_path: Path) -> None:
-    ids = [10, 20, 30]
-    fed = Fed(ids, 6, seed=4)
-    server = ip.setup(tmp_path, "setup-only", 2, ids, 7)
-    requests = server.start_round(1)
-    for nid, req in requests.items():
-        _node(tmp_path, "setup-only", nid).receive_setup_shares(req["s_share_ciphertexts"])
-        server.add_masked(nid, _node(tmp_path, "setup-only", nid).mask(1, fed.encoded()[nid]))
-    fed.check(server.finish(ip.unmask_step(server, tmp_path, 1)), ids)
+@pytest.mark.parametrize("n, k, t", [(30, 8, 6), (60, 12, 8)])
+def test_sparse_neighbourhoods_give_the_exact_sum_with_dropouts(tmp_path: Path, n: int, k: int, t: int) -> None:
+    ids = _ids(n)
+    fed = Fed(ids, 12, seed=n)
+    federation = _setup(tmp_path, ids, 13, t=t, k=k)
+    assert all(len(h) == k + 1 for h in federation.server.hoods.values())
+    total, outcome = ip.run_round(federation, 1, fed.encoded(), silent=ids[3:5], mute=ids[7:8])
+    assert outcome.dropped == ids[3:5]
+    fed.check(total, outcome.survivors)
+    total, outcome = ip.run_round(federation, 2, fed.encoded())
+    fed.check(total, outcome.survivors)
 
 
 def test_ten_nodes_hundred_thousand_elements_with_dropout(tmp_path: Path) -> None:
-    ids, t, length = _ids(10), 6, 100_000
+    ids, length = _ids(10), 100_000
     fed = Fed(ids, length, seed=3)
-    server = ip.setup(tmp_path, "big", t, ids, length + 1)
-    total = ip.run_round(server, tmp_path, 1, fed.encoded(), silent=[ids[4]], mute=[ids[7]])
-    assert ids[4] in server.dropped and ids[7] in server.survivors
-    fed.check(total, server.survivors)
+    federation = _setup(tmp_path, ids, length + 1)
+    total, outcome = ip.run_round(federation, 1, fed.encoded(), silent=[ids[4]], mute=[ids[7]])
+    assert ids[4] in outcome.dropped and ids[7] in outcome.survivors and outcome.silent == [ids[7]]
+    fed.check(total, outcome.survivors)
 
 
 def test_dropouts_accumulate_over_rounds_and_dropped_nodes_stay_out(tmp_path: Path) -> None:
-    ids, t = _ids(7), 4
+    ids = _ids(7)
     fed = Fed(ids, 10, seed=9)
-    server = ip.setup(tmp_path, "multi", t, ids, 11)
-    fed.check(ip.run_round(server, tmp_path, 1, fed.encoded(), silent=[ids[0]]), server.survivors)
-    assert server.dropped == [ids[0]]
-    requests = ip.mask_step(server, tmp_path, 2, fed.encoded(), silent=[ids[5]])
-    assert ids[0] not in requests  # a dropped node gets no further mask requests
-    fed.check(server.finish(ip.unmask_step(server, tmp_path, 2, mute=[ids[1]])), server.survivors)
-    assert server.dropped == [ids[0], ids[5]]
-    # Round 3 with rounds numbers that skip (Flower may skip a round for secure aggregation).
-    fed.check(ip.run_round(server, tmp_path, 5, fed.encoded()), server.survivors)
-    assert server.survivors == sorted(set(ids) - {ids[0], ids[5]})
-
-
-# ---- too few survivors: nothing revealed, nothing changed ---------------------------------------
-
-
-def _node(tmp_path: Path, run: Any, nid: int) -> SecAggNode:
-    return SecAggNode(ip.state_path(tmp_path, run, nid))
+    federation = _setup(tmp_path, ids, 11)
+    total, outcome = ip.run_round(federation, 1, fed.encoded(), silent=[ids[0]])
+    fed.check(total, outcome.survivors)
+    requests = ip.mask_step(federation, 2, fed.encoded(), silent=[ids[5]])
+    assert ids[0] not in requests   # a dropped node gets no further mask requests
+    total, outcome = federation.server.finish(ip.unmask_step(federation, 2, mute=[ids[1]]))
+    fed.check(total, outcome.survivors)
+    assert federation.server.excluded == sorted([ids[0], ids[5]])
+    total, outcome = ip.run_round(federation, 5, fed.encoded())   # round numbers may skip
+    fed.check(total, outcome.survivors)
+    assert outcome.survivors == sorted(set(ids) - {ids[0], ids[5]})
 
 
 def test_below_threshold_survivors_raise_and_reveal_nothing(tmp_path: Path) -> None:
-    ids, t = _ids(5), 3
+    ids = _ids(5)
     fed = Fed(ids, 8, seed=5)
-    server = ip.setup(tmp_path, "few", t, ids, 9)
-    ip.mask_step(server, tmp_path, 1, fed.encoded(), silent=ids[2:])
+    federation = _setup(tmp_path, ids, 9)
+    ip.mask_step(federation, 1, fed.encoded(), silent=ids[2:])
     with pytest.raises(TooFewSurvivors, match="only 2 of 5 nodes sent masked inputs for round 1; the threshold"):
-        server.unmask_requests()
-    for nid in ids:  # no node was asked to reveal anything
-        state = json.loads(ip.state_path(tmp_path, "few", nid).read_text())
-        assert state["revealed_s_for"] == []
-        assert all(r["status"] == "masked" for r in state["rounds"].values())
-    with pytest.raises(TooFewSurvivors):
-        server.unmask_requests()  # state unchanged: still refuses, still open
-    server.abort_round()
+        federation.server.view_requests()
+    for nid in ids:   # no node was asked to reveal or sign anything
+        state = json.loads(ip.state_path(tmp_path, 42, nid).read_text())
+        assert state["revealed_s_for"] == [] and all(r["status"] == "masked" for r in state["rounds"].values())
+    federation.server.abort_round()
     with pytest.raises(TooFewSurvivors, match="only 2 nodes hold mask keys for round 2"):
-        server.start_round(2)
+        federation.server.start_round(2)
 
 
 def test_finish_with_too_few_replies_keeps_the_round_open(tmp_path: Path) -> None:
-    ids, t = _ids(5), 3
+    ids = _ids(5)
     fed = Fed(ids, 8, seed=6)
-    server = ip.setup(tmp_path, "open", t, ids, 9)
-    ip.mask_step(server, tmp_path, 1, fed.encoded())
-    replies = ip.unmask_step(server, tmp_path, 1, mute=ids[2:])
-    with pytest.raises(TooFewSurvivors, match="only 2 of 5 survivors answered"):
-        server.finish(replies)
-    replies.update(ip.unmask_step(server, tmp_path, 1, mute=ids[:2] + ids[3:]))
-    fed.check(server.finish(replies), ids)
+    federation = _setup(tmp_path, ids, 9)
+    ip.mask_step(federation, 1, fed.encoded())
+    replies = ip.unmask_step(federation, 1, mute=ids[2:])
+    with pytest.raises(TooFewSurvivors, match="only 2 good shares of node .*self-mask seed"):
+        federation.server.finish(replies)
+    replies.update(ip.unmask_step(federation, 1, mute=ids[:2] + ids[3:]))
+    total, outcome = federation.server.finish(replies)
+    fed.check(total, ids)
 
 
-def test_too_few_advertisers_or_threshold_not_a_majority() -> None:
-    server = SecAggServer(1, 3, [1, 2, 3, 4], 4)
-    with pytest.raises(TooFewSurvivors, match="only 0 of 4 nodes advertised"):
-        server.public_keys()
-    with pytest.raises(SecAggError, match="majority threshold between 3 and 4"):
-        SecAggServer(1, 2, [1, 2, 3, 4], 4)
-    with pytest.raises(SecAggError, match="at least 2 nodes"):
-        SecAggServer(1, 1, [1], 4)
+# ---- identities: the coordinator cannot add, impersonate or substitute ---------------------------
+
+def _advertised(tmp_path: Path, ids: list[int], consortium=None) -> tuple[dict[int, dict], Any]:
+    consortium = consortium or SimulatedConsortium(b"\x02" * 32)
+    ads = {i: SecAggNode(tmp_path / f"{i}.json", consortium).advertise("run", i, ip.name_of(i), 3, len(ids) - 1, ids)
+           for i in ids}
+    return ads, consortium
 
 
-# ---- the late input of a dropped node stays protected ---------------------------------------------
+def test_a_node_the_server_added_or_impersonates_is_refused(tmp_path: Path) -> None:
+    ids = [1, 2, 3, 4]
+    ads, consortium = _advertised(tmp_path, ids)
+    server_key = Ed25519PrivateKey.generate()     # the coordinator's own key: it cannot sign for members
+    fake = {**ads[4], "identity": public_bytes(server_key), "name": "hospital-99"}
+    fake["sig"] = server_key.sign(advertisement_message("run", 99, fake))
+    node = SecAggNode(tmp_path / "1.json", consortium)
+    with pytest.raises(TamperingDetected, match="node 99 advertises an identity key that is not 'hospital-99'"):
+        node.share_keys({**ads, 99: fake})
+    impostor = {**fake, "name": "hospital-4"}      # a second node claiming a member's name
+    with pytest.raises(TamperingDetected, match="not 'hospital-4''s on this hospital's roster"):
+        node.share_keys({**ads, 99: impostor})
+    twice = {**ads, 99: ads[4]}                    # a member's signed keys replayed under another node id
+    with pytest.raises(TamperingDetected, match="keys of node 99"):
+        node.share_keys(twice)
+    assert node.share_keys(ads)["participants"]   # the honest key list still works
 
 
-def test_late_input_of_a_dropped_node_stays_masked(tmp_path: Path) -> None:
-    ids, t, length = [1, 2, 3, 4, 5], 3, 16
-    fed = Fed(ids, length - 1, seed=11)
-    enc = fed.encoded()
-    server = ip.setup(tmp_path, "late", t, ids, length)
-    requests = ip.mask_step(server, tmp_path, 1, enc, silent=[5])
-    replies = ip.unmask_step(server, tmp_path, 1)
-    # Node 5 masks after being declared dropped; the server refuses the late input ...
-    late_node = _node(tmp_path, "late", 5)
-    late_node.receive_keys(1, requests[5]["s_public_keys"], requests[5]["s_share_ciphertexts"])
-    late = late_node.mask(1, enc[5])
-    with pytest.raises(SecAggError, match="arrived after the survivor list was fixed"):
-        server.add_masked(5, late)
-    fed.check(server.finish(replies), [1, 2, 3, 4])
-    # ... and even a curious server that kept it learns nothing: it can strip node 5's pairwise
-    # masks (its round-1 mask key was revealed) but not its self mask.
-    sk5 = shamir.combine({h: r["s"][5] for h, r in replies.items()}, t)
-    stripped = late["masked"].copy()
-    for u in [1, 2, 3, 4]:
-        seed = masking.pairwise_seed("late", 1, 5, sk5, u, requests[u]["s_public_keys"][u])
-        masking.apply_mask(stripped, seed, -masking.pairwise_sign(5, u))
-    assert not np.array_equal(stripped, enc[5])
-    # No honest node hands out node 5's self-mask shares afterwards.
-    holder = _node(tmp_path, "late", 1)
-    with pytest.raises(SecAggError, match=r"nodes \[5\] were declared dropped earlier"):
-        holder.unmask(1, [1, 2, 3, 4, 5], [], {v: late["b_shares"][1] for v in [1, 2, 3, 4, 5]})
+def test_a_substituted_public_key_is_refused(tmp_path: Path) -> None:
+    ids = [1, 2, 3, 4]
+    ads, consortium = _advertised(tmp_path, ids)
+    server_c = os.urandom(32)
+    swapped = {**ads, 3: {**ads[3], "c_pk": ads[2]["c_pk"][:-1] + server_c[:1]}}
+    with pytest.raises(TamperingDetected, match="the signature of 'hospital-3' does not verify"):
+        SecAggNode(tmp_path / "1.json", consortium).share_keys(swapped)
 
 
-# ---- node refusals ----------------------------------------------------------------------------
+def test_a_roster_member_only_joins_with_its_own_key(tmp_path: Path) -> None:
+    keys = {name: Ed25519PrivateKey.generate() for name in ("Cleveland", "Hungary", "Zurich")}
+    roster_path = tmp_path / "roster.toml"
+    roster_path.write_text(Roster.text({n: public_bytes(k) for n, k in keys.items()}))
+    roster = Roster.load(roster_path)
+    for name, key in keys.items():
+        from cryptography.hazmat.primitives import serialization
+
+        (tmp_path / f"{name}.key").write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    members = {name: RosterConsortium(roster, tmp_path / f"{name}.key") for name in keys}
+    ids = {"Cleveland": 5, "Hungary": 6, "Zurich": 7}
+    ads = {ids[n]: SecAggNode(tmp_path / f"{n}.json", members[n]).advertise("r", ids[n], n, 2, 2, list(ids.values()))
+           for n in keys}
+    assert SecAggNode(tmp_path / "Cleveland.json", members["Cleveland"]).share_keys(ads)
+    with pytest.raises(SecAggError, match="'Basel' is not on this hospital's own consortium roster"):
+        SecAggNode(tmp_path / "Basel.json", RosterConsortium(roster, tmp_path / "Zurich.key")).advertise(
+            "r", 8, "Basel", 2, 2, [5, 6, 7, 8])
+    with pytest.raises(SecAggError, match="identity key is not the one the roster lists for 'Hungary'"):
+        SecAggNode(tmp_path / "x.json", RosterConsortium(roster, tmp_path / "Zurich.key")).advertise(
+            "r", 6, "Hungary", 2, 2, [5, 6, 7])
 
 
-def _round_one(tmp_path: Path, run: str, silent: Iterable[int] = ()) -> tuple[SecAggServer, dict[int, Any], Fed]:
+def test_nodes_told_a_different_federation_refuse(tmp_path: Path) -> None:
+    consortium = SimulatedConsortium(b"\x03" * 32)
     ids = [1, 2, 3, 4, 5]
+    ads = {i: SecAggNode(tmp_path / f"{i}.json", consortium).advertise("run", i, ip.name_of(i), 3, 4,
+                                                                          ids if i != 5 else [1, 2, 3, 5])
+           for i in ids}
+    with pytest.raises(TamperingDetected, match="node 5 was told a different federation"):
+        SecAggNode(tmp_path / "1.json", consortium).share_keys(ads)
+
+
+def test_a_federation_below_the_hospitals_minimum_or_a_minority_threshold_is_refused(tmp_path: Path) -> None:
+    ads, consortium = _advertised(tmp_path, [1, 2, 3, 4])
+    with pytest.raises(SecAggError, match="only 4 verified members advertised keys; it joins federations of at least 5"):
+        SecAggNode(tmp_path / "1.json", consortium).share_keys(ads, min_nodes=5)
+    with pytest.raises(SecAggError, match="threshold 2 is invalid for neighbourhoods of 4"):
+        SecAggNode(tmp_path / "9.json", consortium).advertise("run", 9, "x", 2, 3, [9, 1, 2, 3])
+    with pytest.raises(SecAggError, match="at least 4"):
+        SecAggNode(tmp_path / "8.json", consortium).advertise("run", 8, "x", 3, 3, [8, 1, 2, 3], floor=4)
+
+
+# ---- one view per round, and never both masks ------------------------------------------------------
+
+def _round_one(tmp_path: Path, n: int = 7, silent: Iterable[int] = ()) -> tuple[ip.Federation, list[int], Fed]:
+    ids = _ids(n, seed=123)
     fed = Fed(ids, 4, seed=13)
-    server = ip.setup(tmp_path, run, 3, ids, 5)
-    ip.mask_step(server, tmp_path, 1, fed.encoded(), silent=silent)
-    return server, server.unmask_requests(), fed
+    federation = _setup(tmp_path, ids, 5)
+    ip.mask_step(federation, 1, fed.encoded(), silent=silent)
+    return federation, ids, fed
 
 
-def _answer(tmp_path: Path, run: str, round_: int, requests: dict[int, Any]) -> dict[int, Any]:
-    return {
-        u: _node(tmp_path, run, u).unmask(round_, r["survivors"], r["dropped"], r["b_share_ciphertexts"])
-        for u, r in requests.items()
-    }
+def test_different_survivor_lists_to_different_nodes_are_refused(tmp_path: Path) -> None:
+    federation, ids, _ = _round_one(tmp_path)
+    node = federation.node(ids[0])
+    first = node.sign_view(1, ids[:5])
+    assert federation.node(ids[0]).sign_view(1, ids[:5]) == first   # re-delivery: the same signature
+    with pytest.raises(SecAggError, match="already signed another view of round 1"):
+        federation.node(ids[0]).sign_view(1, ids[:6])
+    with pytest.raises(SecAggError, match="signed no view, or another one"):
+        federation.node(ids[0]).unmask(1, ids[:6], {}, {}, {})
+    with pytest.raises(SecAggError, match="already took round 1's consistency path"):
+        federation.node(ids[0]).unmask_fast(1, {}, {})
+    federation.node(ids[1]).unmask_fast(1, {}, {})
+    with pytest.raises(SecAggError, match="already revealed round 1's self-mask shares on the fast path"):
+        federation.node(ids[1]).sign_view(1, ids[:5])
 
 
-def test_node_refuses_to_reveal_both_shares_of_one_peer(tmp_path: Path) -> None:
-    server, reqs, _ = _round_one(tmp_path, "both")
-    node = _node(tmp_path, "both", 1)
-    cts = reqs[1]["b_share_ciphertexts"]
-    with pytest.raises(SecAggError, match=r"nodes \[4\] are listed both as survivors and as dropped"):
-        node.unmask(1, [1, 2, 3, 4], [4, 5], cts)
-    node.unmask(1, [1, 2, 3, 4, 5], [], cts)  # answers the honest request
-    node.unmask(1, [1, 2, 3, 4, 5], [], cts)  # and a re-delivery of it
-    with pytest.raises(SecAggError, match="already unmasked with survivors"):
-        node.unmask(1, [1, 2, 3, 4], [5], {v: cts[v] for v in [1, 2, 3, 4]})
+def test_a_view_without_enough_signatures_reveals_nothing(tmp_path: Path) -> None:
+    federation, ids, _ = _round_one(tmp_path)
+    view = ids[:5]
+    sigs = {i: federation.node(i).sign_view(1, view) for i in view[:3]}   # 3 < t = 4
+    with pytest.raises(SecAggError, match="only 3 members of node .*neighbourhood signed this view"):
+        federation.node(view[0]).unmask(1, view, sigs, {}, {})
+    forged = {**sigs, view[3]: sigs[view[0]]}          # a signature passed off as another node's
+    with pytest.raises(SecAggError, match="only 3 members"):
+        federation.node(view[0]).unmask(1, view, forged, {}, {})
 
 
-def test_node_refuses_a_dropped_node_listed_as_survivor_later(tmp_path: Path) -> None:
-    server, reqs, fed = _round_one(tmp_path, "rejoin", silent=[5])
-    replies = _answer(tmp_path, "rejoin", 1, reqs)
-    server.finish(replies)
-    assert _node(tmp_path, "rejoin", 1).revealed_mask_keys_of == [5]
-    requests = ip.mask_step(server, tmp_path, 2, fed.encoded())
-    assert 5 not in requests
-    cts = server.unmask_requests()[1]["b_share_ciphertexts"]
-    with pytest.raises(SecAggError, match=r"nodes \[5\] were declared dropped earlier"):
-        _node(tmp_path, "rejoin", 1).unmask(2, [1, 2, 3, 4, 5], [], {**cts, 5: cts[1]})
-    # A mask request that lists node 5 again is refused too.
-    with pytest.raises(SecAggError, match=r"nodes \[5\] were declared dropped earlier"):
-        _node(tmp_path, "rejoin", 1).receive_keys(3, {5: b"\x09" * 32, 1: b"\x01" * 32}, {5: b"x", 1: b"y"})
+def test_a_share_tampered_by_one_hospital_is_discarded_and_its_sender_named(tmp_path: Path) -> None:
+    ids = _ids(7)
+    fed = Fed(ids, 6, seed=31)
+    federation = _setup(tmp_path, ids, 7)
+    ip.mask_step(federation, 1, fed.encoded(), silent=[ids[6]])   # a dropout: the consistency path
+    replies = ip.unmask_step(federation, 1)
+    liar = ids[2]
+    share = bytearray(replies[liar]["b"][ids[0]])
+    share[5] ^= 0x40
+    replies[liar]["b"][ids[0]] = bytes(share)
+    key_share = bytearray(replies[liar]["s"][ids[6]])
+    key_share[9] ^= 0x01
+    replies[liar]["s"][ids[6]] = bytes(key_share)
+    total, outcome = federation.server.finish(replies)
+    assert set(outcome.blamed) == {liar}
+    assert "never dealt" in outcome.blamed[liar]
+    fed.check(total, outcome.survivors)                  # the round completed with the good shares
+    assert liar in federation.server.excluded            # and the run continues without the offender
+    requests = ip.mask_step(federation, 2, fed.encoded())
+    assert liar not in requests
 
 
-def test_node_refuses_replays_wrong_rounds_and_too_few_survivors(tmp_path: Path) -> None:
-    server, reqs, fed = _round_one(tmp_path, "replay")
-    node = _node(tmp_path, "replay", 2)
-    with pytest.raises(SecAggError, match="already masked round 1"):
-        node.mask(1, fed.encoded()[2])
-    with pytest.raises(SecAggError, match="did not mask round 7"):
-        node.unmask(7, [1, 2, 3, 4, 5], [], reqs[2]["b_share_ciphertexts"])
-    with pytest.raises(TooFewSurvivors, match="2 survivors listed, threshold is 3"):
-        node.unmask(1, [1, 2], [3, 4, 5], {v: reqs[2]["b_share_ciphertexts"][v] for v in [1, 2]})
-    with pytest.raises(SecAggError, match="not round 1's active nodes"):
-        node.unmask(1, [1, 2, 3], [4], {v: reqs[2]["b_share_ciphertexts"][v] for v in [1, 2, 3]})
+def test_a_malformed_unmask_reply_names_its_sender_and_the_round_completes(tmp_path: Path) -> None:
+    ids = _ids(6)
+    fed = Fed(ids, 6, seed=32)
+    federation = _setup(tmp_path, ids, 7)
+    ip.mask_step(federation, 1, fed.encoded())
+    replies = ip.unmask_step(federation, 1)
+    replies[ids[1]] = {"b": {ids[0]: b"short"}}
+    total, outcome = federation.server.finish(replies)
+    assert "malformed share" in outcome.blamed[ids[1]]
+    fed.check(total, outcome.survivors)
+
+
+def test_a_dealer_whose_own_shares_do_not_reconstruct_fails_the_round_by_name(tmp_path: Path, monkeypatch) -> None:
+    """A hospital deals shares of its self-mask seed from two different polynomials (each committed
+    to as dealt, so every holder accepts its own): the seed cannot be rebuilt; the dealer is named."""
+    from secure_aggregation import node_half, shamir
+
+    ids = _ids(5)
+    fed = Fed(ids, 6, seed=33)
+    federation = _setup(tmp_path, ids, 7)
+    requests = federation.server.start_round(1)
+    cheat = ids[3]
+    for nid, req in requests.items():
+        federation.node(nid).receive_keys(1, req["peers"])
+        if nid == cheat:
+            honest_split = shamir.split
+
+            def inconsistent(secret, t, holders):
+                shares = honest_split(secret, t, holders)
+                if len(secret) == 32 and holders:   # the self-mask seed: one share from another polynomial
+                    shares[holders[0]] = honest_split(bytes(32), t, holders)[holders[0]]
+                return shares
+
+            monkeypatch.setattr(node_half.shamir, "split", inconsistent)
+        reply = federation.node(nid).mask(1, fed.encoded()[nid])
+        monkeypatch.setattr(node_half.shamir, "split", shamir.split)
+        federation.server.add_masked(nid, reply)
+    with pytest.raises(TamperingDetected, match=f"node {cheat} dealt shares of its self-mask seed") as exc:
+        federation.server.finish(ip.unmask_step(federation, 1))
+    assert exc.value.blame == [cheat]
+
+
+def test_the_late_input_of_a_dropped_node_stays_masked(tmp_path: Path) -> None:
+    federation, ids, fed = _round_one(tmp_path, n=5, silent=[])
+    # the coordinator claims the last node dropped although its input arrived: the consistency path
+    last = ids[-1]
+    view = ids[:-1]
+    sigs = {i: federation.node(i).sign_view(1, view) for i in view}
+    rnd = federation.server._round
+    b_cts = {h: {w: rnd.b_cts[w][h] for w in view} for h in view}
+    replies = {h: federation.node(h).unmask(1, view, sigs, b_cts[h], {w: rnd.statements[w] for w in view})
+               for h in view}
+    assert all(set(r["s"]) == {last} and set(r["b"]) == set(view) for r in replies.values())
+    # nobody reveals the last node's self mask now: the fast path is closed for every signer ...
+    for h in view:
+        with pytest.raises(SecAggError, match="consistency path"):
+            federation.node(h).unmask_fast(1, {last: rnd.b_cts[last][h]}, {last: rnd.statements[last]})
+    # ... and the last node itself never signed a view without itself
     with pytest.raises(SecAggError, match="not listed as a survivor"):
-        node.unmask(1, [1, 3, 4, 5], [2], {v: reqs[2]["b_share_ciphertexts"][v] for v in [1, 3, 4, 5]})
+        federation.node(last).sign_view(1, view)
 
 
-# ---- tampering -----------------------------------------------------------------------------------
+# ---- the coordinator as an adversary: it never gets both masks of an honest node -------------------
+
+class Attacker:
+    """A coordinator that asks any node anything, in any order, and pools every share it gets.
+
+    ``colluders`` hand over every share they hold. ``exposed`` is the property under test: the
+    attacker can remove both the self mask of an honest node whose input it holds and every pairwise
+    mask that node added with an honest peer.
+    """
+
+    def __init__(self, federation: ip.Federation, round_: int, colluders: Iterable[int] = ()) -> None:
+        self.fed, self.r = federation, round_
+        self.rnd = federation.server._round
+        self.colluders = set(colluders)
+        self.b: dict[int, set[int]] = defaultdict(set)
+        self.s: dict[int, set[int]] = defaultdict(set)
+        self.sigs: dict[tuple[int, ...], dict[int, bytes]] = defaultdict(dict)
+        for c in self.colluders:
+            state = json.loads(ip.state_path(federation.state_dir, federation.run_id, c).read_text())
+            for owner in state["rounds"].get(str(round_), {}).get("shares", {}):
+                self.s[int(owner)].add(c)
+            for owner in self.rnd.peers.get(c, []):
+                self.b[owner].add(c)
+
+    def _b_cts(self, h: int, owners: Iterable[int]) -> dict[int, bytes]:
+        return {w: self.rnd.b_cts[w][h] for w in owners if w in self.rnd.b_cts and h in self.rnd.b_cts[w]}
+
+    def _statements(self, owners: Iterable[int]) -> dict[int, dict]:
+        return {w: self.rnd.statements[w] for w in owners if w in self.rnd.statements}
+
+    def fast(self, h: int) -> None:
+        try:
+            reply = self.fed.node(h).unmask_fast(self.r, self._b_cts(h, self.rnd.peers[h]),
+                                                 self._statements(self.rnd.peers[h]))
+        except SecAggError:
+            return
+        for w in reply["b"]:
+            self.b[w].add(h)
+
+    def sign(self, h: int, view: tuple[int, ...]) -> None:
+        try:
+            self.sigs[view][h] = self.fed.node(h).sign_view(self.r, list(view))
+        except SecAggError:
+            pass
+
+    def unmask(self, h: int, view: tuple[int, ...]) -> None:
+        try:
+            reply = self.fed.node(h).unmask(self.r, list(view), self.sigs[view], self._b_cts(h, view),
+                                            self._statements(view))
+        except SecAggError:
+            return
+        for w in reply["b"]:
+            self.b[w].add(h)
+        for w in reply["s"]:
+            self.s[w].add(h)
+
+    def exposed(self) -> list[int]:
+        t = self.fed.server.threshold
+        found = []
+        for w in self.rnd.contributors:
+            if w in self.colluders or len(self.b[w]) < t:
+                continue
+            honest_peers = [v for v in self.rnd.peers[w] if v != w and v not in self.colluders]
+            if all(len(self.s[v]) >= t for v in honest_peers):
+                found.append(w)
+        return found
+
+    def both_from_one_holder(self) -> list[tuple[int, int]]:
+        return [(h, w) for w in self.b for h in self.b[w] & self.s.get(w, set()) if h not in self.colluders]
 
 
-def test_share_from_another_run_is_detected(tmp_path: Path) -> None:
-    ids = [1, 2, 3]
-    a = ip.setup(tmp_path, "run-a", 2, ids, 4)
-    b = ip.setup(tmp_path, "run-b", 2, ids, 4)
-    req_a, req_b = a.start_round(1), b.start_round(1)
-    foreign = {**req_b[1]["s_share_ciphertexts"], 2: req_a[1]["s_share_ciphertexts"][2]}
-    with pytest.raises(TamperingDetected, match="s-share from node 2 for round 0 failed authentication"):
-        _node(tmp_path, "run-b", 1).receive_keys(1, req_b[1]["s_public_keys"], foreign)
+@pytest.mark.parametrize("n", [7, 8, 9, 10, 11, 12])
+def test_the_split_view_attack_recovers_no_update(tmp_path: Path, n: int) -> None:
+    """The review's attack: the target's self-mask shares from nodes told it survived, its peers'
+    mask keys from nodes told they dropped. Every split of the other nodes into those two groups is
+    tried (views sized to pass each node's own checks); no split exposes the target."""
+    federation, ids, _ = _round_one(tmp_path, n=n)
+    target, others = ids[0], ids[1:]
+    t = federation.server.threshold
+    rng = random.Random(n)
+    for attempt in range(12):
+        attacker = Attacker(federation, 1)
+        rng.shuffle(others)
+        cut = rng.randint(1, len(others) - 1)
+        alive, told_dropped = others[:cut], others[cut:]
+        view_target = tuple(sorted({target, *alive} | set(rng.sample(others, max(0, t - 1 - len(alive))))))
+        view_peers = tuple(sorted(set(told_dropped) | set(rng.sample(alive, max(0, t - len(told_dropped))))))
+        for h in alive:
+            attacker.sign(h, view_target)
+        for h in told_dropped:
+            attacker.sign(h, view_peers)
+        for h in ids:
+            attacker.unmask(h, view_target)
+            attacker.unmask(h, view_peers)
+            attacker.fast(h)
+        assert attacker.exposed() == [] and attacker.both_from_one_holder() == []
+        federation, ids, _ = _round_one(tmp_path / f"a{attempt}", n=n)
+        target, others = ids[0], ids[1:]
 
 
-def test_replayed_wrong_sender_and_corrupted_shares_are_detected(tmp_path: Path) -> None:
-    server, reqs1, _ = _round_one(tmp_path, "tamper")
-    replies = _answer(tmp_path, "tamper", 1, reqs1)
-    server.finish(replies)
-    fed = Fed([1, 2, 3, 4, 5], 4, seed=17)
-    ip.mask_step(server, tmp_path, 2, fed.encoded())
-    reqs2 = server.unmask_requests()
-    good = reqs2[1]["b_share_ciphertexts"]
-    node = _node(tmp_path, "tamper", 1)
-    replayed = {**good, 3: reqs1[1]["b_share_ciphertexts"][3]}  # round-1 share replayed into round 2
-    with pytest.raises(TamperingDetected, match="b-share from node 3 for round 2 failed authentication"):
-        node.unmask(2, reqs2[1]["survivors"], [], replayed)
-    swapped = {**good, 2: good[4], 4: good[2]}  # shares re-labelled with another sender
-    with pytest.raises(TamperingDetected, match="from node 2 for round 2"):
-        node.unmask(2, reqs2[1]["survivors"], [], swapped)
-    blob = bytearray(good[5])
-    blob[-1] ^= 0x01
-    with pytest.raises(TamperingDetected, match="b-share from node 5 for round 2 failed authentication"):
-        node.unmask(2, reqs2[1]["survivors"], [], {**good, 5: bytes(blob)})
-    # Nothing was recorded by the failed attempts: the honest request still works.
-    assert set(node.unmask(2, reqs2[1]["survivors"], [], good)["b"]) == {1, 2, 3, 4, 5}
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_no_schedule_of_requests_exposes_an_honest_node(tmp_path_factory, data) -> None:
+    n = data.draw(st.integers(5, 9), label="n")
+    corrupt = data.draw(st.integers(0, 1), label="colluders")
+    ids = _ids(n, seed=data.draw(st.integers(0, 10**6)))
+    t = max(_t(n), (n + corrupt) // 2 + 1)
+    folder = tmp_path_factory.mktemp("schedule")
+    federation = ip.setup(folder, 7, t, n - 1, ids, 4, SimulatedConsortium(b"\x04" * 32))
+    silent = data.draw(st.sets(st.sampled_from(ids), max_size=n - t), label="silent")
+    ip.mask_step(federation, 1, Fed(ids, 3, seed=1).encoded(), silent=silent)
+    attacker = Attacker(federation, 1, colluders=data.draw(st.sets(st.sampled_from(ids), min_size=corrupt,
+                                                                    max_size=corrupt), label="colluders"))
+    views = [tuple(sorted(data.draw(st.sets(st.sampled_from(ids), min_size=1), label=f"view {i}")))
+             for i in range(data.draw(st.integers(1, 3), label="views"))]
+    for _ in range(data.draw(st.integers(1, 3 * n), label="requests")):
+        h = data.draw(st.sampled_from(ids), label="node")
+        action = data.draw(st.sampled_from(["fast", "sign", "unmask"]), label="action")
+        view = data.draw(st.sampled_from(views), label="which view")
+        if action == "fast":
+            attacker.fast(h)
+        elif action == "sign":
+            attacker.sign(h, view)
+        else:
+            attacker.unmask(h, view)
+    for h in ids:   # finally everyone is asked everything once more
+        for view in views:
+            attacker.unmask(h, view)
+        attacker.fast(h)
+    assert attacker.exposed() == []
+    assert attacker.both_from_one_holder() == []
 
 
-def test_forged_unmask_share_is_detected_by_the_server(tmp_path: Path) -> None:
-    server, reqs, _ = _round_one(tmp_path, "forged", silent=[5])
-    replies = _answer(tmp_path, "forged", 1, reqs)
-    share = bytearray(replies[2]["s"][5])
-    share[-1] ^= 0x01
-    replies[2]["s"][5] = bytes(share)
-    with pytest.raises(TamperingDetected, match="node 5's round-1 mask key"):
-        server.finish(replies)
-
-
-def test_share_keys_rejects_bad_peer_sets(tmp_path: Path) -> None:
-    ids = [1, 2, 3]
-    pks = {i: SecAggNode(tmp_path / f"{i}.json").advertise("pk", i, 2, ids) for i in ids}
-    node = SecAggNode(tmp_path / "1.json")
-    with pytest.raises(SecAggError, match="does not include this node"):
-        node.share_keys({2: pks[2], 3: pks[3]}, 2)
-    with pytest.raises(TamperingDetected, match="duplicated key"):
-        node.share_keys({**pks, 3: pks[2]}, 2)
-    with pytest.raises(TamperingDetected, match="not the ones it advertised"):
-        node.share_keys({**pks, 1: pks[2]}, 2)
-    with pytest.raises(SecAggError, match="not in this run"):
-        node.share_keys({**pks, 9: {"c_pk": b"\x07" * 32, "s_pk": b"\x08" * 32}}, 2)
-    with pytest.raises(SecAggError, match="threshold 3 differs"):
-        node.share_keys(pks, 3)
-    first = node.share_keys(pks, 2)
-    assert SecAggNode(tmp_path / "1.json").share_keys(pks, 2) == first  # re-delivery: same answer
-    with pytest.raises(SecAggError, match="different set of public keys"):
-        node.share_keys({1: pks[1], 2: pks[2]}, 2)
-
-
-# ---- state on disk ----------------------------------------------------------------------------------
-
-
-def test_state_file_is_private_json_and_forgets_used_secrets(tmp_path: Path) -> None:
-    server, reqs, _ = _round_one(tmp_path, "state")
-    path = ip.state_path(tmp_path, "state", 1)
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
-    state = json.loads(path.read_text())
-    assert state["format"] == "fedcare-secagg-node/1" and len(state["c_sk"]) == 44  # base64 of 32 bytes
-    assert base64.b64decode(state["s_pk"]) != server.public_keys()[1]["s_pk"]  # round-1 mask key gone
-    assert not {"b", "b_seed", "seed"} & _all_keys(state)  # the self-mask seed is never stored
-    _node(tmp_path, "state", 1).unmask(1, reqs[1]["survivors"], reqs[1]["dropped"], reqs[1]["b_share_ciphertexts"])
-    state = json.loads(path.read_text())
-    assert state["rounds"]["1"]["shares"] == {}  # held shares deleted once the round is unmasked
-
+# ---- state on disk ---------------------------------------------------------------------------------
 
 def _all_keys(obj: Any) -> set[str]:
     if isinstance(obj, dict):
@@ -354,17 +502,47 @@ def _all_keys(obj: Any) -> set[str]:
     return set()
 
 
+def test_state_file_is_private_json_and_forgets_used_secrets(tmp_path: Path) -> None:
+    federation, ids, _ = _round_one(tmp_path)
+    path = ip.state_path(tmp_path, 42, ids[0])
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    state = json.loads(path.read_text())
+    assert state["format"] == "fedcare-secagg-node/1" and len(state["c_sk"]) == 44
+    assert unb64(state["s_pk"]) != federation.server._round.keys[ids[0]]   # round-1 mask key already gone
+    assert not {"b", "b_seed", "seed"} & _all_keys(state)   # the self-mask seed is never stored
+    rnd = federation.server._round
+    federation.node(ids[0]).unmask_fast(1, {w: rnd.b_cts[w][ids[0]] for w in rnd.peers[ids[0]]},
+                                        {w: rnd.statements[w] for w in rnd.peers[ids[0]]})
+    assert json.loads(path.read_text())["rounds"]["1"]["shares"] == {}
+
+
 def test_advertise_is_idempotent_and_one_file_serves_one_run(tmp_path: Path) -> None:
+    consortium = SimulatedConsortium(b"\x05" * 32)
     path = tmp_path / "n.json"
-    first = SecAggNode(path).advertise(5, 1, 2, [1, 2, 3])
-    assert SecAggNode(path).advertise(5, 1, 2, [1, 2, 3]) == first
-    with pytest.raises(SecAggError, match="use one state file per run"):
-        SecAggNode(path).advertise(6, 1, 2, [1, 2, 3])
+    first = SecAggNode(path, consortium).advertise(5, 1, "a", 2, 2, [1, 2, 3])
+    assert SecAggNode(path, consortium).advertise(5, 1, "a", 2, 2, [1, 2, 3]) == first
+    with pytest.raises(SecAggError, match="a new run uses a new state file"):
+        SecAggNode(path, consortium).advertise(6, 1, "a", 2, 2, [1, 2, 3])
     with pytest.raises(SecAggError, match="no secure-aggregation state"):
-        SecAggNode(tmp_path / "missing.json").mask(1, np.zeros(3, dtype=np.uint64))
+        SecAggNode(tmp_path / "missing.json", consortium).mask(1, np.zeros(3, dtype=np.uint64))
 
 
-# ---- the server keeps no individual input -----------------------------------------------------------
+def test_server_holds_only_the_running_sum(tmp_path: Path) -> None:
+    ids, length = _ids(4), 64
+    fed = Fed(ids, length - 1, seed=21)
+    federation = _setup(tmp_path, ids, length)
+    requests = federation.server.start_round(1)
+    masked = {}
+    for nid, req in requests.items():
+        federation.node(nid).receive_keys(1, req["peers"])
+        reply = federation.node(nid).mask(1, fed.encoded()[nid])
+        masked[nid] = reply["masked"].copy()
+        federation.server.add_masked(nid, reply)
+        reply["masked"][:] = 0
+    arrays = [a for a in _arrays_reachable(federation.server) if a.size > 1]
+    assert len(arrays) == 1 and arrays[0].shape == (length,)
+    for y in masked.values():
+        assert not any(np.array_equal(a, y) for a in arrays)
 
 
 def _arrays_reachable(obj: Any, seen: set[int] | None = None) -> list[np.ndarray]:
@@ -374,7 +552,6 @@ def _arrays_reachable(obj: Any, seen: set[int] | None = None) -> list[np.ndarray
     seen.add(id(obj))
     if isinstance(obj, np.ndarray):
         return [obj]
-    found: list[np.ndarray] = []
     children: list[Any] = []
     if isinstance(obj, dict):
         children += list(obj.keys()) + list(obj.values())
@@ -383,70 +560,54 @@ def _arrays_reachable(obj: Any, seen: set[int] | None = None) -> list[np.ndarray
     else:
         children += list(getattr(obj, "__dict__", {}).values())
         for cls in type(obj).__mro__:
-            for slot in getattr(cls, "__slots__", ()):
-                if hasattr(obj, slot):
-                    children.append(getattr(obj, slot))
-    for child in children:
-        found += _arrays_reachable(child, seen)
-    return found
-
-
-def test_server_holds_only_the_running_sum(tmp_path: Path) -> None:
-    ids, length = [1, 2, 3, 4], 64
-    fed = Fed(ids, length - 1, seed=21)
-    server = ip.setup(tmp_path, "sum", 3, ids, length)
-    requests = server.start_round(1)
-    masked = {}
-    for nid, req in requests.items():
-        node = _node(tmp_path, "sum", nid)
-        node.receive_keys(1, req["s_public_keys"], req["s_share_ciphertexts"])
-        reply = _node(tmp_path, "sum", nid).mask(1, fed.encoded()[nid])
-        masked[nid] = reply["masked"].copy()
-        server.add_masked(nid, reply)
-        reply["masked"][:] = 0  # the server did not keep a reference to the caller's array
-    arrays = _arrays_reachable(server)
-    assert len(arrays) == 1 and arrays[0].shape == (length,)  # just the sum
-    for y in masked.values():
-        assert not any(np.array_equal(a, y) for a in arrays)
-    expected = np.zeros(length, dtype=np.uint64)
-    for y in masked.values():
-        np.add(expected, y, out=expected)
-    assert np.array_equal(arrays[0], expected)
-    public = [name for name in dir(server) if not name.startswith("_")]
-    assert set(public) == {
-        "abort_round", "add_masked", "add_public_keys", "add_setup_shares", "dropped", "finish",
-        "node_ids", "public_keys", "round", "run_id", "start_round", "survivors", "threshold",
-        "unmask_requests", "vector_length",
-    }
+            children += [getattr(obj, slot) for slot in getattr(cls, "__slots__", ()) if hasattr(obj, slot)]
+    return [a for child in children for a in _arrays_reachable(child, seen)]
 
 
 def test_server_rejects_malformed_or_unexpected_inputs(tmp_path: Path) -> None:
-    server, _, fed = _round_one(tmp_path, "bad")
-    with pytest.raises(SecAggError, match="arrived after the survivor list was fixed"):
-        server.add_masked(1, {"masked": np.zeros(5, dtype=np.uint64)})
-    server2 = ip.setup(tmp_path, "bad2", 3, [1, 2, 3, 4, 5], 5)
-    reqs = server2.start_round(1)
-    node = _node(tmp_path, "bad2", 1)
-    node.receive_keys(1, reqs[1]["s_public_keys"], reqs[1]["s_share_ciphertexts"])
-    reply = node.mask(1, fed.encoded()[1])
-    with pytest.raises(SecAggError, match="must be uint64 of length 5"):
-        server2.add_masked(1, {**reply, "masked": reply["masked"].astype(np.int64)})
-    with pytest.raises(SecAggError, match="b-shares for"):
-        server2.add_masked(1, {**reply, "b_shares": {2: b"x"}})
-    with pytest.raises(SecAggError, match="not active in round 1"):
-        server2.add_masked(9, reply)
+    ids = _ids(5)
+    fed = Fed(ids, 4, seed=41)
+    federation = _setup(tmp_path, ids, 5)
+    reqs = federation.server.start_round(1)
+    node = federation.node(ids[0])
+    node.receive_keys(1, reqs[ids[0]]["peers"])
+    reply = federation.node(ids[0]).mask(1, fed.encoded()[ids[0]])
+    with pytest.raises(SecAggError, match="not uint64 of length 5"):
+        federation.server.add_masked(ids[0], {**reply, "masked": reply["masked"].astype(np.int64)})
+    with pytest.raises(SecAggError, match="dealt self-mask shares to"):
+        federation.server.add_masked(ids[0], {**reply, "b_shares": {ids[1]: b"x"}})
+    with pytest.raises(SecAggError, match="masked with"):
+        federation.server.add_masked(ids[0], {**reply, "active": ids[:3]})
+    with pytest.raises(SecAggError, match="is not expected"):
+        federation.server.add_masked(9, reply)
     with pytest.raises(SecAggError, match="still open"):
-        server2.start_round(2)
-    server2.add_masked("1", reply)  # transport dicts may carry ids as strings
-    with pytest.raises(SecAggError, match="already sent"):
-        server2.add_masked(1, reply)
+        federation.server.start_round(2)
+    federation.server.add_masked(str(ids[0]), reply)   # transport dicts may carry ids as strings
+    with pytest.raises(SecAggError, match="is not expected"):
+        federation.server.add_masked(ids[0], reply)
 
 
-def test_substituted_rotated_mask_key_is_detected(tmp_path: Path) -> None:
-    server, reqs, fed = _round_one(tmp_path, "swap")
-    server.finish(_answer(tmp_path, "swap", 1, reqs))
-    req = server.start_round(2)[1]
-    forged = {**req["s_public_keys"], 3: req["s_public_keys"][4]}  # server relays a key node 3 never sent
-    with pytest.raises(TamperingDetected, match="mask key relayed for node 3 is not the one node 3 shared"):
-        _node(tmp_path, "swap", 1).receive_keys(2, forged, req["s_share_ciphertexts"])
-    _node(tmp_path, "swap", 1).receive_keys(2, req["s_public_keys"], req["s_share_ciphertexts"])
+def test_a_substituted_rotated_mask_key_or_share_is_detected(tmp_path: Path) -> None:
+    ids = _ids(5)
+    fed = Fed(ids, 4, seed=42)
+    federation = _setup(tmp_path, ids, 5)
+    ip.run_round(federation, 1, fed.encoded())
+    peers = federation.server.start_round(2)[ids[0]]["peers"]
+    a, b = ids[2], ids[3]
+    forged = {**peers, a: {**peers[a], "s_pk": peers[b]["s_pk"]}}   # a key node a never announced
+    with pytest.raises(TamperingDetected, match=f"statement of node {a}"):
+        federation.node(ids[0]).receive_keys(2, forged)
+    swapped = {**peers, a: {**peers[a], "ct": peers[b]["ct"]}}      # another dealer's share relabelled
+    with pytest.raises(TamperingDetected, match=f"from node {a}"):
+        federation.node(ids[0]).receive_keys(2, swapped)
+    federation.node(ids[0]).receive_keys(2, peers)                  # the honest request still works
+
+
+def test_a_share_from_another_run_is_detected(tmp_path: Path) -> None:
+    ids = _ids(3)
+    fa = _setup(tmp_path, ids, 4, run="run-a")
+    fb = _setup(tmp_path, ids, 4, run="run-b")
+    pa, pb = fa.server.start_round(1)[ids[0]]["peers"], fb.server.start_round(1)[ids[0]]["peers"]
+    foreign = {**pb, ids[1]: {**pb[ids[1]], "ct": pa[ids[1]]["ct"]}}
+    with pytest.raises(TamperingDetected, match=f"s-share from node {ids[1]} for round 0 failed authentication"):
+        fb.node(ids[0]).receive_keys(1, foreign)

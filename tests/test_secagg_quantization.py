@@ -47,23 +47,14 @@ def test_encoding_layout_weight_last_and_scaled() -> None:
     assert q.error_bound == pytest.approx(1.0 / 255)
 
 
-@pytest.mark.parametrize(
-    ("values", "count", "worst"),
-    [([0.0, 1.5, -2.0], 2, "2"), ([0.1, np.nan, np.inf, 3.0], 3, "3")],
-)
-def test_out_of_range_values_raise_with_count_max_and_hint(values: list[float], count: int, worst: str) -> None:
+@pytest.mark.parametrize("values", [[0.0, 1.5, -2.0], [0.1, np.nan, np.inf, 3.0], [np.nan], [0.3, 1.123456]])
+def test_out_of_range_values_raise_without_any_value_or_count_from_the_update(values: list[float]) -> None:
     q = Quantizer(1.0)
     with pytest.raises(ClipRangeError) as exc:
         q.encode(np.array(values), weight=1)
     msg = str(exc.value)
-    assert f"{count} of {len(values)} update values" in msg
-    assert f"max |finite value| = {worst}" in msg
-    assert "secagg-clip-range" in msg
-
-
-def test_nan_only_is_reported_as_non_finite() -> None:
-    with pytest.raises(ClipRangeError, match="NaN/inf"):
-        Quantizer(1.0).encode(np.array([np.nan]), weight=1)
+    assert "secagg-clip-range" in msg and "[-1, 1]" in msg
+    assert not any(ch.isdigit() for ch in msg.replace("[-1, 1]", "").replace("2**64", ""))
 
 
 @pytest.mark.parametrize("weight", [0, -1, 2**20 + 1, True, 1.5])

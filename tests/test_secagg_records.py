@@ -12,6 +12,7 @@ from flwr.common.serde import config_record_from_proto, config_record_to_proto
 
 from secure_aggregation import Quantizer, SecAggError, SecAggNode, SecAggServer
 from secure_aggregation import inprocess as ip
+from secure_aggregation.identity import SimulatedConsortium
 from secure_aggregation.records import flatten, pack_vector, unflatten, unpack_vector
 
 IDS = [3, 2**63 + 5, 2**64 - 1]  # Flower node ids are uint64
@@ -55,30 +56,38 @@ def test_masked_vector_packs_to_bytes_and_back_exactly() -> None:
 
 
 def test_full_protocol_over_flower_records(tmp_path: Path) -> None:
+    """Every message of a round with a dropout (the consistency path) through flatten/unflatten and back."""
     run, t, length = 77, 2, 9
     q = Quantizer(1.0)
     rng = np.random.default_rng(8)
     deltas = {i: rng.uniform(-1, 1, length - 1) for i in IDS}
-    server = SecAggServer(run, t, IDS, length)
+    consortium = SimulatedConsortium(b"\x09" * 32)
+    server = SecAggServer(run, t, len(IDS) - 1, IDS, length)
 
     def node(i: int) -> SecAggNode:
-        return SecAggNode(ip.state_path(tmp_path, run, i))
+        return SecAggNode(ip.state_path(tmp_path, run, i), consortium)
 
     for i in IDS:
-        server.add_public_keys(i, _wire(node(i).advertise(run, i, t, IDS)))
-    broadcast = _wire({"keys": server.public_keys()})["keys"]
+        server.add_advertisement(i, _wire(node(i).advertise(run, i, ip.name_of(i), t, len(IDS) - 1, IDS)))
+    ads = _wire({"ads": server.advertisements()})["ads"]
     for i in IDS:
-        server.add_setup_shares(i, _wire({"cts": node(i).share_keys(broadcast, t)})["cts"])
+        server.add_setup(i, _wire(node(i).share_keys(ads)))
     for i, req in server.start_round(1).items():
         req = _wire(req)
-        node(i).receive_keys(req["round"], req["s_public_keys"], req["s_share_ciphertexts"])
+        node(i).receive_keys(req["round"], req["peers"])
         if i == IDS[1]:
             continue  # dropped this round
         server.add_masked(i, _wire_masked(node(i).mask(1, q.encode(deltas[i], 1))))
+    assert not server.fast_path()
+    for i, req in server.view_requests().items():
+        req = _wire(req)
+        server.add_view_signature(i, _wire({"sig": node(i).sign_view(req["round"], req["survivors"])})["sig"])
     replies = {}
     for i, req in server.unmask_requests().items():
         req = _wire(req)
-        replies[i] = _wire(node(i).unmask(req["round"], req["survivors"], req["dropped"], req["b_share_ciphertexts"]))
-    mean, weight = q.decode_mean(server.finish(replies), len(server.survivors))
+        replies[i] = _wire(node(i).unmask(req["round"], req["survivors"], req["signatures"],
+                                          req["b_share_ciphertexts"], req["statements"]))
+    total, outcome = server.finish(replies)
+    mean, weight = q.decode_mean(total, len(outcome.survivors))
     assert weight == 2
     assert np.max(np.abs(mean - (deltas[IDS[0]] + deltas[IDS[2]]) / 2)) <= q.error_bound + 1e-12

@@ -45,10 +45,10 @@ def _arrays(result) -> dict[str, np.ndarray]:
 def test_secure_aggregate_equals_plain_weighted_average_within_the_quantisation_bound(tmp_path, strategy):
     plain = RunSettings(num_rounds=2, dp=False, strategy=strategy, secure_aggregation=False)
     secure = plain.replace(secure_aggregation=True)
-    a = run_federation(InProcessGrid(_nodes(tmp_path / "a", [1.0] * 4)), plain, 4, lambda _: None, timeout=5,
-                       run_id=RUN_ID)
-    b = run_federation(InProcessGrid(_nodes(tmp_path / "b", [1.0] * 4)), secure, 4, lambda _: None, timeout=5,
-                       run_id=RUN_ID)
+    a = run_federation(InProcessGrid(_nodes(tmp_path / "a", [1.0] * 4), reproducible_noise=0), plain, 4,
+                       lambda _: None, timeout=5, run_id=RUN_ID)
+    b = run_federation(InProcessGrid(_nodes(tmp_path / "b", [1.0] * 4), reproducible_noise=0), secure, 4,
+                       lambda _: None, timeout=5, run_id=RUN_ID)
     bound = 2 * secure.secagg_clip_range / (2**32 - 1) * secure.num_rounds + 1e-6  # + float32 rounding
     for name, value in _arrays(a).items():
         assert np.abs(_arrays(b)[name] - value).max() <= bound, name
@@ -58,10 +58,10 @@ def test_secure_aggregate_equals_plain_weighted_average_within_the_quantisation_
 
 def test_with_dp_the_secure_run_reaches_the_same_accuracy(tmp_path):
     plain = RunSettings(num_rounds=3, secure_aggregation=False, seed=2)
-    a = run_federation(InProcessGrid(_nodes(tmp_path / "a", [1.0] * 4)), plain, 4, lambda _: None, timeout=5,
-                       run_id=RUN_ID)
-    b = run_federation(InProcessGrid(_nodes(tmp_path / "b", [1.0] * 4)), plain.replace(secure_aggregation=True), 4,
+    a = run_federation(InProcessGrid(_nodes(tmp_path / "a", [1.0] * 4), reproducible_noise=2), plain, 4,
                        lambda _: None, timeout=5, run_id=RUN_ID)
+    b = run_federation(InProcessGrid(_nodes(tmp_path / "b", [1.0] * 4), reproducible_noise=2),
+                       plain.replace(secure_aggregation=True), 4, lambda _: None, timeout=5, run_id=RUN_ID)
     acc_a = a.rounds[-1].evaluation["pooled"]["accuracy"]
     acc_b = b.rounds[-1].evaluation["pooled"]["accuracy"]
     assert abs(acc_a - acc_b) <= 0.01
@@ -81,8 +81,14 @@ def test_one_dropout_at_any_stage_does_not_stop_the_run(tmp_path, stage):
     assert "Hungary" not in last.trained and len(last.trained) == 3
     assert "secure aggregation" not in last.failed, last.failed
     if stage == protocol.SECAGG_UNMASK:
-        # its masked input arrived before it vanished: round 1 still counts its update
+        # its masked input arrived before it vanished: round 1 still counts its update, and names it
         assert "Hungary" in result.rounds[0].trained
+        assert result.rounds[0].secagg == {"path": "fast", "dropped": [], "silent": ["Hungary"]}
+        assert any("Hungary did not answer the unmask exchange" in line for line in progress), progress
+        # round 2: it sent no masked input; the others unmask on the consistency path, Hungary named
+        assert last.secagg["path"] == "consistency" and last.secagg["dropped"] == ["Hungary"]
+    if stage == "train":
+        assert result.rounds[0].secagg["dropped"] == ["Hungary"]
 
 
 def test_below_the_threshold_the_round_fails_cleanly_and_the_model_stays(tmp_path):
@@ -98,13 +104,19 @@ def test_below_the_threshold_the_round_fails_cleanly_and_the_model_stays(tmp_pat
     assert result.stopped_early and "threshold is 4" in result.stopped_early
 
 
-def test_an_update_outside_the_clip_range_is_refused_and_not_charged(tmp_path):
-    s = RunSettings(num_rounds=1, secagg_clip_range=1e-6)
-    result = run_federation(InProcessGrid(_nodes(tmp_path, [1.0] * 4)), s, 4, lambda _: None, timeout=5,
+def test_an_update_outside_the_clip_range_is_clipped_at_the_hospital_and_charged(tmp_path):
+    """Nothing from the update reaches the server as a refusal: the hospital clips into the agreed range
+    (post-processing of its DP release), the round completes, and the round it trained is paid for."""
+    clip = 1e-6
+    s = RunSettings(num_rounds=1, secagg_clip_range=clip)
+    progress: list[str] = []
+    result = run_federation(InProcessGrid(_nodes(tmp_path, [1.0] * 4)), s, 4, progress.append, timeout=5,
                             run_id=RUN_ID)
-    refused = result.rounds[0].refused
-    assert set(refused) == {"Cleveland", "Hungary", "Switzerland", "VA Long Beach"}
-    assert all("secagg-clip-range" in reason for reason in refused.values())
-    # the statistics round was paid for, the refused training round was not
-    stats_only = {h.name: h.epsilon for h in result.hospitals.values()}
-    assert all(eps is not None and eps < 0.5 for eps in stats_only.values()), stats_only
+    first = result.rounds[0]
+    assert first.refused == {} and first.failed == {}
+    assert sorted(first.trained) == ["Cleveland", "Hungary", "Switzerland", "VA Long Beach"]
+    assert not any(ch.isdigit() for line in progress if "clip" in line for ch in line)
+    for h in result.hospitals.values():   # the training round was charged on top of the statistics answer
+        assert h.epsilon is not None and h.epsilon > 0.5, h
+    # the model moved by at most the clip range per value (plus the quantisation step)
+    assert all(np.abs(v).max() <= clip * (1 + 1e-6) for v in _arrays(result).values())

@@ -10,6 +10,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from client.dp_trainer import DPSettings, train
+from client.secret_randomness import SecretRandom
 from shared_models.sequence_gru import SequenceGRU
 
 D, T = 5, 6
@@ -85,7 +86,7 @@ def test_dp_sgd_with_poisson_sampling_survives_empty_batches():
     m = model()
     before = [p.detach().clone() for p in m.parameters()]
     outcome = train(m, x.numpy(), y.numpy(), epochs=2, batch_size=1, lr=0.1,
-                    dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0), seed=0)
+                    dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0), rng=SecretRandom.reproducible(0))
     assert outcome.steps == [(1.0, 1 / 30, 60)]
     after = list(m.parameters())
     assert all(torch.isfinite(p).all() for p in after)
