@@ -63,6 +63,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.markdown_report import replace_section  # noqa: E402
 from fedcare.deploy_pki import init_deployment  # noqa: E402
+from fedcare.fab_approval import approve_digest, fab_digest  # noqa: E402
+from fedcare.flower_latency import build_fab  # noqa: E402
+from fedcare.node_settings import load_node_settings  # noqa: E402
 from simulation.environment import SAFE_ENVIRONMENT  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -202,6 +205,7 @@ def run_mode(mode: str, app_dir: Path, n_nodes: int, rounds: int, work: Path, ti
             if done.returncode != 0:
                 raise RuntimeError(f"register {h.name}: {done.stdout}{done.stderr}")
 
+        digest = fab_digest(build_fab(app_dir)[0])
         for index, h in enumerate(files.hospitals):
             text = h.settings.read_text()
             text = re.sub(r"clientappio-port = \d+", f"clientappio-port = {_free_port()}", text)
@@ -210,6 +214,9 @@ def run_mode(mode: str, app_dir: Path, n_nodes: int, rounds: int, work: Path, ti
                 text = re.sub(r"poll-interval = [\d.]+", f"poll-interval = {poll}", text)
             text = text.replace('ledger-dir = "ledgers"', f'ledger-dir = "{work / "node-ledgers" / h.name}"')
             h.settings.write_text(text)
+            # The hospital approves the FAB `flwr run` will ship (what `fedcare node approve` records).
+            store = load_node_settings(h.settings, check_port=False).approved_fabs_store
+            approve_digest(store, digest, source="bench: the project's FAB")
             proc = subprocess.Popen([str(BIN / "fedcare"), "node", "start", "--config", str(h.settings)], cwd=work,
                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                     errors="replace", start_new_session=True)

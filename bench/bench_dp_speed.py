@@ -58,7 +58,18 @@ from shared_models.registry import build_model  # noqa: E402
 HEADING = "## DP-SGD step time and memory vs plain SGD (issue 7)"
 GPU_HEADING = "## DP-SGD step time and memory vs plain SGD on a GPU (issue 7)"
 DEVICE = torch.device("cpu")  # set once by main(); every model and batch is placed on it
-MODES = ("plain", "fedcare", "fedcare hardened", "opacus hooks", "opacus ghost")
+MODES = ("plain", "fedcare", "fedcare hardened", "fedcare torch noise", "opacus hooks", "opacus ghost")
+
+
+class TorchGeneratorNoise:
+    """Noise from torch's default generator: what fedcare drew before secret randomness (NOT private:
+    a seed reproduces it). Here only to measure what the secret stream costs, side by side."""
+
+    def add_gaussian_(self, target: torch.Tensor, std: float) -> None:
+        target.add_(torch.normal(0.0, std, size=target.shape, device=target.device, dtype=target.dtype))
+
+    def gaussian_like(self, reference: torch.Tensor, std: float) -> torch.Tensor:
+        return torch.normal(0.0, std, size=reference.shape, device=reference.device, dtype=reference.dtype)
 
 
 class PlainGRU(nn.Module):
@@ -126,12 +137,12 @@ def make_step(case: Case, mode: str, x: torch.Tensor, y: torch.Tensor) -> Callab
     model = case.model().to(DEVICE)
     sgd = torch.optim.SGD(model.parameters(), lr=0.05)
     common = dict(noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=len(y))
-    if mode in ("fedcare", "fedcare hardened"):
+    if mode in ("fedcare", "fedcare hardened", "fedcare torch noise"):
         from opacus.accountants import RDPAccountant
 
         # the hospital's secret noise (OS entropy); "hardened": the four-draw float64 mitigation
-        opt = ClippedSumDPOptimizer(sgd, loss_reduction="mean", noise=SecretRandom(hardened=mode != "fedcare"),
-                                    **common)
+        noise = TorchGeneratorNoise() if mode == "fedcare torch noise" else SecretRandom(hardened=mode != "fedcare")
+        opt = ClippedSumDPOptimizer(sgd, loss_reduction="mean", noise=noise, **common)
         opt.attach_step_hook(RDPAccountant().get_optimizer_hook_fn(sample_rate=0.1))
         clipper = PerSampleClipper(model, 1.0)
 
@@ -215,7 +226,7 @@ def time_case(case: Case, modes: list[str], reps: int, budget_s: float,
     # (the median of per-repetition ratios is kept to show how much the load moved them).
     best = {m: min(times[m]) for m in steps}
     return {m: {"ms": 1e3 * best[m], "ratio": best[m] / best["plain"],
-                "median_ratio": statistics.median(ratios[m])} for m in steps}
+                "median_ratio": statistics.median(ratios[m]), "reps": times[m]} for m in steps}
 
 
 def measure_memory(case_index: int, mode: str) -> float:
@@ -375,13 +386,15 @@ def report(rows: list, args: argparse.Namespace) -> str:
         "Step = zero_grad, forward, loss, backward (and clipping), optimizer step, noise multiplier 1, "
         "clip norm 1. fedcare's noise and batches come from the hospital's secret stream (AES-256-CTR keyed "
         "from OS entropy); \"hardened noise\" is the policy option `hardened-noise = true` (Opacus's "
-        "secure-mode Gaussian: four float64 draws per value). Ratios are to the plain step of the same "
+        "secure-mode Gaussian: four float64 draws per value); \"torch noise\" is the same step with its noise from "
+        "torch's default generator (not private: what the noise cost before), so the secret stream's cost is "
+        "the ratio of the two fedcare columns (best of, and median of the per-repetition ratios). Ratios are to the plain step of the same "
         "architecture on the same batch; for the GRU, plain is PyTorch's fused `nn.GRU`. The last column shows "
         "the median of the per-repetition fedcare ratios, i.e. how much the machine's load moved them.",
         "",
-        "| case | plain | fedcare DP | fedcare DP, hardened noise | Opacus hooks | Opacus ghost | bar | met "
-        "| peak memory plain / DP (ratio) | fedcare median ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| case | plain | fedcare DP | fedcare DP, hardened noise | fedcare DP, torch noise | secret stream cost "
+        "| Opacus hooks | Opacus ghost | bar | met | peak memory plain / DP (ratio) | fedcare median ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case, timing, memory in rows:
         ratio = timing["fedcare"]["ratio"]
@@ -389,8 +402,11 @@ def report(rows: list, args: argparse.Namespace) -> str:
         plain = f"{timing['plain']['ms']:.2f} ms"
         if "fedcare (no DP)" in timing:
             plain += f" (fedcare GRU without DP: {timing['fedcare (no DP)']['ms']:.2f} ms)"
+        secret, torch_noise = timing["fedcare"], timing["fedcare torch noise"]
+        cost = (f"{secret['ms'] / torch_noise['ms']:.2f}x (median "
+                f"{statistics.median(a / b for a, b in zip(secret['reps'], torch_noise['reps'])):.2f}x)")
         lines.append(f"| {case.name} | {plain} | {cell(timing, 'fedcare')} | {cell(timing, 'fedcare hardened')} | "
-                     f"{cell(timing, 'opacus hooks')} | "
+                     f"{cell(timing, 'fedcare torch noise')} | {cost} | {cell(timing, 'opacus hooks')} | "
                      f"{cell(timing, 'opacus ghost')} | <= {case.bar}x | {'yes' if ratio <= case.bar else '**no**'} | "
                      f"{mem} | {timing['fedcare']['median_ratio']:.2f}x |")
     return "\n".join(lines)

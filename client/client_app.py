@@ -27,7 +27,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.datasets import DataSource, HospitalData, load_hospital
+from client.datasets import DataSource, HospitalData, hospital_name, load_hospital
 from client.feature_stats import local_sums, stats_key
 from client.node_policy import NodePolicy, PolicyRefusal
 from client.secret_randomness import SecretRandom
@@ -63,6 +63,7 @@ class _Node:
         self.defaults = defaults
         self.request = RunRequest.from_config(config)
         self.policy = _policy(context, defaults, self.request)
+        self._name: str | None = None
 
     def setting(self, key: str, fallback: Any = None) -> Any:
         """A hospital-owned setting: node config, else the in-process simulation's stand-in."""
@@ -130,12 +131,18 @@ class _Node:
 
         return state_file(self.ledger_dir, self.context.run_id, self.context.node_id)
 
-    def member_name(self, data: HospitalData) -> str:
+    def name(self) -> str:
+        """The hospital's name, without loading its data."""
+        if self._name is None:
+            self._name = hospital_name(self.request.dataset, self.source())
+        return self._name
+
+    def member_name(self) -> str:
         """This hospital's name on its consortium roster (hospital.toml [consortium] name)."""
         declared = self.setting("secagg-name")
-        return str(declared) if declared not in (None, "") else data.name
+        return str(declared) if declared not in (None, "") else self.name()
 
-    def consortium(self, data: HospitalData):
+    def consortium(self):
         """Who this hospital accepts as secure-aggregation peers: its pinned roster and own identity key;
         a simulated hospital: keys derived from the simulated hospitals' shared secret."""
         from secure_aggregation.identity import Roster, RosterConsortium, SimulatedConsortium
@@ -147,7 +154,7 @@ class _Node:
         if simulated is None and _simulated(self.context):
             simulated = str(Path(self.ledger_dir) / "consortium")
         if simulated is None:
-            raise PolicyRefusal(f"{data.name} refuses: secure aggregation needs its consortium roster, and none "
+            raise PolicyRefusal(f"{self.name()} refuses: secure aggregation needs its consortium roster, and none "
                                 "is configured", "set [consortium] roster and identity-key in hospital.toml")
         return SimulatedConsortium.in_folder(str(simulated))
 
@@ -250,7 +257,7 @@ def _guarded(handler: Callable[[_Node, Message], Message], defaults: Mapping[str
         name = f"partition {context.node_config.get('partition-id', defaults.get('partition-id', '?'))}"
         try:
             node = _Node(context, msg.content[protocol.CONFIG], defaults)
-            name = node.data(for_training=False).name
+            name = node.name()
             node.policy.check_request(name, node.request)
             return handler(node, msg)
         except FedcareError as exc:
@@ -368,7 +375,7 @@ def _train(node: _Node, msg: Message) -> Message:
 
 def _train_received(node: _Node, msg: Message, report: dict[str, Any]) -> Message:
     from client.dp_trainer import DPSettings, train
-    from shared_models.weights import load_arrays, model_to_arrays
+    from shared_models.weights import load_arrays, model_to_arrays, parameter_values
 
     data = node.data()
     secure = _secure(msg)
@@ -403,20 +410,19 @@ def _train_received(node: _Node, msg: Message, report: dict[str, Any]) -> Messag
         trained.update({"epsilon": eps, "noise-multiplier": dp.noise_multiplier,
                         "steps": sum(k for _, _, k in outcome.steps)})
     weight = _public_size(node, data)
-    request, sent = None, model_to_arrays(model)
     records: dict[str, Any] = {}
     masked_with: list[int] = []
     if secure:
         from client import secure_update
 
         # The whole reply is then the hospital record: the weight travels masked, not as a metric.
-        request = secure_update.payload(msg.content)
         masked, secagg, masked_with = secure_update.masked_update(
-            node.secagg_state(), node.consortium(data), request, global_arrays, sent, int(weight),
-            node.request.secagg_clip_range)
+            node.secagg_state(), node.consortium(), secure_update.payload(msg.content), global_arrays,
+            parameter_values(model), int(weight), node.request.secagg_clip_range)
         sent = {"masked": masked}
         report = report | secagg
     else:
+        sent = model_to_arrays(model)
         records = {protocol.ARRAYS: sent, protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: weight})}
         if ledger is None:
             records[protocol.METRICS]["train-loss"] = outcome.mean_loss  # only without DP or secure aggregation
@@ -477,49 +483,45 @@ def _secagg_setup(node: _Node, msg: Message) -> Message:
     member's advertisement and deal the first mask key's shares (policy: verified members >= minimum)."""
     from client import secure_update
 
-    data = node.data(for_training=False)
     request = secure_update.payload(msg.content)
     path = node.secagg_state()
     secure_update.forget_abandoned(node.ledger_dir, keep=path)
     if msg.metadata.message_type == protocol.SECAGG_ADVERTISE:
         threshold, neighbours = int(request["threshold"]), int(request["neighbours"])
         nodes = [int(n) for n in request["nodes"]]
-        node.policy.check_federation(data.name, len(nodes), threshold, neighbours)
-        report = secure_update.advertise(path, node.consortium(data), node.context.run_id, node.context.node_id,
-                                         node.member_name(data), request, floor=node.policy.min_secagg_threshold)
+        node.policy.check_federation(node.name(), len(nodes), threshold, neighbours)
+        report = secure_update.advertise(path, node.consortium(), node.context.run_id, node.context.node_id,
+                                         node.member_name(), request, floor=node.policy.min_secagg_threshold)
     else:
-        report = secure_update.share_keys(path, node.consortium(data), request, min_nodes=node.policy.min_hospitals)
-    return _reply(msg, data.name, report)
+        report = secure_update.share_keys(path, node.consortium(), request, min_nodes=node.policy.min_hospitals)
+    return _reply(msg, node.name(), report)
 
 
 def _secagg_view(node: _Node, msg: Message) -> Message:
     """Some hospital dropped: sign the one view of who survived that this node will act on."""
     from client import secure_update
 
-    data = node.data(for_training=False)
-    report = secure_update.sign_view(node.secagg_state(), node.consortium(data), secure_update.payload(msg.content))
-    return _reply(msg, data.name, report)
+    report = secure_update.sign_view(node.secagg_state(), node.consortium(), secure_update.payload(msg.content))
+    return _reply(msg, node.name(), report)
 
 
 def _secagg_unmask(node: _Node, msg: Message) -> Message:
     from client import audit_trail, secure_update
 
-    data = node.data(for_training=False)
     request = secure_update.payload(msg.content)
-    report, revealed = secure_update.unmask(node.secagg_state(), node.consortium(data), request)
-    audit_trail.unmask(node.audit_log(data.name), run_id=node.context.run_id, round_=int(request["round"]),
+    report, revealed = secure_update.unmask(node.secagg_state(), node.consortium(), request)
+    audit_trail.unmask(node.audit_log(node.name()), run_id=node.context.run_id, round_=int(request["round"]),
                        survivors=sorted(int(v) for v in revealed["b"]),
                        dropped=sorted(int(v) for v in revealed["s"]))
-    return _reply(msg, data.name, report)
+    return _reply(msg, node.name(), report)
 
 
 def _secagg_end(node: _Node, msg: Message) -> Message:
     """The run is over (finished or failed): delete this run's private key material."""
     from client import secure_update
 
-    data = node.data(for_training=False)
     secure_update.end(node.secagg_state())
-    return _reply(msg, data.name)
+    return _reply(msg, node.name())
 
 
 def make_client_app(node_defaults: Mapping[str, Any] | None = None) -> ClientApp:

@@ -17,6 +17,7 @@ not been touched for ``ABANDONED_AFTER_S`` (checked at every secure-aggregation 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import numpy as np
 from flwr.app import ArrayRecord, RecordDict
 
 from fedcare import protocol
-from secure_aggregation import Quantizer, SecAggNode
+from secure_aggregation import ClipRangeError, Quantizer, SecAggNode
 from secure_aggregation.identity import Consortium
 from secure_aggregation.records import flatten, pack_vector, unflatten
 
@@ -74,36 +75,50 @@ def share_keys(path: Path, consortium: Consortium, request: dict, min_nodes: int
 
 
 def masked_update(path: Path, consortium: Consortium, request: dict, global_arrays: ArrayRecord,
-                  trained: ArrayRecord, weight: int, clip: float) -> tuple[np.ndarray, dict[str, Any], list[int]]:
+                  trained: Mapping[str, np.ndarray], weight: int,
+                  clip: float) -> tuple[np.ndarray, dict[str, Any], list[int]]:
     """Quantise weight x (trained - global), mask it for this round: the masked vector, the reply's
     ``secagg/`` keys (the masked vector packed among them), and the nodes it masked with.
+    ``trained``: the trained parameters by name (views of the model are fine: only read here).
 
     Values outside the agreed range [-clip, clip] are clipped into it here, at the hospital, and a
     non-finite value (a diverged step) becomes 0: both are post-processing of the DP release, so
     nothing about the update has to be refused or explained to the server. How many values were
     clipped is logged on this node only.
     """
-    delta = np.empty(sum(int(np.prod(a.shape)) for a in global_arrays.values()), dtype=np.float64)
-    start = 0
-    for name in global_arrays.keys():
-        before = global_arrays[name].numpy()
-        part = delta[start:start + before.size].reshape(before.shape)
-        np.subtract(trained[name].numpy(), before, out=part, dtype=np.float64)
-        start += before.size
-    _clip_in_place(delta, clip)
-    encoded = Quantizer(clip).encode(delta, weight)
+    before = {name: global_arrays[name].numpy().ravel() for name in global_arrays.keys()}
+    length = sum(b.size for b in before.values())
+    quantizer = Quantizer(clip)
+    try:   # the common case: every value in range, encoded piece by piece (no full-length delta)
+        encoded = quantizer.encode_parts(_delta_parts(before, trained), length, weight)
+    except ClipRangeError:
+        delta = np.concatenate([np.asarray(trained[name], dtype=np.float64).ravel() - b for name, b in before.items()])
+        _clip_in_place(delta, clip)
+        encoded = quantizer.encode(delta, weight)
     rnd = int(request["round"])
     node = SecAggNode(path, consortium)
     node.receive_keys(rnd, request["peers"])
-    reply = node.mask(rnd, encoded)
+    reply = node.mask(rnd, encoded, in_place=True)
     masked = reply.pop("masked")
     return masked, flatten(reply | {"masked": pack_vector(masked)}, protocol.SECAGG), list(reply["active"])
 
 
+def _delta_parts(before: Mapping[str, np.ndarray], trained: Mapping[str, np.ndarray],
+                 size: int = 1 << 16) -> Iterator[np.ndarray]:
+    """trained - before in float64, in model order, ``size`` values at a time through one buffer."""
+    scratch = np.empty(size, dtype=np.float64)
+    for name, b in before.items():
+        a = np.asarray(trained[name]).reshape(-1)
+        if a.size != b.size:
+            raise ValueError(f"trained weight '{name}' has {a.size} values, the global model {b.size}")
+        for i in range(0, b.size, size):
+            part = scratch[:min(size, b.size - i)]
+            np.subtract(a[i:i + size], b[i:i + size], out=part, dtype=np.float64)
+            yield part
+
+
 def _clip_in_place(delta: np.ndarray, clip: float) -> None:
     """[-clip, clip] and finite, in place; the count goes to this node's own log, never to the server."""
-    if delta.size and -clip <= float(delta.min()) and float(delta.max()) <= clip:
-        return   # the common case: one min/max, no per-element work (min/max are NaN if any value is)
     outside = int(np.count_nonzero(~(np.abs(np.nan_to_num(delta, nan=np.inf)) <= clip)))
     np.nan_to_num(delta, copy=False, nan=0.0, posinf=clip, neginf=-clip)
     np.clip(delta, -clip, clip, out=delta)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
+
+from fedcare.errors import FedcareError
 
 FEATURE_STATS = "query.feature_stats"  # message type of the federated statistics round
 ARRAYS = "arrays"      # ArrayRecord: a plain train reply's update
@@ -77,11 +80,30 @@ class RunRequest:
             key = f.name.replace("_", "-")
             if key in config:
                 kind = f.type if isinstance(f.type, str) else f.type.__name__
-                raw = config[key]
-                values[f.name] = (bool(raw) if kind == "bool" else int(raw) if kind == "int"
-                                  else float(raw) if kind == "float" else str(raw))
+                values[f.name] = _typed(key, kind, config[key])
         return cls(**values)
 
     def to_config(self) -> dict[str, Any]:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)
                 if f.name != "server_round"}
+
+
+def _typed(key: str, kind: str, raw: Any) -> Any:
+    """A run-request value as its field's type; a value that is not one is refused, never guessed."""
+    try:
+        if kind == "bool":
+            if isinstance(raw, str):
+                if raw.strip().lower() not in ("true", "false"):
+                    raise ValueError(raw)
+                return raw.strip().lower() == "true"
+            return bool(raw)
+        if kind == "float" and not math.isfinite(float(raw)):
+            raise ValueError(raw)
+        return int(raw) if kind == "int" else float(raw) if kind == "float" else str(raw)
+    except (TypeError, ValueError, OverflowError):
+        what = _KINDS.get(kind, kind)
+        raise FedcareError(f"the run request's {key} is not {what}",
+                           f"the coordinator must set {key} to {what} in the run config") from None
+
+
+_KINDS = {"bool": "true or false", "int": "a whole number", "float": "a finite number", "str": "text"}

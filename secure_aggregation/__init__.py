@@ -5,7 +5,7 @@ Transport-agnostic (no Flower imports): a node half (``SecAggNode``) and a serve
 arrays, so they fit Flower ConfigRecords. Double masking after Bonawitz et al. (CCS 2017), in its
 actively secure variant (signed keys, a consistency round), with SecAgg+'s sparse neighbourhoods
 for large federations (Bell et al., CCS 2020). All arithmetic is modulo 2**64 on ``Quantizer``-
-encoded vectors; every primitive comes from ``cryptography`` (X25519, HKDF-SHA256, AES-256-CTR
+encoded vectors; every primitive comes from ``cryptography`` (X25519, HKDF-SHA256, AES-128-CTR
 masks, AES-256-GCM sealed shares, Ed25519 signatures); Shamir sharing is over GF(2**521 - 1).
 
 Protocol (n members of the hospital's pinned roster; t-of-(k+1) shares over each node's closed
@@ -43,7 +43,7 @@ always make a round fail. Inputs must fit the quantisation range (``Quantizer`` 
 wraps; the hospital clips first). The server half keeps its state in memory: a server restart
 means a new run (new setup).
 
-Modules: ``quantization`` (fixed point), ``prg`` (AES-256-CTR masks), ``keys`` (X25519, HKDF,
+Modules: ``quantization`` (fixed point), ``prg`` (AES-128-CTR masks), ``keys`` (X25519, HKDF,
 AES-GCM), ``identity`` (roster, signatures), ``graph`` (SecAgg+ parameters and neighbourhoods),
 ``shamir``, ``masking``, ``node_half``/``node_state``, ``server_half``, ``records`` (flatten payloads
 for ConfigRecords), ``inprocess`` (the reference message flow).

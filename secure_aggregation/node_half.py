@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from secure_aggregation import graph, keys, masking, node_state, shamir
+from secure_aggregation import commitments, graph, keys, masking, node_state, shamir
 from secure_aggregation.errors import SecAggError, TamperingDetected, TooFewSurvivors
 from secure_aggregation.identity import Consortium, canonical, digest
 from secure_aggregation.node_state import b64, unb64
@@ -54,7 +54,6 @@ SETUP_ROUND = 0
 STAGE_S_SHARE = "s-share"
 STAGE_B_SHARE = "b-share"
 SIG_BYTES = 64
-HASH_BYTES = 32
 AD_BYTES = ("identity", "nodes", "c_pk", "s_pk", "sig")   # advertisement fields that are bytes
 
 
@@ -78,15 +77,6 @@ def advertisement_message(run_id: keys.RunId, node: int, ad: Mapping[str, Any]) 
                      bytes(ad["nodes"]), bytes(ad["c_pk"]), bytes(ad["s_pk"]))
 
 
-def commitments_digest(commits: Mapping[Any, Any]) -> bytes:
-    """What a statement signs of a dealer's share commitments ({holder: share_hash}): SHA-256 over the
-    holders in order, each id (16 bytes) followed by its 32-byte commitment."""
-    h = hashlib.sha256(b"fedcare-secagg/v2/commitments")
-    for holder, commit in sorted(((int(k), bytes(v)) for k, v in commits.items())):
-        h.update(holder.to_bytes(16, "big") + len(commit).to_bytes(2, "big") + commit)
-    return h.digest()
-
-
 def setup_message(run_id: keys.RunId, node: int, participants: bytes, s_pk: bytes, s_commits: bytes) -> bytes:
     return canonical("setup", run_id, node, participants, s_pk, s_commits)
 
@@ -96,8 +86,8 @@ def round_message(run_id: keys.RunId, round_: int, node: int, statement: Mapping
     share it dealt (of that seed, and of its next mask key), and that next mask key."""
     return canonical("round", run_id, round_, node, bytes(statement["participants"]),
                      sorted(int(v) for v in statement["active"]), bytes(statement["b_hash"]),
-                     bytes(statement["next_s_pk"]), commitments_digest(statement["b_commits"]),
-                     commitments_digest(statement["s_commits"]))
+                     bytes(statement["next_s_pk"]), commitments.digest(statement["b_commits"]),
+                     commitments.digest(statement["s_commits"]))
 
 
 def view_message(run_id: keys.RunId, round_: int, view: Sequence[int]) -> bytes:
@@ -202,8 +192,9 @@ class SecAggNode:
         return self._enc_keys[peer]
 
     def _deal(self, secret: bytes, holders: Sequence[int], round_: int, stage: str,
-              extra: bytes = b"") -> tuple[dict[int, bytes], dict[int, bytes]]:
-        """Shamir-split ``secret`` among ``holders``: (sealed shares, commitments {holder: share hash}).
+              extra: bytes = b"") -> tuple[dict[int, bytes], bytes]:
+        """Shamir-split ``secret`` among ``holders``: (sealed shares, packed commitments: a share hash per
+        holder, ``commitments.pack``).
 
         Each share is sealed to its holder (with ``extra``, e.g. the public key it belongs to); the
         commitments go into the dealer's signed statement, so a holder checks its share before it ever
@@ -215,7 +206,7 @@ class SecAggNode:
         for h in holders:
             commits[h] = share_hash(run, round_, stage, me, h, shares[h])
             sealed[h] = keys.seal(self._enc_key(h), shares[h] + extra, keys.aad(run, round_, stage, me, h))
-        return sealed, commits
+        return sealed, commitments.pack(commits)
 
     def _open_share(self, dealer: int, blob: object, round_: int, stage: str, commit: object) -> tuple[bytes, bytes]:
         """(share, extra) from a sealed share that matches its dealer's signed commitment; TamperingDetected
@@ -237,17 +228,20 @@ class SecAggNode:
         mask request, which carries it again, does not pay the signature check twice."""
         st = self._st()
         run = st["run_id"]
-        s_commits = by_node(entry.get("s_commits") or {}, f"share commitments of node {node}")
+        try:
+            s_commits = commitments.checked(entry.get("s_commits"), f"the share commitments of node {node}")
+            b_commits = (b"" if round_ == SETUP_ROUND else
+                         commitments.checked(entry.get("b_commits"), f"the seed commitments of node {node}"))
+        except SecAggError as exc:
+            raise TamperingDetected(exc.problem, "the request was altered: nothing is revealed") from None
         if round_ == SETUP_ROUND:
-            message = setup_message(run, node, unb64(st["participants_digest"]), s_pk, commitments_digest(s_commits))
-            statement = {"active": None}
+            message = setup_message(run, node, unb64(st["participants_digest"]), s_pk, commitments.digest(s_commits))
+            statement = {"active": None, "s_commits": s_commits}
         else:
             statement = {"participants": unb64(st["participants_digest"]), "active": entry.get("active", []),
-                         "b_hash": entry.get("b_hash", b""), "next_s_pk": s_pk,
-                         "b_commits": by_node(entry.get("b_commits") or {}, f"seed commitments of node {node}"),
+                         "b_hash": entry.get("b_hash", b""), "next_s_pk": s_pk, "b_commits": b_commits,
                          "s_commits": s_commits}
             message = round_message(run, round_, node, statement)
-        statement["s_commits"] = s_commits
         known = st.setdefault("verified", {})
         seen = hashlib.sha256(message).hexdigest()
         if known.get(str(node)) != seen:
@@ -318,7 +312,7 @@ class SecAggNode:
             if unb64(st["setup"]["participants"]) != participants:
                 raise self._refuse("setup was already done with a different set of participants")
             return {"shares": {int(h): unb64(c) for h, c in st["setup"]["shares"].items()},
-                    "s_commits": {int(h): unb64(c) for h, c in st["setup"]["s_commits"].items()},
+                    "s_commits": unb64(st["setup"]["s_commits"]),
                     "participants": participants, "sig": unb64(st["setup"]["sig"])}
         # Kept: the participants, and the keys and neighbourhoods of the nodes within two hops, the only
         # ones this node ever masks with, holds shares of, or counts signatures from (O(k), not O(n)).
@@ -333,10 +327,9 @@ class SecAggNode:
             raise self._refuse(f"its neighbourhood has {len(holders)} members, below the threshold {st['t']}")
         s_pk = unb64(st["s_pk"])
         shares, commits = self._deal(unb64(st["s_sk"]), holders, SETUP_ROUND, STAGE_S_SHARE, extra=s_pk)
-        sig = self._sign(setup_message(run, me, participants, s_pk, commitments_digest(commits)))
+        sig = self._sign(setup_message(run, me, participants, s_pk, commitments.digest(commits)))
         st["setup"] = {"participants": b64(participants), "sig": b64(sig),
-                       "shares": {str(h): b64(c) for h, c in shares.items()},
-                       "s_commits": {str(h): b64(c) for h, c in commits.items()}}
+                       "shares": {str(h): b64(c) for h, c in shares.items()}, "s_commits": b64(commits)}
         self._save()
         return {"shares": shares, "s_commits": commits, "participants": participants, "sig": sig}
 
@@ -417,7 +410,7 @@ class SecAggNode:
             if statement["active"] is not None and me not in {int(a) for a in statement["active"]}:
                 raise TamperingDetected(f"node {v} did not mask with this node in round {prev}")
             share, sealed_pk = self._open_share(v, entry.get("ct"), sent_round, STAGE_S_SHARE,
-                                                statement["s_commits"].get(me))
+                                                commitments.lookup(statement["s_commits"], me))
             if sealed_pk != s_pk:
                 raise TamperingDetected(f"the mask key relayed for node {v} is not the one node {v} shared")
             incoming_keys[str(v)], incoming_shares[str(v)] = b64(s_pk), b64(share)
@@ -436,8 +429,9 @@ class SecAggNode:
         return round_
 
     # ---- per round: the masked input ---------------------------------------------------------------
-    def mask(self, round_: int, vector: np.ndarray) -> dict[str, Any]:
-        """Mask this round's encoded input (uint64) with the neighbours whose keys it received.
+    def mask(self, round_: int, vector: np.ndarray, in_place: bool = False) -> dict[str, Any]:
+        """Mask this round's encoded input (uint64) with the neighbours whose keys it received;
+        ``in_place``: the caller hands ``vector`` over and it is masked where it lies (no copy).
 
         Returns {"masked", "b_shares": {holder: ct}, "next_s_pk", "next_s_shares": {holder: ct},
         "active", "b_hash", "b_commits", "s_commits", "sig"}: with "next_s_pk", the signed round
@@ -455,7 +449,7 @@ class SecAggNode:
             raise SecAggError("secagg mask expects a 1-D uint64 vector (use Quantizer.encode)")
         active = sorted(int(v) for v in incoming["s_pks"])
         s_pks = {int(v): unb64(pk) for v, pk in incoming["s_pks"].items()}
-        y = x.copy()
+        y = x if in_place and x.flags.c_contiguous and x.flags.writeable else x.copy()
         b = os.urandom(SEED_BYTES)
         masking.add_masks(y, [(b, +1), *masking.pairwise_masks(run, r, me, unb64(st["s_sk"]), s_pks)])
         next_sk, next_pk = keys.generate_keypair()
@@ -506,7 +500,7 @@ class SecAggNode:
                 statement = self._verified_statement(w, round_, entry, keys.check_key_bytes(
                     entry.get("next_s_pk"), f"next mask key of node {w}"))
                 share, _ = self._open_share(w, cts.get(w), round_, STAGE_B_SHARE,
-                                            statement["b_commits"].get(self.node_id))
+                                            commitments.lookup(statement["b_commits"], self.node_id))
             except SecAggError:
                 complaints.append(w)
                 continue

@@ -20,12 +20,15 @@ defaults (bits=32, max_weight=2**20) that allows up to 4095 nodes.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 
 from secure_aggregation.errors import ClipRangeError, SecAggError
 
 MODULUS_BITS = 64
 _MAX_BITS = 48  # float64 computes q exactly enough (step << 1) up to here
+_CHUNK = 1 << 16  # values per step of encode/decode
 
 
 class Quantizer:
@@ -70,6 +73,13 @@ class Quantizer:
         Raises ClipRangeError, never wraps silently, when a value is outside [-clip, clip] or
         not finite.
         """
+        x = np.asarray(delta, dtype=np.float64).ravel()
+        return self.encode_parts((x[i:i + _CHUNK] for i in range(0, x.size, _CHUNK)), x.size, weight)
+
+    def encode_parts(self, parts: Iterable[np.ndarray], length: int, weight: int) -> np.ndarray:
+        """``encode`` of the concatenation of ``parts`` (1-D float arrays, ``length`` values in all),
+        without ever holding it: a caller can compute a long update piece by piece into one small
+        buffer. A part may be overwritten. Raises ClipRangeError at the first part out of range."""
         if isinstance(weight, bool) or not isinstance(weight, (int, np.integer)):
             raise SecAggError(f"secagg weight must be an int, got {type(weight).__name__}")
         weight = int(weight)
@@ -78,20 +88,36 @@ class Quantizer:
                 f"secagg weight {weight} is outside 1..{self.max_weight}",
                 "weights are public integer sizes (e.g. training examples) >= 1; raise max_weight if needed",
             )
-        x = np.asarray(delta, dtype=np.float64).ravel()
-        # min/max are NaN when any value is; the element-wise count runs only to explain a failure
-        if x.size and not (-self.clip <= float(x.min()) and float(x.max()) <= self.clip):
-            self._raise_out_of_range(x)
-        t = x + self.clip  # one float64 buffer, updated in place
-        t *= self.levels / (2.0 * self.clip)
-        np.rint(t, out=t)
-        np.clip(t, 0, self.levels, out=t)
-        out = np.empty(x.size + 1, dtype=np.uint64)
-        if weight * self.levels < 2**53:  # the float product is an exact integer (the default: 2**52)
-            t *= weight
-            out[:-1] = t
-        else:
-            np.multiply(t.astype(np.uint64), np.uint64(weight), out=out[:-1])
+        out = np.empty(length + 1, dtype=np.uint64)
+        exact = weight * self.levels < 2**53   # the float product is an exact integer (the default: 2**52)
+        scale = self.levels / (2.0 * self.clip)
+        # Piece by piece through one small float buffer: no full-length temporaries, whose page
+        # faults cost more than the arithmetic at millions of values.
+        scratch = np.empty(min(_CHUNK, length), dtype=np.float64)
+        start = 0
+        for part in parts:
+            n = part.size
+            if start + n > length:
+                raise SecAggError(f"secagg encode was promised {length} values and given more")
+            # min/max are NaN when any value is; refused before anything is written
+            if n and not (-self.clip <= float(part.min()) and float(part.max()) <= self.clip):
+                self._raise_out_of_range(part)
+            for offset in range(0, n, _CHUNK):
+                piece = part[offset:offset + _CHUNK]
+                t = scratch[:piece.size]
+                np.add(piece, self.clip, out=t)
+                t *= scale
+                np.rint(t, out=t)
+                np.clip(t, 0, self.levels, out=t)
+                target = out[start + offset:start + offset + piece.size]
+                if exact:
+                    t *= weight
+                    target[:] = t
+                else:
+                    np.multiply(t.astype(np.uint64), np.uint64(weight), out=target)
+            start += n
+        if start != length:
+            raise SecAggError(f"secagg encode was promised {length} values and given {start}")
         out[-1] = weight
         return out
 
@@ -116,8 +142,13 @@ class Quantizer:
                 "the sum is corrupt or n_nodes is wrong (pass the number of survivors)",
             )
         body = total[:-1]
-        wq = np.uint64(w)
-        # Exact integer division first, so float rounding only touches the remainder.
-        mean_q = (body // wq).astype(np.float64) + (body % wq).astype(np.float64) / w
-        mean = mean_q / self.levels * (2.0 * self.clip) - self.clip
+        # sum_i w_i q_i / W in float64: the sum's conversion and the division each round to within
+        # 2**-53 of the value, at most 2**bits, so the result is within 2**(bits-52) of a step of the
+        # exact mean, far inside the half-step bound (the integer division this replaced was ~4x slower).
+        mean = np.empty(body.size, dtype=np.float64)
+        for start in range(0, body.size, _CHUNK):
+            m = mean[start:start + _CHUNK]
+            np.divide(body[start:start + _CHUNK], float(w), out=m)
+            m *= 2.0 * self.clip / self.levels
+            m -= self.clip
         return mean, w

@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from secure_aggregation import keys, masking, shamir
+from secure_aggregation import commitments, keys, masking, shamir
 from secure_aggregation.errors import SecAggError, ShamirError, TamperingDetected, TooFewSurvivors
 from secure_aggregation.identity import verify
-from secure_aggregation.node_half import (HASH_BYTES, SETUP_ROUND, SIG_BYTES, STAGE_B_SHARE, STAGE_S_SHARE,
+from secure_aggregation.node_half import (SETUP_ROUND, SIG_BYTES, STAGE_B_SHARE, STAGE_S_SHARE,
                                           advertisement_message, check_graph_parameters, closed_neighbourhoods,
                                           participants_digest, seed_hash, share_hash)
 from secure_aggregation.prg import SEED_BYTES
@@ -47,8 +47,10 @@ class _ModularSum:
         np.add(self._total, vector, out=self._total)
         self.count += 1
 
-    def copy_total(self) -> np.ndarray:
-        return self._total.copy()
+    def take_total(self) -> np.ndarray:
+        """The sum itself (no copy); this object is spent afterwards."""
+        total, self._total = self._total, np.zeros(0, dtype=np.uint64)
+        return total
 
 
 @dataclass
@@ -73,7 +75,10 @@ class _Round:
     statements: dict[int, dict[str, Any]] = field(default_factory=dict)
     b_cts: dict[int, dict[int, bytes]] = field(default_factory=dict)
     next_cts: dict[int, dict[int, bytes]] = field(default_factory=dict)
+    b_commit_maps: dict[int, dict[int, bytes]] = field(default_factory=dict)   # statements' commitments, unpacked
+    s_commit_maps: dict[int, dict[int, bytes]] = field(default_factory=dict)
     view: list[int] | None = None
+    in_view: frozenset[int] = frozenset()       # the view as a set (membership tests at O(1))
     view_sigs: dict[int, bytes] = field(default_factory=dict)
     path: str | None = None                     # "fast" or "consistency", once the unmask starts
     status: str = "open"
@@ -94,6 +99,7 @@ class SecAggServer:
         self._ads: dict[int, dict[str, Any]] = {}
         self._keys_closed = False
         self._setup: dict[int, dict[str, Any]] = {}
+        self._setup_commits: dict[int, dict[int, bytes]] = {}   # setup statements' commitments, unpacked
         self.hoods: dict[int, list[int]] = {}
         self._round: _Round | None = None
         self._last_round = 0
@@ -160,9 +166,11 @@ class SecAggServer:
                   for h, c in by_node(reply.get("shares") or {}, "setup shares").items()}
         if set(shares) != set(self.hoods[nid]):
             raise SecAggError(f"node {nid} dealt setup shares to {sorted(shares)}, not its neighbourhood")
-        commits = self._commitments(nid, reply.get("s_commits"), self.hoods[nid], "setup share commitments")
+        blob = commitments.checked(reply.get("s_commits"), f"the setup share commitments of node {nid}")
         self._setup[nid] = {"shares": shares, "sig": bytes(reply["sig"]), "s_pk": self._ads[nid]["s_pk"],
-                            "s_commits": commits}
+                            "s_commits": blob}
+        self._setup_commits[nid] = commitments.unpack(blob, self.hoods[nid],
+                                                      f"the setup share commitments of node {nid}")
 
     # ---- per round -----------------------------------------------------------------------------------
     def start_round(self, round_: int) -> dict[int, dict[str, Any]]:
@@ -180,14 +188,17 @@ class SecAggServer:
         if prev is None:
             holders = {v: (s["s_pk"], s["shares"], {"sig": s["sig"], "s_commits": s["s_commits"]})
                        for v, s in self._setup.items()}
+            key_commits = self._setup_commits
         else:
             holders = {v: (prev.statements[v]["next_s_pk"], prev.next_cts[v],
                            {f: prev.statements[v][f] for f in ("sig", "active", "b_hash", "b_commits", "s_commits")})
                        for v in prev.contributors}
+            key_commits = prev.s_commit_maps
         active = sorted(set(holders) - self._out)
         holding = len(active)
         while True:   # a node needs t active neighbours (itself included) to mask; drop those that cannot
-            keep = [u for u in active if len(set(self.hoods[u]) & set(active)) >= self.threshold]
+            active_set = set(active)
+            keep = [u for u in active if len(active_set.intersection(self.hoods[u])) >= self.threshold]
             if keep == active:
                 break
             active = keep
@@ -196,11 +207,11 @@ class SecAggServer:
                                   f"{self.threshold}", "the run cannot continue with secure aggregation")
         self._last_round = round_
         rnd = _Round(round_, active, {v: holders[v][0] for v in active},
-                     {v: holders[v][2]["s_commits"] for v in active}, _ModularSum(self.vector_length),
+                     {v: key_commits[v] for v in active}, _ModularSum(self.vector_length),
                      keys_dealt_in=SETUP_ROUND if prev is None else prev.number)
         requests = {}
         for u in active:
-            peers = sorted(set(self.hoods[u]) & set(active))
+            peers = sorted(active_set.intersection(self.hoods[u]))
             rnd.peers[u] = peers
             requests[u] = {"round": round_, "peers": {
                 v: {"s_pk": holders[v][0], "ct": holders[v][1][u], **holders[v][2]} for v in peers}}
@@ -214,7 +225,7 @@ class SecAggServer:
         nid = node_id(node)
         if rnd.view is not None:
             raise SecAggError(f"the masked input of node {nid} arrived after the round's survivors were fixed")
-        if nid not in rnd.active or nid in rnd.contributors:
+        if nid not in rnd.peers or nid in rnd.statements:   # peers: the active nodes; statements: who sent
             raise SecAggError(f"node {nid} is not expected to send a masked input for round {rnd.number}")
         masked = np.asarray(reply.get("masked"))
         if masked.dtype != np.uint64 or masked.shape != (self.vector_length,):
@@ -224,14 +235,17 @@ class SecAggServer:
             raise SecAggError(f"node {nid} masked with {sorted(reply.get('active', []))}, not with {peers}")
         b_cts = self._bundle(nid, reply.get("b_shares"), peers, "self-mask shares")
         s_cts = self._bundle(nid, reply.get("next_s_shares"), peers, "next mask-key shares")
+        b_blob = commitments.checked(reply.get("b_commits"), f"the self-mask commitments of node {nid}")
+        s_blob = commitments.checked(reply.get("s_commits"), f"the mask-key commitments of node {nid}")
+        b_map = commitments.unpack(b_blob, peers, f"the self-mask commitments of node {nid}")
+        s_map = commitments.unpack(s_blob, peers, f"the mask-key commitments of node {nid}")
         statement = {"active": peers, "b_hash": bytes(reply["b_hash"]),
                      "next_s_pk": keys.check_key_bytes(reply.get("next_s_pk"), f"next mask key of node {nid}"),
-                     "b_commits": self._commitments(nid, reply.get("b_commits"), peers, "self-mask commitments"),
-                     "s_commits": self._commitments(nid, reply.get("s_commits"), peers, "mask-key commitments"),
-                     "sig": bytes(reply["sig"])}
+                     "b_commits": b_blob, "s_commits": s_blob, "sig": bytes(reply["sig"])}
         rnd.sum.add(masked)
         rnd.contributors.append(nid)
         rnd.statements[nid], rnd.b_cts[nid], rnd.next_cts[nid] = statement, b_cts, s_cts
+        rnd.b_commit_maps[nid], rnd.s_commit_maps[nid] = b_map, s_map
 
     def fast_path(self) -> bool:
         """Whether every active node's input arrived (then only self-mask shares are needed)."""
@@ -252,7 +266,7 @@ class SecAggServer:
     def add_view_signature(self, node: Any, signature: Any) -> None:
         rnd = self._open_round()
         nid = node_id(node)
-        if rnd.view is None or nid not in rnd.view:
+        if rnd.view is None or nid not in rnd.in_view:
             raise SecAggError(f"a view signature from node {nid}, which is not a survivor")
         if not isinstance(signature, (bytes, bytearray)) or len(signature) != SIG_BYTES:
             raise SecAggError(f"the view signature of node {nid} is malformed")
@@ -270,9 +284,9 @@ class SecAggServer:
         requests = {}
         for h in sorted(rnd.view_sigs):
             backers = set().union(*(self.hoods[w] for w in rnd.peers[h]))
-            alive = [w for w in rnd.peers[h] if w in rnd.view]
+            alive = [w for w in rnd.peers[h] if w in rnd.in_view]
             requests[h] = {"round": rnd.number, "survivors": list(rnd.view),
-                           "signatures": {z: s for z, s in rnd.view_sigs.items() if z in backers},
+                           "signatures": {z: rnd.view_sigs[z] for z in sorted(backers) if z in rnd.view_sigs},
                            "b_share_ciphertexts": {w: rnd.b_cts[w][h] for w in alive},
                            "statements": {w: rnd.statements[w] for w in alive}}
         return requests
@@ -286,10 +300,11 @@ class SecAggServer:
         rnd = self._open_round()
         if rnd.view is None:
             raise SecAggError(f"round {rnd.number} has no survivor list yet")
-        outcome = RoundOutcome(survivors=list(rnd.view), dropped=sorted(set(rnd.active) - set(rnd.view)))
+        view = rnd.in_view
+        outcome = RoundOutcome(survivors=list(rnd.view), dropped=sorted(set(rnd.active) - view))
         replies = {}
         for holder, reply in by_node(revealed, "unmask replies").items():
-            if holder not in rnd.view:
+            if holder not in view:
                 continue
             try:
                 replies[holder] = (by_node(reply.get("b") or {}, "b"), by_node(reply.get("s") or {}, "s"))
@@ -297,21 +312,21 @@ class SecAggServer:
                 outcome.blamed[holder] = f"sent a malformed unmask reply ({exc.problem})"
         outcome.silent = sorted(set(rnd.view) - set(replies) - set(outcome.blamed))
         unmasks: list[tuple[bytes, int]] = []
-        for w in rnd.view:
-            shares = {h: b[w] for h, (b, _) in replies.items() if w in b and h in rnd.peers[w]}
-            seed = self._reconstruct(shares, w, rnd.number, STAGE_B_SHARE, rnd.statements[w]["b_commits"], outcome,
+        for w in rnd.view:   # w's shares are held by its peers: per node O(k), not O(n)
+            shares = {h: replies[h][0][w] for h in rnd.peers[w] if h in replies and w in replies[h][0]}
+            seed = self._reconstruct(shares, w, rnd.number, STAGE_B_SHARE, rnd.b_commit_maps[w], outcome,
                                      lambda s, w=w: len(s) == SEED_BYTES and
                                      seed_hash(self.run_id, rnd.number, w, s) == rnd.statements[w]["b_hash"])
             unmasks.append((seed, -1))
         for d in outcome.dropped:
-            shares = {h: s[d] for h, (_, s) in replies.items() if d in s and h in rnd.peers[d]}
+            shares = {h: replies[h][1][d] for h in rnd.peers[d] if h in replies and d in replies[h][1]}
             sk = self._reconstruct(shares, d, rnd.keys_dealt_in, STAGE_S_SHARE, rnd.key_commits[d], outcome,
                                    lambda s, d=d: len(s) == keys.KEY_BYTES and keys.public_key_of(s) == rnd.keys[d])
-            for u in rnd.view:
-                if d in rnd.peers[u]:
+            for u in rnd.peers[d]:
+                if u in view:
                     seed = masking.pairwise_seed(self.run_id, rnd.number, d, sk, u, rnd.keys[u])
                     unmasks.append((seed, -masking.pairwise_sign(u, d)))
-        total = rnd.sum.copy_total()
+        total = rnd.sum.take_total()   # nothing below can fail: the sum leaves the round
         masking.add_masks(total, unmasks)
         rnd.status, rnd.sum = "finished", _ModularSum(0)
         self._out |= set(outcome.dropped) | set(outcome.blamed)
@@ -350,6 +365,7 @@ class SecAggServer:
             if path == "fast" and sorted(rnd.contributors) != rnd.active:
                 raise SecAggError("the fast path needs every active node's input")
             rnd.view, rnd.path = sorted(rnd.contributors), path
+            rnd.in_view = frozenset(rnd.view)
         return rnd
 
     def _bundle(self, nid: int, value: Any, holders: list[int], what: str) -> dict[int, bytes]:
@@ -357,13 +373,6 @@ class SecAggServer:
         if sorted(cts) != holders:
             raise SecAggError(f"node {nid} dealt {what} to {sorted(cts)}, not to the nodes it masked with")
         return cts
-
-    def _commitments(self, nid: int, value: Any, holders: list[int], what: str) -> dict[int, bytes]:
-        commits = by_node(value or {}, f"{what} of node {nid}")
-        if sorted(commits) != holders or not all(isinstance(c, (bytes, bytearray)) and len(c) == HASH_BYTES
-                                                 for c in commits.values()):
-            raise SecAggError(f"node {nid} sent {what} that do not cover the nodes it dealt to")
-        return {h: bytes(c) for h, c in commits.items()}
 
     def _reconstruct(self, shares: dict[int, Any], owner: int, dealt_in: int, stage: str,
                      commits: dict[int, bytes], outcome: RoundOutcome, good) -> bytes:
@@ -393,10 +402,14 @@ class SecAggServer:
         return secret
 
     def _combine(self, shares: dict[int, bytes], good) -> bytes | None:
+        """The secret from t of the shares. Every share was checked against its dealer's signed
+        commitment and ``good`` checks the secret against the dealer's signed hash of it, so any t
+        shares of an honest dealer rebuild it; checking the extra shares too would cost one
+        interpolation each (SecAgg+ holders differ per owner, so nothing is shared between owners)."""
         if len(shares) < self.threshold:
             return None
         try:
-            secret = shamir.combine(shares, self.threshold)
+            secret = shamir.combine(dict(sorted(shares.items())[:self.threshold]), self.threshold)
         except ShamirError:
             return None
         return secret if good(secret) else None

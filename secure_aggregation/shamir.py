@@ -78,15 +78,31 @@ def _lagrange_weights(xs: tuple[int, ...], x: int) -> tuple[int, ...]:
     They depend only on the points, not on the shares: the server combines one secret per
     survivor from the same survivors' shares, so a round computes them once per point instead of
     once per secret (at 100 hospitals that was O(N t^2) big-integer products a round)."""
-    weights = []
+    t = len(xs)
+    # numerators prod_{m != j} (x - x_m) from prefix and suffix products: O(t)
+    diffs = [(x - xm) % PRIME for xm in xs]
+    prefix, suffix = [1] * (t + 1), [1] * (t + 1)
+    for j in range(t):
+        prefix[j + 1] = prefix[j] * diffs[j] % PRIME
+        suffix[t - 1 - j] = suffix[t - j] * diffs[t - 1 - j] % PRIME
+    # denominators prod_{m != j} (x_j - x_m): O(t^2) products, then one modular inverse for all of
+    # them (Montgomery's batch inversion) instead of one ``pow`` each
+    dens = []
     for j, xj in enumerate(xs):
-        num, den = 1, 1
+        den = 1
         for m, xm in enumerate(xs):
             if m != j:
-                num = num * (x - xm) % PRIME
                 den = den * (xj - xm) % PRIME
-        weights.append(num * pow(den, -1, PRIME) % PRIME)
-    return tuple(weights)
+        dens.append(den)
+    running = [1] * (t + 1)
+    for j in range(t):
+        running[j + 1] = running[j] * dens[j] % PRIME
+    inverse = pow(running[t], -1, PRIME)
+    inverses = [0] * t
+    for j in range(t - 1, -1, -1):
+        inverses[j] = inverse * running[j] % PRIME
+        inverse = inverse * dens[j] % PRIME
+    return tuple(prefix[j] * suffix[j + 1] % PRIME * inverses[j] % PRIME for j in range(t))
 
 
 def _lagrange_at(points: list[tuple[int, int]], x: int) -> int:

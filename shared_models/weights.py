@@ -25,11 +25,15 @@ def parameter_names(model: nn.Module) -> list[str]:
     return [name for name, _ in _plain(model).named_parameters()]
 
 
+def parameter_values(model: nn.Module) -> dict[str, np.ndarray]:
+    """Trainable parameters as numpy arrays keyed by parameter name: views of a CPU model's own
+    storage (read them before the model changes), no copy of a large model."""
+    return {name: p.detach().cpu().numpy() for name, p in _plain(model).named_parameters()}
+
+
 def model_to_arrays(model: nn.Module) -> ArrayRecord:
     """Trainable parameters as an ArrayRecord keyed by parameter name."""
-    return ArrayRecord(
-        {name: Array(p.detach().cpu().numpy().copy()) for name, p in _plain(model).named_parameters()}
-    )
+    return ArrayRecord({name: Array(value.copy()) for name, value in parameter_values(model).items()})
 
 
 def arrays_to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:

@@ -84,6 +84,16 @@ def test_a_ledger_copied_in_without_its_chain_and_a_removed_log_are_refused(tmp_
     assert _open(tmp_path).epsilon() == 0.0
 
 
+def test_a_node_stopped_before_its_first_signed_budget_record_still_starts(tmp_path):
+    """Creating the ledger and signing its first budget are two writes; a stop between them spent
+    nothing, so the next start proceeds instead of refusing forever."""
+    from client.privacy_ledger import PrivacyLedger
+
+    PrivacyLedger.open(tmp_path, "Hungary", DATASET, budget=2.0, delta=1e-4)   # the ledger, no chain yet
+    assert _open(tmp_path).epsilon() == 0.0
+    assert audit_trail.open_log(tmp_path, "Hungary").read_verified()[-1]["kind"] == "budget"
+
+
 def test_an_edited_audit_chain_is_refused(tmp_path):
     _spent(tmp_path)
     spend(tmp_path, "Hungary", DATASET, [(1.1, 0.1, 100)], budget=2.0, round_=13)

@@ -151,3 +151,13 @@ def test_policy_values_are_checked_and_named():
     with pytest.raises(PolicyRefusal, match="^X refuses: requires DP"):
         policy.check_request("X", RunRequest(dataset="d", dp=False, hospitals=5))
     policy.check_request("X", RunRequest(dataset="d", hospitals=5))
+
+
+def test_a_malformed_run_request_is_refused_not_guessed():
+    """A text "false" is false (not Python's truthy string); a value of the wrong type, or a
+    non-finite epsilon that would slip past every comparison, is refused with what to fix."""
+    assert RunRequest.from_config({"dataset": "d", "dp": "false"}).dp is False
+    for bad, field_name in [({"target-epsilon": float("nan")}, "target-epsilon"), ({"hospitals": "many"}, "hospitals"),
+                            ({"dp": "maybe"}, "dp")]:
+        with pytest.raises(FedcareError, match=f"run request's {field_name} is not"):
+            RunRequest.from_config({"dataset": "d", **bad})

@@ -25,6 +25,7 @@ def test_prg_is_deterministic_per_seed_and_uint64() -> None:
     assert np.array_equal(a, mask_vector(b"\x01" * 32, 1000))
     assert np.array_equal(a[:10], mask_vector(b"\x01" * 32, 10))  # a prefix of the same stream
     assert not np.array_equal(a, mask_vector(b"\x02" + b"\x01" * 31, 1000))
+    assert not np.array_equal(a, mask_vector(b"\x01" * 31 + b"\x02", 1000))  # the counter half counts too
     assert mask_vector(b"\x01" * 32, 0).shape == (0,)
 
 

@@ -600,7 +600,30 @@ def test_a_substituted_rotated_mask_key_or_share_is_detected(tmp_path: Path) -> 
     swapped = {**peers, a: {**peers[a], "ct": peers[b]["ct"]}}      # another dealer's share relabelled
     with pytest.raises(TamperingDetected, match=f"from node {a}"):
         federation.node(ids[0]).receive_keys(2, swapped)
+    # the commitments node a signed, with the one to this node's share replaced, or cut short
+    blob = bytearray(peers[a]["s_commits"])
+    blob[-1] ^= 1
+    for commits in (bytes(blob), bytes(blob[:-1])):
+        with pytest.raises(TamperingDetected, match=f"node {a}"):
+            federation.node(ids[0]).receive_keys(2, {**peers, a: {**peers[a], "s_commits": commits}})
     federation.node(ids[0]).receive_keys(2, peers)                  # the honest request still works
+
+
+def test_packed_commitments_find_every_holder_and_only_in_order() -> None:
+    from secure_aggregation import commitments
+
+    commits = {h: bytes([h % 256]) * 32 for h in (7, 2**63 + 5, 3, 1000)}
+    blob = commitments.pack(commits)
+    assert all(commitments.lookup(blob, h) == c for h, c in commits.items())
+    assert commitments.lookup(blob, 4) is None and commitments.lookup(b"", 3) is None
+    assert commitments.unpack(blob, sorted(commits), "x") == commits
+    with pytest.raises(SecAggError, match="do not cover the nodes it dealt to"):
+        commitments.unpack(blob, sorted(commits)[:-1], "x")
+    reordered = blob[48:96] + blob[:48] + blob[96:]
+    with pytest.raises(SecAggError, match="in order"):
+        commitments.unpack(reordered, sorted(commits), "x")
+    with pytest.raises(SecAggError, match="not packed share commitments"):
+        commitments.checked(blob[:-1], "x")
 
 
 def test_a_share_from_another_run_is_detected(tmp_path: Path) -> None:

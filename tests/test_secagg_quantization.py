@@ -39,6 +39,27 @@ def test_weighted_mean_round_trip_within_bound(seed: int, n_nodes: int, length: 
     assert np.max(np.abs(mean - true)) <= q.error_bound + 1e-12 * clip
 
 
+@pytest.mark.parametrize("weight", [1, 3, 2**12])
+@pytest.mark.parametrize("bits", [32, 44])   # 44 bits with weight 2**12: the exact integer product path
+def test_vectors_longer_than_one_chunk_encode_and_decode_like_one_value_at_a_time(weight: int, bits: int) -> None:
+    """Encode and decode work chunk by chunk: every value, at and across chunk boundaries, must come out
+    as the element-wise formula gives it."""
+    from secure_aggregation import quantization
+
+    q = Quantizer(0.5, bits=bits, max_weight=2**12)
+    length = 2 * quantization._CHUNK + 17
+    x = np.random.default_rng(7).uniform(-0.5, 0.5, length)
+    x[[0, quantization._CHUNK - 1, quantization._CHUNK, length - 1]] = [0.5, -0.5, 0.25, -0.25]
+    enc = q.encode(x, weight)
+    levels = 2**bits - 1
+    expected = [int(np.rint((v + 0.5) * levels)) * weight for v in x]
+    assert enc[:-1].tolist() == expected and int(enc[-1]) == weight
+    other = q.encode(-x, 1)
+    mean, total_weight = q.decode_mean(_modsum([enc, other]), 2)
+    assert total_weight == weight + 1
+    assert np.max(np.abs(mean - (weight * x - x) / (weight + 1))) <= q.error_bound + 1e-12
+
+
 def test_encoding_layout_weight_last_and_scaled() -> None:
     q = Quantizer(1.0, bits=8)
     enc = q.encode(np.array([-1.0, 0.0, 1.0]), weight=3)

@@ -62,6 +62,21 @@ def hospital_folder(source: DataSource, dataset: str) -> Path:
     return folder
 
 
+def hospital_name(dataset: str, source: DataSource) -> str:
+    """The name ``load_hospital`` gives this hospital, without reading its data: the messages that
+    only need to say who answers (key agreement, unmasking) do not parse a table or decode images."""
+    if dataset == "fed-heart-disease":
+        from client.datasets.fed_heart_disease import CENTERS
+
+        if source.partition_id is None or not 0 <= source.partition_id < len(CENTERS):
+            return load_hospital(dataset, source).name   # raises the error that says what to set
+        return CENTERS[source.partition_id]
+    if dataset_task(dataset) == "image" or dataset == "pbc2" or (dataset in ("ehr-table", "ehr-events")
+                                                                 and not source.data_path):
+        return hospital_folder(source, dataset).name
+    return _own_files(dataset, source)[0].stem
+
+
 def load_hospital(dataset: str, source: DataSource) -> HospitalData:
     """Load the local data this node trains and evaluates on."""
     task = dataset_task(dataset)
