@@ -81,7 +81,7 @@ def open_checked_ledger(log: AuditLog, ledger_dir: str, hospital: str, dataset_i
     if stored is None and chain.charged:
         raise LedgerTampered(f"{where} is missing, but the signed audit log {log.path} records "
                              f"{chain.charged} release(s) on it", restore)
-    if stored is not None and not chain.records and _charged(stored):
+    if stored is not None and not chain.records and PrivacyLedger.charged_in(stored):
         raise LedgerTampered(f"{where} exists, but the signed audit log {log.path} has no record of it "
                              "(the ledger was copied in, or the audit log was replaced)",
                              "restore the audit log that belongs to this ledger")
@@ -104,11 +104,6 @@ def open_checked_ledger(log: AuditLog, ledger_dir: str, hospital: str, dataset_i
                              f"{ledger.epsilon():.4g}, less than the {chain.charged} release(s) and epsilon "
                              f"{chain.epsilon:.4g} its signed audit log records (rolled back)", restore)
     return ledger
-
-
-def _charged(stored: dict) -> int:
-    """Releases in a stored ledger that cost privacy (at least one accounted step)."""
-    return sum(1 for r in stored.get("releases", []) if sum(int(k) for _, _, k in r["entries"]) > 0)
 
 
 def raise_budget(log: AuditLog, ledger_dir: str, hospital: str, dataset_id: str, new_budget: float,

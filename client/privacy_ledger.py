@@ -251,7 +251,12 @@ class PrivacyLedger:
 
     def charged_releases(self) -> int:
         """How many releases cost privacy (at least one accounted step)."""
-        return sum(1 for r in self._data["releases"] if sum(int(k) for _, _, k in r["entries"]) > 0)
+        return self.charged_in(self._data)
+
+    @staticmethod
+    def charged_in(stored: dict[str, Any]) -> int:
+        """``charged_releases`` of a ledger as stored (``peek``), without opening it."""
+        return sum(1 for r in stored.get("releases", []) if sum(int(k) for _, _, k in r["entries"]) > 0)
 
     def last_release(self) -> dict[str, Any] | None:
         training = [r for r in self._data["releases"] if r["kind"] == "train"]

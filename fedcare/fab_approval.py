@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fedcare.errors import FedcareError
+from fedcare.private_files import replace_private
 
 STORE_NAME = "approved-fabs.json"       # in the hospital's state folder (default: its ledger-dir)
 STORE_FORMAT = "fedcare-approved-fabs/1"
@@ -181,26 +182,6 @@ def read_approvals(store: Path) -> list[Approval]:
                            "restore it from a backup, or move it away and approve the FABs again") from None
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Replace ``path`` atomically with a 0600 file (never briefly readable by others, never half-written)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def approve_digest(store: Path, digest: str, source: str, files: Iterable[str] = (), app: str = "",
                    approved_by: str | None = None) -> Approval:
     """Record ``digest`` as approved (idempotent: an existing record is kept and returned)."""
@@ -216,7 +197,7 @@ def approve_digest(store: Path, digest: str, source: str, files: Iterable[str] =
         record = Approval(digest, dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                           approved_by or f"{getpass.getuser()}@{socket.gethostname()}", source, app, list(files))
         doc = {"format": STORE_FORMAT, "approvals": [asdict(a) for a in [*approvals, record]]}
-        _write_private(store, (json.dumps(doc, indent=2) + "\n").encode())
+        replace_private(store, (json.dumps(doc, indent=2) + "\n").encode(), sync_folder=True)
         return record
     finally:
         os.close(lock)

@@ -7,6 +7,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from fedcare.config_values import typed
 from fedcare.errors import FedcareError
 
 FEATURE_STATS = "query.feature_stats"  # message type of the federated statistics round
@@ -91,16 +92,11 @@ class RunRequest:
 def _typed(key: str, kind: str, raw: Any) -> Any:
     """A run-request value as its field's type; a value that is not one is refused, never guessed."""
     try:
-        if kind == "bool":
-            if isinstance(raw, str):
-                if raw.strip().lower() not in ("true", "false"):
-                    raise ValueError(raw)
-                return raw.strip().lower() == "true"
-            return bool(raw)
-        if kind == "float" and not math.isfinite(float(raw)):
+        value = typed(raw, kind)
+        if kind == "float" and not math.isfinite(value):   # NaN or inf slips past every policy comparison
             raise ValueError(raw)
-        return int(raw) if kind == "int" else float(raw) if kind == "float" else str(raw)
-    except (TypeError, ValueError, OverflowError):
+        return value
+    except ValueError:
         what = _KINDS.get(kind, kind)
         raise FedcareError(f"the run request's {key} is not {what}",
                            f"the coordinator must set {key} to {what} in the run config") from None

@@ -11,6 +11,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from fedcare.config_values import typed
 from fedcare.errors import FedcareError
 
 # dataset -> the kind of input its hospitals hold (which models can train on it)
@@ -109,20 +110,8 @@ class RunSettings:
 def _coerce(key: str, value: Any, type_name: Any) -> Any:
     kind = type_name if isinstance(type_name, str) else type_name.__name__
     try:
-        if kind == "bool":
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError(value)
-                return value.lower() in ("true", "1")
-            return bool(value)
-        if kind == "int":
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if kind == "float":
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
+        return typed(value, kind)
+    except ValueError:
         raise FedcareError(
             f"run-config '{key}' must be a {kind}, got {value!r}", "fix the value"
         ) from None

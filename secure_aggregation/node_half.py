@@ -72,6 +72,14 @@ def seed_hash(run_id: keys.RunId, round_: int, node: int, seed: bytes) -> bytes:
     return hashlib.sha256(canonical("self-mask", run_id, round_, node, seed)).digest()
 
 
+def read_advertisement(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """An advertisement as received, its fields typed (raises KeyError, TypeError or ValueError when
+    one is missing or malformed: the caller says whose it was and what that means)."""
+    return {"name": str(raw["name"]), "identity": bytes(raw["identity"]), "t": int(raw["t"]), "k": int(raw["k"]),
+            "nodes": bytes(raw["nodes"]), "c_pk": keys.check_key_bytes(raw["c_pk"], "c_pk"),
+            "s_pk": keys.check_key_bytes(raw["s_pk"], "s_pk"), "sig": bytes(raw["sig"])}
+
+
 def advertisement_message(run_id: keys.RunId, node: int, ad: Mapping[str, Any]) -> bytes:
     return canonical("advertise", run_id, node, ad["name"], bytes(ad["identity"]), int(ad["t"]), int(ad["k"]),
                      bytes(ad["nodes"]), bytes(ad["c_pk"]), bytes(ad["s_pk"]))
@@ -341,10 +349,7 @@ class SecAggNode:
         names: dict[str, int] = {}
         for nid, raw in by_node(ads, "advertisements").items():
             try:
-                ad = {"name": str(raw["name"]), "identity": bytes(raw["identity"]), "t": int(raw["t"]),
-                      "k": int(raw["k"]), "nodes": bytes(raw["nodes"]),
-                      "c_pk": keys.check_key_bytes(raw["c_pk"], "c_pk"), "s_pk": keys.check_key_bytes(raw["s_pk"], "s_pk"),
-                      "sig": bytes(raw["sig"])}
+                ad = read_advertisement(raw)
             except (KeyError, TypeError, ValueError) as exc:
                 raise TamperingDetected(f"the advertisement of node {nid} is malformed ({exc})") from None
             if members.public_key(ad["name"]) != ad["identity"]:

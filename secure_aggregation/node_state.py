@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from fedcare.private_files import replace_private
 from secure_aggregation.errors import SecAggError
 
 FORMAT = "fedcare-secagg-node/1"
@@ -49,16 +49,6 @@ def load(path: Path) -> dict[str, Any] | None:
 def save(path: Path, state: dict[str, Any]) -> None:
     """Atomically replace the state at ``path`` (tmp file + fsync + os.replace, mode 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     # compact: the C encoder (an indented dump takes Python's, several times slower on every message)
     data = json.dumps({**state, "format": FORMAT}, sort_keys=True, separators=(",", ":")).encode("utf-8")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    replace_private(path, data)

@@ -29,7 +29,7 @@ from secure_aggregation.errors import SecAggError, ShamirError, TamperingDetecte
 from secure_aggregation.identity import verify
 from secure_aggregation.node_half import (SETUP_ROUND, SIG_BYTES, STAGE_B_SHARE, STAGE_S_SHARE,
                                           advertisement_message, check_graph_parameters, closed_neighbourhoods,
-                                          participants_digest, seed_hash, share_hash)
+                                          participants_digest, read_advertisement, seed_hash, share_hash)
 from secure_aggregation.prg import SEED_BYTES
 from secure_aggregation.validation import by_node, ciphertext, node_id, node_ids
 
@@ -133,10 +133,7 @@ class SecAggServer:
         if self._keys_closed:
             raise SecAggError(f"the advertisement of node {nid} arrived after the key list was sent out")
         try:
-            clean = {"name": str(ad["name"]), "identity": bytes(ad["identity"]), "t": int(ad["t"]),
-                     "k": int(ad["k"]), "nodes": bytes(ad["nodes"]),
-                     "c_pk": keys.check_key_bytes(ad["c_pk"], "c_pk"), "s_pk": keys.check_key_bytes(ad["s_pk"], "s_pk"),
-                     "sig": bytes(ad["sig"])}
+            clean = read_advertisement(ad)
         except (KeyError, TypeError, ValueError) as exc:
             raise SecAggError(f"the advertisement of node {nid} is malformed ({exc})") from None
         if not verify(clean["identity"], clean["sig"], advertisement_message(self.run_id, nid, clean)):
