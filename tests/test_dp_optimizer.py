@@ -47,10 +47,10 @@ def test_without_noise_the_update_is_the_clipped_sum_over_the_expected_batch() -
 
 def test_noise_has_std_sigma_times_clip_norm_over_the_expected_batch() -> None:
     torch.manual_seed(0)
-    model = nn.Linear(200, 100)
+    model = nn.Linear(1000, 200)
     optimizer = ClippedSumDPOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=2.0,
                                       max_grad_norm=3.0, expected_batch_size=5)
-    x = torch.zeros(0, 200)  # an empty batch: the update is noise alone
+    x = torch.zeros(0, 1000)  # an empty batch: the update is noise alone
     optimizer.zero_grad(set_to_none=True)
     clipper = PerSampleClipper(model, 3.0)
     with clipper.recording():
@@ -58,8 +58,10 @@ def test_noise_has_std_sigma_times_clip_norm_over_the_expected_batch() -> None:
     clipper.clip_and_sum(loss, 0)
     optimizer.step()
     noise = torch.cat([p.grad.flatten() for p in model.parameters()])
-    assert abs(float(noise.mean())) < 0.01
-    assert abs(float(noise.std()) - 2.0 * 3.0 / 5) < 0.01  # 20,100 draws: std error ~0.003
+    # The noise comes from the hospital's secret stream, never a seed: 200,200 draws of std 1.2 give the
+    # mean a standard error of 0.0027 and the std one of 0.0019, so each bound sits > 5 standard errors out.
+    assert abs(float(noise.mean())) < 0.015
+    assert abs(float(noise.std()) - 2.0 * 3.0 / 5) < 0.01
 
 
 def test_each_step_reaches_the_accountant_and_a_reused_gradient_is_refused() -> None:
