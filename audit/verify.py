@@ -11,7 +11,9 @@ What is checked, and why each check catches a kind of tampering:
    by anyone else), and the same key for an actor across files (and the registered key, when
    ``trusted_keys`` is given: a wholesale re-signed forgery).
 3. Across files, node vs server: every node ``release`` of a training round appears among the
-   server round's ``responded`` (or, as a note, its ``failed``: released but not aggregated);
+   server round's ``responded`` (or, as a note, its ``failed``: released but not aggregated; or,
+   as a note, the round after the last one the server logged for that run: charged, not
+   aggregated, because the server crashed);
    every ``responded`` hospital whose log is supplied has a release for that round; the model a
    node says it received is the server's previous aggregate (or the run's initial model); a
    plain-aggregation update digest matches what the server says it received; a node's unmask
@@ -19,10 +21,13 @@ What is checked, and why each check catches a kind of tampering:
 4. Epsilon: per hospital and dataset (its declared ``dataset_id``; the data fingerprint for
    records that carry none), the RDP accountant (Opacus, fedcare's orders) is replayed over the
    recorded DP parameters of every release in order, and each ``epsilon_after`` must match to
-   1e-6 relative and stay within the budget the hospital last signed (``budget`` records). With
-   ``ledger_dir``, each privacy ledger (``privacy-ledger-*.json``) must hold the same releases,
-   the same epsilons, a history whose epsilon equals the replayed one, and no budget above the
-   last signed one (a budget raised by hand).
+   1e-6 relative and stay within the budget the hospital last signed (``budget`` records). A
+   release at no cost (zero steps: a statistics answer re-sent from the ledger) must send exactly
+   an answer paid for earlier on the same data (or an empty one). With ``ledger_dirs`` (one
+   folder per hospital in a deployment), each privacy ledger (``privacy-ledger-*.json``) must hold
+   the same charged releases, the same epsilons, a history whose epsilon equals the replayed one,
+   and no budget above the last one signed in its hospital's chain (a budget raised by hand); a
+   ledger with charged releases whose chain signed no budget at all is a finding too.
 
 Corrupt input never raises: everything wrong is a ``Finding(file, line, reason)``; a finding of
 level ``note`` is information for the auditor (e.g. a hospital whose log was not supplied) and
@@ -39,8 +44,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from audit.audit_log import (GENESIS, KIND_BUDGET, KIND_REFUSAL, KIND_RELEASE, KIND_ROUND, KIND_RUN, KIND_UNMASK,
-                             NODE_KINDS, SERVER_KINDS, last_line_problem, line_hash, schema_problems)
+                             NODE_KINDS, SERVER_KINDS, digest_arrays, last_line_problem, line_hash,
+                             schema_problems)
 
 EPS_RTOL = 1e-6
 
@@ -146,12 +154,13 @@ class VerifyReport:
         }
 
 
-def verify(paths: Iterable[str | Path], ledger_dir: str | Path | None = None,
+def verify(paths: Iterable[str | Path], ledger_dirs: str | Path | Iterable[str | Path] | None = None,
            trusted_keys: Mapping[str, str] | None = None) -> VerifyReport:
-    """Verify audit logs ``paths`` together (and the privacy ledgers in ``ledger_dir``).
+    """Verify audit logs ``paths`` together (and the privacy ledgers in every folder of ``ledger_dirs``).
 
-    ``trusted_keys`` (optional): actor -> registered public key (hex); a log signed by another
-    key is then a finding even if it is internally consistent.
+    ``ledger_dirs``: one folder or several (a deployment keeps one ledger folder per hospital);
+    every folder is checked. ``trusted_keys`` (optional): actor -> registered public key (hex); a
+    log signed by another key is then a finding even if it is internally consistent.
     """
     files = [str(p) for p in paths]
     report = VerifyReport(files=files)
@@ -171,9 +180,21 @@ def verify(paths: Iterable[str | Path], ledger_dir: str | Path | None = None,
     report.runs = [e for e in server if e.kind == KIND_RUN]
     _replay_epsilon(node, report)
     _cross_check(node, server, report)
-    if ledger_dir is not None:
-        _check_ledgers(Path(ledger_dir), report)
+    for folder in _folders(ledger_dirs):
+        _check_ledgers(folder, report)
     return report
+
+
+def _folders(ledger_dirs: str | Path | Iterable[str | Path] | None) -> list[Path]:
+    """``ledger_dirs`` as a list of distinct folders (one path, several, or none)."""
+    if ledger_dirs is None:
+        return []
+    many = [ledger_dirs] if isinstance(ledger_dirs, (str, Path)) else list(ledger_dirs)
+    folders: list[Path] = []
+    for folder in map(Path, many):
+        if folder.resolve() not in {f.resolve() for f in folders}:
+            folders.append(folder)
+    return folders
 
 
 # ---- 1 and 2: one file ----------------------------------------------------------------------------
@@ -339,6 +360,7 @@ def _replay_epsilon(node: list[Entry], report: VerifyReport) -> None:
         delta: float | None = None
         budget: float | None = None
         no_dp = 0
+        paid_answers = {_EMPTY_STATS_DIGEST}   # statistics answers this hospital paid for on this data
         for e in _ordered(group):
             b = e.body
             if e.kind == KIND_BUDGET:
@@ -356,6 +378,7 @@ def _replay_epsilon(node: list[Entry], report: VerifyReport) -> None:
                 elif not math.isclose(delta, float(dp["delta"]), rel_tol=1e-12):
                     report.findings.append(Finding(e.file, e.line, f"delta {dp['delta']:g} differs from the {delta:g} "
                                                    "of earlier releases on this data (epsilons are not comparable)"))
+                _check_free_release(e, paid_answers, report)
                 try:
                     replay.add(float(dp["noise_multiplier"]), float(dp["sample_rate"]), int(dp["steps"]))
                     replayed = replay.epsilon(delta)
@@ -383,6 +406,28 @@ def _replay_epsilon(node: list[Entry], report: VerifyReport) -> None:
                                            f"privacy on data {key[:24]} (no epsilon guarantee)", "note"))
 
 
+# The digest of an empty statistics answer (no numeric feature to release): sent at no cost.
+_EMPTY_STATS_DIGEST = digest_arrays({"sum": np.asarray([], dtype=np.float64)})
+
+
+def _check_free_release(e: Entry, paid_answers: set[str], report: VerifyReport) -> None:
+    """A statistics answer is paid once; a release at zero steps must re-send one of those answers.
+
+    Re-sending an answer already released is post-processing (no cost); anything else released
+    at zero steps would be a release the accountant never counted.
+    """
+    b = e.body
+    steps = int(b["dp"]["steps"])
+    if b["stage"] != "feature-stats":
+        return
+    if steps > 0:
+        paid_answers.add(b["sent_digest"])
+    elif b["sent_digest"] not in paid_answers:
+        report.findings.append(Finding(
+            e.file, e.line, f"{e.actor} released a statistics answer at no privacy cost in run {b['run_id']}, "
+                            "but it is not an answer it paid for earlier on this data (an uncounted release)"))
+
+
 # ---- 3: node vs server -------------------------------------------------------------------------------
 def _cross_check(node: list[Entry], server: list[Entry], report: VerifyReport) -> None:
     def error(e: Entry, reason: str) -> None:
@@ -401,6 +446,7 @@ def _cross_check(node: list[Entry], server: list[Entry], report: VerifyReport) -
             rounds.setdefault(key, e)
     runs = {e.body["run_id"]: e for e in server if e.kind == KIND_RUN}
     server_runs = {r for r, _ in rounds} | set(runs)
+    in_flight = _rounds_in_flight(rounds, runs)
     covered = {e.actor for e in node}
     releases: dict[tuple[str, int, str], list[Entry]] = defaultdict(list)
     unnoted_runs: set[str] = set()
@@ -418,7 +464,7 @@ def _cross_check(node: list[Entry], server: list[Entry], report: VerifyReport) -
         if e.kind == KIND_RELEASE:
             releases[(run, rnd, e.actor)].append(e)
             if b["stage"] == "train" or srv is not None:
-                _check_release(e, srv, rounds, runs, error, note)
+                _check_release(e, srv, rounds, runs, in_flight, error, note)
         elif e.kind == KIND_REFUSAL and srv is not None:
             s = srv.body
             if e.actor in s["responded"]:
@@ -451,12 +497,42 @@ def _cross_check(node: list[Entry], server: list[Entry], report: VerifyReport) -
                            f"but {actor}'s log has no release for that round")
 
 
+def _plan_of(run: str, runs: dict[str, Entry]) -> str:
+    """The run whose privacy plan ``run`` follows: the run it resumed (``resumed-from``), else itself."""
+    record = runs.get(run)
+    resumed = record.body["settings"].get("resumed-from") if record is not None else None
+    return str(resumed) if resumed not in (None, "") else run
+
+
+def _rounds_in_flight(rounds: dict[tuple[str, int], Entry], runs: dict[str, Entry]) -> dict[str, int]:
+    """Per run, the round after the last one its server logged: the round in flight if the server stopped.
+
+    A run resumed from a checkpoint starts after the last round logged by the runs of its plan.
+    """
+    last: dict[str, int] = defaultdict(int)
+    for run, rnd in rounds:
+        last[run] = max(last[run], rnd)
+    in_flight = {}
+    for run in set(last) | set(runs):
+        if run in last:
+            in_flight[run] = last[run] + 1
+            continue
+        plan = _plan_of(run, runs)
+        family = [r for r in set(last) if r != run and (r == plan or _plan_of(r, runs) == plan)]
+        in_flight[run] = max((last[r] for r in family), default=0) + 1
+    return in_flight
+
+
 def _check_release(e: Entry, srv: Entry | None, rounds: dict[tuple[str, int], Entry], runs: dict[str, Entry],
-                   error, note) -> None:
+                   in_flight: dict[str, int], error, note) -> None:
     b = e.body
     run, rnd, actor = b["run_id"], b["round"], e.actor
     if srv is None:
-        error(e, f"{actor} released in run {run} round {rnd}, but the server logged no such round")
+        if b["stage"] == "train" and in_flight.get(run) == rnd:
+            note(e, f"{actor} released in run {run} round {rnd}: charged, not aggregated (server crash): the "
+                    "server's log of this run ends before that round")
+        else:
+            error(e, f"{actor} released in run {run} round {rnd}, but the server logged no such round")
         return
     s = srv.body
     where = f"{srv.file}:{srv.line}"
@@ -474,13 +550,55 @@ def _check_release(e: Entry, srv: Entry | None, rounds: dict[tuple[str, int], En
     if actor in received and received[actor] != b["sent_digest"]:
         error(e, f"sent_digest differs from the digest the server ({where}) says it received")
     if b["stage"] == "train":
-        before = rounds.get((run, rnd - 1))
+        before = rounds.get((run, rnd - 1)) or _latest_of_plan(rounds, runs, run, rnd - 1)
         expected = before.body["aggregate_digest"] if before is not None else (
             runs[run].body.get("initial_model_digest") if run in runs and rnd == 1 else "")
         if expected and b["global_model_digest"] != expected:
             source = f"{before.file}:{before.line}" if before is not None else f"{runs[run].file}:{runs[run].line}"
             error(e, f"trained from a model (digest {b['global_model_digest'][:12]}...) that is not the server's "
                      f"global model for round {rnd} ({expected[:12]}..., {source})")
+
+
+def _check_ledger_budget(name: str, data: dict[str, Any], hospital: str, dataset: str,
+                         match: tuple[HospitalView, list[ReleaseView]] | None, report: VerifyReport) -> None:
+    """The ledger's budget must not exceed the last budget its hospital signed for this dataset.
+
+    The hospital's chain signs a ``budget`` record when the ledger is created and at every explicit
+    raise (``fedcare node budget``); a larger budget in the ledger was written by hand. Looked up
+    by the ledger's own dataset identity, so a ledger with no release on record is checked too.
+    """
+    view = match[0] if match is not None else report.hospitals.get(hospital)
+    if view is None:
+        return   # this hospital's log was not supplied: noted elsewhere
+    keys = [dataset] + ([match[1][0].data_key] if match is not None else [])
+    signed = next((view.budgets[k] for k in keys if k in view.budgets), None)
+    try:
+        budget = float(data["budget"])
+    except (KeyError, TypeError, ValueError):
+        report.findings.append(Finding(name, 0, f"{hospital}: the ledger has no readable budget"))
+        return
+    if signed is None:
+        charged = sum(1 for r in data.get("releases", [])
+                      if sum(int(k) for _, _, k in r.get("entries", [])) > 0)
+        if charged:
+            report.findings.append(Finding(
+                name, 0, f"{hospital}: the ledger's budget {budget:g} on {dataset[:40]!r} has no signed budget "
+                         f"record in {view.actor}'s audit log, yet it records {charged} charged release(s) "
+                         "(budget not signed: it cannot be told from one raised by hand)"))
+        return
+    if budget > signed * (1 + EPS_RTOL):
+        report.findings.append(Finding(
+            name, 0, f"{hospital}: the ledger's budget {budget:g} is above the {signed:g} last signed in "
+                     f"{view.actor}'s audit log (raised by hand, without a signed budget record: "
+                     "`fedcare node budget` signs a raise)"))
+
+
+def _latest_of_plan(rounds: dict[tuple[str, int], Entry], runs: dict[str, Entry], run: str,
+                    rnd: int) -> Entry | None:
+    """Round ``rnd``'s server record in an earlier run of ``run``'s plan (a resumed run's starting model)."""
+    plan = _plan_of(run, runs)
+    found = [e for (r, n), e in rounds.items() if n == rnd and r != run and (r == plan or _plan_of(r, runs) == plan)]
+    return max(found, key=lambda e: (e.time, e.file, e.line), default=None)
 
 
 # ---- 4b: the hospitals' privacy ledgers -------------------------------------------------------------
@@ -525,6 +643,7 @@ def _check_ledger(path: Path, by_fingerprint: dict[str, tuple[HospitalView, list
               f"{ledger_releases[-1][3]:.9g}")
     match = next((v for fp, v in by_fingerprint.items() if fp == fingerprint or
                   (len(fp) >= 16 and (fingerprint.startswith(fp) or fp.startswith(fingerprint)))), None)
+    _check_ledger_budget(name, data, hospital, fingerprint, match, report)
     if match is None:
         covered = hospital in report.hospitals
         if ledger_releases:
@@ -536,11 +655,9 @@ def _check_ledger(path: Path, by_fingerprint: dict[str, tuple[HospitalView, list
         return
     view, audit_releases = match
     audit_fp = audit_releases[0].data_key
-    signed = view.budgets.get(audit_fp)
-    if signed is not None and float(data.get("budget", 0.0)) > signed * (1 + EPS_RTOL):
-        error(f"{hospital}: the ledger's budget {float(data['budget']):g} is above the {signed:g} last signed in "
-              "the audit log (raised without a signed budget record)")
+    # a release at zero steps (a re-sent statistics answer) cost nothing: the ledger need not list it
     dp_releases = [r for r in audit_releases if r.dp is not None and r.epsilon_after is not None]
+    free = [r for r in dp_releases if int(r.dp.get("steps", 0)) <= 0]
     audit_delta = view.delta.get(audit_fp)
     if audit_delta is not None and not math.isclose(audit_delta, delta, rel_tol=1e-12):
         error(f"{hospital}: the ledger's delta {delta:g} differs from the audit log's {audit_delta:g}")
@@ -556,6 +673,8 @@ def _check_ledger(path: Path, by_fingerprint: dict[str, tuple[HospitalView, list
                                            f"{hospital}: epsilon_after {found.epsilon_after:.9g} "
                                            f"differs from the privacy ledger's {eps:.9g} ({name})"))
     for r in remaining:
+        if r in free:
+            continue
         report.findings.append(Finding(r.file, r.line, f"{view.actor}: release run {r.run_id} round {r.round} "
                                        f"({r.stage}) is missing from the privacy ledger {name}"))
     replayed = view.epsilon.get(audit_fp)

@@ -112,7 +112,7 @@ class _Node:
     def data(self, for_training: bool = True) -> HospitalData:
         data = _hospital(self.request.dataset, self.source())
         if for_training:
-            data.check_trainable(self.request.batch_size)
+            data.check_trainable(self.request.batch_size, dp=self.request.dp)
         return data
 
     def dataset_id(self, data: HospitalData) -> str:
@@ -385,12 +385,24 @@ def _train_received(node: _Node, msg: Message, report: dict[str, Any]) -> Messag
     model = node.model(data)
     global_arrays = _received_model(msg)
     load_arrays(model, global_arrays)
-    dp, ledger, plan = None, None, None
+    dp, ledger, plan, replan = None, None, None, None
     if node.dp:
         ledger = node.ledger(data)
-        plan = ledger.plan(node.plan_id) or node.plan(data, ledger, stats_needed=False)
+        planned = ledger.plan(node.plan_id) or node.plan(data, ledger, stats_needed=False)
+        # a round asked for again after a coordinator crash was paid for already: the hospital re-plans
+        # the rounds left from its own ledger and plan, so they still fit the plan's target
+        plan, replan = ledger.plan_for_round(node.plan_id, server_round)
         ledger.check_release([(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)])
-        dp = DPSettings(plan.noise_multiplier, node.request.max_grad_norm)
+        # the plan's sample rate and steps, not ones recomputed from today's data: the ledger records what
+        # the plan counted, whatever size the data has now
+        epochs = node.request.local_epochs
+        if epochs < 1 or plan.steps_per_round % epochs:
+            raise PolicyRefusal(f"{data.name} refuses: local-epochs={epochs} does not divide the "
+                                f"{plan.steps_per_round} DP steps a round its privacy plan for run "
+                                f"{node.plan_id} counts",
+                                "resume with the run's own local-epochs")
+        dp = DPSettings(plan.noise_multiplier, node.request.max_grad_norm, plan.sample_rate,
+                        plan.steps_per_round // epochs)
     started = time.perf_counter()
     outcome = train(
         model, _prepared(node, data, data.x_train), data.y_train,
@@ -406,9 +418,14 @@ def _train_received(node: _Node, msg: Message, report: dict[str, Any]) -> Messag
         # Charged as soon as training ran: whatever happens to the update next, the round is paid for.
         eps = ledger.record(str(node.context.run_id), server_round, "train", outcome.steps,
                             noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-                            data_fingerprint=data.fingerprint())
+                            data_fingerprint=data.fingerprint(), plan_run_id=node.plan_id)
         trained.update({"epsilon": eps, "noise-multiplier": dp.noise_multiplier,
                         "steps": sum(k for _, _, k in outcome.steps)})
+        if replan is not None:   # what a crash cost this hospital, for the coordinator's report
+            trained.update({"planned-noise-multiplier": planned.noise_multiplier,
+                            "replanned-from-round": replan.from_round})
+            if replan.lost_rounds:
+                trained["lost-rounds"] = list(replan.lost_rounds)
     weight = _public_size(node, data)
     records: dict[str, Any] = {}
     masked_with: list[int] = []

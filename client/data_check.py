@@ -158,13 +158,17 @@ def _judge(report: DataReport, labelled: dict[str, int], have_labels: bool) -> N
 
 
 def render(report: DataReport):
-    """A rich renderable of the report: summary, problems, rejected files, PHI, sizes."""
+    """A rich renderable of the report: summary, problems, rejected files, PHI, sizes.
+
+    Folder and file names, reasons and keywords are the user's text: every cell and title is a
+    ``Text``, never parsed as markup (``bad[kg].dcm`` stays as written, ``[/x]`` cannot crash it).
+    """
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
     parts = []
-    summary = Table(title=f"fedcare data check: {report.folder}", show_header=False, title_justify="left")
+    summary = Table(title=Text(f"fedcare data check: {report.folder}"), show_header=False, title_justify="left")
     summary.add_column(style="bold")
     summary.add_column()
     balance = ", ".join(f"class {k}: {v}" for k, v in report.label_counts.items()) or "-"
@@ -174,28 +178,28 @@ def render(report: DataReport):
                        ("label balance (readable)", balance), ("unlabelled files", len(report.unlabelled)),
                        ("files with identifying attributes", len(report.phi)),
                        ("policy", report.policy), ("seconds", f"{report.seconds:.1f}")]:
-        summary.add_row(key, str(value))
+        summary.add_row(key, Text(str(value)))
     parts.append(summary)
     if report.sizes:
         sizes = Table(title="original image sizes (rows x cols)", title_justify="left")
         sizes.add_column("size")
         sizes.add_column("files", justify="right")
         for size, n in report.sizes.items():
-            sizes.add_row(size, str(n))
+            sizes.add_row(Text(size), str(n))
         parts.append(sizes)
     if report.rejected:
         table = Table(title="rejected files", title_justify="left")
         table.add_column("file", overflow="fold")
         table.add_column("reason", overflow="fold")
         for name, reason in report.rejected.items():
-            table.add_row(name, reason)
+            table.add_row(Text(name), Text(reason))
         parts.append(table)
     if report.phi:
         table = Table(title="identifying attributes (keywords; values are never shown)", title_justify="left")
         table.add_column("file", overflow="fold")
         table.add_column("attributes", overflow="fold")
         for name, keywords in report.phi.items():
-            table.add_row(name, ", ".join(keywords))
+            table.add_row(Text(name), Text(", ".join(keywords)))
         parts.append(table)
     for note in report.notes:
         parts.append(Text(f"note: {note}", style="yellow"))

@@ -34,8 +34,15 @@ EVAL_BATCH = 512  # images: bounded memory at evaluation
 
 @dataclass(frozen=True)
 class DPSettings:
+    """DP-SGD's parameters. ``sample_rate`` and ``steps_per_epoch``: the privacy plan's, when training
+    follows one, so the steps taken are the steps the plan counted even if the data changed size
+    since it was made (a patient removed would otherwise add a step at a higher rate); None: from
+    the data (``steps_per_epoch``), for runs without a plan (baselines, benchmarks)."""
+
     noise_multiplier: float
     max_grad_norm: float
+    sample_rate: float | None = None
+    steps_per_epoch: int | None = None
 
 
 @dataclass
@@ -125,8 +132,8 @@ def _make_private(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.T
 
     from client.dp_optimizer import ClippedSumDPOptimizer
 
-    steps = steps_per_epoch(len(y), batch_size)
-    sample_rate = 1 / steps
+    steps = dp.steps_per_epoch if dp.steps_per_epoch is not None else steps_per_epoch(len(y), batch_size)
+    sample_rate = dp.sample_rate if dp.sample_rate is not None else 1 / steps
     expected_batch_size = int(len(y) * sample_rate)
     private_optimizer = ClippedSumDPOptimizer(
         optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,

@@ -5,7 +5,9 @@ the data: adding a patient to a table must not start a fresh budget for every pa
 it. Each release records the data fingerprint it was computed on. The ledger stores the Opacus
 accountant history (noise multiplier, sample rate, steps), delta and the budget; epsilon is always
 recomputed by the accountant from that history, so a ledger reloaded between rounds gives exactly
-what one long-lived accountant would. Every write is atomic (temp file + rename) under a file
+what one long-lived accountant would. A run's noise is planned once; when the rounds left no
+longer fit that plan's target (a round paid twice after a coordinator crash), the hospital
+re-plans them from this ledger alone (``plan_for_round``) and records the re-plan. Every write is atomic (temp file + rename) under a file
 lock: a ClientApp process may be fresh per message. ``client/ledger_guard.py`` checks it against
 the hospital's signed audit chain before every release, so a deleted, rolled-back or hand-edited
 ledger is refused rather than trusted.
@@ -14,6 +16,7 @@ ledger is refused rather than trusted.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import functools
 import hashlib
@@ -39,6 +42,9 @@ LEDGER_VERSION = 2
 ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [80, 96, 128, 192, 256, 384, 512]
 MAX_NOISE_MULTIPLIER = 1e4
 _EPS_TOLERANCE = 1e-9
+# How far a run's remaining rounds may sit above its target before the hospital re-plans them: the
+# calibration's own tolerance plus the rounding of summing the same RDP in another order.
+_PLAN_TOLERANCE = 1e-8
 
 Entry = tuple[float, float, int]  # (noise multiplier, sample rate, steps)
 
@@ -156,6 +162,23 @@ class RunPlan:
     target_epsilon: float
 
 
+@dataclass(frozen=True)
+class Replan:
+    """The noise of a run's remaining rounds, re-calibrated at the hospital after its spending left the plan.
+
+    A coordinator that crashes after the hospitals trained a round, but before it aggregated and
+    checkpointed it, asks for that round again when it resumes: the round is then paid twice, and
+    the planned noise no longer fits the run's target. The hospital re-plans the rounds left from
+    its own ledger (what was spent) and its own plan (target, rounds, steps): nothing here comes
+    from the coordinator but the round number it asks for.
+    """
+
+    from_round: int                 # the first round trained at the new noise
+    noise_multiplier: float         # the remaining rounds' noise
+    previous_noise_multiplier: float
+    lost_rounds: tuple[int, ...]    # rounds charged under this plan and asked for again (their update was lost)
+
+
 class PrivacyLedger:
     """One hospital's privacy ledger (one JSON file per dataset identity)."""
 
@@ -266,6 +289,18 @@ class PrivacyLedger:
         raw = self._data["plans"].get(run_id)
         return RunPlan(**raw) if raw else None
 
+    def replans(self, run_id: str) -> list[Replan]:
+        """The re-plans of run ``run_id``'s noise, oldest first (none unless its spending left the plan)."""
+        return [Replan(r["from_round"], r["noise_multiplier"], r["previous_noise_multiplier"],
+                       tuple(r["lost_rounds"]))
+                for r in self._data.get("replans", {}).get(run_id, [])]
+
+    def charged_rounds(self, run_id: str) -> list[int]:
+        """Training rounds charged under run ``run_id``'s plan (a resumed run's releases included)."""
+        return [int(r["round"]) for r in self._data["releases"]
+                if r["kind"] == "train" and r.get("plan_run_id", r["run_id"]) == run_id
+                and sum(int(k) for _, _, k in r["entries"]) > 0]
+
     def feature_stats(self, key: str) -> dict[str, Any] | None:
         """A statistics release already paid for (re-sending it costs nothing: post-processing)."""
         cached = self._data.get("feature_stats")
@@ -309,6 +344,37 @@ class PrivacyLedger:
         with self._updating() as data:
             data["plans"][run_id] = plan.__dict__
         return plan
+
+    def plan_for_round(self, run_id: str, round_: int) -> tuple[RunPlan, Replan | None]:
+        """The plan to train round ``round_`` of run ``run_id`` with, and its re-plan if one applies.
+
+        The rounds left (this one to the plan's last) at the current noise must fit the plan's
+        target on top of what the ledger says was spent. They do in a run that went as planned;
+        when they do not (a round paid twice after a coordinator crash), the noise of the rounds
+        left is calibrated again against the plan's target and recorded, so a resumed run finishes
+        its planned rounds within the target. Raises ``BudgetExhausted`` when nothing fits.
+        """
+        plan = self.plan(run_id)
+        if plan is None:
+            raise ValueError(f"run {run_id} has no privacy plan")
+        replans = [r for r in self.replans(run_id) if r.from_round <= round_]
+        current = replans[-1] if replans else None
+        sigma = current.noise_multiplier if current else plan.noise_multiplier
+        left = (plan.sample_rate, plan.steps_per_round * max(1, plan.rounds - round_ + 1))
+        if epsilon_of(self.history + [(sigma, *left)], self.delta) <= plan.target_epsilon + _PLAN_TOLERANCE:
+            return dataclasses.replace(plan, noise_multiplier=sigma), current
+        try:
+            new_sigma = calibrate_noise(self.history, left, self.delta, plan.target_epsilon)
+        except ValueError:
+            raise BudgetExhausted(
+                f"{self.hospital}: the rounds left of run {run_id} (from round {round_}) no longer fit its "
+                f"target epsilon {plan.target_epsilon:.3g} (spent {self.epsilon():.3f})",
+                "raise this hospital's epsilon budget or stop training on this data") from None
+        lost = tuple(r for r in self.charged_rounds(run_id) if r >= round_)
+        replan = Replan(round_, new_sigma, sigma, lost)
+        with self._updating() as data:
+            data.setdefault("replans", {}).setdefault(run_id, []).append(dataclasses.asdict(replan))
+        return dataclasses.replace(plan, noise_multiplier=new_sigma), replan
 
     def check_release(self, entries: list[Entry]) -> float:
         """Epsilon after releasing ``entries``; raises BudgetExhausted if that exceeds the budget."""

@@ -1,7 +1,7 @@
 """`fedcare audit ...`: what a privacy auditor runs over node and server audit logs.
 
-Exit codes: 0 clean, 1 findings (or an attack whose lower bound exceeds the accountant's
-epsilon), 2 a usage error (one line on stderr).
+Exit codes (fedcare/error_output.py): 0 clean, 1 findings (or an attack whose lower bound exceeds
+the accountant's epsilon), 2 a usage error (one line on stderr).
 """
 
 from __future__ import annotations
@@ -13,8 +13,11 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
+from fedcare.error_output import usage_error
 from fedcare.errors import FedcareError
 
 audit_app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -33,17 +36,18 @@ def _console(stderr: bool = False) -> Console:
 
 
 def _usage_error(problem: str, hint: str = "") -> None:
-    _console(stderr=True).print(f"[bold red]error:[/] {problem}" + (f" -> {hint}" if hint else ""),
-                                soft_wrap=True, markup=True, highlight=False)
-    raise typer.Exit(2)
+    # the one error printer: problem and hint name user-supplied paths, printed as plain text
+    usage_error(problem, hint)
 
 
-def _check_inputs(paths: list[Path], ledger_dir: Path | None, keys: Path | None) -> dict[str, str] | None:
+def _check_inputs(paths: list[Path], ledger_dirs: list[Path] | None, keys: Path | None) -> dict[str, str] | None:
     for p in paths:
         if not p.is_file():
             _usage_error(f"{p} is not a file", "pass the audit log files (JSON lines) of the nodes and the server")
-    if ledger_dir is not None and not ledger_dir.is_dir():
-        _usage_error(f"--ledger-dir {ledger_dir} is not a folder")
+    for ledger_dir in ledger_dirs or []:
+        if not ledger_dir.is_dir():
+            _usage_error(f"--ledger-dir {ledger_dir} is not a folder",
+                         "pass each hospital's ledger folder with its own --ledger-dir")
     if keys is None:
         return None
     try:
@@ -58,8 +62,9 @@ def _check_inputs(paths: list[Path], ledger_dir: Path | None, keys: Path | None)
 @audit_app.command()
 def verify(
     paths: list[Path] = typer.Argument(..., help="audit log files (JSON lines) of nodes and server, verified together"),
-    ledger_dir: Optional[Path] = typer.Option(None, "--ledger-dir", help="also cross-check the hospitals' "
-                                              "privacy-ledger-*.json files in this folder"),
+    ledger_dir: Optional[list[Path]] = typer.Option(None, "--ledger-dir", help="also cross-check the hospitals' "
+                                                    "privacy-ledger-*.json files in this folder (repeat it: one "
+                                                    "folder per hospital, all are checked)"),
     trusted_keys: Optional[Path] = typer.Option(None, "--trusted-keys", help="JSON {actor: registered public key hex}"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
@@ -74,13 +79,14 @@ def verify(
         console = _console()
         for f in report.findings:
             colour = "red" if f.level == "error" else "yellow"
-            console.print(f"[{colour}]{f.level}[/] {f.file}:{f.line}: {f.reason}", highlight=False, soft_wrap=True)
+            console.print(f"[{colour}]{f.level}[/] " + escape(f"{f.file}:{f.line}: {f.reason}"), highlight=False,
+                          soft_wrap=True)
         table = Table(title="epsilon per hospital (replayed by the RDP accountant)")
         for column in ("hospital", "data", "releases", "refusals", "delta", "epsilon"):
             table.add_column(column)
         for actor, h in sorted(report.hospitals.items()):
             for fp, eps in sorted(h.epsilon.items()) or [("-", None)]:
-                table.add_row(actor, fp[:12], str(len(h.releases)), str(len(h.refusals)),
+                table.add_row(Text(actor), fp[:12], str(len(h.releases)), str(len(h.refusals)),
                               f"{h.delta.get(fp, 0):g}" if eps is not None else "-",
                               f"{eps:.4f}" if eps is not None else "no DP")
         if report.hospitals:
@@ -95,7 +101,8 @@ def verify(
 def report(
     paths: list[Path] = typer.Argument(..., help="audit log files of nodes and server"),
     out: Path = typer.Option(..., "--out", help="folder for audit-report.md and epsilon.png"),
-    ledger_dir: Optional[Path] = typer.Option(None, "--ledger-dir", help="cross-check the privacy ledgers too"),
+    ledger_dir: Optional[list[Path]] = typer.Option(None, "--ledger-dir", help="cross-check the privacy ledgers "
+                                                    "in this folder too (repeat it: one folder per hospital)"),
     trusted_keys: Optional[Path] = typer.Option(None, "--trusted-keys", help="JSON {actor: registered public key hex}"),
     attack: Optional[Path] = typer.Option(None, "--attack", help="JSON written by `fedcare audit attack --json-out`"),
 ) -> None:
@@ -158,18 +165,18 @@ def attack(
     name = dataset + (f" ({hospital})" if hospital else "")
     privacy = f"DP-SGD, noise multiplier {fn.noise_multiplier:.3g}" if dp else "no DP"
     _console().print(f"training 1 target + {shadows} shadow models on {len(y)} rows of {name} ({privacy}) ...",
-                     highlight=False)
+                     highlight=False, markup=False)
     result = run_lira(x, y, fn, shadows=shadows, seed=seed, online=not offline, delta=delta,
                       accountant_epsilon=fn.last_epsilon, dataset=name, model=f"mlp-{fn.hidden}", dp=dp)
     table = Table(title="membership-inference audit (LiRA)")
     for column in ROW_HEADER:
         table.add_column(column)
     for row in render_rows([result]):
-        table.add_row(*row)
+        table.add_row(*(Text(cell) for cell in row))   # "delta=1e-05" etc.: text, never markup
     console = _console()
     console.print(table)
     console.print(f"target accuracy: train {result.target_train_accuracy:.3f}, held out "
-                  f"{result.target_test_accuracy:.3f}. {result.note}", highlight=False, soft_wrap=True)
+                  f"{result.target_test_accuracy:.3f}. {result.note}", highlight=False, soft_wrap=True, markup=False)
     if json_out is not None:
         json_out.write_text(json.dumps(result.to_dict(), indent=2))
     exceeded = result.accountant_epsilon is not None and result.epsilon_lower_bound > result.accountant_epsilon

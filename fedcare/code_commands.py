@@ -17,14 +17,15 @@ from typing import Optional
 
 import typer
 
+from fedcare.error_output import EXIT_USAGE, fail
 from fedcare.errors import FedcareError
 from fedcare.fab_approval import (STORE_NAME, FabContents, FabRefused, approve_digest, inspect_fab,
                                   normalize_digest, read_approvals)
 
 
-def _fail(problem: str, hint: str = "", code: int = 2) -> None:
-    typer.echo(f"error: {problem}" + (f" -> {hint}" if hint else ""), err=True)
-    raise typer.Exit(code)
+def _fail(problem: str, hint: str = "", code: int = EXIT_USAGE) -> None:
+    """Report through the one error printer (fedcare/error_output.py)."""
+    fail(FedcareError(problem, hint), code)
 
 
 def approval_store(config: Path) -> tuple[Path, tuple[str, ...]]:

@@ -1,6 +1,7 @@
 """`fedcare data ...`: commands hospital IT runs on local data before joining a federation.
 
-Exit codes: 0 the data is ready, 1 the check found problems, 2 a usage error (one line on stderr).
+Exit codes (fedcare/error_output.py): 0 the data is ready, 1 the check found problems, 2 a usage
+error (one line on stderr).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from fedcare.error_output import EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, fail
 from fedcare.errors import FedcareError
 
 data_app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -25,13 +27,6 @@ def _root() -> None:
     """Check a hospital's local data before training; prepare generated datasets."""
 
 
-def _usage_error(exc: FedcareError) -> None:
-    err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
-    err.print(f"[bold red]error:[/] {exc.problem}" + (f" -> {exc.hint}" if exc.hint else ""),
-              soft_wrap=True, markup=True, highlight=False)
-    raise typer.Exit(2) from None
-
-
 @data_app.command()
 def check(
     path: Path = typer.Argument(..., help="folder of DICOM files (searched recursively), or an EHR table/events file"),
@@ -41,59 +36,60 @@ def check(
     image_size: int = typer.Option(64, "--image-size", help="side of the square model input, in pixels"),
     multiframe: str = typer.Option("first", "--multiframe", help="multi-frame files: first | every | reject"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="EHR: the batch size the federation "
+                                             "will run with; the hospital needs at least one batch of training "
+                                             "rows [the dataset's preset, as `fedcare simulate`]"),
+    dp: bool = typer.Option(True, "--dp/--no-dp", help="EHR: whether the run trains with DP-SGD (the default)"),
 ) -> None:
     """Report files found, readable and rejected DICOM, label balance, sizes and identifying attributes
     (or, with --schema, an EHR table's rows, patients, missing values and label balance)."""
     if schema is not None:
-        _check_ehr(path, schema, labels, as_json)
+        _check_ehr(path, schema, labels, as_json, batch_size, dp)
     try:
         from client.data_check import check_imaging_folder, render
         from client.datasets.dicom_reader import ImagePolicy
 
         report = check_imaging_folder(path, labels, ImagePolicy(size=image_size, multiframe=multiframe))
     except FedcareError as exc:
-        _usage_error(exc)
+        fail(exc, EXIT_USAGE)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
         Console(width=None if sys.stdout.isatty() else 160).print(render(report))
-    raise typer.Exit(0 if report.ok else 1)
+    raise typer.Exit(EXIT_OK if report.ok else EXIT_PROBLEM)
 
 
-def _check_ehr(path: Path, schema_path: Path, labels: Path | None, as_json: bool) -> None:
-    """Load the table/events exactly as the node will; exit 0 when it would train, 1 with the reason if not."""
-    from client.datasets import SPLIT_SEED
+def _check_ehr(path: Path, schema_path: Path, labels: Path | None, as_json: bool, batch_size: int | None,
+               dp: bool) -> None:
+    """Load the table/events with the loader `fedcare simulate` and a node use, and run their
+    trainability check at the run's batch size: exit 0 when it would train, 1 with the reason if not."""
+    from client.datasets import DataSource, load_hospital
     from client.datasets.ehr_schema import EhrSchema
+    from fedcare.run_config import RunSettings
 
     try:
-        schema = EhrSchema.from_file(schema_path)
+        dataset = "ehr-table" if EhrSchema.from_file(schema_path).kind == "table" else "ehr-events"
+        try:
+            batch = RunSettings.for_dataset(dataset, batch_size=batch_size, dp=dp).batch_size
+        except FedcareError as exc:
+            fail(exc, EXIT_USAGE)
+        hospital = load_hospital(dataset, DataSource(data_path=str(path), schema=str(schema_path),
+                                                     labels=str(labels) if labels is not None else None))
+        hospital.check_trainable(batch, dp=dp)
     except FedcareError as exc:
-        _usage_error(exc)
-    try:
-        if schema.kind == "table":
-            from client.datasets.ehr_table import load_ehr_table
-
-            report = load_ehr_table(path, schema, seed=SPLIT_SEED).report
-        else:
-            from client.datasets.ehr_events import load_event_sequences
-
-            report = load_event_sequences(path, schema, seed=SPLIT_SEED, labels_path=labels).report
-    except FedcareError as exc:
-        problem = f"{exc.problem}" + (f" -> {exc.hint}" if exc.hint else "")
-        if as_json:
-            typer.echo(json.dumps({"ok": False, "problems": [problem]}, indent=2))
-        else:
-            Console(width=None if sys.stdout.isatty() else 160).print(f"[bold red]problem:[/] {problem}",
-                                                                      highlight=False)
-        raise typer.Exit(1) from None
+        if not as_json:
+            fail(exc, EXIT_PROBLEM)
+        typer.echo(json.dumps({"ok": False, "problems": [str(exc)]}, indent=2))
+        raise typer.Exit(EXIT_PROBLEM) from None
+    ready = (f"ok: this data can join a federation ({len(hospital.y_train)} training rows, "
+             f"batch size {batch}{', DP-SGD' if dp else ''})")
     if as_json:
-        typer.echo(json.dumps({"ok": True, "notes": report.notes()}, indent=2))
+        typer.echo(json.dumps({"ok": True, "notes": [*hospital.notes, ready]}, indent=2))
     else:
         console = Console(width=None if sys.stdout.isatty() else 160)
-        for line in report.notes():
-            console.print(line, highlight=False)
-        console.print("[green]ok:[/] this data can join a federation", highlight=False)
-    raise typer.Exit(0)
+        for line in [*hospital.notes, ready]:   # notes name the user's columns: never rich markup
+            console.print(line, highlight=False, markup=False)
+    raise typer.Exit(EXIT_OK)
 
 
 @data_app.command()
@@ -111,6 +107,6 @@ def prepare(
         n = hospitals or DATASET_PRESETS.get(dataset, {}).get("hospitals", 3)
         folders = prepare_dataset(dataset, root, n, seed=seed)
     except FedcareError as exc:
-        _usage_error(exc)
+        fail(exc, EXIT_USAGE)
     for folder in folders:
         typer.echo(str(folder))

@@ -1,6 +1,6 @@
 """`fedcare deploy ...` (coordinator: keys, certificates, commands) and `fedcare node ...` (hospital).
 
-Exit codes, as in `fedcare data`: 0 done (or the node stopped cleanly), 1 the node or its data
+Exit codes (fedcare/error_output.py): 0 done (or the node stopped cleanly), 1 the node or its data
 failed (one line saying why and what to do), 2 a usage error (bad settings, refusing to overwrite).
 
 Flower 1.41's processes exit 1 for every failure and print their real reason as
@@ -23,8 +23,9 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
 
+from fedcare.error_output import EXIT_USAGE, fail
 from fedcare.errors import FedcareError
 
 deploy_app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -48,11 +49,9 @@ def _console(stderr: bool = False) -> Console:
     return Console(stderr=stderr, width=None if stream.isatty() else 160)
 
 
-def _fail(problem: str, hint: str = "", code: int = 2) -> None:
-    # paths, section names and keys are the user's text: never rich markup (`[consortium]` would vanish)
-    _console(stderr=True).print(f"[bold red]error:[/] {escape(problem)}" + (f" -> {escape(hint)}" if hint else ""),
-                                soft_wrap=True, highlight=False)
-    raise typer.Exit(code)
+def _fail(problem: str, hint: str = "", code: int = EXIT_USAGE) -> None:
+    """Report through the one error printer (fedcare/error_output.py: plain text, never markup)."""
+    fail(FedcareError(problem, hint), code)
 
 
 @deploy_app.command()
@@ -81,11 +80,30 @@ def init(
     except FedcareError as exc:
         _fail(exc.problem, exc.hint)
     console = _console()
-    console.print(f"wrote the deployment to {files.out_dir} (private keys 0600, folders 0700)", highlight=False)
+    console.print(f"wrote the deployment to {files.out_dir} (private keys 0600, folders 0700)", highlight=False,
+                  markup=False)
     for h in files.hospitals:
-        console.print(f"  {h.name}: hand over {h.folder} (node.key never leaves the hospital)", highlight=False)
+        console.print(f"  {h.name}: hand over {h.folder} (node.key never leaves the hospital)", highlight=False,
+                      markup=False)
     assert files.commands_file is not None
     console.print(f"\n{files.commands_file.read_text()}", highlight=False, markup=False)
+
+
+@deploy_app.command()
+def renew(
+    out_dir: Path = typer.Argument(..., help="the deployment folder `fedcare deploy init` wrote (with ca/ca.key)"),
+) -> None:
+    """Reissue the SuperLink's TLS certificates from the deployment's CA (same SANs; node keys and CA unchanged)."""
+    from fedcare.deploy_pki import renew_superlink_certificates
+
+    try:
+        written = renew_superlink_certificates(out_dir)
+    except FedcareError as exc:
+        _fail(exc.problem, exc.hint)
+    console = _console()
+    for path in written:
+        console.print(f"wrote {path}", highlight=False, markup=False)
+    console.print("restart the SuperLink to serve them; hospitals keep their files", highlight=False)
 
 
 @deploy_app.command("node-key")
@@ -166,6 +184,13 @@ def diagnose(lines: list[str], returncode: int, settings) -> str | None:
             return (f"this node's public key is not registered with the SuperLink at {address}: send "
                     f"{settings.public_key} to the coordinator, who runs "
                     f"`flwr supernode register {settings.public_key.name} <connection>`, then start again")
+        if "certificate has expired" in text:        # OpenSSL's reason, in Flower's log (not the CA, not the SANs)
+            from fedcare.tls_files import RENEW_HINT
+
+            return f"the SuperLink's certificate at {address} has expired: {RENEW_HINT}"
+        if "certificate is not yet valid" in text:
+            return (f"the SuperLink's certificate at {address} is not valid yet: check the clock of this machine and "
+                    "of the SuperLink's machine (both should follow NTP)")
         if re.search(r"certificate|ssl|tls", text, re.IGNORECASE):
             return (f"TLS failure talking to {address}: the SuperLink's certificate was not accepted with "
                     f"{settings.root_certificates} (it must be the deployment's ca.crt, and the host of "
@@ -181,6 +206,20 @@ def diagnose(lines: list[str], returncode: int, settings) -> str | None:
         last = next((ln for ln in reversed(lines) if ln.strip() and "Exit Code" not in ln), "")
         return f"flower-supernode stopped with Flower exit code {code}: {last.strip()}"
     return f"flower-supernode exited with status {returncode}: see the log above"
+
+
+_RETRY_LINE = re.compile(r"Connection attempt failed, retrying in")
+
+
+def name_the_superlink(line: str, address: str) -> str:
+    """Flower's retry warning, which names no address, with the SuperLink it cannot reach (other lines unchanged).
+
+    Once joined, a node keeps retrying a SuperLink that went away (a restarted SuperLink is
+    rejoined, see "Resume after a crash"), so every retry line says which address is not answering.
+    """
+    if _RETRY_LINE.search(line):
+        return f"{line} (fedcare: cannot reach the SuperLink at {address}; the node keeps retrying, Ctrl-C stops it)"
+    return line
 
 
 def _flower_bin(name: str) -> str:
@@ -248,14 +287,22 @@ def run_supernode(command: list[str], echo=print) -> tuple[int, list[str]]:
 @node_app.command()
 def start(
     config: Path = typer.Option(..., "--config", help="this hospital's hospital.toml"),
-    check_only: bool = typer.Option(False, "--check-only", help="validate settings and data, print the command, stop"),
+    check_only: bool = typer.Option(False, "--check-only", help="validate settings, certificate and key files, data "
+                                    "and the SuperLink's address (asked once), print the command, stop"),
 ) -> None:
-    """Validate hospital.toml and the local data, then run flower-supernode in the foreground."""
-    from fedcare.node_settings import check_data, load_node_settings, supernode_command
+    """Validate hospital.toml, its certificate and key files, the local data and the SuperLink's address and
+    certificate, then run flower-supernode in the foreground.
+
+    A SuperLink that does not answer is waited for (`[superlink] connect-wait` seconds, the address
+    named on every attempt) and then reported; `--check-only` asks once.
+    """
+    from fedcare.node_settings import check_credentials, check_data, load_node_settings, supernode_command
+    from fedcare.superlink_probe import probe_superlink, wait_for_superlink
 
     console = _console()
     try:
         settings = load_node_settings(config)
+        check_credentials(settings)
     except FedcareError as exc:
         _fail(exc.problem, exc.hint, 2)
     try:
@@ -263,15 +310,26 @@ def start(
     except FedcareError as exc:
         _fail(f"the node's data would not load: {exc.problem}", exc.hint, 1)
     console.print(f"data ok: {data.name} ({settings.dataset}), {len(data.y_train)} training and "
-                  f"{len(data.y_test)} test examples", highlight=False)
+                  f"{len(data.y_test)} test examples", highlight=False, markup=False)
     for note in data.notes:
-        console.print(f"[dim]{note}[/]", highlight=False)
+        console.print(Text(note, style="dim"), highlight=False)   # notes name the user's columns
     Path(str(settings.node_config["ledger-dir"])).mkdir(parents=True, exist_ok=True, mode=0o700)
     command = supernode_command(settings, _flower_bin("flower-supernode"))
     console.print(shell_line(command), highlight=False, markup=False, soft_wrap=True)
+    try:
+        if check_only:
+            probe_superlink(settings.superlink_address, settings.root_certificates)
+        else:
+            wait_for_superlink(settings.superlink_address, settings.root_certificates, settings.superlink_wait_s,
+                               say=lambda line: typer.echo(line, err=True))
+    except FedcareError as exc:
+        _fail(exc.problem, exc.hint, 1)
+    console.print(f"superlink ok: {settings.superlink_address} answers TLS with a certificate this node accepts",
+                  highlight=False, markup=False)
     if check_only:
         raise typer.Exit(0)
-    returncode, lines = run_supernode(command, echo=lambda line: typer.echo(line))
+    returncode, lines = run_supernode(
+        command, echo=lambda line: typer.echo(name_the_superlink(line, settings.superlink_address)))
     reason = diagnose(lines, returncode, settings)
     if reason is not None:
         _fail(reason, code=1)

@@ -315,7 +315,9 @@ def _commands_md(files: DeploymentFiles) -> str:
              f"Public SuperLink address (hospitals dial it): `{files.superlink_address}`.",
              f"Control address (this machine only): `{files.control_address}`; connection name for `flwr`: "
              f"`{files.connection}` (in `{files.flwr_home / 'config.toml'}`).",
-             "Keep `ca/ca.key` offline once the SuperLink certificates are issued.", "",
+             "Keep `ca/ca.key` offline once the SuperLink certificates are issued.",
+             f"They expire after {SERVER_DAYS} days: `fedcare deploy renew {shlex.quote(str(files.out_dir))}` "
+             "reissues them (with ca/ca.key back in place), then restart the SuperLink.", "",
              "## The SuperLink's two listeners", "",
              f"- public `{files.superlink_address}` (TLS, `superlink/server.crt`): only the Fleet API and `/health`,",
              "  and only to registered node keys. Open this port to the hospitals, and nothing else.",
@@ -357,10 +359,13 @@ def _commands_md(files: DeploymentFiles) -> str:
     for h in files.hospitals:
         lines += [f"    fedcare node approve --config {shlex.quote(str(h.settings))} app.fab",
                   f"    fedcare node start --config {shlex.quote(str(h.settings))}"]
-    lines += ["", "## 5. Coordinator (on the SuperLink's machine): run the federation and read its status", "",
-              f"    flwr run . {files.connection} --run-config \"hospitals={len(files.hospitals)} "
-              f"output-dir='runs/deployment'\"",
-              f"    flwr ls {files.connection} --format json   # `flwr run` exits 0 even when a run failed", ""]
+    lines += ["", "## 5. Coordinator (on the SuperLink's machine, in the app folder): run the federation", "",
+              f"    fedcare run {shlex.quote(str(files.out_dir))} --rounds 15 --output-dir runs/deployment",
+              "",
+              f"It submits the app to the `{files.connection}` connection with the output directory as an absolute "
+              "path, prints each round's progress and the final table, and exits 1 with the reason when the run "
+              "fails or the hospitals refuse it (it reads the run's status from `flwr ls`). After a crash: the same "
+              "command with `--resume`.", ""]
     return "\n".join(lines)
 
 
@@ -383,6 +388,52 @@ def _identity_key(path: Path, force: bool) -> bytes:
     if path.exists() and not force:
         return public_bytes(load_identity_key(path))
     return make_identity_key(path, force=True)
+
+
+def renew_superlink_certificates(out_dir: Path, now: dt.datetime | None = None) -> list[Path]:
+    """Reissue the SuperLink's two TLS certificates (and keys) from the deployment's CA, keeping their SANs.
+
+    What an expired (or soon expiring) SuperLink certificate needs: the CA, the node keys, the
+    hospitals' files and the registrations stay as they are; the SuperLink is restarted with the
+    new files. ``now`` is the issuing time (the certificates are valid from 5 minutes before it for
+    ``SERVER_DAYS``). Returns the paths written.
+    """
+    out = Path(out_dir).expanduser().resolve()
+    ca_cert_path, ca_key_path, link_dir = out / "ca" / "ca.crt", out / "ca" / "ca.key", out / "superlink"
+    for needed in (ca_cert_path, ca_key_path, link_dir / "server.crt"):
+        if not needed.is_file():
+            raise FedcareError(f"{needed} does not exist: {out} is not a deployment folder with its CA key",
+                               "give the folder `fedcare deploy init` wrote (renewing needs ca/ca.key)")
+    try:
+        ca_cert = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
+        ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
+    except (ValueError, TypeError):
+        raise FedcareError(f"{ca_cert_path} or {ca_key_path} is not readable",
+                           "restore the CA from its backup") from None
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise FedcareError(f"{ca_key_path} is not the deployment's EC CA key", "restore the CA from its backup")
+    now = now or dt.datetime.now(dt.timezone.utc)
+    written = []
+    for name, default_sans in (("server", None), ("control", CONTROL_SANS)):
+        certificate_path = link_dir / f"{name}.crt"
+        sans = _sans_of(certificate_path) if certificate_path.is_file() else default_sans
+        if sans is None:
+            raise FedcareError(f"{certificate_path} names no SANs", "make a new deployment with `fedcare deploy init`")
+        key, certificate = _make_server_cert(ca_key, ca_cert, sans, now)
+        _write_private(link_dir / f"{name}.key", _pem_key(key), force=True)
+        _write_public(certificate_path, certificate.public_bytes(serialization.Encoding.PEM))
+        written += [certificate_path, link_dir / f"{name}.key"]
+    return written
+
+
+def _sans_of(certificate_path: Path) -> list[str] | None:
+    """The SANs of an issued certificate, as `--san` values (a corrupt or SAN-less one: None)."""
+    try:
+        certificate = x509.load_pem_x509_certificate(certificate_path.read_bytes())
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound):
+        return None
+    return [str(name.value) for name in names] or None
 
 
 def init_deployment(out_dir: Path, hospitals: list[str], sans: list[str] | None = None,

@@ -38,6 +38,9 @@ decide which FABs the node runs:
     than 1 s. See `fedcare/flower_latency.py`: process-local, Flower 1.41.0 only (any other
     version: a warning, Flower's timing).
 
+Before Flower starts, the `--root-certificates` and `--auth-supernode-private-key` files are read
+and checked (`fedcare/tls_files.py`): a corrupted or wrong-type file is a usage error naming it.
+
 Every message, log line and exit code is Flower's (plus fedcare's own "fedcare: ..." lines, e.g. a
 refused FAB): `fedcare node start` reads them as before.
 """
@@ -140,6 +143,24 @@ def _approval_policy(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     return policy
 
 
+def _check_tls_files(parser: argparse.ArgumentParser, flower_args: list[str]) -> None:
+    """Read the CA and node key Flower is given before it starts: a corrupted or wrong-type file is one
+    error naming it (Flower reads them only when it connects, and hangs with its port held)."""
+    from fedcare.tls_files import read_ca_certificates, read_node_key
+
+    files = argparse.ArgumentParser(add_help=False)
+    files.add_argument("--root-certificates")
+    files.add_argument("--auth-supernode-private-key")
+    known, _ = files.parse_known_args(flower_args)
+    try:
+        if known.root_certificates:
+            read_ca_certificates(Path(known.root_certificates), "--root-certificates")
+        if known.auth_supernode_private_key:
+            read_node_key(Path(known.auth_supernode_private_key), "--auth-supernode-private-key")
+    except FedcareError as exc:
+        parser.error(str(exc))
+
+
 def _forget_secure_aggregation_keys(flower_args: list[str]) -> None:
     """No secure-aggregation run survives a node restart (a resumed run agrees new keys): delete the
     private key material of every earlier run in this node's ledger folder before the node joins."""
@@ -171,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     add_policy_arguments(parser)
     args = parser.parse_args(ours)
     policy = _approval_policy(parser, args)
+    _check_tls_files(parser, flower_args)
     _forget_secure_aggregation_keys(flower_args)
 
     if args.poll_interval is not None and args.poll_interval < FLOWER_IDLE_POLL_S:

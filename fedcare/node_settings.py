@@ -7,6 +7,7 @@ keys, missing certificates/keys, unreadable data, a busy port) and then builds t
     [superlink]
     address = "superlink.example.org:9092"
     root-certificates = "ca.crt"          # the deployment's CA: TLS is not optional
+    connect-wait = 120                    # seconds `node start` waits for an unreachable SuperLink (0: none)
 
     [node]
     private-key = "node.key"              # EC P-384, OpenSSH format; its .pub is registered
@@ -67,6 +68,7 @@ from typing import Any
 
 from client.node_policy import NODE_CONFIG_KEYS, NodePolicy
 from fedcare.errors import FedcareError
+from fedcare.tls_files import read_ca_certificates, read_node_key
 
 DATA_KEYS = {
     # dataset -> (required keys, optional keys) in [data]
@@ -79,7 +81,7 @@ DATA_KEYS = {
                           {"multiframe", "require-deidentified", "on-unreadable"}),
 }
 SECTIONS: dict[str, set[str]] = {
-    "superlink": {"address", "root-certificates"},
+    "superlink": {"address", "root-certificates", "connect-wait"},
     "node": {"private-key", "clientappio-port", "max-retries", "warm-clientapp", "poll-interval"},
     "data": {"dataset", "dataset-id", "cache-dir", "partition-id", "data-path", "labels", "schema", "data-root",
              "multiframe", "require-deidentified", "on-unreadable"},
@@ -90,6 +92,8 @@ SECTIONS: dict[str, set[str]] = {
 CHOICES = {"multiframe": ("first", "every", "reject"), "on-unreadable": ("error", "skip")}
 FHD_PARTITIONS = 4
 DEFAULT_POLL_S = 0.5        # longest poll wait while a run is active (Flower 1.41: a fixed 3 s)
+DEFAULT_SUPERLINK_WAIT_S = 120.0   # how long `node start` waits for an unreachable SuperLink before it gives up
+MAX_SUPERLINK_WAIT_S = 86400.0
 FLOWER_POLL_S = 3.0
 
 
@@ -109,6 +113,7 @@ class NodeSettings:
     poll_interval: float = DEFAULT_POLL_S
     approved_fabs: tuple[str, ...] = ()          # [code] approved-fabs: digests this node runs
     approved_fabs_store: Path | None = None      # [code] approval-store (default <ledger-dir>/approved-fabs.json)
+    superlink_wait_s: float = DEFAULT_SUPERLINK_WAIT_S   # [superlink] connect-wait
 
     @property
     def public_key(self) -> Path:
@@ -181,13 +186,43 @@ def _check_unknown(path: Path, doc: dict[str, Any]) -> None:
 
 
 def port_is_free(port: int) -> bool:
-    """Whether 127.0.0.1:port can be bound now (the SuperNode's Runtime API needs it)."""
+    """Whether the SuperNode's Runtime API could listen on 127.0.0.1:port now.
+
+    The probe sets SO_REUSEADDR as the node's own server (uvicorn) does: connections a stopped node
+    left in TIME-WAIT (a minute after a crash or restart) then do not count, only a live listener.
+    """
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
             return False
     return True
+
+
+def port_holder(port: int) -> str | None:
+    """Who listens on local TCP ``port``: "process PID (program and its first arguments)", or None when no
+    listener is visible to this user (another user's process, or not Linux)."""
+    try:
+        inodes = set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:   # 0A: LISTEN
+                    inodes.add(f"socket:[{fields[9]}]")
+        for entry in Path("/proc").iterdir() if inodes else ():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if any(os.readlink(fd) in inodes for fd in (entry / "fd").iterdir()):
+                    argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+                    program = " ".join(" ".join([Path(argv[0]).name, *argv[1:3]]).split())[:80]
+                    return f"process {entry.name} ({program})"
+            except OSError:          # another user's process, or gone meanwhile
+                continue
+    except OSError:
+        return None
+    return None
 
 
 def _private_key(reader: _Reader) -> Path:
@@ -197,10 +232,17 @@ def _private_key(reader: _Reader) -> Path:
     if mode & 0o077:
         raise _err(reader.path, "[node] private-key", f"{key} is readable by other users (mode {mode:04o})",
                    f"chmod 600 {key}")
-    if not key.read_bytes().startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----"):
-        raise _err(reader.path, "[node] private-key", f"{key} is not an OpenSSH private key",
-                   "use the node.key written by `fedcare deploy init` or `fedcare deploy node-key` (never the .pub)")
+    read_node_key(key, f"{reader.path}: [node] private-key")      # parses: EC, OpenSSH, unencrypted
     return key
+
+
+def check_credentials(settings: NodeSettings) -> None:
+    """Read the node's TLS root (``[superlink] root-certificates``): PEM, a CA, in date; FedcareError naming it.
+
+    Flower's SuperNode does not read the file until it connects, and a corrupted one leaves it
+    hanging with its port held; `fedcare node start` (and `--check-only`) call this first.
+    """
+    read_ca_certificates(settings.root_certificates, f"{settings.path}: [superlink] root-certificates")
 
 
 def _data_config(reader: _Reader, dataset: str) -> dict[str, str | int | float | bool]:
@@ -261,13 +303,19 @@ def load_node_settings(path: Path, check_port: bool = True) -> NodeSettings:
     except FedcareError as exc:
         raise _err(path, "[superlink] address", exc.problem, exc.hint) from None
     root = reader.file("superlink", "root-certificates")
+    wait = reader.get("superlink", "connect-wait", float)
+    if wait is not None and not 0 <= wait <= MAX_SUPERLINK_WAIT_S:
+        raise _err(path, "[superlink] connect-wait", f"{wait} is outside 0..{MAX_SUPERLINK_WAIT_S:g} seconds",
+                   f"use e.g. {DEFAULT_SUPERLINK_WAIT_S:g} (0: give up at once when the SuperLink does not answer)")
     key = _private_key(reader)
     port = reader.get("node", "clientappio-port", int) or 9094
     if not 1024 <= port <= 65535:
         raise _err(path, "[node] clientappio-port", f"{port} is outside 1024..65535", "choose a free local port")
     if check_port and not port_is_free(port):
-        raise _err(path, "[node] clientappio-port", f"127.0.0.1:{port} is already in use",
-                   "another SuperNode (or program) holds it: give each node on this host its own port")
+        holder = port_holder(port)
+        raise _err(path, "[node] clientappio-port",
+                   f"127.0.0.1:{port} is already in use" + (f" (listening: {holder})" if holder else ""),
+                   "another SuperNode (or program) holds it: stop it, or give each node on this host its own port")
     retries = reader.get("node", "max-retries", int)
     warm = reader.get("node", "warm-clientapp", bool)
     poll = reader.get("node", "poll-interval", float)
@@ -289,7 +337,8 @@ def load_node_settings(path: Path, check_port: bool = True) -> NodeSettings:
     config |= _consortium(reader, bool(config["require-secure-aggregation"]))
     digests, store = _code_settings(reader, Path(str(config["ledger-dir"])))
     return NodeSettings(path, address, root, key, port, dataset, config, retries,
-                        True if warm is None else warm, DEFAULT_POLL_S if poll is None else poll, digests, store)
+                        True if warm is None else warm, DEFAULT_POLL_S if poll is None else poll, digests, store,
+                        DEFAULT_SUPERLINK_WAIT_S if wait is None else wait)
 
 
 def _privacy_policy(reader: _Reader) -> dict[str, str | int | float | bool]:

@@ -107,6 +107,29 @@ class RunSettings:
         return cls(dataset=dataset, **values)
 
 
+# the defaults above by field name, for help texts (without building RunSettings)
+RUN_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(RunSettings)}
+
+# `fedcare simulate` options not spelled --<run-config key> (every other setting's option is)
+SIMULATE_OPTIONS = {
+    "num_rounds": "--rounds",
+    "target_epsilon": "--epsilon",
+    "dp": "--dp/--no-dp",
+    "secure_aggregation": "--secure-aggregation/--no-secure-aggregation",
+}
+
+
+def simulate_option(name: str) -> str:
+    """The `fedcare simulate` option that sets RunSettings field ``name``."""
+    return SIMULATE_OPTIONS.get(name, "--" + name.replace("_", "-"))
+
+
+def how_to_set(name: str) -> str:
+    """Where a user changes run setting ``name``, for a hint: the simulate option and the run-config
+    key of a deployed run (``flwr run --run-config``), so one hint serves both."""
+    return f"`fedcare simulate {simulate_option(name)}`, or run-config {name.replace('_', '-')} in a deployed run"
+
+
 def _coerce(key: str, value: Any, type_name: Any) -> Any:
     kind = type_name if isinstance(type_name, str) else type_name.__name__
     try:
@@ -122,38 +145,46 @@ def validate(s: RunSettings) -> None:
     if s.dataset not in DATASETS:
         raise FedcareError(f"unknown dataset '{s.dataset}'", f"choose one of: {', '.join(DATASETS)}")
     if s.model not in MODELS:
-        raise FedcareError(f"unknown model '{s.model}'", f"choose one of: {', '.join(MODELS)}")
+        raise FedcareError(f"unknown model '{s.model}'",
+                           f"choose one of: {', '.join(MODELS)} ({how_to_set('model')})")
     from shared_models.registry import resolve_model
 
     resolve_model(s.model, DATASET_TASKS[s.dataset])
     if s.strategy not in STRATEGIES:
         raise FedcareError(
-            f"unknown strategy '{s.strategy}'", f"choose one of: {', '.join(STRATEGIES)}"
+            f"unknown strategy '{s.strategy}'", f"choose one of: {', '.join(STRATEGIES)} ({how_to_set('strategy')})"
         )
     for name in ("num_rounds", "local_epochs", "batch_size", "hospitals", "min_hospitals", "image_size", "hidden_units"):
         if getattr(s, name) < 1:
-            raise FedcareError(f"{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
+            raise FedcareError(f"{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}",
+                               f"set a whole number >= 1 with {how_to_set(name)}")
     if s.secagg_threshold < 0:
-        raise FedcareError(f"secagg-threshold must be >= 0 (0 = a strict majority), got {s.secagg_threshold}")
+        raise FedcareError(f"secagg-threshold must be >= 0 (0 = a strict majority), got {s.secagg_threshold}",
+                           f"set it with {how_to_set('secagg_threshold')}")
     for name in ("learning_rate", "server_learning_rate", "max_grad_norm", "secagg_clip_range"):
         value = getattr(s, name)
         if not (value > 0 and math.isfinite(value)):
-            raise FedcareError(f"{name.replace('_', '-')} must be > 0, got {value}")
+            raise FedcareError(f"{name.replace('_', '-')} must be > 0, got {value}",
+                               f"set a positive number with {how_to_set(name)}")
     for name in ("proximal_mu", "weight_decay"):
         if getattr(s, name) < 0:
-            raise FedcareError(f"{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")
+            raise FedcareError(f"{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}",
+                               f"set it with {how_to_set(name)}")
     if s.dp:
         if not (s.target_epsilon > 0 and math.isfinite(s.target_epsilon)):
             raise FedcareError(
                 f"target epsilon must be > 0, got {s.target_epsilon}",
-                "pass a positive --epsilon (e.g. 1.0), or --no-dp to train without DP",
+                f"pass a positive epsilon, e.g. 1.0 ({how_to_set('target_epsilon')}), or train without DP "
+                "(`fedcare simulate --no-dp`, or run-config dp=false in a deployed run)",
             )
         if not (0 < s.delta < 1):
             raise FedcareError(
                 f"delta must be in (0, 1), got {s.delta}",
-                "use a delta well below 1/n, e.g. 1e-4",
+                f"use a delta well below 1/n, e.g. 1e-4 ({how_to_set('delta')})",
             )
         if not (0 < s.stats_budget_fraction < 1):
             raise FedcareError(
-                f"stats-budget-fraction must be in (0, 1), got {s.stats_budget_fraction}"
+                f"stats-budget-fraction must be in (0, 1), got {s.stats_budget_fraction}",
+                f"set the share of epsilon the feature-statistics round spends, e.g. 0.1, with "
+                f"{how_to_set('stats_budget_fraction')}",
             )

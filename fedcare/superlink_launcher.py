@@ -17,6 +17,9 @@ could list, start and stop runs and register node keys. This launcher runs the s
   127.0.0.1: the whole app (Control, Runtime, Fleet). It owns the lifespan, so Flower's SuperExec
   and the ServerApps connect here; `flwr` on the coordinator's machine uses it.
 
+Every certificate and key is parsed, each certificate checked against its key and its validity
+period first (`fedcare/tls_files.py`): an expired certificate is refused by name, with the
+renewing command, rather than served to nodes that would blame their CA or SANs.
 Both addresses are bound before anything starts (a busy port is one clear error, and nothing else
 is ever bound); the control server starts first and the public one only once the control
 server (and its SuperExec) is up. uvicorn installs its signal handlers per server, each
@@ -43,6 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedcare.errors import FedcareError
+from fedcare.tls_files import read_ca_certificates, read_server_credentials
 
 if TYPE_CHECKING:
     from fedcare.superlink_app import FlowerSuperLink
@@ -90,6 +94,14 @@ class LauncherSettings:
         if bool(args.control_ssl_certfile) != bool(args.control_ssl_keyfile):
             raise FedcareError("--control-ssl-certfile and --control-ssl-keyfile go together",
                                "pass both, or neither (the public certificate then serves both listeners)")
+        # Parsed and dated now: an expired certificate would be served, and every node blame its CA or SANs.
+        read_ca_certificates(Path(args.ssl_ca_certfile), "--ssl-ca-certfile")
+        read_server_credentials(Path(args.ssl_certfile), Path(args.ssl_keyfile),
+                                f"--ssl-certfile {args.ssl_certfile}", "the SuperLink's certificate")
+        if args.control_ssl_certfile:
+            read_server_credentials(Path(args.control_ssl_certfile), Path(args.control_ssl_keyfile),
+                                    f"--control-ssl-certfile {args.control_ssl_certfile}",
+                                    "the SuperLink's control certificate")
         install = (not args.disable_runtime_dependency_installation
                    and os.environ.get("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION") != "1")
         return cls(args.host, args.port, args.control_host, args.control_port,

@@ -38,7 +38,8 @@ class Quantizer:
         if not (isinstance(clip, (int, float)) and np.isfinite(clip) and clip > 0):
             raise SecAggError(
                 f"secagg clip range must be a positive finite number, got {clip!r}",
-                "set secagg-clip-range to the largest |update value| expected, e.g. 1.0",
+                "set secagg-clip-range to the largest |update value| expected, e.g. 1.0 "
+                "(`fedcare simulate --secagg-clip-range`, or run-config secagg-clip-range)",
             )
         if not (isinstance(bits, int) and 1 <= bits <= _MAX_BITS):
             raise SecAggError(f"secagg quantization bits must be an int in 1..{_MAX_BITS}, got {bits!r}")

@@ -3,7 +3,9 @@
 Holds the global model, the Flower strategy's optimiser state (FedAdam's moments), the agreed
 normalisation, the per-round history, and the id of the run whose privacy plan the hospitals
 follow: a resumed run asks the nodes to keep that plan (same noise multiplier), so their ledgers
-neither restart the budget nor count a round twice. Written atomically after every round.
+do not restart the budget; a round they were charged for before the crash but that was never
+checkpointed is asked again, and each hospital re-plans the rest of the run to fit (what that cost
+is kept here too, ``crash_cost``). Written atomically after every round.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class Checkpoint:
     rounds: list[dict[str, Any]]
     arrays: ArrayRecord
     strategy_state: dict[str, dict[str, np.ndarray]]
+    crash_cost: dict[str, Any] = dataclasses.field(default_factory=dict)  # what earlier crashes cost (see run_report)
 
 
 def save_checkpoint(out_dir: str | Path, ckpt: Checkpoint) -> None:
@@ -52,7 +55,8 @@ def save_checkpoint(out_dir: str | Path, ckpt: Checkpoint) -> None:
         arrays |= {f"{name}/{k}": v for k, v in values.items()}
     np.savez(tmp / ARRAYS, **arrays)
     state = {"version": VERSION, "completed_round": ckpt.completed_round, "plan_run_id": ckpt.plan_run_id,
-             "settings": ckpt.settings, "normalisation": ckpt.normalisation, "rounds": ckpt.rounds}
+             "settings": ckpt.settings, "normalisation": ckpt.normalisation, "rounds": ckpt.rounds,
+             "crash_cost": ckpt.crash_cost}
     (tmp / STATE).write_text(json.dumps(state, indent=1, default=_jsonable))
     final = out / CHECKPOINT_DIR
     old = out / ".checkpoint-old"
@@ -96,7 +100,7 @@ def load_checkpoint(out_dir: str | Path) -> Checkpoint:
             else:
                 strategy_state.setdefault(group, {})[name] = saved[key]
     return Checkpoint(state["completed_round"], state["plan_run_id"], state["settings"], state["normalisation"],
-                      state["rounds"], ArrayRecord(model), strategy_state)
+                      state["rounds"], ArrayRecord(model), strategy_state, state.get("crash_cost", {}))
 
 
 def check_compatible(ckpt: Checkpoint, settings: dict[str, Any]) -> None:

@@ -80,8 +80,22 @@ class FederationResult:
     normalisation: Normalisation
     hospitals: dict[int, Hospital]
     rounds: list[RoundRecord] = field(default_factory=list)
-    stopped_early: str | None = None
+    stopped_early: str | None = None   # why the run did not do all its planned rounds (None: it did)
     final_summaries: dict[str, BinarySummary] = field(default_factory=dict)
+    # What a coordinator crash cost, as the hospitals reported it when the run resumed:
+    # {"lost_rounds": {round: [hospitals that paid for it]}, "noise": {hospital: {"planned", "now", "from_round"}}}
+    crash_cost: dict[str, Any] = field(default_factory=dict)
+    min_hospitals: int = 1
+
+    @property
+    def rounds_done(self) -> int:
+        """Rounds whose model at least ``min_hospitals`` hospitals trained."""
+        return sum(1 for r in self.rounds if len(r.trained) >= self.min_hospitals)
+
+    @property
+    def status(self) -> str:
+        """``completed`` when every planned round was trained by enough hospitals, else ``incomplete``."""
+        return "completed" if self.stopped_early is None else "incomplete"
 
 
 def training_config(s: RunSettings) -> dict[str, Any]:
@@ -309,9 +323,10 @@ def run_federation(grid: Grid, s: RunSettings, expected_hospitals: int, progress
     if resumed is not None:
         arrays, first_round = resumed.arrays, resumed.completed_round + 1
         restore_strategy(strategy, resumed.strategy_state)
-    result = FederationResult(arrays, normalisation, hospitals)
+    result = FederationResult(arrays, normalisation, hospitals, min_hospitals=s.min_hospitals)
     if resumed is not None:
         result.rounds = [RoundRecord(**r) for r in resumed.rounds]
+        result.crash_cost = dict(resumed.crash_cost)
     from server import audit_trail
 
     audit = audit_trail.open_log(s.output_dir)
@@ -337,7 +352,8 @@ def run_federation(grid: Grid, s: RunSettings, expected_hospitals: int, progress
         def save(rounds_done: int) -> None:
             save_checkpoint(s.output_dir, Checkpoint(
                 rounds_done, plan_run_id, s.to_config(), dataclasses.asdict(normalisation),
-                [dataclasses.asdict(r) for r in result.rounds], arrays, strategy_state(strategy)))
+                [dataclasses.asdict(r) for r in result.rounds], arrays, strategy_state(strategy),
+                result.crash_cost))
 
         # A round's global model is evaluated in the next round's train exchange (each hospital tests the
         # model it receives before training on it), so a round costs one exchange fewer; hospitals that do
@@ -390,6 +406,7 @@ def run_federation(grid: Grid, s: RunSettings, expected_hospitals: int, progress
                     record.epsilon[hospital.name] = hospital.epsilon
                 if (seconds := report.get(f"{protocol.TRAINED}train-seconds")) is not None:
                     record.train_seconds[hospital.name] = float(seconds)
+                _note_replan(result.crash_cost, hospital.name, report)
                 record.trained.append(hospital.name)
                 valid.append(msg)
             missing = {m.metadata.dst_node_id for m in messages} - {_sender(r, messages) for r in replies}
@@ -423,6 +440,8 @@ def run_federation(grid: Grid, s: RunSettings, expected_hospitals: int, progress
             if unevaluated is not None:
                 _record_evaluation(unevaluated, summaries, result)
                 progress(_progress_line(unevaluated, s.num_rounds))
+            if (cost := _crash_cost_line(result.crash_cost, rnd)) is not None:
+                progress(cost)
             record.asked = len(messages)
             record.seconds = time.monotonic() - t0
             timing.trace("server-round", round=rnd, seconds=record.seconds)
@@ -451,6 +470,8 @@ def run_federation(grid: Grid, s: RunSettings, expected_hospitals: int, progress
             _record_evaluation(unevaluated, summaries, result)
             progress(_progress_line(unevaluated, s.num_rounds))
             save(unevaluated.round)
+        if stop_message is None:
+            stop_message = _short_rounds(result, s)
         if stop_message is not None:
             result.stopped_early = stop_message
             progress(stop_message)
@@ -458,6 +479,56 @@ def run_federation(grid: Grid, s: RunSettings, expected_hospitals: int, progress
     finally:
         if secure is not None:   # finished or failed: every participant deletes its private keys
             secure.end()
+
+
+def _note_replan(cost: dict[str, Any], hospital: str, report: Any) -> None:
+    """Add a hospital's statement that it re-planned its noise (and which charged rounds were lost)."""
+    planned = report.get(f"{protocol.TRAINED}planned-noise-multiplier")
+    if planned is None:
+        return
+    from_round = int(report[f"{protocol.TRAINED}replanned-from-round"])
+    cost.setdefault("noise", {})[hospital] = {
+        "planned": float(planned), "now": float(report[f"{protocol.TRAINED}noise-multiplier"]),
+        "from_round": from_round}
+    for lost in report.get(f"{protocol.TRAINED}lost-rounds", []):
+        names = cost.setdefault("lost_rounds", {}).setdefault(str(int(lost)), [])
+        if hospital not in names:
+            names.append(hospital)
+            names.sort()
+
+
+def _crash_cost_line(cost: dict[str, Any], rnd: int) -> str | None:
+    """What a crash cost, said once, in the round the hospitals re-planned (None in any other round)."""
+    replanned = {name: n for name, n in cost.get("noise", {}).items() if n["from_round"] == rnd}
+    if not replanned:
+        return None
+    lost = {r: names for r, names in cost.get("lost_rounds", {}).items() if set(names) & set(replanned)}
+    charged = "; ".join(f"round {r} was charged at {len(names)} hospital{'s' if len(names) != 1 else ''} "
+                        f"({', '.join(names)}) but its update was lost in the crash"
+                        for r, names in sorted(lost.items(), key=lambda kv: int(kv[0])))
+    noise = ", ".join(f"{n['now']:.4g} instead of {n['planned']:.4g} ({name})"
+                      for name, n in sorted(replanned.items()))
+    why = charged or f"round {rnd}: hospitals re-planned their noise to stay within their planned epsilon"
+    return f"{why}; the remaining rounds use noise multiplier {noise}"
+
+
+def _short_rounds(result: FederationResult, s: RunSettings) -> str | None:
+    """Why a run that went through all its rounds still did not do them all (None: it did).
+
+    A round that fewer than ``min-hospitals`` hospitals trained (all refused, e.g. their budget
+    ran out, or failed) left the model as it was: the run must not look as if it went well.
+    """
+    short = [r for r in result.rounds if len(r.trained) < s.min_hospitals]
+    if not short:
+        return None
+    reasons = []
+    for r in short:
+        why = [f"{name}: {reason}" for name, reason in {**r.refused, **r.failed}.items()]
+        reasons.append(f"round {r.round} trained by {len(r.trained)} of {r.asked} hospital(s)"
+                       + (f" ({'; '.join(why)})" if why else ""))
+    last_trained = max((r.round for r in result.rounds if len(r.trained) >= s.min_hospitals), default=0)
+    model = f"the final model is round {last_trained}'s" if last_trained else "the final model is the initial one"
+    return f"{result.rounds_done} of {s.num_rounds} planned rounds done; {'; '.join(reasons)}; {model}"
 
 
 def _unevaluated(rounds: list[RoundRecord]) -> RoundRecord | None:

@@ -49,7 +49,11 @@ def write_report(out_dir: str | Path, s: RunSettings, result: FederationResult, 
         },
         # False when any hospital's noise was reproducible: then no epsilon above is a guarantee
         "private": all(h.private_noise for h in result.hospitals.values()),
+        # "completed" only when every planned round was trained by enough hospitals
+        "status": result.status,
+        "rounds_done": result.rounds_done,
         "stopped_early": result.stopped_early,
+        "crash_cost": result.crash_cost,
         "rounds": [dataclasses.asdict(r) for r in result.rounds],
         "final": final,
     }

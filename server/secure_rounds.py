@@ -97,7 +97,9 @@ class SecureAggregation:
             raise FedcareError(
                 f"secure aggregation needs at least 2 hospitals and a threshold <= the hospital count "
                 f"({len(nodes)} hospital(s), threshold {t})",
-                "add hospitals, lower secagg-threshold, or run with secure-aggregation=false")
+                "add hospitals, lower secagg-threshold (`fedcare simulate --secagg-threshold`, run-config "
+                "secagg-threshold), or turn secure aggregation off (`fedcare simulate --no-secure-aggregation`, "
+                "run-config secure-aggregation=false)")
         self.quantizer.check_capacity(len(nodes))
         self.server = SecAggServer(run_id, t, k, nodes, vector_length(arrays))
         advertise = {n: {"threshold": t, "neighbours": k, "nodes": list(nodes)} for n in nodes}

@@ -42,6 +42,12 @@ def make_server_app(settings: RunSettings | None = None, expected_hospitals: int
         say(f"wrote {s.output_dir}/results.json, final_model.npz, training_curves.png")
         if on_result is not None:
             on_result(result, results)
+        elif result.status != "completed":
+            # a deployed run that did not do its planned rounds must not end as Flower's finished:completed
+            incomplete = FedcareError(f"the run is incomplete: {result.stopped_early}",
+                                      f"results.json in {s.output_dir} says which rounds were done and why")
+            say(f"run failed: {incomplete.problem}")
+            raise incomplete
 
     return server_app
 

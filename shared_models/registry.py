@@ -27,7 +27,8 @@ def resolve_model(name: str, task: str) -> str:
     if MODEL_TASKS[name] != task:
         fits = sorted(m for m, t in MODEL_TASKS.items() if t == task)
         raise FedcareError(f"model '{name}' trains on {MODEL_TASKS[name]} data, but this dataset is {task} data",
-                           f"use --model {' or '.join(['auto', *fits])}")
+                           f"use model {' or '.join(['auto', *fits])} (`fedcare simulate --model`, "
+                           "or run-config model)")
     return name
 
 

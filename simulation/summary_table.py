@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 
 from client.datasets import HospitalData
 from fedcare.run_config import RunSettings
@@ -17,24 +18,28 @@ def _f(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
-def build_table(rows: list[dict[str, Any]], pooled: dict[str, Any], dp: bool) -> Table:
-    """``rows``: name, train_n, test_n, fed / local / central (metrics), epsilon."""
-    table = Table(title="fedcare: federated model vs local-only vs pooled training, per hospital test split",
-                  show_lines=False)
+def build_table(rows: list[dict[str, Any]], pooled: dict[str, Any], dp: bool, local_columns: bool = True) -> Table:
+    """``rows``: name, train_n, test_n, fed / local / central (metrics), epsilon. ``local_columns=False``
+    leaves out the local-only columns (a deployed run: the coordinator has no hospital's data)."""
+    title = ("fedcare: federated model vs local-only vs pooled training, per hospital test split" if local_columns
+             else "fedcare: federated model, per hospital test split")
+    table = Table(title=title, show_lines=False)
     table.add_column("hospital", no_wrap=True)
     central = any(r.get("central") for r in rows)
-    columns = ["train", "test", "fed\nacc", "fed\nrecall", "fed\nspec", "fed\nF1", "fed\nAUC",
-               "local\nacc", "local\nrecall", "local\nF1", "local\nAUC"]
+    columns = ["train", "test", "fed\nacc", "fed\nrecall", "fed\nspec", "fed\nF1", "fed\nAUC"]
+    columns += ["local\nacc", "local\nrecall", "local\nF1", "local\nAUC"] if local_columns else []
     columns += ["pooled-\ntrained\nacc", "pooled-\ntrained\nAUC"] if central else []
     for col in columns + ["epsilon\nspent"]:
         table.add_column(col, justify="right", no_wrap=True)
     for r in rows + [pooled]:
         fed, loc, cen = r.get("fed") or {}, r.get("local") or {}, r.get("central") or {}
         eps = r.get("epsilon")
-        cells = [r["name"], str(r.get("train_n", "-")), str(r.get("test_n", "-")),
+        # a hospital's name is its folder's (user text): a Text cell, never read as rich markup
+        cells = [Text(str(r["name"])), str(r.get("train_n", "-")), str(r.get("test_n", "-")),
                  _f(fed.get("accuracy")), _f(fed.get("recall")), _f(fed.get("specificity")), _f(fed.get("f1")),
-                 _f(fed.get("auc")), _f(loc.get("accuracy")), _f(loc.get("recall")), _f(loc.get("f1")),
-                 _f(loc.get("auc"))]
+                 _f(fed.get("auc"))]
+        cells += [_f(loc.get("accuracy")), _f(loc.get("recall")), _f(loc.get("f1")),
+                  _f(loc.get("auc"))] if local_columns else []
         cells += [_f(cen.get("accuracy")), _f(cen.get("auc"))] if central else []
         cells.append((_f(eps, 3) if eps is not None else "-") if dp else "no DP")
         table.add_row(*cells, style="bold" if r is pooled else None)
@@ -70,4 +75,25 @@ def compare_with_local(hospitals: list[HospitalData], results: dict[str, Any], s
         pooled["local"] = sum(local_summaries[1:], local_summaries[0]).metrics()
     if central:
         pooled["central"] = central["pooled"].metrics()
+    return rows, pooled
+
+
+def server_rows(results: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows of the final table from what the server knows (a run's results.json), for a deployed run.
+
+    The coordinator holds no hospital's data: "train" is the training size each hospital released
+    (with DP: to within one batch), "test" the number of test examples behind its figures; a
+    hospital that refused or withheld its evaluation shows "-".
+    """
+    rows = []
+    for name, hospital in sorted(results["hospitals"].items()):
+        fed = results["final"].get(name) or {}
+        released = hospital.get("released_count")
+        rows.append({"name": name, "train_n": "-" if released is None else round(released),
+                     "test_n": fed.get("n", "-"), "fed": fed, "epsilon": hospital.get("epsilon")})
+    counts = [r["train_n"] for r in rows if r["train_n"] != "-"]
+    pooled_fed = results["final"].get("pooled") or {}
+    pooled = {"name": "pooled", "train_n": sum(counts) if counts else "-", "test_n": pooled_fed.get("n", "-"),
+              "fed": pooled_fed,
+              "epsilon": max((r["epsilon"] for r in rows if r["epsilon"] is not None), default=None)}
     return rows, pooled

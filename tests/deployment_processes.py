@@ -16,6 +16,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,47 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class TlsStandIn:
+    """A SuperLink stand-in for address/certificate probes: a listener on 127.0.0.1 that completes each TLS
+    handshake with ``certificate``/``key`` and closes the connection, or with ``certificate`` None answers
+    in plain text (a port that does not speak TLS). ``with TlsStandIn(...) as link:`` ... ``link.port``."""
+
+    def __init__(self, certificate: Path | None, key: Path | None) -> None:
+        self.context = None
+        if certificate is not None:
+            self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.context.load_cert_chain(str(certificate), str(key))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, name="tls-stand-in", daemon=True)
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:              # closed: the test is done
+                return
+            with connection:
+                connection.settimeout(10)
+                try:
+                    if self.context is None:
+                        connection.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                    else:
+                        with self.context.wrap_socket(connection, server_side=True):
+                            pass
+                except OSError:          # the client refused the certificate, or hung up
+                    pass
+
+    def __enter__(self) -> "TlsStandIn":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        self.thread.join(timeout=10)
 
 
 def stock_superlink_command(files: DeploymentFiles, executable: str = "flower-superlink") -> list[str]:

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from audit.audit_log import (AuditLog, DPParams, RefusalRecord, ReleaseRecord, SecAggInfo, ServerRoundRecord,
-                             ServerRunRecord,
-                             UnmaskRecord, canonical_json, digest_arrays, line_hash)
+from audit.audit_log import (AuditLog, BudgetRecord, DPParams, RefusalRecord, ReleaseRecord, SecAggInfo,
+                             ServerRoundRecord, ServerRunRecord, UnmaskRecord, canonical_json, digest_arrays,
+                             line_hash)
 from audit.signing import load_or_create_key
 from audit.verify import verify
 from client.privacy_ledger import PrivacyLedger
@@ -40,6 +40,7 @@ class Federation:
     server_log: Path | None = None
     ledger_dir: Path | None = None
     final_epsilon: dict[str, float] = field(default_factory=dict)
+    stats_sent: dict[str, str] = field(default_factory=dict)   # hospital -> digest of its paid statistics answer
 
     @property
     def logs(self) -> list[Path]:
@@ -48,8 +49,17 @@ class Federation:
 
 def build_federation(root: Path, *, claim: Callable[[str, int, float], float] = lambda h, r, e: e,
                      skip_release: tuple[str, int] | None = None, hide_from_server: tuple[str, int] | None = None,
-                     run_id: str = RUN, reuse: Federation | None = None) -> Federation:
-    """A 3-hospital, 3-round DP run with secure aggregation; Switzerland refuses round 3."""
+                     run_id: str = RUN, reuse: Federation | None = None, sign_budget: bool = True,
+                     server_stops_after: int | None = None, resend_stats: Callable[[str], str] | None = None,
+                     first_round: int = 1, resumed_from: str | None = None) -> Federation:
+    """A 3-hospital, 3-round DP run with secure aggregation; Switzerland refuses round 3.
+
+    ``sign_budget``: each hospital signs its ledger's initial budget (as ``client/ledger_guard.py``
+    does). ``server_stops_after``: the server crashes after logging that round (the hospitals
+    have already released the next one). ``resend_stats`` (with ``reuse``): each hospital re-sends
+    a statistics answer at no cost, given its paid answer's digest -> the digest it sends.
+    ``first_round``/``resumed_from``: a run resumed from a checkpoint of run ``resumed_from``.
+    """
     fed = reuse or Federation(root, ledger_dir=root / "ledgers", server_log=root / "server.jsonl")
     keys = root / "keys"
     server = AuditLog(fed.server_log, load_or_create_key(keys / "server.pem"), "server")
@@ -57,8 +67,11 @@ def build_federation(root: Path, *, claim: Callable[[str, int, float], float] = 
     fed.node_logs = {h: log.path for h, log in nodes.items()}
     rng = np.random.default_rng(7)
     model = {"net.0.weight": rng.normal(size=(8, 4)).astype(np.float32), "net.0.bias": np.zeros(8, np.float32)}
+    for _ in range(first_round - 1):   # a resumed run starts from the checkpoint's model
+        model = {k: v + 0.01 for k, v in model.items()}
     app = "a" * 64
-    server.run(ServerRunRecord(run_id, {"dp": True, "target-epsilon": 1.0, "delta": DELTA, "max-grad-norm": 1.0,
+    server.run(ServerRunRecord(run_id, {"resumed-from": resumed_from,
+                                        "dp": True, "target-epsilon": 1.0, "delta": DELTA, "max-grad-norm": 1.0,
                                   "secure-aggregation": True, "secagg-threshold": 2, "strategy": "fedavg",
                                   "num-rounds": ROUNDS, "tls": True, "node-auth": True},
                          initial_model_digest=digest_arrays(model)))
@@ -69,12 +82,17 @@ def build_federation(root: Path, *, claim: Callable[[str, int, float], float] = 
         steps[h] = -(-n // BATCH)  # Poisson sampling: sample rate 1 / steps
         if reuse is None:
             sums = {"sum": rng.normal(size=5)}
+            fed.stats_sent[h] = digest_arrays(sums)
             eps = ledgers[h].record(run_id, 0, "feature-stats", [(STATS_SIGMA, 1.0, 1)],
                                     stats_key="k", values={"sum": sums["sum"].tolist()})
             nodes[h].release(ReleaseRecord(run_id, 0, "feature-stats", app, fp, "", digest_arrays(sums),
                                            DPParams(STATS_SIGMA, 1.0, 1, None, DELTA),
                                            claim(h, 0, eps), SecAggInfo("plain")))
-    for rnd in range(1, ROUNDS + 1):
+        elif resend_stats is not None:   # post-processing: the stored answer again, zero steps, not in the ledger
+            nodes[h].release(ReleaseRecord(run_id, 0, "feature-stats", app, fp, "", resend_stats(fed.stats_sent[h]),
+                                           DPParams(STATS_SIGMA, 1.0, 0, None, DELTA), ledgers[h].epsilon(),
+                                           SecAggInfo("plain")))
+    for rnd in range(first_round, ROUNDS + 1):
         sampled = list(HOSPITALS)
         responded, refused = [], {}
         for h in sampled:
@@ -98,8 +116,14 @@ def build_federation(root: Path, *, claim: Callable[[str, int, float], float] = 
         for h in responded:
             nodes[h].unmask(UnmaskRecord(run_id, rnd, survivors, []))
         model = {k: v + 0.01 for k, v in model.items()}
+        if server_stops_after is not None and rnd > server_stops_after:
+            continue   # the coordinator's host died before it logged this round
         server.round(ServerRoundRecord(run_id, rnd, "fedavg", sampled, responded, {}, refused, digest_arrays(model),
                                  {"threshold": 2, "survivors": survivors}, "c" * 64))
+    if reuse is None and sign_budget:
+        # the ledgers' signed budget (a real node signs it first; last here, so the tests' line numbers hold)
+        for h in HOSPITALS:
+            nodes[h].budget(BudgetRecord(hashlib.sha256(h.encode()).hexdigest(), 10.0, None, "initial"))
     fed.final_epsilon = {h: ledgers[h].epsilon() for h in HOSPITALS}
     return fed
 
@@ -115,7 +139,7 @@ def fed(_template: Federation, tmp_path: Path) -> Federation:
     root = tmp_path / "fed"
     shutil.copytree(_template.root, root)
     return Federation(root, {h: root / p.name for h, p in _template.node_logs.items()}, root / "server.jsonl",
-                      root / "ledgers", dict(_template.final_epsilon))
+                      root / "ledgers", dict(_template.final_epsilon), dict(_template.stats_sent))
 
 
 def _lines(path: Path) -> list[bytes]:
@@ -361,3 +385,101 @@ def test_replay_equals_opacus_rdp_accountant() -> None:
     accountant = RDPAccountant()
     accountant.history = list(history)
     assert _epsilon(history, DELTA) == pytest.approx(accountant.get_epsilon(delta=DELTA, alphas=ALPHAS), rel=1e-12)
+
+
+# ---- a crashed and resumed run, re-sent answers, budgets, several ledger folders ------------------------
+def _resumed(tmp_path: Path, **changes) -> Federation:
+    """The coordinator dies after logging round 2 (hospitals already released round 3); the run is resumed
+    as run 4343 from the round-2 checkpoint, and the statistics answer is re-sent at no cost."""
+    fed = build_federation(tmp_path, server_stops_after=changes.pop("server_stops_after", 2))
+    return build_federation(tmp_path, reuse=fed, run_id="4343", first_round=3, resumed_from=RUN,
+                            resend_stats=changes.pop("resend_stats", lambda paid: paid), **changes)
+
+
+def test_a_crashed_and_resumed_run_verifies_clean_with_a_note_for_the_round_in_flight(tmp_path: Path) -> None:
+    fed = _resumed(tmp_path)
+    report = verify(fed.logs, fed.ledger_dir)
+    assert report.ok, _explain(report)
+    crashed = [f for f in report.notes if "charged, not aggregated (server crash)" in f.reason]
+    assert sorted(Path(f.file).name for f in crashed) == ["node-Cleveland.jsonl", "node-Hungary.jsonl"], \
+        _explain(report)
+    assert all("run 4242 round 3" in f.reason for f in crashed)
+
+
+def test_only_the_round_in_flight_when_the_server_stopped_is_a_note(tmp_path: Path) -> None:
+    fed = build_federation(tmp_path, server_stops_after=1)   # rounds 2 and 3 released, neither logged
+    report = verify(fed.logs, fed.ledger_dir)
+    assert any("run 4242 round 2: charged, not aggregated (server crash)" in f.reason for f in report.notes)
+    assert _has(report, fed.node_logs["Cleveland"], 6, "released in run 4242 round 3, but the server logged no "
+                                                       "such round"), _explain(report)
+
+
+def test_a_free_statistics_answer_must_be_one_paid_for_earlier(tmp_path: Path) -> None:
+    fed = _resumed(tmp_path, resend_stats=lambda paid: "0" * 64)   # something else, sent at zero steps
+    report = verify(fed.logs, fed.ledger_dir)
+    assert any("at no privacy cost in run 4343, but it is not an answer it paid for" in f.reason
+               for f in report.errors), _explain(report)
+
+
+def test_two_consecutive_runs_sharing_ledgers_verify_clean(fed: Federation) -> None:
+    build_federation(fed.root, run_id="4343", reuse=fed, resend_stats=lambda paid: paid)
+    report = verify(fed.logs, fed.ledger_dir)
+    assert report.ok, _explain(report)
+
+
+def _raise_by_hand(ledger: Path, to: float) -> None:
+    data = json.loads(ledger.read_text())
+    data["budget"] = to
+    ledger.write_text(json.dumps(data))
+
+
+def _ledger_of(fed: Federation, hospital: str) -> Path:
+    digest = hashlib.sha256(hospital.encode()).hexdigest()
+    return next(p for p in fed.ledger_dir.glob("privacy-ledger-*.json")
+                if json.loads(p.read_text())["dataset_id"] == digest)
+
+
+def test_a_ledger_budget_raised_by_hand_fails_against_the_signed_budget(fed: Federation, tmp_path: Path) -> None:
+    _raise_by_hand(_ledger_of(fed, "Hungary"), 50.0)
+    report = verify(fed.logs, fed.ledger_dir)
+    assert any("Hungary: the ledger's budget 50 is above the 10 last signed" in f.reason and "raised by hand"
+               in f.reason for f in report.errors), _explain(report)
+    # a ledger with no release yet (its hospital refused everything) is checked against its signed budget too
+    log = AuditLog(fed.node_logs["Cleveland"], load_or_create_key(fed.root / "keys" / "Cleveland.pem"), "Cleveland")
+    log.budget(BudgetRecord("cleveland-second-table", 2.0, None, "initial"))
+    PrivacyLedger.open(fed.ledger_dir, "Cleveland", "cleveland-second-table", budget=2.0, delta=DELTA)
+    assert verify(fed.logs, fed.ledger_dir).ok is False
+    _raise_by_hand(_ledger_of(fed, "Hungary"), 10.0)
+    assert verify(fed.logs, fed.ledger_dir).ok
+    second = next(p for p in fed.ledger_dir.glob("privacy-ledger-cleveland-second-table-*.json"))
+    _raise_by_hand(second, 9.0)
+    report = verify(fed.logs, fed.ledger_dir)
+    assert any("Cleveland: the ledger's budget 9 is above the 2 last signed" in f.reason for f in report.errors), \
+        _explain(report)
+
+
+def test_a_ledger_whose_budget_was_never_signed_fails(tmp_path: Path) -> None:
+    fed = build_federation(tmp_path, sign_budget=False)
+    report = verify(fed.logs, fed.ledger_dir)
+    assert sum("has no signed budget record" in f.reason for f in report.errors) == 3, _explain(report)
+
+
+def test_cli_verifies_every_ledger_folder_given(fed: Federation, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedcare.audit_commands import audit_app
+
+    # a deployment: one ledger folder per hospital
+    folders = []
+    for h in HOSPITALS:
+        folder = tmp_path / f"state-{h}"
+        folder.mkdir()
+        shutil.move(_ledger_of(fed, h), folder)
+        folders += ["--ledger-dir", str(folder)]
+    logs = [str(p) for p in fed.logs]
+    result = CliRunner().invoke(audit_app, ["verify", *logs, *folders, "--json"])
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.output)["ledgers"]) == 3
+    _raise_by_hand(next((tmp_path / "state-Cleveland").glob("privacy-ledger-*.json")), 40.0)  # the first folder
+    result = CliRunner().invoke(audit_app, ["verify", *logs, *folders])
+    assert result.exit_code == 1 and "Cleveland: the ledger's budget 40 is above the 10" in result.output, result.output

@@ -89,3 +89,53 @@ def test_cli_usage_errors_exit_2_with_one_line(tmp_path):
         assert done.exit_code == 2, done.output
         assert message in done.stderr and "Traceback" not in done.output
         assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_file_and_folder_names_are_printed_as_written_not_as_markup(tmp_path):
+    root = hospital(tmp_path / "a[" / "x][bold]", n=2)          # the folder's path holds "a[/x]"
+    (root / "bad[kg].dcm").write_bytes(b"DICM? no: not a DICOM file at all")
+    (root / "labels.csv").write_text("file,label\nimg00.dcm,0\nimg01.dcm,1\nbad[kg].dcm,1\n")
+    done = runner.invoke(data_app, ["check", str(root), "--image-size", "16"])
+    text = " ".join(done.output.split())
+    assert done.exit_code == 1 and isinstance(done.exception, SystemExit), done.output
+    assert "bad[kg].dcm" in text and "a[/x][bold]" in text and "Traceback" not in text
+
+
+EHR_SCHEMA = """
+[table]
+id = "pid"
+label = "outcome"
+
+[numeric."dose[kg]"]
+range = [0, 10]
+"""
+
+
+def ehr_hospital(folder, rows: int):
+    """A clean EHR table of ``rows`` patients (70% of them train) in DATA_ROOT/hospital-0."""
+    site = folder / "hospital-0"
+    site.mkdir(parents=True)
+    lines = ["pid,dose[kg],outcome"] + [f"P{i},{i % 10}.5,{i % 2}" for i in range(rows)]
+    (site / "table.csv").write_text("\n".join(lines) + "\n")
+    (site / "schema.toml").write_text(EHR_SCHEMA)
+    return site
+
+
+def test_ehr_check_refuses_what_simulate_refuses_at_the_run_batch_size(tmp_path):
+    from fedcare.cli import app
+
+    site = ehr_hospital(tmp_path / "root", rows=40)               # 28 training rows; default batch 30
+    args = ["data", "check", str(site / "table.csv"), "--schema", str(site / "schema.toml")]
+    checked = runner.invoke(app, args)
+    simulated = runner.invoke(app, ["simulate", "--dataset", "ehr-table", "--data-root", str(tmp_path / "root"),
+                                    "--rounds", "1", "--output-dir", str(tmp_path / "run")])
+    for done in (checked, simulated):
+        text = " ".join(done.output.split())
+        assert done.exit_code == 1, done.output
+        assert "has 28 training samples, fewer than one batch (30)" in text
+        # under DP a tiny batch is no fix: never suggested
+        assert "lower batch-size" not in text and "too few rows for DP training at batch size 30" in text
+    ok = runner.invoke(app, [*args, "--batch-size", "16"])
+    assert ok.exit_code == 0 and "28 training rows, batch size 16, DP-SGD" in ok.output, ok.output
+    plain = runner.invoke(app, [*args, "--no-dp"])
+    assert plain.exit_code == 1 and "lower batch-size to at most 28" in " ".join(plain.output.split())

@@ -208,8 +208,9 @@ def test_three_hospital_deployment_accounts_as_the_simulation_engine_does(federa
     assert set(deployed["final"]) == set(simulated["final"]) == NAMES | {"pooled"}
     # The noise is each hospital's own (OS entropy, not the seed): the two models differ, by the noise only.
     assert deployed["model_digest"] != simulated["model_digest"]
-    assert deployed["final"]["pooled"]["accuracy"] == pytest.approx(simulated["final"]["pooled"]["accuracy"],
-                                                                    abs=0.1), (deployed["final"], simulated["final"])
+    # AUC across 25 runs of these settings spreads by 0.013, so two runs differ by 0.018: 0.1 is 5.5 of those.
+    assert deployed["final"]["pooled"]["auc"] == pytest.approx(simulated["final"]["pooled"]["auc"],
+                                                               abs=0.1), (deployed["final"], simulated["final"])
     for name in NAMES:   # the privacy accounting is exactly the same
         assert deployed["hospitals"][name]["epsilon"] == pytest.approx(simulated["hospitals"][name]["epsilon"],
                                                                        rel=1e-6), name

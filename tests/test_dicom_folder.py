@@ -186,9 +186,11 @@ def test_wrong_delimiter_is_named(tmp_path, sep, said):
     fails(hospital(tmp_path / "h", csv=csv), f"uses {said} as delimiter", "save it comma-separated")
 
 
-def test_labels_not_binary_lists_values_and_rows(tmp_path):
-    csv = "file,label\nimg00.dcm,0\nimg01.dcm,2\nimg02.dcm,yes\nimg03.dcm,2\n"
-    fails(hospital(tmp_path / "h", csv=csv), "must be 0 or 1", "3 row(s)", "'2', 'yes'", "line(s) 3, 4, 5")
+def test_labels_not_binary_lists_rows_never_values(tmp_path):
+    csv = "file,label\nimg00.dcm,0\nimg01.dcm,DOE^JANE\nimg02.dcm,yes\nimg03.dcm,MRN-SECRET-0001\n"
+    message = fails(hospital(tmp_path / "h", csv=csv), "must be 0 or 1", "3 row(s)", "line(s) 3, 4, 5",
+                    "values not shown", absent=("DOE", "JANE", "MRN", "SECRET", "yes"))
+    assert "'" + "yes" + "'" not in message
 
 
 def test_duplicate_entries(tmp_path):
@@ -272,3 +274,83 @@ def test_later_epochs_skip_unchanged_files_and_a_changed_file_is_decoded_again(t
     edited = load(root, cache_dir=cache)
     assert (edited.cache_hits, edited.cache_misses) == (5, 1)
     assert not np.array_equal(edited.x[2], first.x[2])
+
+
+# --- unreadable inputs name the file and the real cause --------------------------------------------
+
+
+def test_labels_file_that_is_a_directory_or_a_link_loop_names_the_cause(tmp_path):
+    root = hospital(tmp_path / "site[red]")
+    (root / "labels.csv").unlink()
+    (root / "labels.csv").mkdir()
+    fails(root, f"labels file {root / 'labels.csv'} is a directory, not a file")
+    (root / "labels.csv").rmdir()
+    (root / "labels.csv").symlink_to(root / "labels.csv")
+    message = fails(root, "labels.csv is a symbolic link loop", "site[red]")
+    assert "not found" not in message
+
+
+def test_unreadable_labels_file_is_an_error_not_a_traceback(tmp_path, monkeypatch):
+    # Tests run as root, for whom chmod 000 still reads: the PermissionError is simulated at the read.
+    root = hospital(tmp_path / "h")
+    real = Path.read_text
+
+    def denied(self, *args, **kwargs):
+        if self.name == "labels.csv":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    fails(root, "labels file", "labels.csv cannot be read: permission denied", "permissions")
+
+
+def test_labelled_file_that_is_a_link_loop_or_empty_names_the_cause(tmp_path):
+    root = hospital(tmp_path / "h")
+    (root / "img01.dcm").unlink()
+    (root / "img01.dcm").symlink_to(root / "img01.dcm")
+    message = fails(root, "1 labelled file(s)", "cannot be read: img01.dcm (is a symbolic link loop)")
+    assert "do not exist" not in message
+    (root / "img01.dcm").unlink()
+    (root / "img01.dcm").write_bytes(b"")
+    message = fails(root, "img01.dcm: empty file (0 bytes)")
+    assert "not a DICOM file" not in message
+
+
+# --- the cache never lets a file past the guard ----------------------------------------------------------
+
+
+def test_a_changed_guard_rechecks_files_it_passed_before(tmp_path, monkeypatch):
+    root, cache = hospital(tmp_path / "h", n=2), tmp_path / "cache"
+    assert load(root, cache_dir=cache).cache_misses == 2  # passed, header results and pixels cached
+    # The guard changes (a new table edition or rule): its version changes, and it now refuses img01.
+    monkeypatch.setattr(dicom_folder, "guard_version", lambda: "a-stricter-guard", raising=False)
+    monkeypatch.setattr(dicom_folder, "phi_findings",
+                        lambda ds, **kw: ["PatientName"] if ds.SOPInstanceUID == _uid(root / "img01.dcm") else [])
+    fails(root, "img01.dcm (PatientName)", cache_dir=cache)
+
+
+def _uid(path: Path) -> str:
+    from pydicom import dcmread
+
+    return dcmread(path).SOPInstanceUID
+
+
+def test_a_file_changed_after_the_guard_read_it_is_neither_loaded_nor_cached(tmp_path, monkeypatch):
+    root, cache = hospital(tmp_path / "h", n=2), tmp_path / "cache"
+    checked = []
+    real = dicom_folder.phi_findings
+
+    def swap_after_check(ds, **kw):
+        findings = real(ds, **kw)
+        checked.append(ds)
+        if len(checked) == 2:  # both headers passed: now img01 is replaced by an identifying file
+            write_dicom(root / "img01.dcm", ramp(24, 24, seed=5), PatientName="Doe^Jane")
+        return findings
+
+    monkeypatch.setattr(dicom_folder, "phi_findings", swap_after_check)
+    with pytest.raises(FedcareError) as exc:
+        load(root, cache_dir=cache)
+    message = str(exc.value)
+    assert "img01.dcm: the file changed while it was being loaded" in message and "Doe" not in message
+    swapped = file_digest((root / "img01.dcm").read_bytes())
+    assert ImageCache(cache).get(swapped, POLICY) is None  # the unchecked bytes were never decoded into the cache

@@ -360,3 +360,33 @@ def test_every_bundled_pydicom_file_loads_or_is_rejected_with_a_reason(multifram
     for name in ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "SC_rgb_jpeg.dcm", "examples_palette.dcm",
                  "image_dfl.dcm", "MR_small_bigendian.dcm"):
         read_dicom(get_testdata_file(name), policy)
+
+
+def test_zero_byte_file_is_reported_as_empty(tmp_path):
+    path = tmp_path / "empty.dcm"
+    path.write_bytes(b"")
+    exc = _rejected(path)
+    assert (exc.code, exc.reason) == ("empty", "empty file (0 bytes)") and "export" in exc.hint
+    with pytest.raises(DicomRejected, match="empty file"):
+        read_dicom_bytes(b"", ImagePolicy(size=SIZE), "empty.dcm")
+
+
+def test_missing_file_causes_are_named(tmp_path):
+    loop = tmp_path / "loop[1].dcm"
+    loop.symlink_to(loop)
+    dangling = tmp_path / "dangling.dcm"
+    dangling.symlink_to(tmp_path / "gone.dcm")
+    assert _rejected(loop).reason == "is a symbolic link loop"
+    assert str(_rejected(loop)).startswith(str(loop))  # the path as given, brackets and all
+    assert _rejected(dangling).reason == "is a symbolic link to a missing file"
+    assert _rejected(tmp_path / "absent.dcm").reason == "does not exist"
+    assert _rejected(tmp_path).reason == "is a directory, not a file"
+
+
+def test_os_error_causes_are_words_not_tracebacks():
+    import errno
+
+    from client.datasets.dicom_reader import os_error_cause
+
+    assert os_error_cause(PermissionError(errno.EACCES, "Permission denied")) == "cannot be read: permission denied"
+    assert os_error_cause(OSError(errno.EIO, "Input/output error")) == "cannot be read: Input/output error"

@@ -9,6 +9,7 @@ import pytest
 from client.datasets.ehr_events import load_event_sequences, normalise_sequences, per_patient_means
 from client.datasets.ehr_schema import TIME_FEATURE, EhrSchema
 from fedcare.errors import FedcareError
+from fedcare.run_config import RunSettings
 
 SECRET = "Jane Doe 1957-03-02"
 NAN = np.nan
@@ -181,3 +182,132 @@ def test_datetime_times_and_parquet_give_the_same_sequences(tmp_path, schema):
 def test_a_table_schema_is_refused_for_events(tmp_path):
     schema = EhrSchema.from_text('[table]\nid="pid"\nlabel="y"\n[numeric.crp]\nrange=[0,500]\n')
     assert "load_ehr_table" in error(write(tmp_path, events()), schema)
+
+
+# -- a labels table as part of the hospital's data description (hospital folder and node config) --
+
+LABELS_SCHEMA = SCHEMA.replace('label = "y"', 'label = "y"\nlabel-source = "labels-table"')
+
+
+def labelled_hospital(folder, labels: pd.DataFrame | None = None, schema: str = LABELS_SCHEMA):
+    """A hospital folder as simulate and a node read it: events.csv, labels.csv, schema.toml."""
+    folder.mkdir(parents=True)
+    write(folder, events().drop(columns=["y"]))
+    (folder / "schema.toml").write_text(schema)
+    if labels is not None:
+        write(folder, labels, "labels.csv")
+    return folder
+
+
+def load_error(dataset: str, source) -> str:
+    from client.datasets import load_hospital
+
+    with pytest.raises(FedcareError) as err:
+        load_hospital(dataset, source)
+    assert SECRET not in str(err.value) and "Jane" not in str(err.value)
+    return str(err.value)
+
+
+def test_a_hospital_folder_takes_labels_csv_beside_events_csv(tmp_path):
+    from client.datasets import DataSource, load_hospital
+
+    labels = pd.DataFrame({"pid": ["p3", "p1", "p2"], "y": [1, 0, 0]})
+    labelled_hospital(tmp_path / "sites" / "hospital-0", labels)
+    labelled_hospital(tmp_path / "sites" / "hospital-1", labels.assign(y=[0, 1, 1]))
+    first, second = (load_hospital("ehr-events", DataSource(partition_id=i, data_root=str(tmp_path / "sites")))
+                     for i in range(2))
+    assert first.name == "hospital-0" and first.y_train.tolist() == [0, 0, 1] and first.task == "sequence"
+    assert second.y_train.tolist() == [1, 1, 0]
+    assert first.x_train.shape == (3, 3, 7)
+
+
+def test_a_labels_parquet_file_is_found_too(tmp_path):
+    from client.datasets import DataSource, load_hospital
+
+    folder = labelled_hospital(tmp_path / "sites" / "hospital-0")
+    write(folder, pd.DataFrame({"pid": ["p1", "p2", "p3"], "y": [1, 1, 0]}), "labels.parquet")
+    hospital = load_hospital("ehr-events", DataSource(partition_id=0, data_root=str(tmp_path / "sites")))
+    assert hospital.y_train.tolist() == [1, 1, 0]
+
+
+def test_a_hospital_folder_without_its_labels_file_says_where_to_put_it(tmp_path):
+    from client.datasets import DataSource
+
+    folder = labelled_hospital(tmp_path / "sites" / "hospital-0")
+    msg = load_error("ehr-events", DataSource(partition_id=0, data_root=str(tmp_path / "sites")))
+    assert "no labels.csv or labels.parquet" in msg and str(folder) in msg and "label-source" in msg
+
+
+def test_a_stray_labels_file_is_refused_when_the_schema_takes_labels_from_events(tmp_path):
+    from client.datasets import DataSource
+
+    labels = pd.DataFrame({"pid": ["p1", "p2", "p3"], "y": [1, 0, 0]})
+    folder = labelled_hospital(tmp_path / "sites" / "hospital-0", labels, schema=SCHEMA)
+    write(folder, events())
+    msg = load_error("ehr-events", DataSource(partition_id=0, data_root=str(tmp_path / "sites")))
+    assert "labels.csv" in msg and "label-source" in msg
+
+
+def test_a_node_reads_the_labels_file_its_config_names(tmp_path):
+    from client.datasets import DataSource, load_hospital
+
+    labels = pd.DataFrame({"pid": ["p1", "p2", "p3"], "y": [0, 1, 0]})
+    folder = labelled_hospital(tmp_path / "data", labels)
+    node = DataSource(data_path=str(folder / "events.csv"), schema=str(folder / "schema.toml"),
+                      labels=str(folder / "labels.csv"))
+    hospital = load_hospital("ehr-events", node)
+    assert hospital.name == "events" and hospital.y_train.tolist() == [0, 1, 0]
+    msg = load_error("ehr-events", DataSource(data_path=str(folder / "events.csv"), schema=str(folder / "schema.toml")))
+    assert "labels" in msg and "hospital.toml" in msg
+
+
+def test_positive_other_makes_every_unlisted_label_value_positive(tmp_path):
+    """31 diagnosis codes need not be listed: positive = "*other*" with the negatives named."""
+    frame = events().astype({"y": object})
+    frame["y"] = frame["pid"].map({"p1": "I21.4", "p2": "none", "p3": "E11.9"})
+    schema = EhrSchema.from_text(SCHEMA.replace('label = "y"', 'label = "y"\npositive = "*other*"\nnegative = ["none"]'))
+    assert load_event_sequences(write(tmp_path, frame), schema, seed=0).y_train.tolist() == [1, 0, 1]
+    reverse = EhrSchema.from_text(SCHEMA.replace('label = "y"', 'label = "y"\npositive = ["I21.4"]\nnegative = "*other*"'))
+    assert load_event_sequences(write(tmp_path, frame), reverse, seed=0).y_train.tolist() == [1, 0, 0]
+
+
+def _labelled_sites(root, patients: int = 24):
+    """Two hospital folders whose labels live in labels.csv and whose positives are "every other code"."""
+    schema = LABELS_SCHEMA.replace("test-fraction = 0", "test-fraction = 0.25").replace(
+        'label-source = "labels-table"', 'label-source = "labels-table"\npositive = "*other*"\nnegative = ["none"]')
+    for h in range(2):
+        ids = [f"h{h}-{i}" for i in range(patients)]
+        rows = [(p, day, 10.0 + i % 3, 1.0 + day, "AB"[i % 2]) for i, p in enumerate(ids) for day in (0.0, 20.0)]
+        folder = labelled_hospital(root / f"hospital-{h}", schema=schema)
+        write(folder, pd.DataFrame(rows, columns=["pid", "day", "hb", "crp", "code"]))
+        codes = ["none" if i % 2 else f"C{i}" for i in range(patients)]
+        write(folder, pd.DataFrame({"pid": ids, "y": codes}), "labels.csv")
+    return root
+
+
+@pytest.mark.parametrize("layout", ["hospital folders", "node config"])
+def test_a_federation_trains_on_events_whose_labels_are_a_separate_file(tmp_path, monkeypatch, layout):
+    """The ClientApp reads labels.csv beside events.csv (simulate's --data-root) or the labels file
+    its node config names (a deployed node), in the federation's own round loop."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from server.federation_loop import run_federation
+    from tests.test_federation_loop import PERMISSIVE, RUN_ID, InProcessGrid
+
+    for attr, value in (("_run_id", RUN_ID), ("_node_id", 1), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+    root = _labelled_sites(tmp_path / "sites")
+    nodes = {}
+    for i in range(2):
+        folder = root / f"hospital-{i}"
+        data = ({"data-root": str(root), "partition-id": i} if layout == "hospital folders" else
+                {"data-path": str(folder / "events.csv"), "schema": str(folder / "schema.toml"),
+                 "labels": str(folder / "labels.csv")})
+        nodes[100 + i] = {**data, "ledger-dir": str(tmp_path / "ledgers"), "epsilon-budget": 1.0, **PERMISSIVE}
+    s = RunSettings(dataset="ehr-events", num_rounds=1, hospitals=2, batch_size=4, dp=False,
+                    secure_aggregation=False, output_dir=str(tmp_path / "out"))
+    progress: list[str] = []
+    result = run_federation(InProcessGrid(nodes), s, 2, progress.append, timeout=5, run_id=RUN_ID)
+    assert result.stopped_early is None and len(result.rounds) == 1, progress
+    assert len(result.rounds[0].trained) == 2 and result.rounds[0].failed == {}

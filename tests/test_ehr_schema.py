@@ -125,3 +125,26 @@ def test_messages_name_the_schema_file(tmp_path):
 def test_a_missing_schema_file_says_where_it_looked(tmp_path):
     with pytest.raises(FedcareError, match=r"schema file .*nowhere.toml does not exist"):
         EhrSchema.from_file(tmp_path / "nowhere.toml")
+
+
+# -- "every other value": positive = "*other*" with negative = [...] (or the reverse) --
+
+def test_positive_other_means_every_value_not_listed_as_negative():
+    schema = EhrSchema.from_text(TABLE.replace('positive = "died"', 'positive = "*other*"\nnegative = ["alive", 0]'))
+    assert schema.other_label == 1 and schema.negative == ("alive", "0") and schema.positive is None
+    reverse = EhrSchema.from_text(TABLE.replace('positive = "died"', 'positive = ["died"]\nnegative = "*other*"'))
+    assert reverse.other_label == 0 and reverse.positive == ("died",) and reverse.negative is None
+    assert EhrSchema.from_text(TABLE).other_label is None
+    assert schema.digest() != reverse.digest() != EhrSchema.from_text(TABLE).digest()
+
+
+@pytest.mark.parametrize("label_keys,match", [
+    ('positive = "*other*"', r"positive = \"\*other\*\" needs the values that mean 0.*negative = \["),
+    ('negative = "*other*"', r"negative = \"\*other\*\" needs the values that mean 1.*positive = \["),
+    ('positive = "*other*"\nnegative = "*other*"', r"'positive' and 'negative' cannot both be \"\*other\*\""),
+    ('positive = ["*other*", "died"]\nnegative = ["alive"]', r"'\*other\*' stands alone.*positive = \"\*other\*\""),
+    ('positive = ["died"]\nnegative = ["*other*"]', r"'\*other\*' stands alone"),
+])
+def test_a_misused_other_marker_is_refused(label_keys, match):
+    with pytest.raises(FedcareError, match=match):
+        EhrSchema.from_text(TABLE.replace('positive = "died"', label_keys), source="fed.toml")

@@ -161,15 +161,43 @@ def test_wrong_delimiter_says_which_one_to_use(tmp_path, schema):
     assert load_ehr_table(write(tmp_path, table(), "ok.tsv", sep="\t"), schema, seed=0).report.rows_read == 40
 
 
-def test_missing_label_column_lists_what_exists(tmp_path, schema):
-    msg = error(write(tmp_path, table().drop(columns=["outcome"])), schema)
-    assert "lacks column(s) 'outcome'" in msg and "it has: patient_id, age, creatinine, sex, admission_type" in msg
+def test_missing_label_column_lists_only_the_schema_columns_it_has(tmp_path, schema):
+    frame = table().drop(columns=["outcome"]).assign(notes=SECRET)
+    frame.columns = [*frame.columns[:-1], "Jane Doe ward 3"]   # a header name may be a patient's value
+    msg = error(write(tmp_path, frame), schema)
+    assert "lacks column(s) 'outcome'" in msg and "its header has 6 columns" in msg
+    assert "of the schema's: 'patient_id', 'age', 'creatinine', 'sex', 'admission_type'" in msg
+
+
+def test_a_table_without_its_header_row_shows_no_cell(tmp_path, schema):
+    path = tmp_path / "t.csv"
+    table().assign(patient_id=f"{SECRET} MRN").to_csv(path, index=False, header=False)
+    msg = error(path, schema)
+    assert "names none of the schema's columns (6 columns" in msg and "lack its header row" in msg
+
+
+def test_rows_with_one_field_more_than_the_header_are_refused_not_shifted(tmp_path, schema):
+    path = tmp_path / "t.csv"
+    frame = table()
+    frame.insert(0, "row", SECRET)
+    path.write_text(frame.to_csv(index=False).replace("row,", "", 1))   # header one name short
+    assert "data rows have more fields than its header (6 names)" in error(path, schema)
+
+
+def test_a_very_wide_header_is_checked_in_one_pass_and_names_only_schema_columns(tmp_path, schema):
+    names = ["patient_id", "age", "creatinine", "sex", "admission_type", "outcome", "age"]
+    names += [f"{SECRET} {i % 25_000}" for i in range(50_000)]     # every name twice, none the schema's
+    path = tmp_path / "wide.csv"
+    path.write_text(",".join(names) + "\n")                        # header only: never handed to pandas
+    msg = error(path, schema)
+    assert "names the schema's column(s) 'age' more than once" in msg
 
 
 @pytest.mark.parametrize("content,match", [
     ("", "is empty (0 bytes)"),
     ("patient_id,age,creatinine,sex,admission_type,outcome\n", "has a header but no data rows"),
-    ("a,a,b\n1,2,3\n", "names column 'a' more than once"),
+    ("patient_id,age,age,b\n1,2,3,4\n", "names the schema's column(s) 'age' more than once"),
+    ("a,a,b\n1,2,3\n", "names none of the schema's columns (3 columns"),
 ])
 def test_empty_and_malformed_files(tmp_path, schema, content, match):
     path = tmp_path / "t.csv"

@@ -50,5 +50,8 @@ def test_hospital_smaller_than_one_batch_is_refused_with_advice():
     swiss = fhd.load_center(2)
     with pytest.raises(FedcareError, match="30 training samples, fewer than one batch") as err:
         swiss.check_trainable(batch_size=64)
-    assert "batch-size" in err.value.hint
+    assert "too few rows for DP training" in err.value.hint and "lower batch-size" not in err.value.hint
+    with pytest.raises(FedcareError) as err:
+        swiss.check_trainable(batch_size=64, dp=False)      # without DP a smaller batch is a fix
+    assert "lower batch-size to at most 30" in err.value.hint
     swiss.check_trainable(batch_size=30)

@@ -15,6 +15,7 @@ from fedcare.deploy_commands import deploy_app, diagnose, node_app, shell_line
 from fedcare.deploy_pki import make_node_key
 from fedcare.errors import FedcareError
 from fedcare.node_settings import check_data, format_node_config, load_node_settings, supernode_command
+from tests.deployment_processes import TlsStandIn
 from tests.hospital_state import write_consortium
 
 
@@ -222,9 +223,13 @@ def test_cli_exit_codes(tmp_path):
     assert again.exit_code == 2 and "refusing" in again.output
     settings = tmp_path / "d" / "a" / "hospital.toml"
     settings.write_text(settings.read_text().replace("clientappio-port = 9094", f"clientappio-port = {_free_port()}"))
-    ok = _cli("node", "start", "--config", str(settings), "--check-only")
+    link = tmp_path / "d" / "superlink"
+    with TlsStandIn(link / "server.crt", link / "server.key") as superlink:    # --check-only asks the SuperLink too
+        settings.write_text(settings.read_text().replace("127.0.0.1:9092", f"127.0.0.1:{superlink.port}"))
+        ok = _cli("node", "start", "--config", str(settings), "--check-only")
     assert ok.exit_code == 0, ok.output
     assert "data ok: Cleveland" in ok.output and "--auth-supernode-private-key" in ok.output
+    assert f"superlink ok: 127.0.0.1:{superlink.port}" in ok.output
     settings.write_text(settings.read_text() + "\n[extras]\n")
     assert _cli("node", "start", "--config", str(settings), "--check-only").exit_code == 2
 
@@ -241,6 +246,12 @@ class _S:
       "[code: 2004] Failed to activate SuperNode."], "not registered with the SuperLink"),
     (["ERROR : SSL/TLS handshake error detected.", "ERROR : Exit Code: 305",
       "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed"], "TLS failure"),
+    # a real node against a SuperLink serving an expired certificate logs exactly this (Flower 1.41)
+    (["ERROR : SSL/TLS handshake error detected.", "ERROR : Exit Code: 305",
+      "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: certificate has expired (_ssl.c:1006)"],
+     "the SuperLink's certificate at 127.0.0.1:9092 has expired: the coordinator renews it with `fedcare deploy renew"),
+    (["ERROR : Exit Code: 305", "certificate verify failed: certificate is not yet valid (_ssl.c:1006)"],
+     "is not valid yet: check the clock"),
     (["ERROR : Exit Code: 305", "[Errno 111] Connection refused"], "connection refused at 127.0.0.1:9092"),
     (["ERROR : Exit Code: 302", "Unable to parse the private key file."], "not an EC private key"),
 ])

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from client.datasets.hospital_data import HospitalData
 from fedcare.errors import FedcareError
 from fedcare.run_config import DATASET_TASKS
+
+if TYPE_CHECKING:   # the EHR loaders are imported only when a hospital holds EHR data
+    from client.datasets.ehr_schema import EhrSchema
 
 GENERATED = ("pbc2", "synthetic-imaging")   # written by `fedcare data prepare` / the simulation
 SPLIT_SEED = 43                            # fixed: the training set, hence the ledger, never moves
@@ -29,7 +33,9 @@ class DataSource:
     partition_id: int | None = None
     data_root: str | None = None          # generated sets: DATA_ROOT/hospital-<partition>
     data_path: str | None = None          # a hospital's own folder (dicom) or table/events file
-    labels: str | None = None             # dicom: labels CSV (default DATA_PATH/labels.csv)
+    labels: str | None = None             # dicom: labels CSV (default DATA_PATH/labels.csv); ehr-events with
+                                          # label-source = "labels-table": the per-patient labels table
+                                          # (in a hospital folder: labels.csv or labels.parquet beside events)
     schema: str | None = None             # ehr-table / ehr-events: schema TOML
     cache_dir: str = "fedcare-cache"      # decoded-image cache
     image_size: int = 64
@@ -92,16 +98,17 @@ def load_hospital(dataset: str, source: DataSource) -> HospitalData:
         return _image_hospital(folder, Path(source.labels) if source.labels else folder / "labels.csv", source)
     if dataset == "pbc2" or (dataset in ("ehr-table", "ehr-events") and not source.data_path):
         # multi-site layout: DATA_ROOT/hospital-<i>/{table,events}.{csv,parquet} + schema.toml
+        # (+ labels.{csv,parquet} when the events schema takes labels from a labels table)
         folder = hospital_folder(source, dataset)
         stem = "table" if dataset == "ehr-table" else "events"
         path = _data_file(folder, stem)
         if dataset == "ehr-table":
             return _table_hospital(path, folder / "schema.toml", folder.name)
-        return _sequence_hospital(folder.name, path, folder / "schema.toml")
+        return _sequence_hospital(folder.name, path, folder / "schema.toml", _labels_file(folder), folder)
     path, schema = _own_files(dataset, source)
     if dataset == "ehr-table":
         return _table_hospital(path, schema, path.stem)
-    return _sequence_hospital(path.stem, path, schema)
+    return _sequence_hospital(path.stem, path, schema, Path(source.labels) if source.labels else None, None)
 
 
 def _data_file(folder: Path, stem: str) -> Path:
@@ -110,6 +117,12 @@ def _data_file(folder: Path, stem: str) -> Path:
             return folder / f"{stem}{suffix}"
     raise FedcareError(f"hospital folder {folder} has no {stem}.csv or {stem}.parquet",
                        f"put the hospital's {stem} file and schema.toml in {folder}")
+
+
+def _labels_file(folder: Path) -> Path | None:
+    """A hospital folder's labels table (labels.csv, else labels.parquet), if it has one."""
+    return next((folder / f"labels{suffix}" for suffix in (".csv", ".parquet")
+                 if (folder / f"labels{suffix}").is_file()), None)
 
 
 def _own_files(dataset: str, source: DataSource) -> tuple[Path, Path]:
@@ -155,12 +168,39 @@ def _table_hospital(path: Path, schema_path: Path, name: str) -> HospitalData:
     return _from_split(name, split, "tabular")
 
 
-def _sequence_hospital(name: str, events: Path, schema_path: Path) -> HospitalData:
+def _sequence_hospital(name: str, events: Path, schema_path: Path, labels: Path | None,
+                       folder: Path | None) -> HospitalData:
+    """Events (+ the labels table the schema asks for) of a hospital folder, or of a node's own
+    files (``folder`` None: the node config names them)."""
     from client.datasets.ehr_events import load_event_sequences
     from client.datasets.ehr_schema import EhrSchema
 
-    split = load_event_sequences(events, EhrSchema.from_file(schema_path), seed=SPLIT_SEED)
+    schema = EhrSchema.from_file(schema_path)
+    _check_labels_file(schema, labels, folder)
+    split = load_event_sequences(events, schema, seed=SPLIT_SEED, labels_path=labels)
     return _from_split(name, split, "sequence")
+
+
+def _check_labels_file(schema: EhrSchema, labels: Path | None, folder: Path | None) -> None:
+    """A labels table is read exactly when the schema says label-source = "labels-table"; say which
+    file to add or remove, where this hospital's data is described (its folder or its node config)."""
+    if schema.events is None:
+        return                                   # a [table] schema: the loader says so
+    columns = f"columns '{schema.id}' and '{schema.label}', one row per patient"
+    if schema.events.label_source == "labels-table" and labels is None:
+        if folder is not None:
+            raise FedcareError(f"hospital folder {folder} has no labels.csv or labels.parquet, but its schema "
+                               "takes labels from a labels table (label-source = \"labels-table\")",
+                               f"put the patients' labels ({columns}) in {folder / 'labels.csv'}")
+        raise FedcareError(f"{schema.source} takes labels from a labels table (label-source = \"labels-table\"), "
+                           "but the node config names no labels file",
+                           f"set labels = \"/data/labels.csv\" under [data] in hospital.toml (node config "
+                           f"labels='...'): a CSV or Parquet table with {columns}")
+    if schema.events.label_source == "events" and labels is not None:
+        raise FedcareError(f"{labels} is a labels table, but {schema.source} takes the label from column "
+                           f"'{schema.label}' of the events (label-source = \"events\")",
+                           "remove the labels file (and the node config's labels), or set "
+                           "label-source = \"labels-table\" under [events] in the schema")
 
 
 def _from_split(name: str, split, task: str) -> HospitalData:

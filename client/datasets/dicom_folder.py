@@ -11,6 +11,10 @@ Before any pixel is decoded, every labelled header is checked for identifying at
 error names files and attribute keywords, never values. Unreadable files stop the load
 (on_unreadable="error") or are dropped and listed in `ImageSet.rejected` ("skip"); never silently.
 Nothing is written except complete cache entries, so an error leaves no partial state.
+The pass-1 results are cached under a key holding the guard's version (table edition and rules),
+so a changed guard rechecks every file; pixels are decoded (and cached) only from bytes whose
+digest equals what the guard read: a file replaced between the two passes is rejected, not loaded.
+Error messages name files, keywords, line numbers and causes, never a header or label value.
 
 With multiframe="every", one file gives several samples with the file's label; `groups` holds
 the file index of each sample so callers split by file and frames never straddle train/test.
@@ -28,10 +32,10 @@ from typing import Iterable
 
 import numpy as np
 
-from client.datasets.dicom_reader import (DicomRejected, ImagePolicy, quiet_pydicom, read_dicom_bytes, read_header,
-                                          read_header_bytes)
+from client.datasets.dicom_reader import (DicomRejected, ImagePolicy, os_error_cause, path_problem, quiet_pydicom,
+                                          read_dicom_bytes, read_header, read_header_bytes)
 from client.datasets.image_cache import HeaderIndex, ImageCache, file_digest
-from client.datasets.phi_guard import phi_findings
+from client.datasets.phi_guard import guard_version, phi_findings
 from fedcare.errors import FedcareError
 
 UNREADABLE_MODES = ("error", "skip")
@@ -87,7 +91,7 @@ def load_dicom_folder(folder: Path, labels_csv: Path, policy: ImagePolicy, cache
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise FedcareError(f"imaging folder not found: {folder}", "point the node config at the folder of DICOM files")
+        raise FedcareError(_folder_problem(folder), "point the node config at the folder of DICOM files")
     if on_unreadable not in UNREADABLE_MODES:
         raise FedcareError(f"unknown on_unreadable mode {on_unreadable!r}",
                            f"choose one of: {', '.join(UNREADABLE_MODES)}")
@@ -101,7 +105,9 @@ def load_dicom_folder(folder: Path, labels_csv: Path, policy: ImagePolicy, cache
     phi: dict[str, list[str]] = {}
     sizes: dict[str, tuple[int, int]] = {}
     digests: dict[str, str] = {}
-    index = HeaderIndex(cache_dir, folder, retain) if cache_dir is not None else None
+    # Guard results are keyed by the guard's rule set too: a stricter guard rereads every file.
+    index_key = (*retain, f"phi-guard={guard_version()}")
+    index = HeaderIndex(cache_dir, folder, index_key) if cache_dir is not None else None
     for name in labelled:
         known = index.get(folder, name) if index is not None else None
         if known is not None:  # unchanged since it was last read: skip rereading and re-hashing it
@@ -117,7 +123,7 @@ def load_dicom_folder(folder: Path, labels_csv: Path, policy: ImagePolicy, cache
             with quiet_pydicom():
                 sizes[name] = (int(ds.get("Rows") or 0), int(ds.get("Columns") or 0))
         except OSError as exc:
-            rejected[name] = f"cannot read the file ({type(exc).__name__})"
+            rejected[name] = f"the file {os_error_cause(exc)}"
             continue
         except DicomRejected as exc:
             rejected[name] = exc.reason
@@ -150,9 +156,12 @@ def load_dicom_folder(folder: Path, labels_csv: Path, policy: ImagePolicy, cache
         try:
             data = (folder / name).read_bytes()
         except OSError as exc:
-            rejected[name] = f"cannot read the file ({type(exc).__name__})"
+            rejected[name] = f"the file {os_error_cause(exc)}"
             continue
-        digest = file_digest(data)  # the file may have changed since pass 1; key the entry by what was decoded
+        if file_digest(data) != digests[name]:  # changed since the guard read it: these bytes were never checked
+            rejected[name] = "the file changed while it was being loaded (not checked, not cached): load again"
+            continue
+        digest = digests[name]
         t0 = time.perf_counter()
         try:
             arrays = read_dicom_bytes(data, policy, name)
@@ -240,12 +249,18 @@ def read_labels(labels_csv: Path) -> LabelTable:
     path = Path(labels_csv)
     where = path.name
     layout = "columns `file,label` (file relative to the folder) or `sop_instance_uid,label`, comma-separated"
-    if not path.is_file():
+    problem = path_problem(path)
+    if problem == "does not exist":
         raise FedcareError(f"labels file not found: {path}", f"create it with {layout}")
+    if problem is not None:
+        raise FedcareError(f"labels file {path} {problem}", f"point it at a readable CSV file with {layout}")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise FedcareError(f"{where} is not UTF-8 text", f"save it as a UTF-8 CSV with {layout}") from None
+    except OSError as exc:
+        raise FedcareError(f"labels file {path} {os_error_cause(exc)}",
+                           "make it readable by the user running fedcare (check its permissions)") from None
     if not text.strip():
         raise FedcareError(f"{where} is empty", f"write a header and one row per image: {layout}")
     reader = csv.reader(io.StringIO(text))
@@ -272,12 +287,10 @@ def read_labels(labels_csv: Path) -> LabelTable:
     blank = [line for line, row in rows if not row[k].strip()]
     if blank:
         raise FedcareError(f"{where}: {len(blank)} row(s) have an empty '{key}' (line(s) {_few(blank)})")
-    bad = [(line, row[lab].strip()) for line, row in rows if row[lab].strip() not in ("0", "1")]
-    if bad:
-        values = sorted({v for _, v in bad})
-        shown = _few([repr(v) for v in values])
+    bad = [line for line, row in rows if row[lab].strip() not in ("0", "1")]
+    if bad:  # the cells may hold anything a person typed (names, MRNs): never echoed
         raise FedcareError(f"{where}: column '{LABEL_COLUMN}' must be 0 or 1 (binary); {len(bad)} row(s) hold "
-                           f"other values: {shown} (line(s) {_few([line for line, _ in bad])})",
+                           f"other values (line(s) {_few(bad)}; values not shown)",
                            "map the classes to 0 (negative) and 1 (positive)")
     labels: dict[str, int] = {}
     lines: dict[str, int] = {}
@@ -312,10 +325,15 @@ def match_labels(folder: Path, table: LabelTable, candidates: list[str],
     """
     folder = Path(folder)
     if table.key_column == "file":
-        absent = [f for f in table.labels if not (folder / f).is_file()]
+        problems = {f: path_problem(folder / f) for f in table.labels}
+        absent = [f for f, problem in problems.items() if problem == "does not exist"]
         if absent:
             raise FedcareError(f"{table.path.name}: {len(absent)} labelled file(s) do not exist in {folder}: "
                                f"{_few(absent)}", "fix the paths (relative to the folder) or remove those rows")
+        unusable = [f"{f} ({problem})" for f, problem in problems.items() if problem is not None]
+        if unusable:
+            raise FedcareError(f"{table.path.name}: {len(unusable)} labelled file(s) in {folder} cannot be read: "
+                               f"{_few(unusable)}", "fix those files or links, or remove those rows")
         labelled = dict(sorted(table.labels.items()))
         return labelled, [f for f in candidates if f not in labelled]
 
@@ -350,6 +368,18 @@ def _sop_instance_uid(path: Path) -> str:
             return ""
 
 
+def _folder_problem(folder: Path) -> str:
+    """Why the imaging folder cannot be used, naming it and the real cause."""
+    problem = path_problem(folder)
+    if problem == "does not exist":
+        return f"imaging folder not found: {folder}"
+    if problem is None:
+        problem = "is a file, not a folder"
+    elif problem == "is not a regular file":
+        problem = "is not a folder"
+    return f"imaging folder {folder} {problem}"
+
+
 def phi_error(phi: dict[str, list[str]], extra: int = 0) -> FedcareError:
     """The error for labelled files that still carry identity: files and keywords, never values."""
     listed = "; ".join(f"{name} ({', '.join(kws)})" for name, kws in list(sorted(phi.items()))[:_SHOW])
@@ -357,8 +387,10 @@ def phi_error(phi: dict[str, list[str]], extra: int = 0) -> FedcareError:
     also = f" ({extra} other file(s) are unreadable)" if extra else ""
     return FedcareError(
         f"{len(phi)} labelled DICOM file(s) still carry identifying attributes: {listed}{more}{also}",
-        "de-identify them per DICOM PS3.15 Annex E (Basic Application Level Confidentiality Profile), or, if this "
-        "data is already approved for use as is, set node config require-deidentified=false")
+        "de-identify them per DICOM PS3.15 Annex E (Basic Application Level Confidentiality Profile); an attribute "
+        "marked 'not inspected' could not be read completely by the check (re-export it as standard DICOM, or "
+        "remove it); a flag 'not an explicit NO' must read NO; or, if this data is already approved for use as is, "
+        "set node config require-deidentified=false")
 
 
 def unreadable_error(rejected: dict[str, str]) -> FedcareError:

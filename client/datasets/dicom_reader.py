@@ -24,9 +24,11 @@ matter there).
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
 import os
+import stat
 import struct
 import warnings
 from dataclasses import dataclass
@@ -96,12 +98,43 @@ class DicomRejected(FedcareError):
         super().__init__(f"{self.path}: {reason}", hint)
 
 
+def path_problem(path: str | os.PathLike) -> str | None:
+    """Why `path` cannot be read as a regular file, in words (None when it can).
+
+    The real cause, not a guess: a symbolic link loop or a permission problem is not "missing".
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "is a symbolic link to a missing file" if os.path.islink(path) else "does not exist"
+    except OSError as exc:
+        return os_error_cause(exc)
+    if stat.S_ISDIR(st.st_mode):
+        return "is a directory, not a file"
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    return None
+
+
+def os_error_cause(exc: OSError) -> str:
+    """An OSError as a short phrase naming its cause (no path: callers name the file)."""
+    causes = {errno.ELOOP: "is a symbolic link loop", errno.EACCES: "cannot be read: permission denied",
+              errno.EPERM: "cannot be read: operation not permitted", errno.ENOENT: "does not exist",
+              errno.ENOTDIR: "does not exist (a parent in its path is not a folder)",
+              errno.EISDIR: "is a directory, not a file"}
+    cause = causes.get(exc.errno)
+    if cause is None:
+        cause = f"cannot be read: {exc.strerror or type(exc).__name__}"
+    return cause
+
+
 def read_dicom(path: str | os.PathLike, policy: ImagePolicy) -> list[np.ndarray]:
     """Decode the file at `path` into one (or, with multiframe="every", one per frame) image."""
     name = str(path)
     p = Path(path)
-    if not p.is_file():
-        raise DicomRejected(name, "not a regular file" if p.exists() else "file not found", "not-a-file")
+    problem = path_problem(p)
+    if problem is not None:
+        raise DicomRejected(name, problem, "not-a-file")
     with _guarded(name):
         ds = _parse(str(p), name, p.stat().st_size, defer_size=None)
         return decode_dataset(ds, policy, name)
@@ -122,8 +155,9 @@ def read_header(path: str | os.PathLike) -> "Dataset":
     """
     name = str(path)
     p = Path(path)
-    if not p.is_file():
-        raise DicomRejected(name, "not a regular file" if p.exists() else "file not found", "not-a-file")
+    problem = path_problem(p)
+    if problem is not None:
+        raise DicomRejected(name, problem, "not-a-file")
     with _guarded(name):
         return _parse(str(p), name, p.stat().st_size, defer_size=64 * 1024)
 
@@ -177,6 +211,8 @@ def _parse(source: str | BinaryIO, name: str, file_size: int, defer_size: int | 
     from pydicom import dcmread
     from pydicom.errors import InvalidDicomError
 
+    if file_size == 0:
+        raise DicomRejected(name, "empty file (0 bytes)", "empty", "copy or export the file again")
     try:
         ds = dcmread(source, defer_size=defer_size)
     except InvalidDicomError:

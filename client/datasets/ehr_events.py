@@ -77,7 +77,7 @@ def load_event_sequences(events_path: Path, schema: EhrSchema, seed: int, labels
     if spec.label_source == "events" and labels_path is not None:
         raise FedcareError(f"a labels file was given, but {schema.source} takes the label from column "
                            f"'{schema.label}' of the events table", "set label-source = \"labels-table\" or drop it")
-    frame = read_frame(events_path, delimiter)
+    frame = read_frame(events_path, delimiter, schema.input_columns)
     require_columns(frame, schema.input_columns, events_path)
     report = DataReport(source=str(events_path), rows_read=len(frame))
     rows = np.arange(len(frame))
@@ -200,7 +200,7 @@ def _labels_from_events(frame: pd.DataFrame, codes: np.ndarray, n: int, schema: 
 
 def _labels_from_table(path: Path, patients: np.ndarray, schema: EhrSchema, delimiter: str | None) -> np.ndarray:
     """One label per patient from the labels table; every patient must appear exactly once."""
-    table = read_frame(path, delimiter)
+    table = read_frame(path, delimiter, [schema.id, schema.label])
     require_columns(table, [schema.id, schema.label], path)
     rows = np.arange(len(table))
     ids = id_values(table[schema.id], path, schema.id, rows)

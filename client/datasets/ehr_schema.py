@@ -9,6 +9,8 @@ travels, so it must hold no patient data. Format (TOML)::
     label = "outcome"             # 0/1, or the values listed in `positive` (and `negative`)
     positive = "died"             # optional: label value(s) meaning 1 (a string or a list)
     negative = ["alive"]          # optional: value(s) meaning 0; without it, every other value is 0
+                                  # either one may be "*other*": every value the other one does not
+                                  # list (positive = "*other*" + negative = ["none"]: all but "none" are 1)
     test-fraction = 0.3           # optional (default 0.3)
 
     [numeric.age]
@@ -30,7 +32,9 @@ An event-sequence schema has ``[events]`` instead of ``[table]`` (exactly one of
     time-range = [0, 2]           # public range of the time feature (years since the first event)
     max-length = 8                # most recent events kept per patient
     label = "outcome"
-    label-source = "events"       # "events" (constant per patient) | "labels-table" (separate file)
+    label-source = "events"       # "events" (constant per patient) | "labels-table" (separate file:
+                                  # labels.csv|parquet beside events.csv in a hospital folder, the
+                                  # node config's `labels`, or `fedcare data check --labels`)
     positive = "died"             # as in [table]
     test-fraction = 0.3
 
@@ -60,6 +64,7 @@ from fedcare.errors import FedcareError
 MISSING_POLICIES = ("error", "impute", "carry-forward")
 TIME_UNITS = {"days": 1 / 365.25, "hours": 1 / (24 * 365.25), "years": 1.0, "datetime": None}
 LABEL_SOURCES = ("events", "labels-table")
+OTHER_VALUES = "*other*"   # positive/negative = "*other*": every label value the other key does not list
 TIME_FEATURE = "years-since-first-event"
 DEFAULT_TEST_FRACTION = 0.3
 
@@ -138,6 +143,7 @@ class EhrSchema:
     categorical: dict[str, CategoricalSpec]
     events: EventSpec | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    other_label: int | None = None   # 1: positive = "*other*" (unlisted values are 1); 0: negative = "*other*"
 
     # -- construction -------------------------------------------------------------------------
 
@@ -279,6 +285,31 @@ def _values(source: str, where: str, key: str, value: Any) -> tuple[str, ...] | 
     return texts
 
 
+def _label_values(source: str, where: str, head: dict) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None,
+                                                                int | None]:
+    """(positive, negative, other_label): the listed label values, and which label every unlisted
+    value takes when one key is "*other*" (it is then None, and the other key must list values)."""
+    raw = {key: head.get(key) for key in ("positive", "negative")}
+    for key, value in raw.items():
+        if isinstance(value, list) and OTHER_VALUES in value:
+            raise _fail(source, where, f"'{key}' lists '{OTHER_VALUES}' among values: '{OTHER_VALUES}' stands alone",
+                        f"write {key} = \"{OTHER_VALUES}\" and list the values of the other label")
+    others = [key for key, value in raw.items() if value == OTHER_VALUES]
+    if len(others) == 2:
+        raise _fail(source, where, f"'positive' and 'negative' cannot both be \"{OTHER_VALUES}\"",
+                    f"list the values of one label, e.g. negative = [\"none\"] with positive = \"{OTHER_VALUES}\"")
+    if others:
+        rest, listed = others[0], "negative" if others[0] == "positive" else "positive"
+        if raw[listed] is None:
+            meaning = "0" if listed == "negative" else "1"
+            raise _fail(source, where, f"{rest} = \"{OTHER_VALUES}\" needs the values that mean {meaning}",
+                        f"add {listed} = [\"<value>\", ...] under {where}")
+        values = _values(source, where, listed, raw[listed])
+        return (None, values, 1) if rest == "positive" else (values, None, 0)
+    return (_values(source, where, "positive", raw["positive"]),
+            _values(source, where, "negative", raw["negative"]), None)
+
+
 def _missing(source: str, where: str, spec: dict, events: bool) -> str:
     policy = spec.get("missing", "error")
     if policy not in MISSING_POLICIES:
@@ -314,9 +345,8 @@ def _parse(data: dict[str, Any], source: str) -> EhrSchema:
                        _EVENTS_KEYS if events_mode else _TABLE_KEYS)
     id_col = _name(source, where, head, "id")
     label = _name(source, where, head, "label")
-    positive = _values(source, where, "positive", head.get("positive"))
-    negative = _values(source, where, "negative", head.get("negative"))
-    if negative is not None and positive is None:
+    positive, negative, other_label = _label_values(source, where, head)
+    if negative is not None and positive is None and other_label is None:
         raise _fail(source, where, "declares 'negative' without 'positive'", "declare positive = \"<value>\" too")
     if positive and negative and set(positive) & set(negative):
         raise _fail(source, where, "lists a value in both 'positive' and 'negative'")
@@ -393,6 +423,7 @@ def _parse(data: dict[str, Any], source: str) -> EhrSchema:
                            "id, label and time must be different columns")
 
     schema = EhrSchema(source=source, id=id_col, label=label, positive=positive, negative=negative,
+                       other_label=other_label,
                        test_fraction=float(fraction), numeric=numeric, categorical=categorical,
                        events=event_spec, raw=data)
     names = schema.feature_names

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import csv
 import re
+from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,7 +108,7 @@ def load_ehr_table(path: Path, schema: EhrSchema, seed: int, *, delimiter: str |
     if schema.events is not None:
         raise FedcareError(f"{schema.source} describes event sequences ([events]), not a patient table",
                            "load it with load_event_sequences, or use a [table] schema")
-    frame = read_frame(path, delimiter)
+    frame = read_frame(path, delimiter, schema.input_columns)
     require_columns(frame, schema.input_columns, path)
     report = DataReport(source=str(path), rows_read=len(frame))
     rows = np.arange(len(frame))
@@ -129,8 +131,13 @@ def load_ehr_table(path: Path, schema: EhrSchema, seed: int, *, delimiter: str |
 # -- reading ------------------------------------------------------------------------------------
 
 
-def read_frame(path: Path, delimiter: str | None = None) -> pd.DataFrame:
-    """The file as a DataFrame: CSV cells as text (NaN = empty), Parquet with its own types."""
+def read_frame(path: Path, delimiter: str | None = None, columns: Collection[str] = ()) -> pd.DataFrame:
+    """The file as a DataFrame: CSV cells as text (NaN = empty), Parquet with its own types.
+
+    ``columns`` are the schema's column names: the only header names an error may quote (a file
+    without its header row has a patient's cells there). A header naming one of them twice is an
+    error; other repeated names are not read, so they are let be.
+    """
     if not path.exists():
         raise FedcareError(f"data file {path} does not exist", "check the data-path in the node config")
     if path.is_dir():
@@ -143,7 +150,7 @@ def read_frame(path: Path, delimiter: str | None = None) -> pd.DataFrame:
     if suffix in PARQUET_SUFFIXES:
         frame = _read_parquet(path)
     else:
-        frame = _read_csv(path, delimiter or ("\t" if suffix == ".tsv" else ","))
+        frame = _read_csv(path, delimiter or ("\t" if suffix == ".tsv" else ","), set(columns))
     if len(frame) == 0:
         raise FedcareError(f"data file {path} has a header but no data rows", "export the table again")
     return frame
@@ -157,16 +164,18 @@ def _read_parquet(path: Path) -> pd.DataFrame:
                            "export it again, or as CSV") from None
 
 
-def _read_csv(path: Path, sep: str) -> pd.DataFrame:
+def _read_csv(path: Path, sep: str, schema_columns: set[str]) -> pd.DataFrame:
     try:
         with path.open(encoding="utf-8-sig", newline="") as handle:
             header = next(csv.reader(handle, delimiter=sep), [])
     except UnicodeDecodeError:
         raise FedcareError(f"{path} is not UTF-8 text", "save it as CSV UTF-8 (Excel: 'CSV UTF-8')") from None
     names = [h.strip() for h in header]
-    dup = sorted({n for n in names if names.count(n) > 1})
+    counts = Counter(names)   # linear: a header may have tens of thousands of names
+    dup = sorted(n for n, k in counts.items() if k > 1 and n in schema_columns)
     if dup:
-        raise FedcareError(f"{path}: the header names column '{dup[0]}' more than once", "give every column one name")
+        raise FedcareError(f"{path}: the header names the schema's column(s) {', '.join(repr(n) for n in dup)} "
+                           "more than once", "give every column one name")
     if len(names) == 1:
         for other, word in _DELIMITERS.items():
             if other != sep and other in names[0]:
@@ -179,21 +188,55 @@ def _read_csv(path: Path, sep: str) -> pd.DataFrame:
     except pd.errors.EmptyDataError:
         raise FedcareError(f"data file {path} holds no header or rows", "export the table again") from None
     except pd.errors.ParserError as exc:
-        detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else "malformed CSV"
-        raise FedcareError(f"{path} is not a well-formed CSV ({detail})",
-                           "every row needs the header's number of fields; quote cells that contain the delimiter")
+        raise FedcareError(f"{path} is not a well-formed CSV ({_parser_detail(exc)})",
+                           "every row needs the header's number of fields; quote cells that contain the "
+                           "delimiter") from None
     except UnicodeDecodeError:
         raise FedcareError(f"{path} is not UTF-8 text", "save it as CSV UTF-8 (Excel: 'CSV UTF-8')") from None
+    if not isinstance(frame.index, pd.RangeIndex):
+        # pandas reads rows with one field more than the header as "first field = row label",
+        # shifting every column by one: refuse rather than train on misaligned columns
+        raise FedcareError(f"{path}: its data rows have more fields than its header ({len(names)} names)",
+                           "the header lacks a column name (or every row ends with an extra delimiter): "
+                           "export the table again with one header name per column")
     frame.columns = [str(c).strip() for c in frame.columns]
     return frame
 
 
+_PARSER_DETAILS = (re.compile(r"Expected \d+ fields in line \d+, saw \d+"),
+                   re.compile(r"EOF inside string starting at row \d+"))
+
+
+def _parser_detail(exc: Exception) -> str:
+    """The part of pandas' parser error that holds only counts and line numbers, never a cell."""
+    for pattern in _PARSER_DETAILS:
+        found = pattern.search(str(exc))
+        if found:
+            return found.group(0)
+    return "malformed CSV"
+
+
 def require_columns(frame: pd.DataFrame, columns: list[str], path: Path) -> None:
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        have = ", ".join(map(str, frame.columns[:30])) + (" ..." if len(frame.columns) > 30 else "")
-        raise FedcareError(f"{path} lacks column(s) {', '.join(repr(c) for c in missing)} that the schema needs; "
-                           f"it has: {have}", "rename the columns to the schema's names, or export them too")
+    """Refuse a file that lacks a schema column, naming only the schema's columns.
+
+    The file's other header names are counted, never shown: in a file without its header row (or
+    with the header on a later line) they are the first patient's cells.
+    """
+    header = {str(c) for c in frame.columns}
+    missing = [c for c in columns if c not in header]
+    if not missing:
+        return
+    found = [c for c in columns if c in header]
+    if not found:
+        raise FedcareError(
+            f"{path}: the first row names none of the schema's columns ({len(frame.columns)} columns; "
+            "its names are not shown: without a header row they are a patient's values)",
+            "the file seems to lack its header row, or the header is not on its first line: export it with "
+            f"one header row naming the schema's columns ({', '.join(repr(c) for c in columns)})")
+    raise FedcareError(
+        f"{path} lacks column(s) {', '.join(repr(c) for c in missing)} that the schema needs; its header has "
+        f"{len(frame.columns)} columns, of the schema's: {', '.join(repr(c) for c in found)} (other names not shown)",
+        "rename the columns to the schema's names, or export them too")
 
 
 # -- encoding -----------------------------------------------------------------------------------
@@ -296,6 +339,9 @@ def encode_labels(text: pd.Series, schema: EhrSchema, path: Path, rows: np.ndarr
                            f"({row_list(rows[absent])})", "every patient needs a label; leave unlabelled patients out")
     values = text.to_numpy(dtype=object)
     distinct = sorted(set(values))
+    if schema.other_label is not None:  # positive or negative = "*other*": every unlisted value takes that label
+        listed = schema.negative if schema.other_label == 1 else schema.positive
+        return np.where(np.isin(values, list(listed)), 1 - schema.other_label, schema.other_label).astype(np.int64)
     if schema.positive is None:
         zero_one = {"0": 0, "1": 1, "false": 0, "true": 1}  # booleans in any case: True, FALSE, ...
         values = np.array([v.casefold() for v in values], dtype=object)

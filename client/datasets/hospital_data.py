@@ -96,22 +96,26 @@ class HospitalData:
         h.update(np.ascontiguousarray(self.y_train, dtype=np.int64).tobytes())
         return h.hexdigest()
 
-    def check_trainable(self, batch_size: int) -> None:
+    def check_trainable(self, batch_size: int, dp: bool = True) -> None:
         """Refuse data that cannot train a model: too few rows or non-finite inputs.
 
         A hospital whose training labels are all one class still helps a federation (real
         Fed-Heart-Disease: Switzerland), so that is not an error here. NaN is allowed only in
         numeric features, where it means "missing" and is imputed by ``prepared``.
+        Under DP-SGD a smaller batch is not offered as the fix: the noise is calibrated per step,
+        so a tiny batch drowns the gradient in it.
         """
         n = len(self.y_train)
         if n == 0:
             raise FedcareError(f"hospital '{self.name}' has no training samples",
                                "point the node at a data folder that holds labelled samples")
         if n < batch_size:
+            hint = (f"too few rows for DP training at batch size {batch_size} (a smaller batch is no fix: "
+                    "DP noise would drown each step): add patients to this hospital's data, or leave it out "
+                    "of this run" if dp else f"lower batch-size to at most {n} (`fedcare simulate --batch-size`, or "
+                    "run-config batch-size), or leave this hospital out")
             raise FedcareError(
-                f"hospital '{self.name}' has {n} training samples, fewer than one batch ({batch_size})",
-                f"lower batch-size to at most {n}, or leave this hospital out",
-            )
+                f"hospital '{self.name}' has {n} training samples, fewer than one batch ({batch_size})", hint)
         x = self.x_train
         if self.task != "image" and self.numeric_features:
             x = np.delete(x, self.numeric_columns(), axis=-1)

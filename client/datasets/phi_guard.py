@@ -1,144 +1,69 @@
 """Find identifying attributes in a DICOM header (PS3.15 Annex E, Basic Confidentiality Profile).
 
 A hospital must not train on images that still carry identity: a model can memorise what it is
-fed, and files get copied. `phi_findings` names the attributes (keywords only, never values) that
-the Basic Application Level Confidentiality Profile (Table E.1-1) removes or blanks and that are
-still present with a non-empty value, at any depth of nested sequences.
+fed, and files get copied. `phi_findings` names the attributes (keywords or tags, never values)
+that the Basic Application Level Confidentiality Profile (Table E.1-1, read from a maintained
+source: see `confidentiality_profile`) removes or blanks and that are still present with a
+non-empty value, at any depth of nested sequences. An empty result means the guard read the whole
+header and found nothing; anything it cannot fully inspect is a finding, never a pass.
 
-What is implemented, and why:
-- The profile's X / Z / D / X/Z/D actions on non-UID attributes: names, IDs, birth data, addresses,
-  telephone numbers, institution, physicians and operators, dates and times, descriptions and
-  comments, device identity, patient characteristics. A dummy value ("ANON", a shifted date) is
-  indistinguishable from a real one to a checker, so any non-empty value is a finding.
-  Type 2 attributes emptied by a de-identifier (zero length) pass.
-- Not UIDs (action U): the profile replaces them with new UIDs, and a replaced UID looks exactly
-  like an original one, so their presence proves nothing. SOP Instance UID must stay (labels
-  may reference it).
-- Private tags (odd groups): the profile removes them all ("private tags").
-- BurnedInAnnotation (0028,0301) "YES" is a finding (text in the pixels); absent is a finding only
-  with `strict=True` (most de-identified exports omit it). RecognizableVisualFeatures "YES" too.
-- Overlays (60xx groups) may hold burned-in style text: present overlay data is a finding.
+What is refused, and why:
+- Every non-UID attribute of Table E.1-1 with a value (actions X, Z, D and their combinations), and
+  the repeating groups Curve Data (50xx) and Overlay Data / Comments (60xx,3000/4000). A dummy
+  value ("ANON", a shifted date) is indistinguishable from a real one to a checker, so any
+  non-empty value is a finding. Type 2 attributes emptied by a de-identifier (zero length) pass.
+- Not UIDs: the profile replaces them, and a replaced UID looks exactly like an original one.
+- Private tags (odd groups) with a value: the profile removes them all; reported as "private tags"
+  unless the "private-tags" option is granted (their content is then not vetted).
+- BurnedInAnnotation (0028,0301) and RecognizableVisualFeatures (0028,0302), wherever present,
+  unless their value is exactly "NO": "YES" means text or a face in the pixels; anything else
+  (empty, misspelt, undecodable) cannot be trusted. An absent BurnedInAnnotation is a finding only
+  with `strict=True` (most de-identified exports omit it).
+- Not inspected, so refused (the finding says "not inspected: ..."): a sequence that cannot be
+  parsed, sequences nested deeper than `MAX_DEPTH`, a text value that cannot be decoded in the
+  declared Specific Character Set (or the default repertoire when none is declared), an unknown
+  Specific Character Set, a large text value not loaded into memory.
 - PatientIdentityRemoved "YES" changes nothing: the flag alone proves nothing.
-- Options of PS3.15 E.3 that a data approval may grant can be passed in `retain`
-  ("patient-characteristics", "dates", "device-identity", "institution-identity",
-  "descriptors", "private-tags"): those groups are then not reported.
+- Options of PS3.15 E.3 that a data approval may grant can be passed in `retain` (see
+  `confidentiality_profile.RETAIN_OPTIONS`): those groups are then not reported.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
-RETAIN_OPTIONS = ("patient-characteristics", "dates", "device-identity", "institution-identity", "descriptors",
-                  "private-tags")
+from client.datasets.confidentiality_profile import RETAIN_OPTIONS, Profile, profile, tag_label
 
-_IDENTITY = """
-PatientName PatientID IssuerOfPatientID OtherPatientIDs OtherPatientIDsSequence OtherPatientNames
-PatientBirthName PatientMotherBirthName PatientBirthDate PatientBirthTime PatientBirthDateInAlternativeCalendar
-PatientDeathDateInAlternativeCalendar PatientAlternativeCalendar PatientAddress PatientTelephoneNumbers
-PatientTelecomInformation PatientInsurancePlanCodeSequence InsurancePlanIdentification MedicalRecordLocator
-MilitaryRank BranchOfService CountryOfResidence RegionOfResidence PatientReligiousPreference
-PatientPrimaryLanguageCodeSequence PatientPrimaryLanguageModifierCodeSequence ResponsiblePerson
-ResponsibleOrganization PatientComments AccessionNumber AdmissionID IssuerOfAdmissionID ServiceEpisodeID
-IssuerOfServiceEpisodeID ServiceEpisodeDescription StudyID StudyIDIssuer RequestedProcedureID
-PerformedProcedureStepID PlacerOrderNumberImagingServiceRequest FillerOrderNumberImagingServiceRequest
-ReferencedPatientSequence ReferencedPatientAliasSequence ReferencedStudySequence
-ReferencedPerformedProcedureStepSequence CurrentPatientLocation PatientInstitutionResidence
-ScheduledPatientInstitutionResidence PatientTransportArrangements Occupation Allergies MedicalAlerts
-AdditionalPatientHistory LastMenstrualDate SpecialNeeds PatientState AdmittingDiagnosesDescription
-AdmittingDiagnosesCodeSequence DischargeDiagnosisDescription ReasonForStudy ReasonForTheRequestedProcedure
-ReasonForTheImagingServiceRequest RequestedProcedureDescription RequestedProcedureComments
-RequestedProcedureLocation ImagingServiceRequestComments OrderEnteredBy OrderEntererLocation
-OrderCallbackPhoneNumber IdentifyingComments ConfidentialityConstraintOnPatientDataDescription
-ReferringPhysicianName ReferringPhysicianAddress ReferringPhysicianTelephoneNumbers
-ReferringPhysicianIdentificationSequence ConsultingPhysicianName ConsultingPhysicianIdentificationSequence
-PerformingPhysicianName PerformingPhysicianIdentificationSequence NameOfPhysiciansReadingStudy
-PhysiciansReadingStudyIdentificationSequence PhysiciansOfRecord PhysiciansOfRecordIdentificationSequence
-RequestingPhysician RequestingService OperatorsName OperatorIdentificationSequence
-ScheduledPerformingPhysicianName ScheduledPerformingPhysicianIdentificationSequence
-NamesOfIntendedRecipientsOfResults IntendedRecipientsOfResultsIdentificationSequence PersonName
-PersonAddress PersonTelephoneNumbers PersonIdentificationCodeSequence HumanPerformerName
-HumanPerformerOrganization ActualHumanPerformersSequence ScheduledHumanPerformersSequence
-VerifyingObserverName VerifyingObserverSequence VerifyingObserverIdentificationCodeSequence
-VerifyingOrganization AuthorObserverSequence ParticipantSequence ContentCreatorName
-ContentCreatorIdentificationCodeSequence PhysicianApprovingInterpretation InterpretationRecorder
-InterpretationTranscriber InterpretationAuthor InterpretationApproverSequence InterpretationIDIssuer
-DistributionName DistributionAddress ResultsIDIssuer ResultsDistributionListSequence TopicAuthor
-ContentSequence AcquisitionContextSequence GraphicAnnotationSequence IconImageSequence
-DigitalSignaturesSequence ReferencedDigitalSignatureSequence ReferencedSOPInstanceMACSequence MAC
-OriginalAttributesSequence ModifiedAttributesSequence TextString TextComments Arbitrary
-PerformedLocation ScheduledProcedureStepLocation ScheduledStudyLocation ScheduledStudyLocationAETitle
-"""
-_CHARACTERISTICS = """
-PatientAge PatientSex PatientSize PatientWeight EthnicGroup PregnancyStatus SmokingStatus PatientSexNeutered
-"""
-_DATES = """
-StudyDate StudyTime SeriesDate SeriesTime AcquisitionDate AcquisitionTime AcquisitionDateTime ContentDate
-ContentTime InstanceCreationDate InstanceCreationTime OverlayDate OverlayTime CurveDate CurveTime
-AdmittingDate AdmittingTime PerformedProcedureStepStartDate PerformedProcedureStepStartTime
-PerformedProcedureStepEndDate PerformedProcedureStepEndTime ScheduledProcedureStepStartDate
-ScheduledProcedureStepStartTime ScheduledProcedureStepEndDate ScheduledProcedureStepEndTime
-DateOfLastCalibration TimeOfLastCalibration TimezoneOffsetFromUTC
-"""
-_DEVICE = """
-DeviceSerialNumber StationName StationAETitle DetectorID GantryID GeneratorID CassetteID PlateID
-SourceSerialNumber SoftwareVersions ModifyingDeviceID ModifyingDeviceManufacturer PerformedStationName
-PerformedStationAETitle PerformedStationNameCodeSequence PerformedStationGeographicLocationCodeSequence
-ScheduledStationName ScheduledStationAETitle ScheduledStationNameCodeSequence
-ScheduledStationGeographicLocationCodeSequence
-"""
-_INSTITUTION = """
-InstitutionName InstitutionAddress InstitutionCodeSequence InstitutionalDepartmentName
-InstitutionalDepartmentTypeCodeSequence
-"""
-_DESCRIPTORS = """
-StudyDescription SeriesDescription ProtocolName AcquisitionComments AcquisitionDeviceProcessingDescription
-AcquisitionProtocolDescription DerivationDescription ImageComments FrameComments ImagePresentationComments
-StudyComments VisitComments PerformedProcedureStepDescription CommentsOnThePerformedProcedureStep
-ScheduledProcedureStepDescription ModifiedImageDescription ContrastBolusAgent PreMedication Impressions
-InterpretationText InterpretationDiagnosisDescription ResultsComments TopicTitle TopicSubject TopicKeywords
-"""
-
-# keyword -> the retain option that exempts it (None: always checked)
-PROFILE: dict[str, str | None] = {
-    **{kw: None for kw in _IDENTITY.split()},
-    **{kw: "patient-characteristics" for kw in _CHARACTERISTICS.split()},
-    **{kw: "dates" for kw in _DATES.split()},
-    **{kw: "device-identity" for kw in _DEVICE.split()},
-    **{kw: "institution-identity" for kw in _INSTITUTION.split()},
-    **{kw: "descriptors" for kw in _DESCRIPTORS.split()},
-}
+__all__ = ["MAX_DEPTH", "RETAIN_OPTIONS", "guard_version", "phi_findings"]
 
 PRIVATE_TAGS = "private tags"
-OVERLAY = "OverlayData"
 BURNED_IN = "BurnedInAnnotation"
 BURNED_IN_ABSENT = "BurnedInAnnotation (absent)"
+NOT_INSPECTED = "not inspected"
+MAX_DEPTH = 32  # nesting levels scanned; deeper content is refused, not skipped
 _BURNED_IN_TAG = 0x00280301
-_RECOGNIZABLE_TAG = 0x00280302
+_ANNOTATION_FLAGS = (0x00280301, 0x00280302)  # BurnedInAnnotation, RecognizableVisualFeatures: must be "NO"
+_CHARSET_TAG = 0x00080005
+_CHARSET_VRS = ("SH", "LO", "ST", "LT", "UC", "UT", "PN")  # values whose bytes depend on the character set
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
-def _profile_tags() -> dict[int, tuple[str, str | None]]:
-    from pydicom.datadict import tag_for_keyword
-
-    tags: dict[int, tuple[str, str | None]] = {}
-    for keyword, option in PROFILE.items():
-        tag = tag_for_keyword(keyword)
-        if tag is None:  # a keyword this pydicom does not know: a typo here, caught by the tests
-            continue
-        tags[int(tag)] = (keyword, option)
-    return tags
+def guard_version() -> str:
+    """Names the rule set (table edition, package version, fedcare rules): part of every cache key of guard results."""
+    return profile().version
 
 
-_TAGS: dict[int, tuple[str, str | None]] | None = None
+class _NotInspected(Exception):
+    """The guard could not read part of the header; the message says what (never a value)."""
 
 
 def phi_findings(ds, strict: bool = False, retain: Iterable[str] = ()) -> list[str]:
-    """Sorted keywords of identifying attributes present in `ds` (values are never returned).
+    """Sorted labels of identifying or uninspectable attributes in `ds` (values are never returned).
 
     `strict` also reports a missing BurnedInAnnotation; `retain` names PS3.15 E.3 options whose
-    attributes an approval allows to keep (see RETAIN_OPTIONS).
+    attributes an approval allows to keep (see RETAIN_OPTIONS). An empty list means the whole
+    header was read and nothing was found.
     """
-    global _TAGS
     retain = set(retain)
     unknown = retain - set(RETAIN_OPTIONS)
     if unknown:
@@ -146,47 +71,134 @@ def phi_findings(ds, strict: bool = False, retain: Iterable[str] = ()) -> list[s
 
         raise FedcareError(f"unknown de-identification option(s): {', '.join(sorted(unknown))}",
                            f"choose from: {', '.join(RETAIN_OPTIONS)}")
-    if _TAGS is None:
-        _TAGS = _profile_tags()
     from client.datasets.dicom_reader import quiet_pydicom
 
+    rules = profile()
     found: set[str] = set()
     with quiet_pydicom():
-        _scan(ds, _TAGS, retain, found, depth=0)
-        burned = _text_value(ds, _BURNED_IN_TAG)
-        recognizable = _text_value(ds, _RECOGNIZABLE_TAG)
-    if burned == "YES":
-        found.add(BURNED_IN)
-    elif burned is None and strict:
-        found.add(BURNED_IN_ABSENT)
-    if recognizable == "YES":
-        found.add("RecognizableVisualFeatures")
+        try:
+            _scan(ds, rules, retain, found, depth=0, encodings=["ascii"])
+        except RecursionError:
+            found.add(f"header ({NOT_INSPECTED}: nested too deeply to parse)")
+        except Exception as exc:  # noqa: BLE001 - whatever stopped the scan, the file was not fully read
+            found.add(f"header ({NOT_INSPECTED}: {type(exc).__name__})")
+        if strict and _BURNED_IN_TAG not in ds:
+            found.add(BURNED_IN_ABSENT)
     return sorted(found)
 
 
-def _scan(ds, tags, retain: set[str], found: set[str], depth: int) -> None:
-    if depth > 32:  # a pathological file; what was seen so far is reported
+def _scan(ds, rules: Profile, retain: set[str], found: set[str], depth: int, encodings: list[str]) -> None:
+    if depth > MAX_DEPTH:
+        found.add(f"sequences nested deeper than {MAX_DEPTH} levels ({NOT_INSPECTED})")
         return
+    if _CHARSET_TAG in ds:
+        encodings = _encodings(ds, found, encodings)
     for tag in list(ds.keys()):
         tag = int(tag)
-        group = tag >> 16
-        if group & 1:
+        if (tag >> 16) & 1:
             if "private-tags" not in retain and not _is_empty(ds, tag):
                 found.add(PRIVATE_TAGS)
             continue
-        if 0x6000 <= group <= 0x601E and (tag & 0xFFFF) in (0x3000, 0x4000):
-            if not _is_empty(ds, tag):
-                found.add(OVERLAY)
+        if tag in _ANNOTATION_FLAGS:
+            _check_flag(ds, tag, found)
             continue
-        entry = tags.get(tag)
-        if entry is not None:
-            keyword, option = entry
+        rule = rules.rule_for(tag)
+        if rule is not None:
+            label, option = rule
             if option not in retain and not _is_empty(ds, tag):
-                found.add(keyword)
+                found.add(label)
             continue
-        items = _sequence_items(ds, tag)
+        try:
+            _check_text(ds, tag, encodings)
+            items = _sequence_items(ds, tag)
+        except _NotInspected as exc:
+            found.add(f"{tag_label(tag)} ({NOT_INSPECTED}: {exc})")
+            continue
         for item in items:
-            _scan(item, tags, retain, found, depth + 1)
+            _scan(item, rules, retain, found, depth + 1, encodings)
+
+
+def _check_flag(ds, tag: int, found: set[str]) -> None:
+    """BurnedInAnnotation / RecognizableVisualFeatures pass only as an explicit "NO"."""
+    label = tag_label(tag)
+    try:
+        value = _raw_bytes(ds, tag)
+        text = value.decode("ascii") if value is not None else str(ds[tag].value or "")
+    except (_NotInspected, UnicodeError, ValueError, TypeError, KeyError):
+        found.add(f"{label} ({NOT_INSPECTED}: value cannot be read)")
+        return
+    text = text.strip(" \x00").upper()
+    if text == "YES":
+        found.add(label)
+    elif text != "NO":
+        found.add(f"{label} (not an explicit NO)")
+
+
+def _encodings(ds, found: set[str], inherited: list[str]) -> list[str]:
+    """Python codecs for this item's Specific Character Set; an unknown or unreadable one is a finding.
+
+    The default repertoire (no set, or ISO_IR 6 alone) is ASCII: pydicom's lenient Latin-1 stand-in
+    would decode anything, so bytes outside ASCII there cannot be trusted.
+    """
+    from pydicom.charset import python_encoding
+
+    try:
+        raw = _raw_bytes(ds, _CHARSET_TAG)
+        if raw is not None:
+            terms = raw.decode("ascii").split("\\")
+        else:
+            value = ds[_CHARSET_TAG].value
+            terms = [value] if isinstance(value, str) else [str(v) for v in value or [""]]
+    except (_NotInspected, UnicodeError, ValueError, TypeError, KeyError):
+        found.add(f"SpecificCharacterSet ({NOT_INSPECTED}: value cannot be read)")
+        return inherited
+    terms = [t.strip(" \x00") for t in terms] or [""]
+    unknown = [t for t in terms if t not in python_encoding]
+    if unknown:
+        found.add(f"SpecificCharacterSet ({NOT_INSPECTED}: unknown character set)")
+        return inherited
+    codecs = [python_encoding[t] for t in terms]
+    return ["ascii"] if codecs == [python_encoding[""]] else codecs
+
+
+def _check_text(ds, tag: int, encodings: list[str]) -> None:
+    """A text value the header stores as bytes must decode in the declared character set."""
+    from pydicom.charset import decode_bytes
+    from pydicom.config import strict_reading
+    from pydicom.datadict import dictionary_VR
+    from pydicom.dataelem import RawDataElement
+    from pydicom.valuerep import PN_DELIMS, TEXT_VR_DELIMS
+
+    elem = ds.get_item(tag)
+    if not isinstance(elem, RawDataElement):
+        return  # already a str in memory: nothing left to decode
+    vr = elem.VR
+    if vr is None:
+        try:
+            vr = dictionary_VR(tag)
+        except KeyError:
+            return  # an unknown public tag in implicit VR: bytes of unknown type, scanned as a sequence if it is one
+    if vr not in _CHARSET_VRS or elem.length == 0:
+        return
+    if elem.value is None:
+        raise _NotInspected("large value not loaded")
+    try:
+        with strict_reading():
+            decode_bytes(elem.value, encodings, PN_DELIMS if vr == "PN" else TEXT_VR_DELIMS)
+    except (UnicodeError, LookupError, ValueError):
+        raise _NotInspected("cannot be decoded in the declared character set") from None
+
+
+def _raw_bytes(ds, tag: int) -> bytes | None:
+    """The stored bytes of an element read from a file; None when it is already a value in memory."""
+    from pydicom.dataelem import RawDataElement
+
+    elem = ds.get_item(tag)
+    if not isinstance(elem, RawDataElement):
+        return None
+    if elem.value is None and elem.length:
+        raise _NotInspected("large value not loaded")
+    return elem.value or b""
 
 
 def _is_empty(ds, tag: int) -> bool:
@@ -215,7 +227,10 @@ def _is_empty(ds, tag: int) -> bool:
 
 
 def _sequence_items(ds, tag: int) -> list:
-    """Items of a sequence element; other elements are not converted (that is most of the cost)."""
+    """Items of a sequence element; other elements are not converted (that is most of the cost).
+
+    A sequence pydicom cannot parse raises _NotInspected: its items may hold anything.
+    """
     from pydicom.datadict import dictionary_VR
     from pydicom.dataelem import RawDataElement
 
@@ -227,26 +242,20 @@ def _sequence_items(ds, tag: int) -> list:
                 vr = dictionary_VR(tag)
             except KeyError:
                 vr = "SQ" if raw.length == _UNDEFINED_LENGTH else None
+        if vr == "UN" and raw.length == _UNDEFINED_LENGTH:
+            vr = "SQ"  # a sequence of an unknown type: pydicom reads it as one, or it cannot be inspected
         if vr != "SQ":
             return []
     try:
         elem = ds[tag]
         if getattr(elem, "VR", None) != "SQ":
+            if isinstance(raw, RawDataElement) and raw.length == _UNDEFINED_LENGTH:
+                raise _NotInspected("undefined-length value that is not a readable sequence")
             return []
         return list(elem.value or [])
-    except Exception:  # noqa: BLE001 - an unreadable sequence: nothing to scan inside
-        return []
-
-
-def _text_value(ds, tag: int) -> str | None:
-    """An enumerated code string (YES/NO) normalised; None when absent or empty."""
-    try:
-        if tag not in ds:
-            return None
-        value = ds[tag].value
-    except Exception:  # noqa: BLE001
-        return None
-    if isinstance(value, bytes):
-        value = value.decode("ascii", "replace")
-    text = str(value or "").strip().upper()
-    return text or None
+    except _NotInspected:
+        raise
+    except RecursionError:
+        raise _NotInspected("sequence nested too deeply to parse") from None
+    except Exception:  # noqa: BLE001 - an unreadable sequence: its items may hold anything
+        raise _NotInspected("sequence cannot be parsed") from None
