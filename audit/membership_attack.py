@@ -274,7 +274,7 @@ class FedcareMLP:
     def last_epsilon(self) -> float | None:
         if self.noise_multiplier is None:
             return None
-        from client.privacy_ledger import epsilon_of
+        from fedcare.dp_accounting import epsilon_of
 
         return epsilon_of(self.last_history, self.delta)
 

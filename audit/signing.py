@@ -17,6 +17,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from fedcare.atomic_files import replace_file
 from fedcare.errors import FedcareError
 
 
@@ -36,13 +37,7 @@ def load_or_create_key(path: str | Path) -> Ed25519PrivateKey:
                 key = Ed25519PrivateKey.generate()
                 pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                         serialization.NoEncryption())
-                tmp = path.with_name(path.name + ".tmp")
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(pem)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(tmp, path)
+                replace_file(path, pem)   # 0600
                 return key
             data = path.read_bytes()
     except OSError as exc:

@@ -287,47 +287,11 @@ def _check_keys(entries: list[Entry], report: VerifyReport, trusted: Mapping[str
 
 
 # ---- 4: epsilon ------------------------------------------------------------------------------------
-class _Replay:
-    """Opacus's RDP accounting, replayed incrementally: what ``RDPAccountant`` computes for a history.
-
-    ``RDPAccountant.get_privacy_spent`` sums ``compute_rdp(q, sigma, steps, orders)`` over its
-    history and converts with ``analysis.rdp.get_privacy_spent``; RDP is linear in steps, so the
-    per-step vector of each (sigma, q) is computed once and scaled. The orders are fedcare's
-    privacy-ledger orders (Opacus's default stops at 63, too low for small epsilons).
-    """
-
-    _per_step: dict[tuple[float, float], Any] = {}
-
-    def __init__(self) -> None:
-        from client.privacy_ledger import ALPHAS
-
-        self.orders = list(ALPHAS)
-        self.rdp: Any = 0.0
-        self.empty = True
-
-    def add(self, sigma: float, q: float, steps: int) -> None:
-        from opacus.accountants.analysis.rdp import compute_rdp
-
-        if steps <= 0:
-            return
-        key = (float(sigma), float(q))
-        if key not in self._per_step:
-            self._per_step[key] = compute_rdp(q=key[1], noise_multiplier=key[0], steps=1, orders=self.orders)
-        self.rdp = self.rdp + self._per_step[key] * int(steps)
-        self.empty = False
-
-    def epsilon(self, delta: float) -> float:
-        from opacus.accountants.analysis.rdp import get_privacy_spent
-
-        return 0.0 if self.empty else float(get_privacy_spent(orders=self.orders, rdp=self.rdp, delta=delta)[0])
-
-
 def _epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
-    """Epsilon of an accountant ``history`` at ``delta`` (see ``_Replay``)."""
-    replay = _Replay()
-    for sigma, q, steps in history:
-        replay.add(sigma, q, steps)
-    return replay.epsilon(delta)
+    """Epsilon of an accountant ``history`` at ``delta``: the ledger's own computation."""
+    from fedcare.dp_accounting import epsilon_of   # opacus (and torch) only when epsilons are checked
+
+    return epsilon_of(history, delta)
 
 
 def _close(a: float, b: float) -> bool:
@@ -341,6 +305,8 @@ def _ordered(group: list[Entry]) -> list[Entry]:
 
 
 def _replay_epsilon(node: list[Entry], report: VerifyReport) -> None:
+    from fedcare.dp_accounting import RdpComposition   # opacus (and torch) only when epsilons are checked
+
     groups: dict[tuple[str, str], list[Entry]] = defaultdict(list)
     for e in node:
         view = report.hospitals.setdefault(e.actor, HospitalView(e.actor, e.pubkey))
@@ -356,7 +322,7 @@ def _replay_epsilon(node: list[Entry], report: VerifyReport) -> None:
             view.unmasks += 1
     for (actor, key), group in groups.items():
         view = report.hospitals[actor]
-        replay = _Replay()
+        replay = RdpComposition()   # Opacus's RDP accountant, composed release by release
         delta: float | None = None
         budget: float | None = None
         no_dp = 0

@@ -64,13 +64,13 @@ sys.path.insert(0, str(ROOT))
 from bench.markdown_report import replace_section  # noqa: E402
 from fedcare.deploy_pki import init_deployment  # noqa: E402
 from fedcare.fab_approval import approve_digest, fab_digest  # noqa: E402
-from fedcare.flower_latency import build_fab  # noqa: E402
+from fedcare.compat.flower import build_fab  # noqa: E402
 from fedcare.node_settings import load_node_settings  # noqa: E402
 from simulation.environment import SAFE_ENVIRONMENT  # noqa: E402
 
 BIN = Path(sys.executable).parent
 HOSPITALS = ["cleveland", "hungary", "switzerland", "va-long-beach"]
-HEADING = "## Deployment round overhead (issue 5)"
+HEADING = "### Deployment: round overhead with a real SuperLink and SuperNodes"
 STAGES = ("pickup", "download", "start", "handler", "training", "return", "upload", "reply-poll", "server")
 EXCHANGES = ("train", "query.secagg_unmask")
 FINAL_EXCHANGE = "evaluate"  # once per run, after the last round: the final model's evaluation
@@ -420,7 +420,7 @@ def where_it_goes(analyses: list[dict]) -> list[str]:
              "record shared by all nodes, and its reply 3; an unmask message and its reply 3 each). At the SuperLink each request costs its FastAPI middleware stack "
              "(~4.4 ms of SuperLink CPU for a bare /health request here) plus, with a `--database`, the SQLAlchemy "
              "queries on its SQLite state (node-key lookup, run status, message and object rows), which cost "
-             "more than the rest (see docs/benchmarks.md); the SuperLink process alone used "
+             "more than the rest; the SuperLink process alone used "
              f"{a['superlink_cpu_per_round']:.1f} CPU-s a round, so requests queue behind each other.",
              f"- {med['pickup']:.1f} s until nodes noticed a new message (polling, 50 ms after their last message "
              "backing off to `poll-interval`).",

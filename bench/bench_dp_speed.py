@@ -55,8 +55,8 @@ from client.per_sample_clipping import PerSampleClipper  # noqa: E402
 from client.secret_randomness import SecretRandom  # noqa: E402
 from shared_models.registry import build_model  # noqa: E402
 
-HEADING = "## DP-SGD step time and memory vs plain SGD (issue 7)"
-GPU_HEADING = "## DP-SGD step time and memory vs plain SGD on a GPU (issue 7)"
+HEADING = "### DP-SGD step time and memory against plain SGD on a CPU"
+GPU_HEADING = "### DP-SGD step time and memory against plain SGD on a GPU"
 DEVICE = torch.device("cpu")  # set once by main(); every model and batch is placed on it
 MODES = ("plain", "fedcare", "fedcare hardened", "fedcare torch noise", "opacus hooks", "opacus ghost")
 
@@ -387,7 +387,7 @@ def report(rows: list, args: argparse.Namespace) -> str:
         "clip norm 1. fedcare's noise and batches come from the hospital's secret stream (AES-256-CTR keyed "
         "from OS entropy); \"hardened noise\" is the policy option `hardened-noise = true` (Opacus's "
         "secure-mode Gaussian: four float64 draws per value); \"torch noise\" is the same step with its noise from "
-        "torch's default generator (not private: what the noise cost before), so the secret stream's cost is "
+        "torch's default generator (not private; shown to price the secret stream), so the secret stream's cost is "
         "the ratio of the two fedcare columns (best of, and median of the per-repetition ratios). Ratios are to the plain step of the same "
         "architecture on the same batch; for the GRU, plain is PyTorch's fused `nn.GRU`. The last column shows "
         "the median of the per-repetition fedcare ratios, i.e. how much the machine's load moved them.",

@@ -47,8 +47,8 @@ from fedcare.run_config import RunSettings  # noqa: E402
 from server.federation_loop import run_federation  # noqa: E402
 
 RUN_ID = 7
-SECTION = "Fed-Heart-Disease: where DP-SGD loses accuracy (issue 2)"
-SWEEP_SECTION = "Fed-Heart-Disease: DP-SGD at epsilon 1 against its training settings (issue 2)"
+HEADING = "### Fed-Heart-Disease: where DP-SGD loses accuracy"
+SWEEP_HEADING = "### Fed-Heart-Disease: DP-SGD at epsilon 1 against its training settings"
 # one change from the defaults per row (RunSettings field -> value)
 SWEEP = [{}, {"learning_rate": 0.2}, {"learning_rate": 0.5}, {"batch_size": 15}, {"batch_size": 60},
          {"num_rounds": 10}, {"num_rounds": 25}, {"local_epochs": 2}, {"max_grad_norm": 0.5},
@@ -133,7 +133,7 @@ def main() -> None:
     if args.weight_decay is not None:
         command += f" --weight-decay {args.weight_decay:g}"
     lines = [
-        f"## {SECTION}", "",
+        HEADING, "",
         f"Measured {date.today()} on {platform.machine()}, {platform.system()}; the coordinator's round loop and the real "
         f"ClientApp in one process (plain aggregation), defaults (15 rounds x 1 epoch, batch 30, learning rate 0.3, "
         f"weight decay {settings.get('weight_decay', RunSettings().weight_decay):g}, delta 1e-4), seeds "
@@ -144,7 +144,7 @@ def main() -> None:
     ]
     print("\n".join(lines))
     if args.write:
-        replace_section(args.write, f"## {SECTION}", "\n".join(lines))
+        replace_section(args.write, HEADING, "\n".join(lines))
 
 
 def sweep(seeds: int, write: Path | None) -> None:
@@ -156,18 +156,18 @@ def sweep(seeds: int, write: Path | None) -> None:
         rows.append((label, statistics.mean(accs), statistics.pstdev(accs)))
         print(f"{label:30s} {rows[-1][1]:.3f} ± {rows[-1][2]:.3f}", flush=True)
     lines = [
-        f"## {SWEEP_SECTION}", "",
-        f"Measured {date.today()} on {platform.machine()}, {platform.system()}; same loop as the section above, "
+        SWEEP_HEADING, "",
+        f"Measured {date.today()} on {platform.machine()}, {platform.system()}; same loop as the ablation above, "
         f"DP-SGD at epsilon 1 (delta 1e-4, statistics round included), defaults (15 rounds x 1 epoch, batch 30, "
         f"learning rate 0.3, clip norm 1, weight decay {RunSettings().weight_decay:g}) with one setting changed per "
-        f"row, seeds 0..{seeds - 1}. Pooled test accuracy, mean ± std over seeds. The epsilon-1 bar is 0.785. Command:",
+        f"row, seeds 0..{seeds - 1}. Pooled test accuracy, mean ± std over seeds. Target at epsilon 1: 0.785. Command:",
         "", f"    .venv/bin/python bench/bench_heart_dp_ablation.py --sweep --seeds {seeds} --write docs/benchmarks.md",
         "", "| change from the defaults | pooled acc at epsilon 1 |", "|---|---|",
         *[f"| {label} | {mean:.3f} ± {std:.3f} |" for label, mean, std in rows], "",
     ]
     print("\n".join(lines))
     if write:
-        replace_section(write, f"## {SWEEP_SECTION}", "\n".join(lines))
+        replace_section(write, SWEEP_HEADING, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ from bench.markdown_report import replace_section  # noqa: E402
 BAR_1M = 2.0   # secure round / plain round at ~1M parameters
 BAR_4M = 1.8   # ... at ~4M parameters
 
+HEADING = "### Secure aggregation: round time and bytes against plain aggregation"
+
 
 def write_hospitals(root: Path, n: int, seed: int = 0) -> None:
     """n hospital folders (table.csv + schema.toml) from the breast-cancer table."""
@@ -82,7 +84,7 @@ def wire_bytes(params: int, n_nodes: int) -> tuple[int, int]:
     from flwr.app import Array, ArrayRecord, ConfigRecord
     from flwr.common.serde import array_record_to_proto, config_record_to_proto
 
-    from secure_aggregation import inprocess
+    from bench import secagg_setup
     from secure_aggregation.identity import SimulatedConsortium
     from secure_aggregation.quantization import Quantizer
     from secure_aggregation.records import flatten, pack_vector
@@ -93,7 +95,7 @@ def wire_bytes(params: int, n_nodes: int) -> tuple[int, int]:
     try:
         nodes = list(range(1, n_nodes + 1))
         t, k = graph_parameters(n_nodes)
-        fed = inprocess.setup(state, 1, t, k, nodes, params + 1, SimulatedConsortium(os.urandom(32)))
+        fed = secagg_setup.setup(state, 1, t, k, nodes, params + 1, SimulatedConsortium(os.urandom(32)))
         requests = fed.server.start_round(1)
         node = fed.node(nodes[0])
         node.receive_keys(1, requests[nodes[0]]["peers"])
@@ -148,7 +150,7 @@ def main() -> None:
         lines.append(f"| {params:,} | {p:.2f} | {s:.2f} | {s / p:.2f}x | {bp:,} | {bs:,} | {bs / bp:.2f}x | "
                      f"{ap:.3f} | {as_:.3f} |")
     text = "\n".join([
-        "## Secure vs plain aggregation",
+        HEADING,
         "",
         f"Measured {date.today().isoformat()} on {platform.machine()}, {_cores()} cores, Flower Simulation Engine, "
         f"{args.hospitals} hospitals (ehr-table layout from the breast-cancer table), MLP, no DP, "
@@ -172,7 +174,7 @@ def main() -> None:
     ])
     print(text)
     if args.write:
-        replace_section(args.write, "## Secure vs plain aggregation", text)
+        replace_section(args.write, HEADING, text)
 
 
 def bar_lines(rows: list[tuple]) -> list[str]:

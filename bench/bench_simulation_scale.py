@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.markdown_report import replace_section  # noqa: E402
 
-SECTION = "## Simulation scale: secure and plain aggregation against the number of hospitals"
+HEADING = "### Scale: simulation with secure and plain aggregation against the number of hospitals"
 SECURE_BAR = 1.5    # secure round / plain round at 100 hospitals
 ROLES = ("driver", "ray workers", "ray daemons")
 
@@ -336,7 +336,7 @@ def notes(record: dict) -> list[str]:
                    f"(target <= {SECURE_BAR:g}x: {'met' if ratio <= SECURE_BAR else '**not met**'}). From 100 "
                    "hospitals on, every hospital masks with and deals shares to its SecAgg+ neighbourhood "
                    "only (`server.secure_rounds.graph_parameters`), so its work grows with the neighbourhood, "
-                   "not with N; the protocol's own cost is in the next section.")
+                   "not with N; the protocol's own cost is under Secure aggregation.")
     paired = [(r, _plain_of(r, runs)) for r in secure if _plain_of(r, runs) is not None]
     if len(paired) >= 2:
         from server.secure_rounds import graph_parameters
@@ -385,7 +385,7 @@ def section(record: dict) -> str:
                + " ".join(map(str, record["hospitals"])) + f" --plain-up-to {record['plain_up_to']}"
                + f" --rounds {record['rounds']} --write docs/benchmarks.md")
     return "\n".join([
-        SECTION, "",
+        HEADING, "",
         f"Measured {record['date']} on {record['machine']}, {record['cpus']} CPU cores shared with other work "
         "(load average in the table), no GPU. One real `fedcare simulate` subprocess per row on `synthetic-table` "
         "hospitals (`fedcare data prepare synthetic-table DIR --hospitals N`, then `--dataset ehr-table "
@@ -427,7 +427,7 @@ def main() -> None:
     text = section(record)
     print(text)
     if args.write:
-        replace_section(args.write, SECTION.split(":")[0], text)
+        replace_section(args.write, HEADING, text)
 
 
 if __name__ == "__main__":

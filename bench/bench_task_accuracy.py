@@ -25,6 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.markdown_report import replace_section  # noqa: E402
 
+HEADING = "### Sequence and imaging tasks"
+
 TASKS = {"pbc2": "PBC2 longitudinal labs, 3 hospitals, DP GRU (preset: epsilon 3)",
          "synthetic-imaging": "synthetic DICOM, 4 scanners, DP CNN (preset: epsilon 8)"}
 
@@ -57,7 +59,7 @@ def main() -> None:
                 print(f"{dataset} seed {seed}: pooled fed acc {table['pooled']['fed']['accuracy']:.3f} "
                       f"({sec:.0f} s)", flush=True)
             names = [r["name"] for r in tables[0]["hospitals"]] + ["pooled"]
-            lines = [f"### {title}", "",
+            lines = [f"#### {title}", "",
                      "| hospital | train | test | fed acc | fed AUC | local acc | local AUC | pooled-trained acc | "
                      "pooled-trained AUC | epsilon spent |", "|" + "---|" * 10]
             for name in names:
@@ -78,7 +80,7 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     text = "\n".join([
-        "## Sequence and imaging tasks (issue 3)",
+        HEADING,
         "",
         f"Measured {date.today().isoformat()} on {platform.machine()}, {os.cpu_count()} cores, real Simulation "
         f"Engine runs with each dataset's preset and secure aggregation on; mean ± std over {args.seeds} seeds. "
@@ -91,7 +93,7 @@ def main() -> None:
     ])
     print(text)
     if args.write:
-        replace_section(args.write, "## Sequence and imaging tasks", text)
+        replace_section(args.write, HEADING, text)
 
 
 if __name__ == "__main__":

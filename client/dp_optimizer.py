@@ -14,15 +14,29 @@ per-parameter draws -- added to that tensor in place and averaged in one operati
 The noise never comes from a torch generator: it is drawn from the hospital's secret stream
 (``client/secret_randomness.py``: OS entropy, AES-256-CTR, Opacus's secure-mode Gaussian), so no
 seed the coordinator knows reproduces it.
+
+The Opacus internals this relies on are in ``fedcare/compat/opacus.py``, verified on Opacus 1.6.0;
+``make_dp_optimizer`` builds this optimizer there and Opacus's public one on any other version.
 """
 
 from __future__ import annotations
 
 import torch
 from opacus.optimizers import DPOptimizerFastGradientClipping
-from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
 from client.secret_randomness import SecretRandom
+from fedcare.compat import opacus as opacus_compat
+from fedcare.compat.opacus import check_processed_flag, mark_as_processed
+
+
+def make_dp_optimizer(optimizer: torch.optim.Optimizer, *, noise: SecretRandom,
+                      **kwargs) -> DPOptimizerFastGradientClipping:
+    """The DP optimizer for ``PerSampleClipper``'s clipped sums: ``ClippedSumDPOptimizer`` on the verified
+    Opacus, Opacus's public ``DPOptimizerFastGradientClipping`` step on any other (one warning), both
+    with noise from ``noise``. ``kwargs``: Opacus's (noise_multiplier, max_grad_norm, ...)."""
+    if opacus_compat.opacus_verified():
+        return ClippedSumDPOptimizer(optimizer, noise=noise, **kwargs)
+    return opacus_compat.public_dp_optimizer(optimizer, noise=noise, **kwargs)
 
 
 class ClippedSumDPOptimizer(DPOptimizerFastGradientClipping):
@@ -34,6 +48,7 @@ class ClippedSumDPOptimizer(DPOptimizerFastGradientClipping):
     _noisy_flat: torch.Tensor | None = None  # this step's noisy gradients, when they share one tensor
 
     def __init__(self, *args, noise: SecretRandom | None = None, **kwargs) -> None:
+        opacus_compat.require_verified("ClippedSumDPOptimizer")
         super().__init__(*args, **kwargs)
         self.noise = noise if noise is not None else SecretRandom()
 
@@ -44,7 +59,7 @@ class ClippedSumDPOptimizer(DPOptimizerFastGradientClipping):
         if not set_to_none:
             super().zero_grad(set_to_none)
             return
-        keep_sums = self._is_last_step_skipped
+        keep_sums = opacus_compat.last_step_skipped(self)
         for p in self.params:
             if not keep_sums:
                 p.summed_grad = None
@@ -59,23 +74,23 @@ class ClippedSumDPOptimizer(DPOptimizerFastGradientClipping):
 
     def add_noise(self) -> None:
         params = self.params
-        sigma = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
+        sigma = opacus_compat.noise_multiplier_in_use(self)
         std = sigma * self.max_grad_norm
         flat = _shared_flat([p.summed_grad for p in params])
         if flat is None:  # Opacus's per-parameter loop, with the secret noise
             self._noisy_flat = None
             for p in params:
-                _check_processed_flag(p.summed_grad)
+                check_processed_flag(p.summed_grad)
                 p.grad = (p.summed_grad + self.noise.gaussian_like(p.summed_grad, std)).view_as(p)
-                _mark_as_processed(p.summed_grad)
+                mark_as_processed(p.summed_grad)
             return
-        _check_processed_flag(flat)  # Opacus's reuse check, on the buffer all the gradients share
+        check_processed_flag(flat)  # Opacus's reuse check, on the buffer all the gradients share
         if std > 0:  # in place: the clipped sums are this step's own buffer, nothing else reads them
             self.noise.add_gaussian_(flat, std)
         for p in params:
             if p.grad is not p.summed_grad:
                 p.grad = p.summed_grad
-        _mark_as_processed(flat)
+        mark_as_processed(flat)
         self._noisy_flat = flat
 
     def scale_grad(self) -> None:

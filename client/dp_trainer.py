@@ -130,12 +130,12 @@ def _make_private(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.T
     (``client/per_sample_clipping.py``)."""
     from opacus.accountants import RDPAccountant  # Opacus loads only where DP training runs
 
-    from client.dp_optimizer import ClippedSumDPOptimizer
+    from client.dp_optimizer import make_dp_optimizer
 
     steps = dp.steps_per_epoch if dp.steps_per_epoch is not None else steps_per_epoch(len(y), batch_size)
     sample_rate = dp.sample_rate if dp.sample_rate is not None else 1 / steps
     expected_batch_size = int(len(y) * sample_rate)
-    private_optimizer = ClippedSumDPOptimizer(
+    private_optimizer = make_dp_optimizer(
         optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
         expected_batch_size=expected_batch_size, loss_reduction="mean", noise=rng,
     )

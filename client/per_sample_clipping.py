@@ -24,11 +24,14 @@ gate pre-activations of every time step, one tensor), and the hidden map's outpu
 derived from those: for the r and z gates they are the same values, for the candidate gate they
 are scaled by r, recomputed over all steps in one product. So no gradient is kept per time step
 and call, and the hidden map's inputs are the only per-step record.
+
+The torch internals used for speed (autograd's engine, gradient edges built directly, reference
+counts for buffer reuse) are in ``fedcare/compat/torch.py``, verified on torch 2.13.x; on any other
+torch their public equivalents run instead.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,13 +39,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.autograd.graph import GradientEdge
 
+from fedcare.compat.torch import clipping_internals
 from fedcare.errors import FedcareError
 from shared_models.sequence_gru import GRUGates
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d, nn.GroupNorm, GRUGates)
-_AUTOGRAD_ENGINE = torch.autograd.Variable._execution_engine  # the engine torch.autograd.grad runs
 
 
 @dataclass(slots=True)
@@ -67,6 +70,7 @@ class PerSampleClipper:
         if max_grad_norm <= 0:
             raise FedcareError(f"max_grad_norm must be > 0, got {max_grad_norm}")
         self.max_grad_norm = float(max_grad_norm)
+        self._torch = clipping_internals()   # torch's internals, or their public equivalents on another torch
         self.layers: list[tuple[nn.Module, _Rule]] = []
         covered: set[int] = set()
         inside: set[int] = set()  # the parts of a composite layer, recorded for it
@@ -141,6 +145,7 @@ class PerSampleClipper:
 
     def _recorder(self, module: nn.Module) -> Callable[..., torch.Tensor]:
         forward = module.forward
+        edge = self._torch.edge
 
         def recorded(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             output = forward(x, *args, **kwargs)
@@ -149,7 +154,7 @@ class PerSampleClipper:
                 record.inputs.append(x)  # read under no_grad only
                 if not record.inputs_only:
                     # the output's place in the graph, not the output: nothing keeps its values alive
-                    record.outputs.append(_edge(output) if output.requires_grad else None)
+                    record.outputs.append(edge(output) if output.requires_grad else None)
             return output
         return recorded
 
@@ -169,7 +174,7 @@ class PerSampleClipper:
             self.last_norms = torch.zeros(0)
             return self.last_norms
         wanted = [(r, i, o) for r in records.values() for i, o in enumerate(r.outputs) if o is not None]
-        grads = _grads_to(loss, tuple(o for _, _, o in wanted)) if wanted else ()
+        grads = self._torch.grads_to(loss, tuple(o for _, _, o in wanted)) if wanted else ()
         for r in records.values():
             r.grads = [None] * len(r.outputs)
             r.outputs = []
@@ -204,9 +209,10 @@ class PerSampleClipper:
         value is rewritten, and building the views costs as much as a small layer. While anything
         else still holds last step's gradients, a fresh buffer is made instead.
         """
-        if self._buffer is not None:
+        reference_counts = self._torch.reference_counts   # None: no reuse (another torch)
+        if self._buffer is not None and reference_counts is not None:
             flat, views, out, free = self._buffer
-            if _reference_counts(flat, views) == free:
+            if reference_counts(flat, views) == free:
                 for used in (flat, *views):  # Opacus's used-once mark of last step's gradients
                     used.__dict__.pop("_processed", None)
                 return flat, views, out
@@ -218,28 +224,9 @@ class PerSampleClipper:
         free: list[int] = []
         self._buffer = (flat, views, out, free)
         # counted with the same bindings as in the check above, so equal means: nothing else refers
-        free.extend(_reference_counts(flat, views))
+        if reference_counts is not None:
+            free.extend(reference_counts(flat, views))
         return flat, views, out
-
-
-def _reference_counts(flat: torch.Tensor, views: list[torch.Tensor]) -> list[int]:
-    return [sys.getrefcount(flat), *(sys.getrefcount(v) for v in views)]
-
-
-def _grads_to(loss: torch.Tensor, outputs: tuple[GradientEdge, ...]) -> tuple[torch.Tensor | None, ...]:
-    """``torch.autograd.grad(loss, outputs, allow_unused=True)`` for a scalar loss, called on
-    autograd's engine directly: the wrapper's argument handling costs ~50 us a call on a CPU,
-    a tenth of a small tabular model's whole step."""
-    return _AUTOGRAD_ENGINE.run_backward((loss,), (torch.ones_like(loss),), False, False, outputs, True, False)
-
-
-def _edge(output: torch.Tensor) -> GradientEdge:
-    """``get_gradient_edge(output)`` for a layer's output, built directly where autograd's own
-    node keeps the graph alive (what ``get_gradient_edge`` checks costs a small layer's time)."""
-    node = output.grad_fn
-    if node is None or isinstance(node, torch._C._FunctionBase):
-        return get_gradient_edge(output)
-    return GradientEdge(node, output.output_nr)
 
 
 # Writes a layer's clipped sum into its gradient views, given the clip factors as (B,) and (B, 1).

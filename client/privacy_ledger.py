@@ -18,13 +18,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import functools
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -34,45 +31,16 @@ from typing import Any, Iterator
 import numpy as np
 from opacus.accountants.analysis import rdp as privacy_analysis
 
+from fedcare.atomic_files import replace_file
+from fedcare.dp_accounting import ALPHAS, Entry, RdpComposition, epsilon_of, rdp_of, rdp_per_step
 from fedcare.errors import BudgetExhausted, FedcareError
 
 LEDGER_VERSION = 2
-# RDP orders searched for the tightest conversion; Opacus's default stops at 63, which is not
-# enough for the small epsilons hospitals ask for (the optimum sits beyond it).
-ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [80, 96, 128, 192, 256, 384, 512]
 MAX_NOISE_MULTIPLIER = 1e4
 _EPS_TOLERANCE = 1e-9
 # How far a run's remaining rounds may sit above its target before the hospital re-plans them: the
 # calibration's own tolerance plus the rounding of summing the same RDP in another order.
 _PLAN_TOLERANCE = 1e-8
-
-Entry = tuple[float, float, int]  # (noise multiplier, sample rate, steps)
-
-
-def epsilon_of(history: list[Entry], delta: float) -> float:
-    """Epsilon of a composition of sampled-Gaussian releases, by Opacus's RDP accountant.
-
-    The same arithmetic as ``RDPAccountant.get_epsilon(delta, alphas=ALPHAS)`` (bit for bit:
-    tested), with each (sample rate, noise) pair's per-step RDP computed once per process.
-    """
-    if not history:
-        return 0.0
-    eps, _ = privacy_analysis.get_privacy_spent(orders=ALPHAS, rdp=_rdp(history), delta=delta)
-    return float(eps)
-
-
-@functools.lru_cache(maxsize=4096)
-def _rdp_per_step(q: float, sigma: float) -> np.ndarray:
-    """One step's RDP at every order in ALPHAS (Opacus's ``compute_rdp`` with steps=1)."""
-    rdp = privacy_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=ALPHAS)
-    rdp.setflags(write=False)
-    return rdp
-
-
-def _rdp(history: list[Entry]) -> np.ndarray:
-    """RDP of the composition, summed in history order as ``RDPAccountant`` sums it."""
-    return sum([_rdp_per_step(float(q), float(s)) * int(k) for s, q, k in history])
-
 
 def calibrate_noise(prefix: list[Entry], release: tuple[float, int], delta: float, target: float) -> float:
     """Smallest noise multiplier for ``release=(sample rate, steps)`` after ``prefix`` stays <= target.
@@ -88,7 +56,7 @@ def calibrate_noise(prefix: list[Entry], release: tuple[float, int], delta: floa
     q, steps = release
     if epsilon_of(prefix, delta) >= target:
         raise ValueError("nothing left to spend")
-    spent = _rdp(prefix) if prefix else np.zeros(len(ALPHAS))
+    spent = rdp_of(prefix)
     everything = list(range(len(ALPHAS)))
     hi = 1.0
     while (found := _epsilon_with(spent, q, steps, hi, delta, everything[::6]))[0] > target:
@@ -124,7 +92,7 @@ def _epsilon_with(spent: np.ndarray, q: float, steps: int, sigma: float, delta: 
     """(epsilon, best order) of ``spent`` plus ``steps`` releases at ``sigma``, over some orders."""
     chosen = [ALPHAS[i] for i in orders]
     if len(chosen) == len(ALPHAS):
-        rdp = spent + _rdp_per_step(float(q), float(sigma)) * int(steps)
+        rdp = spent + rdp_per_step(float(q), float(sigma)) * int(steps)
     else:
         rdp = spent[orders] + privacy_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=chosen)
     with warnings.catch_warnings():
@@ -143,7 +111,7 @@ def _stats_noise(prefix: list[Entry], release: tuple[float, int], delta: float, 
     """
     q, steps = release
     sigma0 = calibrate_noise(prefix, release, delta, target)
-    _, alpha = privacy_analysis.get_privacy_spent(orders=ALPHAS, rdp=_rdp(prefix + [(sigma0, q, steps)]), delta=delta)
+    _, alpha = RdpComposition(prefix + [(sigma0, q, steps)]).epsilon_and_order(delta)
     rdp_train = float(privacy_analysis.compute_rdp(q=q, noise_multiplier=sigma0, steps=steps, orders=[alpha])[0])
     # A Gaussian release with sensitivity 1 has RDP alpha / (2 sigma^2).
     return math.sqrt(alpha * (1 - fraction) / (2 * fraction * rdp_train))
@@ -445,9 +413,4 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    replace_file(path, json.dumps(data, indent=1))

@@ -102,7 +102,7 @@ def fab(
     out: Optional[Path] = typer.Option(None, "--out", help="also write the FAB here (e.g. app.fab), for hospitals"),
 ) -> None:
     """Build the FAB exactly as `flwr run APP_DIR` would; print its digest and files for hospitals to approve."""
-    from fedcare.flower_latency import build_fab
+    from fedcare.compat.flower import build_fab
 
     try:
         fab_bytes, note = build_fab(app_dir)

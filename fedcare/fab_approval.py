@@ -6,7 +6,7 @@ install and import whatever that is. A hospital therefore names the FABs it acce
 private state folder, written by ``fedcare node approve``) and/or as digests given to
 ``fedcare.node_launcher --approve``. The node's ClientApp executor calls ``FabPolicy.check`` on the
 task's FAB bytes after they are pulled and before anything is installed or imported
-(``fedcare.flower_latency.guard_fab_install``); a refusal becomes Flower's Error reply, so the
+(``fedcare.compat.flower.guard_fab_install``); a refusal becomes Flower's Error reply, so the
 coordinator reads the digest and the approving command.
 
 Even an approved FAB must carry code only: ``*.py``, the root ``pyproject.toml`` and Flower's
@@ -37,8 +37,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from fedcare.atomic_files import replace_file
 from fedcare.errors import FedcareError
-from fedcare.private_files import replace_private
 
 STORE_NAME = "approved-fabs.json"       # in the hospital's state folder (default: its ledger-dir)
 STORE_FORMAT = "fedcare-approved-fabs/1"
@@ -197,7 +197,7 @@ def approve_digest(store: Path, digest: str, source: str, files: Iterable[str] =
         record = Approval(digest, dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                           approved_by or f"{getpass.getuser()}@{socket.gethostname()}", source, app, list(files))
         doc = {"format": STORE_FORMAT, "approvals": [asdict(a) for a in [*approvals, record]]}
-        replace_private(store, (json.dumps(doc, indent=2) + "\n").encode(), sync_folder=True)
+        replace_file(store, json.dumps(doc, indent=2) + "\n", sync_folder=True)
         return record
     finally:
         os.close(lock)

@@ -10,7 +10,9 @@ decide which FABs the node runs:
     its own) and starts `fedcare.warm_clientapp` as this node's executor: still one process per
     message, but forked from a process that imported torch/opacus/pandas once, instead of a cold
     `flwr-clientapp` per message (5-15 s of imports on a 2-core machine). Without it (and without
-    `--allow-any-fab`) the same executor runs with `--cold`.
+    `--allow-any-fab`) the same executor runs with `--cold`. The executor stands in for Flower's
+    `flower-superexec` through Flower internals verified on Flower 1.41.0 only: on any other Flower
+    the node runs Flower's own executor (a fresh `flwr-clientapp` per message) and says so once.
 
 `--approved-fabs FILE`, `--approve DIGEST` (repeatable), `--settings HOSPITAL_TOML`
     FAB approval, ON by default: the node runs a ClientApp only from a FAB whose SHA-256 digest is in
@@ -35,7 +37,7 @@ decide which FABs the node runs:
     its ClientApp's reply every 0.5 s. With this option, while a run is active (a message arrived
     in the last 120 s) the node asks again 50 ms after each message, backing off to every S
     seconds, and checks for replies every 20 ms; an idle node keeps Flower's 3 s. It also retries a not-yet-uploaded message object after 20 ms rather
-    than 1 s. See `fedcare/flower_latency.py`: process-local, Flower 1.41.0 only (any other
+    than 1 s. See `fedcare/compat/flower.py`: process-local, Flower 1.41.0 only (any other
     version: a warning, Flower's timing).
 
 Before Flower starts, the `--root-certificates` and `--auth-supernode-private-key` files are read
@@ -58,9 +60,9 @@ from pathlib import Path
 from fedcare.errors import FedcareError
 from fedcare.fab_approval import (FabPolicy, add_policy_arguments, policy_arguments, policy_from_arguments,
                                   read_approvals)
-from fedcare.flower_latency import (FAB_GUARD_REFUSAL, FLOWER_IDLE_POLL_S, PATCHED_FLOWER, fab_guard_supported,
-                                    flower_version, on_message_stored, patch_supernode_polling,
-                                    shorten_object_pull_backoff)
+from fedcare.compat.flower import (FAB_GUARD_REFUSAL, FLOWER_IDLE_POLL_S, PATCHED_FLOWER, executor_supported,
+                                   fab_guard_supported, flower_version, on_message_stored, patch_supernode_polling,
+                                   shorten_object_pull_backoff)
 
 
 def _runtime_api_address(flower_args: list[str]) -> str:
@@ -143,6 +145,22 @@ def _approval_policy(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     return policy
 
 
+def choose_executor(warm_requested: bool, policy: FabPolicy | None) -> str | None:
+    """Which ClientApp executor the node runs: "warm", "cold" (fedcare's, a fresh interpreter per task) or
+    None (Flower's own, as plain `flower-supernode`).
+
+    fedcare's executor runs Flower's ClientApp runtime through internals verified on one Flower
+    (``fedcare.compat.flower.executor_supported``); on another Flower a warm executor would fail every
+    task, so the node falls back to Flower's own executor (one warning). A node with FAB approval on
+    never gets here on another Flower: ``_approval_policy`` stops it first.
+    """
+    if not warm_requested and policy is None:
+        return None
+    if not executor_supported():
+        return None
+    return "warm" if warm_requested else "cold"
+
+
 def _check_tls_files(parser: argparse.ArgumentParser, flower_args: list[str]) -> None:
     """Read the CA and node key Flower is given before it starts: a corrupted or wrong-type file is one
     error naming it (Flower reads them only when it connects, and hangs with its port held)."""
@@ -198,12 +216,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.poll_interval is not None and args.poll_interval < FLOWER_IDLE_POLL_S:
         patch_supernode_polling(max(0.05, args.poll_interval))
         shorten_object_pull_backoff()   # a prompt node would otherwise meet half-uploaded messages and sleep 1 s
-    if args.warm_clientapp or policy is not None:
+    executor = choose_executor(args.warm_clientapp, policy)
+    if executor is not None:
         if "--isolation" in flower_args:
             parser.error("fedcare's ClientApp executor (warm, or the FAB approval check) sets --isolation process "
                          "itself")
         flower_args += ["--isolation", "process"]
-        start_executor(_runtime_api_address(flower_args), policy, warm=args.warm_clientapp)
+        start_executor(_runtime_api_address(flower_args), policy, warm=executor == "warm")
 
     from flwr.supernode.cli.flower_supernode import flower_supernode
 

@@ -21,7 +21,7 @@ imported the heavy third-party libraries once, instead of exec'd from scratch.
   at fork and restarts them in the child). The child reseeds NumPy's global generator like a
   fresh interpreter; Python's `random` reseeds itself after fork.
 - Flower's object-pull backoff (1 s before retrying an object that is not stored yet) starts at
-  20 ms in the children (fedcare.flower_latency).
+  20 ms in the children (fedcare.compat.flower).
 - The parent asks the SuperNode's Runtime API (loopback) for pending ClientApp tasks
   (`AcquireTask`, as flower-superexec does) as soon as the node says it stored a message (a pipe
   from `fedcare.node_launcher`), and every 10 s regardless (a safety net); started on its
@@ -35,6 +35,10 @@ imported the heavy third-party libraries once, instead of exec'd from scratch.
 - `--cold` keeps the same checked path but starts a fresh interpreter per task (`--run-task`, the
   task's token on its stdin) instead of forking a warm one: for nodes with `warm-clientapp = false`,
   so that approval holds there too (Flower's own executor cannot be hooked).
+
+Every call into Flower's ClientApp runtime (the Runtime API client, `run_clientapp`, its steps) is
+in `fedcare.compat.flower`, verified on Flower 1.41.0: on another Flower the node launcher does not
+start this executor and runs Flower's own (`fedcare.compat.flower.executor_supported`).
 
 Run by `python -m fedcare.node_launcher` (which `fedcare node start` uses); stops when its
 SuperNode (`--parent-pid`) exits.
@@ -54,9 +58,12 @@ import time
 import traceback
 from logging import DEBUG, ERROR, INFO, WARNING
 
+# Bound here, before any purge of the project's modules: a task never re-imports this node's fedcare.
+from fedcare.compat import flower as flower_compat
+from fedcare.project_packages import PACKAGES
+
 # The packages of this project: never kept loaded across forks (the FAB's copy must be used).
-PROJECT_PACKAGES = ("fedcare", "client", "server", "shared_models", "secure_aggregation", "audit", "simulation",
-                    "bench", "tests")
+PROJECT_PACKAGES = PACKAGES + ("bench", "tests")
 # Imported once in the parent for their third-party dependencies (torch, opacus, pandas, sklearn,
 # scipy, cryptography, pydicom, ...), then purged.
 APP_MODULES = ("client.client_app", "client.privacy_ledger", "client.dp_trainer", "client.secure_update",
@@ -90,12 +97,10 @@ def preload() -> tuple[int, list[str]]:
             failed.append(f"{name} ({type(exc).__name__}: {exc})")
     # opacus calls logging.basicConfig on import; a fresh flwr-clientapp has no root handler until then
     root.handlers[:], root.level = handlers, level
-    from fedcare.flower_latency import reuse_installed_fab, shorten_object_pull_backoff
-
     # A ClientApp that starts while its node is still storing the message would otherwise meet a
     # not-yet-stored object and sleep Flower's 1 s backoff (woken by the node, it rarely does).
-    shorten_object_pull_backoff()
-    reuse_installed_fab()
+    flower_compat.shorten_object_pull_backoff()
+    flower_compat.reuse_installed_fab()
     for name in [n for n in sys.modules if _is_project_module(n)]:
         del sys.modules[name]
     gc.collect()
@@ -116,37 +121,12 @@ def _trace(event: str, **fields: object) -> None:
             os.close(fd)
 
 
-def _trace_steps(runtime) -> None:
-    """Benchmark aid: time Flower's own steps of one task (task input, FAB install, app load)."""
-    def timed(name, function):
-        def wrapper(*args, **kwargs):
-            started = time.time()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                _trace("clientapp-step", step=name, start=started)
-        return wrapper
-
-    runtime.pull_task_input = timed("pull-task-input", runtime.pull_task_input)
-    runtime.install_from_fab = timed("install-fab", runtime.install_from_fab)
-    load = runtime.get_load_client_app_fn
-
-    def get_load(*args, **kwargs):
-        return timed("load-app", load(*args, **kwargs))
-
-    runtime.get_load_client_app_fn = get_load
-    runtime.push_message = timed("push-reply", runtime.push_message)
-    runtime.push_task_output = timed("push-task-output", runtime.push_task_output)
-
-
 def install_fab_check(policy) -> bool:
     """Put ``policy.check`` in front of every FAB install in this process (None: any FAB, unsafe).
 
     Returns False when this Flower cannot be hooked: the caller must then run no ClientApp.
     """
-    from fedcare.flower_latency import guard_fab_install
-
-    return True if policy is None else guard_fab_install(policy.check)
+    return True if policy is None else flower_compat.guard_fab_install(policy.check)
 
 
 def _run_task(runtime_api_address: str, token: str, parent_pid: int) -> int:
@@ -155,12 +135,9 @@ def _run_task(runtime_api_address: str, token: str, parent_pid: int) -> int:
     try:
         for name in [n for n in sys.modules if _is_project_module(n)]:
             del sys.modules[name]   # the app comes from the run's FAB, never from this node's install
-        from flwr.supernode.runtime import run_clientapp as runtime
-
         if os.environ.get("FEDCARE_TIMING_LOG"):
-            _trace_steps(runtime)
-        runtime.run_clientapp(runtime_api_address=runtime_api_address, token=token, insecure=True,
-                              certificates=None, parent_pid=parent_pid, runtime_dependency_install=False)
+            flower_compat.time_clientapp_steps(_trace)
+        flower_compat.run_clientapp_task(runtime_api_address, token, parent_pid)
         code = 0
     except SystemExit as exc:       # Flower ends every task with flwr_exit -> sys.exit
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -197,14 +174,11 @@ def run_one_task(runtime_api_address: str, parent_pid: int, policy) -> int:
 
     token = sys.stdin.readline().strip()
     if not install_fab_check(policy):
-        from fedcare.flower_latency import FAB_GUARD_REFUSAL, PATCHED_FLOWER, flower_version
-
-        log(ERROR, "fedcare: " + FAB_GUARD_REFUSAL.format(wanted=PATCHED_FLOWER, found=flower_version()))
+        log(ERROR, "fedcare: " + flower_compat.FAB_GUARD_REFUSAL.format(wanted=flower_compat.PATCHED_FLOWER,
+                                                                         found=flower_compat.flower_version()))
         return 1
-    from fedcare.flower_latency import reuse_installed_fab, shorten_object_pull_backoff
-
-    shorten_object_pull_backoff()
-    reuse_installed_fab()
+    flower_compat.shorten_object_pull_backoff()
+    flower_compat.reuse_installed_fab()
     return _run_task(runtime_api_address, token, parent_pid)
 
 
@@ -238,15 +212,12 @@ def serve(runtime_api_address: str, parent_pid: int | None, poll_s: float, wake_
     each task in a fresh interpreter given ``policy_args`` (the same policy).
     """
     from flwr.supercore import log
-    from flwr.supercore.app_utils import start_parent_process_monitor
 
     if parent_pid is not None:
-        start_parent_process_monitor(parent_pid)   # SIGINT to us when the SuperNode exits
+        flower_compat.exit_with_parent(parent_pid)   # SIGINT to us when the SuperNode exits
     started = time.monotonic()
     if cold:
-        from fedcare.flower_latency import fab_guard_supported
-
-        checked = policy is None or fab_guard_supported()
+        checked = policy is None or flower_compat.fab_guard_supported()
         cold_tasks = _ColdTasks(runtime_api_address, policy_args or [])
         log(INFO, "fedcare ClientApp executor (a fresh process per task): serving Runtime API %s", runtime_api_address)
     else:
@@ -261,16 +232,7 @@ def serve(runtime_api_address: str, parent_pid: int | None, poll_s: float, wake_
     else:
         log(INFO, "fedcare ClientApp executor: runs only approved, code-only FABs")
 
-    import httpx
-    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
-    from flwr.supercore.constant import TaskType
-    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
-    from flwr.supercore.runtime import RuntimeHttpClient
-
-    client = RuntimeHttpClient.from_server_address(
-        server_address=runtime_api_address, insecure=True, root_certificates=None,
-        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")])
-    request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+    acquire_task, unreachable = flower_compat.clientapp_task_acquirer(runtime_api_address)
     children: set[int] = set()
     unreachable_since: float | None = None
     while True:
@@ -281,9 +243,9 @@ def serve(runtime_api_address: str, parent_pid: int | None, poll_s: float, wake_
         if cold:
             cold_tasks.reap()
         try:
-            response = client.AcquireTask(request)
+            response = acquire_task()
             unreachable_since = None
-        except httpx.TransportError:
+        except unreachable:
             # the SuperNode's Runtime API is not up yet (or restarting)
             now = time.monotonic()
             unreachable_since = unreachable_since or now
@@ -296,10 +258,9 @@ def serve(runtime_api_address: str, parent_pid: int | None, poll_s: float, wake_
         if response.HasField("task") and response.token:
             _trace("executor-acquire", task=response.task.task_id)
             if not checked:
-                from fedcare.flower_latency import FAB_GUARD_REFUSAL, PATCHED_FLOWER, flower_version
-
                 log(ERROR, "fedcare: task %s of run %s not run: %s", response.task.task_id, response.task.run_id,
-                    FAB_GUARD_REFUSAL.format(wanted=PATCHED_FLOWER, found=flower_version()))
+                    flower_compat.FAB_GUARD_REFUSAL.format(wanted=flower_compat.PATCHED_FLOWER,
+                                                           found=flower_compat.flower_version()))
             elif cold:
                 cold_tasks.start(response.token)
             else:

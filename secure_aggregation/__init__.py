@@ -46,7 +46,7 @@ means a new run (new setup).
 Modules: ``quantization`` (fixed point), ``prg`` (AES-128-CTR masks), ``keys`` (X25519, HKDF,
 AES-GCM), ``identity`` (roster, signatures), ``graph`` (SecAgg+ parameters and neighbourhoods),
 ``shamir``, ``masking``, ``node_half``/``node_state``, ``server_half``, ``records`` (flatten payloads
-for ConfigRecords), ``inprocess`` (the reference message flow).
+for ConfigRecords). The whole message flow in one process, for tests: ``tests/support/secagg_inprocess.py``.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fedcare.private_files import replace_private
+from fedcare.atomic_files import replace_file
 from secure_aggregation.errors import SecAggError
 
 FORMAT = "fedcare-secagg-node/1"
@@ -51,4 +51,4 @@ def save(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # compact: the C encoder (an indented dump takes Python's, several times slower on every message)
     data = json.dumps({**state, "format": FORMAT}, sort_keys=True, separators=(",", ":")).encode("utf-8")
-    replace_private(path, data)
+    replace_file(path, data)

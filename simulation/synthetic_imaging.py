@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -38,6 +37,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from fedcare.atomic_files import SHARED, replace_file
 from fedcare.errors import FedcareError
 from simulation.folder_lock import locked_folder
 
@@ -466,9 +466,7 @@ def _write_all(root: Path, params: dict, counts: list[int], seed: int) -> list[H
         shutil.rmtree(staging, ignore_errors=True)
     manifest = {"generator": "fedcare.synthetic_imaging", "version": GENERATOR_VERSION,
                 "params": params, "hospitals": entries}
-    tmp = manifest_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, manifest_path)
+    replace_file(manifest_path, json.dumps(manifest, indent=2), mode=SHARED)
     return [_hospital(root, entry) for entry in entries]
 
 

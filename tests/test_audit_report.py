@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from audit.report import write_report
 from fedcare.audit_commands import audit_app
-from tests.test_audit_verify import HOSPITALS, Federation, build_federation
+from tests.support.audit_federation import HOSPITALS, Federation, build_federation
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ from fedcare.errors import FedcareError
 from fedcare.fleet_allowlist import FleetOnly
 from fedcare.superlink_app import VERIFIED_FLOWER, require_verified_flower
 from tests.conftest import ROOT
-from tests.deployment_processes import (BIN, HANG_GUARD_S, Processes, descendants, deployment_env, free_port,
+from tests.support.deployment_processes import (BIN, HANG_GUARD_S, Processes, descendants, deployment_env, free_port,
                                         group_members, https_status, listening_addresses, stock_superlink_command,
                                         wait_for_port)
 

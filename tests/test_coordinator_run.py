@@ -238,9 +238,9 @@ def deployment(tmp_path_factory):
     """A TLS SuperLink with node authentication and two registered hospital nodes, all on 127.0.0.1."""
     from fedcare.deploy_pki import init_deployment
     from fedcare.fab_approval import approve_digest, fab_digest
-    from fedcare.flower_latency import build_fab
+    from fedcare.compat.flower import build_fab
     from fedcare.node_settings import supernode_command
-    from tests.deployment_processes import (BIN, Processes, deployment_env, free_port, hospital_settings,
+    from tests.support.deployment_processes import (BIN, Processes, deployment_env, free_port, hospital_settings,
                                             wait_for_port)
 
     tmp_path = tmp_path_factory.mktemp("coordinator-run")
@@ -269,7 +269,7 @@ def deployment(tmp_path_factory):
 def _app_snapshot(folder):
     """The project's app as `flwr run .` ships it, unpacked into ``folder``: the same FAB (digest) whatever is
     edited in the working tree while the test runs."""
-    from fedcare.flower_latency import build_fab
+    from fedcare.compat.flower import build_fab
 
     with zipfile.ZipFile(io.BytesIO(build_fab(ROOT)[0])) as fab:
         fab.extractall(folder)
@@ -279,7 +279,7 @@ def _app_snapshot(folder):
 def _fedcare_run(deployment, cwd, *args):
     """`fedcare run` as the coordinator types it in ``cwd``, submitting the app the hospitals approved; its own
     FLWR_HOME points elsewhere (the command uses the deployment's)."""
-    from tests.deployment_processes import BIN, HANG_GUARD_S
+    from tests.support.deployment_processes import BIN, HANG_GUARD_S
 
     files, app_dir, processes = deployment
     env = processes.env | {"FLWR_HOME": str(cwd / "not-the-deployments-flwr-home")}

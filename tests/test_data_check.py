@@ -10,8 +10,7 @@ from typer.testing import CliRunner
 from client.data_check import check_imaging_folder, render
 from client.datasets.dicom_reader import ImagePolicy
 from fedcare.data_commands import data_app
-from tests.test_dicom_folder import hospital
-from tests.test_dicom_reader import ramp, write_dicom
+from tests.support.dicom_files import hospital, ramp, write_dicom
 
 runner = CliRunner()
 

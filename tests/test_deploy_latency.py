@@ -15,8 +15,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from fedcare import flower_latency
-from fedcare.flower_latency import _PromptClock
+from fedcare.compat import flower as flower_latency
+from fedcare.compat.flower import _PromptClock
 from server.federation_loop import PromptGrid
 from tests.conftest import ROOT
 
@@ -56,7 +56,7 @@ def test_flower_hooks_apply_to_the_pinned_flower_and_its_waits_are_still_there()
         source = inspect.getsource(loop)
         assert "time.sleep(3)" in source and source.count("time.sleep(0.5)") == 2, "Flower's waits changed"
         assert iu.pull_objects.__kwdefaults__["initial_backoff"] == 1
-        from fedcare import flower_latency as fl
+        from fedcare.compat import flower as fl
         assert fl.patch_supernode_polling(0.2) and fl.shorten_object_pull_backoff() and fl.reuse_installed_fab()
         assert isinstance(loop.time, fl._PromptClock) and loop.time.poll_s == 0.2
         for f in (iu.pull_objects, iu.pull_and_inflate_object_from_tree):

@@ -17,10 +17,10 @@ import pytest
 from fedcare.deploy_commands import diagnose
 from fedcare.deploy_pki import init_deployment
 from fedcare.fab_approval import approve_digest, fab_digest
-from fedcare.flower_latency import build_fab
+from fedcare.compat.flower import build_fab
 from fedcare.node_settings import supernode_command
 from tests.conftest import ROOT
-from tests.deployment_processes import (BIN, HANG_GUARD_S, Processes, deployment_env, free_port,
+from tests.support.deployment_processes import (BIN, HANG_GUARD_S, Processes, deployment_env, free_port,
                                         hospital_settings, start_run, wait_for_port, wait_for_run)
 
 pytestmark = pytest.mark.e2e

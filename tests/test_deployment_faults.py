@@ -33,7 +33,7 @@ from fedcare.errors import FedcareError
 from fedcare.node_settings import check_credentials, load_node_settings, port_is_free
 from fedcare.superlink_probe import SuperLinkUnreachable, probe_superlink
 from tests.conftest import ROOT
-from tests.deployment_processes import BIN, TlsStandIn, free_port, kill_group, stop
+from tests.support.deployment_processes import BIN, TlsStandIn, free_port, kill_group, stop
 
 NOW = dt.datetime.now(dt.timezone.utc)
 

@@ -29,12 +29,12 @@ import pytest
 from client.privacy_ledger import epsilon_of
 from fedcare.deploy_pki import DeploymentFiles, init_deployment
 from fedcare.fab_approval import approve_digest, fab_digest
-from fedcare.flower_latency import build_fab
+from fedcare.compat.flower import build_fab
 from fedcare.node_settings import supernode_command
 from server.checkpoint import load_checkpoint
 from simulation.environment import SAFE_ENVIRONMENT
 from tests.conftest import ROOT
-from tests.deployment_processes import (BIN, HANG_GUARD_S, Processes, deployment_env, free_port, group_members,
+from tests.support.deployment_processes import (BIN, HANG_GUARD_S, Processes, deployment_env, free_port, group_members,
                                         hospital_settings, kill_group, run_status, start_run, wait_for_port,
                                         wait_for_run)
 

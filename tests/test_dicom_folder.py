@@ -14,20 +14,9 @@ from client.datasets.dicom_folder import ImageSet, find_dicom_files, load_dicom_
 from client.datasets.dicom_reader import ImagePolicy
 from client.datasets.image_cache import ImageCache, file_digest
 from fedcare.errors import FedcareError
-from tests.test_dicom_reader import ramp, write_dicom
+from tests.support.dicom_files import hospital, ramp, write_dicom
 
 POLICY = ImagePolicy(size=16)
-
-
-def hospital(root: Path, n: int = 6, labels: list[int] | None = None, csv: str | None = None) -> Path:
-    """n small de-identified images with alternating labels and a labels.csv."""
-    root.mkdir(parents=True, exist_ok=True)
-    labels = labels if labels is not None else [i % 2 for i in range(n)]
-    for i in range(n):
-        write_dicom(root / f"img{i:02d}.dcm", ramp(24 + 8 * (i % 2), 24, seed=i))
-    rows = "".join(f"img{i:02d}.dcm,{lab}\n" for i, lab in enumerate(labels))
-    (root / "labels.csv").write_text(csv if csv is not None else "file,label\n" + rows)
-    return root
 
 
 def load(root: Path, **kw) -> ImageSet:
@@ -93,7 +82,7 @@ def test_corrupt_cache_entry_is_a_miss_and_is_rewritten(tmp_path):
     assert (second.cache_hits, second.cache_misses) == (4, 2)
     np.testing.assert_array_equal(second.x, first.x)
     assert load(root, cache_dir=cache_dir).cache_hits == 6
-    assert not list(cache_dir.rglob(".tmp-*"))
+    assert not list(cache_dir.rglob("*.tmp"))
 
 
 def test_image_cache_roundtrip_and_garbage(tmp_path):
@@ -241,7 +230,7 @@ def test_unreadable_files_error_or_skip(tmp_path):
     cache = tmp_path / "cache"
     fails(root, "3 labelled DICOM file(s) cannot be used", "img01.dcm: truncated", "img02.dcm: not a DICOM file",
           "img03.dcm: no Pixel Data", "on-unreadable=skip", absent=("Doe",), cache_dir=cache)
-    assert not list(cache.rglob(".tmp-*"))  # entries of good files may exist; no half-written ones
+    assert not list(cache.rglob("*.tmp"))  # entries of good files may exist; no half-written ones
     images = load(root, on_unreadable="skip")
     assert images.names == ["img00.dcm", "img04.dcm", "img05.dcm"]
     assert set(images.rejected) == {"img01.dcm", "img02.dcm", "img03.dcm"}

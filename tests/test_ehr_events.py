@@ -292,7 +292,7 @@ def test_a_federation_trains_on_events_whose_labels_are_a_separate_file(tmp_path
     from flwr.supercore.task_identity import TaskIdentity
 
     from server.federation_loop import run_federation
-    from tests.test_federation_loop import PERMISSIVE, RUN_ID, InProcessGrid
+    from tests.support.inprocess_grid import PERMISSIVE, RUN_ID, InProcessGrid
 
     for attr, value in (("_run_id", RUN_ID), ("_node_id", 1), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, attr, value)

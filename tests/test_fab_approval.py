@@ -33,7 +33,7 @@ from fedcare.errors import FedcareError
 from fedcare.fab_approval import (STORE_NAME, FabPolicy, FabRefused, approve_digest, fab_digest, inspect_fab,
                                   normalize_digest, read_approvals)
 from tests.conftest import ROOT
-from tests.hospital_state import write_consortium
+from tests.support.hospital_state import write_consortium
 
 # ---------------------------------------------------------------------------------------------------------------
 # A tiny app: its ClientApp writes a marker file when imported (the proof that FAB code ran on a node).
@@ -123,7 +123,7 @@ def _fedcare(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
 def _launcher_command(settings, store: Path, warm: bool) -> list[str]:
     """`python -m fedcare.node_launcher` with approvals, around the Flower arguments `fedcare node start` uses."""
     from fedcare.node_settings import supernode_command
-    from tests.deployment_processes import BIN
+    from tests.support.deployment_processes import BIN
 
     command = supernode_command(settings, str(BIN / "flower-supernode"))
     flower = command[command.index("--") + 1:]
@@ -136,7 +136,7 @@ def _launcher_command(settings, store: Path, warm: bool) -> list[str]:
 def test_a_coordinators_fab_runs_only_after_the_hospital_approves_it(tmp_path):
     from fedcare.deploy_pki import init_deployment
     from fedcare.node_settings import load_node_settings
-    from tests.deployment_processes import (BIN, Processes, deployment_env, free_port, hospital_settings,
+    from tests.support.deployment_processes import (BIN, Processes, deployment_env, free_port, hospital_settings,
                                             wait_for_port, wait_for_run)
 
     port = free_port()
@@ -374,7 +374,7 @@ import hashlib
 from pathlib import Path
 from types import SimpleNamespace
 from flwr.supernode.runtime import run_clientapp as runtime
-from fedcare import flower_latency as fl
+from fedcare.compat import flower as fl
 from fedcare.fab_approval import FabPolicy, FabRefused
 fab = Path({str(fab_path)!r}).read_bytes()
 installed = []
@@ -406,7 +406,7 @@ def test_on_another_flower_version_the_guard_is_refused_and_the_executor_runs_no
     out = _python("""
         import flwr.supercore.version as v
         v.package_version = "1.42.0"
-        from fedcare import flower_latency as fl
+        from fedcare.compat import flower as fl
         from fedcare.fab_approval import FabPolicy
         assert not fl.guard_fab_install(FabPolicy(store=None, digests=frozenset()).check)
         assert not fl.fab_guard_supported()

@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 
 from fedcare.fab_approval import inspect_fab
-from fedcare.flower_latency import build_fab
+from fedcare.project_packages import PACKAGES
+from fedcare.compat.flower import build_fab
 from tests.conftest import ROOT
 
-PACKAGES = ("fedcare", "client", "server", "shared_models", "secure_aggregation", "audit", "simulation")
 _SKIP = shutil.ignore_patterns(".venv", ".git", "__pycache__", ".pytest_cache", ".hypothesis", "runs",
                                "fedcare-runs", "fedcare-ledgers", "deploy", ".flwr", "*.egg-info")
 

@@ -5,56 +5,14 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Error, Message, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
-from flwr.supercore.task_identity import TaskIdentity
 
-from client.client_app import REPRODUCIBLE_NOISE, SIMULATED_CONSORTIUM, make_client_app
 from client.datasets.fed_heart_disease import load_center
-from tests.hospital_state import spend
 from fedcare.run_config import RunSettings
 from server.federation_loop import run_federation
-
-RUN_ID = 4242
-
-
-class InProcessGrid:
-    """Routes each message to the ClientApp of its node, like a SuperLink would."""
-
-    def __init__(self, node_configs: dict[int, dict], run_config: dict | None = None, run_id: int = RUN_ID,
-                 reproducible_noise: int | None = None):
-        # reproducible_noise: every hospital's noise and batches keyed from this seed (comparisons of two runs)
-        defaults = {SIMULATED_CONSORTIUM: str(next(iter(node_configs.values()))["ledger-dir"]) + "/consortium"}
-        if reproducible_noise is not None:
-            defaults[REPRODUCIBLE_NOISE] = reproducible_noise
-        self.app = make_client_app(defaults)
-        self.contexts = {n: Context(run_id, n, cfg, RecordDict(), dict(run_config or {}))
-                         for n, cfg in node_configs.items()}
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, timeout=None):
-        replies = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            replies.append(self.app(msg, self.contexts[node]))
-        return replies
-
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, 1, 1
-
-
-# Hospitals that accept whatever these loop tests run (DP or not, masked or not, any size):
-# policy refusals have tests of their own (tests/test_node_policy.py).
-PERMISSIVE = {"require-dp": False, "require-secure-aggregation": False, "min-hospitals": 2}
-
-
-def _nodes(tmp_path, budgets, **policy):
-    return {100 + i: {"partition-id": i, "ledger-dir": str(tmp_path / "ledgers"), "epsilon-budget": b,
-                      **PERMISSIVE, **policy} for i, b in enumerate(budgets)}
+from tests.support.hospital_state import spend
+from tests.support.inprocess_grid import RUN_ID, InProcessGrid, node_configs, task_identity  # noqa: F401
 
 
 def _exhaust(tmp_path, partition):
@@ -66,7 +24,7 @@ def test_a_hospital_out_of_budget_is_reported_by_name_and_the_others_carry_on(tm
     _exhaust(tmp_path, 2)
     progress = []
     s = RunSettings(num_rounds=2, min_hospitals=2, output_dir=str(tmp_path / "out"))
-    result = run_federation(InProcessGrid(_nodes(tmp_path, [1.0] * 4)), s, 4, progress.append, timeout=5, run_id=RUN_ID)
+    result = run_federation(InProcessGrid(node_configs(tmp_path, [1.0] * 4)), s, 4, progress.append, timeout=5, run_id=RUN_ID)
     assert len(result.rounds) == 2 and result.stopped_early is None
     swiss = next(h for h in result.hospitals.values() if h.name == "Switzerland")
     assert not swiss.active and "Switzerland: budget 1.00 exhausted after round 12" in swiss.refusal
@@ -84,7 +42,7 @@ def test_the_run_stops_cleanly_when_too_few_hospitals_can_train(tmp_path):
         _exhaust(tmp_path, p)
     progress = []
     s = RunSettings(num_rounds=2, min_hospitals=2)
-    result = run_federation(InProcessGrid(_nodes(tmp_path, [1.0] * 4)), s, 4, progress.append, timeout=5, run_id=RUN_ID)
+    result = run_federation(InProcessGrid(node_configs(tmp_path, [1.0] * 4)), s, 4, progress.append, timeout=5, run_id=RUN_ID)
     assert result.rounds == []
     assert result.stopped_early.startswith("only 1 hospital(s) can train (min-hospitals=2)")
 
@@ -92,7 +50,7 @@ def test_the_run_stops_cleanly_when_too_few_hospitals_can_train(tmp_path):
 def test_node_budget_caps_the_coordinators_target(tmp_path):
     s = RunSettings(num_rounds=2, target_epsilon=1.0)
     # a coordinator slipping a budget into the run config changes nothing: budgets are node-owned
-    grid = InProcessGrid(_nodes(tmp_path, [0.5, 1.0, 1.0, 1.0]), run_config={"epsilon-budget": 10.0})
+    grid = InProcessGrid(node_configs(tmp_path, [0.5, 1.0, 1.0, 1.0]), run_config={"epsilon-budget": 10.0})
     result = run_federation(grid, s, 4, lambda _: None, timeout=5, run_id=RUN_ID)
     eps = {h.name: h.epsilon for h in result.hospitals.values()}
     assert eps["Cleveland"] == pytest.approx(0.5, abs=0.01) and eps["Cleveland"] <= 0.5 + 1e-9
@@ -102,7 +60,7 @@ def test_node_budget_caps_the_coordinators_target(tmp_path):
 @pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam"])
 def test_without_dp_no_ledger_is_written(tmp_path, strategy):
     s = RunSettings(num_rounds=1, dp=False, strategy=strategy, secure_aggregation=False)
-    result = run_federation(InProcessGrid(_nodes(tmp_path, [1.0] * 4)), s, 4, lambda _: None, timeout=5, run_id=RUN_ID)
+    result = run_federation(InProcessGrid(node_configs(tmp_path, [1.0] * 4)), s, 4, lambda _: None, timeout=5, run_id=RUN_ID)
     assert result.rounds[0].train_loss is not None
     assert result.rounds[0].evaluation["pooled"]["n"] == 254
     assert all(h.epsilon is None for h in result.hospitals.values())
@@ -129,7 +87,7 @@ class RecordingGrid(InProcessGrid):
 @pytest.mark.parametrize("secure", [False, True])
 def test_each_model_is_evaluated_in_the_next_train_exchange_and_the_last_one_alone(tmp_path, secure):
     """One exchange fewer per round; the metrics are those of the model the round produced."""
-    grid = RecordingGrid(_nodes(tmp_path, [1.0] * 4))
+    grid = RecordingGrid(node_configs(tmp_path, [1.0] * 4))
     s = RunSettings(num_rounds=3, dp=False, secure_aggregation=secure)
     result = run_federation(grid, s, 4, lambda _: None, timeout=5, run_id=RUN_ID)
     per_round = [["query.secagg_unmask"]] if secure else []   # nobody dropped: the fast path, one exchange
@@ -180,7 +138,7 @@ class FlakyGrid(InProcessGrid):
 def test_a_node_that_fails_mid_round_is_reported_and_the_round_completes(tmp_path, secure):
     s = RunSettings(num_rounds=2, secure_aggregation=secure)
     progress = []
-    result = run_federation(FlakyGrid(_nodes(tmp_path, [1.0] * 4), crash_node=101), s, 4, progress.append,
+    result = run_federation(FlakyGrid(node_configs(tmp_path, [1.0] * 4), crash_node=101), s, 4, progress.append,
                             timeout=5, run_id=RUN_ID)
     first, second = result.rounds
     assert first.failed == {"Hungary": "ClientApp crashed: out of memory"}
@@ -197,7 +155,7 @@ def test_a_node_that_fails_mid_round_is_reported_and_the_round_completes(tmp_pat
 @pytest.mark.parametrize("dp", [True, False])
 def test_mlp_trains_federated_with_and_without_dp(tmp_path, dp):
     s = RunSettings(num_rounds=1, model="mlp", dp=dp)
-    result = run_federation(InProcessGrid(_nodes(tmp_path, [1.0] * 4)), s, 4, lambda _: None, timeout=5, run_id=RUN_ID)
+    result = run_federation(InProcessGrid(node_configs(tmp_path, [1.0] * 4)), s, 4, lambda _: None, timeout=5, run_id=RUN_ID)
     assert set(result.arrays.keys()) == {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias",
                                          "net.4.weight", "net.4.bias"}
     assert len(result.rounds[0].trained) == 4

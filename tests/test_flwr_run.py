@@ -8,7 +8,7 @@ import pytest
 
 from simulation.environment import SAFE_ENVIRONMENT
 from tests.conftest import ROOT
-from tests.deployment_processes import BIN, free_port, stop, wait_for_port
+from tests.support.deployment_processes import BIN, free_port, stop, wait_for_port
 
 pytestmark = pytest.mark.e2e
 

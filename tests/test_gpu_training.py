@@ -15,7 +15,7 @@ from client.datasets.fed_heart_disease import load_center
 from client.dp_trainer import DPSettings, evaluate, train
 from client.secret_randomness import SecretRandom
 from shared_models.registry import build_model
-from tests.test_per_sample_clipping import CASES, _one_pass, _reference
+from tests.support.clipping_cases import CASES, one_pass_clipped_sum, reference_clipped_sum
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to torch")
 
@@ -28,8 +28,8 @@ def test_clipped_sum_on_the_gpu_matches_the_cpu_reference(family: str) -> None:
     if family == "logistic":
         nn.init.normal_(model.linear.weight)
     y = (torch.rand(len(x), dtype=torch.float64) > 0.5).to(torch.float64)
-    expected = _reference(model, x, y)
-    got = _one_pass(model.cuda(), x.cuda(), y.cuda())
+    expected = reference_clipped_sum(model, x, y)
+    got = one_pass_clipped_sum(model.cuda(), x.cuda(), y.cuda())
     assert all(g.is_cuda for g in got)
     for e, g in zip(expected, got):
         torch.testing.assert_close(g.cpu(), e, rtol=1e-7, atol=1e-9)

@@ -15,7 +15,7 @@ import pytest
 
 from client import audit_trail
 from client.ledger_guard import LedgerTampered, open_checked_ledger, raise_budget
-from tests.hospital_state import spend
+from tests.support.hospital_state import spend
 
 DATASET = "cardiology-2026"
 

@@ -19,7 +19,7 @@ from fedcare.errors import FedcareError
 from fedcare.protocol import RunRequest
 from fedcare.run_config import RunSettings
 from server.federation_loop import run_federation
-from tests.test_federation_loop import RUN_ID, InProcessGrid, _task_identity  # noqa: F401
+from tests.support.inprocess_grid import RUN_ID, InProcessGrid, task_identity  # noqa: F401
 
 STRICT = {"require-dp": True, "require-secure-aggregation": True, "min-hospitals": 3}
 

@@ -15,8 +15,8 @@ from fedcare.deploy_commands import deploy_app, diagnose, node_app, shell_line
 from fedcare.deploy_pki import make_node_key
 from fedcare.errors import FedcareError
 from fedcare.node_settings import check_data, format_node_config, load_node_settings, supernode_command
-from tests.deployment_processes import TlsStandIn
-from tests.hospital_state import write_consortium
+from tests.support.deployment_processes import TlsStandIn
+from tests.support.hospital_state import write_consortium
 
 
 def _free_port() -> int:

@@ -11,7 +11,7 @@ from flwr.server.superlink.linkstate.utils import create_message_error_unavailab
 
 from fedcare.run_config import RunSettings
 from server.federation_loop import run_federation
-from tests.test_federation_loop import RUN_ID, InProcessGrid, _nodes, _task_identity  # noqa: F401
+from tests.support.inprocess_grid import RUN_ID, InProcessGrid, node_configs, task_identity  # noqa: F401
 
 
 class DyingNodeGrid(InProcessGrid):
@@ -37,7 +37,7 @@ class DyingNodeGrid(InProcessGrid):
 
 
 def test_a_node_unavailable_reply_from_the_superlink_is_that_hospitals_dropout(tmp_path):
-    nodes = _nodes(tmp_path, [1.0] * 3)             # Cleveland, Hungary, Switzerland (node 102)
+    nodes = node_configs(tmp_path, [1.0] * 3)             # Cleveland, Hungary, Switzerland (node 102)
     progress: list[str] = []
     s = RunSettings(num_rounds=2, hospitals=3, min_hospitals=2, output_dir=str(tmp_path / "out"))
     result = run_federation(DyingNodeGrid(nodes, dead=102, after=1), s, 3, progress.append, timeout=5,

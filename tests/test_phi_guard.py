@@ -19,7 +19,7 @@ from client.datasets.confidentiality_profile import (FEDCARE_ADDITIONS, RETAIN_O
 from client.datasets.dicom_reader import read_header_bytes
 from client.datasets.phi_guard import MAX_DEPTH, guard_version, phi_findings
 from fedcare.errors import FedcareError
-from tests.test_dicom_reader import make_dataset
+from tests.support.dicom_files import make_dataset
 
 
 def clean() -> Dataset:

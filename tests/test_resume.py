@@ -10,7 +10,7 @@ from fedcare.errors import FedcareError
 from fedcare.run_config import RunSettings
 from server.checkpoint import load_checkpoint
 from server.federation_loop import run_federation
-from tests.test_federation_loop import RUN_ID, InProcessGrid, _nodes, _task_identity  # noqa: F401
+from tests.support.inprocess_grid import RUN_ID, InProcessGrid, node_configs, task_identity  # noqa: F401
 
 
 class CrashingGrid(InProcessGrid):
@@ -32,11 +32,11 @@ class CrashingGrid(InProcessGrid):
 def test_a_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path, strategy, dp):
     s = RunSettings(num_rounds=4, strategy=strategy, dp=dp, output_dir=str(tmp_path / "whole"))
     # the same noise in both runs (reproducible noise: a test's seed), so their models can be compared
-    whole = run_federation(InProcessGrid(_nodes(tmp_path / "a", [1.0] * 4), reproducible_noise=0), s, 4,
+    whole = run_federation(InProcessGrid(node_configs(tmp_path / "a", [1.0] * 4), reproducible_noise=0), s, 4,
                            lambda _: None, timeout=5, run_id=RUN_ID)
 
     crashed = s.replace(output_dir=str(tmp_path / "crashed"))
-    nodes = _nodes(tmp_path / "b", [1.0] * 4)
+    nodes = node_configs(tmp_path / "b", [1.0] * 4)
     with pytest.raises(RuntimeError, match="lost power"):
         run_federation(CrashingGrid(nodes, crash_round=3, reproducible_noise=0), crashed, 4, lambda _: None,
                        timeout=5, run_id=RUN_ID)
@@ -61,11 +61,11 @@ def test_a_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path, strategy, 
 def test_resume_refuses_changed_settings_and_a_missing_checkpoint(tmp_path):
     s = RunSettings(num_rounds=1, dp=False, output_dir=str(tmp_path / "run"))
     with pytest.raises(FedcareError, match="no checkpoint to resume"):
-        run_federation(InProcessGrid(_nodes(tmp_path, [1.0] * 4)), s.replace(resume=True), 4, lambda _: None,
+        run_federation(InProcessGrid(node_configs(tmp_path, [1.0] * 4)), s.replace(resume=True), 4, lambda _: None,
                        timeout=5, run_id=RUN_ID)
-    run_federation(InProcessGrid(_nodes(tmp_path, [1.0] * 4)), s, 4, lambda _: None, timeout=5, run_id=RUN_ID)
+    run_federation(InProcessGrid(node_configs(tmp_path, [1.0] * 4)), s, 4, lambda _: None, timeout=5, run_id=RUN_ID)
     with pytest.raises(FedcareError, match="settings differ from the checkpointed run: learning-rate"):
-        run_federation(InProcessGrid(_nodes(tmp_path, [1.0] * 4)), s.replace(resume=True, learning_rate=0.9), 4,
+        run_federation(InProcessGrid(node_configs(tmp_path, [1.0] * 4)), s.replace(resume=True, learning_rate=0.9), 4,
                        lambda _: None, timeout=5, run_id=RUN_ID)
 
 
@@ -92,7 +92,7 @@ def test_a_round_charged_before_a_crash_is_replanned_and_the_resumed_run_finishe
 
     # budget = target: the planned rounds spend the whole budget, so a round paid twice cannot fit
     s = RunSettings(num_rounds=3, target_epsilon=1.0, output_dir=str(tmp_path / "out"))
-    nodes = _nodes(tmp_path, [1.0] * 4)
+    nodes = node_configs(tmp_path, [1.0] * 4)
     with pytest.raises(RuntimeError, match="lost power"):
         run_federation(CrashAfterTrainingGrid(nodes, crash_round=2), s, 4, lambda _: None, timeout=5, run_id=RUN_ID)
     assert load_checkpoint(s.output_dir).completed_round == 1
@@ -148,7 +148,7 @@ def test_a_run_whose_last_round_nobody_trained_is_reported_incomplete(tmp_path):
     app = make_server_app(s, 4, progress.append, timeout=5)   # as deployed: no simulation collecting the result
     with pytest.raises(FedcareError, match="the run is incomplete: 1 of 2 planned rounds done; round 2 trained by "
                                            "0 of 4 hospital"):
-        app._main(BudgetLoweredGrid(_nodes(tmp_path, [1.0] * 4)), Context(RUN_ID, 0, {}, RecordDict(), {}))
+        app._main(BudgetLoweredGrid(node_configs(tmp_path, [1.0] * 4)), Context(RUN_ID, 0, {}, RecordDict(), {}))
     results = json.loads((tmp_path / "out" / "results.json").read_text())   # written before the run fails
     assert results["status"] == "incomplete" and results["rounds_done"] == 1
     assert results["rounds"][-1]["trained"] == [] and len(results["rounds"][-1]["refused"]) == 4

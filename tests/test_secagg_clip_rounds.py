@@ -13,7 +13,7 @@ from flwr.app import ConfigRecord, MetricRecord
 
 from fedcare.run_config import RunSettings
 from server.federation_loop import run_federation
-from tests.test_federation_loop import RUN_ID, InProcessGrid, _nodes, _task_identity  # noqa: F401
+from tests.support.inprocess_grid import RUN_ID, InProcessGrid, node_configs, task_identity  # noqa: F401
 
 HOSPITALS = ["Cleveland", "Hungary", "Switzerland", "VA Long Beach"]   # Cleveland holds the most patients
 CLIPPED = "update values were outside the secure-aggregation range and were clipped"
@@ -44,7 +44,7 @@ class NodeLog(logging.Handler):
 
 
 def _run(tmp_path, clip: float):
-    grid = RecordingGrid(_nodes(tmp_path, [1.0] * 4))
+    grid = RecordingGrid(node_configs(tmp_path, [1.0] * 4))
     progress: list[str] = []
     log, flwr_logger = NodeLog(), logging.getLogger("flwr")
     flwr_logger.addHandler(log)

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from secure_aggregation import ShamirError, TamperingDetected, TooFewSurvivors, keys, masking, shamir
-from secure_aggregation import inprocess as ip
+from tests.support import secagg_inprocess as ip
 from secure_aggregation.identity import SimulatedConsortium
 from secure_aggregation.prg import mask_vector
 

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from secure_aggregation import Quantizer, SecAggError, SecAggNode, TamperingDetected, TooFewSurvivors
-from secure_aggregation import inprocess as ip
+from tests.support import secagg_inprocess as ip
 from secure_aggregation.identity import Roster, RosterConsortium, SimulatedConsortium, public_bytes
 from secure_aggregation.node_half import advertisement_message
 from secure_aggregation.node_state import unb64

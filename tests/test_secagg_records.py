@@ -11,7 +11,7 @@ from flwr.app import ConfigRecord
 from flwr.common.serde import config_record_from_proto, config_record_to_proto
 
 from secure_aggregation import Quantizer, SecAggError, SecAggNode, SecAggServer
-from secure_aggregation import inprocess as ip
+from tests.support import secagg_inprocess as ip
 from secure_aggregation.identity import SimulatedConsortium
 from secure_aggregation.records import flatten, pack_vector, unflatten, unpack_vector
 

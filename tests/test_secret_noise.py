@@ -128,13 +128,13 @@ def test_poisson_batches_take_exactly_the_planned_steps_including_empty_ones():
 def test_reproducible_noise_is_reported_as_not_private_by_every_hospital(tmp_path):
     from server.federation_loop import run_federation
     from server.run_report import write_report
-    from tests.test_federation_loop import InProcessGrid, _nodes
+    from tests.support.inprocess_grid import InProcessGrid, node_configs
 
     s = RunSettings(num_rounds=1, secure_aggregation=False, output_dir=str(tmp_path / "out"))
-    seeded = run_federation(InProcessGrid(_nodes(tmp_path / "a", [5.0] * 4), run_id=RUN_ID, reproducible_noise=1), s,
+    seeded = run_federation(InProcessGrid(node_configs(tmp_path / "a", [5.0] * 4), run_id=RUN_ID, reproducible_noise=1), s,
                             4, lambda _: None, timeout=5, run_id=RUN_ID)
     assert all(not h.private_noise for h in seeded.hospitals.values())
     assert write_report(s.output_dir, s, seeded, str(RUN_ID))["private"] is False
-    secret = run_federation(InProcessGrid(_nodes(tmp_path / "b", [5.0] * 4), run_id=RUN_ID), s, 4, lambda _: None,
+    secret = run_federation(InProcessGrid(node_configs(tmp_path / "b", [5.0] * 4), run_id=RUN_ID), s, 4, lambda _: None,
                             timeout=5, run_id=RUN_ID)
     assert all(h.private_noise and h.delta == 1e-4 for h in secret.hospitals.values())

@@ -10,7 +10,7 @@ from flwr.app import Error, Message
 from fedcare import protocol
 from fedcare.run_config import RunSettings
 from server.federation_loop import run_federation
-from tests.test_federation_loop import RUN_ID, InProcessGrid, _nodes, _task_identity  # noqa: F401
+from tests.support.inprocess_grid import RUN_ID, InProcessGrid, node_configs, task_identity  # noqa: F401
 
 
 class DroppingGrid(InProcessGrid):
@@ -45,9 +45,9 @@ def _arrays(result) -> dict[str, np.ndarray]:
 def test_secure_aggregate_equals_plain_weighted_average_within_the_quantisation_bound(tmp_path, strategy):
     plain = RunSettings(num_rounds=2, dp=False, strategy=strategy, secure_aggregation=False)
     secure = plain.replace(secure_aggregation=True)
-    a = run_federation(InProcessGrid(_nodes(tmp_path / "a", [1.0] * 4), reproducible_noise=0), plain, 4,
+    a = run_federation(InProcessGrid(node_configs(tmp_path / "a", [1.0] * 4), reproducible_noise=0), plain, 4,
                        lambda _: None, timeout=5, run_id=RUN_ID)
-    b = run_federation(InProcessGrid(_nodes(tmp_path / "b", [1.0] * 4), reproducible_noise=0), secure, 4,
+    b = run_federation(InProcessGrid(node_configs(tmp_path / "b", [1.0] * 4), reproducible_noise=0), secure, 4,
                        lambda _: None, timeout=5, run_id=RUN_ID)
     bound = 2 * secure.secagg_clip_range / (2**32 - 1) * secure.num_rounds + 1e-6  # + float32 rounding
     for name, value in _arrays(a).items():
@@ -58,9 +58,9 @@ def test_secure_aggregate_equals_plain_weighted_average_within_the_quantisation_
 
 def test_with_dp_the_secure_run_reaches_the_same_accuracy(tmp_path):
     plain = RunSettings(num_rounds=3, secure_aggregation=False, seed=2)
-    a = run_federation(InProcessGrid(_nodes(tmp_path / "a", [1.0] * 4), reproducible_noise=2), plain, 4,
+    a = run_federation(InProcessGrid(node_configs(tmp_path / "a", [1.0] * 4), reproducible_noise=2), plain, 4,
                        lambda _: None, timeout=5, run_id=RUN_ID)
-    b = run_federation(InProcessGrid(_nodes(tmp_path / "b", [1.0] * 4), reproducible_noise=2),
+    b = run_federation(InProcessGrid(node_configs(tmp_path / "b", [1.0] * 4), reproducible_noise=2),
                        plain.replace(secure_aggregation=True), 4, lambda _: None, timeout=5, run_id=RUN_ID)
     acc_a = a.rounds[-1].evaluation["pooled"]["accuracy"]
     acc_b = b.rounds[-1].evaluation["pooled"]["accuracy"]
@@ -73,7 +73,7 @@ def test_with_dp_the_secure_run_reaches_the_same_accuracy(tmp_path):
 def test_one_dropout_at_any_stage_does_not_stop_the_run(tmp_path, stage):
     progress: list[str] = []
     s = RunSettings(num_rounds=2, dp=False)
-    grid = DroppingGrid(_nodes(tmp_path, [1.0] * 4), node=101, message_type=stage)
+    grid = DroppingGrid(node_configs(tmp_path, [1.0] * 4), node=101, message_type=stage)
     result = run_federation(grid, s, 4, progress.append, timeout=5, run_id=RUN_ID)
     assert len(result.rounds) == 2 and result.stopped_early is None, progress
     assert all(r.evaluation for r in result.rounds)
@@ -94,7 +94,7 @@ def test_one_dropout_at_any_stage_does_not_stop_the_run(tmp_path, stage):
 def test_below_the_threshold_the_round_fails_cleanly_and_the_model_stays(tmp_path):
     progress: list[str] = []
     s = RunSettings(num_rounds=2, dp=False, secagg_threshold=4)
-    grid = DroppingGrid(_nodes(tmp_path, [1.0] * 4), node=102, message_type="train")
+    grid = DroppingGrid(node_configs(tmp_path, [1.0] * 4), node=102, message_type="train")
     result = run_federation(grid, s, 4, progress.append, timeout=5, run_id=RUN_ID)
     first = result.rounds[0]
     assert "secure aggregation" in first.failed
@@ -110,7 +110,7 @@ def test_an_update_outside_the_clip_range_is_clipped_at_the_hospital_and_charged
     clip = 1e-6
     s = RunSettings(num_rounds=1, secagg_clip_range=clip)
     progress: list[str] = []
-    result = run_federation(InProcessGrid(_nodes(tmp_path, [1.0] * 4)), s, 4, progress.append, timeout=5,
+    result = run_federation(InProcessGrid(node_configs(tmp_path, [1.0] * 4)), s, 4, progress.append, timeout=5,
                             run_id=RUN_ID)
     first = result.rounds[0]
     assert first.refused == {} and first.failed == {}

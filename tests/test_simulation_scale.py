@@ -1,15 +1,12 @@
-"""Scale support: synthetic-table hospitals for any N, worker/timeout sizing, the bench's memory sampler."""
+"""Scale support: synthetic-table hospitals for any N, worker/timeout sizing.
+
+The bench's memory sampler has its test beside it: bench/test_tree_memory.py.
+"""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-
 import pytest
 
-from bench.bench_simulation_scale import TreeMemory
 from client.datasets import DataSource, load_hospital
 from fedcare.errors import FedcareError
 from simulation.generated_data import prepare_dataset
@@ -43,44 +40,3 @@ def test_actors_are_capped_by_cpus_and_hospitals_and_the_wait_scales_with_waves(
     assert parallel_workers(100, max_workers=2) == 2
     assert backend_config(3)["init_args"]["num_cpus"] == 3
     assert exchange_timeout(100, 8) == 13 * exchange_timeout(8, 8)
-
-
-class _Titled:
-    """A stand-in process with a Ray process title."""
-
-    pid = -1
-
-    def __init__(self, title: str) -> None:
-        self.title = title
-
-    def cmdline(self) -> list[str]:
-        return [self.title] if self.title.startswith("ray::") else self.title.split()
-
-
-def test_tree_memory_sums_the_tree_and_adopts_marked_strangers(tmp_path):
-    sleeper = ("import subprocess, sys, time; "
-               "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)']); "
-               "print(c.pid, flush=True); time.sleep(30)")
-    marker = str(tmp_path / "ray-session")                  # as a Ray daemon's --session-dir would carry it
-    parent = subprocess.Popen([sys.executable, "-c", sleeper], stdout=subprocess.PIPE, text=True)
-    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", marker])
-    child = None
-    try:
-        child = int(parent.stdout.readline())
-        memory = TreeMemory(parent.pid, marker=marker)
-        sample = memory.sample()
-        assert set(memory.seen) == {parent.pid, child, stranger.pid}
-        assert set(memory.adopted) == {stranger.pid}
-        assert sample.processes == 3 and 0 < sample.pss <= sample.rss
-        assert 0 < sample.by_role["driver"] < sample.pss      # the child and the stranger count too
-        titles = {"ray::ClientAppActor.run   ": "ray workers", "ray::IDLE ": "ray workers",
-                  "ray::DashboardAgent    ": "ray daemons", "/venv/raylet --python_worker_command=default_worker.py":
-                  "ray daemons"}
-        for title, role in titles.items():
-            assert memory.role(_Titled(title)) == role, title
-    finally:
-        for proc in (parent, stranger):
-            proc.kill()
-            proc.wait()
-        if child is not None:
-            os.kill(child, signal.SIGKILL)

@@ -5,7 +5,8 @@ rounds and runs. An entry's key is SHA-256 of the file bytes + `ImagePolicy.key(
 the preprocessing version) + this cache's format version, so a changed file, size, policy or
 algorithm never reads a stale entry. Each entry carries a SHA-256 of its payload: a truncated or
 flipped entry is a miss (and is rewritten by the next `put`), never a crash. Writes go to a
-temporary file in the same directory, then `os.replace`: readers see a whole entry or none.
+temporary file in the same directory, then a rename (`fedcare.atomic_files`): readers see a whole
+entry or none.
 
 Rejections are not cached: most are header checks that cost less than the hash, and a file
 whose pixels fail to decode must be fixed by the user anyway.
@@ -16,13 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from client.datasets.dicom_reader import ImagePolicy
+from fedcare.atomic_files import replace_file
 
 CACHE_FORMAT_VERSION = 1
 _MAGIC = b"FEDCARE-IMAGE-CACHE\n"
@@ -64,16 +64,7 @@ class ImageCache:
                              "sha256": hashlib.sha256(payload).hexdigest()}).encode()
         target = self.path_for(digest, policy)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".img")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(_MAGIC + header + b"\n" + payload)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        replace_file(target, _MAGIC + header + b"\n" + payload)   # 0600: derived pixels of local patients
 
     @staticmethod
     def _load(path: Path, policy: ImagePolicy) -> list[np.ndarray] | None:
@@ -141,7 +132,4 @@ class HeaderIndex:
         if not self.changed:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(self.entries, fh)
-        os.replace(tmp, self.path)
+        replace_file(self.path, json.dumps(self.entries))

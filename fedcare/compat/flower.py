@@ -1,5 +1,6 @@
-"""Flower 1.41's fixed waits that dominate a small deployment round, and fedcare's shorter ones.
+"""fedcare's hooks into Flower internals, verified on Flower 1.41.0 (gate: ``flower_verified``).
 
+Flower 1.41's fixed waits dominate a small deployment round, and fedcare shortens them.
 Flower 1.41.0 has no flag or environment variable for these (measured in
 bench/bench_deployment_overhead.py; see docs/benchmarks.md):
 
@@ -12,16 +13,24 @@ bench/bench_deployment_overhead.py; see docs/benchmarks.md):
   object and sleeps a whole second for a message of a few kilobytes.
 
 Both are changed here by replacing a default in one Flower module, in the calling process only,
-and only on the Flower version this was written against; on any other version the functions
-warn once and change nothing. Loopback and cross-silo WAN messages alike are small next to 1 s;
-the backoff still doubles up to Flower's 10 s cap, so a slow upload is not polled harder than
-Flower would after a few tries.
+and only on the Flower version this was written against. Loopback and cross-silo WAN messages alike
+are small next to 1 s; the backoff still doubles up to Flower's 10 s cap, so a slow upload is not
+polled harder than Flower would after a few tries.
 
 The same gate holds fedcare's other hooks into Flower internals, so they live in one place:
 ``guard_fab_install`` (a hospital's FAB check, run in the ClientApp process after the task's FAB
-is pulled and before it is installed or imported) and ``build_fab`` (Flower's own FAB build, for
-``fedcare deploy fab``). Unlike the timing hooks, the FAB guard is a security control: on another
-Flower version it is not installed, and its callers then run no ClientApp at all.
+is pulled and before it is installed or imported), ``build_fab`` (Flower's own FAB build, for
+``fedcare deploy fab``) and the ClientApp runtime calls of fedcare's ClientApp executor
+(``fedcare/warm_clientapp.py``: ``clientapp_task_acquirer``, ``run_clientapp_task``,
+``time_clientapp_steps``, ``exit_with_parent``; gate: ``executor_supported``).
+
+On any other Flower (its version as Flower reads it from its package metadata,
+``flwr.supercore.version.package_version``) the hooks change nothing and Flower's public behaviour
+runs: its timing, its FAB install, its own executor with a fresh ``flwr-clientapp`` per message
+instead of the warm one (``fedcare/node_launcher.py``), its FAB build; ONE warning per process says
+so. The FAB guard is a security control with no public fallback: on another Flower it is not
+installed, and its callers then run no ClientApp at all (the node does not start).
+Contract tests for every hook: tests/test_compat.py.
 
 Stdlib-only at import time: the warm ClientApp executor imports this before it forks.
 """
@@ -31,6 +40,8 @@ from __future__ import annotations
 import hashlib
 import time
 from pathlib import Path
+
+from fedcare.compat import unverified_message, warn_once
 
 PATCHED_FLOWER = "1.41.0"
 FLOWER_IDLE_POLL_S = 3.0      # start_client_internal: time.sleep(3) when no message was pulled
@@ -47,21 +58,25 @@ def flower_version() -> str:
     return str(version.package_version)
 
 
-def _flower_version_ok(what: str, fallback: str = "keeping Flower's timing") -> bool:
-    if flower_version() == PATCHED_FLOWER:
+UNVERIFIED_FALLBACK = ("fedcare keeps Flower's own behaviour: its polling and object-pull timing, its FAB install, "
+                      "its own executor with a fresh ClientApp process per message (no warm executor), its FAB "
+                      "build; FAB approval cannot be hooked, so a node with approval on does not start")
+
+
+def flower_verified() -> bool:
+    """Whether fedcare's Flower hooks may be used: the installed Flower is the verified one.
+
+    Otherwise warns once per process (``UNVERIFIED_FALLBACK``) and returns False."""
+    found = flower_version()
+    if found == PATCHED_FLOWER:
         return True
-    from logging import WARNING
-
-    from flwr.supercore import log
-
-    log(WARNING, "fedcare: %s is written for Flower %s, this is %s: %s",
-        what, PATCHED_FLOWER, flower_version(), fallback)
+    warn_once("Flower", unverified_message("Flower", PATCHED_FLOWER, found, UNVERIFIED_FALLBACK), logger="flwr")
     return False
 
 
 def shorten_object_pull_backoff(initial_s: float = PULL_INITIAL_BACKOFF_S) -> bool:
     """Retry a not-yet-uploaded object after ``initial_s`` (doubling to Flower's cap), not after 1 s."""
-    if not _flower_version_ok("the object-pull backoff"):
+    if not flower_verified():
         return False
     from flwr.supercore.inflatable import inflatable_utils
 
@@ -107,7 +122,7 @@ class _PromptClock:
 
 def on_message_stored(callback) -> bool:
     """SuperNode: call ``callback()`` each time a message (and all its objects) has been stored."""
-    if not _flower_version_ok("the SuperNode message hook"):
+    if not flower_verified():
         return False
     from flwr.supernode import start_client_internal as loop
 
@@ -127,7 +142,7 @@ def on_message_stored(callback) -> bool:
 
 def patch_supernode_polling(poll_s: float) -> bool:
     """SuperNode: poll within 50 ms..``poll_s`` while a run is active (3 s when idle), check replies every 20 ms."""
-    if not _flower_version_ok("--poll-interval"):
+    if not flower_verified():
         return False
     from flwr.supernode import start_client_internal as loop
 
@@ -148,7 +163,7 @@ def reuse_installed_fab() -> bool:
     ``$FLWR_HOME/apps/<publisher>.<app>.<version>.<hash[:8]>`` and returns that folder unchanged.
     This returns the same folder without the unzip when it exists.
     """
-    if not _flower_version_ok("the FAB install shortcut"):
+    if not flower_verified():
         return False
     from flwr.common.constant import APP_DIR, FAB_HASH_TRUNCATION
     from flwr.supercore.utils import get_flwr_home
@@ -233,7 +248,7 @@ def guard_fab_install(check) -> bool:
     check. Returns False, hooking nothing, on any Flower but the pinned one: the caller must then run
     no ClientApp (``FAB_GUARD_REFUSAL``).
     """
-    if not _flower_version_ok("the FAB approval check", "refusing every FAB") or not fab_guard_supported():
+    if not flower_verified() or not fab_guard_supported():
         return False
     from flwr.supernode.runtime import run_clientapp as runtime
 
@@ -256,7 +271,7 @@ def build_fab(app_dir: Path) -> tuple[bytes, str | None]:
     the files ``fab-include`` selects (plus pyproject.toml and .gitignore), which gives the bytes Flower
     would build once that tree is excluded; the note then says `flwr run` itself will stop there.
     """
-    _flower_version_ok("`fedcare deploy fab`", "building with this Flower's own build function")
+    flower_verified()   # another Flower: a warning, then this Flower's own build function
     import tomllib
 
     from flwr.cli.build import build_fab_from_disk, build_fab_from_files
@@ -274,3 +289,74 @@ def build_fab(app_dir: Path) -> tuple[bytes, str | None]:
         files = {path: file for path, file in collect_files(app_dir).items()
                  if path in ("pyproject.toml", ".gitignore") or spec.match_file(path)}
         return build_fab_from_files(files)[0], str(exc)
+
+
+def executor_supported() -> bool:
+    """Whether fedcare's ClientApp executor (``fedcare/warm_clientapp.py``, warm or ``--cold``) can run here.
+
+    It stands in for ``flower-superexec``: Flower's Runtime API protobufs and HTTP client, and
+    ``run_clientapp``'s signature, are those of the verified Flower. On another Flower it would fail
+    every task (and be restarted, while messages wait out the exchange timeout), so the node uses
+    Flower's own executor instead; the one warning of ``flower_verified`` says so.
+    """
+    return flower_verified() and fab_guard_supported()
+
+
+def exit_with_parent(parent_pid: int) -> None:
+    """Flower's parent-process monitor: SIGINT to this process when ``parent_pid`` exits."""
+    from flwr.supercore.app_utils import start_parent_process_monitor
+
+    start_parent_process_monitor(parent_pid)
+
+
+def clientapp_task_acquirer(runtime_api_address: str):
+    """flower-superexec's ``AcquireTask`` on a SuperNode's Runtime API (loopback, insecure), for ClientApp tasks.
+
+    Returns ``(acquire, unreachable)``: ``acquire()`` returns Flower's response (``HasField("task")``,
+    ``token``, ``task.task_id``, ``task.run_id``); it raises ``unreachable`` while the Runtime API is not up.
+    """
+    import httpx
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    client = RuntimeHttpClient.from_server_address(
+        server_address=runtime_api_address, insecure=True, root_certificates=None,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")])
+    request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+    return (lambda: client.AcquireTask(request)), httpx.TransportError
+
+
+def run_clientapp_task(runtime_api_address: str, token: str, parent_pid: int) -> None:
+    """Run one task exactly as `flwr-clientapp --token` does (Flower's ``run_clientapp``; it ends with SystemExit)."""
+    from flwr.supernode.runtime import run_clientapp as runtime
+
+    runtime.run_clientapp(runtime_api_address=runtime_api_address, token=token, insecure=True,
+                          certificates=None, parent_pid=parent_pid, runtime_dependency_install=False)
+
+
+def time_clientapp_steps(trace) -> None:
+    """Benchmark aid: time Flower's own steps of one task (task input, FAB install, app load) with
+    ``trace("clientapp-step", step=NAME, start=T)``."""
+    from flwr.supernode.runtime import run_clientapp as runtime
+
+    def timed(name, function):
+        def wrapper(*args, **kwargs):
+            started = time.time()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                trace("clientapp-step", step=name, start=started)
+        return wrapper
+
+    runtime.pull_task_input = timed("pull-task-input", runtime.pull_task_input)
+    runtime.install_from_fab = timed("install-fab", runtime.install_from_fab)
+    load = runtime.get_load_client_app_fn
+
+    def get_load(*args, **kwargs):
+        return timed("load-app", load(*args, **kwargs))
+
+    runtime.get_load_client_app_fn = get_load
+    runtime.push_message = timed("push-reply", runtime.push_message)
+    runtime.push_task_output = timed("push-task-output", runtime.push_task_output)

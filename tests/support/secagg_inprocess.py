@@ -1,4 +1,4 @@
-"""The whole protocol in one process: the reference message flow (used by tests and the benchmark).
+"""The whole secure-aggregation protocol in one process: the reference message flow the tests drive.
 
 Each protocol step builds a fresh ``SecAggNode`` from its state file, exactly as a ClientApp
 process that starts anew for every message would. Dropouts are simulated by skipping a node's

@@ -1,0 +1,63 @@
+"""Per-sample clipping cases: models of every family with inputs, and DP-SGD's clipped sum two ways.
+
+Shared by the CPU test (``tests/test_per_sample_clipping.py``) and the GPU one (``tests/test_gpu_training.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from client.per_sample_clipping import PerSampleClipper
+from shared_models.registry import build_model
+
+C = 1.0   # the clip norm every case uses
+
+
+def reference_clipped_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    """sum_i clip(g_i), with microbatches of one sample and Opacus's clip factor."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p) for p in params]
+    for i in range(len(y)):
+        model.zero_grad(set_to_none=True)
+        nn.functional.binary_cross_entropy_with_logits(model(x[i:i + 1]), y[i:i + 1], reduction="sum").backward()
+        grads = [p.grad.detach().clone() for p in params]
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        coef = (C / (norm + 1e-6)).clamp(max=1.0)
+        total = [t + coef * g for t, g in zip(total, grads)]
+    model.zero_grad(set_to_none=True)
+    return total
+
+
+def one_pass_clipped_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    """sum_i clip(g_i) as fedcare computes it: one recorded pass through ``PerSampleClipper``."""
+    clipper = PerSampleClipper(model, C)
+    with clipper.recording():
+        loss = nn.functional.binary_cross_entropy_with_logits(model(x), y, reduction="sum")
+    clipper.clip_and_sum(loss, len(y))
+    return [p.grad.detach().clone() for p in model.parameters() if p.requires_grad]
+
+
+def _sequences(n: int, steps: int, features: int) -> torch.Tensor:
+    """Left-padded sequences: mask column last, each patient with 1..steps real events."""
+    x = torch.randn(n, steps, features + 1, dtype=torch.float64)
+    lengths = torch.randint(1, steps + 1, (n,))
+    mask = (torch.arange(steps)[None, :] >= steps - lengths[:, None]).to(torch.float64)
+    x[..., -1] = mask
+    x[..., :-1][mask == 0] = float("nan")  # padding content must not matter
+    return x
+
+
+CASES = {
+    "logistic": lambda: (build_model("logistic", 7), torch.randn(12, 7, dtype=torch.float64) * 3),
+    "mlp": lambda: (build_model("mlp", 7, hidden_units=16), torch.randn(12, 7, dtype=torch.float64) * 3),
+    "cnn": lambda: (build_model("cnn", (1, 16, 16)), torch.randn(6, 1, 16, 16, dtype=torch.float64)),
+    "cnn-rgb": lambda: (build_model("cnn", (3, 8, 8)), torch.randn(5, 3, 8, 8, dtype=torch.float64)),
+    "conv-strided": lambda: (nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, dilation=2, padding=1), nn.GroupNorm(1, 3),
+                                           nn.ReLU(), nn.Flatten(), nn.Linear(48, 1), nn.Flatten(0)),
+                             torch.randn(5, 2, 9, 9, dtype=torch.float64)),
+    "gru": lambda: (build_model("gru", (6, 5)), _sequences(9, 6, 4)),
+    "gru-long": lambda: (build_model("gru", (40, 3)), _sequences(4, 40, 2)),  # more steps than weights
+    # enough samples x steps that the (T, T) Gram products are taken a chunk of samples at a time
+    "gru-chunked": lambda: (build_model("gru", (40, 3)), _sequences(23, 40, 2)),
+}
