@@ -39,10 +39,10 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -199,56 +199,91 @@ def _folders(ledger_dirs: str | Path | Iterable[str | Path] | None) -> list[Path
 
 # ---- 1 and 2: one file ----------------------------------------------------------------------------
 def _check_file(name: str, report: VerifyReport) -> list[Entry]:
+    """Check one log file line by line and as a chain (1 and 2); return the entries that verified."""
     def bad(line: int, reason: str) -> None:
         report.findings.append(Finding(name, line, reason))
 
+    lines = _log_lines(name, report)
+    if lines is None:
+        return []
+    good = _verified_lines(*lines, bad)
+    return _entries_of(name, good, bad, report)
+
+
+def _log_lines(name: str, report: VerifyReport) -> tuple[list[bytes], bool] | None:
+    """The file's raw lines and whether the last one is torn (no final newline); None if unreadable or empty."""
     try:
         data = Path(name).read_bytes()
     except OSError as exc:
-        bad(0, f"cannot read the file: {exc.strerror or exc}")
-        return []
+        report.findings.append(Finding(name, 0, f"cannot read the file: {exc.strerror or exc}"))
+        return None
     if not data:
         report.findings.append(Finding(name, 0, "empty log (no records)", "note"))
-        return []
+        return None
     raws = data.split(b"\n")
     torn = raws[-1] != b""
     if not torn:
         raws.pop()
+    return raws, torn
+
+
+def _verified_lines(raws: list[bytes], torn: bool,
+                    bad: Callable[[int, str], None]) -> list[tuple[int, bytes, dict[str, Any]]]:
+    """The lines that verify on their own, as (line number, raw, parsed); the chain is checked on the way."""
     good: list[tuple[int, bytes, dict[str, Any]]] = []
     prev_raw, prev_ok, expected_seq = None, False, 0
     for number, raw in enumerate(raws, start=1):
         if torn and number == len(raws):
             bad(number, "the last line is incomplete (no final newline: a torn or truncated write)")
-        line: Any = None
-        try:
-            line = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            bad(number, "not valid JSON (a corrupted or non-log line)")
-        ok = False
-        if line is not None:
-            problem = last_line_problem(line, raw)
-            if problem is not None:
-                bad(number, f"record does not verify: {problem}")
-            else:
-                ok = True
-                if problems := schema_problems(line["kind"], line["body"]):
-                    bad(number, "malformed record: " + "; ".join(problems))
-                    ok = False
-        if isinstance(line, dict) and isinstance(line.get("seq"), int):
-            seq = line["seq"]
-            if seq != expected_seq:
-                what = "missing before this line (deleted)" if seq > expected_seq else "out of order or duplicated"
-                bad(number, f"seq {seq} where {expected_seq} was expected: records {what}")
-            expected_seq = seq + 1
-        if isinstance(line, dict):
-            want = GENESIS if prev_raw is None else line_hash(prev_raw)
-            if line.get("prev") != want and (prev_raw is None or prev_ok):
-                bad(number, "does not chain to the start of the log: earlier records were removed"
-                    if prev_raw is None else
-                    f"prev hash does not match line {number - 1}: a record was deleted, inserted or reordered here")
+        line, ok = _parse_line(number, raw, bad)
+        expected_seq = _check_link(number, line, prev_raw, prev_ok, expected_seq, bad)
         if ok:
             good.append((number, raw, line))
         prev_raw, prev_ok = raw, ok and line is not None
+    return good
+
+
+def _parse_line(number: int, raw: bytes, bad: Callable[[int, str], None]) -> tuple[Any, bool]:
+    """A line parsed (None when not JSON) and whether it verifies on its own: signature, form, schema."""
+    line: Any = None
+    try:
+        line = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        bad(number, "not valid JSON (a corrupted or non-log line)")
+    ok = False
+    if line is not None:
+        problem = last_line_problem(line, raw)
+        if problem is not None:
+            bad(number, f"record does not verify: {problem}")
+        else:
+            ok = True
+            if problems := schema_problems(line["kind"], line["body"]):
+                bad(number, "malformed record: " + "; ".join(problems))
+                ok = False
+    return line, ok
+
+
+def _check_link(number: int, line: Any, prev_raw: bytes | None, prev_ok: bool, expected_seq: int,
+                bad: Callable[[int, str], None]) -> int:
+    """Check a line's ``seq`` and ``prev`` against the line before it; return the next expected ``seq``."""
+    if isinstance(line, dict) and isinstance(line.get("seq"), int):
+        seq = line["seq"]
+        if seq != expected_seq:
+            what = "missing before this line (deleted)" if seq > expected_seq else "out of order or duplicated"
+            bad(number, f"seq {seq} where {expected_seq} was expected: records {what}")
+        expected_seq = seq + 1
+    if isinstance(line, dict):
+        want = GENESIS if prev_raw is None else line_hash(prev_raw)
+        if line.get("prev") != want and (prev_raw is None or prev_ok):
+            bad(number, "does not chain to the start of the log: earlier records were removed"
+                if prev_raw is None else
+                f"prev hash does not match line {number - 1}: a record was deleted, inserted or reordered here")
+    return expected_seq
+
+
+def _entries_of(name: str, good: list[tuple[int, bytes, dict[str, Any]]], bad: Callable[[int, str], None],
+                report: VerifyReport) -> list[Entry]:
+    """The verified lines signed by the file's one key and actor, as entries; records the file's head."""
     keys = Counter(line["pubkey"] for _, _, line in good)
     actors = Counter(line["actor"] for _, _, line in good)
     file_key = keys.most_common(1)[0][0] if keys else ""
@@ -305,8 +340,17 @@ def _ordered(group: list[Entry]) -> list[Entry]:
 
 
 def _replay_epsilon(node: list[Entry], report: VerifyReport) -> None:
+    """Replay each hospital's epsilon per dataset from its releases' DP parameters (4)."""
     from fedcare.dp_accounting import RdpComposition   # opacus (and torch) only when epsilons are checked
 
+    groups = _group_by_dataset(node, report)
+    for (actor, key), group in groups.items():
+        # Opacus's RDP accountant, composed release by release
+        _replay_group(actor, key, group, report.hospitals[actor], RdpComposition(), report)
+
+
+def _group_by_dataset(node: list[Entry], report: VerifyReport) -> dict[tuple[str, str], list[Entry]]:
+    """Node releases and budgets grouped by (hospital, dataset); refusals and unmasks counted in its view."""
     groups: dict[tuple[str, str], list[Entry]] = defaultdict(list)
     for e in node:
         view = report.hospitals.setdefault(e.actor, HospitalView(e.actor, e.pubkey))
@@ -320,56 +364,68 @@ def _replay_epsilon(node: list[Entry], report: VerifyReport) -> None:
             view.refusals.append(dict(e.body, time=e.time))
         elif e.kind == KIND_UNMASK:
             view.unmasks += 1
-    for (actor, key), group in groups.items():
-        view = report.hospitals[actor]
-        replay = RdpComposition()   # Opacus's RDP accountant, composed release by release
-        delta: float | None = None
-        budget: float | None = None
-        no_dp = 0
-        paid_answers = {_EMPTY_STATS_DIGEST}   # statistics answers this hospital paid for on this data
-        for e in _ordered(group):
-            b = e.body
-            if e.kind == KIND_BUDGET:
-                budget = float(b["budget"])
-                view.budgets[key] = budget
-                continue
-            dp, claimed, replayed = b["dp"], b["epsilon_after"], None
-            if dp is None:
-                no_dp += 1
-                if claimed is not None:
-                    report.findings.append(Finding(e.file, e.line, f"claims epsilon {claimed} without DP parameters"))
-            else:
-                if delta is None:
-                    delta = float(dp["delta"])
-                elif not math.isclose(delta, float(dp["delta"]), rel_tol=1e-12):
-                    report.findings.append(Finding(e.file, e.line, f"delta {dp['delta']:g} differs from the {delta:g} "
-                                                   "of earlier releases on this data (epsilons are not comparable)"))
-                _check_free_release(e, paid_answers, report)
-                try:
-                    replay.add(float(dp["noise_multiplier"]), float(dp["sample_rate"]), int(dp["steps"]))
-                    replayed = replay.epsilon(delta)
-                except (ValueError, ArithmeticError, TypeError) as exc:
-                    report.findings.append(Finding(e.file, e.line,
-                                                   f"the accountant cannot replay these DP parameters ({exc})"))
-                else:
-                    if not _close(float(claimed), replayed):
-                        report.findings.append(Finding(
-                            e.file, e.line, f"{actor} claims epsilon_after {claimed:.9g} but the RDP accountant gives "
-                                            f"{replayed:.9g} from the recorded DP parameters "
-                                            f"(run {b['run_id']} round {b['round']})"))
-                    if budget is not None and replayed > budget * (1 + EPS_RTOL) and int(dp["steps"]) > 0:
-                        report.findings.append(Finding(
-                            e.file, e.line, f"{actor} released up to epsilon {replayed:.6g} on {key!r}, above the "
-                                            f"budget {budget:g} it last signed (run {b['run_id']} round {b['round']})"))
-            view.releases.append(ReleaseView(b["run_id"], b["round"], b["stage"], e.time, b["data_fingerprint"], dp,
-                                             claimed, replayed, b.get("secagg"), e.file, e.line,
-                                             b.get("dataset_id") or ""))
-        if delta is not None:
-            view.epsilon[key] = replay.epsilon(delta)
-            view.delta[key] = delta
-        if no_dp:
-            report.findings.append(Finding(group[0].file, 0, f"{actor}: {no_dp} release(s) without differential "
-                                           f"privacy on data {key[:24]} (no epsilon guarantee)", "note"))
+    return groups
+
+
+def _replay_group(actor: str, key: str, group: list[Entry], view: HospitalView, replay: Any,
+                  report: VerifyReport) -> None:
+    """Replay one hospital's releases on one dataset in order into ``replay``; record them in ``view``."""
+    delta: float | None = None
+    budget: float | None = None
+    no_dp = 0
+    paid_answers = {_EMPTY_STATS_DIGEST}   # statistics answers this hospital paid for on this data
+    for e in _ordered(group):
+        b = e.body
+        if e.kind == KIND_BUDGET:
+            budget = float(b["budget"])
+            view.budgets[key] = budget
+            continue
+        dp, claimed, replayed = b["dp"], b["epsilon_after"], None
+        if dp is None:
+            no_dp += 1
+            if claimed is not None:
+                report.findings.append(Finding(e.file, e.line, f"claims epsilon {claimed} without DP parameters"))
+        else:
+            delta, replayed = _replay_release(e, actor, key, replay, delta, budget, paid_answers, report)
+        view.releases.append(ReleaseView(b["run_id"], b["round"], b["stage"], e.time, b["data_fingerprint"], dp,
+                                         claimed, replayed, b.get("secagg"), e.file, e.line,
+                                         b.get("dataset_id") or ""))
+    if delta is not None:
+        view.epsilon[key] = replay.epsilon(delta)
+        view.delta[key] = delta
+    if no_dp:
+        report.findings.append(Finding(group[0].file, 0, f"{actor}: {no_dp} release(s) without differential "
+                                       f"privacy on data {key[:24]} (no epsilon guarantee)", "note"))
+
+
+def _replay_release(e: Entry, actor: str, key: str, replay: Any, delta: float | None, budget: float | None,
+                    paid_answers: set[str], report: VerifyReport) -> tuple[float, float | None]:
+    """Add one DP release to ``replay`` and check its claimed epsilon; return (delta, replayed epsilon or None)."""
+    b = e.body
+    dp, claimed = b["dp"], b["epsilon_after"]
+    if delta is None:
+        delta = float(dp["delta"])
+    elif not math.isclose(delta, float(dp["delta"]), rel_tol=1e-12):
+        report.findings.append(Finding(e.file, e.line, f"delta {dp['delta']:g} differs from the {delta:g} "
+                                       "of earlier releases on this data (epsilons are not comparable)"))
+    _check_free_release(e, paid_answers, report)
+    try:
+        replay.add(float(dp["noise_multiplier"]), float(dp["sample_rate"]), int(dp["steps"]))
+        replayed = replay.epsilon(delta)
+    except (ValueError, ArithmeticError, TypeError) as exc:
+        report.findings.append(Finding(e.file, e.line,
+                                       f"the accountant cannot replay these DP parameters ({exc})"))
+        return delta, None
+    if not _close(float(claimed), replayed):
+        report.findings.append(Finding(
+            e.file, e.line, f"{actor} claims epsilon_after {claimed:.9g} but the RDP accountant gives "
+                            f"{replayed:.9g} from the recorded DP parameters "
+                            f"(run {b['run_id']} round {b['round']})"))
+    if budget is not None and replayed > budget * (1 + EPS_RTOL) and int(dp["steps"]) > 0:
+        report.findings.append(Finding(
+            e.file, e.line, f"{actor} released up to epsilon {replayed:.6g} on {key!r}, above the "
+                            f"budget {budget:g} it last signed (run {b['run_id']} round {b['round']})"))
+    return delta, replayed
 
 
 # The digest of an empty statistics answer (no numeric feature to release): sent at no cost.
@@ -396,12 +452,25 @@ def _check_free_release(e: Entry, paid_answers: set[str], report: VerifyReport) 
 
 # ---- 3: node vs server -------------------------------------------------------------------------------
 def _cross_check(node: list[Entry], server: list[Entry], report: VerifyReport) -> None:
+    """Check the nodes' records against the server's (3)."""
     def error(e: Entry, reason: str) -> None:
         report.findings.append(Finding(e.file, e.line, reason))
 
     def note(e: Entry, reason: str) -> None:
         report.findings.append(Finding(e.file, e.line, reason, "note"))
 
+    rounds = _server_rounds(server, error)
+    runs = {e.body["run_id"]: e for e in server if e.kind == KIND_RUN}
+    releases = _check_node_records(node, rounds, runs, error, note)
+    for (run, rnd, actor), group in releases.items():
+        trains = [g for g in group if g.body["stage"] == "train"]
+        if len(trains) > 1:
+            error(trains[1], f"{actor} logged a second training release for run {run} round {rnd}")
+    _check_responded(rounds, {e.actor for e in node}, releases, error, note)
+
+
+def _server_rounds(server: list[Entry], error: Callable[[Entry, str], None]) -> dict[tuple[str, int], Entry]:
+    """The server's round records by (run, round): the first of each; a second one is an error."""
     rounds: dict[tuple[str, int], Entry] = {}
     for e in server:
         if e.kind == KIND_ROUND:
@@ -410,10 +479,15 @@ def _cross_check(node: list[Entry], server: list[Entry], report: VerifyReport) -
                 first = rounds[key]
                 error(e, f"a second server record for run {key[0]} round {key[1]} (first: {first.file}:{first.line})")
             rounds.setdefault(key, e)
-    runs = {e.body["run_id"]: e for e in server if e.kind == KIND_RUN}
+    return rounds
+
+
+def _check_node_records(node: list[Entry], rounds: dict[tuple[str, int], Entry], runs: dict[str, Entry],
+                        error: Callable[[Entry, str], None],
+                        note: Callable[[Entry, str], None]) -> dict[tuple[str, int, str], list[Entry]]:
+    """Check each node record against its server round; return the releases by (run, round, hospital)."""
     server_runs = {r for r, _ in rounds} | set(runs)
     in_flight = _rounds_in_flight(rounds, runs)
-    covered = {e.actor for e in node}
     releases: dict[tuple[str, int, str], list[Entry]] = defaultdict(list)
     unnoted_runs: set[str] = set()
     for e in node:
@@ -432,24 +506,40 @@ def _cross_check(node: list[Entry], server: list[Entry], report: VerifyReport) -
             if b["stage"] == "train" or srv is not None:
                 _check_release(e, srv, rounds, runs, in_flight, error, note)
         elif e.kind == KIND_REFUSAL and srv is not None:
-            s = srv.body
-            if e.actor in s["responded"]:
-                error(e, f"{e.actor} refused run {run} round {rnd}, but the server ({srv.file}:{srv.line}) "
-                         "counts it as responded")
-            elif e.actor not in s["refused"] and e.actor not in s["failed"]:
-                note(e, f"the server's round record ({srv.file}:{srv.line}) does not mention this refusal")
+            _check_refusal(e, srv, error, note)
         elif e.kind == KIND_UNMASK and srv is not None and srv.body.get("secagg"):
-            # a node reveals self-mask shares of its surviving neighbours only (all survivors in the
-            # complete graph) and mask-key shares of dropped ones: both must agree with the server's round
-            mine = {str(v) for v in b["survivors"]}
-            theirs = {str(v) for v in srv.body["secagg"].get("survivors", [])}
-            if not mine <= theirs or {str(v) for v in b["dropped"]} & theirs:
-                error(e, f"unmasked for survivors {sorted(mine)} and dropped {sorted(map(str, b['dropped']))}, but "
-                         f"the server ({srv.file}:{srv.line}) records survivors {sorted(theirs)}")
-    for (run, rnd, actor), group in releases.items():
-        trains = [g for g in group if g.body["stage"] == "train"]
-        if len(trains) > 1:
-            error(trains[1], f"{actor} logged a second training release for run {run} round {rnd}")
+            _check_unmask(e, srv, error)
+    return releases
+
+
+def _check_refusal(e: Entry, srv: Entry, error: Callable[[Entry, str], None],
+                   note: Callable[[Entry, str], None]) -> None:
+    """A node's refusal must not be counted as responded by the server's round record."""
+    s = srv.body
+    run, rnd = e.body["run_id"], e.body["round"]
+    if e.actor in s["responded"]:
+        error(e, f"{e.actor} refused run {run} round {rnd}, but the server ({srv.file}:{srv.line}) "
+                 "counts it as responded")
+    elif e.actor not in s["refused"] and e.actor not in s["failed"]:
+        note(e, f"the server's round record ({srv.file}:{srv.line}) does not mention this refusal")
+
+
+def _check_unmask(e: Entry, srv: Entry, error: Callable[[Entry, str], None]) -> None:
+    """A node's unmask survivors and dropped hospitals must agree with the server's secure-aggregation round."""
+    # a node reveals self-mask shares of its surviving neighbours only (all survivors in the
+    # complete graph) and mask-key shares of dropped ones: both must agree with the server's round
+    b = e.body
+    mine = {str(v) for v in b["survivors"]}
+    theirs = {str(v) for v in srv.body["secagg"].get("survivors", [])}
+    if not mine <= theirs or {str(v) for v in b["dropped"]} & theirs:
+        error(e, f"unmasked for survivors {sorted(mine)} and dropped {sorted(map(str, b['dropped']))}, but "
+                 f"the server ({srv.file}:{srv.line}) records survivors {sorted(theirs)}")
+
+
+def _check_responded(rounds: dict[tuple[str, int], Entry], covered: set[str],
+                     releases: dict[tuple[str, int, str], list[Entry]], error: Callable[[Entry, str], None],
+                     note: Callable[[Entry, str], None]) -> None:
+    """Every hospital a server round lists as responded, whose log is supplied, has a release for it."""
     uncovered_noted: set[str] = set()
     for (run, rnd), srv in sorted(rounds.items(), key=lambda kv: (kv[1].file, kv[1].line)):
         for actor in srv.body["responded"]:
@@ -584,21 +674,16 @@ def _check_ledgers(directory: Path, report: VerifyReport) -> None:
 
 def _check_ledger(path: Path, by_fingerprint: dict[str, tuple[HospitalView, list[ReleaseView]]],
                   report: VerifyReport) -> None:
+    """Check one privacy ledger: its own history, its budget, and its releases against the audit logs."""
     name = str(path)
 
     def error(reason: str) -> None:
         report.findings.append(Finding(name, 0, reason))
 
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        fingerprint, hospital = str(data.get("dataset_id") or data["fingerprint"]), str(data["hospital"])
-        delta = float(data["delta"])
-        history = [(float(s), float(q), int(k)) for s, q, k in data["history"]]
-        ledger_releases = [(str(r["run_id"]), int(r["round"]), str(r["kind"]), float(r["epsilon_after"]))
-                           for r in data["releases"]]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        error(f"unreadable privacy ledger ({type(exc).__name__}: {exc})")
+    ledger = _read_ledger(path, error)
+    if ledger is None:
         return
+    data, fingerprint, hospital, delta, history, ledger_releases = ledger
     try:
         ledger_eps = _epsilon(history, delta)
     except (ValueError, ArithmeticError) as exc:
@@ -619,6 +704,40 @@ def _check_ledger(path: Path, by_fingerprint: dict[str, tuple[HospitalView, list
                          + ("" if covered else f" (no log of {hospital} supplied)"),
                 "error" if covered else "note"))
         return
+    _compare_ledger_releases(name, hospital, delta, ledger_eps, ledger_releases, match, error, report)
+
+
+class _LedgerFile(NamedTuple):
+    """What a privacy ledger file holds, read and typed."""
+
+    data: dict[str, Any]
+    dataset: str                                  # its dataset id (else its data fingerprint)
+    hospital: str
+    delta: float
+    history: list[tuple[float, float, int]]       # (noise multiplier, sample rate, steps)
+    releases: list[tuple[str, int, str, float]]   # (run, round, kind, epsilon after)
+
+
+def _read_ledger(path: Path, error: Callable[[str], None]) -> _LedgerFile | None:
+    """The ledger file read and typed; None (and an error) when it is unreadable."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        fingerprint, hospital = str(data.get("dataset_id") or data["fingerprint"]), str(data["hospital"])
+        delta = float(data["delta"])
+        history = [(float(s), float(q), int(k)) for s, q, k in data["history"]]
+        ledger_releases = [(str(r["run_id"]), int(r["round"]), str(r["kind"]), float(r["epsilon_after"]))
+                           for r in data["releases"]]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        error(f"unreadable privacy ledger ({type(exc).__name__}: {exc})")
+        return None
+    return _LedgerFile(data, fingerprint, hospital, delta, history, ledger_releases)
+
+
+def _compare_ledger_releases(name: str, hospital: str, delta: float, ledger_eps: float,
+                             ledger_releases: list[tuple[str, int, str, float]],
+                             match: tuple[HospitalView, list[ReleaseView]], error: Callable[[str], None],
+                             report: VerifyReport) -> None:
+    """The ledger and the audit log must hold the same delta, the same charged releases and the same epsilon."""
     view, audit_releases = match
     audit_fp = audit_releases[0].data_key
     # a release at zero steps (a re-sent statistics answer) cost nothing: the ledger need not list it

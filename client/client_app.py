@@ -17,6 +17,7 @@ reason instead of a traceback, and written to the hospital's audit log.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from functools import lru_cache
@@ -24,16 +25,34 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.datasets import DataSource, HospitalData, hospital_name, load_hospital
 from client.feature_stats import local_sums, stats_key
+from client.node_config import DEFAULT_LEDGER_DIR, NodeConfig
 from client.node_policy import NodePolicy, PolicyRefusal
 from client.secret_randomness import SecretRandom
 from fedcare import protocol, timing
 from fedcare.errors import BudgetExhausted, FedcareError
 from fedcare.protocol import RunRequest
+from fedcare.wire import (
+    EvaluationMetrics,
+    FeatureSchema,
+    KeyAgreementRequest,
+    ModelInputs,
+    PrivacyNote,
+    Refusal,
+    StatsReply,
+    TrainReport,
+    asks_secure_update,
+    evaluation_withheld,
+    hospital_record,
+    plain_train_reply,
+    read,
+    received_model,
+    unmask_round,
+)
 
 if TYPE_CHECKING:
     from client.privacy_ledger import PrivacyLedger
@@ -61,16 +80,10 @@ class _Node:
         self.context = context
         self.config = config
         self.defaults = defaults
+        self.settings = NodeConfig.read(context.node_config, defaults, context.run_config)
         self.request = RunRequest.from_config(config)
         self.policy = _policy(context, defaults, self.request)
         self._name: str | None = None
-
-    def setting(self, key: str, fallback: Any = None) -> Any:
-        """A hospital-owned setting: node config, else the in-process simulation's stand-in."""
-        for source in (self.context.node_config, self.defaults):
-            if key in source:
-                return source[key]
-        return fallback
 
     @property
     def dp(self) -> bool:
@@ -92,21 +105,11 @@ class _Node:
 
     def source(self) -> DataSource:
         """Where this hospital's data is: node config (run config only for a shared data root)."""
-        def text(key: str) -> str | None:
-            value = self.setting(key)
-            return None if value in (None, "") else str(value)
-
-        partition = self.setting("partition-id")
-        root = text("data-root") or (str(self.context.run_config["data-root"])
-                                     if self.context.run_config.get("data-root") else None)
+        c = self.settings
         return DataSource(
-            partition_id=None if partition is None else int(partition),
-            data_root=root, data_path=text("data-path"), labels=text("labels"), schema=text("schema"),
-            cache_dir=str(self.setting("cache-dir", "fedcare-cache")),
-            image_size=self.request.image_size,
-            multiframe=str(self.setting("multiframe", "first")),
-            require_deidentified=_flag(self.setting("require-deidentified", True)),
-            on_unreadable=str(self.setting("on-unreadable", "error")),
+            partition_id=c.partition_id, data_root=c.data_root, data_path=c.data_path, labels=c.labels,
+            schema=c.schema, cache_dir=c.cache_dir, image_size=self.request.image_size, multiframe=c.multiframe,
+            require_deidentified=c.require_deidentified, on_unreadable=c.on_unreadable,
         )
 
     def data(self, for_training: bool = True) -> HospitalData:
@@ -117,13 +120,12 @@ class _Node:
 
     def dataset_id(self, data: HospitalData) -> str:
         """The identity this hospital's privacy ledger is kept under (hospital.toml ``dataset-id``)."""
-        declared = self.setting("dataset-id")
-        return str(declared) if declared not in (None, "") else f"{self.request.dataset}:{data.name}"
+        return self.settings.dataset_id or f"{self.request.dataset}:{data.name}"
 
     @property
     def ledger_dir(self) -> str:
         """The hospital's private state folder: privacy ledgers and secure-aggregation keys."""
-        return str(self.setting("ledger-dir", self.context.run_config.get("ledger-dir", "fedcare-ledgers")))
+        return self.settings.ledger_dir
 
     def secagg_state(self) -> Path:
         """This node's secure-aggregation state file for this run (private keys: hospital-side)."""
@@ -139,17 +141,19 @@ class _Node:
 
     def member_name(self) -> str:
         """This hospital's name on its consortium roster (hospital.toml [consortium] name)."""
-        declared = self.setting("secagg-name")
-        return str(declared) if declared not in (None, "") else self.name()
+        return self.settings.secagg_name or self.name()
 
     def consortium(self):
         """Who this hospital accepts as secure-aggregation peers: its pinned roster and own identity key;
         a simulated hospital: keys derived from the simulated hospitals' shared secret."""
-        from secure_aggregation.identity import Roster, RosterConsortium, SimulatedConsortium
+        from secure_aggregation.identity import (
+            Roster,
+            RosterConsortium,
+            SimulatedConsortium,
+        )
 
-        roster = self.setting("secagg-roster")
-        if roster not in (None, ""):
-            return RosterConsortium(Roster.load(str(roster)), str(self.setting("secagg-identity-key", "")))
+        if self.settings.secagg_roster is not None:
+            return RosterConsortium(Roster.load(self.settings.secagg_roster), self.settings.secagg_identity_key)
         simulated = self.defaults.get(SIMULATED_CONSORTIUM)
         if simulated is None and _simulated(self.context):
             simulated = str(Path(self.ledger_dir) / "consortium")
@@ -216,21 +220,10 @@ def _simulated(context: Context) -> bool:
     return "num-partitions" in context.node_config and ray is not None and ray.is_initialized()
 
 
-def _flag(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() not in ("false", "0", "no", "off")
-    return bool(value)
-
-
 def _reply(msg: Message, data_name: str, report: Mapping[str, Any] | None = None, **records: Any) -> Message:
     """A reply: the hospital record (its name, plus ``report``'s prefixed keys) and ``records``."""
-    content = RecordDict({protocol.HOSPITAL: ConfigRecord({"name": data_name, **(report or {})}), **records})
+    content = RecordDict({protocol.HOSPITAL: hospital_record(data_name, report or {}), **records})
     return Message(content=content, reply_to=msg)
-
-
-def _secure(msg: Message) -> bool:
-    """Whether the server's message carries a secure-aggregation request."""
-    return any(key.startswith(protocol.SECAGG) for key in msg.content[protocol.CONFIG].keys())
 
 
 def _refusal_kind(exc: FedcareError) -> str:
@@ -248,7 +241,15 @@ def _refusal_kind(exc: FedcareError) -> str:
 def _refusal(msg: Message, name: str, exc: FedcareError) -> Message:
     # the received model may have been tested before the refusal: that evaluation is still sent
     return _reply(msg, name, getattr(exc, "evaluation", None),
-                  **{protocol.REFUSAL: ConfigRecord({"reason": str(exc), "kind": _refusal_kind(exc)})})
+                  **{protocol.REFUSAL: Refusal(str(exc), _refusal_kind(exc)).to_record()})
+
+
+def _round_named(msg: Message) -> int:
+    """The round a refused message names, for the audit log (0: it names none, or not as a number)."""
+    try:
+        return read(msg.content.config_records.get(protocol.CONFIG, {}), "server-round", "int", "run request", 0)
+    except FedcareError:
+        return 0
 
 
 def _guarded(handler: Callable[[_Node, Message], Message], defaults: Mapping[str, Any]):
@@ -266,10 +267,11 @@ def _guarded(handler: Callable[[_Node, Message], Message], defaults: Mapping[str
                 from client import audit_trail
 
                 ledger_dir = node.ledger_dir if node is not None else str(context.node_config.get(
-                    "ledger-dir", defaults.get("ledger-dir", "fedcare-ledgers")))
+                    "ledger-dir", defaults.get("ledger-dir", DEFAULT_LEDGER_DIR)))
                 audit_trail.refusal(audit_trail.open_log(ledger_dir, name), run_id=context.run_id,
-                                    round_=int(msg.content[protocol.CONFIG].get("server-round", 0)), reason=str(exc),
-                                    kind=str(reply.content.config_records[protocol.REFUSAL]["kind"]))
+                                    round_=node.request.server_round if node is not None else _round_named(msg),
+                                    reason=str(exc),
+                                    kind=_refusal_kind(exc))
             except FedcareError:
                 pass  # the refusal itself is what the coordinator must hear about
             return reply
@@ -314,7 +316,7 @@ def _feature_stats(node: _Node, msg: Message) -> Message:
     rows = data.per_patient_numeric(data.x_train)
     from client import audit_trail
 
-    metrics: dict[str, Any] = {}
+    epsilon = None
     dp_params = None
     dataset_id = node.dataset_id(data)
     if not node.dp:
@@ -330,42 +332,37 @@ def _feature_stats(node: _Node, msg: Message) -> Message:
             ledger.record(str(node.context.run_id), 0, "feature-stats",
                           [(plan.stats_noise_multiplier, 1.0, 1)], stats_key=key, values=values,
                           data_fingerprint=data.fingerprint())
-        metrics["epsilon"] = ledger.epsilon()
+        epsilon = ledger.epsilon()
         # a re-sent paid-for answer (or an empty one) is post-processing: zero steps
         dp_params = audit_trail.DPParams(plan.stats_noise_multiplier or 0.0, 1.0, 1 if fresh else 0, None,
                                          node.policy.delta)
     audit_trail.release(node.audit_log(data.name), run_id=node.context.run_id, round_=0, stage="feature-stats",
                         data_fingerprint=data.fingerprint(), global_arrays=None,
                         sent={"sum": np.asarray(values["sum"], dtype=np.float64)}, dp=dp_params,
-                        epsilon=metrics.get("epsilon"), secagg=None, dataset_id=dataset_id)
-    metrics |= {"sum": values["sum"], protocol.NUM_EXAMPLES: _public_size(node, data)}
-    features = ConfigRecord({
-        "names": data.numeric_features, "input-shape": list(data.input_shape), "task": data.task,
-        "bounds-lo": [float(lo) for lo, _ in bounds], "bounds-hi": [float(hi) for _, hi in bounds],
-    })
-    report = _privacy_report(node, "stats/")
-    return _reply(msg, data.name, report, **{protocol.METRICS: MetricRecord(metrics), "features": features})
+                        epsilon=epsilon, secagg=None, dataset_id=dataset_id)
+    schema = FeatureSchema(tuple(data.numeric_features), tuple(float(lo) for lo, _ in bounds),
+                           tuple(float(hi) for _, hi in bounds), tuple(data.input_shape), data.task)
+    reply = StatsReply(data.name, values["sum"], _public_size(node, data), schema, epsilon, _privacy_note(node))
+    return Message(content=reply.encode(), reply_to=msg)
 
 
-def _privacy_report(node: _Node, prefix: str) -> dict[str, Any]:
+def _privacy_note(node: _Node) -> PrivacyNote:
     """What the hospital says about its own release: its delta, and whether the noise was secret."""
-    report: dict[str, Any] = {f"{prefix}delta": node.policy.delta} if node.dp else {}
-    if not node.private:
-        report[f"{prefix}not-private"] = True
-    return report
+    return PrivacyNote(node.policy.delta if node.dp else None, node.private)
 
 
 def _prepared(node: _Node, data: HospitalData, x: np.ndarray) -> np.ndarray:
-    return data.prepared(x, list(node.config["norm-mean"]), list(node.config["norm-std"]))
+    inputs = ModelInputs.from_config(node.config)
+    return data.prepared(x, inputs.norm_mean, inputs.norm_std)
 
 
 def _train(node: _Node, msg: Message) -> Message:
     """Train on the received model; first test it when asked (the previous round's evaluation)."""
     evaluation = None
-    if node.config.get(protocol.EVALUATE_INCOMING) and node.policy.release_evaluation != "none":
+    if ModelInputs.from_config(node.config).evaluate_incoming and node.policy.release_evaluation != "none":
         # in the hospital record, not a MetricRecord: a train reply's one MetricRecord is what the
         # strategy aggregates
-        evaluation = {f"{protocol.EVALUATION}{k}": v for k, v in _test_metrics(node, msg).items()}
+        evaluation = _test_metrics(node, msg).to_record(protocol.EVALUATION)
     try:
         return _train_received(node, msg, evaluation or {})
     except FedcareError as exc:
@@ -373,36 +370,45 @@ def _train(node: _Node, msg: Message) -> Message:
         raise
 
 
+def _dp_round(node: _Node, data: HospitalData) -> tuple[Any, Any, Any, Any]:
+    """This round's DP settings from the hospital's own privacy plan: (settings, ledger, the plan as first
+    made, the re-plan after a coordinator crash or None); all None without DP."""
+    from client.dp_trainer import DPSettings
+
+    if not node.dp:
+        return None, None, None, None
+    ledger = node.ledger(data)
+    planned = ledger.plan(node.plan_id) or node.plan(data, ledger, stats_needed=False)
+    # a round asked for again after a coordinator crash was paid for already: the hospital re-plans
+    # the rounds left from its own ledger and plan, so they still fit the plan's target
+    plan, replan = ledger.plan_for_round(node.plan_id, node.request.server_round)
+    ledger.check_release([(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)])
+    # the plan's sample rate and steps, not ones recomputed from today's data: the ledger records what
+    # the plan counted, whatever size the data has now
+    epochs = node.request.local_epochs
+    if epochs < 1 or plan.steps_per_round % epochs:
+        raise PolicyRefusal(f"{data.name} refuses: local-epochs={epochs} does not divide the "
+                            f"{plan.steps_per_round} DP steps a round its privacy plan for run "
+                            f"{node.plan_id} counts",
+                            "resume with the run's own local-epochs")
+    dp = DPSettings(plan.noise_multiplier, node.request.max_grad_norm, plan.sample_rate,
+                    plan.steps_per_round // epochs)
+    return dp, ledger, planned, replan
+
+
 def _train_received(node: _Node, msg: Message, report: dict[str, Any]) -> Message:
-    from client.dp_trainer import DPSettings, train
+    from client.dp_trainer import train
     from shared_models.weights import load_arrays, model_to_arrays, parameter_values
 
     data = node.data()
-    secure = _secure(msg)
+    secure = asks_secure_update(node.config)
     if not secure:
         node.policy.check_plain_update(data.name)   # the server dropped the masking it promised
     server_round = node.request.server_round
     model = node.model(data)
-    global_arrays = _received_model(msg)
+    global_arrays = received_model(msg.content)
     load_arrays(model, global_arrays)
-    dp, ledger, plan, replan = None, None, None, None
-    if node.dp:
-        ledger = node.ledger(data)
-        planned = ledger.plan(node.plan_id) or node.plan(data, ledger, stats_needed=False)
-        # a round asked for again after a coordinator crash was paid for already: the hospital re-plans
-        # the rounds left from its own ledger and plan, so they still fit the plan's target
-        plan, replan = ledger.plan_for_round(node.plan_id, server_round)
-        ledger.check_release([(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)])
-        # the plan's sample rate and steps, not ones recomputed from today's data: the ledger records what
-        # the plan counted, whatever size the data has now
-        epochs = node.request.local_epochs
-        if epochs < 1 or plan.steps_per_round % epochs:
-            raise PolicyRefusal(f"{data.name} refuses: local-epochs={epochs} does not divide the "
-                                f"{plan.steps_per_round} DP steps a round its privacy plan for run "
-                                f"{node.plan_id} counts",
-                                "resume with the run's own local-epochs")
-        dp = DPSettings(plan.noise_multiplier, node.request.max_grad_norm, plan.sample_rate,
-                        plan.steps_per_round // epochs)
+    dp, ledger, planned, replan = _dp_round(node, data)
     started = time.perf_counter()
     outcome = train(
         model, _prepared(node, data, data.x_train), data.y_train,
@@ -412,20 +418,19 @@ def _train_received(node: _Node, msg: Message, report: dict[str, Any]) -> Messag
     )
     # local training wall time (to 10 ms), so the coordinator can tell training from round overhead
     train_seconds = round(time.perf_counter() - started, 2)
-    trained: dict[str, Any] = {"train-seconds": train_seconds}
+    trained = TrainReport(train_seconds=train_seconds, privacy=_privacy_note(node))
     eps = None
     if ledger is not None:
         # Charged as soon as training ran: whatever happens to the update next, the round is paid for.
         eps = ledger.record(str(node.context.run_id), server_round, "train", outcome.steps,
                             noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
                             data_fingerprint=data.fingerprint(), plan_run_id=node.plan_id)
-        trained.update({"epsilon": eps, "noise-multiplier": dp.noise_multiplier,
-                        "steps": sum(k for _, _, k in outcome.steps)})
+        trained = dataclasses.replace(trained, epsilon=eps, noise_multiplier=dp.noise_multiplier,
+                                      steps=sum(k for _, _, k in outcome.steps))
         if replan is not None:   # what a crash cost this hospital, for the coordinator's report
-            trained.update({"planned-noise-multiplier": planned.noise_multiplier,
-                            "replanned-from-round": replan.from_round})
-            if replan.lost_rounds:
-                trained["lost-rounds"] = list(replan.lost_rounds)
+            trained = dataclasses.replace(trained, planned_noise_multiplier=planned.noise_multiplier,
+                                          replanned_from_round=replan.from_round,
+                                          lost_rounds=list(replan.lost_rounds))
     weight = _public_size(node, data)
     records: dict[str, Any] = {}
     masked_with: list[int] = []
@@ -440,12 +445,10 @@ def _train_received(node: _Node, msg: Message, report: dict[str, Any]) -> Messag
         report = report | secagg
     else:
         sent = model_to_arrays(model)
-        records = {protocol.ARRAYS: sent, protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: weight})}
-        if ledger is None:
-            records[protocol.METRICS]["train-loss"] = outcome.mean_loss  # only without DP or secure aggregation
+        # the training loss only without DP or secure aggregation
+        records = plain_train_reply(sent, weight, outcome.mean_loss if ledger is None else None)
     _audit_train(node, data, global_arrays, sent, masked_with if secure else None, outcome, dp, eps)
-    report = report | {f"{protocol.TRAINED}{k}": v for k, v in trained.items()}
-    report |= _privacy_report(node, protocol.TRAINED)
+    report = report | trained.to_record()
     return _reply(msg, data.name, report, **records)
 
 
@@ -466,33 +469,19 @@ def _audit_train(node: _Node, data: HospitalData, global_arrays: Any, sent: Any,
 def _evaluate(node: _Node, msg: Message) -> Message:
     data = node.data(for_training=False)
     if node.policy.release_evaluation == "none":
-        return _reply(msg, data.name, {protocol.EVALUATION_WITHHELD: True})
-    return _reply(msg, data.name, **{protocol.METRICS: _test_metrics(node, msg)})
+        return _reply(msg, data.name, evaluation_withheld())
+    return _reply(msg, data.name, **{protocol.METRICS: MetricRecord(_test_metrics(node, msg).to_record())})
 
 
-def _received_model(msg: Message) -> Any:
-    """The global model a train or evaluate message carries (packed by the server; an ArrayRecord also works)."""
-    from shared_models.weights import unpack_arrays
-
-    if protocol.MODEL in msg.content.config_records:
-        return unpack_arrays(msg.content.config_records[protocol.MODEL])
-    return msg.content[protocol.ARRAYS]
-
-
-def _test_metrics(node: _Node, msg: Message) -> MetricRecord:
+def _test_metrics(node: _Node, msg: Message) -> EvaluationMetrics:
     """Confusion matrix and score histograms of the received model on this hospital's test split."""
     from client.dp_trainer import evaluate
     from shared_models.weights import load_arrays
 
     data = node.data(for_training=False)
     model = node.model(data)
-    load_arrays(model, _received_model(msg))
-    s = evaluate(model, _prepared(node, data, data.x_test), data.y_test)
-    return MetricRecord({
-        "tp": s.tp, "fp": s.fp, "tn": s.tn, "fn": s.fn, "loss-sum": s.loss_sum,
-        "pos-hist": s.pos_hist.tolist(), "neg-hist": s.neg_hist.tolist(),
-        protocol.NUM_EXAMPLES: s.n,
-    })
+    load_arrays(model, received_model(msg.content))
+    return EvaluationMetrics.from_summary(evaluate(model, _prepared(node, data, data.x_test), data.y_test))
 
 
 def _secagg_setup(node: _Node, msg: Message) -> Message:
@@ -504,9 +493,8 @@ def _secagg_setup(node: _Node, msg: Message) -> Message:
     path = node.secagg_state()
     secure_update.forget_abandoned(node.ledger_dir, keep=path)
     if msg.metadata.message_type == protocol.SECAGG_ADVERTISE:
-        threshold, neighbours = int(request["threshold"]), int(request["neighbours"])
-        nodes = [int(n) for n in request["nodes"]]
-        node.policy.check_federation(node.name(), len(nodes), threshold, neighbours)
+        asked = KeyAgreementRequest.from_payload(request)
+        node.policy.check_federation(node.name(), len(asked.nodes), asked.threshold, asked.neighbours)
         report = secure_update.advertise(path, node.consortium(), node.context.run_id, node.context.node_id,
                                          node.member_name(), request, floor=node.policy.min_secagg_threshold)
     else:
@@ -526,8 +514,9 @@ def _secagg_unmask(node: _Node, msg: Message) -> Message:
     from client import audit_trail, secure_update
 
     request = secure_update.payload(msg.content)
+    rnd = unmask_round(request)
     report, revealed = secure_update.unmask(node.secagg_state(), node.consortium(), request)
-    audit_trail.unmask(node.audit_log(node.name()), run_id=node.context.run_id, round_=int(request["round"]),
+    audit_trail.unmask(node.audit_log(node.name()), run_id=node.context.run_id, round_=rnd,
                        survivors=sorted(int(v) for v in revealed["b"]),
                        dropped=sorted(int(v) for v in revealed["s"]))
     return _reply(msg, node.name(), report)

@@ -62,8 +62,19 @@ def check_imaging_folder(folder: Path, labels_csv: Path | None = None,
 
     rejected: dict[str, str] = {}
     codes: Counter = Counter()
-    labelled: dict[str, int] = {}
     table = _labels(labels_path, report)
+    labelled, label_problem = _match_labels(folder, table, candidates, rejected, codes, report)
+    sizes, readable = _scan_files(folder, candidates, labelled, policy, rejected, codes, report)
+    _summarise(report, candidates, readable, rejected, codes, sizes, labelled)
+    _judge(report, labelled, table is not None and not label_problem)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _match_labels(folder: Path, table: LabelTable | None, candidates: list[str], rejected: dict[str, str],
+                  codes: Counter, report: DataReport) -> tuple[dict[str, int], bool]:
+    """(labelled file -> label, whether the labels are a problem); a mismatch is reported, not raised."""
+    labelled: dict[str, int] = {}
     label_problem = table is None
     if table is not None:
         try:
@@ -73,7 +84,15 @@ def check_imaging_folder(folder: Path, labels_csv: Path | None = None,
             label_problem = True
         if rejected:  # files whose SOP Instance UID could not be read
             codes["unreadable"] += len(rejected)
+    return labelled, label_problem
 
+
+def _scan_files(folder: Path, candidates: list[str], labelled: dict[str, int], policy: ImagePolicy,
+                rejected: dict[str, str], codes: Counter, report: DataReport) -> tuple[Counter, set[str]]:
+    """Read and decode every found or labelled file: (original sizes -> files, readable files).
+
+    Identifying attributes go to `report.phi`, unusable files to `rejected` (counted by code).
+    """
     sizes: Counter = Counter()
     readable: set[str] = set()
     for name in sorted(set(candidates) | set(labelled)):
@@ -102,7 +121,12 @@ def check_imaging_folder(folder: Path, labels_csv: Path | None = None,
         readable.add(name)
         sizes[shape] += 1
         report.images += len(arrays)
+    return sizes, readable
 
+
+def _summarise(report: DataReport, candidates: list[str], readable: set[str], rejected: dict[str, str],
+               codes: Counter, sizes: Counter, labelled: dict[str, int]) -> None:
+    """Fill the report's counts: files, rejections by code, sizes and label balance of readable files."""
     report.files_found = len(candidates)
     report.readable = len(readable)
     report.rejected = dict(sorted(rejected.items()))
@@ -111,9 +135,6 @@ def check_imaging_folder(folder: Path, labels_csv: Path | None = None,
     counts = Counter(str(label) for name, label in labelled.items() if name in readable)
     report.label_counts = {k: counts[k] for k in sorted(counts)}
     report.labelled = len(labelled)
-    _judge(report, labelled, table is not None and not label_problem)
-    report.seconds = time.perf_counter() - t0
-    return report
 
 
 def _labels(path: Path, report: DataReport) -> LabelTable | None:

@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 from rich.text import Text
 
+from fedcare import simulate_options as opt
 from fedcare.audit_commands import audit_app
 from fedcare.coordinator_commands import run as run_deployed
 from fedcare.data_commands import data_app
 from fedcare.deploy_commands import deploy_app, node_app
 from fedcare.error_output import EXIT_PROBLEM, EXIT_USAGE, fail, usage_error
 from fedcare.errors import BudgetExhausted, FedcareError
-from fedcare.run_config import RUN_DEFAULTS
+
+if TYPE_CHECKING:
+    from client.datasets.hospital_data import HospitalData
+    from client.node_policy import NodePolicy
+    from fedcare.run_config import RunSettings
+    from simulation.runner import SimulationOutcome
 
 # A bug's traceback never prints local variables: they may hold a hospital's rows.
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
@@ -39,54 +45,39 @@ app.command("run")(run_deployed)   # the coordinator: launch or resume a deploye
 
 @app.command()
 def simulate(
-    dataset: str = typer.Option("fed-heart-disease", help="fed-heart-disease (4 real hospitals, tables) | "
-                                "pbc2 (real PBC2 lab sequences split across hospitals) | "
-                                "synthetic-imaging (generated DICOM hospitals) | ehr-table / ehr-events "
-                                "(your own multi-site tables under --data-root)"),
-    rounds: Optional[int] = typer.Option(None, "--rounds", help="federated rounds [dataset preset]"),
-    local_epochs: Optional[int] = typer.Option(None, help="local epochs per round [preset]"),
-    strategy: Optional[str] = typer.Option(None, help="fedavg | fedprox | fedadam [fedavg]"),
-    model: Optional[str] = typer.Option(None, help="auto | logistic | mlp (tables) | gru (sequences) | cnn (images)"),
-    epsilon: Optional[float] = typer.Option(None, help="target epsilon each hospital may spend in this run [preset]"),
-    delta: Optional[float] = typer.Option(None, help="delta per hospital [1e-4]"),
-    dp: bool = typer.Option(True, "--dp/--no-dp", help="DP-SGD at every hospital (default) or plain SGD"),
-    secure_aggregation: bool = typer.Option(True, "--secure-aggregation/--no-secure-aggregation",
-                                            help="masked updates: the server learns only each round's sum (default on)"),
-    epsilon_budget: Optional[float] = typer.Option(None, help="each hospital's lifetime budget on its data (default: --epsilon)"),
-    batch_size: Optional[int] = typer.Option(None, help="expected local batch size (Poisson sampling) [preset]"),
-    learning_rate: Optional[float] = typer.Option(None, help="local SGD learning rate [preset]"),
-    weight_decay: Optional[float] = typer.Option(None, help="local L2 weight decay [preset]"),
-    hospitals: Optional[int] = typer.Option(None, help="generated datasets: how many hospitals [preset]"),
-    min_hospitals: Optional[int] = typer.Option(None, help="stop when fewer hospitals can train [2]"),
-    image_size: Optional[int] = typer.Option(None, help="images: resize to this many pixels a side [64]"),
-    seed: Optional[int] = typer.Option(None, help="seed for model initialisation and generated hospitals' data [0] "
-                                       "(DP noise and sampling never come from it)"),
-    policy: Optional[Path] = typer.Option(None, "--policy", help="give every simulated hospital the [privacy] "
-                                          "policy of this hospital.toml (default: hospitals accept the run)"),
-    reproducible_noise: bool = typer.Option(False, "--reproducible-noise", help="benchmarks only: key every "
-                                            "hospital's DP noise from --seed; the results are marked NOT private"),
-    output_dir: Path = typer.Option(Path("runs/latest"), help="where the model, results.json and plots go"),
-    ledger_dir: Optional[Path] = typer.Option(None, help="hospitals' privacy ledgers (default: OUTPUT_DIR/ledgers); reuse it to accumulate epsilon across runs"),
-    data_root: Optional[Path] = typer.Option(None, help="hospital folders (hospital-0, hospital-1, ...): written/reused for generated datasets (default: runs/data/DATASET); required for ehr-table / ehr-events"),
-    hidden_units: Optional[int] = typer.Option(None, help="MLP width [32]"),
-    proximal_mu: Optional[float] = typer.Option(None, help=f"fedprox: weight of the proximal term "
-                                                f"[{RUN_DEFAULTS['proximal_mu']:g}]"),
-    server_learning_rate: Optional[float] = typer.Option(None, help="fedadam: the server's step size "
-                                                         f"[{RUN_DEFAULTS['server_learning_rate']:g}]"),
-    max_grad_norm: Optional[float] = typer.Option(None, help="DP-SGD: per-example gradient clipping norm "
-                                                  f"[{RUN_DEFAULTS['max_grad_norm']:g}]"),
-    stats_budget_fraction: Optional[float] = typer.Option(None, help="DP: share of the run's epsilon the "
-                                                          "feature-statistics round spends "
-                                                          f"[{RUN_DEFAULTS['stats_budget_fraction']:g}]"),
-    secagg_threshold: Optional[int] = typer.Option(None, help="secure aggregation: fewest hospitals a round can "
-                                                   "finish with [0: a strict majority]"),
-    secagg_clip_range: Optional[float] = typer.Option(None, help="secure aggregation: each update value is "
-                                                      "clipped at the hospital into [-R, R] "
-                                                      f"[{RUN_DEFAULTS['secagg_clip_range']:g}]"),
-    local_baseline: bool = typer.Option(True, "--local-baseline/--no-local-baseline", help="also train each hospital alone, for comparison"),
-    resume: bool = typer.Option(False, "--resume", help="continue the run checkpointed in OUTPUT_DIR from its last completed round"),
-    pooled_baseline: bool = typer.Option(False, "--pooled-baseline/--no-pooled-baseline", help="also train one model on all hospitals' rows pooled (the central reference; simulation only)"),
-    verbose: bool = typer.Option(False, help="show Flower's own log"),
+    dataset: opt.Dataset = "fed-heart-disease",
+    rounds: opt.Rounds = None,
+    local_epochs: opt.LocalEpochs = None,
+    strategy: opt.Strategy = None,
+    model: opt.Model = None,
+    epsilon: opt.Epsilon = None,
+    delta: opt.Delta = None,
+    dp: opt.Dp = True,
+    secure_aggregation: opt.SecureAggregation = True,
+    epsilon_budget: opt.EpsilonBudget = None,
+    batch_size: opt.BatchSize = None,
+    learning_rate: opt.LearningRate = None,
+    weight_decay: opt.WeightDecay = None,
+    hospitals: opt.Hospitals = None,
+    min_hospitals: opt.MinHospitals = None,
+    image_size: opt.ImageSize = None,
+    seed: opt.Seed = None,
+    policy: opt.Policy = None,
+    reproducible_noise: opt.ReproducibleNoise = False,
+    output_dir: opt.OutputDir = Path("runs/latest"),
+    ledger_dir: opt.LedgerDir = None,
+    data_root: opt.DataRoot = None,
+    hidden_units: opt.HiddenUnits = None,
+    proximal_mu: opt.ProximalMu = None,
+    server_learning_rate: opt.ServerLearningRate = None,
+    max_grad_norm: opt.MaxGradNorm = None,
+    stats_budget_fraction: opt.StatsBudgetFraction = None,
+    secagg_threshold: opt.SecaggThreshold = None,
+    secagg_clip_range: opt.SecaggClipRange = None,
+    local_baseline: opt.LocalBaseline = True,
+    resume: opt.Resume = False,
+    pooled_baseline: opt.PooledBaseline = False,
+    verbose: opt.Verbose = False,
 ) -> None:
     """Run a local multi-hospital simulation on Flower's Simulation Engine."""
     options = dict(num_rounds=rounds, local_epochs=local_epochs, strategy=strategy, model=model,
@@ -114,17 +105,36 @@ def _plain(text: str, style: str = "") -> Text:
 def _simulate(dataset: str, options: dict, epsilon_budget: float | None, ledger_dir: Path | None,
               data_root: Path | None, local_baseline: bool, pooled_baseline: bool, verbose: bool,
               policy_file: Path | None = None, reproducible_noise: bool = False) -> None:
+    """Prepare and check the hospitals' data, run the simulation, then print and save its results."""
     import time
 
-    from client.datasets import DataSource, load_hospital, num_hospitals
     from fedcare.run_config import RunSettings
-    from simulation.generated_data import GENERATED_DATASETS, prepare_dataset
 
     t0 = time.monotonic()
     try:
         s = RunSettings.for_dataset(dataset, **options)
     except FedcareError as exc:
         fail(exc, EXIT_USAGE)
+    s, n = _with_hospital_data(dataset, s, data_root)
+    s = s.replace(hospitals=n, min_hospitals=min(s.min_hospitals, n))
+    hospitals = _load_hospitals(dataset, s, n)
+    ledgers = ledger_dir or Path(s.output_dir) / "ledgers"
+    _print_plan(dataset, s, n, hospitals, ledgers)
+
+    from simulation.runner import run
+
+    policy = _simulation_policy(s, epsilon_budget, policy_file, reproducible_noise)
+    outcome = run(s, ledger_dir=ledgers, policy=policy, verbose=verbose,
+                  progress=lambda line: console.print(_plain(line), highlight=False),
+                  reproducible_noise=reproducible_noise)
+    _report(hospitals, outcome, s, local_baseline, pooled_baseline, ledgers, t0)
+
+
+def _with_hospital_data(dataset: str, s: RunSettings, data_root: Path | None) -> tuple[RunSettings, int]:
+    """The settings pointed at the hospitals' data (generated ones written first) and how many hospitals there are."""
+    from client.datasets import num_hospitals
+    from simulation.generated_data import GENERATED_DATASETS, prepare_dataset
+
     if dataset in GENERATED_DATASETS:
         root = data_root or Path("runs/data") / dataset
         console.print(_plain(f"preparing {s.hospitals} {dataset} hospitals in {root} (reused when already there)"))
@@ -146,7 +156,13 @@ def _simulate(dataset: str, options: dict, epsilon_budget: float | None, ledger_
                     "events.csv, plus schema.toml and, for labels in a separate table, labels.csv; "
                     "`fedcare data prepare synthetic-table DIR --hospitals N` "
                     "writes N generated ones), or run real nodes with `flwr run` (see README)")
-    s = s.replace(hospitals=n, min_hospitals=min(s.min_hospitals, n))
+    return s, n
+
+
+def _load_hospitals(dataset: str, s: RunSettings, n: int) -> list[HospitalData]:
+    """Load every hospital's data and check it can train (fail fast on missing or bad data); print their notes."""
+    from client.datasets import DataSource, load_hospital
+
     cache = str(Path(s.data_root) / ".fedcare-cache") if s.data_root else "fedcare-cache"
     sources = [DataSource(partition_id=i, data_root=s.data_root or None, cache_dir=cache, image_size=s.image_size)
                for i in range(n)]
@@ -155,7 +171,11 @@ def _simulate(dataset: str, options: dict, epsilon_budget: float | None, ledger_
         h.check_trainable(s.batch_size, dp=s.dp)    # the check `fedcare data check` runs, same batch size
         for note in h.notes:
             console.print(_plain(f"{h.name}: {note}", "dim"), highlight=False)
-    ledgers = ledger_dir or Path(s.output_dir) / "ledgers"
+    return hospitals
+
+
+def _print_plan(dataset: str, s: RunSettings, n: int, hospitals: list[HospitalData], ledgers: Path) -> None:
+    """Say which ledgers are reused, and the run's dataset, model, rounds and privacy, before it starts."""
     if s.dp and any(Path(ledgers).glob("privacy-ledger-*.json")):
         console.print(_plain(f"reusing the privacy ledgers in {ledgers}: epsilon accumulates across runs", "yellow"))
     privacy = (f"DP-SGD, target epsilon {s.target_epsilon:g} at delta {s.delta:g} per hospital"
@@ -166,8 +186,11 @@ def _simulate(dataset: str, options: dict, epsilon_budget: float | None, ledger_
                   f"{resolve_model(s.model, hospitals[0].task)}, {s.num_rounds} rounds x "
                   f"{s.local_epochs} local epoch(s), batch {s.batch_size}, lr {s.learning_rate:g}, {privacy}")
 
+
+def _simulation_policy(s: RunSettings, epsilon_budget: float | None, policy_file: Path | None,
+                       reproducible_noise: bool) -> NodePolicy:
+    """The privacy policy every simulated hospital applies (a bad --policy / --epsilon-budget: a usage error)."""
     from simulation.hospital_policy import simulated_policy
-    from simulation.runner import run
 
     try:
         policy = simulated_policy(s, epsilon_budget, policy_file)
@@ -178,9 +201,14 @@ def _simulate(dataset: str, options: dict, epsilon_budget: float | None, ledger_
     if reproducible_noise:
         console.print("[bold yellow]--reproducible-noise: every hospital's DP noise is keyed by --seed; "
                       "these results are NOT private[/]")
-    outcome = run(s, ledger_dir=ledgers, policy=policy, verbose=verbose,
-                  progress=lambda line: console.print(_plain(line), highlight=False),
-                  reproducible_noise=reproducible_noise)
+    return policy
+
+
+def _report(hospitals: list[HospitalData], outcome: SimulationOutcome, s: RunSettings, local_baseline: bool, pooled_baseline: bool,
+            ledgers: Path, t0: float) -> None:
+    """Print the final table, save results.json, and exit 1 (table and results kept) if the run is incomplete."""
+    import time
+
     from server.run_report import save_results
     from simulation.summary_table import build_table, compare_with_local
 

@@ -84,37 +84,60 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", help="show the ServerApp's whole log, not only progress lines"),
 ) -> None:
     """Launch (or --resume) a run on the deployed SuperLink, stream its progress, print the final table."""
-    from fedcare.coordinator_run_config import coordinator_run_config, parse_pairs, write_run_config
-    from fedcare.flower_cli import FlowerCli
-
     console = _console()
     out = output_dir.expanduser().resolve()
     app = app_dir.expanduser().resolve()
+    options = {"num-rounds": rounds, "hospitals": hospitals, "min-hospitals": min_hospitals}
+    deployment, config = _checked_launch(deploy_dir, app, out, resume, run_config, options)
+    flwr, run_id = _submit(deployment, app, out, config)
+    console.print(f"{'resumed' if resume else 'started'} run {run_id} on the '{deployment.connection}' SuperLink "
+                  f"({config['hospitals']} hospitals, {config.get('num-rounds', 'default')} rounds); results go to "
+                  f"{out}", highlight=False, markup=False)
+    lines: list[str] = []
+    status = _follow_until_finished(flwr, run_id, lines, console, verbose, deployment)
+    _report_outcome(console, out, run_id, status, lines, deployment)
+
+
+def _checked_launch(deploy_dir: Path, app: Path, out: Path, resume: bool, run_config: list[str] | None,
+                    options: dict[str, int | None]) -> tuple[CoordinatorDeployment, dict[str, Any]]:
+    """The deployment and the checked run config; any problem ends the command as a usage error, before submitting."""
+    from fedcare.coordinator_run_config import coordinator_run_config, parse_pairs
+
     try:
         deployment = CoordinatorDeployment.load(deploy_dir)
         if not (app / "pyproject.toml").is_file():
             raise FedcareError(f"{app} is not a Flower app folder (no pyproject.toml)",
                                "run from the fedcare project folder, or pass --app PATH")
         _check_resume(out, resume)
-        if hospitals is None and deployment.hospitals == 0 and not resume:
+        if options["hospitals"] is None and deployment.hospitals == 0 and not resume:
             raise FedcareError(f"{deployment.folder} holds no hospital folder (<name>/node.pub)",
                                "pass --hospitals N: how many hospital nodes the run waits for")
-        options = {"num-rounds": rounds, "hospitals": hospitals, "min-hospitals": min_hospitals}
         config = coordinator_run_config(out, deployment.hospitals, resume, parse_pairs(run_config or []), options)
     except FedcareError as exc:
         usage_error(exc.problem, exc.hint)
+    return deployment, config
+
+
+def _submit(deployment: CoordinatorDeployment, app: Path, out: Path,
+            config: dict[str, Any]) -> tuple[FlowerCli, int]:
+    """Write the run config into ``out`` and submit the app to the SuperLink; the Flower CLI and the run id."""
+    from fedcare.coordinator_run_config import write_run_config
+    from fedcare.flower_cli import FlowerCli
+
     flwr = FlowerCli(deployment.flwr_home, deployment.connection)
     try:
         config_file = write_run_config(out, config)
         run_id = flwr.start_run(app, config_file)
     except FedcareError as exc:
         fail(exc)
-    console.print(f"{'resumed' if resume else 'started'} run {run_id} on the '{deployment.connection}' SuperLink "
-                  f"({config['hospitals']} hospitals, {config.get('num-rounds', 'default')} rounds); results go to "
-                  f"{out}", highlight=False, markup=False)
-    lines: list[str] = []
+    return flwr, run_id
+
+
+def _follow_until_finished(flwr: FlowerCli, run_id: int, lines: list[str], console: Console, verbose: bool,
+                           deployment: CoordinatorDeployment) -> RunStatus:
+    """Follow the run to its end; Ctrl-C stops following (exit 130) and says how to follow or stop it again."""
     try:
-        status = _follow(flwr, run_id, lines, console, verbose)
+        return _follow(flwr, run_id, lines, console, verbose)
     except KeyboardInterrupt:
         console.print(f"stopped following run {run_id}; it goes on at the SuperLink. Follow it again with "
                       f"`FLWR_HOME={deployment.flwr_home} flwr log {run_id} {deployment.connection}`, stop it with "
@@ -122,6 +145,11 @@ def run(
         raise typer.Exit(130) from None
     except FedcareError as exc:
         fail(exc)
+
+
+def _report_outcome(console: Console, out: Path, run_id: int, status: RunStatus, lines: list[str],
+                    deployment: CoordinatorDeployment) -> None:
+    """Print the run's report when it wrote one; exit 1 unless it completed every round."""
     log_hint = (f"the ServerApp's whole log: `FLWR_HOME={deployment.flwr_home} flwr log {run_id} "
                 f"{deployment.connection} --show`")
     results = _this_runs_results(out, run_id)

@@ -452,29 +452,11 @@ def init_deployment(out_dir: Path, hospitals: list[str], sans: list[str] | None 
     command keeps its state.
     """
     sans = list(sans) if sans else ["127.0.0.1", "localhost"]
-    app = _enclosing_app(Path(out_dir).resolve())
-    if app is not None and not inside_app:
-        raise FedcareError(f"{Path(out_dir).resolve()} is inside the Flower app {app}: its keys, ledgers and FLWR_HOME "
-                           "would sit in the folder `flwr run` packs",
-                           f"write the deployment outside the app, e.g. {app.parent / 'fedcare-deploy'} (or pass "
-                           "--inside-app and list the folder in the app's .gitignore)")
+    _refuse_inside_app(out_dir, inside_app)
     out = _private_dir(Path(out_dir).resolve())
     host, public_port = split_address(superlink_address)
-    control_port = default_control_port(public_port) if control_port is None else control_port
-    if not 0 < control_port < 65536:
-        raise FedcareError(f"control port {control_port} is not a port number",
-                           "choose a free port from 1 to 65535 (default: the public port + 1)")
-    if control_port == public_port:
-        raise FedcareError(f"the control port and the public SuperLink port are both {control_port}",
-                           "give the control listener its own port (default: the public port + 1)")
-    if not hospitals:
-        raise FedcareError("no hospitals named", "pass --hospital NAME once per hospital")
-    for name in hospitals:
-        if not _NAME.match(name) or name in ("ca", "superlink", "flwr-home"):
-            raise FedcareError(f"hospital name '{name}' cannot be a folder name",
-                               "use letters, digits, '-', '_' or '.' (not ca, superlink, flwr-home)")
-    if len(set(hospitals)) != len(hospitals):
-        raise FedcareError("a hospital is named twice", "give each --hospital a distinct name")
+    control_port = _checked_control_port(public_port, control_port)
+    _check_hospital_names(hospitals)
     if superlink_state not in SUPERLINK_STATES:
         raise FedcareError(f"unknown SuperLink state '{superlink_state}'",
                            f"use one of: {', '.join(SUPERLINK_STATES)}")
@@ -483,6 +465,59 @@ def init_deployment(out_dir: Path, hospitals: list[str], sans: list[str] | None 
         raise FedcareError(f"the SuperLink address host '{host}' is not among the certificate SANs {sans}",
                            f"add --san {host}: nodes verify the certificate against the address they dial")
 
+    ca_cert_path, ca_key_path, link_dir, ca_pem = _write_ca_and_superlink(out, hospitals, sans, force)
+    home = _private_dir(out / "flwr-home")
+    (home / "config.toml").write_text(_connection_toml(f"{CONTROL_HOST}:{control_port}", ca_cert_path))
+    bundles = _write_hospital_folders(out, hospitals, superlink_address, ca_pem, force)
+
+    files = DeploymentFiles(out, ca_cert_path, ca_key_path, link_dir / "server.crt", link_dir / "server.key",
+                            home, "fedcare", superlink_address,
+                            link_dir / "state.db" if superlink_state == "database" else None, bundles,
+                            out / "COMMANDS.md", control_port, link_dir / "control.crt", link_dir / "control.key")
+    files.commands_file.write_text(_commands_md(files))
+    return files
+
+
+def _refuse_inside_app(out_dir: Path, inside_app: bool) -> None:
+    """Refuse a deployment folder inside a Flower app folder unless ``inside_app`` (its keys would travel in a FAB)."""
+    app = _enclosing_app(Path(out_dir).resolve())
+    if app is not None and not inside_app:
+        raise FedcareError(f"{Path(out_dir).resolve()} is inside the Flower app {app}: its keys, ledgers and FLWR_HOME "
+                           "would sit in the folder `flwr run` packs",
+                           f"write the deployment outside the app, e.g. {app.parent / 'fedcare-deploy'} (or pass "
+                           "--inside-app and list the folder in the app's .gitignore)")
+
+
+def _checked_control_port(public_port: int, control_port: int | None) -> int:
+    """The control listener's port (default: the public port + 1), refused if invalid or the public port."""
+    control_port = default_control_port(public_port) if control_port is None else control_port
+    if not 0 < control_port < 65536:
+        raise FedcareError(f"control port {control_port} is not a port number",
+                           "choose a free port from 1 to 65535 (default: the public port + 1)")
+    if control_port == public_port:
+        raise FedcareError(f"the control port and the public SuperLink port are both {control_port}",
+                           "give the control listener its own port (default: the public port + 1)")
+    return control_port
+
+
+def _check_hospital_names(hospitals: list[str]) -> None:
+    """At least one hospital, each a distinct name usable as a folder name."""
+    if not hospitals:
+        raise FedcareError("no hospitals named", "pass --hospital NAME once per hospital")
+    for name in hospitals:
+        if not _NAME.match(name) or name in ("ca", "superlink", "flwr-home"):
+            raise FedcareError(f"hospital name '{name}' cannot be a folder name",
+                               "use letters, digits, '-', '_' or '.' (not ca, superlink, flwr-home)")
+    if len(set(hospitals)) != len(hospitals):
+        raise FedcareError("a hospital is named twice", "give each --hospital a distinct name")
+
+
+def _write_ca_and_superlink(out: Path, hospitals: list[str], sans: list[str],
+                            force: bool) -> tuple[Path, Path, Path, bytes]:
+    """Write the CA and the SuperLink's server and control certificates (refusing to replace keys without force).
+
+    Returns the CA certificate path, the CA key path, the SuperLink folder and the CA certificate (PEM).
+    """
     now = dt.datetime.now(dt.timezone.utc)
     ca_dir, link_dir = _private_dir(out / "ca"), _private_dir(out / "superlink")
     ca_key_path, ca_cert_path = ca_dir / "ca.key", ca_dir / "ca.crt"
@@ -505,10 +540,12 @@ def init_deployment(out_dir: Path, hospitals: list[str], sans: list[str] | None 
     _write_public(link_dir / "server.crt", server_cert.public_bytes(serialization.Encoding.PEM))
     _write_private(link_dir / "control.key", _pem_key(control_key), force)
     _write_public(link_dir / "control.crt", control_cert.public_bytes(serialization.Encoding.PEM))
+    return ca_cert_path, ca_key_path, link_dir, ca_pem
 
-    home = _private_dir(out / "flwr-home")
-    (home / "config.toml").write_text(_connection_toml(f"{CONTROL_HOST}:{control_port}", ca_cert_path))
 
+def _write_hospital_folders(out: Path, hospitals: list[str], superlink_address: str, ca_pem: bytes,
+                            force: bool) -> list[HospitalFiles]:
+    """One folder per hospital (node key, CA certificate, identity key, hospital.toml) and the shared roster."""
     bundles = []
     identities = {}
     for index, name in enumerate(hospitals):
@@ -524,10 +561,4 @@ def init_deployment(out_dir: Path, hospitals: list[str], sans: list[str] | None 
     _write_public(out / "roster.toml", roster.encode())
     for bundle in bundles:
         _write_public(bundle.folder / "roster.toml", roster.encode())
-
-    files = DeploymentFiles(out, ca_cert_path, ca_key_path, link_dir / "server.crt", link_dir / "server.key",
-                            home, "fedcare", superlink_address,
-                            link_dir / "state.db" if superlink_state == "database" else None, bundles,
-                            out / "COMMANDS.md", control_port, link_dir / "control.crt", link_dir / "control.key")
-    files.commands_file.write_text(_commands_md(files))
-    return files
+    return bundles

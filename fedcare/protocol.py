@@ -1,4 +1,8 @@
-"""What both sides of the wire agree on: message types, record keys, and the typed run request."""
+"""What both sides of the wire agree on: message types, record keys, and the typed run request.
+
+The requests and replies built from these keys are typed dataclasses in ``fedcare.wire``: the
+ClientApp and the round loop use those, never the keys below directly.
+"""
 
 from __future__ import annotations
 

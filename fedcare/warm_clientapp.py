@@ -211,11 +211,37 @@ def serve(runtime_api_address: str, parent_pid: int | None, poll_s: float, wake_
     Every task's FAB passes ``policy`` (None: any FAB) before it is installed. ``cold``: no preload,
     each task in a fresh interpreter given ``policy_args`` (the same policy).
     """
-    from flwr.supercore import log
-
     if parent_pid is not None:
         flower_compat.exit_with_parent(parent_pid)   # SIGINT to us when the SuperNode exits
+    checked, cold_tasks = _start_executor(runtime_api_address, policy, policy_args, cold)
+    acquire_task, unreachable = flower_compat.clientapp_task_acquirer(runtime_api_address)
+    children: set[int] = set()
+    unreachable_since: float | None = None
+    while True:
+        _reap(children, cold_tasks)
+        try:
+            response = acquire_task()
+            unreachable_since = None
+        except unreachable:
+            # the SuperNode's Runtime API is not up yet (or restarting)
+            unreachable_since = _wait_unreachable(runtime_api_address, unreachable_since)
+            continue
+        if response.HasField("task") and response.token:
+            _start_task(response, checked, cold_tasks, runtime_api_address, wake_fd, children)
+            continue
+        wake_fd = _wait_for_work(wake_fd, poll_s)
+
+
+def _start_executor(runtime_api_address: str, policy, policy_args: list[str] | None,
+                    cold: bool) -> tuple[bool, _ColdTasks | None]:
+    """Install the FAB check and preload (warm), or prepare fresh processes (cold); log how tasks will run.
+
+    Returns whether FABs can be checked as ``policy`` asks, and the cold task starter (None when warm).
+    """
+    from flwr.supercore import log
+
     started = time.monotonic()
+    cold_tasks = None
     if cold:
         checked = policy is None or flower_compat.fab_guard_supported()
         cold_tasks = _ColdTasks(runtime_api_address, policy_args or [])
@@ -231,48 +257,59 @@ def serve(runtime_api_address: str, parent_pid: int | None, poll_s: float, wake_
         log(WARNING, "fedcare ClientApp executor: runs ANY FAB the SuperLink ships (--allow-any-fab)")
     else:
         log(INFO, "fedcare ClientApp executor: runs only approved, code-only FABs")
+    return checked, cold_tasks
 
-    acquire_task, unreachable = flower_compat.clientapp_task_acquirer(runtime_api_address)
-    children: set[int] = set()
-    unreachable_since: float | None = None
-    while True:
-        for pid in list(children):
-            done, _ = os.waitpid(pid, os.WNOHANG)
-            if done:
-                children.discard(pid)
-        if cold:
-            cold_tasks.reap()
-        try:
-            response = acquire_task()
-            unreachable_since = None
-        except unreachable:
-            # the SuperNode's Runtime API is not up yet (or restarting)
-            now = time.monotonic()
-            unreachable_since = unreachable_since or now
-            if now - unreachable_since > 120:
-                log(WARNING, "fedcare warm ClientApp executor: Runtime API %s unreachable for 120 s",
-                    runtime_api_address)
-                unreachable_since = now
-            time.sleep(0.25)
-            continue
-        if response.HasField("task") and response.token:
-            _trace("executor-acquire", task=response.task.task_id)
-            if not checked:
-                log(ERROR, "fedcare: task %s of run %s not run: %s", response.task.task_id, response.task.run_id,
-                    flower_compat.FAB_GUARD_REFUSAL.format(wanted=flower_compat.PATCHED_FLOWER,
-                                                           found=flower_compat.flower_version()))
-            elif cold:
-                cold_tasks.start(response.token)
-            else:
-                pid = os.fork()
-                if pid == 0:
-                    _child(runtime_api_address, response.token, os.getppid(), wake_fd)
-                children.add(pid)
-            continue
-        if wake_fd is None:
-            time.sleep(poll_s)
-        elif select.select([wake_fd], [], [], IDLE_POLL_S)[0] and not os.read(wake_fd, 4096):
-            wake_fd = None   # the node closed the pipe (it is stopping): plain polling until we are stopped
+
+def _reap(children: set[int], cold_tasks: _ColdTasks | None) -> None:
+    """Forget the task processes that have exited (forked children and cold processes)."""
+    for pid in list(children):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            children.discard(pid)
+    if cold_tasks is not None:
+        cold_tasks.reap()
+
+
+def _wait_unreachable(runtime_api_address: str, unreachable_since: float | None) -> float:
+    """Wait a moment for an unreachable Runtime API, warning every 120 s; when it became unreachable."""
+    from flwr.supercore import log
+
+    now = time.monotonic()
+    unreachable_since = unreachable_since or now
+    if now - unreachable_since > 120:
+        log(WARNING, "fedcare warm ClientApp executor: Runtime API %s unreachable for 120 s",
+            runtime_api_address)
+        unreachable_since = now
+    time.sleep(0.25)
+    return unreachable_since
+
+
+def _start_task(response, checked: bool, cold_tasks: _ColdTasks | None, runtime_api_address: str,
+                wake_fd: int | None, children: set[int]) -> None:
+    """Run an acquired task: in a fresh process (cold) or a forked child (warm); refused if FABs cannot be checked."""
+    from flwr.supercore import log
+
+    _trace("executor-acquire", task=response.task.task_id)
+    if not checked:
+        log(ERROR, "fedcare: task %s of run %s not run: %s", response.task.task_id, response.task.run_id,
+            flower_compat.FAB_GUARD_REFUSAL.format(wanted=flower_compat.PATCHED_FLOWER,
+                                                   found=flower_compat.flower_version()))
+    elif cold_tasks is not None:
+        cold_tasks.start(response.token)
+    else:
+        pid = os.fork()
+        if pid == 0:
+            _child(runtime_api_address, response.token, os.getppid(), wake_fd)
+        children.add(pid)
+
+
+def _wait_for_work(wake_fd: int | None, poll_s: float) -> int | None:
+    """Wait for the node's wake-up (or the idle poll), else ``poll_s``; the wake pipe, None once the node closed it."""
+    if wake_fd is None:
+        time.sleep(poll_s)
+    elif select.select([wake_fd], [], [], IDLE_POLL_S)[0] and not os.read(wake_fd, 4096):
+        wake_fd = None   # the node closed the pipe (it is stopping): plain polling until we are stopped
+    return wake_fd
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,16 +14,14 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedcare import protocol, timing
+from fedcare import protocol, timing, wire
 from fedcare.errors import BudgetExhausted, FedcareError
 from fedcare.run_config import RunSettings
-from secure_aggregation.records import unflatten
 from server.feature_statistics import Normalisation, pooled_normalisation
 from server.strategies import build_strategy
 from shared_models.classification_metrics import BinarySummary
@@ -50,11 +48,11 @@ class Hospital:
     delta: float | None = None        # the delta this hospital accounts at (its own policy's)
     private_noise: bool = True        # False: its noise was reproducible (a simulation's benchmark switch)
 
-    def note_privacy(self, report: Any, prefix: str) -> None:
+    def note_privacy(self, note: wire.PrivacyNote) -> None:
         """Take the hospital's own statement about its release (its delta; reproducible noise)."""
-        if (delta := report.get(f"{prefix}delta")) is not None:
-            self.delta = float(delta)
-        if report.get(f"{prefix}not-private"):
+        if note.delta is not None:
+            self.delta = note.delta
+        if not note.private_noise:
             self.private_noise = False
 
 
@@ -201,9 +199,7 @@ def _wait_for_nodes(grid: Grid, expected: int, timeout: float, progress: Progres
 
 
 def _name(msg: Message) -> str:
-    if protocol.HOSPITAL in msg.content.config_records:
-        return str(msg.content.config_records[protocol.HOSPITAL]["name"])
-    return f"node {msg.metadata.src_node_id}"
+    return wire.hospital_name(msg.content) or f"node {msg.metadata.src_node_id}"
 
 
 def _sender(msg: Message, sent: list[Message]) -> int:
@@ -217,18 +213,17 @@ def _sender(msg: Message, sent: list[Message]) -> int:
     return node
 
 
-def _refusal(msg: Message) -> str | None:
-    if msg.has_error() or protocol.REFUSAL not in msg.content.config_records:
-        return None
-    return str(msg.content.config_records[protocol.REFUSAL]["reason"])
+def _refusal(msg: Message) -> wire.Refusal | None:
+    return None if msg.has_error() else wire.Refusal.from_content(msg.content)
 
 
-def _refusal_kind(msg: Message) -> str:
-    return str(msg.content.config_records[protocol.REFUSAL]["kind"])
+def _refuse(hospital: Hospital, refusal: wire.Refusal) -> None:
+    hospital.active, hospital.refusal, hospital.refusal_kind = False, refusal.reason, refusal.kind
 
 
 def _statistics_round(grid: Grid, nodes: list[int], config: dict[str, Any], hospitals: dict[int, Hospital],
                       timeout: float, progress: Progress) -> tuple[Normalisation, tuple[int, ...], str]:
+    """The statistics phase: every hospital's (noisy) feature sums, pooled into the normalisation."""
     messages = [Message(RecordDict({protocol.CONFIG: ConfigRecord(config)}), dst_node_id=n,
                         message_type=protocol.FEATURE_STATS) for n in nodes]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
@@ -244,34 +239,36 @@ def _statistics_round(grid: Grid, nodes: list[int], config: dict[str, Any], hosp
         name = _name(msg)
         hospital = hospitals.setdefault(node, Hospital(node, name))
         hospital.name = name
-        if (reason := _refusal(msg)) is not None:
-            hospital.active, hospital.refusal, hospital.refusal_kind = False, reason, _refusal_kind(msg)
-            progress(f"statistics: {reason}")
+        if (refusal := _refusal(msg)) is not None:
+            _refuse(hospital, refusal)
+            progress(f"statistics: {refusal.reason}")
             continue
-        metrics = msg.content.metric_records[protocol.METRICS]
-        features = msg.content.config_records["features"]
-        this_schema = (tuple(features["names"]), tuple(features["bounds-lo"]), tuple(features["bounds-hi"]),
-                       tuple(int(v) for v in features["input-shape"]), str(features["task"]))
+        reply = wire.StatsReply.decode(msg.content)
         if schema is None:
-            schema = this_schema
-        elif this_schema != schema:
+            schema = reply.schema
+        elif reply.schema != schema:
             raise FedcareError(f"{name} describes its features differently from the other hospitals",
                                "every hospital must use the same dataset schema and version")
-        hospital.weight = float(metrics[protocol.NUM_EXAMPLES])
-        hospital.note_privacy(msg.content.config_records[protocol.HOSPITAL], "stats/")
-        sums.append({"count": hospital.weight, "sum": list(metrics["sum"])})
-        if "epsilon" in metrics:
-            hospital.epsilon = float(metrics["epsilon"])
+        hospital.weight = reply.num_examples
+        hospital.note_privacy(reply.privacy)
+        sums.append({"count": hospital.weight, "sum": list(reply.sums)})
+        if reply.epsilon is not None:
+            hospital.epsilon = reply.epsilon
     for node in set(nodes) - answered:
         hospitals[node] = Hospital(node, f"node {node}", active=False, refusal="no reply to the statistics round")
     if schema is None:
-        reasons = "; ".join(h.refusal or "" for h in hospitals.values())
-        if all(h.refusal_kind == "budget" for h in hospitals.values()):
-            raise BudgetExhausted(f"no hospital can take part: {reasons}",
-                                  "every hospital has spent its privacy budget on this data")
-        raise FedcareError(f"no hospital can take part: {reasons}")
-    names, lo, hi, input_shape, task = schema
-    return pooled_normalisation(list(names), list(zip(lo, hi)), sums), input_shape, task
+        _nobody_can_take_part(hospitals)
+    bounds = list(zip(schema.bounds_lo, schema.bounds_hi))
+    return pooled_normalisation(list(schema.names), bounds, sums), schema.input_shape, schema.task
+
+
+def _nobody_can_take_part(hospitals: dict[int, Hospital]) -> NoReturn:
+    """Stop the run: every hospital refused, failed or was silent in the statistics round."""
+    reasons = "; ".join(h.refusal or "" for h in hospitals.values())
+    if all(h.refusal_kind == "budget" for h in hospitals.values()):
+        raise BudgetExhausted(f"no hospital can take part: {reasons}",
+                              "every hospital has spent its privacy budget on this data")
+    raise FedcareError(f"no hospital can take part: {reasons}")
 
 
 def _in_process(grid: Any) -> bool:
@@ -280,218 +277,302 @@ def _in_process(grid: Any) -> bool:
     return module is not None and isinstance(grid, module.InMemoryGrid)
 
 
-def _summary(metrics: Any) -> BinarySummary:
-    return BinarySummary(
-        tp=int(metrics["tp"]), fp=int(metrics["fp"]), tn=int(metrics["tn"]), fn=int(metrics["fn"]),
-        loss_sum=float(metrics["loss-sum"]),
-        pos_hist=np.asarray(metrics["pos-hist"], dtype=np.int64),
-        neg_hist=np.asarray(metrics["neg-hist"], dtype=np.int64),
-    )
-
-
 def run_federation(grid: Grid, s: RunSettings, expected_hospitals: int, progress: Progress,
                    timeout: float = EXCHANGE_TIMEOUT, run_id: int = 0) -> FederationResult:
-    """Run the whole federation and return the final model and per-round records."""
-    import torch
+    """Run the whole federation and return the final model and per-round records.
 
-    from server.checkpoint import (Checkpoint, check_compatible, checkpoint_digest, load_checkpoint,
-                                   restore_strategy, save_checkpoint, strategy_state)
-
-    grid = PromptGrid.wrap(grid)
-    nodes = _wait_for_nodes(grid, expected_hospitals, timeout, progress)
-    config = training_config(s)
-    resumed = None
-    if s.resume:
-        resumed = load_checkpoint(s.output_dir)
-        check_compatible(resumed, s.to_config())
-        progress(f"resuming run {resumed.plan_run_id} after round {resumed.completed_round} of {s.num_rounds}")
-    plan_run_id = resumed.plan_run_id if resumed else str(run_id)
-    config["plan-run-id"] = plan_run_id  # hospitals keep that run's privacy plan (same noise, no recount)
-    hospitals: dict[int, Hospital] = {}
-    normalisation, input_shape, task = _statistics_round(grid, nodes, config, hospitals, timeout, progress)
-    if resumed is not None:
-        normalisation = Normalisation(**resumed.normalisation)
-    active = [h for h in hospitals.values() if h.active]
-    progress(f"statistics round: {len(active)} of {len(nodes)} hospitals, "
-             f"~{normalisation.pooled_count:.0f} training patients (to a batch)")
-    config |= {"norm-mean": normalisation.mean, "norm-std": normalisation.std}
-
-    torch.manual_seed(s.seed)
-    arrays = model_to_arrays(build_model(resolve_model(s.model, task), input_shape, s.hidden_units))
-    strategy = build_strategy(s)
-    first_round = 1
-    if resumed is not None:
-        arrays, first_round = resumed.arrays, resumed.completed_round + 1
-        restore_strategy(strategy, resumed.strategy_state)
-    result = FederationResult(arrays, normalisation, hospitals, min_hospitals=s.min_hospitals)
-    if resumed is not None:
-        result.rounds = [RoundRecord(**r) for r in resumed.rounds]
-        result.crash_cost = dict(resumed.crash_cost)
-    from server import audit_trail
-
-    audit = audit_trail.open_log(s.output_dir)
-    audit_trail.run_started(audit, run_id, s.to_config() | {"resumed-from": resumed.plan_run_id if resumed else None},
-                            arrays)
-    if len(active) < s.min_hospitals:
-        result.stopped_early = (f"only {len(active)} hospital(s) can train (min-hospitals={s.min_hospitals}); "
-                                "no round was run")
-        progress(result.stopped_early)
+    Phases, in order: statistics (with resume and the initial model), key agreement (secure
+    aggregation only), then per round train (which also evaluates the previous round's model) and
+    unmask, then evaluate the last model, and finish (why the run stopped short, if it did).
+    """
+    run = _Federation(PromptGrid.wrap(grid), s, progress, timeout, run_id)
+    run.statistics(_wait_for_nodes(run.grid, expected_hospitals, timeout, progress))
+    result = run.start()
+    if result.stopped_early is not None:
         return result
-
-    secure = None
-    if s.secure_aggregation:
-        from server.secure_rounds import SecureAggregation
-
-        secure = SecureAggregation(grid, dict(config), s.secagg_threshold, s.secagg_clip_range, timeout, progress)
-        keyed = set(secure.setup([h.node_id for h in active], run_id, arrays))
-        for h in active:
-            if h.node_id not in keyed:
-                h.active, h.refusal = False, "dropped out during secure-aggregation key agreement"
-
+    run.key_agreement()
     try:
-        def save(rounds_done: int) -> None:
-            save_checkpoint(s.output_dir, Checkpoint(
-                rounds_done, plan_run_id, s.to_config(), dataclasses.asdict(normalisation),
-                [dataclasses.asdict(r) for r in result.rounds], arrays, strategy_state(strategy),
-                result.crash_cost))
+        stop_message = None
+        for rnd in range(run.first_round, s.num_rounds + 1):
+            if (stop_message := run.train_round(rnd)) is not None:
+                break
+        run.evaluate_last()
+        run.finish(stop_message)
+        return result
+    finally:
+        run.end_key_material()
 
+
+class _Federation:
+    """One run's state, and one method per phase of ``run_federation``."""
+
+    def __init__(self, grid: Any, s: RunSettings, progress: Progress, timeout: float, run_id: int) -> None:
+        self.grid, self.s, self.progress, self.timeout, self.run_id = grid, s, progress, timeout, run_id
+        self.config = training_config(s)
+        self.hospitals: dict[int, Hospital] = {}
+        self.secure: Any = None
+        self.first_round = 1
+        self.unevaluated: RoundRecord | None = None
+
+    # ---- statistics ------------------------------------------------------------------------------
+    def statistics(self, nodes: list[int]) -> None:
+        """Resume (if asked), the statistics round, the normalisation, the initial model and strategy."""
+        import torch
+
+        from server.checkpoint import (
+            check_compatible,
+            load_checkpoint,
+            restore_strategy,
+        )
+
+        s, resumed = self.s, None
+        if s.resume:
+            resumed = load_checkpoint(s.output_dir)
+            check_compatible(resumed, s.to_config())
+            self.progress(f"resuming run {resumed.plan_run_id} after round {resumed.completed_round} of "
+                          f"{s.num_rounds}")
+        self.resumed = resumed
+        self.plan_run_id = resumed.plan_run_id if resumed else str(self.run_id)
+        # hospitals keep that run's privacy plan (same noise, no recount)
+        self.config["plan-run-id"] = self.plan_run_id
+        normalisation, input_shape, task = _statistics_round(self.grid, nodes, self.config, self.hospitals,
+                                                             self.timeout, self.progress)
+        if resumed is not None:
+            normalisation = Normalisation(**resumed.normalisation)
+        self.normalisation = normalisation
+        self.active = [h for h in self.hospitals.values() if h.active]
+        self.progress(f"statistics round: {len(self.active)} of {len(nodes)} hospitals, "
+                      f"~{normalisation.pooled_count:.0f} training patients (to a batch)")
+        self.inputs = wire.ModelInputs(normalisation.mean, normalisation.std)
+        self.config |= self.inputs.to_config()
+        torch.manual_seed(s.seed)
+        self.arrays = model_to_arrays(build_model(resolve_model(s.model, task), input_shape, s.hidden_units))
+        self.strategy = build_strategy(s)
+        if resumed is not None:
+            self.arrays, self.first_round = resumed.arrays, resumed.completed_round + 1
+            restore_strategy(self.strategy, resumed.strategy_state)
+
+    def start(self) -> FederationResult:
+        """The result the rounds fill in, and the audit log's start record; stopped early when too few
+        hospitals can train."""
+        from server import audit_trail
+
+        s, resumed = self.s, self.resumed
+        result = self.result = FederationResult(self.arrays, self.normalisation, self.hospitals,
+                                                min_hospitals=s.min_hospitals)
+        if resumed is not None:
+            result.rounds = [RoundRecord(**r) for r in resumed.rounds]
+            result.crash_cost = dict(resumed.crash_cost)
+        self.audit = audit_trail.open_log(s.output_dir)
+        audit_trail.run_started(self.audit, self.run_id, s.to_config() | {
+            "resumed-from": resumed.plan_run_id if resumed else None}, self.arrays)
+        if len(self.active) < s.min_hospitals:
+            result.stopped_early = (f"only {len(self.active)} hospital(s) can train "
+                                    f"(min-hospitals={s.min_hospitals}); no round was run")
+            self.progress(result.stopped_early)
         # A round's global model is evaluated in the next round's train exchange (each hospital tests the
         # model it receives before training on it), so a round costs one exchange fewer; hospitals that do
         # not train next round get an evaluation message in that same exchange. The last model gets its own.
-        unevaluated = _unevaluated(result.rounds)
-        stop_message = None
-        for rnd in range(first_round, s.num_rounds + 1):
-            t0 = time.monotonic()
-            record = RoundRecord(rnd, 0.0, [], {}, {}, {}, {})
-            train_config = dict(config) | ({protocol.EVALUATE_INCOMING: True} if unevaluated else {})
-            messages = [m for m in strategy.configure_train(rnd, arrays, ConfigRecord(train_config), grid)
-                        if hospitals.get(m.metadata.dst_node_id, Hospital(0, "")).active]
-            if secure is not None:
-                try:
-                    messages = secure.attach_requests(rnd, messages)
-                except FedcareError as exc:
-                    stop_message = f"stopped before round {rnd}: {exc.problem}"
-                    break
-            evaluators: set[int] = set()
-            eval_only: list[Message] = []
-            if unevaluated is not None:
-                eval_messages = _evaluation_messages(strategy, unevaluated.round, arrays, config, grid)
-                evaluators = {m.metadata.dst_node_id for m in eval_messages}
-                training = {m.metadata.dst_node_id for m in messages}
-                eval_only = [m for m in eval_messages if m.metadata.dst_node_id not in training]
-            sent = messages + eval_only
-            evaluating_only = {m.metadata.dst_node_id for m in eval_only}
-            replies = list(grid.send_and_receive(_model_packed(sent), timeout=timeout))
-            summaries: dict[str, BinarySummary] = {}
-            valid = []
-            for msg in replies:
-                node = _sender(msg, sent)
-                if not msg.has_error() and node in evaluators:
-                    _collect_evaluation(msg, summaries)
-                if node in evaluating_only:
-                    continue
-                hospital = hospitals[node]
-                if msg.has_error():
-                    record.failed[hospital.name] = msg.error.reason
-                    continue
-                if (reason := _refusal(msg)) is not None:
-                    hospital.active, hospital.refusal, hospital.refusal_kind = False, reason, _refusal_kind(msg)
-                    record.refused[hospital.name] = reason
-                    progress(f"round {rnd}: {reason}")
-                    continue
-                report = msg.content.config_records[protocol.HOSPITAL]
-                hospital.note_privacy(report, protocol.TRAINED)
-                if (eps := report.get(f"{protocol.TRAINED}epsilon")) is not None:
-                    hospital.epsilon = float(eps)
-                    record.epsilon[hospital.name] = hospital.epsilon
-                if (seconds := report.get(f"{protocol.TRAINED}train-seconds")) is not None:
-                    record.train_seconds[hospital.name] = float(seconds)
-                _note_replan(result.crash_cost, hospital.name, report)
-                record.trained.append(hospital.name)
-                valid.append(msg)
-            missing = {m.metadata.dst_node_id for m in messages} - {_sender(r, messages) for r in replies}
-            for node in missing:
-                record.failed[hospitals[node].name] = "no reply before the timeout"
-            received = {hospitals[m.metadata.src_node_id].name: m.content[protocol.ARRAYS]
-                        for m in valid if secure is None}
-            secure_outcome = None
-            if valid and secure is not None:
-                valid, secure_outcome = secure.aggregate(rnd, valid, arrays, record.failed,
-                                                         {n: h.name for n, h in hospitals.items()})
-                for node in secure_outcome.failed:   # named for misbehaving: out for the rest of the run
-                    if node in hospitals:
-                        hospitals[node].active, hospitals[node].refusal = False, secure_outcome.failed[node]
-                for node in secure_outcome.dropped:  # its round key was revealed: it cannot rejoin this run
-                    if node in hospitals and hospitals[node].active:
-                        hospitals[node].active = False
-                        hospitals[node].refusal = f"dropped out during secure aggregation in round {rnd}"
-                named = {n: h.name for n, h in hospitals.items()}
-                record.secagg = {"path": secure_outcome.path,
-                                 "dropped": [named.get(n, f"node {n}") for n in secure_outcome.dropped],
-                                 "silent": [named.get(n, f"node {n}") for n in secure_outcome.silent]}
-                record.trained = [name for name in record.trained if name not in record.failed]
-            if valid:
-                new_arrays, train_metrics = strategy.aggregate_train(rnd, valid)
-                if new_arrays is not None:
-                    arrays = new_arrays
-                if train_metrics is not None and "train-loss" in train_metrics:
-                    record.train_loss = float(train_metrics["train-loss"])
-            result.arrays = arrays
-            if unevaluated is not None:
-                _record_evaluation(unevaluated, summaries, result)
-                progress(_progress_line(unevaluated, s.num_rounds))
-            if (cost := _crash_cost_line(result.crash_cost, rnd)) is not None:
-                progress(cost)
-            record.asked = len(messages)
-            record.seconds = time.monotonic() - t0
-            timing.trace("server-round", round=rnd, seconds=record.seconds)
-            result.rounds.append(record)
-            unevaluated = record
-            save(rnd)
-            audit_trail.round_done(
-                audit, run_id=run_id, round_=rnd, strategy=s.strategy,
-                sampled=[hospitals[m.metadata.dst_node_id].name for m in messages], responded=record.trained,
-                failed=record.failed, refused=record.refused, arrays=arrays,
-                secagg=secure.audit_summary(secure_outcome) if secure is not None else None, received=received,
-                checkpoint=checkpoint_digest(s.output_dir))
-
-            still = sum(1 for h in hospitals.values() if h.active)
-            if still < s.min_hospitals and rnd < s.num_rounds:
-                stop_message = (f"stopped after round {rnd}: only {still} hospital(s) can still train "
-                                f"(min-hospitals={s.min_hospitals})")
-                break
-        if unevaluated is not None:
-            summaries = {}
-            for msg in grid.send_and_receive(
-                    _model_packed(_evaluation_messages(strategy, unevaluated.round, arrays, config, grid)),
-                    timeout=timeout):
-                if not msg.has_error():
-                    _collect_evaluation(msg, summaries)
-            _record_evaluation(unevaluated, summaries, result)
-            progress(_progress_line(unevaluated, s.num_rounds))
-            save(unevaluated.round)
-        if stop_message is None:
-            stop_message = _short_rounds(result, s)
-        if stop_message is not None:
-            result.stopped_early = stop_message
-            progress(stop_message)
+        self.unevaluated = _unevaluated(result.rounds)
         return result
-    finally:
-        if secure is not None:   # finished or failed: every participant deletes its private keys
-            secure.end()
+
+    # ---- key agreement ---------------------------------------------------------------------------
+    def key_agreement(self) -> None:
+        """Secure aggregation's setup: hospitals that drop out of it cannot train in this run."""
+        if not self.s.secure_aggregation:
+            return
+        from server.secure_rounds import SecureAggregation
+
+        s = self.s
+        self.secure = SecureAggregation(self.grid, dict(self.config), s.secagg_threshold, s.secagg_clip_range,
+                                        self.timeout, self.progress)
+        keyed = set(self.secure.setup([h.node_id for h in self.active], self.run_id, self.arrays))
+        for h in self.active:
+            if h.node_id not in keyed:
+                h.active, h.refusal = False, "dropped out during secure-aggregation key agreement"
+
+    # ---- train (with the previous round's evaluation) ---------------------------------------------
+    def train_round(self, rnd: int) -> str | None:
+        """One round: train (and evaluate the previous model), unmask, aggregate, record. Returns why the
+        run stops after it (None: it goes on)."""
+        t0 = time.monotonic()
+        record = RoundRecord(rnd, 0.0, [], {}, {}, {}, {})
+        messages = self._train_messages(rnd)
+        if self.secure is not None:
+            try:
+                messages = self.secure.attach_requests(rnd, messages)
+            except FedcareError as exc:
+                return f"stopped before round {rnd}: {exc.problem}"
+        evaluators, eval_only = self._evaluation_alongside(messages)
+        sent = messages + eval_only
+        replies = list(self.grid.send_and_receive(_model_packed(sent), timeout=self.timeout))
+        summaries: dict[str, BinarySummary] = {}
+        valid = self._take_train_replies(rnd, record, replies, sent, evaluators, eval_only, summaries)
+        missing = {m.metadata.dst_node_id for m in messages} - {_sender(r, messages) for r in replies}
+        for node in missing:
+            record.failed[self.hospitals[node].name] = "no reply before the timeout"
+        received = {self.hospitals[m.metadata.src_node_id].name: wire.plain_update(m.content)
+                    for m in valid if self.secure is None}
+        valid, secure_outcome = self._unmask(rnd, record, valid)
+        self._aggregate(rnd, record, valid)
+        if self.unevaluated is not None:
+            _record_evaluation(self.unevaluated, summaries, self.result)
+            self.progress(_progress_line(self.unevaluated, self.s.num_rounds))
+        if (cost := _crash_cost_line(self.result.crash_cost, rnd)) is not None:
+            self.progress(cost)
+        record.asked = len(messages)
+        record.seconds = time.monotonic() - t0
+        timing.trace("server-round", round=rnd, seconds=record.seconds)
+        self.result.rounds.append(record)
+        self.unevaluated = record
+        self._save(rnd)
+        self._audit_round(rnd, record, messages, received, secure_outcome)
+        still = sum(1 for h in self.hospitals.values() if h.active)
+        if still < self.s.min_hospitals and rnd < self.s.num_rounds:
+            return (f"stopped after round {rnd}: only {still} hospital(s) can still train "
+                    f"(min-hospitals={self.s.min_hospitals})")
+        return None
+
+    def _train_messages(self, rnd: int) -> list[Message]:
+        inputs = dataclasses.replace(self.inputs, evaluate_incoming=self.unevaluated is not None)
+        train_config = dict(self.config) | inputs.to_config()
+        return [m for m in self.strategy.configure_train(rnd, self.arrays, ConfigRecord(train_config), self.grid)
+                if self.hospitals.get(m.metadata.dst_node_id, Hospital(0, "")).active]
+
+    def _evaluation_alongside(self, messages: list[Message]) -> tuple[set[int], list[Message]]:
+        """Who tests the previous round's model in this exchange, and the evaluate messages for those of
+        them that do not train this round."""
+        if self.unevaluated is None:
+            return set(), []
+        eval_messages = _evaluation_messages(self.strategy, self.unevaluated.round, self.arrays, self.config,
+                                             self.grid)
+        training = {m.metadata.dst_node_id for m in messages}
+        return ({m.metadata.dst_node_id for m in eval_messages},
+                [m for m in eval_messages if m.metadata.dst_node_id not in training])
+
+    def _take_train_replies(self, rnd: int, record: RoundRecord, replies: list[Message], sent: list[Message],
+                            evaluators: set[int], eval_only: list[Message],
+                            summaries: dict[str, BinarySummary]) -> list[Message]:
+        """Evaluations, refusals, failures and reports from one train exchange; the replies to aggregate."""
+        evaluating_only = {m.metadata.dst_node_id for m in eval_only}
+        valid = []
+        for msg in replies:
+            node = _sender(msg, sent)
+            if not msg.has_error() and node in evaluators:
+                _collect_evaluation(msg, summaries)
+            if node in evaluating_only:
+                continue
+            hospital = self.hospitals[node]
+            if msg.has_error():
+                record.failed[hospital.name] = msg.error.reason
+                continue
+            if (refusal := _refusal(msg)) is not None:
+                _refuse(hospital, refusal)
+                record.refused[hospital.name] = refusal.reason
+                self.progress(f"round {rnd}: {refusal.reason}")
+                continue
+            report = wire.TrainReport.from_record(msg.content.config_records.get(protocol.HOSPITAL, {}))
+            hospital.note_privacy(report.privacy)
+            if report.epsilon is not None:
+                hospital.epsilon = report.epsilon
+                record.epsilon[hospital.name] = hospital.epsilon
+            if report.train_seconds is not None:
+                record.train_seconds[hospital.name] = report.train_seconds
+            _note_replan(self.result.crash_cost, hospital.name, report)
+            record.trained.append(hospital.name)
+            valid.append(msg)
+        return valid
+
+    # ---- unmask ----------------------------------------------------------------------------------
+    def _unmask(self, rnd: int, record: RoundRecord, valid: list[Message]) -> tuple[list[Message], Any]:
+        """Secure aggregation's unmask exchange; hospitals that misbehaved or dropped are out for the run."""
+        if not valid or self.secure is None:
+            return valid, None
+        hospitals = self.hospitals
+        valid, outcome = self.secure.aggregate(rnd, valid, self.arrays, record.failed,
+                                               {n: h.name for n, h in hospitals.items()})
+        for node in outcome.failed:   # named for misbehaving: out for the rest of the run
+            if node in hospitals:
+                hospitals[node].active, hospitals[node].refusal = False, outcome.failed[node]
+        for node in outcome.dropped:  # its round key was revealed: it cannot rejoin this run
+            if node in hospitals and hospitals[node].active:
+                hospitals[node].active = False
+                hospitals[node].refusal = f"dropped out during secure aggregation in round {rnd}"
+        named = {n: h.name for n, h in hospitals.items()}
+        record.secagg = {"path": outcome.path,
+                         "dropped": [named.get(n, f"node {n}") for n in outcome.dropped],
+                         "silent": [named.get(n, f"node {n}") for n in outcome.silent]}
+        record.trained = [name for name in record.trained if name not in record.failed]
+        return valid, outcome
+
+    def _aggregate(self, rnd: int, record: RoundRecord, valid: list[Message]) -> None:
+        if valid:
+            new_arrays, train_metrics = self.strategy.aggregate_train(rnd, valid)
+            if new_arrays is not None:
+                self.arrays = new_arrays
+            if train_metrics is not None and "train-loss" in train_metrics:
+                record.train_loss = float(train_metrics["train-loss"])
+        self.result.arrays = self.arrays
+
+    def _save(self, rounds_done: int) -> None:
+        from server.checkpoint import Checkpoint, save_checkpoint, strategy_state
+
+        s, result = self.s, self.result
+        save_checkpoint(s.output_dir, Checkpoint(
+            rounds_done, self.plan_run_id, s.to_config(), dataclasses.asdict(self.normalisation),
+            [dataclasses.asdict(r) for r in result.rounds], self.arrays, strategy_state(self.strategy),
+            result.crash_cost))
+
+    def _audit_round(self, rnd: int, record: RoundRecord, messages: list[Message], received: dict[str, Any],
+                     secure_outcome: Any) -> None:
+        from server import audit_trail
+        from server.checkpoint import checkpoint_digest
+
+        audit_trail.round_done(
+            self.audit, run_id=self.run_id, round_=rnd, strategy=self.s.strategy,
+            sampled=[self.hospitals[m.metadata.dst_node_id].name for m in messages], responded=record.trained,
+            failed=record.failed, refused=record.refused, arrays=self.arrays,
+            secagg=self.secure.audit_summary(secure_outcome) if self.secure is not None else None,
+            received=received, checkpoint=checkpoint_digest(self.s.output_dir))
+
+    # ---- evaluate --------------------------------------------------------------------------------
+    def evaluate_last(self) -> None:
+        """The last trained model has not been tested in a train exchange: its own evaluate exchange."""
+        if self.unevaluated is None:
+            return
+        summaries: dict[str, BinarySummary] = {}
+        messages = _evaluation_messages(self.strategy, self.unevaluated.round, self.arrays, self.config, self.grid)
+        for msg in self.grid.send_and_receive(_model_packed(messages), timeout=self.timeout):
+            if not msg.has_error():
+                _collect_evaluation(msg, summaries)
+        _record_evaluation(self.unevaluated, summaries, self.result)
+        self.progress(_progress_line(self.unevaluated, self.s.num_rounds))
+        self._save(self.unevaluated.round)
+
+    # ---- finish ----------------------------------------------------------------------------------
+    def finish(self, stop_message: str | None) -> None:
+        """Say why the run did not do all its rounds, if it did not."""
+        if stop_message is None:
+            stop_message = _short_rounds(self.result, self.s)
+        if stop_message is not None:
+            self.result.stopped_early = stop_message
+            self.progress(stop_message)
+
+    def end_key_material(self) -> None:
+        """Finished or failed: every secure-aggregation participant deletes its private keys."""
+        if self.secure is not None:
+            self.secure.end()
 
 
-def _note_replan(cost: dict[str, Any], hospital: str, report: Any) -> None:
+def _note_replan(cost: dict[str, Any], hospital: str, report: wire.TrainReport) -> None:
     """Add a hospital's statement that it re-planned its noise (and which charged rounds were lost)."""
-    planned = report.get(f"{protocol.TRAINED}planned-noise-multiplier")
-    if planned is None:
+    if report.planned_noise_multiplier is None:
         return
-    from_round = int(report[f"{protocol.TRAINED}replanned-from-round"])
     cost.setdefault("noise", {})[hospital] = {
-        "planned": float(planned), "now": float(report[f"{protocol.TRAINED}noise-multiplier"]),
-        "from_round": from_round}
-    for lost in report.get(f"{protocol.TRAINED}lost-rounds", []):
-        names = cost.setdefault("lost_rounds", {}).setdefault(str(int(lost)), [])
+        "planned": report.planned_noise_multiplier, "now": report.noise_multiplier,
+        "from_round": report.replanned_from_round}
+    for lost in report.lost_rounds:
+        names = cost.setdefault("lost_rounds", {}).setdefault(str(lost), [])
         if hospital not in names:
             names.append(hospital)
             names.sort()
@@ -562,12 +643,11 @@ def _model_packed(messages: list[Message]) -> list[Message]:
 def _collect_evaluation(msg: Message, summaries: dict[str, BinarySummary]) -> None:
     """A hospital's test metrics of the model it received: an evaluate reply's metrics, or the
     evaluation record of a train reply (present even when the hospital then refused to train)."""
-    evaluation = unflatten(dict(msg.content.config_records.get(protocol.HOSPITAL, {})), protocol.EVALUATION)
-    if evaluation:
-        summaries[_name(msg)] = _summary(evaluation)
-    elif (msg.metadata.message_type == MessageType.EVALUATE and _refusal(msg) is None
-          and protocol.METRICS in msg.content.metric_records):   # absent: the hospital's policy withholds it
-        summaries[_name(msg)] = _summary(msg.content.metric_records[protocol.METRICS])
+    evaluation = wire.EvaluationMetrics.in_train_reply(msg.content)
+    if evaluation is None and msg.metadata.message_type == MessageType.EVALUATE and _refusal(msg) is None:
+        evaluation = wire.EvaluationMetrics.in_evaluate_reply(msg.content)   # None: the hospital's policy withholds it
+    if evaluation is not None:
+        summaries[_name(msg)] = evaluation.summary()
 
 
 def _record_evaluation(record: RoundRecord, summaries: dict[str, BinarySummary], result: FederationResult) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedcare import protocol
+from fedcare import protocol, wire
 from fedcare.errors import FedcareError
 from secure_aggregation import Quantizer, SecAggError, SecAggServer, TooFewSurvivors
 from secure_aggregation.graph import find_parameters
@@ -123,8 +123,9 @@ class SecureAggregation:
     def _ok(self, replies: Iterable[tuple[int, Message]], stage: str) -> list[tuple[int, Message]]:
         good = []
         for node, msg in replies:
-            if msg.has_error() or protocol.REFUSAL in msg.content.config_records:
-                why = msg.error.reason if msg.has_error() else msg.content.config_records[protocol.REFUSAL]["reason"]
+            refusal = None if msg.has_error() else wire.Refusal.from_content(msg.content)
+            if msg.has_error() or refusal is not None:
+                why = msg.error.reason if msg.has_error() else refusal.reason
                 self.progress(f"secure aggregation {stage}: {_name(msg, node)} dropped ({_first_line(why)})")
                 continue
             good.append((node, msg))
@@ -273,8 +274,8 @@ def _sender(msg: Message, sent: list[Message]) -> int:
 
 
 def _name(msg: Message, node: int) -> str:
-    record = msg.content.config_records.get(protocol.HOSPITAL) if msg.has_content() else None
-    return str(record["name"]) if record is not None and "name" in record else f"node {node}"
+    name = wire.hospital_name(msg.content) if msg.has_content() else None
+    return name or f"node {node}"
 
 
 def _problem(exc: BaseException) -> str:

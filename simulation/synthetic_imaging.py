@@ -330,6 +330,13 @@ def _dicom_template(scanner: Scanner) -> Dataset:
 
     ds = Dataset()
     ds.file_meta = meta
+    _set_deidentified_header(ds, scanner, is_ct, sop_class)
+    _set_image_pixel_module(ds, scanner)
+    return ds
+
+
+def _set_deidentified_header(ds: Dataset, scanner: Scanner, is_ct: bool, sop_class: str) -> None:
+    """The identity-free attributes: SOP class, equipment, de-identification record, CT/SC geometry."""
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"] if is_ct else ["DERIVED", "SECONDARY"]
     ds.SOPClassUID = sop_class
@@ -366,6 +373,9 @@ def _dicom_template(scanner: Scanner) -> Dataset:
     else:
         ds.PatientOrientation = ""
 
+
+def _set_image_pixel_module(ds: Dataset, scanner: Scanner) -> None:
+    """Pixel layout, bit depth, rescale and window of the scanner's stored images."""
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = scanner.photometric
     ds.Rows, ds.Columns = scanner.rows, scanner.columns
@@ -379,7 +389,6 @@ def _dicom_template(scanner: Scanner) -> Dataset:
     ds.RescaleType = scanner.rescale_type
     ds.WindowCenter = scanner.window_center
     ds.WindowWidth = scanner.window_width
-    return ds
 
 
 def _fill(ds: Dataset, pixels: np.ndarray) -> Dataset:

@@ -90,18 +90,40 @@ def load_dicom_folder(folder: Path, labels_csv: Path, policy: ImagePolicy, cache
     `retain` passes PS3.15 E.3 options an approval grants (see phi_guard.RETAIN_OPTIONS).
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise FedcareError(_folder_problem(folder), "point the node config at the folder of DICOM files")
-    if on_unreadable not in UNREADABLE_MODES:
-        raise FedcareError(f"unknown on_unreadable mode {on_unreadable!r}",
-                           f"choose one of: {', '.join(UNREADABLE_MODES)}")
+    _check_load_arguments(folder, on_unreadable)
     retain = tuple(retain)
     table = read_labels(labels_csv)
     candidates = find_dicom_files(folder, exclude=[Path(labels_csv)])
     rejected: dict[str, str] = {}
     labelled, unlabelled = match_labels(folder, table, candidates, rejected)
+    phi, sizes, digests = _guard_headers(folder, labelled, retain, cache_dir, require_deidentified, rejected)
+    images, decode_seconds, hits, misses = _decode_pixels(folder, labelled, digests, policy, cache_dir, rejected)
+    if rejected and on_unreadable == "error":
+        raise unreadable_error(rejected)
+    if not images:
+        raise FedcareError(f"no usable labelled images in {folder}: {len(rejected)} file(s) rejected",
+                           "run `fedcare data check` on the folder to see why")
+    return _assemble(images, table, labelled, policy, rejected, phi, unlabelled, sizes,
+                     decode_seconds, hits, misses)
 
-    # Pass 1: headers only — identity check, sizes and content digests before any pixel is decoded.
+
+def _check_load_arguments(folder: Path, on_unreadable: str) -> None:
+    """The imaging folder is a folder and the on_unreadable mode is known."""
+    if not folder.is_dir():
+        raise FedcareError(_folder_problem(folder), "point the node config at the folder of DICOM files")
+    if on_unreadable not in UNREADABLE_MODES:
+        raise FedcareError(f"unknown on_unreadable mode {on_unreadable!r}",
+                           f"choose one of: {', '.join(UNREADABLE_MODES)}")
+
+
+def _guard_headers(folder: Path, labelled: dict[str, int], retain: tuple[str, ...], cache_dir: Path | None,
+                   require_deidentified: bool, rejected: dict[str, str],
+                   ) -> tuple[dict[str, list[str]], dict[str, tuple[int, int]], dict[str, str]]:
+    """Pass 1, headers only: (phi findings, sizes, content digests) before any pixel is decoded.
+
+    Unreadable files go to `rejected`; identifying attributes stop the load when de-identification
+    is required.
+    """
     phi: dict[str, list[str]] = {}
     sizes: dict[str, tuple[int, int]] = {}
     digests: dict[str, str] = {}
@@ -116,12 +138,7 @@ def load_dicom_folder(folder: Path, labels_csv: Path, policy: ImagePolicy, cache
                 phi[name] = list(known["phi"])
             continue
         try:
-            data = (folder / name).read_bytes()
-            digests[name] = file_digest(data)
-            ds = read_header_bytes(data, name)
-            findings = phi_findings(ds, retain=retain)
-            with quiet_pydicom():
-                sizes[name] = (int(ds.get("Rows") or 0), int(ds.get("Columns") or 0))
+            findings = _read_header_facts(folder, name, retain, digests, sizes)
         except OSError as exc:
             rejected[name] = f"the file {os_error_cause(exc)}"
             continue
@@ -139,8 +156,28 @@ def load_dicom_folder(folder: Path, labels_csv: Path, policy: ImagePolicy, cache
         raise phi_error(phi, extra=len(rejected))
     if index is not None:
         index.save()
+    return phi, sizes, digests
 
-    # Pass 2: pixels, through the cache (a hit does not even reread the file).
+
+def _read_header_facts(folder: Path, name: str, retain: tuple[str, ...], digests: dict[str, str],
+                       sizes: dict[str, tuple[int, int]]) -> list[str]:
+    """Read one file's header: record its digest and size, return the guard's findings."""
+    data = (folder / name).read_bytes()
+    digests[name] = file_digest(data)
+    ds = read_header_bytes(data, name)
+    findings = phi_findings(ds, retain=retain)
+    with quiet_pydicom():
+        sizes[name] = (int(ds.get("Rows") or 0), int(ds.get("Columns") or 0))
+    return findings
+
+
+def _decode_pixels(folder: Path, labelled: dict[str, int], digests: dict[str, str], policy: ImagePolicy,
+                   cache_dir: Path | None, rejected: dict[str, str],
+                   ) -> tuple[dict[str, list[np.ndarray]], float, int, int]:
+    """Pass 2, pixels through the cache (a hit does not even reread the file).
+
+    Returns (images, decode seconds, cache hits, cache misses); unusable files go to `rejected`.
+    """
     cache = ImageCache(cache_dir) if cache_dir is not None else None
     decode_seconds, hits, misses = 0.0, 0, 0
     images: dict[str, list[np.ndarray]] = {}
@@ -173,14 +210,7 @@ def load_dicom_folder(folder: Path, labels_csv: Path, policy: ImagePolicy, cache
         if cache is not None:
             cache.put(digest, policy, arrays)
         images[name] = arrays
-
-    if rejected and on_unreadable == "error":
-        raise unreadable_error(rejected)
-    if not images:
-        raise FedcareError(f"no usable labelled images in {folder}: {len(rejected)} file(s) rejected",
-                           "run `fedcare data check` on the folder to see why")
-    return _assemble(images, table, labelled, policy, rejected, phi, unlabelled, sizes,
-                     decode_seconds, hits, misses)
+    return images, decode_seconds, hits, misses
 
 
 def _assemble(images, table, labelled, policy, rejected, phi, unlabelled, sizes, decode_seconds, hits, misses):
@@ -249,6 +279,21 @@ def read_labels(labels_csv: Path) -> LabelTable:
     path = Path(labels_csv)
     where = path.name
     layout = "columns `file,label` (file relative to the folder) or `sop_instance_uid,label`, comma-separated"
+    text = _read_labels_text(path, where, layout)
+    reader = csv.reader(io.StringIO(text))
+    header = [h.strip().lower() for h in next(reader)]
+    rows = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+    key = _key_column(header, where, layout)
+    if not rows:
+        raise FedcareError(f"{where} has a header but no rows", "add one row per labelled image")
+    k, lab = header.index(key), header.index(LABEL_COLUMN)
+    _check_label_rows(rows, key, k, lab, where)
+    labels, lines = _index_label_rows(rows, key, k, lab, where)
+    return LabelTable(path=path, key_column=key, labels=labels, lines=lines)
+
+
+def _read_labels_text(path: Path, where: str, layout: str) -> str:
+    """The labels file's text: it exists, is readable UTF-8 and is not empty."""
     problem = path_problem(path)
     if problem == "does not exist":
         raise FedcareError(f"labels file not found: {path}", f"create it with {layout}")
@@ -263,9 +308,11 @@ def read_labels(labels_csv: Path) -> LabelTable:
                            "make it readable by the user running fedcare (check its permissions)") from None
     if not text.strip():
         raise FedcareError(f"{where} is empty", f"write a header and one row per image: {layout}")
-    reader = csv.reader(io.StringIO(text))
-    header = [h.strip().lower() for h in next(reader)]
-    rows = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+    return text
+
+
+def _key_column(header: list[str], where: str, layout: str) -> str:
+    """The key column (`file` or `sop_instance_uid`), after checking the delimiter and label column."""
     if len(header) == 1:
         for sep, label in ((";", "';'"), ("\t", "a tab")):
             if sep in header[0]:
@@ -277,9 +324,11 @@ def read_labels(labels_csv: Path) -> LabelTable:
         found = ", ".join(header) or "none"
         raise FedcareError(f"{where} lacks column(s): {', '.join(missing)}; columns found: {found}",
                            f"use {layout}")
-    if not rows:
-        raise FedcareError(f"{where} has a header but no rows", "add one row per labelled image")
-    k, lab = header.index(key), header.index(LABEL_COLUMN)
+    return key
+
+
+def _check_label_rows(rows: list[tuple[int, list[str]]], key: str, k: int, lab: int, where: str) -> None:
+    """Every row has a key and a 0/1 label (errors name lines, never cell values)."""
     ragged = [line for line, row in rows if len(row) <= max(k, lab)]
     if ragged:
         raise FedcareError(f"{where}: {len(ragged)} row(s) have too few fields (line(s) {_few(ragged)})",
@@ -292,6 +341,11 @@ def read_labels(labels_csv: Path) -> LabelTable:
         raise FedcareError(f"{where}: column '{LABEL_COLUMN}' must be 0 or 1 (binary); {len(bad)} row(s) hold "
                            f"other values (line(s) {_few(bad)}; values not shown)",
                            "map the classes to 0 (negative) and 1 (positive)")
+
+
+def _index_label_rows(rows: list[tuple[int, list[str]]], key: str, k: int, lab: int,
+                      where: str) -> tuple[dict[str, int], dict[str, int]]:
+    """(key -> label, key -> first CSV line); a key listed twice is an error."""
     labels: dict[str, int] = {}
     lines: dict[str, int] = {}
     seen: dict[str, list[int]] = {}
@@ -306,7 +360,7 @@ def read_labels(labels_csv: Path) -> LabelTable:
                            for v, ls in list(duplicates.items())[:_SHOW])
         raise FedcareError(f"{where}: {len(duplicates)} {key} value(s) listed more than once: {listed}",
                            "keep one row per image")
-    return LabelTable(path=path, key_column=key, labels=labels, lines=lines)
+    return labels, lines
 
 
 def _normalise_file(value: str, where: str, line: int) -> str:

@@ -334,7 +334,8 @@ def _section(source: str, data: dict[str, Any], key: str) -> dict[str, Any]:
     return table
 
 
-def _parse(data: dict[str, Any], source: str) -> EhrSchema:
+def _parse_head(source: str, data: dict[str, Any]) -> tuple[bool, str, dict[str, Any]]:
+    """(events_mode, "[table]"/"[events]", that section), after checking the top-level keys."""
     _check_keys(source, "the schema", data, _TOP_KEYS)
     if ("table" in data) == ("events" in data):
         raise FedcareError(f"{source}: a schema needs exactly one of [table] or [events]",
@@ -343,37 +344,50 @@ def _parse(data: dict[str, Any], source: str) -> EhrSchema:
     where = "[events]" if events_mode else "[table]"
     head = _check_keys(source, where, data["events" if events_mode else "table"],
                        _EVENTS_KEYS if events_mode else _TABLE_KEYS)
-    id_col = _name(source, where, head, "id")
-    label = _name(source, where, head, "label")
+    return events_mode, where, head
+
+
+def _parse_labels(source: str, where: str, head: dict) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None,
+                                                                int | None]:
+    """(positive, negative, other_label), checked for consistency between the two keys."""
     positive, negative, other_label = _label_values(source, where, head)
     if negative is not None and positive is None and other_label is None:
         raise _fail(source, where, "declares 'negative' without 'positive'", "declare positive = \"<value>\" too")
     if positive and negative and set(positive) & set(negative):
         raise _fail(source, where, "lists a value in both 'positive' and 'negative'")
+    return positive, negative, other_label
+
+
+def _test_fraction(source: str, where: str, head: dict) -> Any:
     fraction = head.get("test-fraction", DEFAULT_TEST_FRACTION)
     if not _number(fraction) or not 0.0 <= fraction < 1.0:
         raise _fail(source, where, f"'test-fraction' = {fraction!r} must be a number in [0, 1)", "e.g. 0.3")
+    return fraction
 
-    event_spec = None
-    if events_mode:
-        time = _name(source, where, head, "time")
-        unit = head.get("time-unit", "days")
-        if unit not in TIME_UNITS:
-            raise _fail(source, where, f"has time-unit = {unit!r}", f"use one of: {', '.join(TIME_UNITS)}")
-        if "time-range" not in head:
-            raise _fail(source, where, "needs 'time-range'",
-                        "the public range of years since a patient's first event, e.g. time-range = [0, 5]")
-        max_length = head.get("max-length")
-        if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
-            raise _fail(source, where, f"'max-length' = {max_length!r} must be a whole number >= 1",
-                        "the number of most recent events kept per patient, e.g. max-length = 16")
-        label_source = head.get("label-source", "events")
-        if label_source not in LABEL_SOURCES:
-            raise _fail(source, where, f"has label-source = {label_source!r}",
-                        f"use one of: {', '.join(LABEL_SOURCES)}")
-        event_spec = EventSpec(time, unit, _range(source, where, "time-range", head["time-range"]),
-                               max_length, label_source)
 
+def _parse_events(source: str, where: str, head: dict) -> EventSpec:
+    """The [events] section's sequence keys (time column, unit, range, max-length, label source)."""
+    time = _name(source, where, head, "time")
+    unit = head.get("time-unit", "days")
+    if unit not in TIME_UNITS:
+        raise _fail(source, where, f"has time-unit = {unit!r}", f"use one of: {', '.join(TIME_UNITS)}")
+    if "time-range" not in head:
+        raise _fail(source, where, "needs 'time-range'",
+                    "the public range of years since a patient's first event, e.g. time-range = [0, 5]")
+    max_length = head.get("max-length")
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
+        raise _fail(source, where, f"'max-length' = {max_length!r} must be a whole number >= 1",
+                    "the number of most recent events kept per patient, e.g. max-length = 16")
+    label_source = head.get("label-source", "events")
+    if label_source not in LABEL_SOURCES:
+        raise _fail(source, where, f"has label-source = {label_source!r}",
+                    f"use one of: {', '.join(LABEL_SOURCES)}")
+    return EventSpec(time, unit, _range(source, where, "time-range", head["time-range"]),
+                     max_length, label_source)
+
+
+def _parse_numeric(source: str, data: dict[str, Any], events_mode: bool) -> dict[str, NumericSpec]:
+    """The [numeric.<column>] sections, in file order."""
     numeric: dict[str, NumericSpec] = {}
     for name, spec in _section(source, data, "numeric").items():
         w = f"[numeric.{name}]"
@@ -383,25 +397,39 @@ def _parse(data: dict[str, Any], source: str) -> EhrSchema:
         lo, hi = _range(source, w, "range", spec["range"])
         numeric[name] = NumericSpec(name, lo, hi, _text(source, w, spec, "unit"),
                                     _missing(source, w, spec, events_mode), _text(source, w, spec, "description"))
+    return numeric
 
+
+def _levels(source: str, where: str, spec: dict) -> tuple[str, ...]:
+    """A categorical column's 'levels' as canonical texts: non-empty, each listed once."""
+    levels = spec.get("levels")
+    if not isinstance(levels, list) or not levels:
+        raise _fail(source, where, "needs a non-empty 'levels' list", "e.g. levels = [\"F\", \"M\"]")
+    if not all(isinstance(v, (str, int, bool)) for v in levels):
+        raise _fail(source, where, "'levels' must be text, whole numbers or booleans")
+    texts = tuple(level_text(v) for v in levels)
+    if "" in texts:
+        raise _fail(source, where, "'levels' holds an empty level")
+    if len(set(texts)) != len(texts):
+        dup = sorted({t for t in texts if texts.count(t) > 1})
+        raise _fail(source, where, f"'levels' lists {', '.join(dup)} more than once")
+    return texts
+
+
+def _parse_categorical(source: str, data: dict[str, Any], events_mode: bool) -> dict[str, CategoricalSpec]:
+    """The [categorical.<column>] sections, in file order."""
     categorical: dict[str, CategoricalSpec] = {}
     for name, spec in _section(source, data, "categorical").items():
         w = f"[categorical.{name}]"
         _check_keys(source, w, spec, _CATEGORICAL_KEYS)
-        levels = spec.get("levels")
-        if not isinstance(levels, list) or not levels:
-            raise _fail(source, w, "needs a non-empty 'levels' list", "e.g. levels = [\"F\", \"M\"]")
-        if not all(isinstance(v, (str, int, bool)) for v in levels):
-            raise _fail(source, w, "'levels' must be text, whole numbers or booleans")
-        texts = tuple(level_text(v) for v in levels)
-        if "" in texts:
-            raise _fail(source, w, "'levels' holds an empty level")
-        if len(set(texts)) != len(texts):
-            dup = sorted({t for t in texts if texts.count(t) > 1})
-            raise _fail(source, w, f"'levels' lists {', '.join(dup)} more than once")
+        texts = _levels(source, w, spec)
         categorical[name] = CategoricalSpec(name, texts, _missing(source, w, spec, events_mode),
                                             _text(source, w, spec, "description"))
+    return categorical
 
+
+def _check_features(source: str, numeric: dict[str, NumericSpec], categorical: dict[str, CategoricalSpec]) -> None:
+    """At least one feature is declared, and no column is both numeric and categorical."""
     if not numeric and not categorical:
         raise FedcareError(f"{source}: the schema declares no features",
                            "add [numeric.<column>] or [categorical.<column>] sections")
@@ -409,9 +437,11 @@ def _parse(data: dict[str, Any], source: str) -> EhrSchema:
     if both:
         raise FedcareError(f"{source}: column '{both[0]}' is declared both [numeric.{both[0]}] and "
                            f"[categorical.{both[0]}]", "declare each column once")
-    roles = {"id": id_col, "label": label}
-    if event_spec is not None:
-        roles["time"] = event_spec.time
+
+
+def _check_roles(source: str, where: str, roles: dict[str, str | None], numeric: dict[str, NumericSpec],
+                 categorical: dict[str, CategoricalSpec]) -> None:
+    """The id, label and time columns are distinct and none of them is also a feature."""
     for role, col in roles.items():
         if col in numeric or col in categorical:
             raise FedcareError(f"{source}: the {role} column '{col}' is also declared as a feature",
@@ -422,14 +452,35 @@ def _parse(data: dict[str, Any], source: str) -> EhrSchema:
         raise FedcareError(f"{source}: {where} uses one column for two roles ({listed})",
                            "id, label and time must be different columns")
 
-    schema = EhrSchema(source=source, id=id_col, label=label, positive=positive, negative=negative,
-                       other_label=other_label,
-                       test_fraction=float(fraction), numeric=numeric, categorical=categorical,
-                       events=event_spec, raw=data)
+
+def _check_encoded_names(source: str, schema: EhrSchema) -> None:
+    """No two encoded features (numeric, one-hot, indicator, time) share a name."""
     names = schema.feature_names
     clash = sorted({n for n in names if names.count(n) > 1})
     if clash:
         raise FedcareError(f"{source}: encoded feature name '{clash[0]}' would occur twice",
                            "rename the column or level so one-hot (col=level) and indicator (col:missing) "
                            f"names stay distinct; '{TIME_FEATURE}' is reserved in [events] schemas")
+
+
+def _parse(data: dict[str, Any], source: str) -> EhrSchema:
+    events_mode, where, head = _parse_head(source, data)
+    id_col = _name(source, where, head, "id")
+    label = _name(source, where, head, "label")
+    positive, negative, other_label = _parse_labels(source, where, head)
+    fraction = _test_fraction(source, where, head)
+    event_spec = _parse_events(source, where, head) if events_mode else None
+    numeric = _parse_numeric(source, data, events_mode)
+    categorical = _parse_categorical(source, data, events_mode)
+    _check_features(source, numeric, categorical)
+    roles = {"id": id_col, "label": label}
+    if event_spec is not None:
+        roles["time"] = event_spec.time
+    _check_roles(source, where, roles, numeric, categorical)
+
+    schema = EhrSchema(source=source, id=id_col, label=label, positive=positive, negative=negative,
+                       other_label=other_label,
+                       test_fraction=float(fraction), numeric=numeric, categorical=categorical,
+                       events=event_spec, raw=data)
+    _check_encoded_names(source, schema)
     return schema
