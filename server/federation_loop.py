@@ -345,8 +345,9 @@ class _Federation:
                       f"~{normalisation.pooled_count:.0f} training patients (to a batch)")
         self.inputs = wire.ModelInputs(normalisation.mean, normalisation.std)
         self.config |= self.inputs.to_config()
-        torch.manual_seed(s.seed)
-        self.arrays = model_to_arrays(build_model(resolve_model(s.model, task), input_shape, s.hidden_units))
+        with torch.random.fork_rng(devices=[]):   # the run seed sets the initial model only, nothing after it
+            torch.manual_seed(s.seed)
+            self.arrays = model_to_arrays(build_model(resolve_model(s.model, task), input_shape, s.hidden_units))
         self.strategy = build_strategy(s)
         if resumed is not None:
             self.arrays, self.first_round = resumed.arrays, resumed.completed_round + 1

@@ -28,6 +28,7 @@ from fedcare.compat import opacus as opacus_compat
 from fedcare.compat import torch as torch_compat
 from fedcare.errors import FedcareError
 from tests.conftest import ROOT
+from tests.support.clipping_cases import dp_step
 
 
 class _Records(logging.Handler):
@@ -211,20 +212,6 @@ def test_opacus_contract_private_helpers_and_state():
     assert "secure_mode" in inspect.signature(DPOptimizerFastGradientClipping.__init__).parameters
 
 
-def _dp_step(optimizer, model, x, y) -> list[torch.Tensor]:
-    from client.per_sample_clipping import PerSampleClipper
-
-    optimizer.zero_grad(set_to_none=True)
-    clipper = PerSampleClipper(model, optimizer.max_grad_norm)
-    with clipper.recording():
-        loss = nn.functional.binary_cross_entropy_with_logits(model(x), y, reduction="sum")
-    clipper.clip_and_sum(loss, len(y))
-    clipper.close()
-    sums = [p.grad.detach().clone() for p in model.parameters()]
-    optimizer.step()
-    return sums
-
-
 def test_on_another_opacus_dp_sgd_uses_opacuss_public_step_with_one_warning(monkeypatch, warnings_on):
     from opacus.optimizers import DPOptimizerFastGradientClipping
 
@@ -245,7 +232,7 @@ def test_on_another_opacus_dp_sgd_uses_opacuss_public_step_with_one_warning(monk
         assert type(optimizer) is DPOptimizerFastGradientClipping
         assert optimizer.secure_mode and optimizer.generator is not None   # noise from the secret stream's seed
     before = [p.detach().clone() for p in model.parameters()]
-    sums = _dp_step(optimizers[0], model, x, y)
+    sums = dp_step(optimizers[0], model, x, y)
     for b, s, p in zip(before, sums, model.parameters()):
         torch.testing.assert_close(p.detach(), b - s / 4)                   # the same DP-SGD update
     warned = _unverified(warnings_on("fedcare"), "Opacus")

@@ -317,17 +317,25 @@ def test_node_start_check_only_names_an_expired_superlink_certificate(deployment
 def test_the_superlink_launcher_refuses_an_expired_certificate(deployment):
     """A real launcher process: it stops at once, naming the file and the date (hospitals could not connect)."""
     _served(deployment, NOW - dt.timedelta(days=900))
-    proc = subprocess.Popen(deployment.superlink_command(sys.executable), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    # hang guard: before the fix the launcher served the certificate
+    returncode, output = _run_until_exit(deployment.superlink_command(sys.executable),
+                                         "the launcher served an expired certificate")
+    assert returncode == 2, output
+    assert f"--ssl-certfile {deployment.server_certificate}: the SuperLink's certificate expired on" in output
+    assert "fedcare deploy renew" in output
+
+
+def _run_until_exit(command: list[str], hang: str) -> tuple[int, str]:
+    """Run a real process that must stop by itself; a process still running after 60 s fails with ``hang``."""
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
-        output, _ = proc.communicate(timeout=60)              # hang guard: today's launcher serves it
+        output, _ = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         stop(proc)
         output, _ = proc.communicate()
-        pytest.fail(f"the launcher served an expired certificate:\n{output[-2000:]}")
-    assert proc.returncode == 2, output
-    assert f"--ssl-certfile {deployment.server_certificate}: the SuperLink's certificate expired on" in output
-    assert "fedcare deploy renew" in output
+        pytest.fail(f"{hang}:\n{output[-2000:]}")
+    return proc.returncode, output
 
 
 def test_the_node_launcher_reads_its_ca_before_flower_starts(deployment):
@@ -338,15 +346,9 @@ def test_the_node_launcher_reads_its_ca_before_flower_starts(deployment):
                "--superlink", f"127.0.0.1:{free_port()}", "--root-certificates", str(hospital.root_certificate),
                "--auth-supernode-private-key", str(hospital.private_key), "--host", "127.0.0.1",
                "--port", str(free_port())]
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=60)             # hang guard: today's node waits with its port held
-    except subprocess.TimeoutExpired:
-        stop(proc)
-        output, _ = proc.communicate()
-        pytest.fail(f"the node started with a corrupted ca.crt:\n{output[-2000:]}")
-    assert proc.returncode == 2, output
+    # hang guard: before the fix the node waited with its port held
+    returncode, output = _run_until_exit(command, "the node started with a corrupted ca.crt")
+    assert returncode == 2, output
     assert f"--root-certificates: {hospital.root_certificate} is not a PEM certificate" in output
     assert "Starting Flower SuperNode" not in output
 

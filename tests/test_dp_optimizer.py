@@ -9,23 +9,7 @@ from torch import nn
 from client.dp_optimizer import ClippedSumDPOptimizer
 from client.per_sample_clipping import PerSampleClipper
 from shared_models.registry import build_model
-
-
-def _step(model: nn.Module, optimizer: ClippedSumDPOptimizer, x: torch.Tensor, y: torch.Tensor,
-          flat: bool = True) -> list[torch.Tensor]:
-    """One DP step; returns the clipped sums it started from."""
-    optimizer.zero_grad(set_to_none=True)
-    clipper = PerSampleClipper(model, optimizer.max_grad_norm)
-    with clipper.recording():
-        loss = nn.functional.binary_cross_entropy_with_logits(model(x), y, reduction="sum")
-    clipper.clip_and_sum(loss, len(y))
-    clipper.close()
-    sums = [p.grad.detach().clone() for p in model.parameters()]
-    if not flat:  # gradients in separate tensors: Opacus's own per-parameter path
-        for p in model.parameters():
-            p.grad = p.grad.clone()
-    optimizer.step()
-    return sums
+from tests.support.clipping_cases import dp_step
 
 
 def _setup(sigma: float, lr: float = 1.0):
@@ -40,7 +24,7 @@ def test_without_noise_the_update_is_the_clipped_sum_over_the_expected_batch() -
     for flat in (True, False):
         model, optimizer, x, y = _setup(sigma=0.0)
         before = [p.detach().clone() for p in model.parameters()]
-        sums = _step(model, optimizer, x, y, flat=flat)
+        sums = dp_step(optimizer, model, x, y, flat=flat)
         for b, s, p in zip(before, sums, model.parameters()):
             torch.testing.assert_close(p.detach(), b - s / 4)
 
@@ -69,7 +53,7 @@ def test_each_step_reaches_the_accountant_and_a_reused_gradient_is_refused() -> 
     accountant = RDPAccountant()
     optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=0.25))
     for _ in range(3):
-        _step(model, optimizer, x, y)
+        dp_step(optimizer, model, x, y)
     assert accountant.history == [(1.0, 0.25, 3)]
     try:
         optimizer.step()  # no zero_grad, no new clipped sum: Opacus refuses to use a gradient twice
@@ -92,7 +76,7 @@ def test_a_clipper_kept_across_steps_reuses_its_buffer_and_trains_the_same_model
         clipper.clip_and_sum(loss, len(y))
         buffers.add(next(kept.parameters()).grad._base.data_ptr())
         kept_opt.step()
-        _step(fresh, fresh_opt, x, y)  # a new clipper, hence a new buffer, every step
+        dp_step(fresh_opt, fresh, x, y)  # a new clipper, hence a new buffer, every step
     assert len(buffers) == 1
     for a, b in zip(kept.parameters(), fresh.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -1,6 +1,7 @@
 """Per-sample clipping cases: models of every family with inputs, and DP-SGD's clipped sum two ways.
 
-Shared by the CPU test (``tests/test_per_sample_clipping.py``) and the GPU one (``tests/test_gpu_training.py``).
+Shared by the CPU test (``tests/test_per_sample_clipping.py``) and the GPU one (``tests/test_gpu_training.py``);
+``dp_step`` by the DP optimizer's tests (``tests/test_dp_optimizer.py``, ``tests/test_compat.py``).
 """
 
 from __future__ import annotations
@@ -61,3 +62,23 @@ CASES = {
     # enough samples x steps that the (T, T) Gram products are taken a chunk of samples at a time
     "gru-chunked": lambda: (build_model("gru", (40, 3)), _sequences(23, 40, 2)),
 }
+
+
+def dp_step(optimizer: torch.optim.Optimizer, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+            flat: bool = True) -> list[torch.Tensor]:
+    """One DP-SGD step through fedcare's clipper; returns the clipped sums it started from.
+
+    ``flat=False`` gives the gradients separate tensors (Opacus's own per-parameter path).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    clipper = PerSampleClipper(model, optimizer.max_grad_norm)
+    with clipper.recording():
+        loss = nn.functional.binary_cross_entropy_with_logits(model(x), y, reduction="sum")
+    clipper.clip_and_sum(loss, len(y))
+    clipper.close()
+    sums = [p.grad.detach().clone() for p in model.parameters()]
+    if not flat:
+        for p in model.parameters():
+            p.grad = p.grad.clone()
+    optimizer.step()
+    return sums
