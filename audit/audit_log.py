@@ -55,7 +55,7 @@ KIND_RELEASE, KIND_REFUSAL, KIND_UNMASK, KIND_BUDGET = "release", "refusal", "un
 KIND_ROUND, KIND_RUN = "round", "run"
 NODE_KINDS = (KIND_RELEASE, KIND_REFUSAL, KIND_UNMASK, KIND_BUDGET)
 SERVER_KINDS = (KIND_ROUND, KIND_RUN)
-STAGES = ("feature-stats", "train")
+STAGES = ("feature-stats", "train", "personalise")
 
 
 class AuditLogError(FedcareError):

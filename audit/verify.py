@@ -501,6 +501,8 @@ def _check_node_records(node: list[Entry], rounds: dict[tuple[str, int], Entry],
                 note(e, f"no server log for run {run} among the inputs: its releases are not cross-checked")
             continue
         srv = rounds.get((run, rnd))
+        if e.kind == KIND_RELEASE and b["stage"] == "personalise":
+            continue   # local fine-tuning after the last round: nothing of it reaches the server
         if e.kind == KIND_RELEASE:
             releases[(run, rnd, e.actor)].append(e)
             if b["stage"] == "train" or srv is not None:

@@ -29,7 +29,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.datasets import DataSource, HospitalData, hospital_name, load_hospital
-from client.feature_stats import local_sums, stats_key
+from client.feature_stats import local_sums, released_arrays, stats_key
 from client.node_config import DEFAULT_LEDGER_DIR, NodeConfig
 from client.node_policy import NodePolicy, PolicyRefusal
 from client.secret_randomness import SecretRandom
@@ -192,9 +192,13 @@ class _Node:
         from client.dp_trainer import steps_per_epoch
 
         steps = steps_per_epoch(len(data.y_train), self.request.batch_size)
+        if self.request.personalise_rounds < 0:
+            raise PolicyRefusal(f"{data.name} refuses: personalise-rounds={self.request.personalise_rounds} is "
+                                "negative (it would shrink the privacy plan)", "set personalise-rounds >= 0")
         return ledger.plan_run(
             run_id=self.plan_id,
-            rounds=self.request.num_rounds,
+            # the personalisation rounds are planned and charged like the federation's
+            rounds=self.request.num_rounds + self.request.personalise_rounds,
             steps_per_round=steps * self.request.local_epochs,
             sample_rate=1.0 / steps,
             run_epsilon=min(self.request.target_epsilon, self.policy.run_epsilon_cap()),
@@ -324,7 +328,7 @@ def _feature_stats(node: _Node, msg: Message) -> Message:
     else:
         ledger = node.ledger(data)
         key = stats_key(data.numeric_features, data.feature_bounds, data.fingerprint())
-        values = ledger.feature_stats(key) if bounds else {"sum": []}  # nothing to release: no cost
+        values = ledger.feature_stats(key) if bounds else local_sums(rows, bounds, None, None)  # empty: no cost
         plan = node.plan(data, ledger, stats_needed=values is None)
         fresh = values is None
         if fresh:
@@ -338,11 +342,12 @@ def _feature_stats(node: _Node, msg: Message) -> Message:
                                          node.policy.delta)
     audit_trail.release(node.audit_log(data.name), run_id=node.context.run_id, round_=0, stage="feature-stats",
                         data_fingerprint=data.fingerprint(), global_arrays=None,
-                        sent={"sum": np.asarray(values["sum"], dtype=np.float64)}, dp=dp_params,
+                        sent=released_arrays(values), dp=dp_params,
                         epsilon=epsilon, secagg=None, dataset_id=dataset_id)
     schema = FeatureSchema(tuple(data.numeric_features), tuple(float(lo) for lo, _ in bounds),
                            tuple(float(hi) for _, hi in bounds), tuple(data.input_shape), data.task)
-    reply = StatsReply(data.name, values["sum"], _public_size(node, data), schema, epsilon, _privacy_note(node))
+    reply = StatsReply(data.name, values["sum"], values["second"], values["observed"], values["noise_std"],
+                       _public_size(node, data), schema, epsilon, _privacy_note(node))
     return Message(content=reply.encode(), reply_to=msg)
 
 
@@ -370,9 +375,10 @@ def _train(node: _Node, msg: Message) -> Message:
         raise
 
 
-def _dp_round(node: _Node, data: HospitalData) -> tuple[Any, Any, Any, Any]:
-    """This round's DP settings from the hospital's own privacy plan: (settings, ledger, the plan as first
-    made, the re-plan after a coordinator crash or None); all None without DP."""
+def _dp_round(node: _Node, data: HospitalData, round_: int | None = None) -> tuple[Any, Any, Any, Any]:
+    """DP settings for round ``round_`` (default: the request's) from the hospital's own privacy plan:
+    (settings, ledger, the plan as first made, the re-plan after a coordinator crash or None); all None
+    without DP."""
     from client.dp_trainer import DPSettings
 
     if not node.dp:
@@ -381,7 +387,7 @@ def _dp_round(node: _Node, data: HospitalData) -> tuple[Any, Any, Any, Any]:
     planned = ledger.plan(node.plan_id) or node.plan(data, ledger, stats_needed=False)
     # a round asked for again after a coordinator crash was paid for already: the hospital re-plans
     # the rounds left from its own ledger and plan, so they still fit the plan's target
-    plan, replan = ledger.plan_for_round(node.plan_id, node.request.server_round)
+    plan, replan = ledger.plan_for_round(node.plan_id, node.request.server_round if round_ is None else round_)
     ledger.check_release([(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)])
     # the plan's sample rate and steps, not ones recomputed from today's data: the ledger records what
     # the plan counted, whatever size the data has now
@@ -467,10 +473,75 @@ def _audit_train(node: _Node, data: HospitalData, global_arrays: Any, sent: Any,
 
 
 def _evaluate(node: _Node, msg: Message) -> Message:
+    """Test the received model; on the final model, first adapt it to this hospital (personalisation)."""
+    personalised, report = None, {}
+    if ModelInputs.from_config(node.config).personalise and node.request.personalise_rounds > 0:
+        try:
+            personalised, eps = _personalise(node, received_model(msg.content))
+            report = {} if eps is None else {protocol.PERSONALISED_EPSILON: eps}
+        except BudgetExhausted:
+            pass   # nothing left to fine-tune with: the federated model is still tested and reported
     data = node.data(for_training=False)
     if node.policy.release_evaluation == "none":
-        return _reply(msg, data.name, evaluation_withheld())
-    return _reply(msg, data.name, **{protocol.METRICS: MetricRecord(_test_metrics(node, msg).to_record())})
+        return _reply(msg, data.name, report | evaluation_withheld())
+    report |= {} if personalised is None else personalised.to_record(protocol.PERSONALISED)
+    return _reply(msg, data.name, report, **{protocol.METRICS: MetricRecord(_test_metrics(node, msg).to_record())})
+
+
+def _personalise(node: _Node, global_arrays: Any) -> tuple[EvaluationMetrics, float | None]:
+    """Fine-tune the federation's final model on this hospital's training data for
+    ``personalise-rounds`` rounds, as local training under the same privacy plan (planned from the
+    run's start, DP, charged to the ledger and audited as stage ``personalise``), keep the model on
+    this hospital's disk and return its test metrics and the epsilon spent after it (None without
+    DP). The personalised model never leaves."""
+    from client.dp_trainer import evaluate, train
+    from shared_models.weights import load_arrays
+
+    data = node.data()
+    model = node.model(data)
+    load_arrays(model, global_arrays)
+    eps = None
+    for j in range(1, node.request.personalise_rounds + 1):
+        rnd = node.request.num_rounds + j
+        dp, ledger, _, _ = _dp_round(node, data, rnd)
+        outcome = train(model, _prepared(node, data, data.x_train), data.y_train,
+                        epochs=node.request.local_epochs, batch_size=node.request.batch_size,
+                        lr=node.request.learning_rate, weight_decay=node.request.weight_decay,
+                        dp=dp, rng=node.rng(data, "personalise", rnd))
+        if ledger is not None:
+            eps = ledger.record(str(node.context.run_id), rnd, "personalise", outcome.steps,
+                                noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                                data_fingerprint=data.fingerprint(), plan_run_id=node.plan_id)
+        _audit_personalise(node, data, global_arrays, rnd, outcome, dp, eps)
+    _keep_personalised(node, data, model)
+    return EvaluationMetrics.from_summary(evaluate(model, _prepared(node, data, data.x_test), data.y_test)), eps
+
+
+def _audit_personalise(node: _Node, data: HospitalData, global_arrays: Any, rnd: int, outcome: Any, dp: Any,
+                       eps: float | None) -> None:
+    """A personalisation round is a charged release of its own (only its test metrics leave the hospital)."""
+    from client import audit_trail
+
+    dp_params = (audit_trail.DPParams.from_entries(outcome.steps, dp.max_grad_norm, node.policy.delta)
+                 if dp is not None else None)
+    audit_trail.release(node.audit_log(data.name), run_id=node.context.run_id, round_=rnd, stage="personalise",
+                        data_fingerprint=data.fingerprint(), global_arrays=global_arrays, sent={}, dp=dp_params,
+                        epsilon=eps, secagg=None, dataset_id=node.dataset_id(data))
+
+
+def _keep_personalised(node: _Node, data: HospitalData, model: Any) -> None:
+    """The personalised model, on this hospital's disk: <ledger-dir>/personalised/<hospital>-run-<run>.npz."""
+    import io
+
+    from fedcare.atomic_files import replace_file
+    from shared_models.weights import arrays_to_numpy, model_to_arrays
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays_to_numpy(model_to_arrays(model)))
+    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in data.name)
+    folder = Path(node.ledger_dir) / "personalised"
+    folder.mkdir(parents=True, exist_ok=True)
+    replace_file(folder / f"{slug}-run-{node.plan_id}.npz", buffer.getvalue())
 
 
 def _test_metrics(node: _Node, msg: Message) -> EvaluationMetrics:

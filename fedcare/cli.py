@@ -48,6 +48,7 @@ def simulate(
     dataset: opt.Dataset = "fed-heart-disease",
     rounds: opt.Rounds = None,
     local_epochs: opt.LocalEpochs = None,
+    personalise_rounds: opt.PersonaliseRounds = None,
     strategy: opt.Strategy = None,
     model: opt.Model = None,
     epsilon: opt.Epsilon = None,
@@ -80,7 +81,7 @@ def simulate(
     verbose: opt.Verbose = False,
 ) -> None:
     """Run a local multi-hospital simulation on Flower's Simulation Engine."""
-    options = dict(num_rounds=rounds, local_epochs=local_epochs, strategy=strategy, model=model,
+    options = dict(num_rounds=rounds, local_epochs=local_epochs, personalise_rounds=personalise_rounds, strategy=strategy, model=model,
                    target_epsilon=epsilon, delta=delta, dp=dp, secure_aggregation=secure_aggregation, batch_size=batch_size, learning_rate=learning_rate,
                    weight_decay=weight_decay, hospitals=hospitals, min_hospitals=min_hospitals,
                    image_size=image_size, hidden_units=hidden_units, seed=seed, output_dir=str(output_dir),

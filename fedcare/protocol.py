@@ -23,6 +23,8 @@ HOSPITAL = "hospital"   # ConfigRecord in every reply: {"name": hospital name}
 REFUSAL = "refusal"     # ConfigRecord in a reply that declines: {"reason": ..., "kind": "budget"|"policy"|"ledger"|"data"}
 NUM_EXAMPLES = "num-examples"
 EVALUATE_INCOMING = "evaluate-incoming"  # train config flag: test the received model before training on it
+PERSONALISED_EPSILON = "personalised-epsilon"  # ...and the hospital's epsilon after personalising
+PERSONALISED = "personalised/"  # key prefix, in a final evaluate reply's hospital record: the personalised model's test metrics
 EVALUATION = "evaluation/"  # key prefix, in such a train reply's hospital record: the received model's test metrics
 # In an evaluate reply's hospital record: the hospital's policy releases no evaluation (release-evaluation = "none")
 EVALUATION_WITHHELD = "evaluation-withheld"
@@ -60,6 +62,7 @@ class RunRequest:
     hidden_units: int = 32
     num_rounds: int = 1
     local_epochs: int = 1
+    personalise_rounds: int = 0        # local fine-tuning rounds after the last round (planned, charged)
     batch_size: int = 30
     learning_rate: float = 0.3
     weight_decay: float = 0.0

@@ -27,17 +27,17 @@ DATASETS = tuple(DATASET_TASKS)
 MODELS = ("auto", "logistic", "mlp", "cnn", "gru")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 
-# Per-dataset starting points (tuned in bench/; see docs/benchmarks.md). `fedcare simulate`
+# Per-dataset starting points (measured in bench/; see docs/benchmarks.md). `fedcare simulate`
 # applies them under whatever the user passes; `flwr run` users pass them as run config.
 DATASET_PRESETS: dict[str, dict[str, Any]] = {
     "fed-heart-disease": {},
     "ehr-table": {},
-    "pbc2": {"num_rounds": 15, "batch_size": 16, "learning_rate": 0.5, "weight_decay": 0.0,
+    "pbc2": {"num_rounds": 15, "batch_size": 16, "learning_rate": 0.5,
              "target_epsilon": 3.0, "hospitals": 3},
-    "ehr-events": {"batch_size": 16, "learning_rate": 0.5, "weight_decay": 0.0},
+    "ehr-events": {"batch_size": 16, "learning_rate": 0.5},
     "synthetic-imaging": {"num_rounds": 15, "local_epochs": 3, "batch_size": 32, "learning_rate": 0.2,
-                          "weight_decay": 0.0, "target_epsilon": 8.0, "hospitals": 4},
-    "dicom": {"local_epochs": 3, "batch_size": 32, "learning_rate": 0.2, "weight_decay": 0.0},
+                          "target_epsilon": 8.0, "hospitals": 4},
+    "dicom": {"local_epochs": 3, "batch_size": 32, "learning_rate": 0.2},
 }
 
 
@@ -51,9 +51,10 @@ class RunSettings:
     strategy: str = "fedavg"
     num_rounds: int = 15
     local_epochs: int = 1
+    personalise_rounds: int = 2  # rounds of local fine-tuning of the final model at each hospital (DP, charged)
     batch_size: int = 30
     learning_rate: float = 0.3
-    weight_decay: float = 0.05
+    weight_decay: float = 0.0    # chosen over real multi-site tables (docs/benchmarks.md), not one dataset
     proximal_mu: float = 0.01
     server_learning_rate: float = 0.1
     dp: bool = True
@@ -154,6 +155,9 @@ def validate(s: RunSettings) -> None:
         raise FedcareError(
             f"unknown strategy '{s.strategy}'", f"choose one of: {', '.join(STRATEGIES)} ({how_to_set('strategy')})"
         )
+    if s.personalise_rounds < 0:
+        raise FedcareError(f"personalise-rounds must be 0 or more, got {s.personalise_rounds}",
+                           f"set it with {how_to_set('personalise_rounds')}")
     for name in ("num_rounds", "local_epochs", "batch_size", "hospitals", "min_hospitals", "image_size", "hidden_units"):
         if getattr(s, name) < 1:
             raise FedcareError(f"{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}",

@@ -19,6 +19,8 @@ Dataset = Annotated[str, typer.Option(help="fed-heart-disease (4 real hospitals,
                                       "(your own multi-site tables under --data-root)")]
 Rounds = Annotated[Optional[int], typer.Option("--rounds", help="federated rounds [dataset preset]")]
 LocalEpochs = Annotated[Optional[int], typer.Option(help="local epochs per round [preset]")]
+PersonaliseRounds = Annotated[Optional[int], typer.Option(
+    help="rounds of local fine-tuning of the final model at each hospital, under its DP plan (0: none) [2]")]
 Strategy = Annotated[Optional[str], typer.Option(help="fedavg | fedprox | fedadam [fedavg]")]
 Model = Annotated[Optional[str], typer.Option(help="auto | logistic | mlp (tables) | gru (sequences) | cnn (images)")]
 Epsilon = Annotated[Optional[float], typer.Option(help="target epsilon each hospital may spend in this run [preset]")]

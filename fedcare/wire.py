@@ -24,6 +24,10 @@ from fedcare import protocol
 from fedcare.errors import FedcareError
 from shared_models.classification_metrics import BinarySummary
 
+# the statistics release's component weights (client/feature_stats.py releases, server/feature_statistics.py pools)
+STATS_SECOND_WEIGHT = 2.0     # second moment: 2 (u^2 - 1/8), in [-1/4, 1/4]
+STATS_OBSERVED_WEIGHT = 0.5   # observed count: 1/2 per observed value
+
 _MISSING = object()
 _WHAT = {"str": "text", "int": "a whole number", "float": "a finite number", "bool": "true or false",
          "number": "a number", "floats": "a list of finite numbers", "ints": "a list of whole numbers", "strs": "a list of texts"}
@@ -164,10 +168,15 @@ class FeatureSchema:
 
 @dataclasses.dataclass(frozen=True)
 class StatsReply:
-    """A hospital's answer to the statistics round: (noisy) per-feature sums, its public size, its schema."""
+    """A hospital's answer to the statistics round: (noisy) per-feature sums of the value, its second
+    moment and its observed count (client/feature_stats.py), the noise on each sum, its public size,
+    its schema."""
 
     hospital: str
     sums: list[float]
+    second: list[float]
+    observed: list[float]
+    noise_std: float
     num_examples: float
     schema: FeatureSchema
     epsilon: float | None = None          # the hospital's spent epsilon (with DP only)
@@ -177,7 +186,8 @@ class StatsReply:
 
     def encode(self) -> RecordDict:
         metrics: dict[str, Any] = {} if self.epsilon is None else {"epsilon": self.epsilon}
-        metrics |= {"sum": list(self.sums), protocol.NUM_EXAMPLES: self.num_examples}
+        metrics |= {"sum": list(self.sums), "second": list(self.second), "observed": list(self.observed),
+                    "noise-std": float(self.noise_std), protocol.NUM_EXAMPLES: self.num_examples}
         return RecordDict({protocol.HOSPITAL: hospital_record(self.hospital, self.privacy.to_record(self.PREFIX)),
                            protocol.METRICS: MetricRecord(metrics), "features": self.schema.to_record()})
 
@@ -190,12 +200,17 @@ class StatsReply:
                 raise _bad(what, f"{key} record", "is missing")
         metrics = content.metric_records[protocol.METRICS]
         schema = FeatureSchema.from_record(content.config_records["features"])
-        sums = read(metrics, "sum", "floats", what)
-        if len(sums) != len(schema.names):
-            raise _bad(what, "sum", "does not have one value per feature")
+        sums = {key: read(metrics, key, "floats", what) for key in ("sum", "second", "observed")}
+        for key, values in sums.items():
+            if len(values) != len(schema.names):
+                raise _bad(what, key, "does not have one value per feature")
+        noise_std = read(metrics, "noise-std", "float", what)
+        if noise_std < 0:
+            raise _bad(what, "noise-std", "is negative")
         hospital = content.config_records[protocol.HOSPITAL]
-        return cls(read(hospital, "name", "str", what), sums, read(metrics, protocol.NUM_EXAMPLES, "float", what),
-                   schema, read(metrics, "epsilon", "float", what, None),
+        return cls(read(hospital, "name", "str", what), sums["sum"], sums["second"], sums["observed"], noise_std,
+                   read(metrics, protocol.NUM_EXAMPLES, "float", what), schema,
+                   read(metrics, "epsilon", "float", what, None),
                    PrivacyNote.from_record(hospital, cls.PREFIX, what))
 
 
@@ -208,11 +223,14 @@ class ModelInputs:
     norm_mean: list[float]
     norm_std: list[float]
     evaluate_incoming: bool = False
+    personalise: bool = False      # the final model: adapt it locally (personalise-rounds) before testing
 
     def to_config(self) -> dict[str, Any]:
         config: dict[str, Any] = {"norm-mean": list(self.norm_mean), "norm-std": list(self.norm_std)}
         if self.evaluate_incoming:
             config[protocol.EVALUATE_INCOMING] = True
+        if self.personalise:
+            config["personalise"] = True
         return config
 
     @classmethod
@@ -222,7 +240,8 @@ class ModelInputs:
         std = read(config, "norm-std", "floats", what)
         if len(mean) != len(std):
             raise _bad(what, "norm-std", "does not have one value per norm-mean value")
-        return cls(mean, std, read(config, protocol.EVALUATE_INCOMING, "bool", what, False))
+        return cls(mean, std, read(config, protocol.EVALUATE_INCOMING, "bool", what, False),
+                   read(config, "personalise", "bool", what, False))
 
 
 # ---- evaluation (an evaluate reply's metrics, or a train reply's evaluation/ keys) ---------------
@@ -270,10 +289,24 @@ class EvaluationMetrics:
         return cls.from_record(record, protocol.EVALUATION, "train reply's evaluation")
 
     @classmethod
+    def personalised_in(cls, content: RecordDict) -> EvaluationMetrics | None:
+        """The personalised model's test a final evaluate reply carries (None: none)."""
+        record = content.config_records.get(protocol.HOSPITAL, {})
+        if not any(key.startswith(protocol.PERSONALISED) for key in record):
+            return None
+        return cls.from_record(record, protocol.PERSONALISED, "evaluate reply's personalised evaluation")
+
+    @classmethod
     def in_evaluate_reply(cls, content: RecordDict) -> EvaluationMetrics | None:
         """An evaluate reply's metrics (None: the hospital's policy withholds them)."""
         record = content.metric_records.get(protocol.METRICS)
         return None if record is None else cls.from_record(record)
+
+
+def personalised_epsilon(content: RecordDict) -> float | None:
+    """The epsilon a hospital reports after personalising the final model (None: it did not, or no DP)."""
+    record = content.config_records.get(protocol.HOSPITAL, {})
+    return read(record, protocol.PERSONALISED_EPSILON, "float", "evaluate reply", None)
 
 
 # ---- train reply (node -> server): the hospital's report on its training -------------------------

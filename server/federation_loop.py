@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 from fedcare import protocol, timing, wire
 from fedcare.errors import BudgetExhausted, FedcareError
 from fedcare.run_config import RunSettings
-from server.feature_statistics import Normalisation, pooled_normalisation
+from server.feature_statistics import HospitalSums, Normalisation, pooled_normalisation
 from server.strategies import build_strategy
 from shared_models.classification_metrics import BinarySummary
 from shared_models.registry import build_model, resolve_model
@@ -80,6 +80,8 @@ class FederationResult:
     rounds: list[RoundRecord] = field(default_factory=list)
     stopped_early: str | None = None   # why the run did not do all its planned rounds (None: it did)
     final_summaries: dict[str, BinarySummary] = field(default_factory=dict)
+    # each hospital's test of its personalised model (the final model fine-tuned locally), when released
+    personalised: dict[str, BinarySummary] = field(default_factory=dict)
     # What a coordinator crash cost, as the hospitals reported it when the run resumed:
     # {"lost_rounds": {round: [hospitals that paid for it]}, "noise": {hospital: {"planned", "now", "from_round"}}}
     crash_cost: dict[str, Any] = field(default_factory=dict)
@@ -251,7 +253,7 @@ def _statistics_round(grid: Grid, nodes: list[int], config: dict[str, Any], hosp
                                "every hospital must use the same dataset schema and version")
         hospital.weight = reply.num_examples
         hospital.note_privacy(reply.privacy)
-        sums.append({"count": hospital.weight, "sum": list(reply.sums)})
+        sums.append(HospitalSums(hospital.weight, reply.sums, reply.second, reply.observed, reply.noise_std))
         if reply.epsilon is not None:
             hospital.epsilon = reply.epsilon
     for node in set(nodes) - answered:
@@ -542,13 +544,24 @@ class _Federation:
         if self.unevaluated is None:
             return
         summaries: dict[str, BinarySummary] = {}
-        messages = _evaluation_messages(self.strategy, self.unevaluated.round, self.arrays, self.config, self.grid)
+        config = self.config | dataclasses.replace(self.inputs, personalise=self.s.personalise_rounds > 0).to_config()
+        messages = _evaluation_messages(self.strategy, self.unevaluated.round, self.arrays, config, self.grid)
         for msg in self.grid.send_and_receive(_model_packed(messages), timeout=self.timeout):
             if not msg.has_error():
                 _collect_evaluation(msg, summaries)
+                self._take_personalised(msg)
         _record_evaluation(self.unevaluated, summaries, self.result)
         self.progress(_progress_line(self.unevaluated, self.s.num_rounds))
         self._save(self.unevaluated.round)
+
+    def _take_personalised(self, msg: Message) -> None:
+        """A final evaluate reply's personalised test, and the hospital's epsilon after personalising."""
+        if (personalised := wire.EvaluationMetrics.personalised_in(msg.content)) is not None:
+            self.result.personalised[_name(msg)] = personalised.summary()
+        epsilon = wire.personalised_epsilon(msg.content)
+        hospital = self.hospitals.get(msg.metadata.src_node_id)
+        if epsilon is not None and hospital is not None:
+            hospital.epsilon = epsilon
 
     # ---- finish ----------------------------------------------------------------------------------
     def finish(self, stop_message: str | None) -> None:

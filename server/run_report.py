@@ -12,6 +12,7 @@ import numpy as np
 
 from fedcare.run_config import RunSettings
 from server.federation_loop import FederationResult
+from shared_models.classification_metrics import BinarySummary
 from shared_models.weights import arrays_to_numpy, weights_digest
 
 RESULTS = "results.json"
@@ -56,10 +57,20 @@ def write_report(out_dir: str | Path, s: RunSettings, result: FederationResult, 
         "crash_cost": result.crash_cost,
         "rounds": [dataclasses.asdict(r) for r in result.rounds],
         "final": final,
+        "personalised": _personalised(result),
     }
     save_results(out, results)
     plot_rounds(results, out / PLOT)
     return results
+
+
+def _personalised(result: FederationResult) -> dict[str, Any]:
+    """Each hospital's personalised model on its test split, and pooled over them (empty: none)."""
+    if not result.personalised:
+        return {}
+    summaries = dict(sorted(result.personalised.items()))
+    pooled = sum(summaries.values(), BinarySummary())
+    return {name: sm.metrics() for name, sm in summaries.items()} | {"pooled": pooled.metrics()}
 
 
 def save_results(out_dir: str | Path, results: dict[str, Any]) -> None:

@@ -2,15 +2,12 @@
 
 A researcher compares the federated model against what each hospital could reach by itself.
 The baseline uses the same model, learning rate, total local epochs and (with DP) the same
-target epsilon and delta as the federated run; its normalisation uses only the hospital's own
-training data. It never leaves the hospital, so it touches no ledger.
+target epsilon and delta as the federated run, and the federation's preprocessing
+(simulation/baseline_pipeline.py) applied to the hospital's own training data alone. It never leaves the hospital, so it touches no ledger.
 """
 
 from __future__ import annotations
 
-import warnings
-
-import numpy as np
 import torch
 
 from client.datasets import HospitalData
@@ -20,23 +17,12 @@ from client.privacy_ledger import calibrate_noise
 from fedcare.run_config import RunSettings
 from shared_models.classification_metrics import BinarySummary
 from shared_models.registry import build_model, resolve_model
-
-
-def local_normalisation(data: HospitalData) -> tuple[list[float], list[float]]:
-    """Mean and std of the numeric features over this hospital's own training patients."""
-    rows = data.per_patient_numeric(data.x_train)
-    if rows.shape[1] == 0:
-        return [], []
-    with warnings.catch_warnings():  # a feature missing everywhere here: centre 0, scale 1
-        warnings.simplefilter("ignore", RuntimeWarning)
-        mean = np.nan_to_num(np.nanmean(rows, axis=0), nan=0.0)
-        std = np.nan_to_num(np.nanstd(rows, axis=0), nan=1.0)
-    return mean.tolist(), np.maximum(std, 1e-6).tolist()
+from simulation.baseline_pipeline import federation_normalisation
 
 
 def local_only(data: HospitalData, s: RunSettings) -> BinarySummary:
     """Train on this hospital alone and evaluate on its test split."""
-    mean, std = local_normalisation(data)
+    mean, std = federation_normalisation([data])
     x_tr = data.prepared(data.x_train, mean, std)
     x_te = data.prepared(data.x_test, mean, std)
     epochs = s.num_rounds * s.local_epochs

@@ -3,12 +3,11 @@
 This is the upper reference a federation is judged against (what a central data warehouse would
 reach), evaluated on each hospital's own test split. It uses the same model, learning rate,
 epochs and (with DP) the same epsilon and delta per patient as the federated run; numeric
-features are standardised with the exact pooled statistics. Simulation only: it pools rows.
+features go through the federation's preprocessing with exact pooled sums
+(simulation/baseline_pipeline.py). Simulation only: it pools rows.
 """
 
 from __future__ import annotations
-
-import warnings
 
 import numpy as np
 import torch
@@ -20,6 +19,7 @@ from client.privacy_ledger import calibrate_noise
 from fedcare.run_config import RunSettings
 from shared_models.classification_metrics import BinarySummary
 from shared_models.registry import build_model, resolve_model
+from simulation.baseline_pipeline import federation_normalisation
 
 
 def pooled_training(hospitals: list[HospitalData], s: RunSettings) -> dict[str, BinarySummary]:
@@ -27,13 +27,7 @@ def pooled_training(hospitals: list[HospitalData], s: RunSettings) -> dict[str, 
     first = hospitals[0]
     x = np.concatenate([h.x_train for h in hospitals])
     y = np.concatenate([h.y_train for h in hospitals])
-    rows = np.concatenate([h.per_patient_numeric(h.x_train) for h in hospitals])
-    mean, std = [], []
-    if rows.shape[1]:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            mean = np.nan_to_num(np.nanmean(rows, axis=0), nan=0.0).tolist()
-            std = np.maximum(np.nan_to_num(np.nanstd(rows, axis=0), nan=1.0), 1e-6).tolist()
+    mean, std = federation_normalisation(hospitals)
     epochs = s.num_rounds * s.local_epochs
     dp = None
     if s.dp:

@@ -1,4 +1,5 @@
-"""The final table a researcher reads: per hospital, federated vs local-only, epsilon spent."""
+"""The final table a researcher reads: per hospital, federated vs personalised vs local-only vs
+pooled-trained, epsilon spent."""
 
 from __future__ import annotations
 
@@ -26,18 +27,22 @@ def build_table(rows: list[dict[str, Any]], pooled: dict[str, Any], dp: bool, lo
     table = Table(title=title, show_lines=False)
     table.add_column("hospital", no_wrap=True)
     central = any(r.get("central") for r in rows)
+    personal = any(r.get("personalised") for r in rows)
     columns = ["train", "test", "fed\nacc", "fed\nrecall", "fed\nspec", "fed\nF1", "fed\nAUC"]
+    columns += ["person-\nalised\nacc", "person-\nalised\nAUC"] if personal else []
     columns += ["local\nacc", "local\nrecall", "local\nF1", "local\nAUC"] if local_columns else []
     columns += ["pooled-\ntrained\nacc", "pooled-\ntrained\nAUC"] if central else []
     for col in columns + ["epsilon\nspent"]:
         table.add_column(col, justify="right", no_wrap=True)
     for r in rows + [pooled]:
         fed, loc, cen = r.get("fed") or {}, r.get("local") or {}, r.get("central") or {}
+        own = r.get("personalised") or {}
         eps = r.get("epsilon")
         # a hospital's name is its folder's (user text): a Text cell, never read as rich markup
         cells = [Text(str(r["name"])), str(r.get("train_n", "-")), str(r.get("test_n", "-")),
                  _f(fed.get("accuracy")), _f(fed.get("recall")), _f(fed.get("specificity")), _f(fed.get("f1")),
                  _f(fed.get("auc"))]
+        cells += [_f(own.get("accuracy")), _f(own.get("auc"))] if personal else []
         cells += [_f(loc.get("accuracy")), _f(loc.get("recall")), _f(loc.get("f1")),
                   _f(loc.get("auc"))] if local_columns else []
         cells += [_f(cen.get("accuracy")), _f(cen.get("auc"))] if central else []
@@ -59,7 +64,7 @@ def compare_with_local(hospitals: list[HospitalData], results: dict[str, Any], s
     rows, local_summaries = [], []
     for h in hospitals:
         row = {"name": h.name, "train_n": len(h.y_train), "test_n": len(h.y_test),
-               "fed": results["final"].get(h.name),
+               "fed": results["final"].get(h.name), "personalised": results.get("personalised", {}).get(h.name),
                "epsilon": (results["hospitals"].get(h.name) or {}).get("epsilon")}
         if local_baseline:
             summary = local_only(h, s)
@@ -69,7 +74,7 @@ def compare_with_local(hospitals: list[HospitalData], results: dict[str, Any], s
             row["central"] = central[h.name].metrics()
         rows.append(row)
     pooled = {"name": "pooled", "train_n": sum(r["train_n"] for r in rows), "test_n": sum(r["test_n"] for r in rows),
-              "fed": results["final"].get("pooled"),
+              "fed": results["final"].get("pooled"), "personalised": results.get("personalised", {}).get("pooled"),
               "epsilon": max((r["epsilon"] for r in rows if r["epsilon"] is not None), default=None)}
     if local_summaries:
         pooled["local"] = sum(local_summaries[1:], local_summaries[0]).metrics()
@@ -90,10 +95,11 @@ def server_rows(results: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str
         fed = results["final"].get(name) or {}
         released = hospital.get("released_count")
         rows.append({"name": name, "train_n": "-" if released is None else round(released),
-                     "test_n": fed.get("n", "-"), "fed": fed, "epsilon": hospital.get("epsilon")})
+                     "test_n": fed.get("n", "-"), "fed": fed, "epsilon": hospital.get("epsilon"),
+                     "personalised": results.get("personalised", {}).get(name)})
     counts = [r["train_n"] for r in rows if r["train_n"] != "-"]
     pooled_fed = results["final"].get("pooled") or {}
     pooled = {"name": "pooled", "train_n": sum(counts) if counts else "-", "test_n": pooled_fed.get("n", "-"),
-              "fed": pooled_fed,
+              "fed": pooled_fed, "personalised": results.get("personalised", {}).get("pooled"),
               "epsilon": max((r["epsilon"] for r in rows if r["epsilon"] is not None), default=None)}
     return rows, pooled

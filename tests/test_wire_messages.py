@@ -27,7 +27,8 @@ from shared_models.classification_metrics import BinarySummary
 from tests.support.inprocess_grid import task_identity  # noqa: F401  (Flower's task identity, autouse)
 
 SCHEMA = FeatureSchema(("age", "bp"), (0.0, 50.0), (100.0, 250.0), (2,), "binary")
-STATS = StatsReply("St Elsewhere", [12.5, 40.25], 60.0, SCHEMA, epsilon=0.25, privacy=PrivacyNote(1e-5, False))
+STATS = StatsReply("St Elsewhere", [12.5, 40.25], [-3.0, 1.5], [29.5, 30.0], 2.25, 60.0, SCHEMA, epsilon=0.25,
+                   privacy=PrivacyNote(1e-5, False))
 EVAL = EvaluationMetrics(tp=3, fp=1, tn=5, fn=2, loss_sum=4.5, pos_hist=[0, 2, 3], neg_hist=[4, 1, 1], num_examples=11)
 TRAINED = TrainReport(train_seconds=1.25, epsilon=0.5, noise_multiplier=1.1, steps=8, planned_noise_multiplier=0.9,
                       replanned_from_round=3, lost_rounds=[2], privacy=PrivacyNote(1e-5))
@@ -35,7 +36,8 @@ TRAINED = TrainReport(train_seconds=1.25, epsilon=0.5, noise_multiplier=1.1, ste
 
 def test_each_message_round_trips() -> None:
     assert StatsReply.decode(STATS.encode()) == STATS
-    assert StatsReply.decode(StatsReply("H", [], 30.0, FeatureSchema((), (), (), (4, 4), "binary")).encode()).sums == []
+    empty = StatsReply("H", [], [], [], 0.0, 30.0, FeatureSchema((), (), (), (4, 4), "binary"))
+    assert StatsReply.decode(empty.encode()).sums == []
     refusal = Refusal("H refuses: no budget", "budget")
     assert Refusal.from_content(RecordDict({protocol.REFUSAL: refusal.to_record()})) == refusal
     assert Refusal.from_content(RecordDict({})) is None
@@ -62,7 +64,8 @@ def test_the_record_keys_on_the_wire_are_unchanged() -> None:
     assert dict(content.config_records[protocol.HOSPITAL]) == {"name": "St Elsewhere", "stats/delta": 1e-5,
                                                                 "stats/not-private": True}
     assert dict(content.metric_records[protocol.METRICS]) == {"epsilon": 0.25, "sum": [12.5, 40.25],
-                                                               "num-examples": 60.0}
+                                                               "second": [-3.0, 1.5], "observed": [29.5, 30.0],
+                                                               "noise-std": 2.25, "num-examples": 60.0}
     assert dict(content.config_records["features"]) == {"names": ["age", "bp"], "input-shape": [2], "task": "binary",
                                                         "bounds-lo": [0.0, 50.0], "bounds-hi": [100.0, 250.0]}
     assert EVAL.to_record() == {"tp": 3, "fp": 1, "tn": 5, "fn": 2, "loss-sum": 4.5, "pos-hist": [0, 2, 3],
@@ -72,6 +75,7 @@ def test_the_record_keys_on_the_wire_are_unchanged() -> None:
         "trained/planned-noise-multiplier": 0.9, "trained/replanned-from-round": 3, "trained/lost-rounds": [2],
         "trained/delta": 1e-5}
     assert ModelInputs([1.0], [2.0]).to_config() == {"norm-mean": [1.0], "norm-std": [2.0]}
+    assert ModelInputs([1.0], [2.0], personalise=True).to_config()["personalise"] is True
     assert Refusal("no", "data").to_record() == ConfigRecord({"reason": "no", "kind": "data"})
 
 
@@ -92,6 +96,9 @@ def _stats_with(section: str, key: str, value: object) -> RecordDict:
     (protocol.METRICS, "sum", None, "statistics reply's sum is missing"),
     (protocol.METRICS, "sum", [1.0, math.nan], "statistics reply's sum is not a list of finite numbers"),
     (protocol.METRICS, "sum", [1.0], "statistics reply's sum does not have one value per feature"),
+    (protocol.METRICS, "second", [1.0], "statistics reply's second does not have one value per feature"),
+    (protocol.METRICS, "observed", None, "statistics reply's observed is missing"),
+    (protocol.METRICS, "noise-std", -1.0, "statistics reply's noise-std is negative"),
     (protocol.METRICS, "num-examples", math.inf, "statistics reply's num-examples is not a finite number"),
     (protocol.METRICS, "epsilon", math.nan, "statistics reply's epsilon is not a finite number"),
     (protocol.HOSPITAL, "name", None, "statistics reply's name is missing"),

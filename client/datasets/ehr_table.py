@@ -12,14 +12,13 @@ value (for a categorical column: NaN in all its one-hot columns), and its ``col:
 indicator feature is 1 exactly there (``x[:, ind] == isnan(x[:, col])``). The imputed value is the
 federation's mean, applied by normalisation, never computed from this hospital's rows alone:
 
-* statistics round: a NaN adds 0 to the sum of ``u = (clip(x) - lo)/(hi - lo) - 0.5`` (use
-  ``np.nan_to_num(u, nan=0.0)``; |u| <= 0.5 still, so the sensitivity is unchanged). The pooled
-  mean of ``col:missing`` is the missing fraction p, so the mean of the observed values in u-space
-  is ``mean_u / (1 - p)`` (without this correction the mean shrinks toward the range midpoint by
-  the factor 1 - p: a small bias when p is small);
+* statistics round: a NaN contributes 0 to every sum and is not counted as observed
+  (client/feature_stats.py), so the pooled mean is the mean of the observed values
+  (server/feature_statistics.py divides by the observed count, not the patient count);
 * normalisation: standardise as usual, then set every NaN to 0 -- the pooled mean.
 
-Out-of-range values are kept in ``x`` (the statistics round clips them) and counted in the report.
+Out-of-range values are kept in ``x`` and counted in the report; the statistics round and
+normalisation (``HospitalData.prepared``) both clip them to the public range.
 Nothing is written to disk: the loader is a pure function of (file, schema, seed).
 """
 

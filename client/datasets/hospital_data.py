@@ -8,8 +8,8 @@ treat them alike:
   the mask (1 = real step), so the latest event is always the last step;
 - ``image``: x is (n, C, S, S) pixels already windowed into [0, 1] by the DICOM reader.
 
-Numeric features (tabular columns, sequence step channels) are standardised with the federation's
-agreed mean and scale; missing values arrive as NaN and land on the pooled mean (0 after
+Numeric features (tabular columns, sequence step channels) are clipped to their public ranges and
+standardised with the federation's agreed mean and scale; missing values arrive as NaN and land on the pooled mean (0 after
 standardisation), next to a missing-indicator feature where the schema asks for one.
 """
 
@@ -74,14 +74,21 @@ class HospitalData:
         return np.zeros((len(x), 0))
 
     def prepared(self, x: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
-        """Model input: numeric features standardised with the agreed mean/std, NaN -> pooled mean."""
+        """Model input: numeric features clipped to their public ranges (as the statistics round clips
+        them, the same at every hospital), standardised with the agreed mean/std, NaN -> pooled mean.
+
+        Clipping keeps an impossible value (an age of 65,526) from training as it is: it would
+        dominate its patient's gradient and can push an update outside the secure-aggregation range.
+        """
         if self.task == "image" or not self.numeric_features:
             return x.astype(np.float32, copy=False)
         cols = self.numeric_columns()
         out = x.astype(np.float32, copy=True)
+        bounds = np.asarray(self.numeric_bounds(), dtype=np.float32)
         mu = np.asarray(mean, dtype=np.float32)
         sd = np.asarray(std, dtype=np.float32)
-        out[..., cols] = np.nan_to_num((out[..., cols] - mu) / sd, nan=0.0)
+        clipped = np.clip(out[..., cols], bounds[:, 0], bounds[:, 1])   # NaN stays NaN
+        out[..., cols] = np.nan_to_num((clipped - mu) / sd, nan=0.0)
         if self.task == "sequence":
             out[..., :-1] *= out[..., -1:]  # padding stays exactly zero
         return out
