@@ -66,7 +66,7 @@ from fedcare.deploy_pki import init_deployment  # noqa: E402
 from fedcare.fab_approval import approve_digest, fab_digest  # noqa: E402
 from fedcare.compat.flower import build_fab  # noqa: E402
 from fedcare.node_settings import load_node_settings  # noqa: E402
-from simulation.environment import SAFE_ENVIRONMENT  # noqa: E402
+from fedcare.safe_environment import SAFE_ENVIRONMENT  # noqa: E402
 
 BIN = Path(sys.executable).parent
 HOSPITALS = ["cleveland", "hungary", "switzerland", "va-long-beach"]

@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--no-flower", action="store_true", help="skip Flower's legacy SecAgg+ side by side")
     parser.add_argument("--write", type=Path, default=None)
     args = parser.parse_args()
-    from simulation.environment import apply_safe_environment
+    from fedcare.safe_environment import apply_safe_environment
 
     apply_safe_environment()
     work = Path(tempfile.mkdtemp(prefix="fedcare-bench-secagg-"))

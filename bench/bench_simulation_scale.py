@@ -195,7 +195,7 @@ def fedcare_command() -> list[str]:
 
 def run_scale(n: int, rounds: int, work: Path, secure: bool, seed: int = 0) -> ScaleRun:
     """Prepare ``n`` synthetic-table hospitals, then one `fedcare simulate` under the sampler."""
-    from simulation.environment import SAFE_ENVIRONMENT
+    from fedcare.safe_environment import SAFE_ENVIRONMENT
     from simulation.generated_data import prepare_dataset
 
     t0 = time.perf_counter()

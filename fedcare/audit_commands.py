@@ -144,7 +144,8 @@ def attack(
     low FPR and an epsilon lower bound next to the accountant's epsilon."""
     import torch
 
-    from audit.membership_attack import ROW_HEADER, FedcareMLP, load_dataset, render_rows, run_lira
+    from audit.membership_attack import ROW_HEADER, render_rows, run_lira
+    from simulation.membership_target import FedcareMLP, load_dataset
 
     if shadows < 2 or shadows % 2:
         _usage_error(f"--shadows {shadows}: need an even number >= 2")

@@ -210,8 +210,9 @@ def _report(hospitals: list[HospitalData], outcome: SimulationOutcome, s: RunSet
     """Print the final table, save results.json, and exit 1 (table and results kept) if the run is incomplete."""
     import time
 
+    from fedcare.results_table import build_table
     from server.run_report import save_results
-    from simulation.summary_table import build_table, compare_with_local
+    from simulation.baseline_comparison import compare_with_local
 
     rows, pooled = compare_with_local(hospitals, outcome.results, s, local_baseline, pooled_baseline)
     console.print(build_table(rows, pooled, s.dp))

@@ -231,8 +231,8 @@ def _this_runs_results(out: Path, run_id: int) -> dict[str, Any]:
 def _print_report(console: Console, out: Path, results: dict[str, Any]) -> None:
     """The final table (when a round ran), each hospital's refusal, and where the files are."""
     from fedcare.coordinator_run_config import RUN_CONFIG_FILE
+    from fedcare.results_table import build_table, server_rows
     from server.run_report import PLOT, RESULTS
-    from simulation.summary_table import build_table, server_rows
 
     rows, pooled = server_rows(results)
     if results.get("rounds"):

@@ -246,7 +246,7 @@ def run_supernode(command: list[str], echo=print) -> tuple[int, list[str]]:
     measured): so the node runs in its own process group, and the whole group is stopped once the
     SuperNode itself has exited.
     """
-    from simulation.environment import apply_safe_environment
+    from fedcare.safe_environment import apply_safe_environment
 
     apply_safe_environment()
     env = dict(os.environ)

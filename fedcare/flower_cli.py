@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedcare.errors import FedcareError
-from simulation.environment import SAFE_ENVIRONMENT
+from fedcare.safe_environment import SAFE_ENVIRONMENT
 
 CALL_TIMEOUT_S = 300          # one `flwr run` / `flwr ls` call (building and uploading the FAB included)
 FINISHED_WAIT_S = 30          # after the log stream ended, how long the status may take to read "finished"

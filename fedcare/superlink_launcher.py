@@ -258,7 +258,7 @@ def _say(line: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Validate, bind both listeners, build Flower's app, serve; see the module docstring for exit codes."""
-    from simulation.environment import apply_safe_environment
+    from fedcare.safe_environment import apply_safe_environment
 
     apply_safe_environment()          # no telemetry, no update check, no runtime pip/uv installs
     args = parser().parse_args(argv)

@@ -17,7 +17,7 @@ from typing import Any
 from client.node_policy import NodePolicy
 from fedcare.errors import FedcareError
 from fedcare.run_config import RunSettings
-from simulation.environment import apply_safe_environment
+from fedcare.safe_environment import apply_safe_environment
 
 
 @dataclass

@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from simulation.environment import apply_safe_environment  # noqa: E402
+from fedcare.safe_environment import apply_safe_environment  # noqa: E402
 
 apply_safe_environment()
 

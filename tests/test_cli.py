@@ -123,8 +123,8 @@ def test_a_simulation_that_did_not_do_its_planned_rounds_prints_its_table_then_e
     saved = {}
     monkeypatch.setattr("simulation.runner.run", lambda s, **kw: SimpleNamespace(
         results={"status": "incomplete", "stopped_early": reason, "rounds": []}))
-    monkeypatch.setattr("simulation.summary_table.compare_with_local", lambda *a, **k: ([], None))
-    monkeypatch.setattr("simulation.summary_table.build_table", lambda *a, **k: "THE FINAL TABLE")
+    monkeypatch.setattr("simulation.baseline_comparison.compare_with_local", lambda *a, **k: ([], None))
+    monkeypatch.setattr("fedcare.results_table.build_table", lambda *a, **k: "THE FINAL TABLE")
     monkeypatch.setattr("server.run_report.save_results", lambda out, results: saved.update(results))
     done = _simulate_in_process("--output-dir", str(tmp_path / "out"), "--no-local-baseline")
     message = " ".join(done.output.split())

@@ -25,7 +25,7 @@ from fedcare.coordinator_commands import CoordinatorDeployment, _follow, _why_no
 from fedcare.coordinator_run_config import RUN_CONFIG_FILE, coordinator_run_config, parse_pairs, write_run_config
 from fedcare.errors import FedcareError
 from fedcare.flower_cli import FlowerCli, RunStatus
-from simulation.summary_table import build_table, server_rows
+from fedcare.results_table import build_table, server_rows
 from tests.conftest import ROOT
 
 

@@ -31,8 +31,8 @@ from fedcare.deploy_pki import DeploymentFiles, init_deployment
 from fedcare.fab_approval import approve_digest, fab_digest
 from fedcare.compat.flower import build_fab
 from fedcare.node_settings import supernode_command
+from fedcare.safe_environment import SAFE_ENVIRONMENT
 from server.checkpoint import load_checkpoint
-from simulation.environment import SAFE_ENVIRONMENT
 from tests.conftest import ROOT
 from tests.support.deployment_processes import (BIN, HANG_GUARD_S, Processes, deployment_env, free_port, group_members,
                                         hospital_settings, kill_group, run_status, start_run, wait_for_port,

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from simulation.environment import SAFE_ENVIRONMENT
+from fedcare.safe_environment import SAFE_ENVIRONMENT
 from tests.conftest import ROOT
 from tests.support.deployment_processes import BIN, free_port, stop, wait_for_port
 

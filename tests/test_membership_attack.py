@@ -1,4 +1,5 @@
-"""`audit.membership_attack`: LiRA finds leakage in an overfit model and none beyond the accountant under DP."""
+"""`audit.membership_attack` (its target: `simulation.membership_target`): LiRA finds leakage in an overfit
+model and none beyond the accountant under DP."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from audit.membership_attack import (FedcareMLP, clopper_pearson, epsilon_lower_bound, load_dataset,
-                                     logit_confidence, render_rows, run_lira)
+from audit.membership_attack import clopper_pearson, epsilon_lower_bound, logit_confidence, render_rows, run_lira
+from simulation.membership_target import FedcareMLP, load_dataset
 
 
 @pytest.fixture(autouse=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from fedcare.deploy_pki import DeploymentFiles, split_address
 from fedcare.node_settings import NodeSettings, load_node_settings
-from simulation.environment import SAFE_ENVIRONMENT
+from fedcare.safe_environment import SAFE_ENVIRONMENT
 from tests.conftest import ROOT
 
 BIN = Path(sys.executable).parent

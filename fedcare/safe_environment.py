@@ -1,4 +1,5 @@
-"""Process environment every local simulation needs: loopback-only Ray, no phoning home."""
+"""Process environment every local simulation and every process fedcare launches needs: loopback-only
+Ray, no phoning home (simulation, the SuperLink launcher, `fedcare deploy` and the Flower CLI calls)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,9 @@
 """The final table a researcher reads: per hospital, federated vs personalised vs local-only vs
-pooled-trained, epsilon spent."""
+pooled-trained, epsilon spent.
+
+Presentation only: ``build_table`` draws rows that ``simulation.baseline_comparison`` (a local run,
+beside its baselines) or ``server_rows`` (a deployed run, from the coordinator's results.json) made.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,6 @@ from typing import Any
 
 from rich.table import Table
 from rich.text import Text
-
-from client.datasets import HospitalData
-from fedcare.run_config import RunSettings
 
 
 def _f(value: Any, digits: int = 3) -> str:
@@ -49,38 +50,6 @@ def build_table(rows: list[dict[str, Any]], pooled: dict[str, Any], dp: bool, lo
         cells.append((_f(eps, 3) if eps is not None else "-") if dp else "no DP")
         table.add_row(*cells, style="bold" if r is pooled else None)
     return table
-
-
-def compare_with_local(hospitals: list[HospitalData], results: dict[str, Any], s: RunSettings,
-                       local_baseline: bool, pooled_baseline: bool = False
-                       ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Rows of the final table: the federated run's figures beside each hospital's local-only model
-    and (``pooled_baseline``) a model trained on all hospitals' rows pooled in one place."""
-    from simulation.local_baseline import local_only
-    from simulation.pooled_baseline import pooled_training
-
-    central = pooled_training(hospitals, s) if pooled_baseline else {}
-
-    rows, local_summaries = [], []
-    for h in hospitals:
-        row = {"name": h.name, "train_n": len(h.y_train), "test_n": len(h.y_test),
-               "fed": results["final"].get(h.name), "personalised": results.get("personalised", {}).get(h.name),
-               "epsilon": (results["hospitals"].get(h.name) or {}).get("epsilon")}
-        if local_baseline:
-            summary = local_only(h, s)
-            local_summaries.append(summary)
-            row["local"] = summary.metrics()
-        if h.name in central:
-            row["central"] = central[h.name].metrics()
-        rows.append(row)
-    pooled = {"name": "pooled", "train_n": sum(r["train_n"] for r in rows), "test_n": sum(r["test_n"] for r in rows),
-              "fed": results["final"].get("pooled"), "personalised": results.get("personalised", {}).get("pooled"),
-              "epsilon": max((r["epsilon"] for r in rows if r["epsilon"] is not None), default=None)}
-    if local_summaries:
-        pooled["local"] = sum(local_summaries[1:], local_summaries[0]).metrics()
-    if central:
-        pooled["central"] = central["pooled"].metrics()
-    return rows, pooled
 
 
 def server_rows(results: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
