@@ -36,11 +36,11 @@ import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, cast
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -77,8 +77,9 @@ def _json_default(value: Any) -> Any:
 
 def canonical_json(obj: Any) -> bytes:
     """Sorted keys, no whitespace, UTF-8, NaN/Infinity refused: the bytes that are hashed and signed."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False,
-                      default=_json_default).encode("utf-8")
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_json_default
+    ).encode("utf-8")
 
 
 def line_hash(raw: bytes) -> str:
@@ -102,7 +103,7 @@ def digest_arrays(arrays: Mapping[str, Any]) -> str:
         for part in (name.encode("utf-8"), arr.dtype.str.encode(), repr(tuple(arr.shape)).encode()):
             h.update(len(part).to_bytes(8, "big") + part)
         h.update(arr.nbytes.to_bytes(8, "big"))
-        h.update(arr.reshape(-1).view(np.uint8))  # the bytes in place: no copy of a large update
+        h.update(arr.reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # in place, no copy (numpy: Buffer on 3.12+ only)
     return h.hexdigest()
 
 
@@ -146,8 +147,9 @@ class DPParams:
     delta: float
 
     @classmethod
-    def from_entries(cls, entries: Iterable[tuple[float, float, int]], max_grad_norm: float | None,
-                     delta: float) -> "DPParams":
+    def from_entries(
+        cls, entries: Iterable[tuple[float, float, int]], max_grad_norm: float | None, delta: float
+    ) -> DPParams:
         """From the Opacus accountant history of one release (``TrainOutcome.steps``).
 
         Entries must share one noise multiplier and sample rate (one engine per round does);
@@ -157,8 +159,10 @@ class DPParams:
         if not entries:
             return cls(0.0, 0.0, 0, max_grad_norm, float(delta))
         if len({(s, q) for s, q, _ in entries}) != 1:
-            raise AuditLogError("one release mixes noise multipliers or sample rates",
-                                "log each (noise multiplier, sample rate) as its own release")
+            raise AuditLogError(
+                "one release mixes noise multipliers or sample rates",
+                "log each (noise multiplier, sample rate) as its own release",
+            )
         s, q, _ = entries[0]
         return cls(s, q, sum(k for _, _, k in entries), max_grad_norm, float(delta))
 
@@ -200,7 +204,7 @@ class ReleaseRecord:
     dp: DPParams | None
     epsilon_after: float | None
     secagg: SecAggInfo | None = None
-    dataset_id: str = ""   # the privacy ledger's key (the hospital's declared dataset identity)
+    dataset_id: str = ""  # the privacy ledger's key (the hospital's declared dataset identity)
 
 
 @dataclass(frozen=True)
@@ -277,21 +281,47 @@ class ServerRunRecord:
     initial_model_digest: str = ""
 
 
-RECORD_TYPES: dict[str, type] = {KIND_RELEASE: ReleaseRecord, KIND_REFUSAL: RefusalRecord,
-                                 KIND_UNMASK: UnmaskRecord, KIND_BUDGET: BudgetRecord, KIND_ROUND: ServerRoundRecord, KIND_RUN: ServerRunRecord}
+RECORD_TYPES: dict[str, type] = {
+    KIND_RELEASE: ReleaseRecord,
+    KIND_REFUSAL: RefusalRecord,
+    KIND_UNMASK: UnmaskRecord,
+    KIND_BUDGET: BudgetRecord,
+    KIND_ROUND: ServerRoundRecord,
+    KIND_RUN: ServerRunRecord,
+}
 _REQUIRED: dict[str, dict[str, tuple[type, ...]]] = {
-    KIND_RELEASE: {"run_id": (str,), "round": (int,), "stage": (str,), "app_digest": (str,),
-                   "data_fingerprint": (str,), "global_model_digest": (str,), "sent_digest": (str,),
-                   "dp": (dict, type(None)), "epsilon_after": (int, float, type(None))},
+    KIND_RELEASE: {
+        "run_id": (str,),
+        "round": (int,),
+        "stage": (str,),
+        "app_digest": (str,),
+        "data_fingerprint": (str,),
+        "global_model_digest": (str,),
+        "sent_digest": (str,),
+        "dp": (dict, type(None)),
+        "epsilon_after": (int, float, type(None)),
+    },
     KIND_REFUSAL: {"run_id": (str,), "round": (int,), "reason": (str,), "kind": (str,)},
     KIND_UNMASK: {"run_id": (str,), "round": (int,), "survivors": (list,), "dropped": (list,)},
     KIND_BUDGET: {"dataset_id": (str,), "budget": (int, float), "previous": (int, float, type(None)), "reason": (str,)},
-    KIND_ROUND: {"run_id": (str,), "round": (int,), "strategy": (str,), "sampled": (list,), "responded": (list,),
-                 "failed": (dict,), "refused": (dict,), "aggregate_digest": (str,)},
+    KIND_ROUND: {
+        "run_id": (str,),
+        "round": (int,),
+        "strategy": (str,),
+        "sampled": (list,),
+        "responded": (list,),
+        "failed": (dict,),
+        "refused": (dict,),
+        "aggregate_digest": (str,),
+    },
     KIND_RUN: {"run_id": (str,), "settings": (dict,)},
 }
-_DP_FIELDS: dict[str, tuple[type, ...]] = {"noise_multiplier": (int, float), "sample_rate": (int, float),
-                                           "steps": (int,), "delta": (int, float)}
+_DP_FIELDS: dict[str, tuple[type, ...]] = {
+    "noise_multiplier": (int, float),
+    "sample_rate": (int, float),
+    "steps": (int,),
+    "delta": (int, float),
+}
 
 
 def schema_problems(kind: str, body: Any) -> list[str]:
@@ -314,8 +344,12 @@ def schema_problems(kind: str, body: Any) -> list[str]:
             for name, types in _DP_FIELDS.items():
                 if not isinstance(dp.get(name), types) or isinstance(dp.get(name), bool):
                     problems.append(f"release dp.{name} missing or not a number")
-            if not problems and (dp["steps"] < 0 or not 0 <= dp["sample_rate"] <= 1 or not 0 < dp["delta"] < 1
-                                 or dp["noise_multiplier"] < 0):
+            if not problems and (
+                dp["steps"] < 0
+                or not 0 <= dp["sample_rate"] <= 1
+                or not 0 < dp["delta"] < 1
+                or dp["noise_multiplier"] < 0
+            ):
                 problems.append("release dp parameters out of range")
             if not problems and body["epsilon_after"] is None:
                 problems.append("release has dp parameters but no epsilon_after")
@@ -342,7 +376,7 @@ class AuditLog:
         self.key = key
         self.actor = str(actor)
         self.pubkey_hex = public_key_bytes(key).hex()
-        self.key_existed_before = True   # set by whoever created the key with the log (see client.audit_trail)
+        self.key_existed_before = True  # set by whoever created the key with the log (see client.audit_trail)
 
     def append(self, kind: str, record: Mapping[str, Any] | Any) -> dict[str, Any]:
         """Sign and append one record of ``kind``; returns the full line written (as a dict).
@@ -360,14 +394,21 @@ class AuditLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         except OSError as exc:
-            raise AuditLogError(f"cannot open the audit log {self.path}: {exc.strerror}",
-                                "point the audit log at a writable folder") from None
+            raise AuditLogError(
+                f"cannot open the audit log {self.path}: {exc.strerror}", "point the audit log at a writable folder"
+            ) from None
         try:
             with _flocked(fd):
                 seq, prev = self._tail(fd)
-                line = {"seq": seq, "time": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
-                        "actor": self.actor, "kind": str(kind), "prev": prev, "body": body,
-                        "pubkey": self.pubkey_hex}
+                line = {
+                    "seq": seq,
+                    "time": datetime.now(UTC).isoformat(timespec="microseconds"),
+                    "actor": self.actor,
+                    "kind": str(kind),
+                    "prev": prev,
+                    "body": body,
+                    "pubkey": self.pubkey_hex,
+                }
                 line["sig"] = sign(self.key, canonical_json(line)).hex()
                 _write_all(fd, canonical_json(line) + b"\n")
                 os.fsync(fd)
@@ -384,6 +425,7 @@ class AuditLog:
             return 0, GENESIS
         raw = _last_line(fd, size)
         last: Any = None
+        problem: str | None
         if raw is None:
             problem = "it is incomplete (no final newline: a torn write?)"
         else:
@@ -400,8 +442,9 @@ class AuditLog:
             raise AuditLogError(
                 f"refusing to append to audit log {self.path}: its last line ({_count_lines(fd, size)}) "
                 f"does not verify: {problem}",
-                "an auditor must inspect it (`fedcare audit verify`); start a new log file, never repair this one")
-        return int(last["seq"]) + 1, line_hash(raw)
+                "an auditor must inspect it (`fedcare audit verify`); start a new log file, never repair this one",
+            )
+        return int(last["seq"]) + 1, line_hash(cast(bytes, raw))  # a line: problem is None
 
     # Convenience wrappers, one per kind.
     def release(self, record: ReleaseRecord | Mapping[str, Any]) -> dict[str, Any]:
@@ -430,8 +473,10 @@ class AuditLog:
         except OSError as exc:
             raise AuditLogError(f"cannot read the audit log {self.path}: {exc.strerror}") from None
         if data and not data.endswith(b"\n"):
-            raise AuditLogError(f"audit log {self.path} ends in an incomplete line (a torn write?)",
-                                "an auditor must inspect it (`fedcare audit verify`)")
+            raise AuditLogError(
+                f"audit log {self.path} ends in an incomplete line (a torn write?)",
+                "an auditor must inspect it (`fedcare audit verify`)",
+            )
         lines, prev = [], GENESIS
         raws = data.split(b"\n")[:-1] if data else []
         for number, raw in enumerate(raws, start=1):
@@ -449,8 +494,10 @@ class AuditLog:
             elif number == len(raws):
                 problem = last_line_problem(line, raw)
             if problem is not None:
-                raise AuditLogError(f"audit log {self.path} line {number} does not verify: {problem}",
-                                    "an auditor must inspect it (`fedcare audit verify`); never repair it by hand")
+                raise AuditLogError(
+                    f"audit log {self.path} line {number} does not verify: {problem}",
+                    "an auditor must inspect it (`fedcare audit verify`); never repair it by hand",
+                )
             lines.append(line)
             prev = line_hash(raw)
         return lines
@@ -504,7 +551,7 @@ def _last_line(fd: int, size: int) -> bytes | None:
         pos = start
         cut = buf.rfind(b"\n")
         if cut != -1:
-            return buf[cut + 1:]
+            return buf[cut + 1 :]
     return buf
 
 

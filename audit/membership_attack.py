@@ -32,7 +32,7 @@ plugged in by ``simulation.membership_target`` (the audit library stays below th
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -41,8 +41,18 @@ import numpy as np
 PredictFn = Callable[[np.ndarray], np.ndarray]  # x -> P(y=1) (n,) or class probabilities (n, k)
 TrainFn = Callable[[np.ndarray, np.ndarray, int], PredictFn]  # (x, y, seed) -> predict_proba
 
-ROW_HEADER = ("dataset", "model", "DP", "shadows", "members / non-members", "AUC", "TPR @ 1% FPR",
-              "TPR @ 0.1% FPR", "epsilon lower bound", "accountant epsilon")
+ROW_HEADER = (
+    "dataset",
+    "model",
+    "DP",
+    "shadows",
+    "members / non-members",
+    "AUC",
+    "TPR @ 1% FPR",
+    "TPR @ 0.1% FPR",
+    "epsilon lower bound",
+    "accountant epsilon",
+)
 
 
 @dataclass
@@ -73,24 +83,31 @@ class AttackResult:
         return asdict(self)
 
 
-def render_rows(results: Sequence[AttackResult | dict[str, Any]]) -> list[list[str]]:
+def render_rows(results: Sequence[AttackResult | Mapping[str, Any]]) -> list[list[str]]:
     """One table row per result, in ``ROW_HEADER`` order."""
     rows = []
     for r in results:
         d = r.to_dict() if isinstance(r, AttackResult) else dict(r)
 
-        def tpr(value: float, fpr: float) -> str:
+        def tpr(value: float, fpr: float, floor: float = d["fpr_floor"]) -> str:
             text = f"{100 * value:.1f}%"
-            return text + " (at 0 FP)" if d["fpr_floor"] > fpr else text
+            return text + " (at 0 FP)" if floor > fpr else text
 
         acc = d.get("accountant_epsilon")
-        rows.append([
-            d["dataset"], d["model"], "yes" if d["dp"] else "no", str(d["shadows"]),
-            f"{d['n_members']} / {d['n_nonmembers']}", f"{d['auc']:.3f}", tpr(d["tpr_at_1pct_fpr"], 0.01),
-            tpr(d["tpr_at_01pct_fpr"], 0.001),
-            f"{d['epsilon_lower_bound']:.2f} ({100 * d['confidence']:.0f}% conf., delta={d['delta']:g})",
-            "inf (no DP)" if acc is None else f"{acc:.2f}",
-        ])
+        rows.append(
+            [
+                d["dataset"],
+                d["model"],
+                "yes" if d["dp"] else "no",
+                str(d["shadows"]),
+                f"{d['n_members']} / {d['n_nonmembers']}",
+                f"{d['auc']:.3f}",
+                tpr(d["tpr_at_1pct_fpr"], 0.01),
+                tpr(d["tpr_at_01pct_fpr"], 0.001),
+                f"{d['epsilon_lower_bound']:.2f} ({100 * d['confidence']:.0f}% conf., delta={d['delta']:g})",
+                "inf (no DP)" if acc is None else f"{acc:.2f}",
+            ]
+        )
     return rows
 
 
@@ -99,17 +116,15 @@ def logit_confidence(probs: np.ndarray, y: np.ndarray) -> np.ndarray:
     """phi = log p_true - log(1 - p_true), computed in float64 with probabilities kept off 0 and 1."""
     p = np.asarray(probs, dtype=np.float64)
     y = np.asarray(y).astype(np.int64)
-    if p.ndim == 1:
-        p_true = np.where(y == 1, p, 1.0 - p)
-    else:
-        p_true = p[np.arange(len(y)), y]
+    p_true = np.where(y == 1, p, 1.0 - p) if p.ndim == 1 else p[np.arange(len(y)), y]
     p_true = np.clip(p_true, 1e-300, 1.0)
     rest = np.clip(1.0 - p_true, 1e-300, 1.0)
     return np.log(p_true) - np.log(rest)
 
 
-def lira_scores(target_phi: np.ndarray, shadow_phi: np.ndarray, shadow_in: np.ndarray,
-                online: bool = True) -> np.ndarray:
+def lira_scores(
+    target_phi: np.ndarray, shadow_phi: np.ndarray, shadow_in: np.ndarray, online: bool = True
+) -> np.ndarray:
     """Per-example membership scores (higher = more likely a member).
 
     ``shadow_phi``/``shadow_in``: (shadows, n) confidences and membership masks.
@@ -145,8 +160,9 @@ def clopper_pearson(k: int, n: int, alpha: float) -> tuple[float, float]:
     return lo, hi
 
 
-def _bound_at(members: np.ndarray, scores: np.ndarray, threshold: float, delta: float,
-              alpha: float) -> dict[str, float]:
+def _bound_at(
+    members: np.ndarray, scores: np.ndarray, threshold: float, delta: float, alpha: float
+) -> dict[str, float]:
     """Both one-sided epsilon bounds of the test "score >= threshold means member"."""
     guess = scores >= threshold
     pos, neg = int(members.sum()), int((~members).sum())
@@ -157,13 +173,22 @@ def _bound_at(members: np.ndarray, scores: np.ndarray, threshold: float, delta: 
     tnr_lo, fnr_hi = 1.0 - fpr_hi, 1.0 - tpr_lo
     members_side = math.log((tpr_lo - delta) / fpr_hi) if tpr_lo > delta and fpr_hi > 0 else 0.0
     nonmembers_side = math.log((tnr_lo - delta) / fnr_hi) if tnr_lo > delta and fnr_hi > 0 else 0.0
-    return {"threshold": float(threshold), "tp": tp, "fp": fp, "members": pos, "nonmembers": neg,
-            "tpr_low": tpr_lo, "fpr_high": fpr_hi, "members_side": max(members_side, 0.0),
-            "nonmembers_side": max(nonmembers_side, 0.0)}
+    return {
+        "threshold": float(threshold),
+        "tp": tp,
+        "fp": fp,
+        "members": pos,
+        "nonmembers": neg,
+        "tpr_low": tpr_lo,
+        "fpr_high": fpr_hi,
+        "members_side": max(members_side, 0.0),
+        "nonmembers_side": max(nonmembers_side, 0.0),
+    }
 
 
-def epsilon_lower_bound(members: np.ndarray, scores: np.ndarray, delta: float, confidence: float,
-                        rng: np.random.Generator) -> tuple[float, dict[str, float]]:
+def epsilon_lower_bound(
+    members: np.ndarray, scores: np.ndarray, delta: float, confidence: float, rng: np.random.Generator
+) -> tuple[float, dict[str, float]]:
     """A Clopper-Pearson epsilon lower bound; threshold and side chosen on a disjoint random half.
 
     The side: "score >= t -> member" bounds eps by TPR/FPR, its complement by TNR/FNR. Choosing
@@ -179,15 +204,57 @@ def epsilon_lower_bound(members: np.ndarray, scores: np.ndarray, delta: float, c
         for name in ("members_side", "nonmembers_side"):
             if at[name] > best:
                 best, best_t, side = at[name], float(t), name
-    detail = _bound_at(ev_m, ev_s, best_t, delta, alpha)
+    detail: dict[str, Any] = _bound_at(ev_m, ev_s, best_t, delta, alpha)
     detail |= {"side": side, "calibration_bound": best}
     return float(detail[side]), detail
 
 
-def run_lira(x: np.ndarray, y: np.ndarray, train_fn: TrainFn, *, shadows: int = 16, seed: int = 0,
-             online: bool = True, delta: float = 1e-5, confidence: float = 0.95,
-             accountant_epsilon: Callable[[], float | None] | float | None = None,
-             dataset: str = "data", model: str = "model", dp: bool = False) -> AttackResult:
+def _shadow_confidences(
+    x: np.ndarray, y: np.ndarray, train_fn: TrainFn, shadow_in: np.ndarray, seed: int
+) -> np.ndarray:
+    """Each shadow model's logit confidence on every example (one row per shadow)."""
+    shadow_phi = np.empty(shadow_in.shape)
+    for s in range(len(shadow_in)):
+        predict = train_fn(x[shadow_in[s]], y[shadow_in[s]], seed * 7919 + 100 + s)
+        shadow_phi[s] = logit_confidence(predict(x), y)
+    return shadow_phi
+
+
+def _auc(members: np.ndarray, scores: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(members, scores))
+
+
+def _lira_note(
+    online: bool, shadows: int, n_out: int, floor: float, confidence: float, delta: float, exceeded: bool
+) -> str:
+    note = (
+        f"LiRA ({'online' if online else 'offline'}, {shadows} shadow models). With {n_out} non-members "
+        f"the smallest measurable FPR is {floor:.2%}"
+        + (": TPR at 0.1% FPR is the TPR at zero false positives. " if floor > 0.001 else ". ")
+        + f"The epsilon lower bound holds at {confidence:.0%} confidence (Clopper-Pearson) and delta={delta:g}."
+    )
+    if exceeded:
+        note += " WARNING: the lower bound exceeds the accountant's epsilon: check the DP training and accounting."
+    return note
+
+
+def run_lira(
+    x: np.ndarray,
+    y: np.ndarray,
+    train_fn: TrainFn,
+    *,
+    shadows: int = 16,
+    seed: int = 0,
+    online: bool = True,
+    delta: float = 1e-5,
+    confidence: float = 0.95,
+    accountant_epsilon: Callable[[], float | None] | float | None = None,
+    dataset: str = "data",
+    model: str = "model",
+    dp: bool = False,
+) -> AttackResult:
     """Train a target and ``shadows`` shadow models with ``train_fn`` and attack the target.
 
     ``accountant_epsilon``: the target's epsilon from the accountant (a number, or a callable
@@ -204,29 +271,32 @@ def run_lira(x: np.ndarray, y: np.ndarray, train_fn: TrainFn, *, shadows: int = 
     acc_eps = accountant_epsilon() if callable(accountant_epsilon) else accountant_epsilon
     target_probs = target(x)
     target_phi = logit_confidence(target_probs, y)
-    shadow_phi = np.empty((shadows, n))
-    for s in range(shadows):
-        predict = train_fn(x[shadow_in[s]], y[shadow_in[s]], seed * 7919 + 100 + s)
-        shadow_phi[s] = logit_confidence(predict(x), y)
+    shadow_phi = _shadow_confidences(x, y, train_fn, shadow_in, seed)
     scores = lira_scores(target_phi, shadow_phi, shadow_in, online)
-    from sklearn.metrics import roc_auc_score
-
-    auc = float(roc_auc_score(members, scores))
+    auc = _auc(members, scores)
     bound, detail = epsilon_lower_bound(members, scores, delta, confidence, rng)
     predicted = (target_probs >= 0.5).astype(int) if np.ndim(target_probs) == 1 else np.argmax(target_probs, axis=1)
     n_out = int((~members).sum())
     floor = 1.0 / max(n_out, 1)
-    note = (f"LiRA ({'online' if online else 'offline'}, {shadows} shadow models). With {n_out} non-members "
-            f"the smallest measurable FPR is {floor:.2%}" + (": TPR at 0.1% FPR is the TPR at zero false positives. "
-                                                             if floor > 0.001 else ". ")
-            + f"The epsilon lower bound holds at {confidence:.0%} confidence (Clopper-Pearson) and delta={delta:g}.")
-    if acc_eps is not None and bound > acc_eps:
-        note += " WARNING: the lower bound exceeds the accountant's epsilon: check the DP training and accounting."
+    note = _lira_note(online, shadows, n_out, floor, confidence, delta, acc_eps is not None and bound > acc_eps)
     return AttackResult(
-        dataset=dataset, model=model, dp=dp, shadows=shadows, online=online, n_members=int(members.sum()),
-        n_nonmembers=n_out, auc=auc, tpr_at_1pct_fpr=tpr_at_fpr(members, scores, 0.01),
-        tpr_at_01pct_fpr=tpr_at_fpr(members, scores, 0.001), fpr_floor=floor, epsilon_lower_bound=bound,
-        confidence=confidence, delta=delta, accountant_epsilon=acc_eps, bound_detail=detail,
+        dataset=dataset,
+        model=model,
+        dp=dp,
+        shadows=shadows,
+        online=online,
+        n_members=int(members.sum()),
+        n_nonmembers=n_out,
+        auc=auc,
+        tpr_at_1pct_fpr=tpr_at_fpr(members, scores, 0.01),
+        tpr_at_01pct_fpr=tpr_at_fpr(members, scores, 0.001),
+        fpr_floor=floor,
+        epsilon_lower_bound=bound,
+        confidence=confidence,
+        delta=delta,
+        accountant_epsilon=acc_eps,
+        bound_detail=detail,
         target_train_accuracy=float((predicted[members] == y[members]).mean()),
-        target_test_accuracy=float((predicted[~members] == y[~members]).mean()), note=note,
+        target_test_accuracy=float((predicted[~members] == y[~members]).mean()),
+        note=note,
     )

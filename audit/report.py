@@ -9,21 +9,43 @@ verdict with every finding is part of the sheet, so it cannot be read without it
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from audit.verify import VerifyReport, verify
 
 REPORT_NAME, PLOT_NAME = "audit-report.md", "epsilon.png"
 # Run settings an ethics board asks about, in the order they are shown (others follow).
-CONTROL_KEYS = ("dp", "target-epsilon", "delta", "max-grad-norm", "epsilon-budget", "stats-budget-fraction",
-                "secure-aggregation", "secagg-threshold", "secagg-clip-range", "min-hospitals", "tls", "node-auth",
-                "strategy", "num-rounds", "local-epochs", "batch-size", "dataset", "model")
+CONTROL_KEYS = (
+    "dp",
+    "target-epsilon",
+    "delta",
+    "max-grad-norm",
+    "epsilon-budget",
+    "stats-budget-fraction",
+    "secure-aggregation",
+    "secagg-threshold",
+    "secagg-clip-range",
+    "min-hospitals",
+    "tls",
+    "node-auth",
+    "strategy",
+    "num-rounds",
+    "local-epochs",
+    "batch-size",
+    "dataset",
+    "model",
+)
 
 
-def write_report(paths: Iterable[str | Path], out_dir: str | Path, ledger_dir: str | Path | None = None,
-                 attack: Mapping[str, Any] | None = None, trusted_keys: Mapping[str, str] | None = None) -> Path:
+def write_report(
+    paths: Iterable[str | Path],
+    out_dir: str | Path,
+    ledger_dir: str | Path | None = None,
+    attack: Mapping[str, Any] | None = None,
+    trusted_keys: Mapping[str, str] | None = None,
+) -> Path:
     """Verify ``paths`` and write ``out_dir/audit-report.md`` + ``epsilon.png``; returns the Markdown path.
 
     ``attack``: optional ``AttackResult.to_dict()`` of an empirical membership-inference audit,
@@ -44,15 +66,19 @@ def write_verified_report(report: VerifyReport, out_dir: str | Path, attack: Map
 
 def render_markdown(report: VerifyReport, plot_name: str, attack: Mapping[str, Any] | None = None) -> str:
     """The datasheet text (see ``write_report``)."""
-    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     verdict = "PASSED" if report.ok else "FAILED"
     lines = [
-        "# fedcare privacy audit: datasheet", "",
+        "# fedcare privacy audit: datasheet",
+        "",
         f"Generated {now} by `fedcare audit report` from {len(report.files)} audit log(s)"
-        + (f" and {len(report.ledgers)} privacy ledger(s)" if report.ledgers else "") + ".", "",
+        + (f" and {len(report.ledgers)} privacy ledger(s)" if report.ledgers else "")
+        + ".",
+        "",
         f"**Verification: {verdict}** ({len(report.errors)} error(s), {len(report.notes)} note(s)). "
         "Hash chains, Ed25519 signatures, node-vs-server cross-checks and every recorded epsilon "
-        "(replayed with Opacus's RDP accountant) were checked.", "",
+        "(replayed with Opacus's RDP accountant) were checked.",
+        "",
     ]
     lines += _privacy_section(report, plot_name)
     lines += _refusals_section(report)
@@ -80,12 +106,14 @@ def _cell(text: Any) -> str:
 def _privacy_section(report: VerifyReport, plot_name: str) -> list[str]:
     lines = ["## Privacy spent per hospital", ""]
     if not report.hospitals:
-        return lines + ["No node (hospital) audit log was supplied.", ""]
-    lines += ["Epsilon is cumulative over every release on the same data, across rounds and runs "
-              "(the accountant's value from the recorded noise multiplier, sample rate and steps).", "",
-              "| hospital | data | releases (DP / no DP) | refusals | delta | epsilon (replayed) | last claimed "
-              "| runs |",
-              "|---|---|---|---|---|---|---|---|"]
+        return [*lines, "No node (hospital) audit log was supplied.", ""]
+    lines += [
+        "Epsilon is cumulative over every release on the same data, across rounds and runs "
+        "(the accountant's value from the recorded noise multiplier, sample rate and steps).",
+        "",
+        "| hospital | data | releases (DP / no DP) | refusals | delta | epsilon (replayed) | last claimed | runs |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for actor, h in sorted(report.hospitals.items()):
         keys = sorted({r.data_key for r in h.releases}) or ["-"]
         for fp in keys:
@@ -94,23 +122,31 @@ def _privacy_section(report: VerifyReport, plot_name: str) -> list[str]:
             claimed = next((r.epsilon_after for r in reversed(rel) if r.epsilon_after is not None), None)
             runs = sorted({r.run_id for r in rel})
             shown = fp if rel and rel[0].dataset_id else fp[:12]
-            lines.append(f"| {_cell(actor)} | `{_cell(shown)}` | {dp} / {len(rel) - dp} | {len(h.refusals)} | "
-                         f"{_fmt(h.delta.get(fp), 6)} | {_fmt(h.epsilon.get(fp))} | {_fmt(claimed)} | "
-                         f"{_cell(', '.join(runs)) or '-'} |")
+            lines.append(
+                f"| {_cell(actor)} | `{_cell(shown)}` | {dp} / {len(rel) - dp} | {len(h.refusals)} | "
+                f"{_fmt(h.delta.get(fp), 6)} | {_fmt(h.epsilon.get(fp))} | {_fmt(claimed)} | "
+                f"{_cell(', '.join(runs)) or '-'} |"
+            )
     lines += ["", f"![epsilon per hospital over releases]({plot_name})", ""]
     for actor, h in sorted(report.hospitals.items()):
         if not h.releases:
             continue
-        lines += [f"### {actor}", "", "| run | round | stage | noise multiplier | sample rate | steps | max grad norm "
-                  "| secure aggregation | epsilon after (claimed) | epsilon after (replayed) |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"### {actor}",
+            "",
+            "| run | round | stage | noise multiplier | sample rate | steps | max grad norm "
+            "| secure aggregation | epsilon after (claimed) | epsilon after (replayed) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in h.releases:
-            dp = r.dp or {}
+            params = r.dp or {}
             sa = r.secagg or {}
             secagg = sa.get("role", "-") + (f", t={sa['threshold']}" if sa.get("threshold") else "")
-            lines.append(f"| {_cell(r.run_id)} | {r.round} | {r.stage} | {_fmt(dp.get('noise_multiplier'))} | "
-                         f"{_fmt(dp.get('sample_rate'))} | {_fmt(dp.get('steps'))} | {_fmt(dp.get('max_grad_norm'))} | "
-                         f"{secagg} | {_fmt(r.epsilon_after)} | {_fmt(r.epsilon_replayed)} |")
+            lines.append(
+                f"| {_cell(r.run_id)} | {r.round} | {r.stage} | {_fmt(params.get('noise_multiplier'))} | "
+                f"{_fmt(params.get('sample_rate'))} | {_fmt(params.get('steps'))} | {_fmt(params.get('max_grad_norm'))} | "
+                f"{secagg} | {_fmt(r.epsilon_after)} | {_fmt(r.epsilon_replayed)} |"
+            )
         lines.append("")
     return lines
 
@@ -119,11 +155,13 @@ def _refusals_section(report: VerifyReport) -> list[str]:
     rows = [(a, r) for a, h in sorted(report.hospitals.items()) for r in h.refusals]
     lines = ["## Refusals", ""]
     if not rows:
-        return lines + ["No hospital refused a request.", ""]
+        return [*lines, "No hospital refused a request.", ""]
     lines += ["| hospital | run | round | kind | reason |", "|---|---|---|---|---|"]
-    lines += [f"| {_cell(a)} | {_cell(r['run_id'])} | {r['round']} | {_cell(r['kind'])} | {_cell(r['reason'])} |"
-              for a, r in rows]
-    return lines + [""]
+    lines += [
+        f"| {_cell(a)} | {_cell(r['run_id'])} | {r['round']} | {_cell(r['kind'])} | {_cell(r['reason'])} |"
+        for a, r in rows
+    ]
+    return [*lines, ""]
 
 
 def _controls_section(report: VerifyReport) -> list[str]:
@@ -138,8 +176,11 @@ def _controls_section(report: VerifyReport) -> list[str]:
                 lines.append(f"| {missing} | not recorded |")
         lines.append("")
     if not report.runs:
-        lines += ["No server `run` record was supplied: the run settings (TLS, node authentication, budgets) "
-                  "are not recorded here.", ""]
+        lines += [
+            "No server `run` record was supplied: the run settings (TLS, node authentication, budgets) "
+            "are not recorded here.",
+            "",
+        ]
     releases = [r for h in report.hospitals.values() for r in h.releases]
     dp = [r.dp for r in releases if r.dp is not None]
     train = [r.dp for r in releases if r.dp is not None and r.stage == "train"] or dp
@@ -148,39 +189,62 @@ def _controls_section(report: VerifyReport) -> list[str]:
         sig = [d["noise_multiplier"] for d in train]
         rate = [d["sample_rate"] for d in train]
         norms = sorted({d["max_grad_norm"] for d in train if d.get("max_grad_norm") is not None})
-        bullets.append(f"DP-SGD on {len(train)} training release(s): noise multiplier {min(sig):.4g}-{max(sig):.4g}, "
-                       f"sample rate {min(rate):.4g}-{max(rate):.4g}, max grad norm {norms or '-'}, "
-                       f"delta {sorted({d['delta'] for d in dp})}")
+        bullets.append(
+            f"DP-SGD on {len(train)} training release(s): noise multiplier {min(sig):.4g}-{max(sig):.4g}, "
+            f"sample rate {min(rate):.4g}-{max(rate):.4g}, max grad norm {norms or '-'}, "
+            f"delta {sorted({d['delta'] for d in dp})}"
+        )
     if len(dp) < len(releases):
         bullets.append(f"{len(releases) - len(dp)} release(s) without differential privacy")
-    roles = sorted({(r.secagg or {}).get("role", "not recorded") for r in releases})
+    roles = sorted(cast(set[str], {(r.secagg or {}).get("role", "not recorded") for r in releases}))
     if releases:
         bullets.append(f"releases sent as: {', '.join(roles)}")
-    thresholds = sorted({(e.body.get("secagg") or {}).get("threshold") for e in report.rounds
-                         if e.body.get("secagg")} - {None})
+    thresholds = sorted(
+        cast(
+            set[int],
+            {(e.body.get("secagg") or {}).get("threshold") for e in report.rounds if e.body.get("secagg")} - {None},
+        )
+    )
     if report.rounds:
         survivors = [len(e.body["secagg"].get("survivors", [])) for e in report.rounds if e.body.get("secagg")]
-        bullets.append(f"{len(report.rounds)} server round(s); secure-aggregation threshold "
-                       f"{', '.join(map(str, thresholds)) or 'not recorded'}"
-                       + (f", fewest survivors in a round {min(survivors)}" if survivors else ""))
+        bullets.append(
+            f"{len(report.rounds)} server round(s); secure-aggregation threshold "
+            f"{', '.join(map(str, thresholds)) or 'not recorded'}"
+            + (f", fewest survivors in a round {min(survivors)}" if survivors else "")
+        )
         failed = sum(len(e.body["failed"]) for e in report.rounds)
         refused = sum(len(e.body["refused"]) for e in report.rounds)
         bullets.append(f"server-recorded failures {failed}, refusals {refused}")
     lines += [f"- {b}" for b in bullets] or ["- no releases recorded"]
-    lines += ["", "Signing keys (compare with the keys registered for each hospital and the coordinator):", "",
-              "| log | actor | public key (Ed25519) | last seq | head hash |", "|---|---|---|---|---|"]
-    lines += [f"| {_cell(f)} | {_cell(h['actor'])} | `{h['pubkey']}` | {h['last_seq']} | `{h['head_hash'][:16]}` |"
-              for f, h in report.heads.items()]
-    return lines + ["", "A log's head hash lets a later audit show that no record was removed from its end.", ""]
+    return lines + _signing_keys_lines(report)
+
+
+def _signing_keys_lines(report: VerifyReport) -> list[str]:
+    lines = [
+        "",
+        "Signing keys (compare with the keys registered for each hospital and the coordinator):",
+        "",
+        "| log | actor | public key (Ed25519) | last seq | head hash |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {_cell(f)} | {_cell(h['actor'])} | `{h['pubkey']}` | {h['last_seq']} | `{h['head_hash'][:16]}` |"
+        for f, h in report.heads.items()
+    ]
+    return [*lines, "", "A log's head hash lets a later audit show that no record was removed from its end.", ""]
 
 
 def _attack_section(attack: Mapping[str, Any]) -> list[str]:
     from audit.membership_attack import render_rows
 
-    lines = ["## Empirical membership-inference audit", "",
-             "| " + " | ".join(attack_rows_header()) + " |", "|" + "---|" * len(attack_rows_header())]
+    lines = [
+        "## Empirical membership-inference audit",
+        "",
+        "| " + " | ".join(attack_rows_header()) + " |",
+        "|" + "---|" * len(attack_rows_header()),
+    ]
     lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in render_rows([attack])]
-    return lines + ["", str(attack.get("note", "")), ""]
+    return [*lines, "", str(attack.get("note", "")), ""]
 
 
 def attack_rows_header() -> list[str]:
@@ -192,10 +256,10 @@ def attack_rows_header() -> list[str]:
 def _verification_section(report: VerifyReport) -> list[str]:
     lines = ["## Verification findings", ""]
     if not report.findings:
-        return lines + ["None: every chain, signature, cross-reference and epsilon checked out.", ""]
+        return [*lines, "None: every chain, signature, cross-reference and epsilon checked out.", ""]
     lines += ["| level | file | line | reason |", "|---|---|---|---|"]
     lines += [f"| {f.level} | {_cell(f.file)} | {f.line} | {_cell(f.reason)} |" for f in report.findings]
-    return lines + [""]
+    return [*lines, ""]
 
 
 def _plot(report: VerifyReport, path: Path) -> None:
@@ -211,7 +275,9 @@ def _plot(report: VerifyReport, path: Path) -> None:
         if not points:
             continue
         xs = list(range(1, len(points) + 1))
-        (line,) = ax.plot(xs, [r.epsilon_replayed for r in points], marker="o", markersize=3, label=actor)
+        (line,) = ax.plot(
+            xs, cast(list[float], [r.epsilon_replayed for r in points]), marker="o", markersize=3, label=actor
+        )
         _mark_runs(ax, points, line.get_color())
         plotted = True
     ax.set_xlabel("release number (feature statistics and training rounds, all runs)")
@@ -227,10 +293,11 @@ def _plot(report: VerifyReport, path: Path) -> None:
     plt.close(fig)
 
 
-def _mark_runs(ax: Any, points: list[Any], colour: str) -> None:
+def _mark_runs(ax: Any, points: list[Any], colour: Any) -> None:
     """A dotted vertical line, in the hospital's colour, where its next run starts (epsilon accumulates)."""
     for i in range(1, len(points)):
         if points[i].run_id != points[i - 1].run_id:
             ax.axvline(i + 0.5, color=colour, linestyle=":", linewidth=1.0)
-            ax.annotate(f"run {points[i].run_id}", (i + 0.55, points[i].epsilon_replayed), fontsize=7,
-                        color=colour, va="bottom")
+            ax.annotate(
+                f"run {points[i].run_id}", (i + 0.55, points[i].epsilon_replayed), fontsize=7, color=colour, va="bottom"
+            )

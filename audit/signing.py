@@ -35,23 +35,30 @@ def load_or_create_key(path: str | Path) -> Ed25519PrivateKey:
         with _locked(path.with_name(path.name + ".lock")):
             if not path.exists():
                 key = Ed25519PrivateKey.generate()
-                pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                        serialization.NoEncryption())
-                replace_file(path, pem)   # 0600
+                pem = key.private_bytes(
+                    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+                )
+                replace_file(path, pem)  # 0600
                 return key
             data = path.read_bytes()
     except OSError as exc:
-        raise FedcareError(f"cannot create or read the audit signing key {path}: {exc.strerror}",
-                           "point the key path at a private, writable folder") from None
+        raise FedcareError(
+            f"cannot create or read the audit signing key {path}: {exc.strerror}",
+            "point the key path at a private, writable folder",
+        ) from None
     try:
-        key = serialization.load_pem_private_key(data, password=None)
+        loaded = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
-        raise FedcareError(f"{path} is not a readable PEM private key ({exc})",
-                           "restore the node's audit key; never replace it silently") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise FedcareError(f"{path} holds a {type(key).__name__}, not an Ed25519 key",
-                           "audit logs are signed with Ed25519 keys only")
-    return key
+        raise FedcareError(
+            f"{path} is not a readable PEM private key ({exc})",
+            "restore the node's audit key; never replace it silently",
+        ) from None
+    if not isinstance(loaded, Ed25519PrivateKey):
+        raise FedcareError(
+            f"{path} holds a {type(loaded).__name__}, not an Ed25519 key",
+            "audit logs are signed with Ed25519 keys only",
+        )
+    return loaded
 
 
 def public_key_bytes(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:

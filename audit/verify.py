@@ -42,13 +42,25 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 
-from audit.audit_log import (GENESIS, KIND_BUDGET, KIND_REFUSAL, KIND_RELEASE, KIND_ROUND, KIND_RUN, KIND_UNMASK,
-                             NODE_KINDS, SERVER_KINDS, digest_arrays, last_line_problem, line_hash,
-                             schema_problems)
+from audit.audit_log import (
+    GENESIS,
+    KIND_BUDGET,
+    KIND_REFUSAL,
+    KIND_RELEASE,
+    KIND_ROUND,
+    KIND_RUN,
+    KIND_UNMASK,
+    NODE_KINDS,
+    SERVER_KINDS,
+    digest_arrays,
+    last_line_problem,
+    line_hash,
+    schema_problems,
+)
 
 EPS_RTOL = 1e-6
 
@@ -144,18 +156,33 @@ class VerifyReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "ok": self.ok, "files": self.files, "ledgers": self.ledgers,
-            "errors": [asdict(f) for f in self.errors], "notes": [asdict(f) for f in self.notes],
+            "ok": self.ok,
+            "files": self.files,
+            "ledgers": self.ledgers,
+            "errors": [asdict(f) for f in self.errors],
+            "notes": [asdict(f) for f in self.notes],
             "heads": self.heads,
-            "hospitals": {a: {"pubkey": h.pubkey, "files": h.files, "releases": len(h.releases),
-                              "refusals": len(h.refusals), "epsilon": h.epsilon, "delta": h.delta}
-                          for a, h in sorted(self.hospitals.items())},
-            "server_rounds": len(self.rounds), "server_runs": len(self.runs),
+            "hospitals": {
+                a: {
+                    "pubkey": h.pubkey,
+                    "files": h.files,
+                    "releases": len(h.releases),
+                    "refusals": len(h.refusals),
+                    "epsilon": h.epsilon,
+                    "delta": h.delta,
+                }
+                for a, h in sorted(self.hospitals.items())
+            },
+            "server_rounds": len(self.rounds),
+            "server_runs": len(self.runs),
         }
 
 
-def verify(paths: Iterable[str | Path], ledger_dirs: str | Path | Iterable[str | Path] | None = None,
-           trusted_keys: Mapping[str, str] | None = None) -> VerifyReport:
+def verify(
+    paths: Iterable[str | Path],
+    ledger_dirs: str | Path | Iterable[str | Path] | None = None,
+    trusted_keys: Mapping[str, str] | None = None,
+) -> VerifyReport:
     """Verify audit logs ``paths`` together (and the privacy ledgers in every folder of ``ledger_dirs``).
 
     ``ledger_dirs``: one folder or several (a deployment keeps one ledger folder per hospital);
@@ -200,6 +227,7 @@ def _folders(ledger_dirs: str | Path | Iterable[str | Path] | None) -> list[Path
 # ---- 1 and 2: one file ----------------------------------------------------------------------------
 def _check_file(name: str, report: VerifyReport) -> list[Entry]:
     """Check one log file line by line and as a chain (1 and 2); return the entries that verified."""
+
     def bad(line: int, reason: str) -> None:
         report.findings.append(Finding(name, line, reason))
 
@@ -227,8 +255,9 @@ def _log_lines(name: str, report: VerifyReport) -> tuple[list[bytes], bool] | No
     return raws, torn
 
 
-def _verified_lines(raws: list[bytes], torn: bool,
-                    bad: Callable[[int, str], None]) -> list[tuple[int, bytes, dict[str, Any]]]:
+def _verified_lines(
+    raws: list[bytes], torn: bool, bad: Callable[[int, str], None]
+) -> list[tuple[int, bytes, dict[str, Any]]]:
     """The lines that verify on their own, as (line number, raw, parsed); the chain is checked on the way."""
     good: list[tuple[int, bytes, dict[str, Any]]] = []
     prev_raw, prev_ok, expected_seq = None, False, 0
@@ -263,8 +292,9 @@ def _parse_line(number: int, raw: bytes, bad: Callable[[int, str], None]) -> tup
     return line, ok
 
 
-def _check_link(number: int, line: Any, prev_raw: bytes | None, prev_ok: bool, expected_seq: int,
-                bad: Callable[[int, str], None]) -> int:
+def _check_link(
+    number: int, line: Any, prev_raw: bytes | None, prev_ok: bool, expected_seq: int, bad: Callable[[int, str], None]
+) -> int:
     """Check a line's ``seq`` and ``prev`` against the line before it; return the next expected ``seq``."""
     if isinstance(line, dict) and isinstance(line.get("seq"), int):
         seq = line["seq"]
@@ -275,34 +305,49 @@ def _check_link(number: int, line: Any, prev_raw: bytes | None, prev_ok: bool, e
     if isinstance(line, dict):
         want = GENESIS if prev_raw is None else line_hash(prev_raw)
         if line.get("prev") != want and (prev_raw is None or prev_ok):
-            bad(number, "does not chain to the start of the log: earlier records were removed"
-                if prev_raw is None else
-                f"prev hash does not match line {number - 1}: a record was deleted, inserted or reordered here")
+            bad(
+                number,
+                "does not chain to the start of the log: earlier records were removed"
+                if prev_raw is None
+                else f"prev hash does not match line {number - 1}: a record was deleted, inserted or reordered here",
+            )
     return expected_seq
 
 
-def _entries_of(name: str, good: list[tuple[int, bytes, dict[str, Any]]], bad: Callable[[int, str], None],
-                report: VerifyReport) -> list[Entry]:
+def _entries_of(
+    name: str, good: list[tuple[int, bytes, dict[str, Any]]], bad: Callable[[int, str], None], report: VerifyReport
+) -> list[Entry]:
     """The verified lines signed by the file's one key and actor, as entries; records the file's head."""
     keys = Counter(line["pubkey"] for _, _, line in good)
     actors = Counter(line["actor"] for _, _, line in good)
     file_key = keys.most_common(1)[0][0] if keys else ""
     file_actor = actors.most_common(1)[0][0] if actors else ""
     entries = []
-    for number, raw, line in good:
+    for number, _raw, line in good:
         if line["pubkey"] != file_key:
-            bad(number, f"signed by key {line['pubkey'][:16]}..., not this log's key {file_key[:16]}... "
-                        "(a record inserted by someone else)")
+            bad(
+                number,
+                f"signed by key {line['pubkey'][:16]}..., not this log's key {file_key[:16]}... "
+                "(a record inserted by someone else)",
+            )
             continue
         if line["actor"] != file_actor:
             bad(number, f"actor {line['actor']!r} in the log of {file_actor!r}")
             continue
-        entries.append(Entry(name, number, line["seq"], str(line["time"]), line["actor"], line["kind"],
-                             line["body"], line["pubkey"]))
+        entries.append(
+            Entry(
+                name, number, line["seq"], str(line["time"]), line["actor"], line["kind"], line["body"], line["pubkey"]
+            )
+        )
     if good:
         number, raw, line = good[-1]
-        report.heads[name] = {"actor": file_actor, "pubkey": file_key, "last_seq": line["seq"],
-                              "last_line": number, "head_hash": line_hash(raw)}
+        report.heads[name] = {
+            "actor": file_actor,
+            "pubkey": file_key,
+            "last_seq": line["seq"],
+            "last_line": number,
+            "head_hash": line_hash(raw),
+        }
     return entries
 
 
@@ -312,19 +357,29 @@ def _check_keys(entries: list[Entry], report: VerifyReport, trusted: Mapping[str
     for e in entries:
         if e.actor in trusted and e.pubkey != trusted[e.actor].lower() and (e.file, e.actor) not in flagged:
             flagged.add((e.file, e.actor))
-            report.findings.append(Finding(e.file, e.line, f"{e.actor} signs with key {e.pubkey[:16]}..., "
-                                           f"not its registered key {trusted[e.actor][:16]}..."))
+            report.findings.append(
+                Finding(
+                    e.file,
+                    e.line,
+                    f"{e.actor} signs with key {e.pubkey[:16]}..., not its registered key {trusted[e.actor][:16]}...",
+                )
+            )
         seen = first.setdefault(e.actor, e)
         if seen.pubkey != e.pubkey and (e.file, "key") not in flagged:
             flagged.add((e.file, "key"))
-            report.findings.append(Finding(e.file, e.line, f"{e.actor} signs with key {e.pubkey[:16]}... here but "
-                                           f"with {seen.pubkey[:16]}... in {seen.file}"))
+            report.findings.append(
+                Finding(
+                    e.file,
+                    e.line,
+                    f"{e.actor} signs with key {e.pubkey[:16]}... here but with {seen.pubkey[:16]}... in {seen.file}",
+                )
+            )
 
 
 # ---- 4: epsilon ------------------------------------------------------------------------------------
 def _epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
     """Epsilon of an accountant ``history`` at ``delta``: the ledger's own computation."""
-    from fedcare.dp_accounting import epsilon_of   # opacus (and torch) only when epsilons are checked
+    from fedcare.dp_accounting import epsilon_of  # opacus (and torch) only when epsilons are checked
 
     return epsilon_of(history, delta)
 
@@ -341,7 +396,7 @@ def _ordered(group: list[Entry]) -> list[Entry]:
 
 def _replay_epsilon(node: list[Entry], report: VerifyReport) -> None:
     """Replay each hospital's epsilon per dataset from its releases' DP parameters (4)."""
-    from fedcare.dp_accounting import RdpComposition   # opacus (and torch) only when epsilons are checked
+    from fedcare.dp_accounting import RdpComposition  # opacus (and torch) only when epsilons are checked
 
     groups = _group_by_dataset(node, report)
     for (actor, key), group in groups.items():
@@ -367,13 +422,14 @@ def _group_by_dataset(node: list[Entry], report: VerifyReport) -> dict[tuple[str
     return groups
 
 
-def _replay_group(actor: str, key: str, group: list[Entry], view: HospitalView, replay: Any,
-                  report: VerifyReport) -> None:
+def _replay_group(
+    actor: str, key: str, group: list[Entry], view: HospitalView, replay: Any, report: VerifyReport
+) -> None:
     """Replay one hospital's releases on one dataset in order into ``replay``; record them in ``view``."""
     delta: float | None = None
     budget: float | None = None
     no_dp = 0
-    paid_answers = {_EMPTY_STATS_DIGEST}   # statistics answers this hospital paid for on this data
+    paid_answers = {_EMPTY_STATS_DIGEST}  # statistics answers this hospital paid for on this data
     for e in _ordered(group):
         b = e.body
         if e.kind == KIND_BUDGET:
@@ -387,44 +443,86 @@ def _replay_group(actor: str, key: str, group: list[Entry], view: HospitalView, 
                 report.findings.append(Finding(e.file, e.line, f"claims epsilon {claimed} without DP parameters"))
         else:
             delta, replayed = _replay_release(e, actor, key, replay, delta, budget, paid_answers, report)
-        view.releases.append(ReleaseView(b["run_id"], b["round"], b["stage"], e.time, b["data_fingerprint"], dp,
-                                         claimed, replayed, b.get("secagg"), e.file, e.line,
-                                         b.get("dataset_id") or ""))
+        view.releases.append(
+            ReleaseView(
+                b["run_id"],
+                b["round"],
+                b["stage"],
+                e.time,
+                b["data_fingerprint"],
+                dp,
+                claimed,
+                replayed,
+                b.get("secagg"),
+                e.file,
+                e.line,
+                b.get("dataset_id") or "",
+            )
+        )
     if delta is not None:
         view.epsilon[key] = replay.epsilon(delta)
         view.delta[key] = delta
     if no_dp:
-        report.findings.append(Finding(group[0].file, 0, f"{actor}: {no_dp} release(s) without differential "
-                                       f"privacy on data {key[:24]} (no epsilon guarantee)", "note"))
+        report.findings.append(
+            Finding(
+                group[0].file,
+                0,
+                f"{actor}: {no_dp} release(s) without differential privacy on data {key[:24]} (no epsilon guarantee)",
+                "note",
+            )
+        )
 
 
-def _replay_release(e: Entry, actor: str, key: str, replay: Any, delta: float | None, budget: float | None,
-                    paid_answers: set[str], report: VerifyReport) -> tuple[float, float | None]:
+def _replay_release(
+    e: Entry,
+    actor: str,
+    key: str,
+    replay: Any,
+    delta: float | None,
+    budget: float | None,
+    paid_answers: set[str],
+    report: VerifyReport,
+) -> tuple[float, float | None]:
     """Add one DP release to ``replay`` and check its claimed epsilon; return (delta, replayed epsilon or None)."""
     b = e.body
     dp, claimed = b["dp"], b["epsilon_after"]
     if delta is None:
         delta = float(dp["delta"])
     elif not math.isclose(delta, float(dp["delta"]), rel_tol=1e-12):
-        report.findings.append(Finding(e.file, e.line, f"delta {dp['delta']:g} differs from the {delta:g} "
-                                       "of earlier releases on this data (epsilons are not comparable)"))
+        report.findings.append(
+            Finding(
+                e.file,
+                e.line,
+                f"delta {dp['delta']:g} differs from the {delta:g} "
+                "of earlier releases on this data (epsilons are not comparable)",
+            )
+        )
     _check_free_release(e, paid_answers, report)
     try:
         replay.add(float(dp["noise_multiplier"]), float(dp["sample_rate"]), int(dp["steps"]))
         replayed = replay.epsilon(delta)
     except (ValueError, ArithmeticError, TypeError) as exc:
-        report.findings.append(Finding(e.file, e.line,
-                                       f"the accountant cannot replay these DP parameters ({exc})"))
+        report.findings.append(Finding(e.file, e.line, f"the accountant cannot replay these DP parameters ({exc})"))
         return delta, None
     if not _close(float(claimed), replayed):
-        report.findings.append(Finding(
-            e.file, e.line, f"{actor} claims epsilon_after {claimed:.9g} but the RDP accountant gives "
-                            f"{replayed:.9g} from the recorded DP parameters "
-                            f"(run {b['run_id']} round {b['round']})"))
+        report.findings.append(
+            Finding(
+                e.file,
+                e.line,
+                f"{actor} claims epsilon_after {claimed:.9g} but the RDP accountant gives "
+                f"{replayed:.9g} from the recorded DP parameters "
+                f"(run {b['run_id']} round {b['round']})",
+            )
+        )
     if budget is not None and replayed > budget * (1 + EPS_RTOL) and int(dp["steps"]) > 0:
-        report.findings.append(Finding(
-            e.file, e.line, f"{actor} released up to epsilon {replayed:.6g} on {key!r}, above the "
-                            f"budget {budget:g} it last signed (run {b['run_id']} round {b['round']})"))
+        report.findings.append(
+            Finding(
+                e.file,
+                e.line,
+                f"{actor} released up to epsilon {replayed:.6g} on {key!r}, above the "
+                f"budget {budget:g} it last signed (run {b['run_id']} round {b['round']})",
+            )
+        )
     return delta, replayed
 
 
@@ -445,14 +543,20 @@ def _check_free_release(e: Entry, paid_answers: set[str], report: VerifyReport) 
     if steps > 0:
         paid_answers.add(b["sent_digest"])
     elif b["sent_digest"] not in paid_answers:
-        report.findings.append(Finding(
-            e.file, e.line, f"{e.actor} released a statistics answer at no privacy cost in run {b['run_id']}, "
-                            "but it is not an answer it paid for earlier on this data (an uncounted release)"))
+        report.findings.append(
+            Finding(
+                e.file,
+                e.line,
+                f"{e.actor} released a statistics answer at no privacy cost in run {b['run_id']}, "
+                "but it is not an answer it paid for earlier on this data (an uncounted release)",
+            )
+        )
 
 
 # ---- 3: node vs server -------------------------------------------------------------------------------
 def _cross_check(node: list[Entry], server: list[Entry], report: VerifyReport) -> None:
     """Check the nodes' records against the server's (3)."""
+
     def error(e: Entry, reason: str) -> None:
         report.findings.append(Finding(e.file, e.line, reason))
 
@@ -482,9 +586,13 @@ def _server_rounds(server: list[Entry], error: Callable[[Entry, str], None]) -> 
     return rounds
 
 
-def _check_node_records(node: list[Entry], rounds: dict[tuple[str, int], Entry], runs: dict[str, Entry],
-                        error: Callable[[Entry, str], None],
-                        note: Callable[[Entry, str], None]) -> dict[tuple[str, int, str], list[Entry]]:
+def _check_node_records(
+    node: list[Entry],
+    rounds: dict[tuple[str, int], Entry],
+    runs: dict[str, Entry],
+    error: Callable[[Entry, str], None],
+    note: Callable[[Entry, str], None],
+) -> dict[tuple[str, int, str], list[Entry]]:
     """Check each node record against its server round; return the releases by (run, round, hospital)."""
     server_runs = {r for r, _ in rounds} | set(runs)
     in_flight = _rounds_in_flight(rounds, runs)
@@ -493,7 +601,7 @@ def _check_node_records(node: list[Entry], rounds: dict[tuple[str, int], Entry],
     for e in node:
         b = e.body
         if e.kind == KIND_BUDGET:
-            continue   # a hospital's own budget decision: no server side to compare with
+            continue  # a hospital's own budget decision: no server side to compare with
         run, rnd = b["run_id"], b["round"]
         if run not in server_runs:
             if run not in unnoted_runs:
@@ -502,7 +610,7 @@ def _check_node_records(node: list[Entry], rounds: dict[tuple[str, int], Entry],
             continue
         srv = rounds.get((run, rnd))
         if e.kind == KIND_RELEASE and b["stage"] == "personalise":
-            continue   # local fine-tuning after the last round: nothing of it reaches the server
+            continue  # local fine-tuning after the last round: nothing of it reaches the server
         if e.kind == KIND_RELEASE:
             releases[(run, rnd, e.actor)].append(e)
             if b["stage"] == "train" or srv is not None:
@@ -514,14 +622,16 @@ def _check_node_records(node: list[Entry], rounds: dict[tuple[str, int], Entry],
     return releases
 
 
-def _check_refusal(e: Entry, srv: Entry, error: Callable[[Entry, str], None],
-                   note: Callable[[Entry, str], None]) -> None:
+def _check_refusal(
+    e: Entry, srv: Entry, error: Callable[[Entry, str], None], note: Callable[[Entry, str], None]
+) -> None:
     """A node's refusal must not be counted as responded by the server's round record."""
     s = srv.body
     run, rnd = e.body["run_id"], e.body["round"]
     if e.actor in s["responded"]:
-        error(e, f"{e.actor} refused run {run} round {rnd}, but the server ({srv.file}:{srv.line}) "
-                 "counts it as responded")
+        error(
+            e, f"{e.actor} refused run {run} round {rnd}, but the server ({srv.file}:{srv.line}) counts it as responded"
+        )
     elif e.actor not in s["refused"] and e.actor not in s["failed"]:
         note(e, f"the server's round record ({srv.file}:{srv.line}) does not mention this refusal")
 
@@ -534,13 +644,20 @@ def _check_unmask(e: Entry, srv: Entry, error: Callable[[Entry, str], None]) -> 
     mine = {str(v) for v in b["survivors"]}
     theirs = {str(v) for v in srv.body["secagg"].get("survivors", [])}
     if not mine <= theirs or {str(v) for v in b["dropped"]} & theirs:
-        error(e, f"unmasked for survivors {sorted(mine)} and dropped {sorted(map(str, b['dropped']))}, but "
-                 f"the server ({srv.file}:{srv.line}) records survivors {sorted(theirs)}")
+        error(
+            e,
+            f"unmasked for survivors {sorted(mine)} and dropped {sorted(map(str, b['dropped']))}, but "
+            f"the server ({srv.file}:{srv.line}) records survivors {sorted(theirs)}",
+        )
 
 
-def _check_responded(rounds: dict[tuple[str, int], Entry], covered: set[str],
-                     releases: dict[tuple[str, int, str], list[Entry]], error: Callable[[Entry, str], None],
-                     note: Callable[[Entry, str], None]) -> None:
+def _check_responded(
+    rounds: dict[tuple[str, int], Entry],
+    covered: set[str],
+    releases: dict[tuple[str, int, str], list[Entry]],
+    error: Callable[[Entry, str], None],
+    note: Callable[[Entry, str], None],
+) -> None:
     """Every hospital a server round lists as responded, whose log is supplied, has a release for it."""
     uncovered_noted: set[str] = set()
     for (run, rnd), srv in sorted(rounds.items(), key=lambda kv: (kv[1].file, kv[1].line)):
@@ -551,8 +668,11 @@ def _check_responded(rounds: dict[tuple[str, int], Entry], covered: set[str],
                     note(srv, f"no audit log supplied for {actor}: its releases cannot be cross-checked")
                 continue
             if not releases.get((run, rnd, actor)):
-                error(srv, f"the server lists {actor} as responded in run {run} round {rnd}, "
-                           f"but {actor}'s log has no release for that round")
+                error(
+                    srv,
+                    f"the server lists {actor} as responded in run {run} round {rnd}, "
+                    f"but {actor}'s log has no release for that round",
+                )
 
 
 def _plan_of(run: str, runs: dict[str, Entry]) -> str:
@@ -581,14 +701,24 @@ def _rounds_in_flight(rounds: dict[tuple[str, int], Entry], runs: dict[str, Entr
     return in_flight
 
 
-def _check_release(e: Entry, srv: Entry | None, rounds: dict[tuple[str, int], Entry], runs: dict[str, Entry],
-                   in_flight: dict[str, int], error, note) -> None:
+def _check_release(
+    e: Entry,
+    srv: Entry | None,
+    rounds: dict[tuple[str, int], Entry],
+    runs: dict[str, Entry],
+    in_flight: dict[str, int],
+    error,
+    note,
+) -> None:
     b = e.body
     run, rnd, actor = b["run_id"], b["round"], e.actor
     if srv is None:
         if b["stage"] == "train" and in_flight.get(run) == rnd:
-            note(e, f"{actor} released in run {run} round {rnd}: charged, not aggregated (server crash): the "
-                    "server's log of this run ends before that round")
+            note(
+                e,
+                f"{actor} released in run {run} round {rnd}: charged, not aggregated (server crash): the "
+                "server's log of this run ends before that round",
+            )
         else:
             error(e, f"{actor} released in run {run} round {rnd}, but the server logged no such round")
         return
@@ -597,28 +727,45 @@ def _check_release(e: Entry, srv: Entry | None, rounds: dict[tuple[str, int], En
     if actor in s["responded"]:
         pass
     elif actor in s["failed"]:
-        note(e, f"{actor} released in run {run} round {rnd}; the server ({where}) records it as failed "
-                f"({s['failed'][actor]}): the update was not aggregated")
+        note(
+            e,
+            f"{actor} released in run {run} round {rnd}; the server ({where}) records it as failed "
+            f"({s['failed'][actor]}): the update was not aggregated",
+        )
     elif actor in s["refused"]:
         error(e, f"{actor} released in run {run} round {rnd}, but the server ({where}) records a refusal")
     else:
-        error(e, f"{actor} released in run {run} round {rnd}, but the server round ({where}) "
-                 "does not list it as responded")
+        error(
+            e,
+            f"{actor} released in run {run} round {rnd}, but the server round ({where}) does not list it as responded",
+        )
     received = s.get("received_digests") or {}
     if actor in received and received[actor] != b["sent_digest"]:
         error(e, f"sent_digest differs from the digest the server ({where}) says it received")
     if b["stage"] == "train":
         before = rounds.get((run, rnd - 1)) or _latest_of_plan(rounds, runs, run, rnd - 1)
-        expected = before.body["aggregate_digest"] if before is not None else (
-            runs[run].body.get("initial_model_digest") if run in runs and rnd == 1 else "")
+        expected = (
+            before.body["aggregate_digest"]
+            if before is not None
+            else (runs[run].body.get("initial_model_digest") if run in runs and rnd == 1 else "")
+        )
         if expected and b["global_model_digest"] != expected:
             source = f"{before.file}:{before.line}" if before is not None else f"{runs[run].file}:{runs[run].line}"
-            error(e, f"trained from a model (digest {b['global_model_digest'][:12]}...) that is not the server's "
-                     f"global model for round {rnd} ({expected[:12]}..., {source})")
+            error(
+                e,
+                f"trained from a model (digest {b['global_model_digest'][:12]}...) that is not the server's "
+                f"global model for round {rnd} ({expected[:12]}..., {source})",
+            )
 
 
-def _check_ledger_budget(name: str, data: dict[str, Any], hospital: str, dataset: str,
-                         match: tuple[HospitalView, list[ReleaseView]] | None, report: VerifyReport) -> None:
+def _check_ledger_budget(
+    name: str,
+    data: dict[str, Any],
+    hospital: str,
+    dataset: str,
+    match: tuple[HospitalView, list[ReleaseView]] | None,
+    report: VerifyReport,
+) -> None:
     """The ledger's budget must not exceed the last budget its hospital signed for this dataset.
 
     The hospital's chain signs a ``budget`` record when the ledger is created and at every explicit
@@ -627,7 +774,7 @@ def _check_ledger_budget(name: str, data: dict[str, Any], hospital: str, dataset
     """
     view = match[0] if match is not None else report.hospitals.get(hospital)
     if view is None:
-        return   # this hospital's log was not supplied: noted elsewhere
+        return  # this hospital's log was not supplied: noted elsewhere
     keys = [dataset] + ([match[1][0].data_key] if match is not None else [])
     signed = next((view.budgets[k] for k in keys if k in view.budgets), None)
     try:
@@ -636,23 +783,31 @@ def _check_ledger_budget(name: str, data: dict[str, Any], hospital: str, dataset
         report.findings.append(Finding(name, 0, f"{hospital}: the ledger has no readable budget"))
         return
     if signed is None:
-        charged = sum(1 for r in data.get("releases", [])
-                      if sum(int(k) for _, _, k in r.get("entries", [])) > 0)
+        charged = sum(1 for r in data.get("releases", []) if sum(int(k) for _, _, k in r.get("entries", [])) > 0)
         if charged:
-            report.findings.append(Finding(
-                name, 0, f"{hospital}: the ledger's budget {budget:g} on {dataset[:40]!r} has no signed budget "
-                         f"record in {view.actor}'s audit log, yet it records {charged} charged release(s) "
-                         "(budget not signed: it cannot be told from one raised by hand)"))
+            report.findings.append(
+                Finding(
+                    name,
+                    0,
+                    f"{hospital}: the ledger's budget {budget:g} on {dataset[:40]!r} has no signed budget "
+                    f"record in {view.actor}'s audit log, yet it records {charged} charged release(s) "
+                    "(budget not signed: it cannot be told from one raised by hand)",
+                )
+            )
         return
     if budget > signed * (1 + EPS_RTOL):
-        report.findings.append(Finding(
-            name, 0, f"{hospital}: the ledger's budget {budget:g} is above the {signed:g} last signed in "
-                     f"{view.actor}'s audit log (raised by hand, without a signed budget record: "
-                     "`fedcare node budget` signs a raise)"))
+        report.findings.append(
+            Finding(
+                name,
+                0,
+                f"{hospital}: the ledger's budget {budget:g} is above the {signed:g} last signed in "
+                f"{view.actor}'s audit log (raised by hand, without a signed budget record: "
+                "`fedcare node budget` signs a raise)",
+            )
+        )
 
 
-def _latest_of_plan(rounds: dict[tuple[str, int], Entry], runs: dict[str, Entry], run: str,
-                    rnd: int) -> Entry | None:
+def _latest_of_plan(rounds: dict[tuple[str, int], Entry], runs: dict[str, Entry], run: str, rnd: int) -> Entry | None:
     """Round ``rnd``'s server record in an earlier run of ``run``'s plan (a resumed run's starting model)."""
     plan = _plan_of(run, runs)
     found = [e for (r, n), e in rounds.items() if n == rnd and r != run and (r == plan or _plan_of(r, runs) == plan)]
@@ -674,8 +829,9 @@ def _check_ledgers(directory: Path, report: VerifyReport) -> None:
         _check_ledger(path, by_fingerprint, report)
 
 
-def _check_ledger(path: Path, by_fingerprint: dict[str, tuple[HospitalView, list[ReleaseView]]],
-                  report: VerifyReport) -> None:
+def _check_ledger(
+    path: Path, by_fingerprint: dict[str, tuple[HospitalView, list[ReleaseView]]], report: VerifyReport
+) -> None:
     """Check one privacy ledger: its own history, its budget, and its releases against the audit logs."""
     name = str(path)
 
@@ -692,19 +848,32 @@ def _check_ledger(path: Path, by_fingerprint: dict[str, tuple[HospitalView, list
         error(f"the accountant cannot replay this ledger's history ({exc})")
         return
     if ledger_releases and not _close(ledger_releases[-1][3], ledger_eps):
-        error(f"{hospital}: the ledger's history gives epsilon {ledger_eps:.9g}, its last release claims "
-              f"{ledger_releases[-1][3]:.9g}")
-    match = next((v for fp, v in by_fingerprint.items() if fp == fingerprint or
-                  (len(fp) >= 16 and (fingerprint.startswith(fp) or fp.startswith(fingerprint)))), None)
+        error(
+            f"{hospital}: the ledger's history gives epsilon {ledger_eps:.9g}, its last release claims "
+            f"{ledger_releases[-1][3]:.9g}"
+        )
+    match = next(
+        (
+            v
+            for fp, v in by_fingerprint.items()
+            if fp == fingerprint or (len(fp) >= 16 and (fingerprint.startswith(fp) or fp.startswith(fingerprint)))
+        ),
+        None,
+    )
     _check_ledger_budget(name, data, hospital, fingerprint, match, report)
     if match is None:
         covered = hospital in report.hospitals
         if ledger_releases:
-            report.findings.append(Finding(
-                name, 0, f"{hospital}: the ledger records {len(ledger_releases)} release(s) on data "
-                         f"{fingerprint[:12]}... that no supplied audit log records"
-                         + ("" if covered else f" (no log of {hospital} supplied)"),
-                "error" if covered else "note"))
+            report.findings.append(
+                Finding(
+                    name,
+                    0,
+                    f"{hospital}: the ledger records {len(ledger_releases)} release(s) on data "
+                    f"{fingerprint[:12]}... that no supplied audit log records"
+                    + ("" if covered else f" (no log of {hospital} supplied)"),
+                    "error" if covered else "note",
+                )
+            )
         return
     _compare_ledger_releases(name, hospital, delta, ledger_eps, ledger_releases, match, error, report)
 
@@ -713,11 +882,11 @@ class _LedgerFile(NamedTuple):
     """What a privacy ledger file holds, read and typed."""
 
     data: dict[str, Any]
-    dataset: str                                  # its dataset id (else its data fingerprint)
+    dataset: str  # its dataset id (else its data fingerprint)
     hospital: str
     delta: float
-    history: list[tuple[float, float, int]]       # (noise multiplier, sample rate, steps)
-    releases: list[tuple[str, int, str, float]]   # (run, round, kind, epsilon after)
+    history: list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps)
+    releases: list[tuple[str, int, str, float]]  # (run, round, kind, epsilon after)
 
 
 def _read_ledger(path: Path, error: Callable[[str], None]) -> _LedgerFile | None:
@@ -727,24 +896,31 @@ def _read_ledger(path: Path, error: Callable[[str], None]) -> _LedgerFile | None
         fingerprint, hospital = str(data.get("dataset_id") or data["fingerprint"]), str(data["hospital"])
         delta = float(data["delta"])
         history = [(float(s), float(q), int(k)) for s, q, k in data["history"]]
-        ledger_releases = [(str(r["run_id"]), int(r["round"]), str(r["kind"]), float(r["epsilon_after"]))
-                           for r in data["releases"]]
+        ledger_releases = [
+            (str(r["run_id"]), int(r["round"]), str(r["kind"]), float(r["epsilon_after"])) for r in data["releases"]
+        ]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         error(f"unreadable privacy ledger ({type(exc).__name__}: {exc})")
         return None
     return _LedgerFile(data, fingerprint, hospital, delta, history, ledger_releases)
 
 
-def _compare_ledger_releases(name: str, hospital: str, delta: float, ledger_eps: float,
-                             ledger_releases: list[tuple[str, int, str, float]],
-                             match: tuple[HospitalView, list[ReleaseView]], error: Callable[[str], None],
-                             report: VerifyReport) -> None:
+def _compare_ledger_releases(
+    name: str,
+    hospital: str,
+    delta: float,
+    ledger_eps: float,
+    ledger_releases: list[tuple[str, int, str, float]],
+    match: tuple[HospitalView, list[ReleaseView]],
+    error: Callable[[str], None],
+    report: VerifyReport,
+) -> None:
     """The ledger and the audit log must hold the same delta, the same charged releases and the same epsilon."""
     view, audit_releases = match
     audit_fp = audit_releases[0].data_key
     # a release at zero steps (a re-sent statistics answer) cost nothing: the ledger need not list it
     dp_releases = [r for r in audit_releases if r.dp is not None and r.epsilon_after is not None]
-    free = [r for r in dp_releases if int(r.dp.get("steps", 0)) <= 0]
+    free = [r for r in dp_releases if int(cast(dict[str, Any], r.dp).get("steps", 0)) <= 0]
     audit_delta = view.delta.get(audit_fp)
     if audit_delta is not None and not math.isclose(audit_delta, delta, rel_tol=1e-12):
         error(f"{hospital}: the ledger's delta {delta:g} differs from the audit log's {audit_delta:g}")
@@ -755,16 +931,29 @@ def _compare_ledger_releases(name: str, hospital: str, delta: float, ledger_eps:
             error(f"{hospital}: ledger release run {run} round {rnd} ({kind}) has no audit-log record")
             continue
         remaining.remove(found)
-        if not _close(eps, float(found.epsilon_after)):
-            report.findings.append(Finding(found.file, found.line,
-                                           f"{hospital}: epsilon_after {found.epsilon_after:.9g} "
-                                           f"differs from the privacy ledger's {eps:.9g} ({name})"))
+        if not _close(eps, float(cast(float, found.epsilon_after))):
+            report.findings.append(
+                Finding(
+                    found.file,
+                    found.line,
+                    f"{hospital}: epsilon_after {found.epsilon_after:.9g} "
+                    f"differs from the privacy ledger's {eps:.9g} ({name})",
+                )
+            )
     for r in remaining:
         if r in free:
             continue
-        report.findings.append(Finding(r.file, r.line, f"{view.actor}: release run {r.run_id} round {r.round} "
-                                       f"({r.stage}) is missing from the privacy ledger {name}"))
+        report.findings.append(
+            Finding(
+                r.file,
+                r.line,
+                f"{view.actor}: release run {r.run_id} round {r.round} "
+                f"({r.stage}) is missing from the privacy ledger {name}",
+            )
+        )
     replayed = view.epsilon.get(audit_fp)
     if replayed is not None and not _close(replayed, ledger_eps):
-        error(f"{hospital}: the ledger's epsilon {ledger_eps:.9g} differs from the {replayed:.9g} replayed "
-              "from the audit log")
+        error(
+            f"{hospital}: the ledger's epsilon {ledger_eps:.9g} differs from the {replayed:.9g} replayed "
+            "from the audit log"
+        )

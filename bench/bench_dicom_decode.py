@@ -25,9 +25,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.markdown_report import replace_section  # noqa: E402
-from client.datasets.dicom_folder import load_dicom_folder  # noqa: E402
-from client.datasets.dicom_reader import ImagePolicy  # noqa: E402
+from bench.markdown_report import replace_section
+from client.datasets.dicom_folder import load_dicom_folder
+from client.datasets.dicom_reader import ImagePolicy
 
 HEADING = "### DICOM decode: first epoch and cached epochs"
 
@@ -64,8 +64,16 @@ def timed_loads(folder: Path, cache: Path, policy: ImagePolicy, epochs: int) -> 
         t0 = time.perf_counter()
         images = load_dicom_folder(folder, folder / "labels.csv", policy, cache, require_deidentified=False)
         seconds = time.perf_counter() - t0
-        out.append({"n": len(images.y), "seconds": seconds, "hits": images.cache_hits,
-                    "misses": images.cache_misses, "x": images.x, "y": images.y})
+        out.append(
+            {
+                "n": len(images.y),
+                "seconds": seconds,
+                "hits": images.cache_hits,
+                "misses": images.cache_misses,
+                "x": images.x,
+                "y": images.y,
+            }
+        )
     return out
 
 
@@ -77,7 +85,16 @@ def train_epoch_seconds(x: np.ndarray, y: np.ndarray, dp: bool) -> float:
 
     model = build_model("cnn", x.shape[1:])
     t0 = time.perf_counter()
-    train(model, x, y, epochs=1, batch_size=32, lr=0.1, dp=DPSettings(1.0, 1.0) if dp else None, rng=SecretRandom.reproducible(0))
+    train(
+        model,
+        x,
+        y,
+        epochs=1,
+        batch_size=32,
+        lr=0.1,
+        dp=DPSettings(1.0, 1.0) if dp else None,
+        rng=SecretRandom.reproducible(0),
+    )
     return time.perf_counter() - t0
 
 
@@ -108,36 +125,52 @@ def main() -> None:
             x, y = first["x"], first["y"]
             train_dp = train_epoch_seconds(x, y, dp=True)
             train_plain = train_epoch_seconds(x, y, dp=False)
-            rows.append((label, first["n"], first["n"] / first["seconds"], first["n"] / cached_s, cached_s,
-                         train_dp, train_plain, cached_s / (cached_s + train_dp)))
+            rows.append(
+                (
+                    label,
+                    first["n"],
+                    first["n"] / first["seconds"],
+                    first["n"] / cached_s,
+                    cached_s,
+                    train_dp,
+                    train_plain,
+                    cached_s / (cached_s + train_dp),
+                )
+            )
             assert all(c["misses"] == 0 for c in cached), "a cached epoch decoded again"
-        header = ("| set | images | epoch 1 decode (img/s) | cached epoch load (img/s) | cached load s | "
-                  "DP train epoch s | non-DP train epoch s | load share of a cached DP epoch |")
+        header = (
+            "| set | images | epoch 1 decode (img/s) | cached epoch load (img/s) | cached load s | "
+            "DP train epoch s | non-DP train epoch s | load share of a cached DP epoch |"
+        )
         lines += [header, "|" + "---|" * 8]
         for label, n, cold, warm, warm_s, tdp, tplain, share in rows:
-            lines.append(f"| {label} | {n} | {cold:.0f} | {warm:.0f} | {warm_s:.2f} | {tdp:.2f} | {tplain:.2f} | "
-                         f"{100 * share:.0f}% |")
+            lines.append(
+                f"| {label} | {n} | {cold:.0f} | {warm:.0f} | {warm_s:.2f} | {tdp:.2f} | {tplain:.2f} | "
+                f"{100 * share:.0f}% |"
+            )
         total_n = sum(r[1] for r in rows)
         cold_all = total_n / sum(r[1] / r[2] for r in rows)
         warm_all = total_n / sum(r[4] for r in rows)
-        text = "\n".join([
-            HEADING,
-            "",
-            f"Measured {date.today().isoformat()} on {platform.machine()} with {_cores()} cores, "
-            f"image size {args.image_size}, CNN batch 32; {args.epochs} loads per set with one cache "
-            "(epoch 1 decodes every file, later epochs read the cache).",
-            "",
-            "    .venv/bin/python bench/bench_dicom_decode.py --write docs/benchmarks.md",
-            "",
-            *lines,
-            "",
-            f"All sets: epoch 1 {cold_all:.0f} images/s, cached epochs {warm_all:.0f} images/s "
-            f"({warm_all / cold_all:.1f}x). Writing the 4 synthetic hospitals "
-            f"({sum(r[1] for r in rows[:4])} files) took {write_seconds:.1f} s.",
-            "A cached load checks each file's size and modification time against the header index (a changed file is "
-            "reread, re-hashed and re-checked for identifying attributes) and reads its decoded entry; the share column "
-            "says how much of a cached DP epoch that is.",
-        ])
+        text = "\n".join(
+            [
+                HEADING,
+                "",
+                f"Measured {date.today().isoformat()} on {platform.machine()} with {_cores()} cores, "
+                f"image size {args.image_size}, CNN batch 32; {args.epochs} loads per set with one cache "
+                "(epoch 1 decodes every file, later epochs read the cache).",
+                "",
+                "    .venv/bin/python bench/bench_dicom_decode.py --write docs/benchmarks.md",
+                "",
+                *lines,
+                "",
+                f"All sets: epoch 1 {cold_all:.0f} images/s, cached epochs {warm_all:.0f} images/s "
+                f"({warm_all / cold_all:.1f}x). Writing the 4 synthetic hospitals "
+                f"({sum(r[1] for r in rows[:4])} files) took {write_seconds:.1f} s.",
+                "A cached load checks each file's size and modification time against the header index (a changed file is "
+                "reread, re-hashed and re-checked for identifying attributes) and reads its decoded entry; the share column "
+                "says how much of a cached DP epoch that is.",
+            ]
+        )
         print(text)
         if args.write:
             replace_section(args.write, HEADING, text)

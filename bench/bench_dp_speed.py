@@ -46,14 +46,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
-from bench.markdown_report import replace_section  # noqa: E402
-from client.dp_optimizer import ClippedSumDPOptimizer  # noqa: E402
-from client.per_sample_clipping import PerSampleClipper  # noqa: E402
-from client.secret_randomness import SecretRandom  # noqa: E402
-from shared_models.registry import build_model  # noqa: E402
+from bench.markdown_report import replace_section
+from client.dp_optimizer import ClippedSumDPOptimizer
+from client.per_sample_clipping import PerSampleClipper
+from client.secret_randomness import SecretRandom
+from shared_models.registry import build_model
 
 HEADING = "### DP-SGD step time and memory against plain SGD on a CPU"
 GPU_HEADING = "### DP-SGD step time and memory against plain SGD on a GPU"
@@ -103,22 +103,61 @@ def _sequences(steps: int, features: int) -> Callable[[int], torch.Tensor]:
         x[..., -1] = (torch.arange(steps)[None, :] >= steps - lengths[:, None]).float()
         x[..., :-1] *= x[..., -1:]
         return x
+
     return make
 
 
 CASES = [
-    Case("logistic, 13 features, batch 30 (Fed-Heart-Disease preset)", "tabular",
-         lambda: build_model("logistic", 13), lambda n: torch.randn(n, 13), 30, 1.5),
-    Case("MLP 30-32-32-1, batch 30 (ehr-table default)", "tabular",
-         lambda: build_model("mlp", 30, 32), lambda n: torch.randn(n, 30), 30, 1.5),
-    Case("MLP 30-256-256-1, batch 256", "tabular",
-         lambda: build_model("mlp", 30, 256), lambda n: torch.randn(n, 30), 256, 1.5),
-    Case("CNN 1x64x64, batch 32 (synthetic-imaging preset)", "image",
-         lambda: build_model("cnn", (1, 64, 64)), lambda n: torch.randn(n, 1, 64, 64), 32, 1.8),
-    Case("GRU h32, 5 steps x 18 features, batch 16 (PBC2 preset)", "sequence",
-         lambda: build_model("gru", (5, 19)), _sequences(5, 18), 16, 2.5, lambda: PlainGRU(18)),
-    Case("GRU h32, 30 steps x 18 features, batch 64", "sequence",
-         lambda: build_model("gru", (30, 19)), _sequences(30, 18), 64, 2.5, lambda: PlainGRU(18)),
+    Case(
+        "logistic, 13 features, batch 30 (Fed-Heart-Disease preset)",
+        "tabular",
+        lambda: build_model("logistic", 13),
+        lambda n: torch.randn(n, 13),
+        30,
+        1.5,
+    ),
+    Case(
+        "MLP 30-32-32-1, batch 30 (ehr-table default)",
+        "tabular",
+        lambda: build_model("mlp", 30, 32),
+        lambda n: torch.randn(n, 30),
+        30,
+        1.5,
+    ),
+    Case(
+        "MLP 30-256-256-1, batch 256",
+        "tabular",
+        lambda: build_model("mlp", 30, 256),
+        lambda n: torch.randn(n, 30),
+        256,
+        1.5,
+    ),
+    Case(
+        "CNN 1x64x64, batch 32 (synthetic-imaging preset)",
+        "image",
+        lambda: build_model("cnn", (1, 64, 64)),
+        lambda n: torch.randn(n, 1, 64, 64),
+        32,
+        1.8,
+    ),
+    Case(
+        "GRU h32, 5 steps x 18 features, batch 16 (PBC2 preset)",
+        "sequence",
+        lambda: build_model("gru", (5, 19)),
+        _sequences(5, 18),
+        16,
+        2.5,
+        lambda: PlainGRU(18),
+    ),
+    Case(
+        "GRU h32, 30 steps x 18 features, batch 64",
+        "sequence",
+        lambda: build_model("gru", (30, 19)),
+        _sequences(30, 18),
+        64,
+        2.5,
+        lambda: PlainGRU(18),
+    ),
 ]
 
 
@@ -133,6 +172,7 @@ def make_step(case: Case, mode: str, x: torch.Tensor, y: torch.Tensor) -> Callab
             opt.zero_grad(set_to_none=True)
             nn.functional.binary_cross_entropy_with_logits(model(x), y).backward()
             opt.step()
+
         return plain
     model = case.model().to(DEVICE)
     sgd = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -152,6 +192,7 @@ def make_step(case: Case, mode: str, x: torch.Tensor, y: torch.Tensor) -> Callab
                 loss = nn.functional.binary_cross_entropy_with_logits(model(x), y, reduction="sum")
             clipper.clip_and_sum(loss, len(y))
             opt.step()
+
         return fedcare
     if mode == "opacus hooks":
         from opacus import GradSampleModule
@@ -164,6 +205,7 @@ def make_step(case: Case, mode: str, x: torch.Tensor, y: torch.Tensor) -> Callab
             opt.zero_grad(set_to_none=True)
             nn.functional.binary_cross_entropy_with_logits(gsm(x), y).backward()
             opt.step()
+
         return hooks
     if mode == "opacus ghost":
         from opacus.grad_sample import GradSampleModuleFastGradientClipping
@@ -178,6 +220,7 @@ def make_step(case: Case, mode: str, x: torch.Tensor, y: torch.Tensor) -> Callab
             opt.zero_grad(set_to_none=True)
             criterion(gsm(x), y).backward()
             opt.step()
+
         return ghost
     raise ValueError(mode)
 
@@ -187,8 +230,9 @@ def _data(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
     return case.batch(case.batch_size).to(DEVICE), (torch.rand(case.batch_size) > 0.5).float().to(DEVICE)
 
 
-def time_case(case: Case, modes: list[str], reps: int, budget_s: float,
-              clock: Callable[[], float] = time.perf_counter) -> dict[str, dict[str, float]]:
+def time_case(
+    case: Case, modes: list[str], reps: int, budget_s: float, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, dict[str, float]]:
     """Median step time per mode and median per-repetition ratio to ``plain``."""
     x, y = _data(case)
     steps: dict[str, Callable[[], None]] = {}
@@ -225,8 +269,15 @@ def time_case(case: Case, modes: list[str], reps: int, budget_s: float,
     # The least-disturbed repetition of each mode is its cost; the ratios of those are reported
     # (the median of per-repetition ratios is kept to show how much the load moved them).
     best = {m: min(times[m]) for m in steps}
-    return {m: {"ms": 1e3 * best[m], "ratio": best[m] / best["plain"],
-                "median_ratio": statistics.median(ratios[m]), "reps": times[m]} for m in steps}
+    return {
+        m: {
+            "ms": 1e3 * best[m],
+            "ratio": best[m] / best["plain"],
+            "median_ratio": statistics.median(ratios[m]),
+            "reps": times[m],
+        }
+        for m in steps
+    }
 
 
 def measure_memory(case_index: int, mode: str) -> float:
@@ -264,9 +315,11 @@ def _clock(threads: int) -> Callable[[], float]:
     time on an idle core, and other processes sharing the machine do not inflate it. On a GPU the
     kernels run asynchronously, so a step is the wall time between two synchronisations."""
     if DEVICE.type == "cuda":
+
         def synchronized() -> float:
             torch.cuda.synchronize()
             return time.perf_counter()
+
         return synchronized
     return time.thread_time if threads == 1 else time.perf_counter
 
@@ -298,8 +351,13 @@ def _status_kib(key: str) -> int:
 
 def memory_in_subprocess(case_index: int, mode: str) -> float | None:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="16384", OMP_NUM_THREADS=str(torch.get_num_threads()))
-    done = subprocess.run([sys.executable, __file__, "--memory-of", str(case_index), mode],
-                          capture_output=True, text=True, env=env, timeout=900)
+    done = subprocess.run(
+        [sys.executable, __file__, "--memory-of", str(case_index), mode],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     if done.returncode != 0:
         return None
     return float(json.loads(done.stdout.strip().splitlines()[-1])["mib"])
@@ -334,12 +392,16 @@ def main() -> None:
         memory = {}
         if not args.no_memory:
             for mode in ("plain", "fedcare") + (("fedcare (no DP)",) if case.plain_model else ()):
-                memory[mode] = (measure_cuda_memory(case, mode) if DEVICE.type == "cuda"
-                                else memory_in_subprocess(index, mode))
+                memory[mode] = (
+                    measure_cuda_memory(case, mode) if DEVICE.type == "cuda" else memory_in_subprocess(index, mode)
+                )
         rows.append((case, timing, memory))
         for mode, t in timing.items():
-            print(f"  {mode:16s} {t['ms']:9.3f} ms  {t['ratio']:6.2f}x  (median per-repetition ratio "
-                  f"{t['median_ratio']:.2f}x)", flush=True)
+            print(
+                f"  {mode:16s} {t['ms']:9.3f} ms  {t['ratio']:6.2f}x  (median per-repetition ratio "
+                f"{t['median_ratio']:.2f}x)",
+                flush=True,
+            )
         if memory:
             print(f"  peak memory: {_memory_cell(memory)}", flush=True)
     text = report(rows, args)
@@ -372,21 +434,26 @@ def report(rows: list, args: argparse.Namespace) -> str:
     write = " --write docs/benchmarks.md" if args.write else ""
     if DEVICE.type == "cuda":
         command = f"python bench/bench_dp_speed.py --device cuda{write}"
-        where = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, best of {args.reps} interleaved "
-                 "repetitions; wall-clock time per step between two CUDA synchronisations; peak memory is the "
-                 "CUDA allocator's peak of allocated bytes over five steps, model and batch included")
+        where = (
+            f"{torch.cuda.get_device_name()}, torch {torch.__version__}, best of {args.reps} interleaved "
+            "repetitions; wall-clock time per step between two CUDA synchronisations; peak memory is the "
+            "CUDA allocator's peak of allocated bytes over five steps, model and batch included"
+        )
     else:
         command = f".venv/bin/python bench/bench_dp_speed.py{write}"
-        where = (f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
-                 f"{args.threads} torch thread(s), best of {args.reps} interleaved repetitions; "
-                 f"{'CPU time of the training thread' if args.threads == 1 else 'wall-clock time'} per step")
+        where = (
+            f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{args.threads} torch thread(s), best of {args.reps} interleaved repetitions; "
+            f"{'CPU time of the training thread' if args.threads == 1 else 'wall-clock time'} per step"
+        )
     lines = [
-        GPU_HEADING if DEVICE.type == "cuda" else HEADING, "",
+        GPU_HEADING if DEVICE.type == "cuda" else HEADING,
+        "",
         f"`{command}` ({date.today()}, {where}). "
         "Step = zero_grad, forward, loss, backward (and clipping), optimizer step, noise multiplier 1, "
         "clip norm 1. fedcare's noise and batches come from the hospital's secret stream (AES-256-CTR keyed "
-        "from OS entropy); \"hardened noise\" is the policy option `hardened-noise = true` (Opacus's "
-        "secure-mode Gaussian: four float64 draws per value); \"torch noise\" is the same step with its noise from "
+        'from OS entropy); "hardened noise" is the policy option `hardened-noise = true` (Opacus\'s '
+        'secure-mode Gaussian: four float64 draws per value); "torch noise" is the same step with its noise from '
         "torch's default generator (not private; shown to price the secret stream), so the secret stream's cost is "
         "the ratio of the two fedcare columns (best of, and median of the per-repetition ratios). Ratios are to the plain step of the same "
         "architecture on the same batch; for the GRU, plain is PyTorch's fused `nn.GRU`. The last column shows "
@@ -403,12 +470,16 @@ def report(rows: list, args: argparse.Namespace) -> str:
         if "fedcare (no DP)" in timing:
             plain += f" (fedcare GRU without DP: {timing['fedcare (no DP)']['ms']:.2f} ms)"
         secret, torch_noise = timing["fedcare"], timing["fedcare torch noise"]
-        cost = (f"{secret['ms'] / torch_noise['ms']:.2f}x (median "
-                f"{statistics.median(a / b for a, b in zip(secret['reps'], torch_noise['reps'])):.2f}x)")
-        lines.append(f"| {case.name} | {plain} | {cell(timing, 'fedcare')} | {cell(timing, 'fedcare hardened')} | "
-                     f"{cell(timing, 'fedcare torch noise')} | {cost} | {cell(timing, 'opacus hooks')} | "
-                     f"{cell(timing, 'opacus ghost')} | <= {case.bar}x | {'yes' if ratio <= case.bar else '**no**'} | "
-                     f"{mem} | {timing['fedcare']['median_ratio']:.2f}x |")
+        cost = (
+            f"{secret['ms'] / torch_noise['ms']:.2f}x (median "
+            f"{statistics.median(a / b for a, b in zip(secret['reps'], torch_noise['reps'])):.2f}x)"
+        )
+        lines.append(
+            f"| {case.name} | {plain} | {cell(timing, 'fedcare')} | {cell(timing, 'fedcare hardened')} | "
+            f"{cell(timing, 'fedcare torch noise')} | {cost} | {cell(timing, 'opacus hooks')} | "
+            f"{cell(timing, 'opacus ghost')} | <= {case.bar}x | {'yes' if ratio <= case.bar else '**no**'} | "
+            f"{mem} | {timing['fedcare']['median_ratio']:.2f}x |"
+        )
     return "\n".join(lines)
 
 

@@ -24,8 +24,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.markdown_report import replace_section  # noqa: E402
-from fedcare.run_config import RUN_DEFAULTS as D  # noqa: E402
+from bench.markdown_report import replace_section
+from fedcare.run_config import RUN_DEFAULTS as D
 
 HEADING = "### Fed-Heart-Disease: 4 real hospitals, logistic model"
 
@@ -75,8 +75,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--write", type=Path, default=None, help="markdown file to (re)write the results into")
-    parser.add_argument("--configs", default=None,
-                        help="';'-separated labels to run (default: all): " + "; ".join(c[0] for c in CONFIGS))
+    parser.add_argument(
+        "--configs",
+        default=None,
+        help="';'-separated labels to run (default: all): " + "; ".join(c[0] for c in CONFIGS),
+    )
     args = parser.parse_args()
     chosen = [c for c in CONFIGS if args.configs is None or c[0] in args.configs.split(";")]
     seeds = list(range(args.seeds))
@@ -85,9 +88,12 @@ def main() -> None:
         for label, eps, extra in chosen:
             runs = [run_one(label, eps, extra, s, Path(tmp)) for s in seeds]
             rows.append((label, eps is not None, " ".join(extra) or "defaults", runs))
-            print(f"{label:<20} pooled acc {ms([r['pooled'] for r in runs])}  "
-                  f"local-only {ms([r['local_pooled'] for r in runs])}  "
-                  f"wall {np.mean([r['wall'] for r in runs]):.0f} s", flush=True)
+            print(
+                f"{label:<20} pooled acc {ms([r['pooled'] for r in runs])}  "
+                f"local-only {ms([r['local_pooled'] for r in runs])}  "
+                f"wall {np.mean([r['wall'] for r in runs]):.0f} s",
+                flush=True,
+            )
 
     lines = [
         HEADING,
@@ -95,8 +101,9 @@ def main() -> None:
         f"Measured {date.today().isoformat()} on {platform.machine()}, {platform.system()}, "
         f"{__import__('os').cpu_count()} CPU cores, no GPU; seeds {seeds[0]}..{seeds[-1]}. Command:",
         "",
-        "    .venv/bin/python bench/bench_heart_accuracy.py --seeds %d%s --write docs/benchmarks.md"
-        % (args.seeds, f" --configs '{args.configs}'" if args.configs else ""),
+        "    .venv/bin/python bench/bench_heart_accuracy.py --seeds {:d}{} --write docs/benchmarks.md".format(
+            args.seeds, f" --configs '{args.configs}'" if args.configs else ""
+        ),
         "",
         "Pooled test accuracy of the final federated model (254 test patients), mean ± std over seeds;",
         "epsilon is the largest spent by any hospital, read from its ledger (statistics round included),",
@@ -114,21 +121,37 @@ def main() -> None:
     ]
     for label, dp, extra, runs in rows:
         eps_text = f"{max(r['epsilon'] for r in runs):.3f}" if dp else "-"
-        lines.append(f"| {label} | {extra} | {ms([r['pooled'] for r in runs])} | {ms([r['pooled_auc'] for r in runs])} | "
-                     f"{ms([r['personalised_pooled'] for r in runs])} | "
-                     f"{ms([r['local_pooled'] for r in runs])} | {eps_text} | {FLAMBY.get(label, '-')} | "
-                     f"{np.mean([r['wall'] for r in runs]):.0f} |")
-    lines += ["", "Per hospital (accuracy on its own test split): federated vs local-only, mean over seeds.", "",
-              "| configuration | " + " | ".join(f"{h} fed / local" for h in HOSPITALS) + " |",
-              "|---|" + "---|" * len(HOSPITALS)]
+        lines.append(
+            f"| {label} | {extra} | {ms([r['pooled'] for r in runs])} | {ms([r['pooled_auc'] for r in runs])} | "
+            f"{ms([r['personalised_pooled'] for r in runs])} | "
+            f"{ms([r['local_pooled'] for r in runs])} | {eps_text} | {FLAMBY.get(label, '-')} | "
+            f"{np.mean([r['wall'] for r in runs]):.0f} |"
+        )
+    lines += [
+        "",
+        "Per hospital (accuracy on its own test split): federated vs local-only, mean over seeds.",
+        "",
+        "| configuration | " + " | ".join(f"{h} fed / local" for h in HOSPITALS) + " |",
+        "|---|" + "---|" * len(HOSPITALS),
+    ]
     for label, _, _, runs in rows:
-        cells = [f"{np.mean([r['fed'][h] for r in runs]):.3f} / {np.mean([r['local'][h] for r in runs]):.3f}"
-                 for h in HOSPITALS]
+        cells = [
+            f"{np.mean([r['fed'][h] for r in runs]):.3f} / {np.mean([r['local'][h] for r in runs]):.3f}"
+            for h in HOSPITALS
+        ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     demo = next((r for r in rows if r[0] == "FedAvg, DP eps=1"), (None, None, None, []))[3]
-    lines += [""] if not demo else ["", f"The demo configuration (`make demo` = FedAvg, DP eps=1) took {ms([r['wall'] for r in demo])} s "
-              "wall clock per run including Ray start-up and local baselines; "
-              f"mean round time {np.mean([np.mean(r['rounds_s']) for r in demo]):.2f} s.", ""]
+    lines += (
+        [""]
+        if not demo
+        else [
+            "",
+            f"The demo configuration (`make demo` = FedAvg, DP eps=1) took {ms([r['wall'] for r in demo])} s "
+            "wall clock per run including Ray start-up and local baselines; "
+            f"mean round time {np.mean([np.mean(r['rounds_s']) for r in demo]):.2f} s.",
+            "",
+        ]
+    )
     text = "\n".join(lines)
     print(text)
     if args.write:

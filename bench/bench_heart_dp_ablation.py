@@ -37,22 +37,31 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flwr.app import Context, RecordDict  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+from flwr.app import Context, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
-import client.dp_trainer as dp_trainer  # noqa: E402
-from bench.markdown_report import replace_section  # noqa: E402
-from client.client_app import make_client_app  # noqa: E402
-from fedcare.run_config import RunSettings  # noqa: E402
-from server.federation_loop import run_federation  # noqa: E402
+import client.dp_trainer as dp_trainer
+from bench.markdown_report import replace_section
+from client.client_app import make_client_app
+from fedcare.run_config import RunSettings
+from server.federation_loop import run_federation
 
 RUN_ID = 7
 HEADING = "### Fed-Heart-Disease: where DP-SGD loses accuracy"
 SWEEP_HEADING = "### Fed-Heart-Disease: DP-SGD at epsilon 1 against its training settings"
 # one change from the defaults per row (RunSettings field -> value)
-SWEEP = [{}, {"learning_rate": 0.2}, {"learning_rate": 0.5}, {"batch_size": 15}, {"batch_size": 60},
-         {"num_rounds": 10}, {"num_rounds": 25}, {"local_epochs": 2}, {"max_grad_norm": 0.5},
-         {"max_grad_norm": 2.0}]
+SWEEP = [
+    {},
+    {"learning_rate": 0.2},
+    {"learning_rate": 0.5},
+    {"batch_size": 15},
+    {"batch_size": 60},
+    {"num_rounds": 10},
+    {"num_rounds": 25},
+    {"local_epochs": 2},
+    {"max_grad_norm": 0.5},
+    {"max_grad_norm": 2.0},
+]
 # (label, DP on, what training does instead: None = as configured, "plain", or (noise, clip))
 VARIANTS = [
     ("no DP", False, None),
@@ -68,9 +77,16 @@ class _InProcessGrid:
 
     def __init__(self, ledger_dir: Path, epsilon: float) -> None:
         self.app = make_client_app()
-        self.contexts = {100 + i: Context(RUN_ID, 100 + i, {"partition-id": i, "ledger-dir": str(ledger_dir),
-                                                           "epsilon-budget": epsilon}, RecordDict(), {})
-                         for i in range(4)}
+        self.contexts = {
+            100 + i: Context(
+                RUN_ID,
+                100 + i,
+                {"partition-id": i, "ledger-dir": str(ledger_dir), "epsilon-budget": epsilon},
+                RecordDict(),
+                {},
+            )
+            for i in range(4)
+        }
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
@@ -95,6 +111,7 @@ def _training(override):
         done = real(model, x, y, dp=dp_trainer.DPSettings(noise, clip), **kwargs)
         steps = [(dp.noise_multiplier, q, k) for _, q, k in done.steps]
         return dp_trainer.TrainOutcome(steps=steps, mean_loss=done.mean_loss)
+
     return train
 
 
@@ -104,8 +121,14 @@ def pooled_accuracy(seed: int, dp: bool, override, settings: dict) -> float:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             s = RunSettings(seed=seed, dp=dp, secure_aggregation=False, output_dir=str(Path(tmp) / "out"), **settings)
-            result = run_federation(_InProcessGrid(Path(tmp) / "ledgers", s.target_epsilon), s, 4,
-                                    lambda _: None, timeout=120, run_id=RUN_ID)
+            result = run_federation(
+                _InProcessGrid(Path(tmp) / "ledgers", s.target_epsilon),
+                s,
+                4,
+                lambda _: None,
+                timeout=120,
+                run_id=RUN_ID,
+            )
     finally:
         dp_trainer.train = real
     return float(result.rounds[-1].evaluation["pooled"]["accuracy"])
@@ -133,13 +156,17 @@ def main() -> None:
     if args.weight_decay is not None:
         command += f" --weight-decay {args.weight_decay:g}"
     lines = [
-        HEADING, "",
+        HEADING,
+        "",
         f"Measured {date.today()} on {platform.machine()}, {platform.system()}; the coordinator's round loop and the real "
         f"ClientApp in one process (plain aggregation), defaults (15 rounds x 1 epoch, batch 30, learning rate 0.3, "
         f"weight decay {settings.get('weight_decay', RunSettings().weight_decay):g}, delta 1e-4), seeds "
         f"0..{args.seeds - 1}. Pooled test accuracy (254 patients), mean ± std over seeds. Command:",
-        "", command + " --write docs/benchmarks.md", "",
-        "| training | pooled acc | seeds 0-4 |", "|---|---|---|",
+        "",
+        command + " --write docs/benchmarks.md",
+        "",
+        "| training | pooled acc | seeds 0-4 |",
+        "|---|---|---|",
         *[f"| {label} | {mean:.3f} ± {std:.3f} | {first:.3f} |" for label, mean, std, first in rows],
     ]
     print("\n".join(lines))
@@ -156,14 +183,19 @@ def sweep(seeds: int, write: Path | None) -> None:
         rows.append((label, statistics.mean(accs), statistics.pstdev(accs)))
         print(f"{label:30s} {rows[-1][1]:.3f} ± {rows[-1][2]:.3f}", flush=True)
     lines = [
-        SWEEP_HEADING, "",
+        SWEEP_HEADING,
+        "",
         f"Measured {date.today()} on {platform.machine()}, {platform.system()}; same loop as the ablation above, "
         f"DP-SGD at epsilon 1 (delta 1e-4, statistics round included), defaults (15 rounds x 1 epoch, batch 30, "
         f"learning rate 0.3, clip norm 1, weight decay {RunSettings().weight_decay:g}) with one setting changed per "
         f"row, seeds 0..{seeds - 1}. Pooled test accuracy, mean ± std over seeds. Target at epsilon 1: 0.785. Command:",
-        "", f"    .venv/bin/python bench/bench_heart_dp_ablation.py --sweep --seeds {seeds} --write docs/benchmarks.md",
-        "", "| change from the defaults | pooled acc at epsilon 1 |", "|---|---|",
-        *[f"| {label} | {mean:.3f} ± {std:.3f} |" for label, mean, std in rows], "",
+        "",
+        f"    .venv/bin/python bench/bench_heart_dp_ablation.py --sweep --seeds {seeds} --write docs/benchmarks.md",
+        "",
+        "| change from the defaults | pooled acc at epsilon 1 |",
+        "|---|---|",
+        *[f"| {label} | {mean:.3f} ± {std:.3f} |" for label, mean, std in rows],
+        "",
     ]
     print("\n".join(lines))
     if write:

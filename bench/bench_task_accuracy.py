@@ -23,18 +23,33 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.markdown_report import replace_section  # noqa: E402
+from bench.markdown_report import replace_section
 
 HEADING = "### Sequence and imaging tasks"
 
-TASKS = {"pbc2": "PBC2 longitudinal labs, 3 hospitals, DP GRU (preset: epsilon 3)",
-         "synthetic-imaging": "synthetic DICOM, 4 scanners, DP CNN (preset: epsilon 8)"}
+TASKS = {
+    "pbc2": "PBC2 longitudinal labs, 3 hospitals, DP GRU (preset: epsilon 3)",
+    "synthetic-imaging": "synthetic DICOM, 4 scanners, DP CNN (preset: epsilon 8)",
+}
 
 
 def run(dataset: str, seed: int, work: Path) -> tuple[dict, float]:
     out = work / f"{dataset}-{seed}"
-    cmd = [sys.executable, "-m", "fedcare.cli", "simulate", "--dataset", dataset, "--seed", str(seed),
-           "--pooled-baseline", "--data-root", str(work / "data" / dataset), "--output-dir", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedcare.cli",
+        "simulate",
+        "--dataset",
+        dataset,
+        "--seed",
+        str(seed),
+        "--pooled-baseline",
+        "--data-root",
+        str(work / "data" / dataset),
+        "--output-dir",
+        str(out),
+    ]
     t0 = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
@@ -56,41 +71,53 @@ def main() -> None:
                 table, sec = run(dataset, seed, work)
                 tables.append(table)
                 seconds.append(sec)
-                print(f"{dataset} seed {seed}: pooled fed acc {table['pooled']['fed']['accuracy']:.3f} "
-                      f"({sec:.0f} s)", flush=True)
+                print(
+                    f"{dataset} seed {seed}: pooled fed acc {table['pooled']['fed']['accuracy']:.3f} ({sec:.0f} s)",
+                    flush=True,
+                )
             names = [r["name"] for r in tables[0]["hospitals"]] + ["pooled"]
-            lines = [f"#### {title}", "",
-                     "| hospital | train | test | fed acc | fed AUC | local acc | local AUC | pooled-trained acc | "
-                     "pooled-trained AUC | epsilon spent |", "|" + "---|" * 10]
+            lines = [
+                f"#### {title}",
+                "",
+                "| hospital | train | test | fed acc | fed AUC | local acc | local AUC | pooled-trained acc | "
+                "pooled-trained AUC | epsilon spent |",
+                "|" + "---|" * 10,
+            ]
             for name in names:
-                rows = [t["pooled"] if name == "pooled" else next(r for r in t["hospitals"] if r["name"] == name)
-                        for t in tables]
+                rows = [
+                    t["pooled"] if name == "pooled" else next(r for r in t["hospitals"] if r["name"] == name)
+                    for t in tables
+                ]
 
                 def ms(kind: str, metric: str) -> str:
-                    vals = [r[kind][metric] for r in rows if r.get(kind)]
+                    vals = [r[kind][metric] for r in rows if r.get(kind)]  # noqa: B023 - called in this iteration
                     return f"{np.mean(vals):.3f} ± {np.std(vals):.3f}" if vals else "-"
 
                 eps = max(r["epsilon"] or 0.0 for r in rows)
                 label = f"**{name}**" if name == "pooled" else name
-                lines.append(f"| {label} | {rows[0]['train_n']} | {rows[0]['test_n']} | {ms('fed', 'accuracy')} | "
-                             f"{ms('fed', 'auc')} | {ms('local', 'accuracy')} | {ms('local', 'auc')} | "
-                             f"{ms('central', 'accuracy')} | {ms('central', 'auc')} | {eps:.2f} |")
+                lines.append(
+                    f"| {label} | {rows[0]['train_n']} | {rows[0]['test_n']} | {ms('fed', 'accuracy')} | "
+                    f"{ms('fed', 'auc')} | {ms('local', 'accuracy')} | {ms('local', 'auc')} | "
+                    f"{ms('central', 'accuracy')} | {ms('central', 'auc')} | {eps:.2f} |"
+                )
             lines += ["", f"Wall time per run (data prepared once, reused): {np.mean(seconds):.0f} s.", ""]
             sections.append("\n".join(lines))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    text = "\n".join([
-        HEADING,
-        "",
-        f"Measured {date.today().isoformat()} on {platform.machine()}, {os.cpu_count()} cores, real Simulation "
-        f"Engine runs with each dataset's preset and secure aggregation on; mean ± std over {args.seeds} seeds. "
-        "\"pooled-trained\" is one model trained with the same DP budget on all hospitals' rows in one place "
-        "(the central reference a federation is judged against).",
-        "",
-        f"    .venv/bin/python bench/bench_task_accuracy.py --seeds {args.seeds} --write docs/benchmarks.md",
-        "",
-        *sections,
-    ])
+    text = "\n".join(
+        [
+            HEADING,
+            "",
+            f"Measured {date.today().isoformat()} on {platform.machine()}, {os.cpu_count()} cores, real Simulation "
+            f"Engine runs with each dataset's preset and secure aggregation on; mean ± std over {args.seeds} seeds. "
+            '"pooled-trained" is one model trained with the same DP budget on all hospitals\' rows in one place '
+            "(the central reference a federation is judged against).",
+            "",
+            f"    .venv/bin/python bench/bench_task_accuracy.py --seeds {args.seeds} --write docs/benchmarks.md",
+            "",
+            *sections,
+        ]
+    )
     print(text)
     if args.write:
         replace_section(args.write, HEADING, text)

@@ -29,7 +29,7 @@ def _hospital_arrays(folder: Path, train_fraction: float = 0.7) -> tuple[np.ndar
     import pandas as pd
 
     frame = pd.read_csv(folder / "table.csv")
-    frame = frame.iloc[: int(round(train_fraction * len(frame)))]
+    frame = frame.iloc[: round(train_fraction * len(frame))]
     y = frame.pop("target").to_numpy(np.float32)
     x = frame.drop(columns=["patient_id"]).to_numpy(np.float32)
     x = (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-6)
@@ -57,8 +57,17 @@ def _client_app(data_root: Path, hidden: int, secure: bool) -> Any:
 
         def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
             self._set(parameters)
-            train(self.model, self.x, self.y, epochs=1, batch_size=16, lr=0.05, weight_decay=0.0, dp=None,
-                  rng=SecretRandom.reproducible(0))
+            train(
+                self.model,
+                self.x,
+                self.y,
+                epochs=1,
+                batch_size=16,
+                lr=0.05,
+                weight_decay=0.0,
+                dp=None,
+                rng=SecretRandom.reproducible(0),
+            )
             weights = [v.detach().cpu().numpy() for v in self.model.state_dict().values()]
             return weights, len(self.y), {}
 
@@ -87,8 +96,13 @@ def _server_app(initial: list[np.ndarray], nodes: int, rounds: int, secure: bool
             fit_seconds.append(time.perf_counter() - self._started)
             return out
 
-    strategy = _Timed(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=nodes, min_available_clients=nodes,
-                      initial_parameters=ndarrays_to_parameters(initial))
+    strategy = _Timed(
+        fraction_fit=1.0,
+        fraction_evaluate=0.0,
+        min_fit_clients=nodes,
+        min_available_clients=nodes,
+        initial_parameters=ndarrays_to_parameters(initial),
+    )
     app = ServerApp()
 
     @app.main()
@@ -118,9 +132,12 @@ def run_once(data_root: Path, hidden: int, nodes: int, rounds: int, secure: bool
     FLOWER_LOGGER.setLevel(logging.ERROR)
     try:
         with redirect_stdout(io.StringIO()):
-            run_simulation(server_app=_server_app(initial, nodes, rounds, secure, fit_seconds),
-                           client_app=_client_app(data_root, hidden, secure), num_supernodes=nodes,
-                           backend_config=backend_config(nodes))
+            run_simulation(
+                server_app=_server_app(initial, nodes, rounds, secure, fit_seconds),
+                client_app=_client_app(data_root, hidden, secure),
+                num_supernodes=nodes,
+                backend_config=backend_config(nodes),
+            )
     finally:
         FLOWER_LOGGER.setLevel(logging.INFO)
     if len(fit_seconds) != rounds:

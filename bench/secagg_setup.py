@@ -28,10 +28,19 @@ class Federation:
         return SecAggNode(Path(self.state_dir) / f"node-{nid}" / f"secagg-{self.run_id}.json", self.consortium)
 
 
-def setup(state_dir: Path, run_id: RunId, threshold: int, neighbours: int, node_ids: Sequence[int],
-          vector_length: int, consortium: Consortium) -> Federation:
+def setup(
+    state_dir: Path,
+    run_id: RunId,
+    threshold: int,
+    neighbours: int,
+    node_ids: Sequence[int],
+    vector_length: int,
+    consortium: Consortium,
+) -> Federation:
     """Run the two setup exchanges (advertise keys, share keys) for every node."""
-    fed = Federation(state_dir, run_id, consortium, SecAggServer(run_id, threshold, neighbours, node_ids, vector_length))
+    fed = Federation(
+        state_dir, run_id, consortium, SecAggServer(run_id, threshold, neighbours, node_ids, vector_length)
+    )
     for nid in node_ids:
         ad = fed.node(nid).advertise(run_id, nid, f"hospital-{nid}", threshold, neighbours, list(node_ids))
         fed.server.add_advertisement(nid, ad)

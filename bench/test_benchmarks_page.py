@@ -34,8 +34,12 @@ def heading_constants(script: Path) -> dict[str, str]:
 
 def replace_section_calls(script: Path) -> list[ast.Call]:
     tree = ast.parse(script.read_text())
-    return [node for node in ast.walk(tree) if isinstance(node, ast.Call)
-            and getattr(node.func, "id", getattr(node.func, "attr", None)) == "replace_section"]
+    return [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and getattr(node.func, "id", getattr(node.func, "attr", None)) == "replace_section"
+    ]
 
 
 def writing_scripts() -> list[Path]:
@@ -69,9 +73,9 @@ def test_every_bench_writes_through_a_module_level_heading() -> None:
         assert names, f"{script.name} has no module-level *HEADING constant"
         for call in replace_section_calls(script):
             heading = call.args[1] if len(call.args) > 1 else None
-            assert isinstance(heading, ast.Name) and heading.id in names or (
-                isinstance(heading, ast.IfExp) and all(
-                    isinstance(side, ast.Name) and side.id in names for side in (heading.body, heading.orelse))
+            assert (isinstance(heading, ast.Name) and heading.id in names) or (
+                isinstance(heading, ast.IfExp)
+                and all(isinstance(side, ast.Name) and side.id in names for side in (heading.body, heading.orelse))
             ), f"{script.name}:{call.lineno} writes under a heading that is not one of its *HEADING constants"
 
 
@@ -90,8 +94,14 @@ def sections_by_reference(text: str, heading: str) -> tuple[list[str], list[str]
     lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if line.rstrip() == heading)
     level = len(heading) - len(heading.lstrip("#"))
-    end = next((i for i in range(start + 1, len(lines))
-                if (m := re.match(r"(#{1,6}) ", lines[i])) and len(m.group(1)) <= level), len(lines))
+    end = next(
+        (
+            i
+            for i in range(start + 1, len(lines))
+            if (m := re.match(r"(#{1,6}) ", lines[i])) and len(m.group(1)) <= level
+        ),
+        len(lines),
+    )
     return lines[:start], lines[start:end], lines[end:]
 
 
@@ -102,20 +112,21 @@ def test_rewriting_one_bench_section_of_the_page_keeps_the_rest(tmp_path: Path, 
     before, _inside, after = sections_by_reference(page.read_text(), heading)
     replace_section(page, heading, f"{heading}\n\nnew figures\n")
     new = page.read_text().splitlines()
-    assert new[:len(before)] == before
-    assert new[len(before):len(before) + 3] == [heading, "", "new figures"]
-    rest = new[len(before) + 3:]
+    assert new[: len(before)] == before
+    assert new[len(before) : len(before) + 3] == [heading, "", "new figures"]
+    rest = new[len(before) + 3 :]
     assert [line for line in rest if line] == [line for line in after if line]
     assert heading_lines(page.read_text()) == heading_lines("\n".join([*before, heading, *after]))
 
 
 def test_replace_section_stops_at_the_next_heading_of_its_level_or_above(tmp_path: Path) -> None:
     page = tmp_path / "page.md"
-    page.write_text("# Title\n\n## A\n\nintro\n\n### A1\n\nold\n\n#### A1 detail\n\nold detail\n\n"
-                    "### A2\n\nkept\n\n## B\n\nkept too\n")
+    page.write_text(
+        "# Title\n\n## A\n\nintro\n\n### A1\n\nold\n\n#### A1 detail\n\nold detail\n\n"
+        "### A2\n\nkept\n\n## B\n\nkept too\n"
+    )
     replace_section(page, "### A1", "### A1\n\nnew\n")
-    assert page.read_text() == ("# Title\n\n## A\n\nintro\n\n### A1\n\nnew\n\n"
-                                "### A2\n\nkept\n\n## B\n\nkept too\n")
+    assert page.read_text() == ("# Title\n\n## A\n\nintro\n\n### A1\n\nnew\n\n### A2\n\nkept\n\n## B\n\nkept too\n")
     replace_section(page, "## B", "## B\n\nnew B")
     assert page.read_text().endswith("### A2\n\nkept\n\n## B\n\nnew B\n")
 

@@ -19,7 +19,7 @@ def test_every_hospital_loads(name, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"hospital-{i}" for i in range(len(sites)))
     for i in range(len(sites)):
         header = pd.read_csv(tmp_path / f"hospital-{i}" / "table.csv", nrows=0).columns.tolist()
-        assert header == [ID, spec.label, *spec.features]       # no site column, an id column
+        assert header == [ID, spec.label, *spec.features]  # no site column, an id column
         data = load_hospital("ehr-table", DataSource(data_root=str(tmp_path), partition_id=i))
         assert set(data.y_train.tolist()) == {0, 1}, f"{name} {sites[i]}: one class only in training"
         assert data.x_train.shape[1] == data.x_test.shape[1] == spec.n_features == len(data.feature_names)
@@ -33,9 +33,10 @@ def test_ranges_are_declared_not_measured(name, tmp_path):
     frame = patients(name)
     for col, numeric in schema["numeric"].items():
         values = pd.to_numeric(frame[col], errors="coerce").dropna()
-        assert (float(values.min()), float(values.max())) != tuple(float(v) for v in numeric["range"]), \
+        assert (float(values.min()), float(values.max())) != tuple(float(v) for v in numeric["range"]), (
             f"{name}.{col}: the declared range is the data's min/max"
-    assert frame[ID].is_unique                                   # one row per patient
+        )
+    assert frame[ID].is_unique  # one row per patient
     assert frame[spec.label].isin([0, 1]).all()
 
 

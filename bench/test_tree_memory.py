@@ -27,10 +27,12 @@ class _Titled:
 
 
 def test_tree_memory_sums_the_tree_and_adopts_marked_strangers(tmp_path):
-    sleeper = ("import subprocess, sys, time; "
-               "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)']); "
-               "print(c.pid, flush=True); time.sleep(30)")
-    marker = str(tmp_path / "ray-session")                  # as a Ray daemon's --session-dir would carry it
+    sleeper = (
+        "import subprocess, sys, time; "
+        "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)']); "
+        "print(c.pid, flush=True); time.sleep(30)"
+    )
+    marker = str(tmp_path / "ray-session")  # as a Ray daemon's --session-dir would carry it
     parent = subprocess.Popen([sys.executable, "-c", sleeper], stdout=subprocess.PIPE, text=True)
     stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", marker])
     child = None
@@ -41,10 +43,13 @@ def test_tree_memory_sums_the_tree_and_adopts_marked_strangers(tmp_path):
         assert set(memory.seen) == {parent.pid, child, stranger.pid}
         assert set(memory.adopted) == {stranger.pid}
         assert sample.processes == 3 and 0 < sample.pss <= sample.rss
-        assert 0 < sample.by_role["driver"] < sample.pss      # the child and the stranger count too
-        titles = {"ray::ClientAppActor.run   ": "ray workers", "ray::IDLE ": "ray workers",
-                  "ray::DashboardAgent    ": "ray daemons", "/venv/raylet --python_worker_command=default_worker.py":
-                  "ray daemons"}
+        assert 0 < sample.by_role["driver"] < sample.pss  # the child and the stranger count too
+        titles = {
+            "ray::ClientAppActor.run   ": "ray workers",
+            "ray::IDLE ": "ray workers",
+            "ray::DashboardAgent    ": "ray daemons",
+            "/venv/raylet --python_worker_command=default_worker.py": "ray daemons",
+        }
         for title, role in titles.items():
             assert memory.role(_Titled(title)) == role, title
     finally:

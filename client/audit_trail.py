@@ -13,8 +13,17 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from audit.audit_log import (AuditLog, BudgetRecord, DPParams, RefusalRecord, ReleaseRecord, SecAggInfo,
-                             UnmaskRecord, code_digest, digest_arrays)
+from audit.audit_log import (
+    AuditLog,
+    BudgetRecord,
+    DPParams,
+    RefusalRecord,
+    ReleaseRecord,
+    SecAggInfo,
+    UnmaskRecord,
+    code_digest,
+    digest_arrays,
+)
 from audit.signing import load_or_create_key
 
 APP_PACKAGES = ("client", "shared_models", "secure_aggregation", "fedcare")
@@ -42,13 +51,35 @@ def open_log(ledger_dir: str | Path, hospital: str) -> AuditLog:
     return log
 
 
-def release(log: AuditLog, *, run_id: Any, round_: int, stage: str, data_fingerprint: str,
-            global_arrays: Any, sent: Any, dp: DPParams | None, epsilon: float | None,
-            secagg: SecAggInfo | None, dataset_id: str = "") -> None:
-    log.release(ReleaseRecord(
-        run_id=str(run_id), round=round_, stage=stage, app_digest=app_digest(), data_fingerprint=data_fingerprint,
-        global_model_digest=digest_arrays(global_arrays) if global_arrays is not None else "",
-        sent_digest=digest_arrays(sent), dp=dp, epsilon_after=epsilon, secagg=secagg, dataset_id=dataset_id))
+def release(
+    log: AuditLog,
+    *,
+    run_id: Any,
+    round_: int,
+    stage: str,
+    data_fingerprint: str,
+    global_arrays: Any,
+    sent: Any,
+    dp: DPParams | None,
+    epsilon: float | None,
+    secagg: SecAggInfo | None,
+    dataset_id: str = "",
+) -> None:
+    log.release(
+        ReleaseRecord(
+            run_id=str(run_id),
+            round=round_,
+            stage=stage,
+            app_digest=app_digest(),
+            data_fingerprint=data_fingerprint,
+            global_model_digest=digest_arrays(global_arrays) if global_arrays is not None else "",
+            sent_digest=digest_arrays(sent),
+            dp=dp,
+            epsilon_after=epsilon,
+            secagg=secagg,
+            dataset_id=dataset_id,
+        )
+    )
 
 
 def refusal(log: AuditLog, *, run_id: Any, round_: int, reason: str, kind: str) -> None:

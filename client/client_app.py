@@ -107,9 +107,16 @@ class _Node:
         """Where this hospital's data is: node config (run config only for a shared data root)."""
         c = self.settings
         return DataSource(
-            partition_id=c.partition_id, data_root=c.data_root, data_path=c.data_path, labels=c.labels,
-            schema=c.schema, cache_dir=c.cache_dir, image_size=self.request.image_size, multiframe=c.multiframe,
-            require_deidentified=c.require_deidentified, on_unreadable=c.on_unreadable,
+            partition_id=c.partition_id,
+            data_root=c.data_root,
+            data_path=c.data_path,
+            labels=c.labels,
+            schema=c.schema,
+            cache_dir=c.cache_dir,
+            image_size=self.request.image_size,
+            multiframe=c.multiframe,
+            require_deidentified=c.require_deidentified,
+            on_unreadable=c.on_unreadable,
         )
 
     def data(self, for_training: bool = True) -> HospitalData:
@@ -158,8 +165,10 @@ class _Node:
         if simulated is None and _simulated(self.context):
             simulated = str(Path(self.ledger_dir) / "consortium")
         if simulated is None:
-            raise PolicyRefusal(f"{self.name()} refuses: secure aggregation needs its consortium roster, and none "
-                                "is configured", "set [consortium] roster and identity-key in hospital.toml")
+            raise PolicyRefusal(
+                f"{self.name()} refuses: secure aggregation needs its consortium roster, and none is configured",
+                "set [consortium] roster and identity-key in hospital.toml",
+            )
         return SimulatedConsortium.in_folder(str(simulated))
 
     def audit_log(self, hospital: str):
@@ -171,8 +180,7 @@ class _Node:
     def model(self, data: HospitalData):
         from shared_models.registry import build_model, resolve_model
 
-        return build_model(resolve_model(self.request.model, data.task), data.input_shape,
-                           self.request.hidden_units)
+        return build_model(resolve_model(self.request.model, data.task), data.input_shape, self.request.hidden_units)
 
     def ledger(self, data: HospitalData) -> PrivacyLedger:
         """The dataset's privacy ledger at this hospital's budget and delta, once it agrees with the
@@ -180,8 +188,14 @@ class _Node:
         from client.ledger_guard import open_checked_ledger
 
         assert self.policy.epsilon_budget is not None  # check_request refuses DP without a budget
-        return open_checked_ledger(self.audit_log(data.name), self.ledger_dir, data.name, self.dataset_id(data),
-                                   budget=self.policy.epsilon_budget, delta=self.policy.delta)
+        return open_checked_ledger(
+            self.audit_log(data.name),
+            self.ledger_dir,
+            data.name,
+            self.dataset_id(data),
+            budget=self.policy.epsilon_budget,
+            delta=self.policy.delta,
+        )
 
     @property
     def plan_id(self) -> str:
@@ -193,8 +207,11 @@ class _Node:
 
         steps = steps_per_epoch(len(data.y_train), self.request.batch_size)
         if self.request.personalise_rounds < 0:
-            raise PolicyRefusal(f"{data.name} refuses: personalise-rounds={self.request.personalise_rounds} is "
-                                "negative (it would shrink the privacy plan)", "set personalise-rounds >= 0")
+            raise PolicyRefusal(
+                f"{data.name} refuses: personalise-rounds={self.request.personalise_rounds} is "
+                "negative (it would shrink the privacy plan)",
+                "set personalise-rounds >= 0",
+            )
         return ledger.plan_run(
             run_id=self.plan_id,
             # the personalisation rounds are planned and charged like the federation's
@@ -244,8 +261,12 @@ def _refusal_kind(exc: FedcareError) -> str:
 
 def _refusal(msg: Message, name: str, exc: FedcareError) -> Message:
     # the received model may have been tested before the refusal: that evaluation is still sent
-    return _reply(msg, name, getattr(exc, "evaluation", None),
-                  **{protocol.REFUSAL: Refusal(str(exc), _refusal_kind(exc)).to_record()})
+    return _reply(
+        msg,
+        name,
+        getattr(exc, "evaluation", None),
+        **{protocol.REFUSAL: Refusal(str(exc), _refusal_kind(exc)).to_record()},
+    )
 
 
 def _round_named(msg: Message) -> int:
@@ -270,12 +291,18 @@ def _guarded(handler: Callable[[_Node, Message], Message], defaults: Mapping[str
             try:
                 from client import audit_trail
 
-                ledger_dir = node.ledger_dir if node is not None else str(context.node_config.get(
-                    "ledger-dir", defaults.get("ledger-dir", DEFAULT_LEDGER_DIR)))
-                audit_trail.refusal(audit_trail.open_log(ledger_dir, name), run_id=context.run_id,
-                                    round_=node.request.server_round if node is not None else _round_named(msg),
-                                    reason=str(exc),
-                                    kind=_refusal_kind(exc))
+                ledger_dir = (
+                    node.ledger_dir
+                    if node is not None
+                    else str(context.node_config.get("ledger-dir", defaults.get("ledger-dir", DEFAULT_LEDGER_DIR)))
+                )
+                audit_trail.refusal(
+                    audit_trail.open_log(ledger_dir, name),
+                    run_id=context.run_id,
+                    round_=node.request.server_round if node is not None else _round_named(msg),
+                    reason=str(exc),
+                    kind=_refusal_kind(exc),
+                )
             except FedcareError:
                 pass  # the refusal itself is what the coordinator must hear about
             return reply
@@ -285,15 +312,22 @@ def _guarded(handler: Callable[[_Node, Message], Message], defaults: Mapping[str
 
 def _traced(run: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
     """With $FEDCARE_TIMING_LOG set (the deployment benchmark), record when the handler ran."""
+
     def traced(msg: Message, context: Context) -> Message:
         if not timing.enabled():
             return run(msg, context)
         started = time.time()
         reply = run(msg, context)
         report = reply.content.config_records.get(protocol.HOSPITAL) if reply.has_content() else None
-        timing.trace("clientapp", type=msg.metadata.message_type, round=msg.metadata.group_id,
-                     node=context.node_id, process_start=timing.process_started_at(), handler_start=started,
-                     train_s=report.get(f"{protocol.TRAINED}train-seconds") if report is not None else None)
+        timing.trace(
+            "clientapp",
+            type=msg.metadata.message_type,
+            round=msg.metadata.group_id,
+            node=context.node_id,
+            process_start=timing.process_started_at(),
+            handler_start=started,
+            train_s=report.get(f"{protocol.TRAINED}train-seconds") if report is not None else None,
+        )
         return reply
 
     return traced
@@ -324,7 +358,7 @@ def _feature_stats(node: _Node, msg: Message) -> Message:
     dp_params = None
     dataset_id = node.dataset_id(data)
     if not node.dp:
-        values = local_sums(rows, bounds, None, None)
+        values: Any = local_sums(rows, bounds, None, None)
     else:
         ledger = node.ledger(data)
         key = stats_key(data.numeric_features, data.feature_bounds, data.fingerprint())
@@ -333,22 +367,58 @@ def _feature_stats(node: _Node, msg: Message) -> Message:
         fresh = values is None
         if fresh:
             values = local_sums(rows, bounds, plan.stats_noise_multiplier, node.rng(data, "feature-stats"))
-            ledger.record(str(node.context.run_id), 0, "feature-stats",
-                          [(plan.stats_noise_multiplier, 1.0, 1)], stats_key=key, values=values,
-                          data_fingerprint=data.fingerprint())
+            ledger.record(
+                str(node.context.run_id),
+                0,
+                "feature-stats",
+                [(plan.stats_noise_multiplier, 1.0, 1)],
+                stats_key=key,
+                values=values,
+                data_fingerprint=data.fingerprint(),
+            )
         epsilon = ledger.epsilon()
         # a re-sent paid-for answer (or an empty one) is post-processing: zero steps
-        dp_params = audit_trail.DPParams(plan.stats_noise_multiplier or 0.0, 1.0, 1 if fresh else 0, None,
-                                         node.policy.delta)
-    audit_trail.release(node.audit_log(data.name), run_id=node.context.run_id, round_=0, stage="feature-stats",
-                        data_fingerprint=data.fingerprint(), global_arrays=None,
-                        sent=released_arrays(values), dp=dp_params,
-                        epsilon=epsilon, secagg=None, dataset_id=dataset_id)
-    schema = FeatureSchema(tuple(data.numeric_features), tuple(float(lo) for lo, _ in bounds),
-                           tuple(float(hi) for _, hi in bounds), tuple(data.input_shape), data.task)
-    reply = StatsReply(data.name, values["sum"], values["second"], values["observed"], values["noise_std"],
-                       _public_size(node, data), schema, epsilon, _privacy_note(node))
-    return Message(content=reply.encode(), reply_to=msg)
+        dp_params = audit_trail.DPParams(
+            plan.stats_noise_multiplier or 0.0, 1.0, 1 if fresh else 0, None, node.policy.delta
+        )
+    audit_trail.release(
+        node.audit_log(data.name),
+        run_id=node.context.run_id,
+        round_=0,
+        stage="feature-stats",
+        data_fingerprint=data.fingerprint(),
+        global_arrays=None,
+        sent=released_arrays(values),
+        dp=dp_params,
+        epsilon=epsilon,
+        secagg=None,
+        dataset_id=dataset_id,
+    )
+    return Message(content=_stats_reply(node, data, bounds, values, epsilon).encode(), reply_to=msg)
+
+
+def _stats_reply(
+    node: _Node, data: HospitalData, bounds: Any, values: dict[str, Any], epsilon: float | None
+) -> StatsReply:
+    """The statistics round's reply: the released sums, this hospital's feature schema and its privacy."""
+    schema = FeatureSchema(
+        tuple(data.numeric_features),
+        tuple(float(lo) for lo, _ in bounds),
+        tuple(float(hi) for _, hi in bounds),
+        tuple(data.input_shape),
+        data.task,
+    )
+    return StatsReply(
+        data.name,
+        values["sum"],
+        values["second"],
+        values["observed"],
+        values["noise_std"],
+        _public_size(node, data),
+        schema,
+        epsilon,
+        _privacy_note(node),
+    )
 
 
 def _privacy_note(node: _Node) -> PrivacyNote:
@@ -393,13 +463,43 @@ def _dp_round(node: _Node, data: HospitalData, round_: int | None = None) -> tup
     # the plan counted, whatever size the data has now
     epochs = node.request.local_epochs
     if epochs < 1 or plan.steps_per_round % epochs:
-        raise PolicyRefusal(f"{data.name} refuses: local-epochs={epochs} does not divide the "
-                            f"{plan.steps_per_round} DP steps a round its privacy plan for run "
-                            f"{node.plan_id} counts",
-                            "resume with the run's own local-epochs")
-    dp = DPSettings(plan.noise_multiplier, node.request.max_grad_norm, plan.sample_rate,
-                    plan.steps_per_round // epochs)
+        raise PolicyRefusal(
+            f"{data.name} refuses: local-epochs={epochs} does not divide the "
+            f"{plan.steps_per_round} DP steps a round its privacy plan for run "
+            f"{node.plan_id} counts",
+            "resume with the run's own local-epochs",
+        )
+    dp = DPSettings(plan.noise_multiplier, node.request.max_grad_norm, plan.sample_rate, plan.steps_per_round // epochs)
     return dp, ledger, planned, replan
+
+
+def _charge_training(
+    node: _Node, data: HospitalData, round_dp: tuple[Any, Any, Any, Any], outcome: Any, trained: TrainReport
+) -> tuple[float, TrainReport]:
+    """Charge the round's training to the ledger; (epsilon spent so far, the report with what DP did)."""
+    dp, ledger, planned, replan = round_dp
+    # Charged as soon as training ran: whatever happens to the update next, the round is paid for.
+    eps = ledger.record(
+        str(node.context.run_id),
+        node.request.server_round,
+        "train",
+        outcome.steps,
+        noise_multiplier=dp.noise_multiplier,
+        max_grad_norm=dp.max_grad_norm,
+        data_fingerprint=data.fingerprint(),
+        plan_run_id=node.plan_id,
+    )
+    trained = dataclasses.replace(
+        trained, epsilon=eps, noise_multiplier=dp.noise_multiplier, steps=sum(k for _, _, k in outcome.steps)
+    )
+    if replan is not None:  # what a crash cost this hospital, for the coordinator's report
+        trained = dataclasses.replace(
+            trained,
+            planned_noise_multiplier=planned.noise_multiplier,
+            replanned_from_round=replan.from_round,
+            lost_rounds=list(replan.lost_rounds),
+        )
+    return eps, trained
 
 
 def _train_received(node: _Node, msg: Message, report: dict[str, Any]) -> Message:
@@ -409,7 +509,7 @@ def _train_received(node: _Node, msg: Message, report: dict[str, Any]) -> Messag
     data = node.data()
     secure = asks_secure_update(node.config)
     if not secure:
-        node.policy.check_plain_update(data.name)   # the server dropped the masking it promised
+        node.policy.check_plain_update(data.name)  # the server dropped the masking it promised
     server_round = node.request.server_round
     model = node.model(data)
     global_arrays = received_model(msg.content)
@@ -417,26 +517,23 @@ def _train_received(node: _Node, msg: Message, report: dict[str, Any]) -> Messag
     dp, ledger, planned, replan = _dp_round(node, data)
     started = time.perf_counter()
     outcome = train(
-        model, _prepared(node, data, data.x_train), data.y_train,
-        epochs=node.request.local_epochs, batch_size=node.request.batch_size,
-        lr=node.request.learning_rate, weight_decay=node.request.weight_decay,
-        dp=dp, rng=node.rng(data, "train", server_round), proximal_mu=node.request.proximal_mu,
+        model,
+        _prepared(node, data, data.x_train),
+        data.y_train,
+        epochs=node.request.local_epochs,
+        batch_size=node.request.batch_size,
+        lr=node.request.learning_rate,
+        weight_decay=node.request.weight_decay,
+        dp=dp,
+        rng=node.rng(data, "train", server_round),
+        proximal_mu=node.request.proximal_mu,
     )
     # local training wall time (to 10 ms), so the coordinator can tell training from round overhead
     train_seconds = round(time.perf_counter() - started, 2)
     trained = TrainReport(train_seconds=train_seconds, privacy=_privacy_note(node))
     eps = None
     if ledger is not None:
-        # Charged as soon as training ran: whatever happens to the update next, the round is paid for.
-        eps = ledger.record(str(node.context.run_id), server_round, "train", outcome.steps,
-                            noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-                            data_fingerprint=data.fingerprint(), plan_run_id=node.plan_id)
-        trained = dataclasses.replace(trained, epsilon=eps, noise_multiplier=dp.noise_multiplier,
-                                      steps=sum(k for _, _, k in outcome.steps))
-        if replan is not None:   # what a crash cost this hospital, for the coordinator's report
-            trained = dataclasses.replace(trained, planned_noise_multiplier=planned.noise_multiplier,
-                                          replanned_from_round=replan.from_round,
-                                          lost_rounds=list(replan.lost_rounds))
+        eps, trained = _charge_training(node, data, (dp, ledger, planned, replan), outcome, trained)
     weight = _public_size(node, data)
     records: dict[str, Any] = {}
     masked_with: list[int] = []
@@ -445,9 +542,15 @@ def _train_received(node: _Node, msg: Message, report: dict[str, Any]) -> Messag
 
         # The whole reply is then the hospital record: the weight travels masked, not as a metric.
         masked, secagg, masked_with = secure_update.masked_update(
-            node.secagg_state(), node.consortium(), secure_update.payload(msg.content), global_arrays,
-            parameter_values(model), int(weight), node.request.secagg_clip_range)
-        sent = {"masked": masked}
+            node.secagg_state(),
+            node.consortium(),
+            secure_update.payload(msg.content),
+            global_arrays,
+            parameter_values(model),
+            int(weight),
+            node.request.secagg_clip_range,
+        )
+        sent: Any = {"masked": masked}
         report = report | secagg
     else:
         sent = model_to_arrays(model)
@@ -458,18 +561,42 @@ def _train_received(node: _Node, msg: Message, report: dict[str, Any]) -> Messag
     return _reply(msg, data.name, report, **records)
 
 
-def _audit_train(node: _Node, data: HospitalData, global_arrays: Any, sent: Any,
-                 masked_with: list[int] | None, outcome: Any, dp: Any, eps: float | None) -> None:
+def _audit_train(
+    node: _Node,
+    data: HospitalData,
+    global_arrays: Any,
+    sent: Any,
+    masked_with: list[int] | None,
+    outcome: Any,
+    dp: Any,
+    eps: float | None,
+) -> None:
     """The release record: under secure aggregation, with the node set this hospital masked with."""
     from client import audit_trail
 
-    secagg = (audit_trail.SecAggInfo(role="masked", participants=sorted(masked_with), threshold=None)
-              if masked_with is not None else audit_trail.SecAggInfo(role="plain"))
-    dp_params = (audit_trail.DPParams.from_entries(outcome.steps, dp.max_grad_norm, node.policy.delta)
-                 if dp is not None else None)
-    audit_trail.release(node.audit_log(data.name), run_id=node.context.run_id, round_=node.request.server_round,
-                        stage="train", data_fingerprint=data.fingerprint(), global_arrays=global_arrays,
-                        sent=sent, dp=dp_params, epsilon=eps, secagg=secagg, dataset_id=node.dataset_id(data))
+    secagg = (
+        audit_trail.SecAggInfo(role="masked", participants=sorted(masked_with), threshold=None)
+        if masked_with is not None
+        else audit_trail.SecAggInfo(role="plain")
+    )
+    dp_params = (
+        audit_trail.DPParams.from_entries(outcome.steps, dp.max_grad_norm, node.policy.delta)
+        if dp is not None
+        else None
+    )
+    audit_trail.release(
+        node.audit_log(data.name),
+        run_id=node.context.run_id,
+        round_=node.request.server_round,
+        stage="train",
+        data_fingerprint=data.fingerprint(),
+        global_arrays=global_arrays,
+        sent=sent,
+        dp=dp_params,
+        epsilon=eps,
+        secagg=secagg,
+        dataset_id=node.dataset_id(data),
+    )
 
 
 def _evaluate(node: _Node, msg: Message) -> Message:
@@ -480,7 +607,7 @@ def _evaluate(node: _Node, msg: Message) -> Message:
             personalised, eps = _personalise(node, received_model(msg.content))
             report = {} if eps is None else {protocol.PERSONALISED_EPSILON: eps}
         except BudgetExhausted:
-            pass   # nothing left to fine-tune with: the federated model is still tested and reported
+            pass  # nothing left to fine-tune with: the federated model is still tested and reported
     data = node.data(for_training=False)
     if node.policy.release_evaluation == "none":
         return _reply(msg, data.name, report | evaluation_withheld())
@@ -504,29 +631,57 @@ def _personalise(node: _Node, global_arrays: Any) -> tuple[EvaluationMetrics, fl
     for j in range(1, node.request.personalise_rounds + 1):
         rnd = node.request.num_rounds + j
         dp, ledger, _, _ = _dp_round(node, data, rnd)
-        outcome = train(model, _prepared(node, data, data.x_train), data.y_train,
-                        epochs=node.request.local_epochs, batch_size=node.request.batch_size,
-                        lr=node.request.learning_rate, weight_decay=node.request.weight_decay,
-                        dp=dp, rng=node.rng(data, "personalise", rnd))
+        outcome = train(
+            model,
+            _prepared(node, data, data.x_train),
+            data.y_train,
+            epochs=node.request.local_epochs,
+            batch_size=node.request.batch_size,
+            lr=node.request.learning_rate,
+            weight_decay=node.request.weight_decay,
+            dp=dp,
+            rng=node.rng(data, "personalise", rnd),
+        )
         if ledger is not None:
-            eps = ledger.record(str(node.context.run_id), rnd, "personalise", outcome.steps,
-                                noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-                                data_fingerprint=data.fingerprint(), plan_run_id=node.plan_id)
+            eps = ledger.record(
+                str(node.context.run_id),
+                rnd,
+                "personalise",
+                outcome.steps,
+                noise_multiplier=dp.noise_multiplier,
+                max_grad_norm=dp.max_grad_norm,
+                data_fingerprint=data.fingerprint(),
+                plan_run_id=node.plan_id,
+            )
         _audit_personalise(node, data, global_arrays, rnd, outcome, dp, eps)
     _keep_personalised(node, data, model)
     return EvaluationMetrics.from_summary(evaluate(model, _prepared(node, data, data.x_test), data.y_test)), eps
 
 
-def _audit_personalise(node: _Node, data: HospitalData, global_arrays: Any, rnd: int, outcome: Any, dp: Any,
-                       eps: float | None) -> None:
+def _audit_personalise(
+    node: _Node, data: HospitalData, global_arrays: Any, rnd: int, outcome: Any, dp: Any, eps: float | None
+) -> None:
     """A personalisation round is a charged release of its own (only its test metrics leave the hospital)."""
     from client import audit_trail
 
-    dp_params = (audit_trail.DPParams.from_entries(outcome.steps, dp.max_grad_norm, node.policy.delta)
-                 if dp is not None else None)
-    audit_trail.release(node.audit_log(data.name), run_id=node.context.run_id, round_=rnd, stage="personalise",
-                        data_fingerprint=data.fingerprint(), global_arrays=global_arrays, sent={}, dp=dp_params,
-                        epsilon=eps, secagg=None, dataset_id=node.dataset_id(data))
+    dp_params = (
+        audit_trail.DPParams.from_entries(outcome.steps, dp.max_grad_norm, node.policy.delta)
+        if dp is not None
+        else None
+    )
+    audit_trail.release(
+        node.audit_log(data.name),
+        run_id=node.context.run_id,
+        round_=rnd,
+        stage="personalise",
+        data_fingerprint=data.fingerprint(),
+        global_arrays=global_arrays,
+        sent={},
+        dp=dp_params,
+        epsilon=eps,
+        secagg=None,
+        dataset_id=node.dataset_id(data),
+    )
 
 
 def _keep_personalised(node: _Node, data: HospitalData, model: Any) -> None:
@@ -537,7 +692,7 @@ def _keep_personalised(node: _Node, data: HospitalData, model: Any) -> None:
     from shared_models.weights import arrays_to_numpy, model_to_arrays
 
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays_to_numpy(model_to_arrays(model)))
+    np.savez(buffer, **arrays_to_numpy(model_to_arrays(model)))  # type: ignore[arg-type]  # numpy's stub: **arrays is also matched against allow_pickle: bool
     slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in data.name)
     folder = Path(node.ledger_dir) / "personalised"
     folder.mkdir(parents=True, exist_ok=True)
@@ -566,8 +721,15 @@ def _secagg_setup(node: _Node, msg: Message) -> Message:
     if msg.metadata.message_type == protocol.SECAGG_ADVERTISE:
         asked = KeyAgreementRequest.from_payload(request)
         node.policy.check_federation(node.name(), len(asked.nodes), asked.threshold, asked.neighbours)
-        report = secure_update.advertise(path, node.consortium(), node.context.run_id, node.context.node_id,
-                                         node.member_name(), request, floor=node.policy.min_secagg_threshold)
+        report = secure_update.advertise(
+            path,
+            node.consortium(),
+            node.context.run_id,
+            node.context.node_id,
+            node.member_name(),
+            request,
+            floor=node.policy.min_secagg_threshold,
+        )
     else:
         report = secure_update.share_keys(path, node.consortium(), request, min_nodes=node.policy.min_hospitals)
     return _reply(msg, node.name(), report)
@@ -587,9 +749,13 @@ def _secagg_unmask(node: _Node, msg: Message) -> Message:
     request = secure_update.payload(msg.content)
     rnd = unmask_round(request)
     report, revealed = secure_update.unmask(node.secagg_state(), node.consortium(), request)
-    audit_trail.unmask(node.audit_log(node.name()), run_id=node.context.run_id, round_=rnd,
-                       survivors=sorted(int(v) for v in revealed["b"]),
-                       dropped=sorted(int(v) for v in revealed["s"]))
+    audit_trail.unmask(
+        node.audit_log(node.name()),
+        run_id=node.context.run_id,
+        round_=rnd,
+        survivors=sorted(int(v) for v in revealed["b"]),
+        dropped=sorted(int(v) for v in revealed["s"]),
+    )
     return _reply(msg, node.name(), report)
 
 

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from client.datasets.dicom_folder import LabelTable, find_dicom_files, match_labels, read_labels
 from client.datasets.dicom_reader import DicomRejected, ImagePolicy, decode_dataset, quiet_pydicom, read_header_bytes
@@ -49,8 +50,9 @@ class DataReport:
         return {**asdict(self), "ok": self.ok}
 
 
-def check_imaging_folder(folder: Path, labels_csv: Path | None = None,
-                         policy: ImagePolicy = ImagePolicy()) -> DataReport:
+def check_imaging_folder(
+    folder: Path, labels_csv: Path | None = None, policy: ImagePolicy = ImagePolicy()
+) -> DataReport:
     """Scan `folder` (and its labels CSV, default `folder/labels.csv`) and report; never raises on bad data."""
     t0 = time.perf_counter()
     folder = Path(folder)
@@ -71,8 +73,14 @@ def check_imaging_folder(folder: Path, labels_csv: Path | None = None,
     return report
 
 
-def _match_labels(folder: Path, table: LabelTable | None, candidates: list[str], rejected: dict[str, str],
-                  codes: Counter, report: DataReport) -> tuple[dict[str, int], bool]:
+def _match_labels(
+    folder: Path,
+    table: LabelTable | None,
+    candidates: list[str],
+    rejected: dict[str, str],
+    codes: Counter,
+    report: DataReport,
+) -> tuple[dict[str, int], bool]:
     """(labelled file -> label, whether the labels are a problem); a mismatch is reported, not raised."""
     labelled: dict[str, int] = {}
     label_problem = table is None
@@ -87,8 +95,15 @@ def _match_labels(folder: Path, table: LabelTable | None, candidates: list[str],
     return labelled, label_problem
 
 
-def _scan_files(folder: Path, candidates: list[str], labelled: dict[str, int], policy: ImagePolicy,
-                rejected: dict[str, str], codes: Counter, report: DataReport) -> tuple[Counter, set[str]]:
+def _scan_files(
+    folder: Path,
+    candidates: list[str],
+    labelled: dict[str, int],
+    policy: ImagePolicy,
+    rejected: dict[str, str],
+    codes: Counter,
+    report: DataReport,
+) -> tuple[Counter, set[str]]:
     """Read and decode every found or labelled file: (original sizes -> files, readable files).
 
     Identifying attributes go to `report.phi`, unusable files to `rejected` (counted by code).
@@ -124,8 +139,15 @@ def _scan_files(folder: Path, candidates: list[str], labelled: dict[str, int], p
     return sizes, readable
 
 
-def _summarise(report: DataReport, candidates: list[str], readable: set[str], rejected: dict[str, str],
-               codes: Counter, sizes: Counter, labelled: dict[str, int]) -> None:
+def _summarise(
+    report: DataReport,
+    candidates: list[str],
+    readable: set[str],
+    rejected: dict[str, str],
+    codes: Counter,
+    sizes: Counter,
+    labelled: dict[str, int],
+) -> None:
     """Fill the report's counts: files, rejections by code, sizes and label balance of readable files."""
     report.files_found = len(candidates)
     report.readable = len(readable)
@@ -147,60 +169,54 @@ def _labels(path: Path, report: DataReport) -> LabelTable | None:
 
 def _judge(report: DataReport, labelled: dict[str, int], have_labels: bool) -> None:
     """Problems are what stops training; with a valid labels file, only labelled files count."""
+
     def counts(name: str) -> bool:
         return not have_labels or name in labelled
 
     bad = [n for n in report.rejected if counts(n)]
     phi = [n for n in report.phi if counts(n)]
     if report.files_found == 0:
-        report.problems.append(f"no DICOM files found in {report.folder} (looked for *.dcm, *.dicom, *.dic and "
-                               "files with the 'DICM' marker)")
+        report.problems.append(
+            f"no DICOM files found in {report.folder} (looked for *.dcm, *.dicom, *.dic and "
+            "files with the 'DICM' marker)"
+        )
     if bad:
-        report.problems.append(f"{len(bad)} {'labelled ' if have_labels else ''}file(s) cannot be used "
-                               "(see 'rejected'): fix or remove them")
+        report.problems.append(
+            f"{len(bad)} {'labelled ' if have_labels else ''}file(s) cannot be used "
+            "(see 'rejected'): fix or remove them"
+        )
     if phi:
-        report.problems.append(f"{len(phi)} {'labelled ' if have_labels else ''}file(s) carry identifying "
-                               "attributes: de-identify them per DICOM PS3.15 Annex E, or set node config "
-                               "require-deidentified=false if the data is approved for use as is")
+        report.problems.append(
+            f"{len(phi)} {'labelled ' if have_labels else ''}file(s) carry identifying "
+            "attributes: de-identify them per DICOM PS3.15 Annex E, or set node config "
+            "require-deidentified=false if the data is approved for use as is"
+        )
     if have_labels and labelled and not report.label_counts:
         report.problems.append("no labelled file is readable")
     if len(report.rejected) > len(bad):
-        report.notes.append(f"{len(report.rejected) - len(bad)} unlabelled file(s) are unusable too "
-                            "(ignored in training)")
+        report.notes.append(
+            f"{len(report.rejected) - len(bad)} unlabelled file(s) are unusable too (ignored in training)"
+        )
     if len(report.phi) > len(phi):
-        report.notes.append(f"{len(report.phi) - len(phi)} unlabelled file(s) carry identifying attributes "
-                            "(ignored in training)")
+        report.notes.append(
+            f"{len(report.phi) - len(phi)} unlabelled file(s) carry identifying attributes (ignored in training)"
+        )
     if len(report.label_counts) == 1:
         only = next(iter(report.label_counts))
-        report.notes.append(f"only class {only} is present: allowed for training in a federation, but this "
-                            "hospital cannot evaluate a classifier on its own")
+        report.notes.append(
+            f"only class {only} is present: allowed for training in a federation, but this "
+            "hospital cannot evaluate a classifier on its own"
+        )
     if report.unlabelled:
         report.notes.append(f"{len(report.unlabelled)} DICOM file(s) have no label and will be ignored")
 
 
-def render(report: DataReport):
-    """A rich renderable of the report: summary, problems, rejected files, PHI, sizes.
-
-    Folder and file names, reasons and keywords are the user's text: every cell and title is a
-    ``Text``, never parsed as markup (``bad[kg].dcm`` stays as written, ``[/x]`` cannot crash it).
-    """
-    from rich.console import Group
+def _detail_tables(report: DataReport) -> list:
+    """The image sizes, rejected files and identifying attributes, each a table where there are any."""
     from rich.table import Table
     from rich.text import Text
 
     parts = []
-    summary = Table(title=Text(f"fedcare data check: {report.folder}"), show_header=False, title_justify="left")
-    summary.add_column(style="bold")
-    summary.add_column()
-    balance = ", ".join(f"class {k}: {v}" for k, v in report.label_counts.items()) or "-"
-    for key, value in [("labels file", report.labels_file), ("DICOM files found", report.files_found),
-                       ("readable", report.readable), ("rejected", len(report.rejected)),
-                       ("images (after multiframe policy)", report.images), ("labelled files", report.labelled),
-                       ("label balance (readable)", balance), ("unlabelled files", len(report.unlabelled)),
-                       ("files with identifying attributes", len(report.phi)),
-                       ("policy", report.policy), ("seconds", f"{report.seconds:.1f}")]:
-        summary.add_row(key, Text(str(value)))
-    parts.append(summary)
     if report.sizes:
         sizes = Table(title="original image sizes (rows x cols)", title_justify="left")
         sizes.add_column("size")
@@ -222,10 +238,48 @@ def render(report: DataReport):
         for name, keywords in report.phi.items():
             table.add_row(Text(name), Text(", ".join(keywords)))
         parts.append(table)
+    return parts
+
+
+def render(report: DataReport):
+    """A rich renderable of the report: summary, problems, rejected files, PHI, sizes.
+
+    Folder and file names, reasons and keywords are the user's text: every cell and title is a
+    ``Text``, never parsed as markup (``bad[kg].dcm`` stays as written, ``[/x]`` cannot crash it).
+    """
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    parts: list[Any] = []
+    summary = Table(title=Text(f"fedcare data check: {report.folder}"), show_header=False, title_justify="left")
+    summary.add_column(style="bold")
+    summary.add_column()
+    balance = ", ".join(f"class {k}: {v}" for k, v in report.label_counts.items()) or "-"
+    for key, value in [
+        ("labels file", report.labels_file),
+        ("DICOM files found", report.files_found),
+        ("readable", report.readable),
+        ("rejected", len(report.rejected)),
+        ("images (after multiframe policy)", report.images),
+        ("labelled files", report.labelled),
+        ("label balance (readable)", balance),
+        ("unlabelled files", len(report.unlabelled)),
+        ("files with identifying attributes", len(report.phi)),
+        ("policy", report.policy),
+        ("seconds", f"{report.seconds:.1f}"),
+    ]:
+        summary.add_row(key, Text(str(value)))
+    parts.append(summary)
+    parts += _detail_tables(report)
     for note in report.notes:
         parts.append(Text(f"note: {note}", style="yellow"))
     for problem in report.problems:
         parts.append(Text(f"problem: {problem}", style="bold red"))
-    parts.append(Text("OK: ready to train" if report.ok else f"{len(report.problems)} problem(s)",
-                      style="bold green" if report.ok else "bold red"))
+    parts.append(
+        Text(
+            "OK: ready to train" if report.ok else f"{len(report.problems)} problem(s)",
+            style="bold green" if report.ok else "bold red",
+        )
+    )
     return Group(*parts)

@@ -29,8 +29,9 @@ from fedcare.compat import opacus as opacus_compat
 from fedcare.compat.opacus import check_processed_flag, mark_as_processed
 
 
-def make_dp_optimizer(optimizer: torch.optim.Optimizer, *, noise: SecretRandom,
-                      **kwargs) -> DPOptimizerFastGradientClipping:
+def make_dp_optimizer(
+    optimizer: torch.optim.Optimizer, *, noise: SecretRandom, **kwargs
+) -> DPOptimizerFastGradientClipping:
     """The DP optimizer for ``PerSampleClipper``'s clipped sums: ``ClippedSumDPOptimizer`` on the verified
     Opacus, Opacus's public ``DPOptimizerFastGradientClipping`` step on any other (one warning), both
     with noise from ``noise``. ``kwargs``: Opacus's (noise_multiplier, max_grad_norm, ...)."""

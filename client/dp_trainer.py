@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -60,9 +60,19 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def train(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, batch_size: int, lr: float,
-          weight_decay: float = 0.0, dp: DPSettings | None, rng: SecretRandom,
-          proximal_mu: float = 0.0) -> TrainOutcome:
+def train(
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float = 0.0,
+    dp: DPSettings | None,
+    rng: SecretRandom,
+    proximal_mu: float = 0.0,
+) -> TrainOutcome:
     """Train ``model`` in place for ``epochs`` local epochs; returns the privacy steps taken.
 
     ``rng`` draws the batches (Poisson sampling under DP, shuffling without) and the DP noise: a
@@ -75,11 +85,10 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, batch_
     xt, yt = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=weight_decay)
     private = _make_private(model, optimizer, xt, yt, batch_size, dp, rng) if dp is not None else None
-    if private is not None:
-        optimizer, loader = private.optimizer, private.loader
+    if private is not None:  # the loader: secret Poisson batches with DP, torch's DataLoader without
+        optimizer, loader = private.optimizer, cast(Any, private.loader)
     else:
-        loader = DataLoader(TensorDataset(xt, yt), batch_size=batch_size, shuffle=True,
-                            generator=rng.torch_generator())
+        loader = DataLoader(TensorDataset(xt, yt), batch_size=batch_size, shuffle=True, generator=rng.torch_generator())
     bce = nn.functional.binary_cross_entropy_with_logits
     total, batches = 0.0, 0
     try:
@@ -121,8 +130,15 @@ class _PrivateTraining:
     accountant: RDPAccountant
 
 
-def _make_private(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                  batch_size: int, dp: DPSettings, rng: SecretRandom) -> _PrivateTraining:
+def _make_private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    dp: DPSettings,
+    rng: SecretRandom,
+) -> _PrivateTraining:
     """Opacus's DP-SGD pieces, wired as ``PrivacyEngine.make_private`` wires them: Poisson sampling
     at rate 1 / batches per epoch, the optimizer's step hook feeding an RDP accountant. The batches
     and the noise come from the secret stream, exactly ``steps_per_epoch`` batches an epoch (the
@@ -136,8 +152,12 @@ def _make_private(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.T
     sample_rate = dp.sample_rate if dp.sample_rate is not None else 1 / steps
     expected_batch_size = int(len(y) * sample_rate)
     private_optimizer = make_dp_optimizer(
-        optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-        expected_batch_size=expected_batch_size, loss_reduction="mean", noise=rng,
+        optimizer,
+        noise_multiplier=dp.noise_multiplier,
+        max_grad_norm=dp.max_grad_norm,
+        expected_batch_size=expected_batch_size,
+        loss_reduction="mean",
+        noise=rng,
     )
     accountant = RDPAccountant()
     private_optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
@@ -152,8 +172,8 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray) -> BinarySummary:
     model = model.to(dev).eval()
     probs, loss_sum = [], 0.0
     for start in range(0, len(y), EVAL_BATCH):
-        xt = torch.as_tensor(x[start:start + EVAL_BATCH], dtype=torch.float32, device=dev)
-        yt = torch.as_tensor(y[start:start + EVAL_BATCH], dtype=torch.float32, device=dev)
+        xt = torch.as_tensor(x[start : start + EVAL_BATCH], dtype=torch.float32, device=dev)
+        yt = torch.as_tensor(y[start : start + EVAL_BATCH], dtype=torch.float32, device=dev)
         logits = model(xt)
         loss_sum += float(nn.functional.binary_cross_entropy_with_logits(logits, yt, reduction="sum"))
         probs.append(torch.sigmoid(logits).cpu().numpy())

@@ -35,8 +35,9 @@ RELEASE_FORMAT = "sum+second+observed/v2"
 def stats_key(feature_names: list[str], bounds: dict[str, tuple[float, float]], fingerprint: str) -> str:
     """Identifies a statistics query on one version of the data, so an identical later query on the
     same data re-sends the paid-for answer (changed data is a new release, and is charged)."""
-    payload = json.dumps({"features": feature_names, "bounds": bounds, "data": fingerprint,
-                          "format": RELEASE_FORMAT}, sort_keys=True)
+    payload = json.dumps(
+        {"features": feature_names, "bounds": bounds, "data": fingerprint, "format": RELEASE_FORMAT}, sort_keys=True
+    )
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -58,8 +59,9 @@ def contributions(values: np.ndarray, bounds: list[tuple[float, float]]) -> np.n
     return np.concatenate([u, second, OBSERVED_WEIGHT * observed], axis=1)
 
 
-def local_sums(values: np.ndarray, bounds: list[tuple[float, float]],
-               noise_multiplier: float | None, rng: SecretRandom | None) -> dict[str, list[float] | float]:
+def local_sums(
+    values: np.ndarray, bounds: list[tuple[float, float]], noise_multiplier: float | None, rng: SecretRandom | None
+) -> dict[str, list[float] | float]:
     """The release: per-feature sums of the three components, with Gaussian noise unless
     ``noise_multiplier`` is None; ``noise_std`` says how much noise each sum carries (public: it
     follows from the noise multiplier the hospital's audit log records).
@@ -79,8 +81,12 @@ def local_sums(values: np.ndarray, bounds: list[tuple[float, float]],
             raise ValueError("a noisy statistics release needs the hospital's secret stream")
         noise_std = noise_multiplier * sensitivity(d)
         totals = totals + rng.standard_normal(totals.size) * noise_std
-    return {"sum": totals[:d].tolist(), "second": totals[d:2 * d].tolist(), "observed": totals[2 * d:].tolist(),
-            "noise_std": float(noise_std)}
+    return {
+        "sum": totals[:d].tolist(),
+        "second": totals[d : 2 * d].tolist(),
+        "observed": totals[2 * d :].tolist(),
+        "noise_std": float(noise_std),
+    }
 
 
 def released_arrays(values: dict[str, list[float] | float]) -> dict[str, np.ndarray]:

@@ -22,6 +22,7 @@ ClientApp reports like any refusal (nothing is released).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 from audit.audit_log import KIND_BUDGET, KIND_RELEASE, AuditLog, AuditLogError, BudgetRecord
 from client.privacy_ledger import PrivacyLedger
@@ -38,9 +39,9 @@ class LedgerTampered(FedcareError):
 class ChainView:
     """What the signed audit chain records about one dataset."""
 
-    records: int = 0           # records of any kind naming this dataset
-    charged: int = 0           # releases that cost privacy
-    epsilon: float = 0.0       # the largest epsilon_after released
+    records: int = 0  # records of any kind naming this dataset
+    charged: int = 0  # releases that cost privacy
+    epsilon: float = 0.0  # the largest epsilon_after released
     budget: float | None = None  # the last signed budget
 
 
@@ -51,9 +52,11 @@ def chain_view(log: AuditLog, dataset_id: str) -> ChainView:
     except AuditLogError as exc:
         raise LedgerTampered(exc.problem, exc.hint) from None
     if not lines and log.key_existed_before:
-        raise LedgerTampered(f"the audit log {log.path} is missing but its signing key exists: "
-                             "the record of what this hospital released was removed",
-                             "restore the audit log from backup; no data is released until then")
+        raise LedgerTampered(
+            f"the audit log {log.path} is missing but its signing key exists: "
+            "the record of what this hospital released was removed",
+            "restore the audit log from backup; no data is released until then",
+        )
     records = charged = 0
     epsilon, budget = 0.0, None
     for line in lines:
@@ -69,45 +72,59 @@ def chain_view(log: AuditLog, dataset_id: str) -> ChainView:
     return ChainView(records, charged, epsilon, budget)
 
 
-def open_checked_ledger(log: AuditLog, ledger_dir: str, hospital: str, dataset_id: str, budget: float,
-                        delta: float) -> PrivacyLedger:
+def open_checked_ledger(
+    log: AuditLog, ledger_dir: str, hospital: str, dataset_id: str, budget: float, delta: float
+) -> PrivacyLedger:
     """The dataset's ledger, opened with the hospital's configured ``budget`` once it agrees with the chain."""
     chain = chain_view(log, dataset_id)
     stored = PrivacyLedger.peek(ledger_dir, dataset_id)
     where = f"the privacy ledger of {dataset_id!r} in {ledger_dir}"
-    restore = "restore it from backup (it must hold every release the audit log records); no data is released until then"
+    restore = (
+        "restore it from backup (it must hold every release the audit log records); no data is released until then"
+    )
     # A ledger without charged releases loses nothing when it is missing (or appears without a chain
     # record: a node stopped between creating it and signing its first budget record).
     if stored is None and chain.charged:
-        raise LedgerTampered(f"{where} is missing, but the signed audit log {log.path} records "
-                             f"{chain.charged} release(s) on it", restore)
+        raise LedgerTampered(
+            f"{where} is missing, but the signed audit log {log.path} records {chain.charged} release(s) on it", restore
+        )
     if stored is not None and not chain.records and PrivacyLedger.charged_in(stored):
-        raise LedgerTampered(f"{where} exists, but the signed audit log {log.path} has no record of it "
-                             "(the ledger was copied in, or the audit log was replaced)",
-                             "restore the audit log that belongs to this ledger")
+        raise LedgerTampered(
+            f"{where} exists, but the signed audit log {log.path} has no record of it "
+            "(the ledger was copied in, or the audit log was replaced)",
+            "restore the audit log that belongs to this ledger",
+        )
     signed = chain.budget
     if stored is not None and signed is not None and float(stored["budget"]) > signed + _TOLERANCE:
-        raise LedgerTampered(f"{where} sets budget {float(stored['budget']):g}, above the {signed:g} "
-                             "last signed in the audit log (edited by hand)",
-                             f"restore the ledger, or raise the budget with `fedcare node budget ... --to "
-                             f"{float(stored['budget']):g}` (a signed record)")
+        raise LedgerTampered(
+            f"{where} sets budget {float(stored['budget']):g}, above the {signed:g} "
+            "last signed in the audit log (edited by hand)",
+            f"restore the ledger, or raise the budget with `fedcare node budget ... --to "
+            f"{float(stored['budget']):g}` (a signed record)",
+        )
     if signed is not None and budget > signed + _TOLERANCE:
-        raise LedgerTampered(f"{hospital}: the configured epsilon-budget {budget:g} for {dataset_id!r} is above "
-                             f"the {signed:g} last signed in its audit log",
-                             f"record the raise explicitly: `fedcare node budget --config hospital.toml --to {budget:g} "
-                             "--reason '...'` (or lower epsilon-budget back)")
+        raise LedgerTampered(
+            f"{hospital}: the configured epsilon-budget {budget:g} for {dataset_id!r} is above "
+            f"the {signed:g} last signed in its audit log",
+            f"record the raise explicitly: `fedcare node budget --config hospital.toml --to {budget:g} "
+            "--reason '...'` (or lower epsilon-budget back)",
+        )
     ledger = PrivacyLedger.open(ledger_dir, hospital, dataset_id, budget=budget, delta=delta)
     if signed is None:
         log.budget(BudgetRecord(dataset_id=dataset_id, budget=budget, previous=None, reason="initial"))
     if ledger.charged_releases() < chain.charged or ledger.epsilon() < chain.epsilon - _TOLERANCE:
-        raise LedgerTampered(f"{where} holds {ledger.charged_releases()} charged release(s) and epsilon "
-                             f"{ledger.epsilon():.4g}, less than the {chain.charged} release(s) and epsilon "
-                             f"{chain.epsilon:.4g} its signed audit log records (rolled back)", restore)
+        raise LedgerTampered(
+            f"{where} holds {ledger.charged_releases()} charged release(s) and epsilon "
+            f"{ledger.epsilon():.4g}, less than the {chain.charged} release(s) and epsilon "
+            f"{chain.epsilon:.4g} its signed audit log records (rolled back)",
+            restore,
+        )
     return ledger
 
 
-def raise_budget(log: AuditLog, ledger_dir: str, hospital: str, dataset_id: str, new_budget: float,
-                 reason: str) -> float:
+def raise_budget(
+    log: AuditLog, ledger_dir: str, hospital: str, dataset_id: str, new_budget: float, reason: str
+) -> float:
     """The hospital's explicit budget change: a signed ``budget`` record, then the ledger follows.
 
     Returns the previous signed budget. Checks the ledger against the chain first (a tampered
@@ -117,13 +134,23 @@ def raise_budget(log: AuditLog, ledger_dir: str, hospital: str, dataset_id: str,
         raise FedcareError("a budget change needs a reason", "pass --reason 'who approved it and why'")
     chain = chain_view(log, dataset_id)
     if chain.budget is None:
-        raise FedcareError(f"{dataset_id!r} has no privacy ledger yet",
-                           "set epsilon-budget in hospital.toml; the ledger starts with the first release")
+        raise FedcareError(
+            f"{dataset_id!r} has no privacy ledger yet",
+            "set epsilon-budget in hospital.toml; the ledger starts with the first release",
+        )
     if new_budget <= chain.budget:
-        raise FedcareError(f"{new_budget:g} is not above the signed budget {chain.budget:g}",
-                           "a lower budget needs no record: lower epsilon-budget in hospital.toml")
-    ledger = open_checked_ledger(log, ledger_dir, hospital, dataset_id, chain.budget, PrivacyLedger.peek(
-        ledger_dir, dataset_id)["delta"])
+        raise FedcareError(
+            f"{new_budget:g} is not above the signed budget {chain.budget:g}",
+            "a lower budget needs no record: lower epsilon-budget in hospital.toml",
+        )
+    ledger = open_checked_ledger(
+        log,
+        ledger_dir,
+        hospital,
+        dataset_id,
+        chain.budget,
+        cast(dict[str, Any], PrivacyLedger.peek(ledger_dir, dataset_id))["delta"],
+    )
     log.budget(BudgetRecord(dataset_id=dataset_id, budget=new_budget, previous=chain.budget, reason=reason))
     PrivacyLedger.open(ledger_dir, hospital, dataset_id, budget=new_budget, delta=ledger.delta)
     return chain.budget

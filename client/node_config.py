@@ -34,16 +34,18 @@ class NodeConfig:
     multiframe: str = "first"
     require_deidentified: bool = True
     on_unreadable: str = "error"
-    dataset_id: str | None = None         # the identity its privacy ledger is kept under (hospital.toml)
-    secagg_name: str | None = None        # its name on the consortium roster
+    dataset_id: str | None = None  # the identity its privacy ledger is kept under (hospital.toml)
+    secagg_name: str | None = None  # its name on the consortium roster
     secagg_roster: str | None = None
     secagg_identity_key: str = ""
 
     @classmethod
-    def read(cls, node_config: Mapping[str, Any], defaults: Mapping[str, Any],
-             run_config: Mapping[str, Any]) -> NodeConfig:
+    def read(
+        cls, node_config: Mapping[str, Any], defaults: Mapping[str, Any], run_config: Mapping[str, Any]
+    ) -> NodeConfig:
         """The settings from ``node_config``, else the simulation's ``defaults``; a malformed value is
         named (a ``FedcareError``), never guessed."""
+
         def setting(key: str, fallback: Any = None) -> Any:
             for source in (node_config, defaults):
                 if key in source:
@@ -58,12 +60,16 @@ class NodeConfig:
             ledger_dir=str(setting("ledger-dir", run_config.get("ledger-dir", DEFAULT_LEDGER_DIR))),
             partition_id=_partition(setting("partition-id")),
             data_root=text("data-root") or (str(run_config["data-root"]) if run_config.get("data-root") else None),
-            data_path=text("data-path"), labels=text("labels"), schema=text("schema"),
+            data_path=text("data-path"),
+            labels=text("labels"),
+            schema=text("schema"),
             cache_dir=str(setting("cache-dir", DEFAULT_CACHE_DIR)),
             multiframe=str(setting("multiframe", "first")),
             require_deidentified=flag(setting("require-deidentified", True)),
             on_unreadable=str(setting("on-unreadable", "error")),
-            dataset_id=text("dataset-id"), secagg_name=text("secagg-name"), secagg_roster=text("secagg-roster"),
+            dataset_id=text("dataset-id"),
+            secagg_name=text("secagg-name"),
+            secagg_roster=text("secagg-roster"),
             secagg_identity_key=str(setting("secagg-identity-key", "")),
         )
 
@@ -81,5 +87,7 @@ def _partition(value: Any) -> int | None:
     try:
         return typed(value, "int")
     except ValueError:
-        raise FedcareError("the node config's partition-id is not a whole number",
-                           "set [data] partition-id in hospital.toml to a whole number") from None
+        raise FedcareError(
+            "the node config's partition-id is not a whole number",
+            "set [data] partition-id in hospital.toml to a whole number",
+        ) from None

@@ -33,16 +33,16 @@ class PolicyRefusal(FedcareError):
 class NodePolicy:
     """What this hospital accepts. ``epsilon_budget`` is required whenever DP is (no fallback)."""
 
-    epsilon_budget: float | None = None       # lifetime epsilon on this dataset
-    max_run_epsilon: float | None = None      # the most one run may spend (None: the budget)
-    delta: float = 1e-4                       # the delta this hospital accounts at
+    epsilon_budget: float | None = None  # lifetime epsilon on this dataset
+    max_run_epsilon: float | None = None  # the most one run may spend (None: the budget)
+    delta: float = 1e-4  # the delta this hospital accounts at
     require_dp: bool = True
     require_secure_aggregation: bool = True
-    min_hospitals: int = 3                    # the smallest federation it joins
-    min_secagg_threshold: int = 2             # the smallest threshold it accepts (and always t > n/2)
-    max_secagg_clip_range: float = 10.0       # the widest per-value range of a masked update
+    min_hospitals: int = 3  # the smallest federation it joins
+    min_secagg_threshold: int = 2  # the smallest threshold it accepts (and always t > n/2)
+    max_secagg_clip_range: float = 10.0  # the widest per-value range of a masked update
     release_evaluation: str = "per-hospital"  # or "none": no test metrics leave the hospital
-    hardened_noise: bool = False              # training noise with the floating-point-attack mitigation (slower)
+    hardened_noise: bool = False  # training noise with the floating-point-attack mitigation (slower)
 
     def __post_init__(self) -> None:
         for name in ("epsilon_budget", "max_run_epsilon"):
@@ -58,11 +58,14 @@ class NodePolicy:
         if not (self.max_secagg_clip_range > 0 and math.isfinite(self.max_secagg_clip_range)):
             raise _bad("max_secagg_clip_range", f"{self.max_secagg_clip_range} is not positive", "e.g. 10.0")
         if self.release_evaluation not in EVALUATION_RELEASES:
-            raise _bad("release_evaluation", f"'{self.release_evaluation}' is not one of "
-                       f"{', '.join(EVALUATION_RELEASES)}", "choose per-hospital or none")
+            raise _bad(
+                "release_evaluation",
+                f"'{self.release_evaluation}' is not one of {', '.join(EVALUATION_RELEASES)}",
+                "choose per-hospital or none",
+            )
 
     @classmethod
-    def from_settings(cls, settings: Mapping[str, Any]) -> "NodePolicy":
+    def from_settings(cls, settings: Mapping[str, Any]) -> NodePolicy:
         """From node config (``NODE_CONFIG_KEYS``); missing keys take the defaults above."""
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
@@ -84,7 +87,7 @@ class NodePolicy:
         return cls(**values)
 
     @classmethod
-    def accepting(cls, request: RunRequest, epsilon_budget: float | None = None) -> "NodePolicy":
+    def accepting(cls, request: RunRequest, epsilon_budget: float | None = None) -> NodePolicy:
         """The policy of a simulated hospital that accepts the researcher's run as it is (DP and secure
         aggregation as asked, a budget of ``epsilon_budget`` or the run's epsilon, the run's delta).
 
@@ -93,15 +96,20 @@ class NodePolicy:
         defaults = cls()
         return cls(
             epsilon_budget=float(epsilon_budget if epsilon_budget is not None else request.target_epsilon),
-            delta=request.delta, require_dp=request.dp, require_secure_aggregation=request.secure_aggregation,
+            delta=request.delta,
+            require_dp=request.dp,
+            require_secure_aggregation=request.secure_aggregation,
             min_hospitals=max(2, min(defaults.min_hospitals, request.hospitals)),
             max_secagg_clip_range=max(defaults.max_secagg_clip_range, request.secagg_clip_range),
         )
 
     def to_node_config(self) -> dict[str, Any]:
         """The node-config keys and values (``None`` fields left out)."""
-        return {NODE_CONFIG_KEYS[f.name]: getattr(self, f.name) for f in dataclasses.fields(self)
-                if getattr(self, f.name) is not None}
+        return {
+            NODE_CONFIG_KEYS[f.name]: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) is not None
+        }
 
     # ---- the checks --------------------------------------------------------------------------------
     def run_epsilon_cap(self) -> float:
@@ -116,16 +124,22 @@ class NodePolicy:
         if request.dp and self.epsilon_budget is None:
             problems.append("its policy sets no epsilon-budget (hospital.toml [privacy] epsilon-budget)")
         elif request.dp and request.target_epsilon > self.run_epsilon_cap() + 1e-12:  # no cap: the budget caps
-            problems.append(f"allows at most epsilon {self.run_epsilon_cap():g} per run, "
-                            f"the run asks target-epsilon={request.target_epsilon:g}")
+            problems.append(
+                f"allows at most epsilon {self.run_epsilon_cap():g} per run, "
+                f"the run asks target-epsilon={request.target_epsilon:g}"
+            )
         if self.require_secure_aggregation and not request.secure_aggregation:
             problems.append("requires secure aggregation, the run has secure-aggregation=false")
         if request.hospitals < self.min_hospitals:
-            problems.append(f"joins federations of at least {self.min_hospitals} hospitals, "
-                            f"the run has hospitals={request.hospitals}")
+            problems.append(
+                f"joins federations of at least {self.min_hospitals} hospitals, "
+                f"the run has hospitals={request.hospitals}"
+            )
         if request.secure_aggregation and request.secagg_clip_range > self.max_secagg_clip_range:
-            problems.append(f"accepts a secure-aggregation clip range of at most {self.max_secagg_clip_range:g}, "
-                            f"the run has secagg-clip-range={request.secagg_clip_range:g}")
+            problems.append(
+                f"accepts a secure-aggregation clip range of at most {self.max_secagg_clip_range:g}, "
+                f"the run has secagg-clip-range={request.secagg_clip_range:g}"
+            )
         if problems:
             raise refusal(hospital, problems)
 
@@ -141,11 +155,14 @@ class NodePolicy:
         hood = n_nodes if neighbours is None else min(n_nodes, neighbours + 1)
         problems = []
         if n_nodes < self.min_hospitals:
-            problems.append(f"joins federations of at least {self.min_hospitals} hospitals, "
-                            f"secure aggregation lists {n_nodes}")
+            problems.append(
+                f"joins federations of at least {self.min_hospitals} hospitals, secure aggregation lists {n_nodes}"
+            )
         if threshold < self.min_secagg_threshold:
-            problems.append(f"accepts a secure-aggregation threshold of at least {self.min_secagg_threshold}, "
-                            f"the run has t={threshold}")
+            problems.append(
+                f"accepts a secure-aggregation threshold of at least {self.min_secagg_threshold}, "
+                f"the run has t={threshold}"
+            )
         if 2 * threshold <= hood:
             what = f"n={n_nodes}" if hood == n_nodes else f"neighbourhoods of {hood}"
             problems.append(f"requires a threshold above half the hospitals, the run has t={threshold} of {what}")
@@ -173,8 +190,10 @@ NODE_CONFIG_KEYS = {
 
 
 def refusal(hospital: str, problems: list[str]) -> PolicyRefusal:
-    return PolicyRefusal(f"{hospital} refuses: {'; '.join(problems)}",
-                         "the coordinator must change the run, or the hospital its [privacy] policy")
+    return PolicyRefusal(
+        f"{hospital} refuses: {'; '.join(problems)}",
+        "the coordinator must change the run, or the hospital its [privacy] policy",
+    )
 
 
 def _bad(name: str, problem: str, hint: str) -> FedcareError:

@@ -35,6 +35,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +71,7 @@ class PerSampleClipper:
         if max_grad_norm <= 0:
             raise FedcareError(f"max_grad_norm must be > 0, got {max_grad_norm}")
         self.max_grad_norm = float(max_grad_norm)
-        self._torch = clipping_internals()   # torch's internals, or their public equivalents on another torch
+        self._torch = clipping_internals()  # torch's internals, or their public equivalents on another torch
         self.layers: list[tuple[nn.Module, _Rule]] = []
         covered: set[int] = set()
         inside: set[int] = set()  # the parts of a composite layer, recorded for it
@@ -81,8 +82,10 @@ class PerSampleClipper:
                 inside.update(id(m) for m in module.modules())
                 own = [p for p in module.parameters() if p.requires_grad]
                 if own and len(own) != len(list(module.parameters())):
-                    raise FedcareError(f"layer '{name}' (GRUGates) has some parameters frozen",
-                                       "train all of a GRU cell's parameters or none of them")
+                    raise FedcareError(
+                        f"layer '{name}' (GRUGates) has some parameters frozen",
+                        "train all of a GRU cell's parameters or none of them",
+                    )
             else:
                 own = [p for p in module.parameters(recurse=False) if p.requires_grad]
             if not own:
@@ -93,15 +96,18 @@ class PerSampleClipper:
                     "use Linear, Conv2d (groups=1, zero padding given in pixels) and GroupNorm layers, "
                     "or train without DP",
                 )
-            self.layers.append((module, next(r for kind, r in _RULES.items() if isinstance(module, kind))))
+            self.layers.append((module, cast(_Rule, next(r for kind, r in _RULES.items() if isinstance(module, kind)))))
             covered.update(id(p) for p in own)
         self.params = [p for p in model.parameters() if p.requires_grad]
         missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
         if missing:
-            raise FedcareError(f"parameters outside supported layers: {', '.join(missing)}",
-                               "use Linear, Conv2d and GroupNorm layers, or train without DP")
-        self._own_params = [[p for p in m.parameters(recurse=isinstance(m, GRUGates)) if p.requires_grad]
-                            for m, _ in self.layers]
+            raise FedcareError(
+                f"parameters outside supported layers: {', '.join(missing)}",
+                "use Linear, Conv2d and GroupNorm layers, or train without DP",
+            )
+        self._own_params = [
+            [p for p in m.parameters(recurse=isinstance(m, GRUGates)) if p.requires_grad] for m, _ in self.layers
+        ]
         self._sizes = [p.numel() for p in self.params]
         self._shapes = [p.shape for p in self.params]
         self._param_ids = [id(p) for p in self.params]
@@ -156,6 +162,7 @@ class PerSampleClipper:
                     # the output's place in the graph, not the output: nothing keeps its values alive
                     record.outputs.append(edge(output) if output.requires_grad else None)
             return output
+
         return recorded
 
     def clip_and_sum(self, loss: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -209,7 +216,7 @@ class PerSampleClipper:
         value is rewritten, and building the views costs as much as a small layer. While anything
         else still holds last step's gradients, a fresh buffer is made instead.
         """
-        reference_counts = self._torch.reference_counts   # None: no reuse (another torch)
+        reference_counts = self._torch.reference_counts  # None: no reuse (another torch)
         if self._buffer is not None and reference_counts is not None:
             flat, views, out, free = self._buffer
             if reference_counts(flat, views) == free:
@@ -219,9 +226,10 @@ class PerSampleClipper:
         first = self.params[0]
         flat = torch.empty(sum(self._sizes), device=first.device, dtype=first.dtype)
         views = [part.view(shape) for part, shape in zip(flat.split_with_sizes(self._sizes), self._shapes)]
-        flat.clipped_sum_views = tuple(map(id, views))  # tells ClippedSumDPOptimizer the views tile ``flat``
+        # tells ClippedSumDPOptimizer the views tile ``flat`` (torch's stub declares no Python attributes on tensors)
+        flat.clipped_sum_views = tuple(map(id, views))  # type: ignore[attr-defined]
         out = dict(zip(self._param_ids, views))
-        free: list[int] = []
+        free = []
         self._buffer = (flat, views, out, free)
         # counted with the same bindings as in the check above, so equal means: nothing else refers
         if reference_counts is not None:
@@ -232,8 +240,9 @@ class PerSampleClipper:
 # Writes a layer's clipped sum into its gradient views, given the clip factors as (B,) and (B, 1).
 _Summer = Callable[[torch.Tensor, torch.Tensor], None]
 # (layer, the records by module, the gradient views by parameter id) -> (summer, per-sample squared norms)
-_Rule = Callable[[nn.Module, dict[nn.Module, "_Record"], dict[int, torch.Tensor]],
-                 tuple[_Summer | None, torch.Tensor | None]]
+_Rule = Callable[
+    [nn.Module, dict[nn.Module, "_Record"], dict[int, torch.Tensor]], tuple[_Summer | None, torch.Tensor | None]
+]
 
 
 def _plain_conv(module: nn.Conv2d) -> bool:
@@ -251,7 +260,7 @@ def _linear(module: nn.Linear, records: dict[nn.Module, _Record], out_views: dic
     if not pairs:
         return None, None
     bias = module.bias is not None and module.bias.requires_grad
-    if len(pairs) == 1 and pairs[0][0].dim() == 2:   # one position per sample: ||g a^T|| = ||g|| ||a||
+    if len(pairs) == 1 and pairs[0][0].dim() == 2:  # one position per sample: ||g a^T|| = ||g|| ||a||
         a2, g2 = pairs[0]
         a_sq, g_sq = torch.linalg.vecdot(a2, a2), torch.linalg.vecdot(g2, g2)
         sq = torch.addcmul(g_sq, g_sq, a_sq) if bias else g_sq * a_sq
@@ -269,24 +278,26 @@ def _linear(module: nn.Linear, records: dict[nn.Module, _Record], out_views: dic
                 torch.mm(g2t, a2 * column, out=weight)
                 if bias:
                     torch.mv(g2t, coef, out=out_views[id(module.bias)])
+
         return summer, sq
     batch = pairs[0][0].shape[0]
-    a = _positions([x for x, _ in pairs], batch)                                 # (B, T, in)
-    g = _positions([y for _, y in pairs], batch)                                 # (B, T, out)
+    a = _positions([x for x, _ in pairs], batch)  # (B, T, in)
+    g = _positions([y for _, y in pairs], batch)  # (B, T, out)
     del pairs
     record.inputs, record.grads = [], []  # per-call tensors, now copied into a and g (or viewed)
     return _over_positions(a, g, out_views[id(module.weight)], out_views[id(module.bias)] if bias else None)
 
 
-def _over_positions(a: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-                    ) -> tuple[_Summer, torch.Tensor]:
+def _over_positions(
+    a: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[_Summer, torch.Tensor]:
     """A linear map applied at T positions per sample, inputs ``a`` (B, T, in) and output
     gradients ``g`` (B, T, out), both possibly strided views: each sample's squared gradient norm,
     and the summer writing sum_i clip_i sum_t g_it a_it^T into ``weight`` (and sum_t g_it into
     ``bias``)."""
     positions, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
-    gb = g.sum(1) if bias is not None else None                                  # (B, out)
-    a2, g2 = a.flatten(0, 1), g.flatten(0, 1)                                    # views of (B*T, ...)
+    gb: Any = g.sum(1) if bias is not None else None  # (B, out)
+    a2, g2 = a.flatten(0, 1), g.flatten(0, 1)  # views of (B*T, ...)
     if positions * positions < d_in * d_out:
         sq = _gram_norms(a, g)
 
@@ -299,13 +310,14 @@ def _over_positions(a: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, bias
             if bias is not None:
                 torch.mv(gb.t(), coef, out=bias)
     else:
-        per_sample = torch.bmm(g.transpose(1, 2), a)                             # (B, out, in)
+        per_sample = torch.bmm(g.transpose(1, 2), a)  # (B, out, in)
         sq = per_sample.pow(2).sum((1, 2))
 
         def summer(coef: torch.Tensor, column: torch.Tensor) -> None:
             torch.mv(per_sample.flatten(1).t(), coef, out=weight.view(-1))
             if bias is not None:
                 torch.mv(gb.t(), coef, out=bias)
+
     if bias is not None:
         sq = sq + gb.pow(2).sum(1)
     return summer, sq
@@ -317,9 +329,10 @@ def _gram_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     batch, positions = a.shape[0], a.shape[1]
     chunk = max(1, _GRAM_ELEMENTS // (positions * positions))
     if chunk >= batch:
-        return torch.linalg.vecdot(torch.bmm(g, g.transpose(1, 2)).flatten(1),
-                                   torch.bmm(a, a.transpose(1, 2)).flatten(1))
-    return torch.cat([_gram_norms(a[i:i + chunk], g[i:i + chunk]) for i in range(0, batch, chunk)])
+        return torch.linalg.vecdot(
+            torch.bmm(g, g.transpose(1, 2)).flatten(1), torch.bmm(a, a.transpose(1, 2)).flatten(1)
+        )
+    return torch.cat([_gram_norms(a[i : i + chunk], g[i : i + chunk]) for i in range(0, batch, chunk)])
 
 
 _GRAM_ELEMENTS = 16384
@@ -339,17 +352,22 @@ def _conv2d(module: nn.Conv2d, records: dict[nn.Module, _Record], out_views: dic
     pairs = _pairs(record)
     if not pairs:
         return None, None
-    per_sample_w, per_sample_b = None, None
+    per_sample_w: Any = None
+    per_sample_b: Any = None
     bias = module.bias is not None and module.bias.requires_grad
     for x, g in pairs:
         # Every sample's weight gradient at once: the batch becomes the groups of one grouped
         # convolution's weight gradient (several times faster on a CPU than unfold + bmm).
         batch, c_in, c_out = x.shape[0], x.shape[1], g.shape[1]
-        w = torch.nn.grad.conv2d_weight(
-            x.reshape(1, batch * c_in, *x.shape[2:]), (batch * c_out, c_in, *module.kernel_size),
-            g.reshape(1, batch * c_out, *g.shape[2:]), stride=module.stride, padding=module.padding,
-            dilation=module.dilation, groups=batch,
-        ).reshape(batch, -1)                                                     # (B, out*C*k*k)
+        w = torch.nn.grad.conv2d_weight(  # type: ignore[attr-defined]  # torch.nn's stub omits its grad module
+            x.reshape(1, batch * c_in, *x.shape[2:]),
+            (batch * c_out, c_in, *module.kernel_size),
+            g.reshape(1, batch * c_out, *g.shape[2:]),
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=batch,
+        ).reshape(batch, -1)  # (B, out*C*k*k)
         per_sample_w = w if per_sample_w is None else per_sample_w + w
         if bias:
             b = g.sum((2, 3))
@@ -362,6 +380,7 @@ def _conv2d(module: nn.Conv2d, records: dict[nn.Module, _Record], out_views: dic
         torch.mv(per_sample_w.t(), coef, out=out_views[id(module.weight)].view(-1))
         if bias:
             torch.mv(per_sample_b.t(), coef, out=out_views[id(module.bias)])
+
     return summer, sq
 
 
@@ -370,11 +389,12 @@ def _group_norm(module: nn.GroupNorm, records: dict[nn.Module, _Record], out_vie
     pairs = _pairs(record)
     if not pairs:
         return None, None
-    gamma, beta = None, None
+    gamma: Any = None
+    beta: Any = None
     for x, g in pairs:
         normed = F.group_norm(x, module.num_groups, eps=module.eps)
         dims = tuple(range(2, x.dim()))
-        w = (g * normed).sum(dims) if dims else g * normed                       # (B, C)
+        w = (g * normed).sum(dims) if dims else g * normed  # (B, C)
         b = g.sum(dims) if dims else g
         gamma = w if gamma is None else gamma + w
         beta = b if beta is None else beta + b
@@ -387,6 +407,7 @@ def _group_norm(module: nn.GroupNorm, records: dict[nn.Module, _Record], out_vie
             torch.mv(gamma.t(), coef, out=out_views[id(module.weight)])
         if bias:
             torch.mv(beta.t(), coef, out=out_views[id(module.bias)])
+
     return summer, sq
 
 
@@ -396,23 +417,25 @@ def _gru_gates(module: GRUGates, records: dict[nn.Module, _Record], out_views: d
     if not pairs:
         return None, None
     batch = pairs[0][0].shape[0]
-    x = _positions([a for a, _ in pairs], batch)                                 # (B, T, d) step inputs
-    g = _positions([y for _, y in pairs], batch)                                 # (B, T, 3H) gate pre-activations
+    x = _positions([a for a, _ in pairs], batch)  # (B, T, d) step inputs
+    g = _positions([y for _, y in pairs], batch)  # (B, T, 3H) gate pre-activations
     del pairs
     hh_inputs = records[hh].inputs
     if len(hh_inputs) != g.shape[1]:
-        raise FedcareError(f"GRUGates: the hidden map ran {len(hh_inputs)} times for {g.shape[1]} input steps",
-                           "call the cell's step once per time step of its input map's output")
+        raise FedcareError(
+            f"GRUGates: the hidden map ran {len(hh_inputs)} times for {g.shape[1]} input steps",
+            "call the cell's step once per time step of its input map's output",
+        )
     records[ih].inputs, records[ih].grads = [], []
     sq = _summed_map_sq(x, g)
-    h = torch.stack(hh_inputs, 1)                                                # (B, T, H): h_{t-1}
+    h = torch.stack(hh_inputs, 1)  # (B, T, H): h_{t-1}
     records[hh].inputs = []
     # The hidden map's output gradients: for the r and z rows g's own, for the candidate's rows
     # g's times r, recomputed here for all steps at once (in the buffer that then holds the product).
     r_rows, rz, candidate = slice(0, hidden), slice(0, 2 * hidden), slice(2 * hidden, 3 * hidden)
     g_candidate = torch.addmm(ih.bias[r_rows], x.flatten(0, 1), ih.weight[r_rows].t())
     g_candidate.addmm_(h.flatten(0, 1), hh.weight[r_rows].t()).add_(hh.bias[r_rows]).sigmoid_()
-    g_candidate = g_candidate.view_as(h).mul_(g[..., candidate])                # (B, T, H)
+    g_candidate = g_candidate.view_as(h).mul_(g[..., candidate])  # (B, T, H)
     sq += _summed_map_sq(h, g[..., rz]) + _summed_map_sq(h, g_candidate)
 
     def summer(coef: torch.Tensor, column: torch.Tensor) -> None:
@@ -429,6 +452,7 @@ def _gru_gates(module: GRUGates, records: dict[nn.Module, _Record], out_views: d
         torch.sum(g2[:, rz], 0, out=out_views[id(hh.bias)][rz])
         torch.mm(g_candidate.flatten(0, 1).t(), h2, out=out_views[id(hh.weight)][candidate])
         torch.sum(g_candidate.flatten(0, 1), 0, out=out_views[id(hh.bias)][candidate])
+
     return summer, sq
 
 

@@ -24,9 +24,10 @@ import math
 import re
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from opacus.accountants.analysis import rdp as privacy_analysis
@@ -41,6 +42,7 @@ _EPS_TOLERANCE = 1e-9
 # How far a run's remaining rounds may sit above its target before the hospital re-plans them: the
 # calibration's own tolerance plus the rounding of summing the same RDP in another order.
 _PLAN_TOLERANCE = 1e-8
+
 
 def calibrate_noise(prefix: list[Entry], release: tuple[float, int], delta: float, target: float) -> float:
     """Smallest noise multiplier for ``release=(sample rate, steps)`` after ``prefix`` stays <= target.
@@ -65,7 +67,7 @@ def calibrate_noise(prefix: list[Entry], release: tuple[float, int], delta: floa
             raise ValueError("budget too small")
     centre = ALPHAS.index(found[1])
     for _ in range(4):
-        window = everything[max(0, centre - _ORDER_WINDOW):centre + _ORDER_WINDOW + 1]
+        window = everything[max(0, centre - _ORDER_WINDOW) : centre + _ORDER_WINDOW + 1]
         lo = 0.0
         for _ in range(80):
             mid = (lo + hi) / 2
@@ -87,8 +89,9 @@ def calibrate_noise(prefix: list[Entry], release: tuple[float, int], delta: floa
 _ORDER_WINDOW = 8  # orders either side of the best one that the bisection evaluates
 
 
-def _epsilon_with(spent: np.ndarray, q: float, steps: int, sigma: float, delta: float,
-                  orders: list[int]) -> tuple[float, float]:
+def _epsilon_with(
+    spent: np.ndarray, q: float, steps: int, sigma: float, delta: float, orders: list[int]
+) -> tuple[float, float]:
     """(epsilon, best order) of ``spent`` plus ``steps`` releases at ``sigma``, over some orders."""
     chosen = [ALPHAS[i] for i in orders]
     if len(chosen) == len(ALPHAS):
@@ -101,8 +104,9 @@ def _epsilon_with(spent: np.ndarray, q: float, steps: int, sigma: float, delta: 
     return float(eps), float(best)
 
 
-def _stats_noise(prefix: list[Entry], release: tuple[float, int], delta: float, target: float,
-                 fraction: float) -> float:
+def _stats_noise(
+    prefix: list[Entry], release: tuple[float, int], delta: float, target: float, fraction: float
+) -> float:
     """Noise multiplier for the statistics release so it takes ``fraction`` of the run's RDP.
 
     Splitting epsilon linearly would waste most of the budget (every (epsilon, delta) conversion
@@ -111,7 +115,7 @@ def _stats_noise(prefix: list[Entry], release: tuple[float, int], delta: float, 
     """
     q, steps = release
     sigma0 = calibrate_noise(prefix, release, delta, target)
-    _, alpha = RdpComposition(prefix + [(sigma0, q, steps)]).epsilon_and_order(delta)
+    _, alpha = RdpComposition([*prefix, (sigma0, q, steps)]).epsilon_and_order(delta)
     rdp_train = float(privacy_analysis.compute_rdp(q=q, noise_multiplier=sigma0, steps=steps, orders=[alpha])[0])
     # A Gaussian release with sensitivity 1 has RDP alpha / (2 sigma^2).
     return math.sqrt(alpha * (1 - fraction) / (2 * fraction * rdp_train))
@@ -141,10 +145,10 @@ class Replan:
     from the coordinator but the round number it asks for.
     """
 
-    from_round: int                 # the first round trained at the new noise
-    noise_multiplier: float         # the remaining rounds' noise
+    from_round: int  # the first round trained at the new noise
+    noise_multiplier: float  # the remaining rounds' noise
     previous_noise_multiplier: float
-    lost_rounds: tuple[int, ...]    # rounds charged under this plan and asked for again (their update was lost)
+    lost_rounds: tuple[int, ...]  # rounds charged under this plan and asked for again (their update was lost)
 
 
 class PrivacyLedger:
@@ -156,8 +160,7 @@ class PrivacyLedger:
 
     # ---- opening -------------------------------------------------------------------------
     @classmethod
-    def open(cls, ledger_dir: str | Path, hospital: str, dataset_id: str, budget: float,
-             delta: float) -> "PrivacyLedger":
+    def open(cls, ledger_dir: str | Path, hospital: str, dataset_id: str, budget: float, delta: float) -> PrivacyLedger:
         """Open (or create) the ledger of this dataset; the hospital's budget may change, delta may not.
 
         Whether a budget change is allowed is ``client/ledger_guard.py``'s decision (a raise needs a
@@ -167,15 +170,19 @@ class PrivacyLedger:
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise FedcareError(f"cannot create the privacy-ledger folder {directory}: {exc.strerror}",
-                               "set ledger-dir to a writable path") from None
+            raise FedcareError(
+                f"cannot create the privacy-ledger folder {directory}: {exc.strerror}",
+                "set ledger-dir to a writable path",
+            ) from None
         path = ledger_path(directory, dataset_id)
         with _locked(path):
             if path.exists():
                 data = _read(path)
                 if data.get("dataset_id") != dataset_id:
-                    raise FedcareError(f"privacy ledger {path} belongs to dataset {data.get('dataset_id')!r}",
-                                       "move it away; never delete a ledger that recorded releases")
+                    raise FedcareError(
+                        f"privacy ledger {path} belongs to dataset {data.get('dataset_id')!r}",
+                        "move it away; never delete a ledger that recorded releases",
+                    )
                 if not math.isclose(data["delta"], delta, rel_tol=1e-12):
                     raise FedcareError(
                         f"{hospital}: the privacy ledger uses delta={data['delta']:g}, this run asks delta={delta:g}",
@@ -259,15 +266,20 @@ class PrivacyLedger:
 
     def replans(self, run_id: str) -> list[Replan]:
         """The re-plans of run ``run_id``'s noise, oldest first (none unless its spending left the plan)."""
-        return [Replan(r["from_round"], r["noise_multiplier"], r["previous_noise_multiplier"],
-                       tuple(r["lost_rounds"]))
-                for r in self._data.get("replans", {}).get(run_id, [])]
+        return [
+            Replan(r["from_round"], r["noise_multiplier"], r["previous_noise_multiplier"], tuple(r["lost_rounds"]))
+            for r in self._data.get("replans", {}).get(run_id, [])
+        ]
 
     def charged_rounds(self, run_id: str) -> list[int]:
         """Training rounds charged under run ``run_id``'s plan (a resumed run's releases included)."""
-        return [int(r["round"]) for r in self._data["releases"]
-                if r["kind"] == "train" and r.get("plan_run_id", r["run_id"]) == run_id
-                and sum(int(k) for _, _, k in r["entries"]) > 0]
+        return [
+            int(r["round"])
+            for r in self._data["releases"]
+            if r["kind"] == "train"
+            and r.get("plan_run_id", r["run_id"]) == run_id
+            and sum(int(k) for _, _, k in r["entries"]) > 0
+        ]
 
     def feature_stats(self, key: str) -> dict[str, Any] | None:
         """A statistics release already paid for (re-sending it costs nothing: post-processing)."""
@@ -280,8 +292,15 @@ class PrivacyLedger:
         return f"{self.hospital}: budget {self.budget:.2f} exhausted {where} (spent {self.epsilon():.3f})"
 
     # ---- planning and checking -----------------------------------------------------------
-    def plan_run(self, run_id: str, rounds: int, steps_per_round: int, sample_rate: float,
-                 run_epsilon: float, stats_fraction: float | None) -> RunPlan:
+    def plan_run(
+        self,
+        run_id: str,
+        rounds: int,
+        steps_per_round: int,
+        sample_rate: float,
+        run_epsilon: float,
+        stats_fraction: float | None,
+    ) -> RunPlan:
         """Calibrate the noise once for the whole run (and the statistics release, if needed).
 
         The run may spend ``run_epsilon`` on top of what was spent before, capped by the budget.
@@ -293,14 +312,17 @@ class PrivacyLedger:
         spent = self.epsilon()
         target = min(spent + run_epsilon, self.budget)
         if target - spent <= 1e-6:
-            raise BudgetExhausted(self.exhausted_message(), "raise this hospital's epsilon budget or stop training on this data")
+            raise BudgetExhausted(
+                self.exhausted_message(), "raise this hospital's epsilon budget or stop training on this data"
+            )
         prefix = self.history
         stats_sigma = None
         try:
             if stats_fraction is not None:
-                stats_sigma = _stats_noise(prefix, (sample_rate, rounds * steps_per_round), self.delta,
-                                           target, stats_fraction)
-                prefix = prefix + [(stats_sigma, 1.0, 1)]
+                stats_sigma = _stats_noise(
+                    prefix, (sample_rate, rounds * steps_per_round), self.delta, target, stats_fraction
+                )
+                prefix = [*prefix, (stats_sigma, 1.0, 1)]
             sigma = calibrate_noise(prefix, (sample_rate, rounds * steps_per_round), self.delta, target)
         except ValueError:
             raise BudgetExhausted(
@@ -329,7 +351,7 @@ class PrivacyLedger:
         current = replans[-1] if replans else None
         sigma = current.noise_multiplier if current else plan.noise_multiplier
         left = (plan.sample_rate, plan.steps_per_round * max(1, plan.rounds - round_ + 1))
-        if epsilon_of(self.history + [(sigma, *left)], self.delta) <= plan.target_epsilon + _PLAN_TOLERANCE:
+        if epsilon_of([*self.history, (sigma, *left)], self.delta) <= plan.target_epsilon + _PLAN_TOLERANCE:
             return dataclasses.replace(plan, noise_multiplier=sigma), current
         try:
             new_sigma = calibrate_noise(self.history, left, self.delta, plan.target_epsilon)
@@ -337,7 +359,8 @@ class PrivacyLedger:
             raise BudgetExhausted(
                 f"{self.hospital}: the rounds left of run {run_id} (from round {round_}) no longer fit its "
                 f"target epsilon {plan.target_epsilon:.3g} (spent {self.epsilon():.3f})",
-                "raise this hospital's epsilon budget or stop training on this data") from None
+                "raise this hospital's epsilon budget or stop training on this data",
+            ) from None
         lost = tuple(r for r in self.charged_rounds(run_id) if r >= round_)
         replan = Replan(round_, new_sigma, sigma, lost)
         with self._updating() as data:
@@ -348,7 +371,9 @@ class PrivacyLedger:
         """Epsilon after releasing ``entries``; raises BudgetExhausted if that exceeds the budget."""
         after = epsilon_of(self.history + entries, self.delta)
         if after > self.budget + _EPS_TOLERANCE:
-            raise BudgetExhausted(self.exhausted_message(), "raise this hospital's epsilon budget or stop training on this data")
+            raise BudgetExhausted(
+                self.exhausted_message(), "raise this hospital's epsilon budget or stop training on this data"
+            )
         return after
 
     # ---- recording -----------------------------------------------------------------------
@@ -366,10 +391,17 @@ class PrivacyLedger:
                     history.append((sigma, q, steps))
             data["history"] = [list(e) for e in history]
             eps = epsilon_of([(float(s), float(q), int(k)) for s, q, k in history], data["delta"])
-            data["releases"].append({
-                "run_id": run_id, "round": round_, "kind": kind, "time": time.time(),
-                "entries": [list(e) for e in entries], "epsilon_after": eps, **extra,
-            })
+            data["releases"].append(
+                {
+                    "run_id": run_id,
+                    "round": round_,
+                    "kind": kind,
+                    "time": time.time(),
+                    "entries": [list(e) for e in entries],
+                    "epsilon_after": eps,
+                    **extra,
+                }
+            )
             if kind == "feature-stats":
                 data["feature_stats"] = {"key": extra["stats_key"], "values": extra["values"]}
         return eps
@@ -405,8 +437,9 @@ def _read(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise FedcareError(f"privacy ledger {path} is unreadable ({exc})",
-                           "restore it from backup; training stays refused until then") from None
+        raise FedcareError(
+            f"privacy ledger {path} is unreadable ({exc})", "restore it from backup; training stays refused until then"
+        ) from None
     if data.get("version") != LEDGER_VERSION:
         raise FedcareError(f"privacy ledger {path} has unknown version {data.get('version')}")
     return data

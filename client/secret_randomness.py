@@ -36,8 +36,8 @@ import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 KEY_BYTES = 32
-_BLOCK = 1 << 15          # values generated per refill
-_MITIGATION_DRAWS = 4     # Opacus secure_mode: sum of 4 N(0, 1) draws / 2
+_BLOCK = 1 << 15  # values generated per refill
+_MITIGATION_DRAWS = 4  # Opacus secure_mode: sum of 4 N(0, 1) draws / 2
 
 
 class SecretRandom:
@@ -60,7 +60,7 @@ class SecretRandom:
         self._noise_at = 0
 
     @classmethod
-    def reproducible(cls, seed: int, *labels: object, hardened: bool = False) -> "SecretRandom":
+    def reproducible(cls, seed: int, *labels: object, hardened: bool = False) -> SecretRandom:
         """A stream keyed by ``seed`` and ``labels``: NOT private (the seed reproduces it). Simulation only."""
         material = "/".join(["fedcare-reproducible-noise", str(int(seed)), *map(str, labels)])
         return cls(hashlib.sha256(material.encode()).digest(), private=False, hardened=hardened)
@@ -69,7 +69,7 @@ class SecretRandom:
     def _words(self, n: int) -> np.ndarray:
         out = np.empty(n, dtype="<u8")
         if n:
-            self._cipher.update_into(bytes(8 * n), memoryview(out).cast("B"))
+            self._cipher.update_into(bytes(8 * n), memoryview(out).cast("B"))  # type: ignore[arg-type]  # numpy declares ndarray a Buffer only for Python >= 3.12
         return out.astype(np.uint64, copy=False)
 
     def _fresh_uniforms(self, n: int) -> np.ndarray:
@@ -79,9 +79,9 @@ class SecretRandom:
     def _fresh_fast_normals(self, n: int) -> torch.Tensor:
         """``n`` N(0, 1) float32 values: Box-Muller on 24-bit uniforms (torch's own transform)."""
         pairs = (n + 1) // 2
-        words = torch.from_numpy(self._words((2 * pairs + 1) // 2).view(np.int32)[:2 * pairs])
-        u = ((words >> 8) & 0xFFFFFF).float().mul_(2.0**-24)          # [0, 1)
-        radius = torch.log1p(u[:pairs].neg_()).mul_(-2.0).sqrt_()       # 1 - u in (0, 1]: finite log
+        words = torch.from_numpy(self._words((2 * pairs + 1) // 2).view(np.int32)[: 2 * pairs])
+        u = ((words >> 8) & 0xFFFFFF).float().mul_(2.0**-24)  # [0, 1)
+        radius = torch.log1p(u[:pairs].neg_()).mul_(-2.0).sqrt_()  # 1 - u in (0, 1]: finite log
         angle = u[pairs:].mul_(2.0 * np.pi)
         out = torch.empty(2 * pairs)
         torch.mul(radius, torch.cos(angle), out=out[:pairs])
@@ -94,20 +94,20 @@ class SecretRandom:
             return torch.from_numpy(self.standard_normal(n))
         if n <= len(self._noise) - self._noise_at:
             self._noise_at += n
-            return self._noise[self._noise_at - n:self._noise_at]
+            return self._noise[self._noise_at - n : self._noise_at]
         if n >= _BLOCK:
             return self._fresh_fast_normals(n)
-        rest = self._noise[self._noise_at:]
+        rest = self._noise[self._noise_at :]
         self._noise = self._fresh_fast_normals(_BLOCK)
         self._noise_at = n - len(rest)
-        return torch.cat([rest, self._noise[:self._noise_at]])
+        return torch.cat([rest, self._noise[: self._noise_at]])
 
     def _fresh_normals(self, n: int) -> np.ndarray:
         """``n`` N(0, 1) values, each the sum of four Box-Muller draws divided by 2."""
         draws = _MITIGATION_DRAWS * n
         pairs = (draws + 1) // 2
         u = self._fresh_uniforms(2 * pairs)
-        radius = np.sqrt(-2.0 * np.log1p(-u[:pairs]))          # 1 - u in (0, 1]: finite log
+        radius = np.sqrt(-2.0 * np.log1p(-u[:pairs]))  # 1 - u in (0, 1]: finite log
         angle = 2.0 * np.pi * u[pairs:]
         z = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:draws]
         return z.reshape(n, _MITIGATION_DRAWS).sum(axis=1) / np.sqrt(_MITIGATION_DRAWS)
@@ -144,7 +144,7 @@ class SecretRandom:
 def _take(buffer: np.ndarray, at: int, n: int, fresh) -> tuple[np.ndarray, int, np.ndarray]:
     """(buffer, position, n values): serve from ``buffer``, refilling with ``fresh`` as needed."""
     if n <= len(buffer) - at:
-        return buffer, at + n, buffer[at:at + n].copy()
+        return buffer, at + n, buffer[at : at + n].copy()
     rest = buffer[at:]
     needed = n - len(rest)
     block = fresh(max(needed, _BLOCK))

@@ -62,11 +62,18 @@ def payload(content: RecordDict) -> dict:
     return unflatten(dict(content[protocol.CONFIG]), protocol.SECAGG)
 
 
-def advertise(path: Path, consortium: Consortium, run_id: int, node_id: int, name: str, request: dict,
-              floor: int) -> dict[str, Any]:
-    ad = SecAggNode(path, consortium).advertise(run_id, node_id, name, int(request["threshold"]),
-                                                int(request["neighbours"]), [int(n) for n in request["nodes"]],
-                                                floor=floor)
+def advertise(
+    path: Path, consortium: Consortium, run_id: int, node_id: int, name: str, request: dict, floor: int
+) -> dict[str, Any]:
+    ad = SecAggNode(path, consortium).advertise(
+        run_id,
+        node_id,
+        name,
+        int(request["threshold"]),
+        int(request["neighbours"]),
+        [int(n) for n in request["nodes"]],
+        floor=floor,
+    )
     return flatten(ad, protocol.SECAGG)
 
 
@@ -74,9 +81,15 @@ def share_keys(path: Path, consortium: Consortium, request: dict, min_nodes: int
     return flatten(SecAggNode(path, consortium).share_keys(request["ads"], min_nodes=min_nodes), protocol.SECAGG)
 
 
-def masked_update(path: Path, consortium: Consortium, request: dict, global_arrays: ArrayRecord,
-                  trained: Mapping[str, np.ndarray], weight: int,
-                  clip: float) -> tuple[np.ndarray, dict[str, Any], list[int]]:
+def masked_update(
+    path: Path,
+    consortium: Consortium,
+    request: dict,
+    global_arrays: ArrayRecord,
+    trained: Mapping[str, np.ndarray],
+    weight: int,
+    clip: float,
+) -> tuple[np.ndarray, dict[str, Any], list[int]]:
     """Quantise weight x (trained - global), mask it for this round: the masked vector, the reply's
     ``secagg/`` keys (the masked vector packed among them), and the nodes it masked with.
     ``trained``: the trained parameters by name (views of the model are fine: only read here).
@@ -86,10 +99,10 @@ def masked_update(path: Path, consortium: Consortium, request: dict, global_arra
     nothing about the update has to be refused or explained to the server. How many values were
     clipped is logged on this node only.
     """
-    before = {name: global_arrays[name].numpy().ravel() for name in global_arrays.keys()}
+    before = {name: global_arrays[name].numpy().ravel() for name in global_arrays}
     length = sum(b.size for b in before.values())
     quantizer = Quantizer(clip)
-    try:   # the common case: every value in range, encoded piece by piece (no full-length delta)
+    try:  # the common case: every value in range, encoded piece by piece (no full-length delta)
         encoded = quantizer.encode_parts(_delta_parts(before, trained), length, weight)
     except ClipRangeError:
         delta = np.concatenate([np.asarray(trained[name], dtype=np.float64).ravel() - b for name, b in before.items()])
@@ -103,8 +116,9 @@ def masked_update(path: Path, consortium: Consortium, request: dict, global_arra
     return masked, flatten(reply | {"masked": pack_vector(masked)}, protocol.SECAGG), list(reply["active"])
 
 
-def _delta_parts(before: Mapping[str, np.ndarray], trained: Mapping[str, np.ndarray],
-                 size: int = 1 << 16) -> Iterator[np.ndarray]:
+def _delta_parts(
+    before: Mapping[str, np.ndarray], trained: Mapping[str, np.ndarray], size: int = 1 << 16
+) -> Iterator[np.ndarray]:
     """trained - before in float64, in model order, ``size`` values at a time through one buffer."""
     scratch = np.empty(size, dtype=np.float64)
     for name, b in before.items():
@@ -112,8 +126,8 @@ def _delta_parts(before: Mapping[str, np.ndarray], trained: Mapping[str, np.ndar
         if a.size != b.size:
             raise ValueError(f"trained weight '{name}' has {a.size} values, the global model {b.size}")
         for i in range(0, b.size, size):
-            part = scratch[:min(size, b.size - i)]
-            np.subtract(a[i:i + size], b[i:i + size], out=part, dtype=np.float64)
+            part = scratch[: min(size, b.size - i)]
+            np.subtract(a[i : i + size], b[i : i + size], out=part, dtype=np.float64)
             yield part
 
 
@@ -126,8 +140,12 @@ def _clip_in_place(delta: np.ndarray, clip: float) -> None:
 
     from flwr.common.logger import log
 
-    log(WARNING, "fedcare: %d update values were outside the secure-aggregation range and were clipped "
-        "at this hospital (not reported to the server)", outside)
+    log(
+        WARNING,
+        "fedcare: %d update values were outside the secure-aggregation range and were clipped "
+        "at this hospital (not reported to the server)",
+        outside,
+    )
 
 
 def sign_view(path: Path, consortium: Consortium, request: dict) -> dict[str, Any]:
@@ -143,8 +161,13 @@ def unmask(path: Path, consortium: Consortium, request: dict) -> tuple[dict[str,
         revealed = node.unmask_fast(rnd, request.get("b_share_ciphertexts", {}), request.get("statements", {}))
         revealed["s"] = {}
     else:
-        revealed = node.unmask(rnd, [int(n) for n in request["survivors"]], request.get("signatures", {}),
-                               request.get("b_share_ciphertexts", {}), request.get("statements", {}))
+        revealed = node.unmask(
+            rnd,
+            [int(n) for n in request["survivors"]],
+            request.get("signatures", {}),
+            request.get("b_share_ciphertexts", {}),
+            request.get("statements", {}),
+        )
     return flatten(revealed, protocol.SECAGG), revealed
 
 

@@ -14,13 +14,14 @@ import os
 import secrets
 from pathlib import Path
 
-PRIVATE = 0o600   # keys, ledgers, approvals, protocol state, derived patient pixels
-SHARED = 0o666    # what ``open()`` creates: the umask decides (generated, non-secret files)
+PRIVATE = 0o600  # keys, ledgers, approvals, protocol state, derived patient pixels
+SHARED = 0o666  # what ``open()`` creates: the umask decides (generated, non-secret files)
 TEMP_SUFFIX = ".tmp"
 
 
-def replace_file(path: str | os.PathLike[str], data: bytes | str, *, mode: int = PRIVATE,
-                 sync_folder: bool = False) -> None:
+def replace_file(
+    path: str | os.PathLike[str], data: bytes | str, *, mode: int = PRIVATE, sync_folder: bool = False
+) -> None:
     """Atomically replace ``path`` with ``data`` (``str`` is written as UTF-8).
 
     ``mode`` is the new file's permission bits, masked by the umask as ``open(2)`` masks them (the

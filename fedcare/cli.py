@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -25,8 +25,12 @@ if TYPE_CHECKING:
     from simulation.runner import SimulationOutcome
 
 # A bug's traceback never prints local variables: they may hold a hospital's rows.
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
-                  help="fedcare: federated learning across hospitals (Flower + Opacus DP-SGD).")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    help="fedcare: federated learning across hospitals (Flower + Opacus DP-SGD).",
+)
 # Wide enough for the final table when output goes to a file or CI log.
 console = Console(width=None if sys.stdout.isatty() else 160)
 
@@ -40,7 +44,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(audit_app, name="audit")
 app.add_typer(deploy_app, name="deploy")
 app.add_typer(node_app, name="node")
-app.command("run")(run_deployed)   # the coordinator: launch or resume a deployed run
+app.command("run")(run_deployed)  # the coordinator: launch or resume a deployed run
 
 
 @app.command()
@@ -81,21 +85,40 @@ def simulate(
     verbose: opt.Verbose = False,
 ) -> None:
     """Run a local multi-hospital simulation on Flower's Simulation Engine."""
-    options = dict(num_rounds=rounds, local_epochs=local_epochs, personalise_rounds=personalise_rounds, strategy=strategy, model=model,
-                   target_epsilon=epsilon, delta=delta, dp=dp, secure_aggregation=secure_aggregation, batch_size=batch_size, learning_rate=learning_rate,
-                   weight_decay=weight_decay, hospitals=hospitals, min_hospitals=min_hospitals,
-                   image_size=image_size, hidden_units=hidden_units, seed=seed, output_dir=str(output_dir),
-                   resume=resume or None, proximal_mu=proximal_mu, server_learning_rate=server_learning_rate,
-                   max_grad_norm=max_grad_norm, stats_budget_fraction=stats_budget_fraction,
-                   secagg_threshold=secagg_threshold, secagg_clip_range=secagg_clip_range)
+    options: dict[str, Any] = dict(num_rounds=rounds, local_epochs=local_epochs, personalise_rounds=personalise_rounds)
+    options |= dict(strategy=strategy, model=model, target_epsilon=epsilon, delta=delta, dp=dp)
+    options |= dict(secure_aggregation=secure_aggregation, batch_size=batch_size, learning_rate=learning_rate)
+    options |= dict(weight_decay=weight_decay, hospitals=hospitals, min_hospitals=min_hospitals)
+    options |= dict(image_size=image_size, hidden_units=hidden_units, seed=seed, output_dir=str(output_dir))
+    options |= dict(resume=resume or None, proximal_mu=proximal_mu, server_learning_rate=server_learning_rate)
+    options |= dict(max_grad_norm=max_grad_norm, stats_budget_fraction=stats_budget_fraction)
+    options |= dict(secagg_threshold=secagg_threshold, secagg_clip_range=secagg_clip_range)
     try:
-        _simulate(dataset, options, epsilon_budget, ledger_dir, data_root, local_baseline, pooled_baseline, verbose,
-                  policy, reproducible_noise)
-    except FedcareError as exc:   # the data or the run: usage errors have exited already
-        if isinstance(exc, BudgetExhausted):
-            exc = BudgetExhausted(exc.problem, "these simulated hospitals spent their budget in an earlier run: "
-                                  "use a new --output-dir (fresh ledgers), or grant more with --epsilon-budget")
-        fail(exc, EXIT_PROBLEM)
+        _simulate(
+            dataset,
+            options,
+            epsilon_budget,
+            ledger_dir,
+            data_root,
+            local_baseline,
+            pooled_baseline,
+            verbose,
+            policy,
+            reproducible_noise,
+        )
+    except FedcareError as exc:  # the data or the run: usage errors have exited already
+        fail(_with_simulation_hint(exc), EXIT_PROBLEM)
+
+
+def _with_simulation_hint(exc: FedcareError) -> FedcareError:
+    """A spent budget, with the hint that fits a simulation (fresh ledgers or a larger budget)."""
+    if isinstance(exc, BudgetExhausted):
+        exc = BudgetExhausted(
+            exc.problem,
+            "these simulated hospitals spent their budget in an earlier run: "
+            "use a new --output-dir (fresh ledgers), or grant more with --epsilon-budget",
+        )
+    return exc
 
 
 def _plain(text: str, style: str = "") -> Text:
@@ -103,9 +126,18 @@ def _plain(text: str, style: str = "") -> Text:
     return Text(text, style=style)
 
 
-def _simulate(dataset: str, options: dict, epsilon_budget: float | None, ledger_dir: Path | None,
-              data_root: Path | None, local_baseline: bool, pooled_baseline: bool, verbose: bool,
-              policy_file: Path | None = None, reproducible_noise: bool = False) -> None:
+def _simulate(
+    dataset: str,
+    options: dict,
+    epsilon_budget: float | None,
+    ledger_dir: Path | None,
+    data_root: Path | None,
+    local_baseline: bool,
+    pooled_baseline: bool,
+    verbose: bool,
+    policy_file: Path | None = None,
+    reproducible_noise: bool = False,
+) -> None:
     """Prepare and check the hospitals' data, run the simulation, then print and save its results."""
     import time
 
@@ -125,9 +157,14 @@ def _simulate(dataset: str, options: dict, epsilon_budget: float | None, ledger_
     from simulation.runner import run
 
     policy = _simulation_policy(s, epsilon_budget, policy_file, reproducible_noise)
-    outcome = run(s, ledger_dir=ledgers, policy=policy, verbose=verbose,
-                  progress=lambda line: console.print(_plain(line), highlight=False),
-                  reproducible_noise=reproducible_noise)
+    outcome = run(
+        s,
+        ledger_dir=ledgers,
+        policy=policy,
+        verbose=verbose,
+        progress=lambda line: console.print(_plain(line), highlight=False),
+        reproducible_noise=reproducible_noise,
+    )
     _report(hospitals, outcome, s, local_baseline, pooled_baseline, ledgers, t0)
 
 
@@ -148,15 +185,19 @@ def _with_hospital_data(dataset: str, s: RunSettings, data_root: Path | None) ->
         s = s.replace(data_root=str(data_root))
         n = num_hospitals(dataset, str(data_root))
         if n == 0:
-            usage_error(f"{data_root} holds no hospital-<i> folders",
-                        "lay out one folder per hospital: hospital-0/{table|events}.csv + schema.toml "
-                        "(+ labels.csv when the schema takes labels from a labels table), ...")
+            usage_error(
+                f"{data_root} holds no hospital-<i> folders",
+                "lay out one folder per hospital: hospital-0/{table|events}.csv + schema.toml "
+                "(+ labels.csv when the schema takes labels from a labels table), ...",
+            )
     else:
-        usage_error(f"`fedcare simulate --dataset {dataset}` needs the hospitals' data",
-                    "pass --data-root DIR with one hospital-<i> folder per hospital (table.csv or "
-                    "events.csv, plus schema.toml and, for labels in a separate table, labels.csv; "
-                    "`fedcare data prepare synthetic-table DIR --hospitals N` "
-                    "writes N generated ones), or run real nodes with `flwr run` (see README)")
+        usage_error(
+            f"`fedcare simulate --dataset {dataset}` needs the hospitals' data",
+            "pass --data-root DIR with one hospital-<i> folder per hospital (table.csv or "
+            "events.csv, plus schema.toml and, for labels in a separate table, labels.csv; "
+            "`fedcare data prepare synthetic-table DIR --hospitals N` "
+            "writes N generated ones), or run real nodes with `flwr run` (see README)",
+        )
     return s, n
 
 
@@ -165,11 +206,13 @@ def _load_hospitals(dataset: str, s: RunSettings, n: int) -> list[HospitalData]:
     from client.datasets import DataSource, load_hospital
 
     cache = str(Path(s.data_root) / ".fedcare-cache") if s.data_root else "fedcare-cache"
-    sources = [DataSource(partition_id=i, data_root=s.data_root or None, cache_dir=cache, image_size=s.image_size)
-               for i in range(n)]
+    sources = [
+        DataSource(partition_id=i, data_root=s.data_root or None, cache_dir=cache, image_size=s.image_size)
+        for i in range(n)
+    ]
     hospitals = [load_hospital(dataset, src) for src in sources]  # fail fast on missing/bad data
     for h in hospitals:
-        h.check_trainable(s.batch_size, dp=s.dp)    # the check `fedcare data check` runs, same batch size
+        h.check_trainable(s.batch_size, dp=s.dp)  # the check `fedcare data check` runs, same batch size
         for note in h.notes:
             console.print(_plain(f"{h.name}: {note}", "dim"), highlight=False)
     return hospitals
@@ -179,34 +222,47 @@ def _print_plan(dataset: str, s: RunSettings, n: int, hospitals: list[HospitalDa
     """Say which ledgers are reused, and the run's dataset, model, rounds and privacy, before it starts."""
     if s.dp and any(Path(ledgers).glob("privacy-ledger-*.json")):
         console.print(_plain(f"reusing the privacy ledgers in {ledgers}: epsilon accumulates across runs", "yellow"))
-    privacy = (f"DP-SGD, target epsilon {s.target_epsilon:g} at delta {s.delta:g} per hospital"
-               if s.dp else "no DP") + (", secure aggregation" if s.secure_aggregation else ", plain aggregation")
+    privacy = (
+        f"DP-SGD, target epsilon {s.target_epsilon:g} at delta {s.delta:g} per hospital" if s.dp else "no DP"
+    ) + (", secure aggregation" if s.secure_aggregation else ", plain aggregation")
     from shared_models.registry import resolve_model
 
-    console.print(f"[bold]fedcare simulate[/]: {dataset}, {n} hospitals, {s.strategy}, "
-                  f"{resolve_model(s.model, hospitals[0].task)}, {s.num_rounds} rounds x "
-                  f"{s.local_epochs} local epoch(s), batch {s.batch_size}, lr {s.learning_rate:g}, {privacy}")
+    console.print(
+        f"[bold]fedcare simulate[/]: {dataset}, {n} hospitals, {s.strategy}, "
+        f"{resolve_model(s.model, hospitals[0].task)}, {s.num_rounds} rounds x "
+        f"{s.local_epochs} local epoch(s), batch {s.batch_size}, lr {s.learning_rate:g}, {privacy}"
+    )
 
 
-def _simulation_policy(s: RunSettings, epsilon_budget: float | None, policy_file: Path | None,
-                       reproducible_noise: bool) -> NodePolicy:
+def _simulation_policy(
+    s: RunSettings, epsilon_budget: float | None, policy_file: Path | None, reproducible_noise: bool
+) -> NodePolicy:
     """The privacy policy every simulated hospital applies (a bad --policy / --epsilon-budget: a usage error)."""
     from simulation.hospital_policy import simulated_policy
 
     try:
         policy = simulated_policy(s, epsilon_budget, policy_file)
-    except FedcareError as exc:     # --policy FILE / --epsilon-budget: the command line's settings
+    except FedcareError as exc:  # --policy FILE / --epsilon-budget: the command line's settings
         fail(exc, EXIT_USAGE)
     if policy_file is not None:
         console.print(f"every hospital applies the [privacy] policy of {policy_file}", highlight=False, markup=False)
     if reproducible_noise:
-        console.print("[bold yellow]--reproducible-noise: every hospital's DP noise is keyed by --seed; "
-                      "these results are NOT private[/]")
+        console.print(
+            "[bold yellow]--reproducible-noise: every hospital's DP noise is keyed by --seed; "
+            "these results are NOT private[/]"
+        )
     return policy
 
 
-def _report(hospitals: list[HospitalData], outcome: SimulationOutcome, s: RunSettings, local_baseline: bool, pooled_baseline: bool,
-            ledgers: Path, t0: float) -> None:
+def _report(
+    hospitals: list[HospitalData],
+    outcome: SimulationOutcome,
+    s: RunSettings,
+    local_baseline: bool,
+    pooled_baseline: bool,
+    ledgers: Path,
+    t0: float,
+) -> None:
     """Print the final table, save results.json, and exit 1 (table and results kept) if the run is incomplete."""
     import time
 
@@ -220,11 +276,17 @@ def _report(hospitals: list[HospitalData], outcome: SimulationOutcome, s: RunSet
         console.print(_plain(outcome.results["stopped_early"], "yellow"))
     outcome.results["table"] = {"hospitals": rows, "pooled": pooled}
     save_results(s.output_dir, outcome.results)
-    console.print(_plain(f"run directory: {s.output_dir}  (results.json, final_model.npz, training_curves.png); "
-                         f"ledgers: {ledgers}; {time.monotonic() - t0:.0f} s"))
-    if outcome.results.get("status", "completed") != "completed":   # the table and results are kept; exit 1
-        raise FedcareError(f"the run is incomplete: {outcome.results['stopped_early']}",
-                           f"results.json in {s.output_dir} says which rounds were done and why")
+    console.print(
+        _plain(
+            f"run directory: {s.output_dir}  (results.json, final_model.npz, training_curves.png); "
+            f"ledgers: {ledgers}; {time.monotonic() - t0:.0f} s"
+        )
+    )
+    if outcome.results.get("status", "completed") != "completed":  # the table and results are kept; exit 1
+        raise FedcareError(
+            f"the run is incomplete: {outcome.results['stopped_early']}",
+            f"results.json in {s.output_dir} says which rounds were done and why",
+        )
 
 
 def main() -> None:
@@ -233,4 +295,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
+    sys.exit()

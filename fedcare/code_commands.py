@@ -13,14 +13,20 @@ Exit codes as there: 0 done, 1 the FAB or the store is refused, 2 a usage error.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from fedcare.error_output import EXIT_USAGE, fail
 from fedcare.errors import FedcareError
-from fedcare.fab_approval import (STORE_NAME, FabContents, FabRefused, approve_digest, inspect_fab,
-                                  normalize_digest, read_approvals)
+from fedcare.fab_approval import (
+    STORE_NAME,
+    FabContents,
+    FabRefused,
+    approve_digest,
+    inspect_fab,
+    normalize_digest,
+    read_approvals,
+)
 
 
 def _fail(problem: str, hint: str = "", code: int = EXIT_USAGE) -> None:
@@ -36,7 +42,7 @@ def approval_store(config: Path) -> tuple[Path, tuple[str, ...]]:
     """
     from fedcare.node_settings import load_node_settings
 
-    settings = load_node_settings(config, check_port=False)   # the node may be running: its port is taken
+    settings = load_node_settings(config, check_port=False)  # the node may be running: its port is taken
     store = getattr(settings, "approved_fabs_store", None)
     digests = tuple(getattr(settings, "approved_fabs", ()) or ())
     return Path(store) if store else Path(str(settings.node_config["ledger-dir"])) / STORE_NAME, digests
@@ -60,22 +66,31 @@ def approve(
         if path.is_file():
             contents = inspect_fab(path.read_bytes())
             _print_contents(contents)
-            record = approve_digest(store, contents.digest, source=str(path.resolve()), files=contents.files,
-                                    app=f"{contents.app_id} {contents.version}")
+            record = approve_digest(
+                store,
+                contents.digest,
+                source=str(path.resolve()),
+                files=contents.files,
+                app=f"{contents.app_id} {contents.version}",
+            )
         else:
             try:
                 digest = normalize_digest(target)
             except FedcareError:
-                _fail(f"'{target}' is neither a .fab file nor a SHA-256 digest",
-                      "give the app.fab from the coordinator, or the digest `fedcare deploy fab` printed")
+                _fail(
+                    f"'{target}' is neither a .fab file nor a SHA-256 digest",
+                    "give the app.fab from the coordinator, or the digest `fedcare deploy fab` printed",
+                )
             typer.echo(f"FAB sha256:{digest} (approved by digest: its files were not inspected here)")
             record = approve_digest(store, digest, source="digest")
     except FabRefused as exc:
         _fail(exc.problem, exc.hint, 1)
     except FedcareError as exc:
         _fail(exc.problem, exc.hint, 2)
-    typer.echo(f"approved sha256:{record.digest} for this node (by {record.approved_by} at {record.approved_at}), "
-               f"in {store}; the node uses it from its next message, without a restart")
+    typer.echo(
+        f"approved sha256:{record.digest} for this node (by {record.approved_by} at {record.approved_at}), "
+        f"in {store}; the node uses it from its next message, without a restart"
+    )
 
 
 def approved(
@@ -99,7 +114,7 @@ def approved(
 
 def fab(
     app_dir: Path = typer.Argument(Path("."), help="the app's folder (the one `flwr run` is given)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="also write the FAB here (e.g. app.fab), for hospitals"),
+    out: Path | None = typer.Option(None, "--out", help="also write the FAB here (e.g. app.fab), for hospitals"),
 ) -> None:
     """Build the FAB exactly as `flwr run APP_DIR` would; print its digest and files for hospitals to approve."""
     from fedcare.compat.flower import build_fab
@@ -107,18 +122,25 @@ def fab(
     try:
         fab_bytes, note = build_fab(app_dir)
     except Exception as exc:  # Flower's build errors (click/ValueError) carry their own explanation
-        _fail(f"Flower could not build a FAB from {app_dir}: {getattr(exc, 'message', None) or exc}",
-              "fix the app folder as the message says")
+        _fail(
+            f"Flower could not build a FAB from {app_dir}: {getattr(exc, 'message', None) or exc}",
+            "fix the app folder as the message says",
+        )
     try:
         contents = inspect_fab(fab_bytes)
     except FabRefused as exc:
         _fail(f"hospitals will refuse this FAB: {exc.problem}", exc.hint, 1)
     _print_contents(contents)
     if note:
-        typer.echo(f"warning: `flwr run {app_dir}` itself stops on a nested path: {note} Add that folder to the "
-                   "app's root .gitignore; the FAB above is what it then ships.", err=True)
+        typer.echo(
+            f"warning: `flwr run {app_dir}` itself stops on a nested path: {note} Add that folder to the "
+            "app's root .gitignore; the FAB above is what it then ships.",
+            err=True,
+        )
     if out is not None:
         out.write_bytes(fab_bytes)
         typer.echo(f"wrote {out}")
-    typer.echo(f"each hospital approves it with: fedcare node approve --config hospital.toml "
-               f"{out if out is not None else contents.digest}")
+    typer.echo(
+        f"each hospital approves it with: fedcare node approve --config hospital.toml "
+        f"{out if out is not None else contents.digest}"
+    )

@@ -19,7 +19,7 @@ import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -31,8 +31,8 @@ from fedcare.run_config import RunSettings
 if TYPE_CHECKING:
     from fedcare.flower_cli import FlowerCli, RunStatus
 
-PROGRESS_MARK = "[fedcare] "        # the ServerApp logs each progress line behind this (server/server_app.py)
-FAILED_MARK = "run failed: "        # ... and the reason a run failed
+PROGRESS_MARK = "[fedcare] "  # the ServerApp logs each progress line behind this (server/server_app.py)
+FAILED_MARK = "run failed: "  # ... and the reason a run failed
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class CoordinatorDeployment:
     folder: Path
     flwr_home: Path
     connection: str
-    hospitals: int          # hospital folders (those holding a node key's public half)
+    hospitals: int  # hospital folders (those holding a node key's public half)
 
     @classmethod
     def load(cls, folder: Path) -> CoordinatorDeployment:
@@ -50,13 +50,17 @@ class CoordinatorDeployment:
         folder = folder.expanduser().resolve()
         config = folder / "flwr-home" / "config.toml"
         if not config.is_file():
-            raise FedcareError(f"{folder} is not a deployment folder: {config} is missing",
-                               "pass the folder `fedcare deploy init` wrote (it holds ca/, superlink/, flwr-home/)")
+            raise FedcareError(
+                f"{folder} is not a deployment folder: {config} is missing",
+                "pass the folder `fedcare deploy init` wrote (it holds ca/, superlink/, flwr-home/)",
+            )
         try:
             connection = tomllib.loads(config.read_text())["superlink"]["default"]
         except (tomllib.TOMLDecodeError, KeyError, TypeError, UnicodeDecodeError):
-            raise FedcareError(f"{config} names no default SuperLink connection ([superlink] default = ...)",
-                               "write the deployment again with `fedcare deploy init`") from None
+            raise FedcareError(
+                f"{config} names no default SuperLink connection ([superlink] default = ...)",
+                "write the deployment again with `fedcare deploy init`",
+            ) from None
         return cls(folder, folder / "flwr-home", str(connection), len(list(folder.glob("*/node.pub"))))
 
 
@@ -65,21 +69,37 @@ def _console() -> Console:
 
 
 def run(
-    deploy_dir: Path = typer.Argument(..., help="the folder `fedcare deploy init` wrote (its flwr-home/ connects "
-                                      "to the SuperLink's control listener on this machine)"),
-    output_dir: Path = typer.Option(Path("runs/deployment"), "--output-dir",
-                                    help="where the model, results.json, plots and checkpoints go (sent as an "
-                                    "absolute path: the SuperLink's working directory does not matter)"),
-    rounds: Optional[int] = typer.Option(None, "--rounds", help=f"federated rounds [{RunSettings.num_rounds}]"),
-    hospitals: Optional[int] = typer.Option(None, "--hospitals", help="how many hospital nodes the run waits for "
-                                            "(default: one per hospital folder of the deployment)"),
-    min_hospitals: Optional[int] = typer.Option(None, "--min-hospitals", help="stop when fewer can still "
-                                                f"train [{RunSettings.min_hospitals}]"),
-    resume: bool = typer.Option(False, "--resume", help="continue the run checkpointed in OUTPUT_DIR after its "
-                                "last completed round, with the run config it was started with"),
-    run_config: Optional[list[str]] = typer.Option(None, "--run-config", help="more run-config pairs, as for "
-                                                   "`flwr run` (e.g. \"strategy='fedadam' target-epsilon=1.0\"; "
-                                                   "repeatable)"),
+    deploy_dir: Path = typer.Argument(
+        ...,
+        help="the folder `fedcare deploy init` wrote (its flwr-home/ connects "
+        "to the SuperLink's control listener on this machine)",
+    ),
+    output_dir: Path = typer.Option(
+        Path("runs/deployment"),
+        "--output-dir",
+        help="where the model, results.json, plots and checkpoints go (sent as an "
+        "absolute path: the SuperLink's working directory does not matter)",
+    ),
+    rounds: int | None = typer.Option(None, "--rounds", help=f"federated rounds [{RunSettings.num_rounds}]"),
+    hospitals: int | None = typer.Option(
+        None,
+        "--hospitals",
+        help="how many hospital nodes the run waits for (default: one per hospital folder of the deployment)",
+    ),
+    min_hospitals: int | None = typer.Option(
+        None, "--min-hospitals", help=f"stop when fewer can still train [{RunSettings.min_hospitals}]"
+    ),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="continue the run checkpointed in OUTPUT_DIR after its "
+        "last completed round, with the run config it was started with",
+    ),
+    run_config: list[str] | None = typer.Option(
+        None,
+        "--run-config",
+        help="more run-config pairs, as for `flwr run` (e.g. \"strategy='fedadam' target-epsilon=1.0\"; repeatable)",
+    ),
     app_dir: Path = typer.Option(Path("."), "--app", help="the Flower app to submit (the fedcare project folder)"),
     verbose: bool = typer.Option(False, "--verbose", help="show the ServerApp's whole log, not only progress lines"),
 ) -> None:
@@ -90,36 +110,44 @@ def run(
     options = {"num-rounds": rounds, "hospitals": hospitals, "min-hospitals": min_hospitals}
     deployment, config = _checked_launch(deploy_dir, app, out, resume, run_config, options)
     flwr, run_id = _submit(deployment, app, out, config)
-    console.print(f"{'resumed' if resume else 'started'} run {run_id} on the '{deployment.connection}' SuperLink "
-                  f"({config['hospitals']} hospitals, {config.get('num-rounds', 'default')} rounds); results go to "
-                  f"{out}", highlight=False, markup=False)
+    console.print(
+        f"{'resumed' if resume else 'started'} run {run_id} on the '{deployment.connection}' SuperLink "
+        f"({config['hospitals']} hospitals, {config.get('num-rounds', 'default')} rounds); results go to "
+        f"{out}",
+        highlight=False,
+        markup=False,
+    )
     lines: list[str] = []
     status = _follow_until_finished(flwr, run_id, lines, console, verbose, deployment)
     _report_outcome(console, out, run_id, status, lines, deployment)
 
 
-def _checked_launch(deploy_dir: Path, app: Path, out: Path, resume: bool, run_config: list[str] | None,
-                    options: dict[str, int | None]) -> tuple[CoordinatorDeployment, dict[str, Any]]:
+def _checked_launch(
+    deploy_dir: Path, app: Path, out: Path, resume: bool, run_config: list[str] | None, options: dict[str, int | None]
+) -> tuple[CoordinatorDeployment, dict[str, Any]]:
     """The deployment and the checked run config; any problem ends the command as a usage error, before submitting."""
     from fedcare.coordinator_run_config import coordinator_run_config, parse_pairs
 
     try:
         deployment = CoordinatorDeployment.load(deploy_dir)
         if not (app / "pyproject.toml").is_file():
-            raise FedcareError(f"{app} is not a Flower app folder (no pyproject.toml)",
-                               "run from the fedcare project folder, or pass --app PATH")
+            raise FedcareError(
+                f"{app} is not a Flower app folder (no pyproject.toml)",
+                "run from the fedcare project folder, or pass --app PATH",
+            )
         _check_resume(out, resume)
         if options["hospitals"] is None and deployment.hospitals == 0 and not resume:
-            raise FedcareError(f"{deployment.folder} holds no hospital folder (<name>/node.pub)",
-                               "pass --hospitals N: how many hospital nodes the run waits for")
+            raise FedcareError(
+                f"{deployment.folder} holds no hospital folder (<name>/node.pub)",
+                "pass --hospitals N: how many hospital nodes the run waits for",
+            )
         config = coordinator_run_config(out, deployment.hospitals, resume, parse_pairs(run_config or []), options)
     except FedcareError as exc:
         usage_error(exc.problem, exc.hint)
     return deployment, config
 
 
-def _submit(deployment: CoordinatorDeployment, app: Path, out: Path,
-            config: dict[str, Any]) -> tuple[FlowerCli, int]:
+def _submit(deployment: CoordinatorDeployment, app: Path, out: Path, config: dict[str, Any]) -> tuple[FlowerCli, int]:
     """Write the run config into ``out`` and submit the app to the SuperLink; the Flower CLI and the run id."""
     from fedcare.coordinator_run_config import write_run_config
     from fedcare.flower_cli import FlowerCli
@@ -133,37 +161,53 @@ def _submit(deployment: CoordinatorDeployment, app: Path, out: Path,
     return flwr, run_id
 
 
-def _follow_until_finished(flwr: FlowerCli, run_id: int, lines: list[str], console: Console, verbose: bool,
-                           deployment: CoordinatorDeployment) -> RunStatus:
+def _follow_until_finished(
+    flwr: FlowerCli, run_id: int, lines: list[str], console: Console, verbose: bool, deployment: CoordinatorDeployment
+) -> RunStatus:
     """Follow the run to its end; Ctrl-C stops following (exit 130) and says how to follow or stop it again."""
     try:
         return _follow(flwr, run_id, lines, console, verbose)
     except KeyboardInterrupt:
-        console.print(f"stopped following run {run_id}; it goes on at the SuperLink. Follow it again with "
-                      f"`FLWR_HOME={deployment.flwr_home} flwr log {run_id} {deployment.connection}`, stop it with "
-                      f"`flwr stop {run_id} {deployment.connection}`", highlight=False, markup=False)
+        console.print(
+            f"stopped following run {run_id}; it goes on at the SuperLink. Follow it again with "
+            f"`FLWR_HOME={deployment.flwr_home} flwr log {run_id} {deployment.connection}`, stop it with "
+            f"`flwr stop {run_id} {deployment.connection}`",
+            highlight=False,
+            markup=False,
+        )
         raise typer.Exit(130) from None
     except FedcareError as exc:
         fail(exc)
 
 
-def _report_outcome(console: Console, out: Path, run_id: int, status: RunStatus, lines: list[str],
-                    deployment: CoordinatorDeployment) -> None:
+def _report_outcome(
+    console: Console, out: Path, run_id: int, status: RunStatus, lines: list[str], deployment: CoordinatorDeployment
+) -> None:
     """Print the run's report when it wrote one; exit 1 unless it completed every round."""
-    log_hint = (f"the ServerApp's whole log: `FLWR_HOME={deployment.flwr_home} flwr log {run_id} "
-                f"{deployment.connection} --show`")
+    log_hint = (
+        f"the ServerApp's whole log: `FLWR_HOME={deployment.flwr_home} flwr log {run_id} "
+        f"{deployment.connection} --show`"
+    )
     results = _this_runs_results(out, run_id)
     if results:
         _print_report(console, out, results)
     if not status.completed:
         fail(FedcareError(f"run {run_id} {_why_not_completed(status, lines)}", log_hint))
     if not results:
-        fail(FedcareError(f"run {run_id} completed but {out} holds no report of it",
-                          "the ServerApp writes it on the SuperLink's machine: run `fedcare run` there; " + log_hint))
+        fail(
+            FedcareError(
+                f"run {run_id} completed but {out} holds no report of it",
+                "the ServerApp writes it on the SuperLink's machine: run `fedcare run` there; " + log_hint,
+            )
+        )
     if results.get("stopped_early") or results.get("status", "completed") != "completed":
-        fail(FedcareError(f"run {run_id} stopped early: {results.get('stopped_early')}",
-                          "see each hospital's reason above; fix what they refuse, then start again "
-                          "(or --resume once enough hospitals can train)"))
+        fail(
+            FedcareError(
+                f"run {run_id} stopped early: {results.get('stopped_early')}",
+                "see each hospital's reason above; fix what they refuse, then start again "
+                "(or --resume once enough hospitals can train)",
+            )
+        )
 
 
 def _check_resume(out: Path, resume: bool) -> None:
@@ -171,11 +215,15 @@ def _check_resume(out: Path, resume: bool) -> None:
 
     checkpointed = (out / CHECKPOINT_DIR).is_dir()
     if resume and not checkpointed:
-        raise FedcareError(f"no checkpoint to resume in {out / CHECKPOINT_DIR}",
-                           "pass the --output-dir of the run that stopped, or start a new run without --resume")
+        raise FedcareError(
+            f"no checkpoint to resume in {out / CHECKPOINT_DIR}",
+            "pass the --output-dir of the run that stopped, or start a new run without --resume",
+        )
     if not resume and checkpointed:
-        raise FedcareError(f"{out} holds the checkpoint of an earlier run",
-                           "pass --resume to continue it, or choose a new --output-dir")
+        raise FedcareError(
+            f"{out} holds the checkpoint of an earlier run",
+            "pass --resume to continue it, or choose a new --output-dir",
+        )
 
 
 def _follow(flwr: FlowerCli, run_id: int, lines: list[str], console: Console, verbose: bool) -> RunStatus:
@@ -184,7 +232,7 @@ def _follow(flwr: FlowerCli, run_id: int, lines: list[str], console: Console, ve
     A log stream that breaks before the run finished is opened again; Flower replays the log from
     its start, so the lines already seen are skipped.
     """
-    stream = {"read": 0, "skip": 0}       # lines read from the current stream; how many of them were seen before
+    stream = {"read": 0, "skip": 0}  # lines read from the current stream; how many of them were seen before
 
     def relay(line: str) -> None:
         stream["read"] += 1
@@ -239,7 +287,9 @@ def _print_report(console: Console, out: Path, results: dict[str, Any]) -> None:
         console.print(build_table(rows, pooled, bool(results["settings"].get("dp")), local_columns=False))
     for name, hospital in sorted(results["hospitals"].items()):
         if hospital.get("refusal"):
-            console.print(f"{name}: {hospital['refusal']}", highlight=False, markup=False, style="yellow",
-                          soft_wrap=True)
-    console.print(f"run directory: {out}  ({RESULTS}, final_model.npz, {PLOT}, {RUN_CONFIG_FILE})",
-                  highlight=False, markup=False)
+            console.print(
+                f"{name}: {hospital['refusal']}", highlight=False, markup=False, style="yellow", soft_wrap=True
+            )
+    console.print(
+        f"run directory: {out}  ({RESULTS}, final_model.npz, {PLOT}, {RUN_CONFIG_FILE})", highlight=False, markup=False
+    )

@@ -30,14 +30,18 @@ def parse_pairs(texts: list[str]) -> dict[str, Any]:
     for text in texts:
         pairs = _PAIR.findall(text)
         if not pairs and text.strip():
-            raise FedcareError(f"--run-config '{text}' holds no KEY=VALUE pair",
-                               "write e.g. --run-config \"strategy='fedadam' target-epsilon=1.0\"")
+            raise FedcareError(
+                f"--run-config '{text}' holds no KEY=VALUE pair",
+                "write e.g. --run-config \"strategy='fedadam' target-epsilon=1.0\"",
+            )
         for key, value in pairs:
             try:
                 values[key] = tomllib.loads(f"v = {value}")["v"]
             except tomllib.TOMLDecodeError:
-                raise FedcareError(f"--run-config {key}={value}: not a TOML value",
-                                   "quote text ('fedadam'); numbers and true/false go bare") from None
+                raise FedcareError(
+                    f"--run-config {key}={value}: not a TOML value",
+                    "quote text ('fedadam'); numbers and true/false go bare",
+                ) from None
     return values
 
 
@@ -49,12 +53,15 @@ def saved_run_config(output_dir: Path) -> dict[str, Any]:
     try:
         return tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise FedcareError(f"{path} is not a TOML run config ({exc})",
-                           "restore it, or resume with the run's settings given again as options") from None
+        raise FedcareError(
+            f"{path} is not a TOML run config ({exc})",
+            "restore it, or resume with the run's settings given again as options",
+        ) from None
 
 
-def coordinator_run_config(output_dir: Path, hospitals: int, resume: bool, pairs: Mapping[str, Any],
-                           options: Mapping[str, Any]) -> dict[str, Any]:
+def coordinator_run_config(
+    output_dir: Path, hospitals: int, resume: bool, pairs: Mapping[str, Any], options: Mapping[str, Any]
+) -> dict[str, Any]:
     """The whole run config: on --resume the saved one, then ``pairs``, then ``options`` (None: not given),
     then ``hospitals`` unless given, the absolute ``output_dir`` and ``resume``; checked as RunSettings."""
     config = {k: v for k, v in saved_run_config(output_dir).items() if k != "resume"} if resume else {}
@@ -62,7 +69,7 @@ def coordinator_run_config(output_dir: Path, hospitals: int, resume: bool, pairs
     config |= {k: v for k, v in options.items() if v is not None}
     config.setdefault("hospitals", hospitals)
     config |= {"output-dir": str(output_dir), "resume": resume}
-    RunSettings.from_config(config)      # unknown keys, wrong types, impossible values: refused here
+    RunSettings.from_config(config)  # unknown keys, wrong types, impossible values: refused here
     return config
 
 

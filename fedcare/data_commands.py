@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -17,9 +16,12 @@ from rich.console import Console
 from fedcare.error_output import EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, fail
 from fedcare.errors import FedcareError
 
-data_app = typer.Typer(add_completion=False, no_args_is_help=True,
-                       help="Check a hospital's local data (DICOM folder, EHR table or events) before training; "
-                            "prepare the generated simulation datasets.")
+data_app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Check a hospital's local data (DICOM folder, EHR table or events) before training; "
+    "prepare the generated simulation datasets.",
+)
 
 
 @data_app.callback()
@@ -30,15 +32,23 @@ def _root() -> None:
 @data_app.command()
 def check(
     path: Path = typer.Argument(..., help="folder of DICOM files (searched recursively), or an EHR table/events file"),
-    labels: Optional[Path] = typer.Option(None, "--labels", help="DICOM: labels CSV (default: PATH/labels.csv); "
-                                          "events: a separate per-patient labels table"),
-    schema: Optional[Path] = typer.Option(None, "--schema", help="EHR: the schema TOML (PATH is then a CSV/Parquet file)"),
+    labels: Path | None = typer.Option(
+        None,
+        "--labels",
+        help="DICOM: labels CSV (default: PATH/labels.csv); events: a separate per-patient labels table",
+    ),
+    schema: Path | None = typer.Option(None, "--schema", help="EHR: the schema TOML (PATH is then a CSV/Parquet file)"),
     image_size: int = typer.Option(64, "--image-size", help="side of the square model input, in pixels"),
     multiframe: str = typer.Option("first", "--multiframe", help="multi-frame files: first | every | reject"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="EHR: the batch size the federation "
-                                             "will run with; the hospital needs at least one batch of training "
-                                             "rows [the dataset's preset, as `fedcare simulate`]"),
+    batch_size: int | None = typer.Option(
+        None,
+        "--batch-size",
+        min=1,
+        help="EHR: the batch size the federation "
+        "will run with; the hospital needs at least one batch of training "
+        "rows [the dataset's preset, as `fedcare simulate`]",
+    ),
     dp: bool = typer.Option(True, "--dp/--no-dp", help="EHR: whether the run trains with DP-SGD (the default)"),
 ) -> None:
     """Report files found, readable and rejected DICOM, label balance, sizes and identifying attributes
@@ -59,8 +69,9 @@ def check(
     raise typer.Exit(EXIT_OK if report.ok else EXIT_PROBLEM)
 
 
-def _check_ehr(path: Path, schema_path: Path, labels: Path | None, as_json: bool, batch_size: int | None,
-               dp: bool) -> None:
+def _check_ehr(
+    path: Path, schema_path: Path, labels: Path | None, as_json: bool, batch_size: int | None, dp: bool
+) -> None:
     """Load the table/events with the loader `fedcare simulate` and a node use, and run their
     trainability check at the run's batch size: exit 0 when it would train, 1 with the reason if not."""
     from client.datasets import DataSource, load_hospital
@@ -73,21 +84,27 @@ def _check_ehr(path: Path, schema_path: Path, labels: Path | None, as_json: bool
             batch = RunSettings.for_dataset(dataset, batch_size=batch_size, dp=dp).batch_size
         except FedcareError as exc:
             fail(exc, EXIT_USAGE)
-        hospital = load_hospital(dataset, DataSource(data_path=str(path), schema=str(schema_path),
-                                                     labels=str(labels) if labels is not None else None))
+        hospital = load_hospital(
+            dataset,
+            DataSource(
+                data_path=str(path), schema=str(schema_path), labels=str(labels) if labels is not None else None
+            ),
+        )
         hospital.check_trainable(batch, dp=dp)
     except FedcareError as exc:
         if not as_json:
             fail(exc, EXIT_PROBLEM)
         typer.echo(json.dumps({"ok": False, "problems": [str(exc)]}, indent=2))
         raise typer.Exit(EXIT_PROBLEM) from None
-    ready = (f"ok: this data can join a federation ({len(hospital.y_train)} training rows, "
-             f"batch size {batch}{', DP-SGD' if dp else ''})")
+    ready = (
+        f"ok: this data can join a federation ({len(hospital.y_train)} training rows, "
+        f"batch size {batch}{', DP-SGD' if dp else ''})"
+    )
     if as_json:
         typer.echo(json.dumps({"ok": True, "notes": [*hospital.notes, ready]}, indent=2))
     else:
         console = Console(width=None if sys.stdout.isatty() else 160)
-        for line in [*hospital.notes, ready]:   # notes name the user's columns: never rich markup
+        for line in [*hospital.notes, ready]:  # notes name the user's columns: never rich markup
             console.print(line, highlight=False, markup=False)
     raise typer.Exit(EXIT_OK)
 
@@ -96,7 +113,7 @@ def _check_ehr(path: Path, schema_path: Path, labels: Path | None, as_json: bool
 def prepare(
     dataset: str = typer.Argument(..., help="pbc2 | synthetic-imaging"),
     root: Path = typer.Argument(..., help="where to write the hospital folders (root/hospital-<i>)"),
-    hospitals: Optional[int] = typer.Option(None, help="how many hospitals [the dataset's preset]"),
+    hospitals: int | None = typer.Option(None, help="how many hospitals [the dataset's preset]"),
     seed: int = typer.Option(0, help="seed of the split / generator"),
 ) -> None:
     """Write the hospital folders of a generated dataset (reused when already there)."""

@@ -21,8 +21,9 @@ from opacus.accountants.analysis import rdp as privacy_analysis
 
 # RDP orders searched for the tightest conversion; Opacus's default stops at 63, which is not
 # enough for the small epsilons hospitals ask for (the optimum sits beyond it).
-ALPHAS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64))
-                                  + [80, 96, 128, 192, 256, 384, 512])
+ALPHAS: tuple[float, ...] = tuple(
+    [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [80, 96, 128, 192, 256, 384, 512]
+)
 
 Entry = tuple[float, float, int]  # (noise multiplier, sample rate, steps)
 
@@ -30,8 +31,7 @@ Entry = tuple[float, float, int]  # (noise multiplier, sample rate, steps)
 @functools.lru_cache(maxsize=4096)
 def rdp_per_step(sample_rate: float, noise_multiplier: float) -> np.ndarray:
     """One step's RDP at every order in ALPHAS (Opacus's ``compute_rdp`` with steps=1), read-only."""
-    rdp = privacy_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
-                                       orders=list(ALPHAS))
+    rdp = privacy_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(ALPHAS))
     rdp.setflags(write=False)
     return rdp
 

@@ -40,11 +40,11 @@ from pathlib import Path
 from fedcare.atomic_files import replace_file
 from fedcare.errors import FedcareError
 
-STORE_NAME = "approved-fabs.json"       # in the hospital's state folder (default: its ledger-dir)
+STORE_NAME = "approved-fabs.json"  # in the hospital's state folder (default: its ledger-dir)
 STORE_FORMAT = "fedcare-approved-fabs/1"
 MANIFEST = ".info/CONTENT"
 PYPROJECT = "pyproject.toml"
-MAX_UNZIPPED_BYTES = 64 * 1024 * 1024   # a FAB is at most 10 MiB zipped (Flower); code is far smaller
+MAX_UNZIPPED_BYTES = 64 * 1024 * 1024  # a FAB is at most 10 MiB zipped (Flower); code is far smaller
 _DIGEST = re.compile(r"(?:sha256:)?([0-9a-f]{64})")
 _SAFE_PART = re.compile(r"[A-Za-z0-9_.-]+")
 
@@ -57,8 +57,10 @@ def normalize_digest(text: str) -> str:
     """``[sha256:]<64 hex>`` (any case, surrounding spaces) -> 64 lowercase hex characters."""
     match = _DIGEST.fullmatch(str(text).strip().lower())
     if not match:
-        raise FedcareError(f"'{text}' is not a SHA-256 digest",
-                           "give the 64 hex characters `fedcare deploy fab` prints (optionally prefixed sha256:)")
+        raise FedcareError(
+            f"'{text}' is not a SHA-256 digest",
+            "give the 64 hex characters `fedcare deploy fab` prints (optionally prefixed sha256:)",
+        )
     return match.group(1)
 
 
@@ -73,7 +75,7 @@ class FabContents:
 
     digest: str
     files: list[str]
-    app_id: str            # publisher/name, as Flower's fab_id
+    app_id: str  # publisher/name, as Flower's fab_id
     version: str
 
 
@@ -82,8 +84,12 @@ def _is_code_path(name: str) -> bool:
     if name == PYPROJECT:
         return True
     parts = name.split("/")
-    return (name.endswith(".py") and "\\" not in name and not name.startswith("/")
-            and all(_SAFE_PART.fullmatch(p) and p not in (".", "..") for p in parts))
+    return (
+        name.endswith(".py")
+        and "\\" not in name
+        and not name.startswith("/")
+        and all(_SAFE_PART.fullmatch(p) and p not in (".", "..") for p in parts)
+    )
 
 
 def _app_identity(pyproject: bytes, digest: str) -> tuple[str, str]:
@@ -92,8 +98,10 @@ def _app_identity(pyproject: bytes, digest: str) -> tuple[str, str]:
         publisher, project = config["tool"]["flwr"]["app"]["publisher"], config["project"]
         return f"{publisher}/{project['name']}", str(project["version"])
     except (UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError) as exc:
-        raise FabRefused(f"FAB sha256:{digest} has no readable app identity in its pyproject.toml "
-                         f"({type(exc).__name__})", "rebuild it with `fedcare deploy fab`") from None
+        raise FabRefused(
+            f"FAB sha256:{digest} has no readable app identity in its pyproject.toml ({type(exc).__name__})",
+            "rebuild it with `fedcare deploy fab`",
+        ) from None
 
 
 def inspect_fab(fab: bytes) -> FabContents:
@@ -113,27 +121,35 @@ def inspect_fab(fab: bytes) -> FabContents:
         links = sorted(i.filename for i in infos if stat.S_ISLNK(i.external_attr >> 16))
         if other or links:
             shown = ", ".join((other + links)[:5]) + (" ..." if len(other + links) > 5 else "")
-            raise FabRefused(f"{where} carries files that are not code ({len(other) + len(links)}: {shown})",
-                             "a FAB may hold only *.py, pyproject.toml and .info/CONTENT: narrow `fab-include` in "
-                             "[tool.flwr.app] to the app's *.py and rebuild")
+            raise FabRefused(
+                f"{where} carries files that are not code ({len(other) + len(links)}: {shown})",
+                "a FAB may hold only *.py, pyproject.toml and .info/CONTENT: narrow `fab-include` in "
+                "[tool.flwr.app] to the app's *.py and rebuild",
+            )
         if MANIFEST not in names or PYPROJECT not in names:
-            raise FabRefused(f"{where} lacks {MANIFEST if MANIFEST not in names else PYPROJECT}",
-                             "rebuild it with `fedcare deploy fab`")
+            raise FabRefused(
+                f"{where} lacks {MANIFEST if MANIFEST not in names else PYPROJECT}",
+                "rebuild it with `fedcare deploy fab`",
+            )
         if sum(i.file_size for i in infos) > MAX_UNZIPPED_BYTES:
-            raise FabRefused(f"{where} unpacks to more than {MAX_UNZIPPED_BYTES // 2**20} MiB",
-                             "a FAB carries code only")
+            raise FabRefused(
+                f"{where} unpacks to more than {MAX_UNZIPPED_BYTES // 2**20} MiB", "a FAB carries code only"
+            )
         try:
             data = {n: archive.read(n) for n in names}
         except (zipfile.BadZipFile, RuntimeError, NotImplementedError, EOFError, zlib.error) as exc:
-            raise FabRefused(f"{where} cannot be unpacked ({type(exc).__name__})",
-                             "rebuild it with `fedcare deploy fab`") from None
+            raise FabRefused(
+                f"{where} cannot be unpacked ({type(exc).__name__})", "rebuild it with `fedcare deploy fab`"
+            ) from None
     listed: dict[str, str] = {}
     for line in data.pop(MANIFEST).decode("utf-8", "replace").strip().splitlines():
         path, _, rest = line.partition(",")
         listed[path] = rest.partition(",")[0]
     if set(listed) != set(data) or any(hashlib.sha256(data[p]).hexdigest() != h for p, h in listed.items()):
-        raise FabRefused(f"{where}: its {MANIFEST} does not list exactly its files with their hashes",
-                         "rebuild it with `fedcare deploy fab`")
+        raise FabRefused(
+            f"{where}: its {MANIFEST} does not list exactly its files with their hashes",
+            "rebuild it with `fedcare deploy fab`",
+        )
     app_id, version = _app_identity(data[PYPROJECT], digest)
     return FabContents(digest, sorted(data), app_id, version)
 
@@ -155,8 +171,10 @@ def _check_store_mode(store: Path, st: os.stat_result) -> None:
         raise FedcareError(f"the approval store {store} is not a regular file", "point --approved-fabs at a file")
     if stat.S_IMODE(st.st_mode) & 0o022:
         mode = stat.S_IMODE(st.st_mode)
-        raise FedcareError(f"the approval store {store} is writable by other users (mode {mode:04o})",
-                           f"chmod 600 {store}: whoever can write it decides what code this node runs")
+        raise FedcareError(
+            f"the approval store {store} is writable by other users (mode {mode:04o})",
+            f"chmod 600 {store}: whoever can write it decides what code this node runs",
+        )
 
 
 def read_approvals(store: Path) -> list[Approval]:
@@ -167,8 +185,10 @@ def read_approvals(store: Path) -> list[Approval]:
     except FileNotFoundError:
         return []
     except OSError as exc:
-        raise FedcareError(f"cannot read the approval store {store}: {exc.strerror}",
-                           "it must be a plain file the node's user can read") from None
+        raise FedcareError(
+            f"cannot read the approval store {store}: {exc.strerror}",
+            "it must be a plain file the node's user can read",
+        ) from None
     with os.fdopen(fd, "rb") as f:
         _check_store_mode(store, os.fstat(f.fileno()))
         raw = f.read()
@@ -178,24 +198,33 @@ def read_approvals(store: Path) -> list[Approval]:
             raise ValueError(doc.get("format"))
         return [Approval(**{**r, "digest": normalize_digest(r["digest"])}) for r in doc["approvals"]]
     except (ValueError, TypeError, KeyError, AttributeError, FedcareError):
-        raise FedcareError(f"{store} is not a fedcare approval store",
-                           "restore it from a backup, or move it away and approve the FABs again") from None
+        raise FedcareError(
+            f"{store} is not a fedcare approval store",
+            "restore it from a backup, or move it away and approve the FABs again",
+        ) from None
 
 
-def approve_digest(store: Path, digest: str, source: str, files: Iterable[str] = (), app: str = "",
-                   approved_by: str | None = None) -> Approval:
+def approve_digest(
+    store: Path, digest: str, source: str, files: Iterable[str] = (), app: str = "", approved_by: str | None = None
+) -> Approval:
     """Record ``digest`` as approved (idempotent: an existing record is kept and returned)."""
     store, digest = Path(store), normalize_digest(digest)
     store.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     lock = os.open(store.with_name(f"{store.name}.lock"), os.O_WRONLY | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX)        # two `approve` at once must not lose one
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two `approve` at once must not lose one
         approvals = read_approvals(store)
         for existing in approvals:
             if existing.digest == digest:
                 return existing
-        record = Approval(digest, dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                          approved_by or f"{getpass.getuser()}@{socket.gethostname()}", source, app, list(files))
+        record = Approval(
+            digest,
+            dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            approved_by or f"{getpass.getuser()}@{socket.gethostname()}",
+            source,
+            app,
+            list(files),
+        )
         doc = {"format": STORE_FORMAT, "approvals": [asdict(a) for a in [*approvals, record]]}
         replace_file(store, json.dumps(doc, indent=2) + "\n", sync_folder=True)
         return record
@@ -227,8 +256,9 @@ class FabPolicy:
             return False
         return any(a.digest == digest for a in read_approvals(self.store))
 
-    def check(self, fab: bytes, claimed_digest: str | None = None, app_id: str | None = None,
-              app_version: str | None = None) -> FabContents:
+    def check(
+        self, fab: bytes, claimed_digest: str | None = None, app_id: str | None = None, app_version: str | None = None
+    ) -> FabContents:
         """Return the FAB's contents if this node may run it; otherwise raise FabRefused saying why and what to do.
 
         ``claimed_digest``, ``app_id`` and ``app_version`` are what the run names (Flower's fab_hash, fab_id,
@@ -236,47 +266,75 @@ class FabPolicy:
         """
         digest = fab_digest(fab)
         if claimed_digest is not None and claimed_digest != digest:
-            raise FabRefused(f"the task names FAB digest {claimed_digest} but its bytes are sha256:{digest}",
-                             "the node's state is inconsistent: restart the node")
+            raise FabRefused(
+                f"the task names FAB digest {claimed_digest} but its bytes are sha256:{digest}",
+                "the node's state is inconsistent: restart the node",
+            )
         if self.store is None and not self.digests:
-            raise FabRefused(f"this node has no approved FABs, so it refused FAB sha256:{digest}",
-                             "start it with an approval store (`[code]` in hospital.toml), inspect the FAB and run "
-                             f"`{self.approve_command(digest)}`")
+            raise FabRefused(
+                f"this node has no approved FABs, so it refused FAB sha256:{digest}",
+                "start it with an approval store (`[code]` in hospital.toml), inspect the FAB and run "
+                f"`{self.approve_command(digest)}`",
+            )
         try:
             approved = self.approved(digest)
         except FedcareError as exc:
             raise FabRefused(f"refused FAB sha256:{digest}: {exc.problem}", exc.hint) from None
         if not approved:
-            raise FabRefused(f"this hospital has not approved FAB sha256:{digest}",
-                             f"inspect it and run `{self.approve_command(digest)}` (or name the .fab file "
-                             "instead of the digest), then start the run again")
+            raise FabRefused(
+                f"this hospital has not approved FAB sha256:{digest}",
+                f"inspect it and run `{self.approve_command(digest)}` (or name the .fab file "
+                "instead of the digest), then start the run again",
+            )
         contents = inspect_fab(fab)
         if app_id is not None and (app_id, app_version) != (contents.app_id, contents.version):
-            raise FabRefused(f"the run names app {app_id} {app_version}, but FAB sha256:{digest} says it is "
-                             f"{contents.app_id} {contents.version}", "the coordinator must ship the app unchanged")
+            raise FabRefused(
+                f"the run names app {app_id} {app_version}, but FAB sha256:{digest} says it is "
+                f"{contents.app_id} {contents.version}",
+                "the coordinator must ship the app unchanged",
+            )
         return contents
 
 
 def add_policy_arguments(parser) -> None:
     """The approval options of `fedcare.node_launcher` and its ClientApp executor (argparse)."""
-    parser.add_argument("--approved-fabs", type=Path, default=None, metavar="FILE",
-                        help=f"the hospital's approval store ({STORE_NAME}, written by `fedcare node approve`); "
-                        "read for every task")
-    parser.add_argument("--approve", action="append", default=[], metavar="DIGEST",
-                        help="also run the FAB with this SHA-256 digest (repeatable)")
-    parser.add_argument("--settings", type=Path, default=None, metavar="HOSPITAL_TOML",
-                        help="this node's hospital.toml, named in refusals as the file `fedcare node approve` takes")
-    parser.add_argument("--allow-any-fab", action="store_true",
-                        help="UNSAFE: run whatever FAB the SuperLink ships, unchecked (the coordinator then decides "
-                        "what code runs next to this hospital's data)")
+    parser.add_argument(
+        "--approved-fabs",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help=f"the hospital's approval store ({STORE_NAME}, written by `fedcare node approve`); read for every task",
+    )
+    parser.add_argument(
+        "--approve",
+        action="append",
+        default=[],
+        metavar="DIGEST",
+        help="also run the FAB with this SHA-256 digest (repeatable)",
+    )
+    parser.add_argument(
+        "--settings",
+        type=Path,
+        default=None,
+        metavar="HOSPITAL_TOML",
+        help="this node's hospital.toml, named in refusals as the file `fedcare node approve` takes",
+    )
+    parser.add_argument(
+        "--allow-any-fab",
+        action="store_true",
+        help="UNSAFE: run whatever FAB the SuperLink ships, unchecked (the coordinator then decides "
+        "what code runs next to this hospital's data)",
+    )
 
 
 def policy_from_arguments(args) -> FabPolicy | None:
     """The node's FabPolicy from parsed options (None only for --allow-any-fab); bad digests are errors."""
     if args.allow_any_fab:
         if args.approved_fabs is not None or args.approve:
-            raise FedcareError("--allow-any-fab turns FAB approval off, yet approvals were given",
-                               "drop --allow-any-fab (approvals then apply) or drop the approvals")
+            raise FedcareError(
+                "--allow-any-fab turns FAB approval off, yet approvals were given",
+                "drop --allow-any-fab (approvals then apply) or drop the approvals",
+            )
         return None
     store = args.approved_fabs.expanduser().resolve() if args.approved_fabs is not None else None
     settings = args.settings.expanduser().resolve() if args.settings is not None else None

@@ -43,11 +43,13 @@ class FleetOnly:
 
     def __init__(self, app: ASGIApp, allowed_paths: Iterable[str]) -> None:
         paths = frozenset(allowed_paths)
-        bad = sorted(p for p in paths if not _LITERAL_PATH.match(p)
-                     or not (p == HEALTH_PATH or p.startswith(FLEET_PREFIX)))
+        bad = sorted(
+            p for p in paths if not _LITERAL_PATH.match(p) or not (p == HEALTH_PATH or p.startswith(FLEET_PREFIX))
+        )
         if not paths or bad:
-            raise ValueError(f"the public listener may allow only literal Fleet paths and {HEALTH_PATH}; "
-                             f"got {bad or 'nothing'}")
+            raise ValueError(
+                f"the public listener may allow only literal Fleet paths and {HEALTH_PATH}; got {bad or 'nothing'}"
+            )
         self.app = app
         self.allowed_paths = paths
 
@@ -66,14 +68,18 @@ class FleetOnly:
             else:
                 await _not_found(send)
         elif kind == "websocket":
-            await send({"type": "websocket.close", "code": 1008})     # policy violation; never accepted
-        else:   # the loopback listener owns the lifespan; this one serves nothing else
+            await send({"type": "websocket.close", "code": 1008})  # policy violation; never accepted
+        else:  # the loopback listener owns the lifespan; this one serves nothing else
             raise RuntimeError(f"the public SuperLink listener does not serve '{kind}' scopes")
 
 
 async def _not_found(send: Send) -> None:
     """The 404 FastAPI itself sends for an unknown path (so the gate looks like nothing is there)."""
-    await send({"type": "http.response.start", "status": 404,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(_NOT_FOUND)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 404,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(_NOT_FOUND)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": _NOT_FOUND})

@@ -25,8 +25,8 @@ from pathlib import Path
 from fedcare.errors import FedcareError
 from fedcare.safe_environment import SAFE_ENVIRONMENT
 
-CALL_TIMEOUT_S = 300          # one `flwr run` / `flwr ls` call (building and uploading the FAB included)
-FINISHED_WAIT_S = 30          # after the log stream ended, how long the status may take to read "finished"
+CALL_TIMEOUT_S = 300  # one `flwr run` / `flwr ls` call (building and uploading the FAB included)
+FINISHED_WAIT_S = 30  # after the log stream ended, how long the status may take to read "finished"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
@@ -67,25 +67,39 @@ class FlowerCli:
 
     def _call(self, *args: str) -> subprocess.CompletedProcess:
         try:
-            return subprocess.run([self.executable, *args], env=self.env, capture_output=True, text=True,
-                                  timeout=CALL_TIMEOUT_S, stdin=subprocess.DEVNULL, check=False)
+            return subprocess.run(
+                [self.executable, *args],
+                env=self.env,
+                capture_output=True,
+                text=True,
+                timeout=CALL_TIMEOUT_S,
+                stdin=subprocess.DEVNULL,
+                check=False,
+            )
         except FileNotFoundError:
-            raise FedcareError(f"Flower's `flwr` command was not found ({self.executable})",
-                               "run fedcare from the environment it was installed in (.venv/bin/fedcare)") from None
+            raise FedcareError(
+                f"Flower's `flwr` command was not found ({self.executable})",
+                "run fedcare from the environment it was installed in (.venv/bin/fedcare)",
+            ) from None
         except subprocess.TimeoutExpired:
-            raise FedcareError(f"`flwr {args[0]}` got no answer within {CALL_TIMEOUT_S} s from the "
-                               f"'{self.connection}' SuperLink", "is the SuperLink running and responsive?") from None
+            raise FedcareError(
+                f"`flwr {args[0]}` got no answer within {CALL_TIMEOUT_S} s from the '{self.connection}' SuperLink",
+                "is the SuperLink running and responsive?",
+            ) from None
 
     def _failure(self, what: str, done: subprocess.CompletedProcess) -> FedcareError:
-        try:          # `--format json` puts Flower's own message in "error-message"
+        try:  # `--format json` puts Flower's own message in "error-message"
             said = str(json.loads(done.stdout)["error-message"])
         except (json.JSONDecodeError, KeyError, TypeError):
             said = done.stderr + "\n" + done.stdout
         said = " ".join(ln for ln in plain(said).splitlines() if not ln.startswith("Using SuperLink:"))
         said = " ".join(said.split()) or f"exit status {done.returncode}"
-        hint = (f"is the SuperLink running (COMMANDS.md, step 1)? `flwr` reaches it through the '{self.connection}' "
-                f"connection in {self.flwr_home / 'config.toml'}, from this machine only"
-                if re.search(r"unavailable|connect|refused|timed? ?out", said, re.IGNORECASE) else "")
+        hint = (
+            f"is the SuperLink running (COMMANDS.md, step 1)? `flwr` reaches it through the '{self.connection}' "
+            f"connection in {self.flwr_home / 'config.toml'}, from this machine only"
+            if re.search(r"unavailable|connect|refused|timed? ?out", said, re.IGNORECASE)
+            else ""
+        )
         return FedcareError(f"{what} failed: {said[-600:]}", hint)
 
     def start_run(self, app: Path, run_config: Path) -> int:
@@ -117,9 +131,16 @@ class FlowerCli:
         Each call replays the log from the run's first line. A KeyboardInterrupt stops `flwr log`
         (never the run) and is raised again.
         """
-        proc = subprocess.Popen([self.executable, "log", str(run_id), self.connection, "--stream"], env=self.env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            [self.executable, "log", str(run_id), self.connection, "--stream"],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             assert proc.stdout is not None
             for line in proc.stdout:

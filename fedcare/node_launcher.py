@@ -50,6 +50,7 @@ refused FAB): `fedcare node start` reads them as before.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -57,12 +58,25 @@ import sys
 import threading
 from pathlib import Path
 
+from fedcare.compat.flower import (
+    FAB_GUARD_REFUSAL,
+    FLOWER_IDLE_POLL_S,
+    PATCHED_FLOWER,
+    executor_supported,
+    fab_guard_supported,
+    flower_version,
+    on_message_stored,
+    patch_supernode_polling,
+    shorten_object_pull_backoff,
+)
 from fedcare.errors import FedcareError
-from fedcare.fab_approval import (FabPolicy, add_policy_arguments, policy_arguments, policy_from_arguments,
-                                  read_approvals)
-from fedcare.compat.flower import (FAB_GUARD_REFUSAL, FLOWER_IDLE_POLL_S, PATCHED_FLOWER, executor_supported,
-                                   fab_guard_supported, flower_version, on_message_stored, patch_supernode_polling,
-                                   shorten_object_pull_backoff)
+from fedcare.fab_approval import (
+    FabPolicy,
+    add_policy_arguments,
+    policy_arguments,
+    policy_from_arguments,
+    read_approvals,
+)
 
 
 def _runtime_api_address(flower_args: list[str]) -> str:
@@ -86,33 +100,45 @@ def start_executor(runtime_api_address: str, policy: FabPolicy | None, warm: boo
     """
     read_end, write_end = os.pipe()
     os.set_blocking(write_end, False)
-    command = [sys.executable, "-m", "fedcare.warm_clientapp", "--runtime-api-address", runtime_api_address,
-               "--parent-pid", str(os.getpid()), "--wake-fd", str(read_end), *([] if warm else ["--cold"]),
-               *policy_arguments(policy)]
+    command = [
+        sys.executable,
+        "-m",
+        "fedcare.warm_clientapp",
+        "--runtime-api-address",
+        runtime_api_address,
+        "--parent-pid",
+        str(os.getpid()),
+        "--wake-fd",
+        str(read_end),
+        *([] if warm else ["--cold"]),
+        *policy_arguments(policy),
+    ]
 
     def wake() -> None:
-        try:
+        with contextlib.suppress(
+            BlockingIOError, BrokenPipeError
+        ):  # already awake (pipe full) or gone (it polls on its own)
             os.write(write_end, b".")
-        except (BlockingIOError, BrokenPipeError):
-            pass   # already awake (pipe full) or gone (it polls on its own)
 
     def supervise() -> None:
         from logging import ERROR, WARNING
 
         from flwr.supercore import log
 
-        stopped = (0, -signal.SIGTERM, -signal.SIGINT, -signal.SIGKILL)   # the node is stopping
+        stopped = (0, -signal.SIGTERM, -signal.SIGINT, -signal.SIGKILL)  # the node is stopping
         for attempt in range(restarts + 1):
-            executor = subprocess.Popen(command, pass_fds=(read_end,))  # noqa: S603
+            executor = subprocess.Popen(command, pass_fds=(read_end,))
             code = executor.wait()
             if code in stopped:
                 return
             if attempt < restarts:
                 log(WARNING, "fedcare: the ClientApp executor exited (status %s); restarting it", code)
-                wake()   # a task may be waiting
-        log(ERROR, "fedcare: the ClientApp executor keeps failing; this node cannot run ClientApps. %sreport "
-            "the log above", "Set warm-clientapp = false in hospital.toml (a fresh process per message), and " if warm
-            else "")
+                wake()  # a task may be waiting
+        log(
+            ERROR,
+            "fedcare: the ClientApp executor keeps failing; this node cannot run ClientApps. %sreport the log above",
+            "Set warm-clientapp = false in hospital.toml (a fresh process per message), and " if warm else "",
+        )
 
     on_message_stored(wake)
     threading.Thread(target=supervise, name="fedcare-warm-executor", daemon=True).start()
@@ -135,13 +161,20 @@ def _approval_policy(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         log(WARNING, "fedcare: --allow-any-fab: this node runs ANY FAB the SuperLink ships, unchecked (unsafe)")
         return None
     if not fab_guard_supported():
-        sys.exit("fedcare: " + FAB_GUARD_REFUSAL.format(wanted=PATCHED_FLOWER, found=flower_version())
-                 + f" -> install flwr=={PATCHED_FLOWER} (the version this fedcare pins)")
+        sys.exit(
+            "fedcare: "
+            + FAB_GUARD_REFUSAL.format(wanted=PATCHED_FLOWER, found=flower_version())
+            + f" -> install flwr=={PATCHED_FLOWER} (the version this fedcare pins)"
+        )
     if policy.store is None and not policy.digests:
         log(WARNING, "fedcare: no approval store and no approved digest: this node refuses every FAB")
     else:
-        log(INFO, "fedcare: this node runs only approved, code-only FABs (%s%d given with --approve)",
-            f"{stored} approved in {policy.store}, " if policy.store is not None else "", len(policy.digests))
+        log(
+            INFO,
+            "fedcare: this node runs only approved, code-only FABs (%s%d given with --approve)",
+            f"{stored} approved in {policy.store}, " if policy.store is not None else "",
+            len(policy.digests),
+        )
     return policy
 
 
@@ -199,14 +232,19 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--" in argv:
         at = argv.index("--")
-        ours, flower_args = argv[:at], argv[at + 1:]
+        ours, flower_args = argv[:at], argv[at + 1 :]
     else:
         ours, flower_args = [], argv
     parser = argparse.ArgumentParser(prog="python -m fedcare.node_launcher", description=__doc__.splitlines()[0])
-    parser.add_argument("--poll-interval", type=float, default=None,
-                        help="seconds between message polls while a run is active (Flower: 3)")
-    parser.add_argument("--warm-clientapp", action="store_true",
-                        help="run ClientApps forked from a warm executor (--isolation process)")
+    parser.add_argument(
+        "--poll-interval",
+        type=float,
+        default=None,
+        help="seconds between message polls while a run is active (Flower: 3)",
+    )
+    parser.add_argument(
+        "--warm-clientapp", action="store_true", help="run ClientApps forked from a warm executor (--isolation process)"
+    )
     add_policy_arguments(parser)
     args = parser.parse_args(ours)
     policy = _approval_policy(parser, args)
@@ -215,12 +253,13 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.poll_interval is not None and args.poll_interval < FLOWER_IDLE_POLL_S:
         patch_supernode_polling(max(0.05, args.poll_interval))
-        shorten_object_pull_backoff()   # a prompt node would otherwise meet half-uploaded messages and sleep 1 s
+        shorten_object_pull_backoff()  # a prompt node would otherwise meet half-uploaded messages and sleep 1 s
     executor = choose_executor(args.warm_clientapp, policy)
     if executor is not None:
         if "--isolation" in flower_args:
-            parser.error("fedcare's ClientApp executor (warm, or the FAB approval check) sets --isolation process "
-                         "itself")
+            parser.error(
+                "fedcare's ClientApp executor (warm, or the FAB approval check) sets --isolation process itself"
+            )
         flower_args += ["--isolation", "process"]
         start_executor(_runtime_api_address(flower_args), policy, warm=executor == "warm")
 

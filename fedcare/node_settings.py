@@ -77,22 +77,32 @@ DATA_KEYS = {
     "ehr-table": ({"data-path", "schema"}, set()),
     "ehr-events": ({"data-path", "schema"}, {"labels"}),
     "pbc2": ({"data-root", "partition-id"}, set()),
-    "synthetic-imaging": ({"data-root", "partition-id"},
-                          {"multiframe", "require-deidentified", "on-unreadable"}),
+    "synthetic-imaging": ({"data-root", "partition-id"}, {"multiframe", "require-deidentified", "on-unreadable"}),
 }
 SECTIONS: dict[str, set[str]] = {
     "superlink": {"address", "root-certificates", "connect-wait"},
     "node": {"private-key", "clientappio-port", "max-retries", "warm-clientapp", "poll-interval"},
-    "data": {"dataset", "dataset-id", "cache-dir", "partition-id", "data-path", "labels", "schema", "data-root",
-             "multiframe", "require-deidentified", "on-unreadable"},
+    "data": {
+        "dataset",
+        "dataset-id",
+        "cache-dir",
+        "partition-id",
+        "data-path",
+        "labels",
+        "schema",
+        "data-root",
+        "multiframe",
+        "require-deidentified",
+        "on-unreadable",
+    },
     "privacy": {"ledger-dir", *NODE_CONFIG_KEYS.values()},
     "code": {"approved-fabs", "approval-store"},
     "consortium": {"name", "roster", "identity-key"},
 }
 CHOICES = {"multiframe": ("first", "every", "reject"), "on-unreadable": ("error", "skip")}
 FHD_PARTITIONS = 4
-DEFAULT_POLL_S = 0.5        # longest poll wait while a run is active (Flower 1.41: a fixed 3 s)
-DEFAULT_SUPERLINK_WAIT_S = 120.0   # how long `node start` waits for an unreachable SuperLink before it gives up
+DEFAULT_POLL_S = 0.5  # longest poll wait while a run is active (Flower 1.41: a fixed 3 s)
+DEFAULT_SUPERLINK_WAIT_S = 120.0  # how long `node start` waits for an unreachable SuperLink before it gives up
 MAX_SUPERLINK_WAIT_S = 86400.0
 FLOWER_POLL_S = 3.0
 
@@ -111,9 +121,9 @@ class NodeSettings:
     max_retries: int | None = None
     warm_clientapp: bool = True
     poll_interval: float = DEFAULT_POLL_S
-    approved_fabs: tuple[str, ...] = ()          # [code] approved-fabs: digests this node runs
-    approved_fabs_store: Path | None = None      # [code] approval-store (default <ledger-dir>/approved-fabs.json)
-    superlink_wait_s: float = DEFAULT_SUPERLINK_WAIT_S   # [superlink] connect-wait
+    approved_fabs: tuple[str, ...] = ()  # [code] approved-fabs: digests this node runs
+    approved_fabs_store: Path | None = None  # [code] approval-store (default <ledger-dir>/approved-fabs.json)
+    superlink_wait_s: float = DEFAULT_SUPERLINK_WAIT_S  # [superlink] connect-wait
 
     @property
     def public_key(self) -> Path:
@@ -141,8 +151,12 @@ class _Reader:
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value, ok = float(value), True
         if not ok:
-            raise _err(self.path, f"[{section}] {key}", f"must be {kind.__name__}, not {type(value).__name__}",
-                       "strings need quotes, numbers and true/false do not")
+            raise _err(
+                self.path,
+                f"[{section}] {key}",
+                f"must be {kind.__name__}, not {type(value).__name__}",
+                "strings need quotes, numbers and true/false do not",
+            )
         return value
 
     def file(self, section: str, key: str, required: bool = True, directory: bool = False) -> Path | None:
@@ -158,8 +172,12 @@ class _Reader:
         if not directory and not path.is_file():
             raise _err(self.path, where, f"{path} is not a file", "point it at the file")
         if not os.access(path, os.R_OK | (os.X_OK if directory else 0)):
-            raise _err(self.path, where, f"{path} is not readable by this user",
-                       "run the node as a user that can read it, or fix its permissions")
+            raise _err(
+                self.path,
+                where,
+                f"{path} is not readable by this user",
+                "run the node as a user that can read it, or fix its permissions",
+            )
         return path
 
     def folder_to_create(self, section: str, key: str, default: str) -> Path:
@@ -168,8 +186,12 @@ class _Reader:
         if probe is path and not path.is_dir():
             raise _err(self.path, f"[{section}] {key}", f"{path} is a file", "point it at a folder")
         if not os.access(probe, os.W_OK | os.X_OK):
-            raise _err(self.path, f"[{section}] {key}", f"{probe} is not writable by this user",
-                       "choose a folder the node's user owns")
+            raise _err(
+                self.path,
+                f"[{section}] {key}",
+                f"{probe} is not writable by this user",
+                "choose a folder the node's user owns",
+            )
         return path
 
 
@@ -181,8 +203,12 @@ def _check_unknown(path: Path, doc: dict[str, Any]) -> None:
             raise _err(path, section, "must be a [section], not a value", f"write [{section}] on its own line")
         for key in body:
             if key not in SECTIONS[section]:
-                raise _err(path, f"[{section}] {key}", "unknown key",
-                           f"keys allowed in [{section}]: {', '.join(sorted(SECTIONS[section]))}")
+                raise _err(
+                    path,
+                    f"[{section}] {key}",
+                    "unknown key",
+                    f"keys allowed in [{section}]: {', '.join(sorted(SECTIONS[section]))}",
+                )
 
 
 def port_is_free(port: int) -> bool:
@@ -208,7 +234,7 @@ def port_holder(port: int) -> str | None:
         for table in ("/proc/net/tcp", "/proc/net/tcp6"):
             for line in Path(table).read_text().splitlines()[1:]:
                 fields = line.split()
-                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:   # 0A: LISTEN
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
                     inodes.add(f"socket:[{fields[9]}]")
         for entry in Path("/proc").iterdir() if inodes else ():
             if not entry.name.isdigit():
@@ -218,7 +244,7 @@ def port_holder(port: int) -> str | None:
                     argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
                     program = " ".join(" ".join([Path(argv[0]).name, *argv[1:3]]).split())[:80]
                     return f"process {entry.name} ({program})"
-            except OSError:          # another user's process, or gone meanwhile
+            except OSError:  # another user's process, or gone meanwhile
                 continue
     except OSError:
         return None
@@ -230,9 +256,10 @@ def _private_key(reader: _Reader) -> Path:
     assert key is not None
     mode = stat.S_IMODE(key.stat().st_mode)
     if mode & 0o077:
-        raise _err(reader.path, "[node] private-key", f"{key} is readable by other users (mode {mode:04o})",
-                   f"chmod 600 {key}")
-    read_node_key(key, f"{reader.path}: [node] private-key")      # parses: EC, OpenSSH, unencrypted
+        raise _err(
+            reader.path, "[node] private-key", f"{key} is readable by other users (mode {mode:04o})", f"chmod 600 {key}"
+        )
+    read_node_key(key, f"{reader.path}: [node] private-key")  # parses: EC, OpenSSH, unencrypted
     return key
 
 
@@ -249,18 +276,30 @@ def _data_config(reader: _Reader, dataset: str) -> dict[str, str | int | float |
     required, optional = DATA_KEYS[dataset]
     present = {k for k in reader.doc.get("data", {}) if k not in ("dataset", "dataset-id", "cache-dir")}
     for key in sorted(required - present):
-        raise _err(reader.path, f"[data] {key}", f"is missing (dataset '{dataset}' needs {', '.join(sorted(required))})",
-                   f"add `{key} = ...` under [data]")
+        raise _err(
+            reader.path,
+            f"[data] {key}",
+            f"is missing (dataset '{dataset}' needs {', '.join(sorted(required))})",
+            f"add `{key} = ...` under [data]",
+        )
     for key in sorted(present - required - optional):
-        raise _err(reader.path, f"[data] {key}", f"is not used by dataset '{dataset}'",
-                   "remove it, or set dataset to the kind of data it describes")
+        raise _err(
+            reader.path,
+            f"[data] {key}",
+            f"is not used by dataset '{dataset}'",
+            "remove it, or set dataset to the kind of data it describes",
+        )
     config: dict[str, str | int | float | bool] = {}
     if "partition-id" in required:
         pid = reader.get("data", "partition-id", int, True)
         limit = FHD_PARTITIONS if dataset == "fed-heart-disease" else None
         if pid < 0 or (limit is not None and pid >= limit):
-            raise _err(reader.path, "[data] partition-id", f"{pid} is out of range",
-                       f"use 0..{limit - 1}" if limit else "use the hospital's 0-based index")
+            raise _err(
+                reader.path,
+                "[data] partition-id",
+                f"{pid} is out of range",
+                f"use 0..{limit - 1}" if limit else "use the hospital's 0-based index",
+            )
         config["partition-id"] = pid
     if "data-path" in required:
         config["data-path"] = str(reader.file("data", "data-path", directory=dataset == "dicom"))
@@ -273,8 +312,12 @@ def _data_config(reader: _Reader, dataset: str) -> dict[str, str | int | float |
         if key in present:
             value = reader.get("data", key, str)
             if value not in choices:
-                raise _err(reader.path, f"[data] {key}", f"'{value}' is not one of {', '.join(choices)}",
-                           f"set {key} to one of: {', '.join(choices)}")
+                raise _err(
+                    reader.path,
+                    f"[data] {key}",
+                    f"'{value}' is not one of {', '.join(choices)}",
+                    f"set {key} to one of: {', '.join(choices)}",
+                )
             config[key] = value
     if "require-deidentified" in present:
         config["require-deidentified"] = reader.get("data", "require-deidentified", bool)
@@ -282,19 +325,8 @@ def _data_config(reader: _Reader, dataset: str) -> dict[str, str | int | float |
     return config
 
 
-def load_node_settings(path: Path, check_port: bool = True) -> NodeSettings:
-    """Read and validate `hospital.toml`; every problem is one FedcareError naming file, key and fix."""
-    path = Path(path).expanduser().resolve()
-    if not path.is_file():
-        raise FedcareError(f"no node settings file at {path}",
-                           "use the hospital.toml from `fedcare deploy init` (see COMMANDS.md)")
-    try:
-        doc = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise FedcareError(f"{path} is not valid TOML: {exc}", "fix the line named above") from None
-    _check_unknown(path, doc)
-    reader = _Reader(path, doc)
-
+def _superlink_section(reader: _Reader, path: Path) -> tuple[Any, Any, Any]:
+    """[superlink]: (address, root certificates, connect-wait or None), each checked."""
     address = reader.get("superlink", "address", str, True)
     from fedcare.deploy_pki import split_address
 
@@ -305,23 +337,58 @@ def load_node_settings(path: Path, check_port: bool = True) -> NodeSettings:
     root = reader.file("superlink", "root-certificates")
     wait = reader.get("superlink", "connect-wait", float)
     if wait is not None and not 0 <= wait <= MAX_SUPERLINK_WAIT_S:
-        raise _err(path, "[superlink] connect-wait", f"{wait} is outside 0..{MAX_SUPERLINK_WAIT_S:g} seconds",
-                   f"use e.g. {DEFAULT_SUPERLINK_WAIT_S:g} (0: give up at once when the SuperLink does not answer)")
-    key = _private_key(reader)
+        raise _err(
+            path,
+            "[superlink] connect-wait",
+            f"{wait} is outside 0..{MAX_SUPERLINK_WAIT_S:g} seconds",
+            f"use e.g. {DEFAULT_SUPERLINK_WAIT_S:g} (0: give up at once when the SuperLink does not answer)",
+        )
+    return address, root, wait
+
+
+def _node_section(reader: _Reader, path: Path, check_port: bool) -> tuple[Any, Any, Any, Any]:
+    """[node]: (clientappio port, max-retries, warm-clientapp, poll-interval), each checked; None where unset."""
     port = reader.get("node", "clientappio-port", int) or 9094
     if not 1024 <= port <= 65535:
         raise _err(path, "[node] clientappio-port", f"{port} is outside 1024..65535", "choose a free local port")
     if check_port and not port_is_free(port):
         holder = port_holder(port)
-        raise _err(path, "[node] clientappio-port",
-                   f"127.0.0.1:{port} is already in use" + (f" (listening: {holder})" if holder else ""),
-                   "another SuperNode (or program) holds it: stop it, or give each node on this host its own port")
+        raise _err(
+            path,
+            "[node] clientappio-port",
+            f"127.0.0.1:{port} is already in use" + (f" (listening: {holder})" if holder else ""),
+            "another SuperNode (or program) holds it: stop it, or give each node on this host its own port",
+        )
     retries = reader.get("node", "max-retries", int)
     warm = reader.get("node", "warm-clientapp", bool)
     poll = reader.get("node", "poll-interval", float)
     if poll is not None and not 0.05 <= poll <= 60:
-        raise _err(path, "[node] poll-interval", f"{poll} is outside 0.05..60 seconds",
-                   f"use e.g. {DEFAULT_POLL_S} (fast rounds) or {FLOWER_POLL_S:g} (Flower's own polling)")
+        raise _err(
+            path,
+            "[node] poll-interval",
+            f"{poll} is outside 0.05..60 seconds",
+            f"use e.g. {DEFAULT_POLL_S} (fast rounds) or {FLOWER_POLL_S:g} (Flower's own polling)",
+        )
+    return port, retries, warm, poll
+
+
+def load_node_settings(path: Path, check_port: bool = True) -> NodeSettings:
+    """Read and validate `hospital.toml`; every problem is one FedcareError naming file, key and fix."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise FedcareError(
+            f"no node settings file at {path}", "use the hospital.toml from `fedcare deploy init` (see COMMANDS.md)"
+        )
+    try:
+        doc = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise FedcareError(f"{path} is not valid TOML: {exc}", "fix the line named above") from None
+    _check_unknown(path, doc)
+    reader = _Reader(path, doc)
+
+    address, root, wait = _superlink_section(reader, path)
+    key = _private_key(reader)
+    port, retries, warm, poll = _node_section(reader, path, check_port)
 
     dataset = reader.get("data", "dataset", str, True)
     if dataset not in DATA_KEYS:
@@ -329,26 +396,43 @@ def load_node_settings(path: Path, check_port: bool = True) -> NodeSettings:
     config = _data_config(reader, dataset)
     dataset_id = reader.get("data", "dataset-id", str, True)
     if not dataset_id.strip() or _CONTROL.search(dataset_id):
-        raise _err(path, "[data] dataset-id", "is empty or holds a control character",
-                   "name the dataset this node trains on, e.g. \"cardiology-ehr-2026\"")
+        raise _err(
+            path,
+            "[data] dataset-id",
+            "is empty or holds a control character",
+            'name the dataset this node trains on, e.g. "cardiology-ehr-2026"',
+        )
     config["dataset-id"] = dataset_id
     config["ledger-dir"] = str(reader.folder_to_create("privacy", "ledger-dir", "ledgers"))
     config |= _privacy_policy(reader)
     config |= _consortium(reader, bool(config["require-secure-aggregation"]))
     digests, store = _code_settings(reader, Path(str(config["ledger-dir"])))
-    return NodeSettings(path, address, root, key, port, dataset, config, retries,
-                        True if warm is None else warm, DEFAULT_POLL_S if poll is None else poll, digests, store,
-                        DEFAULT_SUPERLINK_WAIT_S if wait is None else wait)
+    return NodeSettings(
+        path,
+        address,
+        root,
+        key,
+        port,
+        dataset,
+        config,
+        retries,
+        True if warm is None else warm,
+        DEFAULT_POLL_S if poll is None else poll,
+        digests,
+        store,
+        DEFAULT_SUPERLINK_WAIT_S if wait is None else wait,
+    )
 
 
 def _privacy_policy(reader: _Reader) -> dict[str, str | int | float | bool]:
     """[privacy]: the hospital's policy (``client/node_policy.py``), validated, as node config."""
-    reader.get("privacy", "epsilon-budget", float, True)     # required: no fallback to a run's epsilon
+    reader.get("privacy", "epsilon-budget", float, True)  # required: no fallback to a run's epsilon
     kinds = {f.name: f.type for f in dataclasses.fields(NodePolicy)}
     values = {}
     for name, key in NODE_CONFIG_KEYS.items():
-        kind = bool if "bool" in kinds[name] else int if "int" in kinds[name] else float if "float" in kinds[name] \
-            else str
+        kind = (
+            bool if "bool" in kinds[name] else int if "int" in kinds[name] else float if "float" in kinds[name] else str
+        )
         value = reader.get("privacy", key, kind)
         if value is not None:
             values[key] = value
@@ -373,16 +457,24 @@ def _consortium(reader: _Reader, required: bool) -> dict[str, str]:
     assert roster_path is not None and key_path is not None
     mode = stat.S_IMODE(key_path.stat().st_mode)
     if mode & 0o077:
-        raise _err(reader.path, "[consortium] identity-key", f"{key_path} is readable by other users (mode {mode:04o})",
-                   f"chmod 600 {key_path}")
+        raise _err(
+            reader.path,
+            "[consortium] identity-key",
+            f"{key_path} is readable by other users (mode {mode:04o})",
+            f"chmod 600 {key_path}",
+        )
     try:
         roster = Roster.load(roster_path)
         key = public_bytes(load_identity_key(key_path))
     except SecAggError as exc:
         raise _err(reader.path, "[consortium]", exc.problem, exc.hint) from None
     if roster.members.get(name) != key:
-        raise _err(reader.path, "[consortium] name", f"the roster lists no identity key for {name!r} that matches "
-                   f"{key_path}", "use the name and key your consortium pinned in the roster")
+        raise _err(
+            reader.path,
+            "[consortium] name",
+            f"the roster lists no identity key for {name!r} that matches {key_path}",
+            "use the name and key your consortium pinned in the roster",
+        )
     return {"secagg-name": name, "secagg-roster": str(roster_path), "secagg-identity-key": str(key_path)}
 
 
@@ -419,18 +511,21 @@ def format_node_config(config: dict[str, str | int | float | bool]) -> str:
             if _CONTROL.search(value):
                 raise FedcareError(f"node-config {key} contains a control character", "rename the path")
             if "'" not in value:
-                text = f"'{value}'"          # TOML literal string: no escapes, spaces kept
+                text = f"'{value}'"  # TOML literal string: no escapes, spaces kept
             elif '"' not in value and "\\" not in value:
                 text = f'"{value}"'
             else:
-                raise FedcareError(f"node-config {key} = {value!r} mixes quotes Flower's parser cannot carry",
-                                   "rename the file or folder without ' and \" in its path")
+                raise FedcareError(
+                    f"node-config {key} = {value!r} mixes quotes Flower's parser cannot carry",
+                    "rename the file or folder without ' and \" in its path",
+                )
         parts.append(f"{key}={text}")
     return " ".join(parts)
 
 
-def supernode_command(settings: NodeSettings, executable: str = "flower-supernode",
-                      python: str | None = None) -> list[str]:
+def supernode_command(
+    settings: NodeSettings, executable: str = "flower-supernode", python: str | None = None
+) -> list[str]:
     """The SuperNode command for these settings: TLS, node key, loopback Runtime API.
 
     Flower's `flower-supernode` (``executable``) itself when the node keeps Flower's timing;
@@ -450,11 +545,20 @@ def supernode_command(settings: NodeSettings, executable: str = "flower-supernod
 
 
 def _flower_args(settings: NodeSettings) -> list[str]:
-    command = ["--superlink", settings.superlink_address,
-               "--root-certificates", str(settings.root_certificates),
-               "--auth-supernode-private-key", str(settings.private_key),
-               "--host", "127.0.0.1", "--port", str(settings.clientappio_port),
-               "--node-config", format_node_config(settings.node_config)]
+    command = [
+        "--superlink",
+        settings.superlink_address,
+        "--root-certificates",
+        str(settings.root_certificates),
+        "--auth-supernode-private-key",
+        str(settings.private_key),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(settings.clientappio_port),
+        "--node-config",
+        format_node_config(settings.node_config),
+    ]
     if settings.max_retries is not None:
         command += ["--max-retries", str(settings.max_retries)]
     return command
@@ -471,8 +575,12 @@ def check_data(settings: NodeSettings):
 
     source = DataSource(
         partition_id=int(c["partition-id"]) if "partition-id" in c else None,
-        data_root=text("data-root"), data_path=text("data-path"), labels=text("labels"), schema=text("schema"),
-        cache_dir=str(c.get("cache-dir", "fedcare-cache")), multiframe=str(c.get("multiframe", "first")),
+        data_root=text("data-root"),
+        data_path=text("data-path"),
+        labels=text("labels"),
+        schema=text("schema"),
+        cache_dir=str(c.get("cache-dir", "fedcare-cache")),
+        multiframe=str(c.get("multiframe", "first")),
         require_deidentified=bool(c.get("require-deidentified", True)),
         on_unreadable=str(c.get("on-unreadable", "error")),
     )

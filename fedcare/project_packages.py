@@ -8,5 +8,12 @@ executor purging them before it forks) reads it from here.
 
 from __future__ import annotations
 
-PACKAGES: tuple[str, ...] = ("fedcare", "client", "server", "shared_models", "secure_aggregation", "audit",
-                             "simulation")
+PACKAGES: tuple[str, ...] = (
+    "fedcare",
+    "client",
+    "server",
+    "shared_models",
+    "secure_aggregation",
+    "audit",
+    "simulation",
+)

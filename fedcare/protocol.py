@@ -15,16 +15,18 @@ from fedcare.config_values import typed
 from fedcare.errors import FedcareError
 
 FEATURE_STATS = "query.feature_stats"  # message type of the federated statistics round
-ARRAYS = "arrays"      # ArrayRecord: a plain train reply's update
-MODEL = "model"        # ConfigRecord in train/evaluate messages: the global model, shared_models.weights.pack_arrays
+ARRAYS = "arrays"  # ArrayRecord: a plain train reply's update
+MODEL = "model"  # ConfigRecord in train/evaluate messages: the global model, shared_models.weights.pack_arrays
 CONFIG = "config"
 METRICS = "metrics"
-HOSPITAL = "hospital"   # ConfigRecord in every reply: {"name": hospital name}
-REFUSAL = "refusal"     # ConfigRecord in a reply that declines: {"reason": ..., "kind": "budget"|"policy"|"ledger"|"data"}
+HOSPITAL = "hospital"  # ConfigRecord in every reply: {"name": hospital name}
+REFUSAL = "refusal"  # ConfigRecord in a reply that declines: {"reason": ..., "kind": "budget"|"policy"|"ledger"|"data"}
 NUM_EXAMPLES = "num-examples"
 EVALUATE_INCOMING = "evaluate-incoming"  # train config flag: test the received model before training on it
 PERSONALISED_EPSILON = "personalised-epsilon"  # ...and the hospital's epsilon after personalising
-PERSONALISED = "personalised/"  # key prefix, in a final evaluate reply's hospital record: the personalised model's test metrics
+PERSONALISED = (
+    "personalised/"  # key prefix, in a final evaluate reply's hospital record: the personalised model's test metrics
+)
 EVALUATION = "evaluation/"  # key prefix, in such a train reply's hospital record: the received model's test metrics
 # In an evaluate reply's hospital record: the hospital's policy releases no evaluation (release-evaluation = "none")
 EVALUATION_WITHHELD = "evaluation-withheld"
@@ -34,11 +36,11 @@ EVALUATION_WITHHELD = "evaluation-withheld"
 TRAINED = "trained/"
 
 # Secure aggregation (see secure_aggregation/ and server/secure_rounds.py)
-SECAGG_ADVERTISE = "query.secagg_advertise"     # setup 1: node's signed public keys
-SECAGG_SHARE_KEYS = "query.secagg_share_keys"   # setup 2: check every member's keys, deal first mask key
-SECAGG_VIEW = "query.secagg_view"               # a round with dropouts: sign one view of the survivors
-SECAGG_UNMASK = "query.secagg_unmask"           # per round: reveal shares (fast path or consistency path)
-SECAGG_END = "query.secagg_end"                 # the run is over: delete private key material
+SECAGG_ADVERTISE = "query.secagg_advertise"  # setup 1: node's signed public keys
+SECAGG_SHARE_KEYS = "query.secagg_share_keys"  # setup 2: check every member's keys, deal first mask key
+SECAGG_VIEW = "query.secagg_view"  # a round with dropouts: sign one view of the survivors
+SECAGG_UNMASK = "query.secagg_unmask"  # per round: reveal shares (fast path or consistency path)
+SECAGG_END = "query.secagg_end"  # the run is over: delete private key material
 # A (flattened) protocol payload rides under this key prefix in the message's config record (server
 # -> node) and in the reply's hospital record (node -> server): every record is one more request
 # per node and message at the SuperLink, so none is added for it.
@@ -62,7 +64,7 @@ class RunRequest:
     hidden_units: int = 32
     num_rounds: int = 1
     local_epochs: int = 1
-    personalise_rounds: int = 0        # local fine-tuning rounds after the last round (planned, charged)
+    personalise_rounds: int = 0  # local fine-tuning rounds after the last round (planned, charged)
     batch_size: int = 30
     learning_rate: float = 0.3
     weight_decay: float = 0.0
@@ -72,16 +74,16 @@ class RunRequest:
     delta: float = 1e-4
     max_grad_norm: float = 1.0
     stats_budget_fraction: float = 0.1
-    seed: int = 0                      # model initialisation and simulated splits only: never noise
+    seed: int = 0  # model initialisation and simulated splits only: never noise
     image_size: int = 64
     secure_aggregation: bool = True
     secagg_clip_range: float = 10.0
-    hospitals: int = 0                 # how many hospitals the coordinator says the federation has
-    plan_run_id: str = ""              # the run whose privacy plan this one continues (resume)
-    server_round: int = 0              # set by Flower's strategies in train/evaluate messages
+    hospitals: int = 0  # how many hospitals the coordinator says the federation has
+    plan_run_id: str = ""  # the run whose privacy plan this one continues (resume)
+    server_round: int = 0  # set by Flower's strategies in train/evaluate messages
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "RunRequest":
+    def from_config(cls, config: Mapping[str, Any]) -> RunRequest:
         """Decode a message's config record (unknown keys are other protocol parts' and are ignored)."""
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
@@ -92,21 +94,25 @@ class RunRequest:
         return cls(**values)
 
     def to_config(self) -> dict[str, Any]:
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name != "server_round"}
+        return {
+            f.name.replace("_", "-"): getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "server_round"
+        }
 
 
 def _typed(key: str, kind: str, raw: Any) -> Any:
     """A run-request value as its field's type; a value that is not one is refused, never guessed."""
     try:
         value = typed(raw, kind)
-        if kind == "float" and not math.isfinite(value):   # NaN or inf slips past every policy comparison
+        if kind == "float" and not math.isfinite(value):  # NaN or inf slips past every policy comparison
             raise ValueError(raw)
         return value
     except ValueError:
         what = _KINDS.get(kind, kind)
-        raise FedcareError(f"the run request's {key} is not {what}",
-                           f"the coordinator must set {key} to {what} in the run config") from None
+        raise FedcareError(
+            f"the run request's {key} is not {what}", f"the coordinator must set {key} to {what} in the run config"
+        ) from None
 
 
 _KINDS = {"bool": "true or false", "int": "a whole number", "float": "a finite number", "str": "text"}

@@ -23,8 +23,11 @@ def _f(value: Any, digits: int = 3) -> str:
 def build_table(rows: list[dict[str, Any]], pooled: dict[str, Any], dp: bool, local_columns: bool = True) -> Table:
     """``rows``: name, train_n, test_n, fed / local / central (metrics), epsilon. ``local_columns=False``
     leaves out the local-only columns (a deployed run: the coordinator has no hospital's data)."""
-    title = ("fedcare: federated model vs local-only vs pooled training, per hospital test split" if local_columns
-             else "fedcare: federated model, per hospital test split")
+    title = (
+        "fedcare: federated model vs local-only vs pooled training, per hospital test split"
+        if local_columns
+        else "fedcare: federated model, per hospital test split"
+    )
     table = Table(title=title, show_lines=False)
     table.add_column("hospital", no_wrap=True)
     central = any(r.get("central") for r in rows)
@@ -33,19 +36,29 @@ def build_table(rows: list[dict[str, Any]], pooled: dict[str, Any], dp: bool, lo
     columns += ["person-\nalised\nacc", "person-\nalised\nAUC"] if personal else []
     columns += ["local\nacc", "local\nrecall", "local\nF1", "local\nAUC"] if local_columns else []
     columns += ["pooled-\ntrained\nacc", "pooled-\ntrained\nAUC"] if central else []
-    for col in columns + ["epsilon\nspent"]:
+    for col in [*columns, "epsilon\nspent"]:
         table.add_column(col, justify="right", no_wrap=True)
-    for r in rows + [pooled]:
+    for r in [*rows, pooled]:
         fed, loc, cen = r.get("fed") or {}, r.get("local") or {}, r.get("central") or {}
         own = r.get("personalised") or {}
         eps = r.get("epsilon")
         # a hospital's name is its folder's (user text): a Text cell, never read as rich markup
-        cells = [Text(str(r["name"])), str(r.get("train_n", "-")), str(r.get("test_n", "-")),
-                 _f(fed.get("accuracy")), _f(fed.get("recall")), _f(fed.get("specificity")), _f(fed.get("f1")),
-                 _f(fed.get("auc"))]
+        cells: list[Any] = [
+            Text(str(r["name"])),
+            str(r.get("train_n", "-")),
+            str(r.get("test_n", "-")),
+            _f(fed.get("accuracy")),
+            _f(fed.get("recall")),
+            _f(fed.get("specificity")),
+            _f(fed.get("f1")),
+            _f(fed.get("auc")),
+        ]
         cells += [_f(own.get("accuracy")), _f(own.get("auc"))] if personal else []
-        cells += [_f(loc.get("accuracy")), _f(loc.get("recall")), _f(loc.get("f1")),
-                  _f(loc.get("auc"))] if local_columns else []
+        cells += (
+            [_f(loc.get("accuracy")), _f(loc.get("recall")), _f(loc.get("f1")), _f(loc.get("auc"))]
+            if local_columns
+            else []
+        )
         cells += [_f(cen.get("accuracy")), _f(cen.get("auc"))] if central else []
         cells.append((_f(eps, 3) if eps is not None else "-") if dp else "no DP")
         table.add_row(*cells, style="bold" if r is pooled else None)
@@ -63,12 +76,24 @@ def server_rows(results: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str
     for name, hospital in sorted(results["hospitals"].items()):
         fed = results["final"].get(name) or {}
         released = hospital.get("released_count")
-        rows.append({"name": name, "train_n": "-" if released is None else round(released),
-                     "test_n": fed.get("n", "-"), "fed": fed, "epsilon": hospital.get("epsilon"),
-                     "personalised": results.get("personalised", {}).get(name)})
+        rows.append(
+            {
+                "name": name,
+                "train_n": "-" if released is None else round(released),
+                "test_n": fed.get("n", "-"),
+                "fed": fed,
+                "epsilon": hospital.get("epsilon"),
+                "personalised": results.get("personalised", {}).get(name),
+            }
+        )
     counts = [r["train_n"] for r in rows if r["train_n"] != "-"]
     pooled_fed = results["final"].get("pooled") or {}
-    pooled = {"name": "pooled", "train_n": sum(counts) if counts else "-", "test_n": pooled_fed.get("n", "-"),
-              "fed": pooled_fed, "personalised": results.get("personalised", {}).get("pooled"),
-              "epsilon": max((r["epsilon"] for r in rows if r["epsilon"] is not None), default=None)}
+    pooled = {
+        "name": "pooled",
+        "train_n": sum(counts) if counts else "-",
+        "test_n": pooled_fed.get("n", "-"),
+        "fed": pooled_fed,
+        "personalised": results.get("personalised", {}).get("pooled"),
+        "epsilon": max((r["epsilon"] for r in rows if r["epsilon"] is not None), default=None),
+    }
     return rows, pooled

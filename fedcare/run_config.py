@@ -16,12 +16,12 @@ from fedcare.errors import FedcareError
 
 # dataset -> the kind of input its hospitals hold (which models can train on it)
 DATASET_TASKS = {
-    "fed-heart-disease": "tabular",   # bundled: 4 real hospitals
-    "pbc2": "sequence",               # generated from bundled PBC2 labs: `fedcare data prepare pbc2 DIR`
-    "synthetic-imaging": "image",     # generated DICOM hospitals: `fedcare data prepare synthetic-imaging DIR`
-    "ehr-table": "tabular",           # a hospital's own CSV/Parquet + schema (node config)
-    "ehr-events": "sequence",         # a hospital's own events table + schema (node config)
-    "dicom": "image",                 # a hospital's own DICOM folder + labels.csv (node config)
+    "fed-heart-disease": "tabular",  # bundled: 4 real hospitals
+    "pbc2": "sequence",  # generated from bundled PBC2 labs: `fedcare data prepare pbc2 DIR`
+    "synthetic-imaging": "image",  # generated DICOM hospitals: `fedcare data prepare synthetic-imaging DIR`
+    "ehr-table": "tabular",  # a hospital's own CSV/Parquet + schema (node config)
+    "ehr-events": "sequence",  # a hospital's own events table + schema (node config)
+    "dicom": "image",  # a hospital's own DICOM folder + labels.csv (node config)
 }
 DATASETS = tuple(DATASET_TASKS)
 MODELS = ("auto", "logistic", "mlp", "cnn", "gru")
@@ -32,11 +32,16 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam")
 DATASET_PRESETS: dict[str, dict[str, Any]] = {
     "fed-heart-disease": {},
     "ehr-table": {},
-    "pbc2": {"num_rounds": 15, "batch_size": 16, "learning_rate": 0.5,
-             "target_epsilon": 3.0, "hospitals": 3},
-    "ehr-events": {"batch_size": 16, "learning_rate": 0.5},
-    "synthetic-imaging": {"num_rounds": 15, "local_epochs": 3, "batch_size": 32, "learning_rate": 0.2,
-                          "target_epsilon": 8.0, "hospitals": 4},
+    "pbc2": {"num_rounds": 15, "batch_size": 16, "learning_rate": 0.2, "target_epsilon": 3.0, "hospitals": 3},
+    "ehr-events": {"batch_size": 16, "learning_rate": 0.2},
+    "synthetic-imaging": {
+        "num_rounds": 15,
+        "local_epochs": 3,
+        "batch_size": 32,
+        "learning_rate": 0.2,
+        "target_epsilon": 8.0,
+        "hospitals": 4,
+    },
     "dicom": {"local_epochs": 3, "batch_size": 32, "learning_rate": 0.2},
 }
 
@@ -46,15 +51,15 @@ class RunSettings:
     """Everything a run is configured by. Field names map to run-config keys (``_`` -> ``-``)."""
 
     dataset: str = "fed-heart-disease"
-    model: str = "auto"         # the dataset's default: logistic (tables), gru (sequences), cnn (images)
-    hidden_units: int = 32      # MLP width
+    model: str = "auto"  # the dataset's default: logistic (tables), gru (sequences), cnn (images)
+    hidden_units: int = 32  # MLP width
     strategy: str = "fedavg"
     num_rounds: int = 15
     local_epochs: int = 1
     personalise_rounds: int = 2  # rounds of local fine-tuning of the final model at each hospital (DP, charged)
     batch_size: int = 30
     learning_rate: float = 0.3
-    weight_decay: float = 0.0    # chosen over real multi-site tables (docs/benchmarks.md), not one dataset
+    weight_decay: float = 0.0  # chosen over real multi-site tables (docs/benchmarks.md), not one dataset
     proximal_mu: float = 0.01
     server_learning_rate: float = 0.1
     dp: bool = True
@@ -62,15 +67,15 @@ class RunSettings:
     delta: float = 1e-4
     max_grad_norm: float = 1.0
     stats_budget_fraction: float = 0.1
-    secure_aggregation: bool = True   # masked updates: the server learns only each round's weighted mean
-    secagg_threshold: int = 0         # fewest hospitals a secure round can finish with (0: a strict majority)
-    secagg_clip_range: float = 10.0   # |update - global model| per value must stay below this (quantisation)
-    hospitals: int = 4          # how many hospital nodes the run waits for
-    min_hospitals: int = 2      # stop cleanly when fewer can still train
+    secure_aggregation: bool = True  # masked updates: the server learns only each round's weighted mean
+    secagg_threshold: int = 0  # fewest hospitals a secure round can finish with (0: a strict majority)
+    secagg_clip_range: float = 10.0  # |update - global model| per value must stay below this (quantisation)
+    hospitals: int = 4  # how many hospital nodes the run waits for
+    min_hospitals: int = 2  # stop cleanly when fewer can still train
     seed: int = 0
-    image_size: int = 64        # images are resized to image_size x image_size before training
-    data_root: str = ""         # generated datasets: where `fedcare data prepare` wrote the hospitals
-    resume: bool = False        # continue the run checkpointed in output_dir from its last completed round
+    image_size: int = 64  # images are resized to image_size x image_size before training
+    data_root: str = ""  # generated datasets: where `fedcare data prepare` wrote the hospitals
+    resume: bool = False  # continue the run checkpointed in output_dir from its last completed round
     output_dir: str = "fedcare-runs/latest"
     ledger_dir: str = "fedcare-ledgers"
 
@@ -78,7 +83,7 @@ class RunSettings:
         validate(self)
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "RunSettings":
+    def from_config(cls, config: Mapping[str, Any]) -> RunSettings:
         """Build from a Flower run config (dash-separated keys); unknown keys are an error."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
         values: dict[str, Any] = {}
@@ -96,11 +101,11 @@ class RunSettings:
         """Dash-separated run-config dict (what ``flwr run --run-config`` would carry)."""
         return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
 
-    def replace(self, **changes: Any) -> "RunSettings":
+    def replace(self, **changes: Any) -> RunSettings:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def for_dataset(cls, dataset: str, **overrides: Any) -> "RunSettings":
+    def for_dataset(cls, dataset: str, **overrides: Any) -> RunSettings:
         """The dataset's preset under explicit ``overrides`` (None values mean "not given")."""
         if dataset not in DATASET_PRESETS:
             raise FedcareError(f"unknown dataset '{dataset}'", f"choose one of: {', '.join(DATASETS)}")
@@ -136,9 +141,7 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
     try:
         return typed(value, kind)
     except ValueError:
-        raise FedcareError(
-            f"run-config '{key}' must be a {kind}, got {value!r}", "fix the value"
-        ) from None
+        raise FedcareError(f"run-config '{key}' must be a {kind}, got {value!r}", "fix the value") from None
 
 
 def validate(s: RunSettings) -> None:
@@ -146,8 +149,7 @@ def validate(s: RunSettings) -> None:
     if s.dataset not in DATASETS:
         raise FedcareError(f"unknown dataset '{s.dataset}'", f"choose one of: {', '.join(DATASETS)}")
     if s.model not in MODELS:
-        raise FedcareError(f"unknown model '{s.model}'",
-                           f"choose one of: {', '.join(MODELS)} ({how_to_set('model')})")
+        raise FedcareError(f"unknown model '{s.model}'", f"choose one of: {', '.join(MODELS)} ({how_to_set('model')})")
     from shared_models.registry import resolve_model
 
     resolve_model(s.model, DATASET_TASKS[s.dataset])
@@ -156,39 +158,60 @@ def validate(s: RunSettings) -> None:
             f"unknown strategy '{s.strategy}'", f"choose one of: {', '.join(STRATEGIES)} ({how_to_set('strategy')})"
         )
     if s.personalise_rounds < 0:
-        raise FedcareError(f"personalise-rounds must be 0 or more, got {s.personalise_rounds}",
-                           f"set it with {how_to_set('personalise_rounds')}")
-    for name in ("num_rounds", "local_epochs", "batch_size", "hospitals", "min_hospitals", "image_size", "hidden_units"):
+        raise FedcareError(
+            f"personalise-rounds must be 0 or more, got {s.personalise_rounds}",
+            f"set it with {how_to_set('personalise_rounds')}",
+        )
+    for name in (
+        "num_rounds",
+        "local_epochs",
+        "batch_size",
+        "hospitals",
+        "min_hospitals",
+        "image_size",
+        "hidden_units",
+    ):
         if getattr(s, name) < 1:
-            raise FedcareError(f"{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}",
-                               f"set a whole number >= 1 with {how_to_set(name)}")
+            raise FedcareError(
+                f"{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}",
+                f"set a whole number >= 1 with {how_to_set(name)}",
+            )
     if s.secagg_threshold < 0:
-        raise FedcareError(f"secagg-threshold must be >= 0 (0 = a strict majority), got {s.secagg_threshold}",
-                           f"set it with {how_to_set('secagg_threshold')}")
+        raise FedcareError(
+            f"secagg-threshold must be >= 0 (0 = a strict majority), got {s.secagg_threshold}",
+            f"set it with {how_to_set('secagg_threshold')}",
+        )
     for name in ("learning_rate", "server_learning_rate", "max_grad_norm", "secagg_clip_range"):
         value = getattr(s, name)
         if not (value > 0 and math.isfinite(value)):
-            raise FedcareError(f"{name.replace('_', '-')} must be > 0, got {value}",
-                               f"set a positive number with {how_to_set(name)}")
+            raise FedcareError(
+                f"{name.replace('_', '-')} must be > 0, got {value}", f"set a positive number with {how_to_set(name)}"
+            )
     for name in ("proximal_mu", "weight_decay"):
         if getattr(s, name) < 0:
-            raise FedcareError(f"{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}",
-                               f"set it with {how_to_set(name)}")
+            raise FedcareError(
+                f"{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}", f"set it with {how_to_set(name)}"
+            )
     if s.dp:
-        if not (s.target_epsilon > 0 and math.isfinite(s.target_epsilon)):
-            raise FedcareError(
-                f"target epsilon must be > 0, got {s.target_epsilon}",
-                f"pass a positive epsilon, e.g. 1.0 ({how_to_set('target_epsilon')}), or train without DP "
-                "(`fedcare simulate --no-dp`, or run-config dp=false in a deployed run)",
-            )
-        if not (0 < s.delta < 1):
-            raise FedcareError(
-                f"delta must be in (0, 1), got {s.delta}",
-                f"use a delta well below 1/n, e.g. 1e-4 ({how_to_set('delta')})",
-            )
-        if not (0 < s.stats_budget_fraction < 1):
-            raise FedcareError(
-                f"stats-budget-fraction must be in (0, 1), got {s.stats_budget_fraction}",
-                f"set the share of epsilon the feature-statistics round spends, e.g. 0.1, with "
-                f"{how_to_set('stats_budget_fraction')}",
-            )
+        _validate_dp(s)
+
+
+def _validate_dp(s: RunSettings) -> None:
+    """The DP settings: a positive finite epsilon, delta and the statistics' share in (0, 1)."""
+    if not (s.target_epsilon > 0 and math.isfinite(s.target_epsilon)):
+        raise FedcareError(
+            f"target epsilon must be > 0, got {s.target_epsilon}",
+            f"pass a positive epsilon, e.g. 1.0 ({how_to_set('target_epsilon')}), or train without DP "
+            "(`fedcare simulate --no-dp`, or run-config dp=false in a deployed run)",
+        )
+    if not (0 < s.delta < 1):
+        raise FedcareError(
+            f"delta must be in (0, 1), got {s.delta}",
+            f"use a delta well below 1/n, e.g. 1e-4 ({how_to_set('delta')})",
+        )
+    if not (0 < s.stats_budget_fraction < 1):
+        raise FedcareError(
+            f"stats-budget-fraction must be in (0, 1), got {s.stats_budget_fraction}",
+            f"set the share of epsilon the feature-statistics round spends, e.g. 0.1, with "
+            f"{how_to_set('stats_budget_fraction')}",
+        )

@@ -20,7 +20,7 @@ import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from fedcare.errors import FedcareError
 from fedcare.fleet_allowlist import FLEET_PREFIX, HEALTH_PATH
@@ -28,7 +28,7 @@ from fedcare.fleet_allowlist import FLEET_PREFIX, HEALTH_PATH
 VERIFIED_FLOWER = "1.41.0"
 # Environment switches that make Flower 1.41's lifespan open legacy gRPC Control/Fleet servers.
 LEGACY_GRPC_SWITCHES = ("FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_API")
-SUPEREXEC_STOP_S = 10.0      # Flower waits 1 s for its SuperExec to leave; fedcare waits this long, then kills it
+SUPEREXEC_STOP_S = 10.0  # Flower waits 1 s for its SuperExec to leave; fedcare waits this long, then kills it
 
 
 def installed_flower() -> str:
@@ -38,8 +38,9 @@ def installed_flower() -> str:
     return str(package_version)
 
 
-def require_verified_flower(version: str | None = None, enterprise: bool | None = None,
-                            environ: dict[str, str] | None = None) -> None:
+def require_verified_flower(
+    version: str | None = None, enterprise: bool | None = None, environ: dict[str, str] | None = None
+) -> None:
     """Raise FedcareError unless this is the open-source Flower version the two-listener design was verified on."""
     version = installed_flower() if version is None else version
     if version != VERIFIED_FLOWER:
@@ -47,31 +48,87 @@ def require_verified_flower(version: str | None = None, enterprise: bool | None 
             f"fedcare's SuperLink launcher was verified against Flower {VERIFIED_FLOWER} and this is Flower "
             f"{version}: refusing to start (Flower's own single listener would expose the Control API to "
             f"every hospital)",
-            f"install flwr=={VERIFIED_FLOWER}, or re-verify fedcare/superlink_app.py against {version}")
+            f"install flwr=={VERIFIED_FLOWER}, or re-verify fedcare/superlink_app.py against {version}",
+        )
     if enterprise if enterprise is not None else importlib.util.find_spec("flwr.ee") is not None:
-        raise FedcareError("Flower Enterprise (flwr.ee) is installed: fedcare's SuperLink launcher was verified "
-                           "only without its extensions; refusing to start",
-                           "run the launcher in an environment with open-source flwr only")
+        raise FedcareError(
+            "Flower Enterprise (flwr.ee) is installed: fedcare's SuperLink launcher was verified "
+            "only without its extensions; refusing to start",
+            "run the launcher in an environment with open-source flwr only",
+        )
     environ = dict(os.environ) if environ is None else environ
     switched = [name for name in LEGACY_GRPC_SWITCHES if environ.get(name) == "1"]
     if switched:
-        raise FedcareError(f"{', '.join(switched)}=1 would make Flower open legacy gRPC listeners "
-                           "(a Control API on 0.0.0.0) beside fedcare's two: refusing to start",
-                           f"unset {' and '.join(switched)}")
+        raise FedcareError(
+            f"{', '.join(switched)}=1 would make Flower open legacy gRPC listeners "
+            "(a Control API on 0.0.0.0) beside fedcare's two: refusing to start",
+            f"unset {' and '.join(switched)}",
+        )
 
 
 @dataclass(frozen=True)
 class FlowerSuperLink:
     """Flower's app, the literal paths of its Fleet API (plus /health), and uvicorn logging in Flower's format."""
 
-    app: Any                      # fastapi.FastAPI
+    app: Any  # fastapi.FastAPI
     public_paths: frozenset[str]
     log_config: dict[str, Any]
 
 
-def build_superlink_app(control_host: str, control_port: int, ca_certificate: Path, control_certificate: Path,
-                        control_key: Path, database: str | None, runtime_dependency_install: bool = False
-                        ) -> FlowerSuperLink:
+def _lifespan_config(
+    control_host: str,
+    control_port: int,
+    ca_certificate: Path,
+    control_certificate: Path,
+    control_key: Path,
+    database: str | None,
+    runtime_dependency_install: bool,
+) -> Any:
+    """Flower's SuperLink settings: TLS on the control listener, node authentication on, no event logs."""
+    from flwr.common.constant import (
+        CONTROL_API_DEFAULT_SERVER_ADDRESS,
+        ISOLATION_MODE_SUBPROCESS,
+        TRANSPORT_TYPE_GRPC_RERE,
+    )
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+    from flwr.superlink.config_loader import SuperLinkLifespanConfig, load_control_authn_plugin
+
+    certificates = (ca_certificate.read_bytes(), control_certificate.read_bytes(), control_key.read_bytes())
+    return SuperLinkLifespanConfig(
+        control_address=CONTROL_API_DEFAULT_SERVER_ADDRESS,  # used only by the legacy gRPC Control API (refused above)
+        health_server_address=None,
+        host=control_host,
+        port=control_port,
+        insecure=False,
+        certificates=certificates,
+        superexec_auth_secret=None,
+        authn_plugin=load_control_authn_plugin(),
+        event_log_plugin=None,
+        fleet_event_log_plugin=None,
+        enable_event_log=False,
+        artifact_provider=None,
+        enable_supernode_auth=True,
+        fleet_api_type=TRANSPORT_TYPE_GRPC_RERE,
+        fleet_api_address=None,
+        simulation=False,
+        ssl_ca_certfile=str(ca_certificate),
+        ssl_certfile=str(control_certificate),
+        ssl_keyfile=str(control_key),
+        database=database if database is not None else FLWR_IN_MEMORY_DB_NAME,
+        isolation=ISOLATION_MODE_SUBPROCESS,
+        runtime_dependency_install=runtime_dependency_install,
+    )
+
+
+def build_superlink_app(
+    control_host: str,
+    control_port: int,
+    ca_certificate: Path,
+    control_certificate: Path,
+    control_key: Path,
+    database: str | None,
+    runtime_dependency_install: bool = False,
+) -> FlowerSuperLink:
     """Flower's full SuperLink app (Control, Runtime, Fleet), with node authentication on.
 
     The lifespan's SuperExec connects to ``control_host:control_port`` (the loopback listener) over
@@ -80,13 +137,9 @@ def build_superlink_app(control_host: str, control_port: int, ca_certificate: Pa
     """
     require_verified_flower()
     from fastapi.routing import iter_route_contexts
-    from flwr.common.constant import (CONTROL_API_DEFAULT_SERVER_ADDRESS, ISOLATION_MODE_SUBPROCESS,
-                                      TRANSPORT_TYPE_GRPC_RERE)
-    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
     from flwr.supercore.http_logging import get_uvicorn_log_config
     from flwr.supercore.logger import console_handler
     from flwr.superlink.cli.flower_superlink import SuperLinkLifespan
-    from flwr.superlink.config_loader import SuperLinkLifespanConfig, load_control_authn_plugin
     from flwr.superlink.main import create_app
 
     class Lifespan(SuperLinkLifespan):
@@ -102,20 +155,22 @@ def build_superlink_app(control_host: str, control_port: int, ca_certificate: Pa
                     superexec.kill()
                     superexec.wait()
 
-    certificates = (ca_certificate.read_bytes(), control_certificate.read_bytes(), control_key.read_bytes())
-    config = SuperLinkLifespanConfig(
-        control_address=CONTROL_API_DEFAULT_SERVER_ADDRESS,   # used only by the legacy gRPC Control API (refused above)
-        health_server_address=None, host=control_host, port=control_port, insecure=False,
-        certificates=certificates, superexec_auth_secret=None, authn_plugin=load_control_authn_plugin(),
-        event_log_plugin=None, fleet_event_log_plugin=None, enable_event_log=False, artifact_provider=None,
-        enable_supernode_auth=True, fleet_api_type=TRANSPORT_TYPE_GRPC_RERE, fleet_api_address=None,
-        simulation=False, ssl_ca_certfile=str(ca_certificate), ssl_certfile=str(control_certificate),
-        ssl_keyfile=str(control_key), database=database if database is not None else FLWR_IN_MEMORY_DB_NAME,
-        isolation=ISOLATION_MODE_SUBPROCESS, runtime_dependency_install=runtime_dependency_install)
+    config = _lifespan_config(
+        control_host,
+        control_port,
+        ca_certificate,
+        control_certificate,
+        control_key,
+        database,
+        runtime_dependency_install,
+    )
     app = create_app(config, Lifespan)
-    paths = frozenset(c.path for c in iter_route_contexts(app.routes)
-                      if c.path.startswith(FLEET_PREFIX) or c.path == HEALTH_PATH)
+    routes = [cast(str, c.path) for c in iter_route_contexts(app.routes)]  # every route of Flower's app has a path
+    paths = frozenset(p for p in routes if p.startswith(FLEET_PREFIX) or p == HEALTH_PATH)
     if HEALTH_PATH not in paths or f"{FLEET_PREFIX}pull-messages" not in paths:
-        raise FedcareError(f"Flower's app has no {FLEET_PREFIX}pull-messages or {HEALTH_PATH} route: "
-                           "its layout is not the one fedcare verified", f"install flwr=={VERIFIED_FLOWER}")
+        raise FedcareError(
+            f"Flower's app has no {FLEET_PREFIX}pull-messages or {HEALTH_PATH} route: "
+            "its layout is not the one fedcare verified",
+            f"install flwr=={VERIFIED_FLOWER}",
+        )
     return FlowerSuperLink(app, paths, get_uvicorn_log_config(console_handler.level))

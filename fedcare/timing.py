@@ -41,9 +41,9 @@ def process_started_at() -> float | None:
     try:
         with open("/proc/self/stat", "rb") as f:
             stat = f.read()
-        start_ticks = int(stat[stat.rindex(b")") + 2:].split()[19])
+        start_ticks = int(stat[stat.rindex(b")") + 2 :].split()[19])
         with open("/proc/uptime", "rb") as f:
-            boot = time.time() - float(f.read().split()[0])   # /proc/stat's btime is whole seconds
+            boot = time.time() - float(f.read().split()[0])  # /proc/stat's btime is whole seconds
         return boot + start_ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return None

@@ -21,25 +21,30 @@ from fedcare.errors import FedcareError
 # What the coordinator runs when the SuperLink's certificates expire (same CA, SANs and node keys).
 RENEW_COMMAND = "fedcare deploy renew DEPLOY_DIR"
 RENEW_HINT = f"the coordinator renews it with `{RENEW_COMMAND}` and restarts the SuperLink"
-NEW_CA_HINT = ("the coordinator makes a new deployment (`fedcare deploy init`), registers the new node keys and "
-               "gives every hospital the new ca.crt")
+NEW_CA_HINT = (
+    "the coordinator makes a new deployment (`fedcare deploy init`), registers the new node keys and "
+    "gives every hospital the new ca.crt"
+)
 
 
 def _when(moment: dt.datetime) -> str:
     return f"{moment:%Y-%m-%d %H:%M} UTC"
 
 
-def require_in_date(certificate: x509.Certificate, what: str, expired_hint: str,
-                    now: dt.datetime | None = None) -> None:
+def require_in_date(
+    certificate: x509.Certificate, what: str, expired_hint: str, now: dt.datetime | None = None
+) -> None:
     """FedcareError if ``certificate`` (described as ``what``) has expired or is not valid yet at ``now``."""
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     if certificate.not_valid_after_utc < now:
         raise FedcareError(f"{what} expired on {_when(certificate.not_valid_after_utc)}", expired_hint)
     if certificate.not_valid_before_utc > now:
-        raise FedcareError(f"{what} is not valid before {_when(certificate.not_valid_before_utc)} (this machine's "
-                           f"clock says {_when(now)})",
-                           "check the clock of this machine and of the machine that issued the certificate "
-                           "(both should follow NTP), or wait until then")
+        raise FedcareError(
+            f"{what} is not valid before {_when(certificate.not_valid_before_utc)} (this machine's "
+            f"clock says {_when(now)})",
+            "check the clock of this machine and of the machine that issued the certificate "
+            "(both should follow NTP), or wait until then",
+        )
 
 
 def read_certificates(path: Path, where: str, hint: str) -> list[x509.Certificate]:
@@ -53,8 +58,9 @@ def read_certificates(path: Path, where: str, hint: str) -> list[x509.Certificat
     except ValueError:
         certificates = []
     if not certificates:
-        raise FedcareError(f"{where}: {path} is not a PEM certificate (corrupted, truncated or another kind of file)",
-                           hint)
+        raise FedcareError(
+            f"{where}: {path} is not a PEM certificate (corrupted, truncated or another kind of file)", hint
+        )
     return certificates
 
 
@@ -87,19 +93,24 @@ def read_node_key(path: Path, where: str) -> ec.EllipticCurvePrivateKey:
         key = serialization.load_ssh_private_key(Path(path).read_bytes(), password=None)
     except OSError as exc:
         raise FedcareError(f"{where}: cannot read {path}: {exc.strerror}", hint) from None
-    except (ValueError, TypeError):     # TypeError: encrypted with a passphrase
-        raise FedcareError(f"{where}: {path} is not an OpenSSH private key (corrupted, encrypted or another kind "
-                           "of file)", hint) from None
-    except Exception:  # noqa: BLE001  (cryptography raises UnsupportedAlgorithm for exotic key types)
+    except (ValueError, TypeError):  # TypeError: encrypted with a passphrase
+        raise FedcareError(
+            f"{where}: {path} is not an OpenSSH private key (corrupted, encrypted or another kind of file)", hint
+        ) from None
+    except Exception:  # cryptography raises UnsupportedAlgorithm for exotic key types
         raise FedcareError(f"{where}: {path} is a key type this node cannot use", hint) from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise FedcareError(f"{where}: {path} is an {type(key).__name__.lstrip('_')}, not an EC key (Flower's node "
-                           "authentication needs EC)", hint)
+        raise FedcareError(
+            f"{where}: {path} is an {type(key).__name__.lstrip('_')}, not an EC key (Flower's node "
+            "authentication needs EC)",
+            hint,
+        )
     return key
 
 
-def read_server_credentials(certificate: Path, key: Path, where: str, what: str,
-                            now: dt.datetime | None = None) -> x509.Certificate:
+def read_server_credentials(
+    certificate: Path, key: Path, where: str, what: str, now: dt.datetime | None = None
+) -> x509.Certificate:
     """A listener's certificate and key: both parse, they belong together, and the certificate is in date."""
     hint = "use the certificate and key `fedcare deploy init` (or `fedcare deploy renew`) wrote, as a pair"
     served = read_certificates(certificate, where, hint)[0]
@@ -108,8 +119,9 @@ def read_server_credentials(certificate: Path, key: Path, where: str, what: str,
     except OSError as exc:
         raise FedcareError(f"cannot read {key}: {exc.strerror}", hint) from None
     except (ValueError, TypeError):
-        raise FedcareError(f"{key} is not a readable PEM private key (corrupted, encrypted or another kind of file)",
-                           hint) from None
+        raise FedcareError(
+            f"{key} is not a readable PEM private key (corrupted, encrypted or another kind of file)", hint
+        ) from None
     spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     if private.public_key().public_bytes(*spki) != served.public_key().public_bytes(*spki):
         raise FedcareError(f"{key} is not the key of {certificate}", hint)

@@ -47,6 +47,7 @@ SuperNode (`--parent-pid`) exits.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib
 import os
@@ -63,19 +64,30 @@ from fedcare.compat import flower as flower_compat
 from fedcare.project_packages import PACKAGES
 
 # The packages of this project: never kept loaded across forks (the FAB's copy must be used).
-PROJECT_PACKAGES = PACKAGES + ("bench", "tests")
+PROJECT_PACKAGES = (*PACKAGES, "bench", "tests")
 # Imported once in the parent for their third-party dependencies (torch, opacus, pandas, sklearn,
 # scipy, cryptography, pydicom, ...), then purged.
-APP_MODULES = ("client.client_app", "client.privacy_ledger", "client.dp_trainer", "client.secure_update",
-               "client.audit_trail", "client.feature_stats", "shared_models.registry", "shared_models.weights",
-               "client.datasets.fed_heart_disease", "client.datasets.ehr_table", "client.datasets.ehr_events",
-               "client.datasets.dicom_folder", "client.datasets.medmnist_npz")
+APP_MODULES = (
+    "client.client_app",
+    "client.privacy_ledger",
+    "client.dp_trainer",
+    "client.secure_update",
+    "client.audit_trail",
+    "client.feature_stats",
+    "shared_models.registry",
+    "shared_models.weights",
+    "client.datasets.fed_heart_disease",
+    "client.datasets.ehr_table",
+    "client.datasets.ehr_events",
+    "client.datasets.dicom_folder",
+    "client.datasets.medmnist_npz",
+)
 FLOWER_MODULES = ("flwr.supernode.runtime.run_clientapp", "flwr.clientapp", "flwr.app")
 # Imported lazily by the libraries on first use: torch.optim's first optimizer imports torch._dynamo
 # (~1 s, measured), which would otherwise land in every training message's time.
 LAZY_LIBRARY_MODULES = ("torch._dynamo",)
-DEFAULT_POLL_S = 0.05     # without a wake pipe
-IDLE_POLL_S = 10.0        # with one: a safety net only (a poll can meet a message still being stored)
+DEFAULT_POLL_S = 0.05  # without a wake pipe
+IDLE_POLL_S = 10.0  # with one: a safety net only (a poll can meet a message still being stored)
 
 
 def _is_project_module(name: str) -> bool:
@@ -104,7 +116,7 @@ def preload() -> tuple[int, list[str]]:
     for name in [n for n in sys.modules if _is_project_module(n)]:
         del sys.modules[name]
     gc.collect()
-    gc.freeze()   # keep the preloaded objects out of the collector: their pages stay shared after fork
+    gc.freeze()  # keep the preloaded objects out of the collector: their pages stay shared after fork
     return len(set(sys.modules) - before), failed
 
 
@@ -134,14 +146,14 @@ def _run_task(runtime_api_address: str, token: str, parent_pid: int) -> int:
     code = 1
     try:
         for name in [n for n in sys.modules if _is_project_module(n)]:
-            del sys.modules[name]   # the app comes from the run's FAB, never from this node's install
+            del sys.modules[name]  # the app comes from the run's FAB, never from this node's install
         if os.environ.get("FEDCARE_TIMING_LOG"):
             flower_compat.time_clientapp_steps(_trace)
         flower_compat.run_clientapp_task(runtime_api_address, token, parent_pid)
         code = 0
-    except SystemExit as exc:       # Flower ends every task with flwr_exit -> sys.exit
+    except SystemExit as exc:  # Flower ends every task with flwr_exit -> sys.exit
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except BaseException:           # noqa: BLE001 - report, never fall back into the parent's loop
+    except BaseException:  # report, never fall back into the parent's loop
         traceback.print_exc()
     return code
 
@@ -158,7 +170,7 @@ def _child(runtime_api_address: str, token: str, parent_pid: int, wake_fd: int |
 
         np.random.seed(int.from_bytes(os.urandom(4), "little"))  # as a fresh interpreter would
         code = _run_task(runtime_api_address, token, parent_pid)
-    except BaseException:           # noqa: BLE001
+    except BaseException:
         traceback.print_exc()
     finally:
         try:
@@ -174,8 +186,13 @@ def run_one_task(runtime_api_address: str, parent_pid: int, policy) -> int:
 
     token = sys.stdin.readline().strip()
     if not install_fab_check(policy):
-        log(ERROR, "fedcare: " + flower_compat.FAB_GUARD_REFUSAL.format(wanted=flower_compat.PATCHED_FLOWER,
-                                                                         found=flower_compat.flower_version()))
+        log(
+            ERROR,
+            "fedcare: "
+            + flower_compat.FAB_GUARD_REFUSAL.format(
+                wanted=flower_compat.PATCHED_FLOWER, found=flower_compat.flower_version()
+            ),
+        )
         return 1
     flower_compat.shorten_object_pull_backoff()
     flower_compat.reuse_installed_fab()
@@ -186,15 +203,23 @@ class _ColdTasks:
     """One fresh `python -m fedcare.warm_clientapp --run-task` per task, with this executor's FAB policy."""
 
     def __init__(self, runtime_api_address: str, policy_args: list[str]) -> None:
-        self.command = [sys.executable, "-m", "fedcare.warm_clientapp", "--run-task",
-                        "--runtime-api-address", runtime_api_address, "--parent-pid", str(os.getpid()),
-                        *policy_args]
+        self.command = [
+            sys.executable,
+            "-m",
+            "fedcare.warm_clientapp",
+            "--run-task",
+            "--runtime-api-address",
+            runtime_api_address,
+            "--parent-pid",
+            str(os.getpid()),
+            *policy_args,
+        ]
         self.running: list[subprocess.Popen] = []
 
     def start(self, token: str) -> None:
-        proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, text=True)  # noqa: S603
+        proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, text=True)
         assert proc.stdin is not None
-        proc.stdin.write(token + "\n")    # not on the command line, where other local users could read it
+        proc.stdin.write(token + "\n")  # not on the command line, where other local users could read it
         proc.stdin.close()
         self.running.append(proc)
 
@@ -202,8 +227,15 @@ class _ColdTasks:
         self.running = [p for p in self.running if p.poll() is None]
 
 
-def serve(runtime_api_address: str, parent_pid: int | None, poll_s: float, wake_fd: int | None = None,
-          policy=None, policy_args: list[str] | None = None, cold: bool = False) -> None:
+def serve(
+    runtime_api_address: str,
+    parent_pid: int | None,
+    poll_s: float,
+    wake_fd: int | None = None,
+    policy=None,
+    policy_args: list[str] | None = None,
+    cold: bool = False,
+) -> None:
     """Preload, then fork one process per ClientApp task until the SuperNode goes away.
 
     With ``wake_fd`` (a pipe the node writes to whenever it has stored a message), the executor
@@ -212,7 +244,7 @@ def serve(runtime_api_address: str, parent_pid: int | None, poll_s: float, wake_
     each task in a fresh interpreter given ``policy_args`` (the same policy).
     """
     if parent_pid is not None:
-        flower_compat.exit_with_parent(parent_pid)   # SIGINT to us when the SuperNode exits
+        flower_compat.exit_with_parent(parent_pid)  # SIGINT to us when the SuperNode exits
     checked, cold_tasks = _start_executor(runtime_api_address, policy, policy_args, cold)
     acquire_task, unreachable = flower_compat.clientapp_task_acquirer(runtime_api_address)
     children: set[int] = set()
@@ -232,8 +264,9 @@ def serve(runtime_api_address: str, parent_pid: int | None, poll_s: float, wake_
         wake_fd = _wait_for_work(wake_fd, poll_s)
 
 
-def _start_executor(runtime_api_address: str, policy, policy_args: list[str] | None,
-                    cold: bool) -> tuple[bool, _ColdTasks | None]:
+def _start_executor(
+    runtime_api_address: str, policy, policy_args: list[str] | None, cold: bool
+) -> tuple[bool, _ColdTasks | None]:
     """Install the FAB check and preload (warm), or prepare fresh processes (cold); log how tasks will run.
 
     Returns whether FABs can be checked as ``policy`` asks, and the cold task starter (None when warm).
@@ -247,10 +280,15 @@ def _start_executor(runtime_api_address: str, policy, policy_args: list[str] | N
         cold_tasks = _ColdTasks(runtime_api_address, policy_args or [])
         log(INFO, "fedcare ClientApp executor (a fresh process per task): serving Runtime API %s", runtime_api_address)
     else:
-        checked = install_fab_check(policy)    # before the preload purges fedcare's own modules
+        checked = install_fab_check(policy)  # before the preload purges fedcare's own modules
         count, failed = preload()
-        log(INFO, "fedcare warm ClientApp executor: preloaded %d modules in %.1f s; serving Runtime API %s",
-            count, time.monotonic() - started, runtime_api_address)
+        log(
+            INFO,
+            "fedcare warm ClientApp executor: preloaded %d modules in %.1f s; serving Runtime API %s",
+            count,
+            time.monotonic() - started,
+            runtime_api_address,
+        )
         for problem in failed:
             log(DEBUG, "fedcare warm ClientApp executor: could not preload %s", problem)
     if policy is None:
@@ -277,23 +315,34 @@ def _wait_unreachable(runtime_api_address: str, unreachable_since: float | None)
     now = time.monotonic()
     unreachable_since = unreachable_since or now
     if now - unreachable_since > 120:
-        log(WARNING, "fedcare warm ClientApp executor: Runtime API %s unreachable for 120 s",
-            runtime_api_address)
+        log(WARNING, "fedcare warm ClientApp executor: Runtime API %s unreachable for 120 s", runtime_api_address)
         unreachable_since = now
     time.sleep(0.25)
     return unreachable_since
 
 
-def _start_task(response, checked: bool, cold_tasks: _ColdTasks | None, runtime_api_address: str,
-                wake_fd: int | None, children: set[int]) -> None:
+def _start_task(
+    response,
+    checked: bool,
+    cold_tasks: _ColdTasks | None,
+    runtime_api_address: str,
+    wake_fd: int | None,
+    children: set[int],
+) -> None:
     """Run an acquired task: in a fresh process (cold) or a forked child (warm); refused if FABs cannot be checked."""
     from flwr.supercore import log
 
     _trace("executor-acquire", task=response.task.task_id)
     if not checked:
-        log(ERROR, "fedcare: task %s of run %s not run: %s", response.task.task_id, response.task.run_id,
-            flower_compat.FAB_GUARD_REFUSAL.format(wanted=flower_compat.PATCHED_FLOWER,
-                                                   found=flower_compat.flower_version()))
+        log(
+            ERROR,
+            "fedcare: task %s of run %s not run: %s",
+            response.task.task_id,
+            response.task.run_id,
+            flower_compat.FAB_GUARD_REFUSAL.format(
+                wanted=flower_compat.PATCHED_FLOWER, found=flower_compat.flower_version()
+            ),
+        )
     elif cold_tasks is not None:
         cold_tasks.start(response.token)
     else:
@@ -308,7 +357,7 @@ def _wait_for_work(wake_fd: int | None, poll_s: float) -> int | None:
     if wake_fd is None:
         time.sleep(poll_s)
     elif select.select([wake_fd], [], [], IDLE_POLL_S)[0] and not os.read(wake_fd, 4096):
-        wake_fd = None   # the node closed the pipe (it is stopping): plain polling until we are stopped
+        wake_fd = None  # the node closed the pipe (it is stopping): plain polling until we are stopped
     return wake_fd
 
 
@@ -319,17 +368,22 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API, HOST:PORT")
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process (the SuperNode) exits")
-    parser.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_S,
-                        help=f"seconds between AcquireTask polls without --wake-fd ({DEFAULT_POLL_S})")
-    parser.add_argument("--wake-fd", type=int, default=None,
-                        help="a pipe the SuperNode writes to when it has stored a message")
+    parser.add_argument(
+        "--poll-interval",
+        type=float,
+        default=DEFAULT_POLL_S,
+        help=f"seconds between AcquireTask polls without --wake-fd ({DEFAULT_POLL_S})",
+    )
+    parser.add_argument(
+        "--wake-fd", type=int, default=None, help="a pipe the SuperNode writes to when it has stored a message"
+    )
     parser.add_argument("--cold", action="store_true", help="a fresh interpreter per task instead of a warm fork")
-    parser.add_argument("--run-task", action="store_true", help=argparse.SUPPRESS)   # one task, token on stdin
+    parser.add_argument("--run-task", action="store_true", help=argparse.SUPPRESS)  # one task, token on stdin
     add_policy_arguments(parser)
     args = parser.parse_args(argv)
     try:
         policy = policy_from_arguments(args)
-    except FedcareError as exc:   # a bad digest or contradictory options
+    except FedcareError as exc:  # a bad digest or contradictory options
         parser.error(str(exc))
     if args.run_task:
         if args.parent_pid is None:
@@ -338,11 +392,16 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-    try:
-        serve(args.runtime_api_address, args.parent_pid, max(0.01, args.poll_interval), args.wake_fd,
-              policy=policy, policy_args=policy_arguments(policy), cold=args.cold)
-    except KeyboardInterrupt:   # the SuperNode stopped (parent monitor) or Ctrl-C
-        pass
+    with contextlib.suppress(KeyboardInterrupt):  # the SuperNode stopped (parent monitor) or Ctrl-C
+        serve(
+            args.runtime_api_address,
+            args.parent_pid,
+            max(0.01, args.poll_interval),
+            args.wake_fd,
+            policy=policy,
+            policy_args=policy_arguments(policy),
+            cold=args.cold,
+        )
 
 
 if __name__ == "__main__":

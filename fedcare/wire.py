@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -25,17 +25,27 @@ from fedcare.errors import FedcareError
 from shared_models.classification_metrics import BinarySummary
 
 # the statistics release's component weights (client/feature_stats.py releases, server/feature_statistics.py pools)
-STATS_SECOND_WEIGHT = 2.0     # second moment: 2 (u^2 - 1/8), in [-1/4, 1/4]
-STATS_OBSERVED_WEIGHT = 0.5   # observed count: 1/2 per observed value
+STATS_SECOND_WEIGHT = 2.0  # second moment: 2 (u^2 - 1/8), in [-1/4, 1/4]
+STATS_OBSERVED_WEIGHT = 0.5  # observed count: 1/2 per observed value
 
 _MISSING = object()
-_WHAT = {"str": "text", "int": "a whole number", "float": "a finite number", "bool": "true or false",
-         "number": "a number", "floats": "a list of finite numbers", "ints": "a list of whole numbers", "strs": "a list of texts"}
+_WHAT = {
+    "str": "text",
+    "int": "a whole number",
+    "float": "a finite number",
+    "bool": "true or false",
+    "number": "a number",
+    "floats": "a list of finite numbers",
+    "ints": "a list of whole numbers",
+    "strs": "a list of texts",
+}
 
 
 def _bad(message: str, key: str, problem: str) -> FedcareError:
-    return FedcareError(f"the {message}'s {key} {problem}",
-                        "the sender runs a different or modified fedcare: use the same fedcare version everywhere")
+    return FedcareError(
+        f"the {message}'s {key} {problem}",
+        "the sender runs a different or modified fedcare: use the same fedcare version everywhere",
+    )
 
 
 def _number(value: Any, kind: str) -> Any:
@@ -62,7 +72,7 @@ def _convert(value: Any, kind: str) -> Any:
         return bool(value)
     if kind in ("int", "float"):
         return _number(value, kind)
-    if kind == "number":   # any float, NaN included: a diverged model's test loss is reported, not refused
+    if kind == "number":  # any float, NaN included: a diverged model's test loss is reported, not refused
         if isinstance(value, (bool, str, bytes)) or not isinstance(value, (int, float, np.integer, np.floating)):
             raise TypeError(value)
         return float(value)
@@ -136,8 +146,10 @@ class PrivacyNote:
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any], prefix: str, message: str) -> PrivacyNote:
-        return cls(read(record, f"{prefix}delta", "float", message, None),
-                   not read(record, f"{prefix}not-private", "bool", message, False))
+        return cls(
+            read(record, f"{prefix}delta", "float", message, None),
+            not read(record, f"{prefix}not-private", "bool", message, False),
+        )
 
 
 # ---- statistics exchange (protocol.FEATURE_STATS) ----------------------------------------------
@@ -152,8 +164,15 @@ class FeatureSchema:
     task: str
 
     def to_record(self) -> ConfigRecord:
-        return ConfigRecord({"names": list(self.names), "input-shape": list(self.input_shape), "task": self.task,
-                             "bounds-lo": list(self.bounds_lo), "bounds-hi": list(self.bounds_hi)})
+        return ConfigRecord(
+            {
+                "names": list(self.names),
+                "input-shape": list(self.input_shape),
+                "task": self.task,
+                "bounds-lo": list(self.bounds_lo),
+                "bounds-hi": list(self.bounds_hi),
+            }
+        )
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> FeatureSchema:
@@ -179,23 +198,36 @@ class StatsReply:
     noise_std: float
     num_examples: float
     schema: FeatureSchema
-    epsilon: float | None = None          # the hospital's spent epsilon (with DP only)
+    epsilon: float | None = None  # the hospital's spent epsilon (with DP only)
     privacy: PrivacyNote = PrivacyNote()
 
     PREFIX = "stats/"
 
     def encode(self) -> RecordDict:
         metrics: dict[str, Any] = {} if self.epsilon is None else {"epsilon": self.epsilon}
-        metrics |= {"sum": list(self.sums), "second": list(self.second), "observed": list(self.observed),
-                    "noise-std": float(self.noise_std), protocol.NUM_EXAMPLES: self.num_examples}
-        return RecordDict({protocol.HOSPITAL: hospital_record(self.hospital, self.privacy.to_record(self.PREFIX)),
-                           protocol.METRICS: MetricRecord(metrics), "features": self.schema.to_record()})
+        metrics |= {
+            "sum": list(self.sums),
+            "second": list(self.second),
+            "observed": list(self.observed),
+            "noise-std": float(self.noise_std),
+            protocol.NUM_EXAMPLES: self.num_examples,
+        }
+        return RecordDict(
+            {
+                protocol.HOSPITAL: hospital_record(self.hospital, self.privacy.to_record(self.PREFIX)),
+                protocol.METRICS: MetricRecord(metrics),
+                "features": self.schema.to_record(),
+            }
+        )
 
     @classmethod
     def decode(cls, content: RecordDict) -> StatsReply:
         what = "statistics reply"
-        for records, key in ((content.config_records, protocol.HOSPITAL), (content.metric_records, protocol.METRICS),
-                             (content.config_records, "features")):
+        for records, key in (
+            (content.config_records, protocol.HOSPITAL),
+            (content.metric_records, protocol.METRICS),
+            (content.config_records, "features"),
+        ):
             if key not in records:
                 raise _bad(what, f"{key} record", "is missing")
         metrics = content.metric_records[protocol.METRICS]
@@ -208,10 +240,17 @@ class StatsReply:
         if noise_std < 0:
             raise _bad(what, "noise-std", "is negative")
         hospital = content.config_records[protocol.HOSPITAL]
-        return cls(read(hospital, "name", "str", what), sums["sum"], sums["second"], sums["observed"], noise_std,
-                   read(metrics, protocol.NUM_EXAMPLES, "float", what), schema,
-                   read(metrics, "epsilon", "float", what, None),
-                   PrivacyNote.from_record(hospital, cls.PREFIX, what))
+        return cls(
+            read(hospital, "name", "str", what),
+            sums["sum"],
+            sums["second"],
+            sums["observed"],
+            noise_std,
+            read(metrics, protocol.NUM_EXAMPLES, "float", what),
+            schema,
+            read(metrics, "epsilon", "float", what, None),
+            PrivacyNote.from_record(hospital, cls.PREFIX, what),
+        )
 
 
 # ---- train and evaluate requests (server -> node, besides the RunRequest) -----------------------
@@ -223,7 +262,7 @@ class ModelInputs:
     norm_mean: list[float]
     norm_std: list[float]
     evaluate_incoming: bool = False
-    personalise: bool = False      # the final model: adapt it locally (personalise-rounds) before testing
+    personalise: bool = False  # the final model: adapt it locally (personalise-rounds) before testing
 
     def to_config(self) -> dict[str, Any]:
         config: dict[str, Any] = {"norm-mean": list(self.norm_mean), "norm-std": list(self.norm_std)}
@@ -240,8 +279,12 @@ class ModelInputs:
         std = read(config, "norm-std", "floats", what)
         if len(mean) != len(std):
             raise _bad(what, "norm-std", "does not have one value per norm-mean value")
-        return cls(mean, std, read(config, protocol.EVALUATE_INCOMING, "bool", what, False),
-                   read(config, "personalise", "bool", what, False))
+        return cls(
+            mean,
+            std,
+            read(config, protocol.EVALUATE_INCOMING, "bool", what, False),
+            read(config, "personalise", "bool", what, False),
+        )
 
 
 # ---- evaluation (an evaluate reply's metrics, or a train reply's evaluation/ keys) ---------------
@@ -258,32 +301,55 @@ class EvaluationMetrics:
     neg_hist: list[int]
     num_examples: int
 
-    _KEYS = (("tp", "int"), ("fp", "int"), ("tn", "int"), ("fn", "int"), ("loss-sum", "number"),
-             ("pos-hist", "ints"), ("neg-hist", "ints"), (protocol.NUM_EXAMPLES, "int"))
+    _KEYS = (
+        ("tp", "int"),
+        ("fp", "int"),
+        ("tn", "int"),
+        ("fn", "int"),
+        ("loss-sum", "number"),
+        ("pos-hist", "ints"),
+        ("neg-hist", "ints"),
+        (protocol.NUM_EXAMPLES, "int"),
+    )
 
     def to_record(self, prefix: str = "") -> dict[str, Any]:
         values = dataclasses.astuple(self)
         return {f"{prefix}{key}": value for (key, _), value in zip(self._KEYS, values)}
 
     @classmethod
-    def from_record(cls, record: Mapping[str, Any], prefix: str = "",
-                    message: str = "evaluation reply") -> EvaluationMetrics:
+    def from_record(
+        cls, record: Mapping[str, Any], prefix: str = "", message: str = "evaluation reply"
+    ) -> EvaluationMetrics:
         return cls(*(read(record, f"{prefix}{key}", kind, message) for key, kind in cls._KEYS))
 
     @classmethod
     def from_summary(cls, s: BinarySummary) -> EvaluationMetrics:
-        return cls(int(s.tp), int(s.fp), int(s.tn), int(s.fn), float(s.loss_sum), s.pos_hist.tolist(),
-                   s.neg_hist.tolist(), int(s.n))
+        return cls(
+            int(s.tp),
+            int(s.fp),
+            int(s.tn),
+            int(s.fn),
+            float(s.loss_sum),
+            cast(np.ndarray, s.pos_hist).tolist(),
+            cast(np.ndarray, s.neg_hist).tolist(),
+            int(s.n),
+        )
 
     def summary(self) -> BinarySummary:
-        return BinarySummary(tp=self.tp, fp=self.fp, tn=self.tn, fn=self.fn, loss_sum=self.loss_sum,
-                             pos_hist=np.asarray(self.pos_hist, dtype=np.int64),
-                             neg_hist=np.asarray(self.neg_hist, dtype=np.int64))
+        return BinarySummary(
+            tp=self.tp,
+            fp=self.fp,
+            tn=self.tn,
+            fn=self.fn,
+            loss_sum=self.loss_sum,
+            pos_hist=np.asarray(self.pos_hist, dtype=np.int64),
+            neg_hist=np.asarray(self.neg_hist, dtype=np.int64),
+        )
 
     @classmethod
     def in_train_reply(cls, content: RecordDict) -> EvaluationMetrics | None:
         """The received model's test a train reply carries in its hospital record (None: none)."""
-        record = content.config_records.get(protocol.HOSPITAL, {})
+        record: Mapping[str, Any] = content.config_records.get(protocol.HOSPITAL, {})
         if not any(key.startswith(protocol.EVALUATION) for key in record):
             return None
         return cls.from_record(record, protocol.EVALUATION, "train reply's evaluation")
@@ -291,7 +357,7 @@ class EvaluationMetrics:
     @classmethod
     def personalised_in(cls, content: RecordDict) -> EvaluationMetrics | None:
         """The personalised model's test a final evaluate reply carries (None: none)."""
-        record = content.config_records.get(protocol.HOSPITAL, {})
+        record: Mapping[str, Any] = content.config_records.get(protocol.HOSPITAL, {})
         if not any(key.startswith(protocol.PERSONALISED) for key in record):
             return None
         return cls.from_record(record, protocol.PERSONALISED, "evaluate reply's personalised evaluation")
@@ -305,7 +371,7 @@ class EvaluationMetrics:
 
 def personalised_epsilon(content: RecordDict) -> float | None:
     """The epsilon a hospital reports after personalising the final model (None: it did not, or no DP)."""
-    record = content.config_records.get(protocol.HOSPITAL, {})
+    record: Mapping[str, Any] = content.config_records.get(protocol.HOSPITAL, {})
     return read(record, protocol.PERSONALISED_EPSILON, "float", "evaluate reply", None)
 
 
@@ -319,17 +385,26 @@ class TrainReport:
     epsilon: float | None = None
     noise_multiplier: float | None = None
     steps: int | None = None
-    planned_noise_multiplier: float | None = None   # set when the hospital re-planned after a crash
+    planned_noise_multiplier: float | None = None  # set when the hospital re-planned after a crash
     replanned_from_round: int | None = None
     lost_rounds: list[int] = dataclasses.field(default_factory=list)
     privacy: PrivacyNote = PrivacyNote()
 
-    _KEYS = (("train_seconds", "float"), ("epsilon", "float"), ("noise_multiplier", "float"), ("steps", "int"),
-             ("planned_noise_multiplier", "float"), ("replanned_from_round", "int"))
+    _KEYS = (
+        ("train_seconds", "float"),
+        ("epsilon", "float"),
+        ("noise_multiplier", "float"),
+        ("steps", "int"),
+        ("planned_noise_multiplier", "float"),
+        ("replanned_from_round", "int"),
+    )
 
     def to_record(self) -> dict[str, Any]:
-        record = {f"{protocol.TRAINED}{name.replace('_', '-')}": getattr(self, name)
-                  for name, _ in self._KEYS if getattr(self, name) is not None}
+        record = {
+            f"{protocol.TRAINED}{name.replace('_', '-')}": getattr(self, name)
+            for name, _ in self._KEYS
+            if getattr(self, name) is not None
+        }
         if self.lost_rounds:
             record[f"{protocol.TRAINED}lost-rounds"] = list(self.lost_rounds)
         return record | self.privacy.to_record(protocol.TRAINED)
@@ -337,14 +412,19 @@ class TrainReport:
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> TrainReport:
         what = "train reply"
-        values = {name: read(record, f"{protocol.TRAINED}{name.replace('_', '-')}", kind, what, None)
-                  for name, kind in cls._KEYS}
-        if values["planned_noise_multiplier"] is not None:   # a re-plan names its round and new noise
+        values = {
+            name: read(record, f"{protocol.TRAINED}{name.replace('_', '-')}", kind, what, None)
+            for name, kind in cls._KEYS
+        }
+        if values["planned_noise_multiplier"] is not None:  # a re-plan names its round and new noise
             for name, kind in cls._KEYS:
                 if name in ("replanned_from_round", "noise_multiplier"):
                     read(record, f"{protocol.TRAINED}{name.replace('_', '-')}", kind, what)
-        return cls(**values, lost_rounds=read(record, f"{protocol.TRAINED}lost-rounds", "ints", what, []),
-                   privacy=PrivacyNote.from_record(record, protocol.TRAINED, what))
+        return cls(
+            **values,
+            lost_rounds=read(record, f"{protocol.TRAINED}lost-rounds", "ints", what, []),
+            privacy=PrivacyNote.from_record(record, protocol.TRAINED, what),
+        )
 
 
 def plain_update(content: RecordDict) -> ArrayRecord:
@@ -367,8 +447,11 @@ class KeyAgreementRequest:
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any]) -> KeyAgreementRequest:
         what = "key-agreement request"
-        return cls(read(payload, "threshold", "int", what), read(payload, "neighbours", "int", what),
-                   read(payload, "nodes", "ints", what))
+        return cls(
+            read(payload, "threshold", "int", what),
+            read(payload, "neighbours", "int", what),
+            read(payload, "nodes", "ints", what),
+        )
 
 
 def unmask_round(payload: Mapping[str, Any]) -> int:

@@ -47,18 +47,21 @@ def lookup(blob: bytes, holder: int) -> bytes | None:
     """The commitment to ``holder``'s share, or None (a string that is not in order finds nothing:
     the dealer signed it, so that is the dealer's fault, never the holder's)."""
     count = len(blob) // RECORD_BYTES
-    i = bisect.bisect_left(range(count), holder,
-                           key=lambda j: int.from_bytes(blob[j * RECORD_BYTES:j * RECORD_BYTES + ID_BYTES], "big"))
-    if i < count and int.from_bytes(blob[i * RECORD_BYTES:i * RECORD_BYTES + ID_BYTES], "big") == holder:
-        return blob[i * RECORD_BYTES + ID_BYTES:(i + 1) * RECORD_BYTES]
+    i = bisect.bisect_left(
+        range(count), holder, key=lambda j: int.from_bytes(blob[j * RECORD_BYTES : j * RECORD_BYTES + ID_BYTES], "big")
+    )
+    if i < count and int.from_bytes(blob[i * RECORD_BYTES : i * RECORD_BYTES + ID_BYTES], "big") == holder:
+        return blob[i * RECORD_BYTES + ID_BYTES : (i + 1) * RECORD_BYTES]
     return None
 
 
 def unpack(blob: object, holders: list[int], what: str) -> dict[int, bytes]:
     """{holder: hash} from a packed string that covers exactly ``holders`` (sorted), ids ascending."""
     data = checked(blob, what)
-    out = {int.from_bytes(data[i:i + ID_BYTES], "big"): data[i + ID_BYTES:i + RECORD_BYTES]
-           for i in range(0, len(data), RECORD_BYTES)}
+    out = {
+        int.from_bytes(data[i : i + ID_BYTES], "big"): data[i + ID_BYTES : i + RECORD_BYTES]
+        for i in range(0, len(data), RECORD_BYTES)
+    }
     if list(out) != holders:
         raise SecAggError(f"{what} do not cover the nodes it dealt to, in order")
     return out

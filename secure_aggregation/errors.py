@@ -12,6 +12,8 @@ class SecAggError(FedcareError):
 class TamperingDetected(SecAggError):
     """A ciphertext or share failed authentication or does not match what it claims to be."""
 
+    blame: list[int]  # set only where a dealer's shares do not rebuild its secret: that node (server_half.py)
+
 
 class TooFewSurvivors(SecAggError):
     """Fewer nodes than the threshold are left; the round cannot be unmasked (nothing revealed)."""

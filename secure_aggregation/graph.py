@@ -84,9 +84,9 @@ __all__ = [
 ]
 
 SEED_BYTES = 32
-MAX_CLIENTS = 1_000_000   # FCP's kMaxNumberOfClients: the finder refuses larger cohorts
-_SMALL = 1e-14            # FCP's kSmall: keeps rounding from erring on the insecure side
-_MAX_ID = 1 << 128        # ids are encoded as one AES block
+MAX_CLIENTS = 1_000_000  # FCP's kMaxNumberOfClients: the finder refuses larger cohorts
+_SMALL = 1e-14  # FCP's kSmall: keeps rounding from erring on the insecure side
+_MAX_ID = 1 << 128  # ids are encoded as one AES block
 _RING_KEY_LABEL = b"fedcare/secagg+/harary-ring-order/v1"
 
 
@@ -152,8 +152,7 @@ def _log_prob_disconnected(n: int, k: int, bad: int) -> float:
     log_gap_pairs = math.log(n) + math.log(n - k - 1) - math.log(2)
     if k > bad:
         return -math.inf
-    return (log_gap_pairs + math.lgamma(bad + 1) + math.lgamma(n - k + 1)
-            - math.lgamma(n + 1) - math.lgamma(bad - k + 1))
+    return log_gap_pairs + math.lgamma(bad + 1) + math.lgamma(n - k + 1) - math.lgamma(n + 1) - math.lgamma(bad - k + 1)
 
 
 _HOEFFDING_MARGIN = 46.0  # nats: the mass left outside a window is below q * e**-46 < q * 1e-19
@@ -168,9 +167,17 @@ def _log_pmf(total: int, marked: int, sampled: int, x: int) -> float:
     formula (a sum of lgammas). ``scipy.stats.hypergeom.logpmf`` gives the same value (the tests
     check it) but costs ~170 us of argument handling per call, ten seconds over FCP's table."""
     lg = math.lgamma
-    return (lg(sampled + 1) + lg(marked + 1) + lg(total - marked + 1) + lg(total - sampled + 1)
-            - lg(x + 1) - lg(sampled - x + 1) - lg(marked - x + 1) - lg(total + 1)
-            - lg(total - sampled - marked + x + 1))
+    return (
+        lg(sampled + 1)
+        + lg(marked + 1)
+        + lg(total - marked + 1)
+        + lg(total - sampled + 1)
+        - lg(x + 1)
+        - lg(sampled - x + 1)
+        - lg(marked - x + 1)
+        - lg(total + 1)
+        - lg(total - sampled - marked + x + 1)
+    )
 
 
 def _pmf_window(total: int, marked: int, sampled: int, a: int, b: int) -> np.ndarray:
@@ -181,8 +188,7 @@ def _pmf_window(total: int, marked: int, sampled: int, a: int, b: int) -> np.nda
     accumulated in log space (vectorised; relative error ~1e-13 over a window).
     """
     xs = np.arange(a, b, dtype=np.float64)
-    log_ratio = (np.log((marked - xs) * (sampled - xs))
-                 - np.log((xs + 1) * (total - marked - sampled + xs + 1)))
+    log_ratio = np.log((marked - xs) * (sampled - xs)) - np.log((xs + 1) * (total - marked - sampled + xs + 1))
     first = _log_pmf(total, marked, sampled, a)
     return np.exp(first + np.concatenate(([0.0], np.cumsum(log_ratio))))
 
@@ -237,6 +243,15 @@ def _lower_quantile(total: int, marked: int, sampled: int, q: float) -> int:
     raise AssertionError("unreachable: the whole support brackets the quantile")
 
 
+def _finder_gives_up(n: int, adversarial_rate: float, dropout_rate: float, semi_malicious: bool) -> bool:
+    """Where FCP's finder fails outright: too many nodes, or too many adversaries and dropouts."""
+    if n > MAX_CLIENTS:
+        return True
+    if semi_malicious:
+        return adversarial_rate + 2 * dropout_rate > 0.9
+    return adversarial_rate + dropout_rate > 0.9
+
+
 def find_parameters(
     n: int,
     adversarial_rate: float,
@@ -270,12 +285,7 @@ def find_parameters(
     _check_common(n, adversarial_rate, dropout_rate)
     if security <= 0 or correctness <= 0:
         raise SecAggError(f"security and correctness must be > 0, got {security}, {correctness}")
-    if n > MAX_CLIENTS:
-        return None
-    if semi_malicious:
-        if adversarial_rate + 2 * dropout_rate > 0.9:
-            return None
-    elif adversarial_rate + dropout_rate > 0.9:
+    if _finder_gives_up(n, adversarial_rate, dropout_rate, semi_malicious):
         return None
 
     per_event = security + 1.0  # FCP: kSecurityParameterPerEvent
@@ -294,13 +304,15 @@ def find_parameters(
             t1 = math.ceil((t1 + k - 1.25) / 2)
         if t2 <= t1:
             continue
-        return GraphParameters(n=n, k=k, t=max(t1 + 1, 2), kind="harary",
-                               min_clients_to_proceed=_min_to_proceed(n, dropout_rate, 0))
+        return GraphParameters(
+            n=n, k=k, t=max(t1 + 1, 2), kind="harary", min_clients_to_proceed=_min_to_proceed(n, dropout_rate, 0)
+        )
     return None
 
 
-def _full_graph_problem(n: int, t: int, adversarial_rate: float, dropout_rate: float,
-                        semi_malicious: bool) -> str | None:
+def _full_graph_problem(
+    n: int, t: int, adversarial_rate: float, dropout_rate: float, semi_malicious: bool
+) -> str | None:
     """FCP ``CheckFullGraphParameters``: why threshold t is refused on the complete graph of n
     nodes, or None when it is accepted (same conditions, same float expressions)."""
     if t <= 1 or t > n:
@@ -341,7 +353,8 @@ def full_graph_threshold(
         raise SecAggError(
             f"complete graph, n={n}, gamma={adversarial_rate}, delta={dropout_rate}: {problem}",
             "lower the dropout rate (FCP's threshold is ceil(n (1 - delta))) or the adversarial rate,"
-            " or use more nodes")
+            " or use more nodes",
+        )
     return t
 
 
@@ -362,8 +375,7 @@ def choose_graph(
     params = find_parameters(n, adversarial_rate, dropout_rate, semi_malicious)
     minimum = _min_to_proceed(n, dropout_rate, min_clients_to_proceed)
     if params is not None and params.k + 1 < n:
-        return GraphParameters(n=n, k=params.k, t=params.t, kind="harary",
-                               min_clients_to_proceed=minimum)
+        return GraphParameters(n=n, k=params.k, t=params.t, kind="harary", min_clients_to_proceed=minimum)
     t = full_graph_threshold(n, adversarial_rate, dropout_rate, semi_malicious, min_clients_to_proceed)
     return GraphParameters(n=n, k=n - 1, t=t, kind="complete", min_clients_to_proceed=minimum)
 
@@ -448,7 +460,7 @@ def neighbours(seed: bytes, node_ids: Sequence[int], k: int) -> dict[int, list[i
     ext = order[-half:] + order + order[:half]  # ring positions p - half .. p + half are ext[p : p + k + 1]
     graph: dict[int, list[int]] = {}
     for p, node in enumerate(order):
-        row = ext[p:p + k + 1]
+        row = ext[p : p + k + 1]
         del row[half]  # the node itself
         graph[node] = row
     return graph

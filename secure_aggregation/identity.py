@@ -44,8 +44,12 @@ KEY_PREFIX = "ed25519:"
 
 def canonical(kind: str, *fields: Any) -> bytes:
     """The bytes a statement of ``kind`` is signed as (sorted keys, no spaces, bytes as hex)."""
-    return json.dumps([PROTOCOL, kind, *fields], separators=(",", ":"), sort_keys=True,
-                      default=lambda v: v.hex() if isinstance(v, (bytes, bytearray)) else str(v)).encode()
+    return json.dumps(
+        [PROTOCOL, kind, *fields],
+        separators=(",", ":"),
+        sort_keys=True,
+        default=lambda v: v.hex() if isinstance(v, (bytes, bytearray)) else str(v),
+    ).encode()
 
 
 def digest(*parts: Any) -> bytes:
@@ -60,10 +64,10 @@ def public_bytes(key: Ed25519PrivateKey) -> bytes:
 def fingerprint(public: bytes) -> str:
     """What hospitals compare out of band: SHA-256 of the raw public key, in groups."""
     h = hashlib.sha256(b"fedcare-identity" + public).hexdigest()[:40]
-    return ":".join(h[i:i + 4] for i in range(0, len(h), 4))
+    return ":".join(h[i : i + 4] for i in range(0, len(h), 4))
 
 
-def verify(public: bytes, signature: bytes, message: bytes) -> bool:
+def verify(public: bytes, signature: bytes | bytearray, message: bytes) -> bool:
     """True when ``signature`` is ``public``'s Ed25519 signature of ``message``; never raises."""
     try:
         Ed25519PublicKey.from_public_bytes(bytes(public)).verify(bytes(signature), message)
@@ -86,8 +90,10 @@ class Consortium:
     def sign(self, name: str, message: bytes) -> bytes:
         key = self.signing_key(name)
         if self.public_key(name) != public_bytes(key):
-            raise SecAggError(f"this node's identity key is not the one the roster lists for {name!r}",
-                              "point identity-key at this hospital's own key, or fix the roster")
+            raise SecAggError(
+                f"this node's identity key is not the one the roster lists for {name!r}",
+                "point identity-key at this hospital's own key, or fix the roster",
+            )
         return key.sign(message)
 
     def check(self, name: str, signature: object, message: bytes, what: str) -> None:
@@ -107,13 +113,15 @@ class Roster:
     members: dict[str, bytes]
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "Roster":
+    def load(cls, path: str | os.PathLike[str]) -> Roster:
         path = Path(path)
         try:
             doc = tomllib.loads(path.read_text())
         except OSError as exc:
-            raise SecAggError(f"cannot read the consortium roster {path}: {exc.strerror}",
-                              "set roster in hospital.toml to the roster your consortium pinned") from None
+            raise SecAggError(
+                f"cannot read the consortium roster {path}: {exc.strerror}",
+                "set roster in hospital.toml to the roster your consortium pinned",
+            ) from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise SecAggError(f"the consortium roster {path} is not valid TOML ({exc})") from None
         members: dict[str, bytes] = {}
@@ -122,27 +130,37 @@ class Roster:
             try:
                 if not isinstance(text, str) or not text.startswith(KEY_PREFIX):
                     raise ValueError
-                key = bytes.fromhex(text[len(KEY_PREFIX):])
+                key = bytes.fromhex(text[len(KEY_PREFIX) :])
                 Ed25519PublicKey.from_public_bytes(key)
             except ValueError:
-                raise SecAggError(f"the consortium roster {path}: hospitals.{name} has no valid "
-                                  f"identity = \"{KEY_PREFIX}<64 hex>\"") from None
+                raise SecAggError(
+                    f'the consortium roster {path}: hospitals.{name} has no valid identity = "{KEY_PREFIX}<64 hex>"'
+                ) from None
             if key in members.values():
                 raise SecAggError(f"the consortium roster {path} lists one identity key twice ({name})")
             members[str(name)] = key
         if not members:
-            raise SecAggError(f"the consortium roster {path} lists no hospital",
-                              "a roster lists every member hospital under [hospitals.<name>]")
+            raise SecAggError(
+                f"the consortium roster {path} lists no hospital",
+                "a roster lists every member hospital under [hospitals.<name>]",
+            )
         return cls(path, members)
 
     @staticmethod
     def text(members: dict[str, bytes]) -> str:
         """A roster file's text for ``members`` (name -> raw public key), fingerprints as comments."""
-        lines = ["# fedcare consortium roster: every member hospital's identity key.",
-                 "# Pin it at a hospital only after checking each fingerprint with that hospital directly.", ""]
+        lines = [
+            "# fedcare consortium roster: every member hospital's identity key.",
+            "# Pin it at a hospital only after checking each fingerprint with that hospital directly.",
+            "",
+        ]
         for name in sorted(members):
-            lines += [f"[hospitals.{json.dumps(name)}]", f"identity = \"{KEY_PREFIX}{members[name].hex()}\"",
-                      f"# fingerprint {fingerprint(members[name])}", ""]
+            lines += [
+                f"[hospitals.{json.dumps(name)}]",
+                f'identity = "{KEY_PREFIX}{members[name].hex()}"',
+                f"# fingerprint {fingerprint(members[name])}",
+                "",
+            ]
         return "\n".join(lines)
 
 
@@ -171,7 +189,7 @@ class SimulatedConsortium(Consortium):
         self._keys: dict[str, Ed25519PrivateKey] = {}
 
     @classmethod
-    def in_folder(cls, folder: str | os.PathLike[str]) -> "SimulatedConsortium":
+    def in_folder(cls, folder: str | os.PathLike[str]) -> SimulatedConsortium:
         """The secret in ``folder`` (0600), created once by whichever virtual hospital comes first."""
         path = Path(folder) / "consortium-secret"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -185,7 +203,7 @@ class SimulatedConsortium(Consortium):
                 handle.flush()
                 os.fsync(handle.fileno())
         secret = path.read_bytes()
-        if len(secret) != 32:   # another process is still writing it
+        if len(secret) != 32:  # another process is still writing it
             import time
 
             time.sleep(0.05)
@@ -194,8 +212,9 @@ class SimulatedConsortium(Consortium):
 
     def signing_key(self, name: str) -> Ed25519PrivateKey:
         if name not in self._keys:
-            seed = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"fedcare-simulated-identity",
-                        info=name.encode("utf-8")).derive(self._secret)
+            seed = HKDF(
+                algorithm=hashes.SHA256(), length=32, salt=b"fedcare-simulated-identity", info=name.encode("utf-8")
+            ).derive(self._secret)
             self._keys[name] = Ed25519PrivateKey.from_private_bytes(seed)
         return self._keys[name]
 
@@ -208,11 +227,12 @@ def make_identity_key(path: str | os.PathLike[str], force: bool = False) -> byte
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not force:
-        raise SecAggError(f"{path} already exists; refusing to replace an identity key",
-                          "a replaced key must be re-pinned in every hospital's roster: pass --force if you mean it")
+        raise SecAggError(
+            f"{path} already exists; refusing to replace an identity key",
+            "a replaced key must be re-pinned in every hospital's roster: pass --force if you mean it",
+        )
     key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     path.unlink(missing_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as handle:
@@ -225,8 +245,10 @@ def load_identity_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except OSError as exc:
-        raise SecAggError(f"cannot read the identity key {path}: {exc.strerror}",
-                          "set identity-key in hospital.toml to this hospital's key") from None
+        raise SecAggError(
+            f"cannot read the identity key {path}: {exc.strerror}",
+            "set identity-key in hospital.toml to this hospital's key",
+        ) from None
     except (ValueError, TypeError):
         raise SecAggError(f"{path} is not a PEM private key") from None
     if not isinstance(key, Ed25519PrivateKey):

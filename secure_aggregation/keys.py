@@ -98,9 +98,7 @@ def open_sealed(key: bytes, blob: bytes, associated_data: bytes) -> bytes:
     return AESGCM(key).decrypt(bytes(blob[:NONCE_BYTES]), bytes(blob[NONCE_BYTES:]), associated_data)
 
 
-def open_share(
-    key: bytes, blob: bytes, run_id: RunId, round_: int, stage: str, sender: int, recipient: int
-) -> bytes:
+def open_share(key: bytes, blob: bytes, run_id: RunId, round_: int, stage: str, sender: int, recipient: int) -> bytes:
     """Open a share ciphertext, raising TamperingDetected that names the sender on any failure."""
     try:
         return open_sealed(key, blob, aad(run_id, round_, stage, sender, recipient))

@@ -54,7 +54,7 @@ SETUP_ROUND = 0
 STAGE_S_SHARE = "s-share"
 STAGE_B_SHARE = "b-share"
 SIG_BYTES = 64
-AD_BYTES = ("identity", "nodes", "c_pk", "s_pk", "sig")   # advertisement fields that are bytes
+AD_BYTES = ("identity", "nodes", "c_pk", "s_pk", "sig")  # advertisement fields that are bytes
 
 
 def share_hash(run_id: keys.RunId, round_: int, stage: str, dealer: int, holder: int, share: bytes) -> bytes:
@@ -75,14 +75,31 @@ def seed_hash(run_id: keys.RunId, round_: int, node: int, seed: bytes) -> bytes:
 def read_advertisement(raw: Mapping[str, Any]) -> dict[str, Any]:
     """An advertisement as received, its fields typed (raises KeyError, TypeError or ValueError when
     one is missing or malformed: the caller says whose it was and what that means)."""
-    return {"name": str(raw["name"]), "identity": bytes(raw["identity"]), "t": int(raw["t"]), "k": int(raw["k"]),
-            "nodes": bytes(raw["nodes"]), "c_pk": keys.check_key_bytes(raw["c_pk"], "c_pk"),
-            "s_pk": keys.check_key_bytes(raw["s_pk"], "s_pk"), "sig": bytes(raw["sig"])}
+    return {
+        "name": str(raw["name"]),
+        "identity": bytes(raw["identity"]),
+        "t": int(raw["t"]),
+        "k": int(raw["k"]),
+        "nodes": bytes(raw["nodes"]),
+        "c_pk": keys.check_key_bytes(raw["c_pk"], "c_pk"),
+        "s_pk": keys.check_key_bytes(raw["s_pk"], "s_pk"),
+        "sig": bytes(raw["sig"]),
+    }
 
 
 def advertisement_message(run_id: keys.RunId, node: int, ad: Mapping[str, Any]) -> bytes:
-    return canonical("advertise", run_id, node, ad["name"], bytes(ad["identity"]), int(ad["t"]), int(ad["k"]),
-                     bytes(ad["nodes"]), bytes(ad["c_pk"]), bytes(ad["s_pk"]))
+    return canonical(
+        "advertise",
+        run_id,
+        node,
+        ad["name"],
+        bytes(ad["identity"]),
+        int(ad["t"]),
+        int(ad["k"]),
+        bytes(ad["nodes"]),
+        bytes(ad["c_pk"]),
+        bytes(ad["s_pk"]),
+    )
 
 
 def setup_message(run_id: keys.RunId, node: int, participants: bytes, s_pk: bytes, s_commits: bytes) -> bytes:
@@ -92,10 +109,18 @@ def setup_message(run_id: keys.RunId, node: int, participants: bytes, s_pk: byte
 def round_message(run_id: keys.RunId, round_: int, node: int, statement: Mapping[str, Any]) -> bytes:
     """A round statement: the set a node masked with, commitments to its self-mask seed and to every
     share it dealt (of that seed, and of its next mask key), and that next mask key."""
-    return canonical("round", run_id, round_, node, bytes(statement["participants"]),
-                     sorted(int(v) for v in statement["active"]), bytes(statement["b_hash"]),
-                     bytes(statement["next_s_pk"]), commitments.digest(statement["b_commits"]),
-                     commitments.digest(statement["s_commits"]))
+    return canonical(
+        "round",
+        run_id,
+        round_,
+        node,
+        bytes(statement["participants"]),
+        sorted(int(v) for v in statement["active"]),
+        bytes(statement["b_hash"]),
+        bytes(statement["next_s_pk"]),
+        commitments.digest(statement["b_commits"]),
+        commitments.digest(statement["s_commits"]),
+    )
 
 
 def view_message(run_id: keys.RunId, round_: int, view: Sequence[int]) -> bytes:
@@ -104,8 +129,11 @@ def view_message(run_id: keys.RunId, round_: int, view: Sequence[int]) -> bytes:
 
 def graph_seed(run_id: keys.RunId, ads: Mapping[int, Mapping[str, Any]]) -> bytes:
     """The public seed of the neighbourhood graph: every advertised key (no party chooses it)."""
-    return digest("graph", run_id, [[nid, ads[nid]["name"], bytes(ads[nid]["c_pk"]), bytes(ads[nid]["s_pk"])]
-                                    for nid in sorted(ads)])
+    return digest(
+        "graph",
+        run_id,
+        [[nid, ads[nid]["name"], bytes(ads[nid]["c_pk"]), bytes(ads[nid]["s_pk"])] for nid in sorted(ads)],
+    )
 
 
 def participants_digest(run_id: keys.RunId, ids: Sequence[int]) -> bytes:
@@ -124,8 +152,10 @@ def check_graph_parameters(t: object, k: object, floor: int = 2) -> tuple[int, i
     if isinstance(t, bool) or not isinstance(t, int) or isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise SecAggError(f"secagg threshold {t!r} / neighbours {k!r} must be ints (k >= 1)")
     if not (max(2, floor) <= t <= k + 1 and 2 * t > k + 1):
-        raise SecAggError(f"secagg threshold {t} is invalid for neighbourhoods of {k + 1}",
-                          f"use a strict majority of every neighbourhood, at least {max(2, floor)}")
+        raise SecAggError(
+            f"secagg threshold {t} is invalid for neighbourhoods of {k + 1}",
+            f"use a strict majority of every neighbourhood, at least {max(2, floor)}",
+        )
     return t, k
 
 
@@ -199,8 +229,9 @@ class SecAggNode:
                     st.setdefault("channel_keys", {})[str(peer)] = b64(self._enc_keys[peer])
         return self._enc_keys[peer]
 
-    def _deal(self, secret: bytes, holders: Sequence[int], round_: int, stage: str,
-              extra: bytes = b"") -> tuple[dict[int, bytes], bytes]:
+    def _deal(
+        self, secret: bytes, holders: Sequence[int], round_: int, stage: str, extra: bytes = b""
+    ) -> tuple[dict[int, bytes], bytes]:
         """Shamir-split ``secret`` among ``holders``: (sealed shares, packed commitments: a share hash per
         holder, ``commitments.pack``).
 
@@ -222,12 +253,11 @@ class SecAggNode:
         st = self._st()
         if not isinstance(blob, (bytes, bytearray)):
             raise TamperingDetected(f"{stage} from node {dealer} is not bytes")
-        plain = keys.open_share(self._enc_key(dealer), bytes(blob), st["run_id"], round_, stage, dealer,
-                                st["node_id"])
-        share = plain[:shamir.SHARE_BYTES]
+        plain = keys.open_share(self._enc_key(dealer), bytes(blob), st["run_id"], round_, stage, dealer, st["node_id"])
+        share = plain[: shamir.SHARE_BYTES]
         if share_hash(st["run_id"], round_, stage, dealer, st["node_id"], share) != commit:
             raise TamperingDetected(f"the {stage} node {dealer} sealed to this node is not the one it committed to")
-        return share, plain[shamir.SHARE_BYTES:]
+        return share, plain[shamir.SHARE_BYTES :]
 
     def _verified_statement(self, node: int, round_: int, entry: Mapping[str, Any], s_pk: bytes) -> dict[str, Any]:
         """``node``'s statement of ``round_`` (its setup statement for round 0), signature checked once.
@@ -238,24 +268,33 @@ class SecAggNode:
         run = st["run_id"]
         try:
             s_commits = commitments.checked(entry.get("s_commits"), f"the share commitments of node {node}")
-            b_commits = (b"" if round_ == SETUP_ROUND else
-                         commitments.checked(entry.get("b_commits"), f"the seed commitments of node {node}"))
+            b_commits = (
+                b""
+                if round_ == SETUP_ROUND
+                else commitments.checked(entry.get("b_commits"), f"the seed commitments of node {node}")
+            )
         except SecAggError as exc:
             raise TamperingDetected(exc.problem, "the request was altered: nothing is revealed") from None
         if round_ == SETUP_ROUND:
             message = setup_message(run, node, unb64(st["participants_digest"]), s_pk, commitments.digest(s_commits))
             statement = {"active": None, "s_commits": s_commits}
         else:
-            statement = {"participants": unb64(st["participants_digest"]), "active": entry.get("active", []),
-                         "b_hash": entry.get("b_hash", b""), "next_s_pk": s_pk, "b_commits": b_commits,
-                         "s_commits": s_commits}
+            statement = {
+                "participants": unb64(st["participants_digest"]),
+                "active": entry.get("active", []),
+                "b_hash": entry.get("b_hash", b""),
+                "next_s_pk": s_pk,
+                "b_commits": b_commits,
+                "s_commits": s_commits,
+            }
             message = round_message(run, round_, node, statement)
         known = st.setdefault("verified", {})
         seen = hashlib.sha256(message).hexdigest()
         if known.get(str(node)) != seen:
             try:
-                self._members().check(self._ad(node)["name"], entry.get("sig"), message,
-                                      f"the round-{round_} statement of node {node}")
+                self._members().check(
+                    self._ad(node)["name"], entry.get("sig"), message, f"the round-{round_} statement of node {node}"
+                )
             except SecAggError as exc:
                 raise TamperingDetected(exc.problem, "the request was altered: nothing is revealed") from None
             known[str(node)] = seen
@@ -265,8 +304,25 @@ class SecAggNode:
         return [int(v) for v in self._st()["graph"][str(nid)]]
 
     # ---- setup 1: advertise signed keys ------------------------------------------------------------
-    def advertise(self, run_id: keys.RunId, me: int, name: str, threshold: int, neighbours: int,
-                  claimed_nodes: Sequence[int], floor: int = 2) -> dict[str, Any]:
+    def _advertised_again(self, st: dict[str, Any], setup: tuple[Any, ...], view: bytes) -> dict[str, Any]:
+        """The advertisement this state already holds, if ``setup`` (run, node, name, t, k) and ``view`` match."""
+        if (st["run_id"], st["node_id"], st["name"], st["t"], st["k"]) != setup or unb64(st["my_ad"]["nodes"]) != view:
+            raise SecAggError(
+                f"{self.path} holds another advertisement for run {st['run_id']}",
+                "a run's setup happens once; a new run uses a new state file",
+            )
+        return {**st["my_ad"], **{f: unb64(st["my_ad"][f]) for f in AD_BYTES}}
+
+    def advertise(
+        self,
+        run_id: keys.RunId,
+        me: int,
+        name: str,
+        threshold: int,
+        neighbours: int,
+        claimed_nodes: Sequence[int],
+        floor: int = 2,
+    ) -> dict[str, Any]:
         """This run's key pairs, advertised and signed: {"name", "t", "k", "nodes", "c_pk", "s_pk", "sig"}.
 
         ``claimed_nodes``: the node list the coordinator says the run has (signed as this node's view).
@@ -279,23 +335,33 @@ class SecAggNode:
             raise SecAggError(f"node {me} is not among the run's nodes")
         view = participants_digest(run_id, claimed)
         if self._state is not None:
-            st = self._state
-            if (st["run_id"], st["node_id"], st["name"], st["t"], st["k"]) != (run_id, me, name, t, k) \
-                    or unb64(st["my_ad"]["nodes"]) != view:
-                raise SecAggError(f"{self.path} holds another advertisement for run {st['run_id']}",
-                                  "a run's setup happens once; a new run uses a new state file")
-            return {**st["my_ad"], **{f: unb64(st["my_ad"][f]) for f in AD_BYTES}}
+            return self._advertised_again(self._state, (run_id, me, name, t, k), view)
         c_sk, c_pk = keys.generate_keypair()
         s_sk, s_pk = keys.generate_keypair()
         identity = self._members().public_key(name)
         if identity is None:
-            raise SecAggError(f"{name!r} is not on this hospital's own consortium roster",
-                              "the roster must list this hospital under the name its data reports")
+            raise SecAggError(
+                f"{name!r} is not on this hospital's own consortium roster",
+                "the roster must list this hospital under the name its data reports",
+            )
         ad = {"name": name, "identity": identity, "t": t, "k": k, "nodes": view, "c_pk": c_pk, "s_pk": s_pk}
-        self._state = {"run_id": run_id, "node_id": me, "name": name, "t": t, "k": k,
-                       "c_sk": b64(c_sk), "s_sk": b64(s_sk), "s_pk": b64(s_pk), "ads": None, "graph": None,
-                       "setup": None, "incoming": None, "last_masked_round": None, "rounds": {},
-                       "revealed_s_for": []}
+        self._state = {
+            "run_id": run_id,
+            "node_id": me,
+            "name": name,
+            "t": t,
+            "k": k,
+            "c_sk": b64(c_sk),
+            "s_sk": b64(s_sk),
+            "s_pk": b64(s_pk),
+            "ads": None,
+            "graph": None,
+            "setup": None,
+            "incoming": None,
+            "last_masked_round": None,
+            "rounds": {},
+            "revealed_s_for": [],
+        }
         ad["sig"] = self._sign(advertisement_message(run_id, me, ad))
         self._state["my_ad"] = {f: (b64(v) if isinstance(v, bytes) else v) for f, v in ad.items()}
         self._save()
@@ -313,15 +379,20 @@ class SecAggNode:
         me, run = st["node_id"], st["run_id"]
         verified = self._check_ads(ads)
         if len(verified) < max(min_nodes, st["t"]):
-            raise self._refuse(f"only {len(verified)} verified members advertised keys; it joins federations "
-                               f"of at least {max(min_nodes, st['t'])}")
+            raise self._refuse(
+                f"only {len(verified)} verified members advertised keys; it joins federations "
+                f"of at least {max(min_nodes, st['t'])}"
+            )
         participants = participants_digest(run, sorted(verified))
         if st["setup"] is not None:
             if unb64(st["setup"]["participants"]) != participants:
                 raise self._refuse("setup was already done with a different set of participants")
-            return {"shares": {int(h): unb64(c) for h, c in st["setup"]["shares"].items()},
-                    "s_commits": unb64(st["setup"]["s_commits"]),
-                    "participants": participants, "sig": unb64(st["setup"]["sig"])}
+            return {
+                "shares": {int(h): unb64(c) for h, c in st["setup"]["shares"].items()},
+                "s_commits": unb64(st["setup"]["s_commits"]),
+                "participants": participants,
+                "sig": unb64(st["setup"]["sig"]),
+            }
         # Kept: the participants, and the keys and neighbourhoods of the nodes within two hops, the only
         # ones this node ever masks with, holds shares of, or counts signatures from (O(k), not O(n)).
         hoods = closed_neighbourhoods(run, verified, st["k"])
@@ -336,8 +407,12 @@ class SecAggNode:
         s_pk = unb64(st["s_pk"])
         shares, commits = self._deal(unb64(st["s_sk"]), holders, SETUP_ROUND, STAGE_S_SHARE, extra=s_pk)
         sig = self._sign(setup_message(run, me, participants, s_pk, commitments.digest(commits)))
-        st["setup"] = {"participants": b64(participants), "sig": b64(sig),
-                       "shares": {str(h): b64(c) for h, c in shares.items()}, "s_commits": b64(commits)}
+        st["setup"] = {
+            "participants": b64(participants),
+            "sig": b64(sig),
+            "shares": {str(h): b64(c) for h, c in shares.items()},
+            "s_commits": b64(commits),
+        }
         self._save()
         return {"shares": shares, "s_commits": commits, "participants": participants, "sig": sig}
 
@@ -353,12 +428,16 @@ class SecAggNode:
             except (KeyError, TypeError, ValueError) as exc:
                 raise TamperingDetected(f"the advertisement of node {nid} is malformed ({exc})") from None
             if members.public_key(ad["name"]) != ad["identity"]:
-                raise TamperingDetected(f"node {nid} advertises an identity key that is not {ad['name']!r}'s on "
-                                        "this hospital's roster", "the coordinator relayed a forged key: abort the run")
+                raise TamperingDetected(
+                    f"node {nid} advertises an identity key that is not {ad['name']!r}'s on this hospital's roster",
+                    "the coordinator relayed a forged key: abort the run",
+                )
             try:
                 members.check(ad["name"], ad["sig"], advertisement_message(run, nid, ad), f"the keys of node {nid}")
             except SecAggError as exc:
-                raise TamperingDetected(exc.problem, "the coordinator relayed a key no member signed: abort the run")
+                raise TamperingDetected(
+                    exc.problem, "the coordinator relayed a key no member signed: abort the run"
+                ) from exc
             if ad["name"] in names:
                 raise TamperingDetected(f"nodes {names[ad['name']]} and {nid} both claim to be {ad['name']!r}")
             names[ad["name"]] = nid
@@ -369,8 +448,10 @@ class SecAggNode:
             raise TamperingDetected(f"the advertisements do not hold node {me}'s own keys unchanged")
         for nid, ad in verified.items():
             if (ad["t"], ad["k"], b64(ad["nodes"])) != (st["t"], st["k"], own["nodes"]):
-                raise TamperingDetected(f"node {nid} was told a different federation (node list, threshold or "
-                                        "neighbourhood size) than this node: the coordinator split the views")
+                raise TamperingDetected(
+                    f"node {nid} was told a different federation (node list, threshold or "
+                    "neighbourhood size) than this node: the coordinator split the views"
+                )
         all_keys = [ad[f] for ad in verified.values() for f in ("c_pk", "s_pk")]
         if len(set(all_keys)) != len(all_keys):
             raise TamperingDetected("two advertisements share a key")
@@ -402,11 +483,14 @@ class SecAggNode:
         if prev is not None:
             allowed = set(st["rounds"][str(prev)]["active"])
             if set(given) - allowed:
-                raise self._refuse(f"mask keys from nodes {sorted(set(given) - allowed)} that did not mask "
-                                   f"with it in round {prev}")
+                raise self._refuse(
+                    f"mask keys from nodes {sorted(set(given) - allowed)} that did not mask with it in round {prev}"
+                )
         if len(given) < st["t"]:
-            raise TooFewSurvivors(f"only {len(given)} of its neighbours hold mask keys for round {r}; the "
-                                  f"threshold is {st['t']}", "the run cannot continue with this node")
+            raise TooFewSurvivors(
+                f"only {len(given)} of its neighbours hold mask keys for round {r}; the threshold is {st['t']}",
+                "the run cannot continue with this node",
+            )
         sent_round = SETUP_ROUND if prev is None else prev
         incoming_keys, incoming_shares = {}, {}
         for v, entry in sorted(given.items()):
@@ -414,8 +498,9 @@ class SecAggNode:
             statement = self._verified_statement(v, sent_round, entry, s_pk)
             if statement["active"] is not None and me not in {int(a) for a in statement["active"]}:
                 raise TamperingDetected(f"node {v} did not mask with this node in round {prev}")
-            share, sealed_pk = self._open_share(v, entry.get("ct"), sent_round, STAGE_S_SHARE,
-                                                commitments.lookup(statement["s_commits"], me))
+            share, sealed_pk = self._open_share(
+                v, entry.get("ct"), sent_round, STAGE_S_SHARE, commitments.lookup(statement["s_commits"], me)
+            )
             if sealed_pk != s_pk:
                 raise TamperingDetected(f"the mask key relayed for node {v} is not the one node {v} shared")
             incoming_keys[str(v)], incoming_shares[str(v)] = b64(s_pk), b64(share)
@@ -460,12 +545,17 @@ class SecAggNode:
         next_sk, next_pk = keys.generate_keypair()
         b_cts, b_commits = self._deal(b, active, r, STAGE_B_SHARE)
         s_cts, s_commits = self._deal(next_sk, active, r, STAGE_S_SHARE, extra=next_pk)
-        statement = {"participants": unb64(st["participants_digest"]), "active": active,
-                     "b_hash": seed_hash(run, r, me, b), "next_s_pk": next_pk, "b_commits": b_commits,
-                     "s_commits": s_commits}
+        statement = {
+            "participants": unb64(st["participants_digest"]),
+            "active": active,
+            "b_hash": seed_hash(run, r, me, b),
+            "next_s_pk": next_pk,
+            "b_commits": b_commits,
+            "s_commits": s_commits,
+        }
         sig = self._sign(round_message(run, r, me, statement))
         del b
-        for old in st["rounds"].values():   # earlier rounds can no longer be unmasked
+        for old in st["rounds"].values():  # earlier rounds can no longer be unmasked
             if old["status"] in ("masked", "signed"):
                 old["status"], old["shares"] = "closed", {}
         st["rounds"][str(r)] = {"active": active, "shares": incoming["shares"], "status": "masked"}
@@ -473,8 +563,17 @@ class SecAggNode:
         st["incoming"] = None
         st["last_masked_round"] = r
         self._save()
-        return {"masked": y, "b_shares": b_cts, "next_s_pk": next_pk, "next_s_shares": s_cts, "active": active,
-                "b_hash": statement["b_hash"], "b_commits": b_commits, "s_commits": s_commits, "sig": sig}
+        return {
+            "masked": y,
+            "b_shares": b_cts,
+            "next_s_pk": next_pk,
+            "next_s_shares": s_cts,
+            "active": active,
+            "b_hash": statement["b_hash"],
+            "b_commits": b_commits,
+            "s_commits": s_commits,
+            "sig": sig,
+        }
 
     def masked_with(self, round_: int) -> list[int]:
         """The nodes whose pairwise masks this node added in ``round_`` (itself included)."""
@@ -492,8 +591,9 @@ class SecAggNode:
             raise self._refuse(f"round {round_} is closed (a later round was masked)")
         return rec
 
-    def _open_b_shares(self, round_: int, owners: list[int], cts: Mapping[int, Any],
-                       statements: Mapping[Any, Any]) -> tuple[dict, list[int]]:
+    def _open_b_shares(
+        self, round_: int, owners: list[int], cts: Mapping[int, Any], statements: Mapping[Any, Any]
+    ) -> tuple[dict, list[int]]:
         """This node's self-mask shares of ``owners``, each checked against its owner's signed round
         statement, and the owners whose share failed (a complaint: the share is withheld, never guessed)."""
         given = by_node(statements, "round statements")
@@ -502,18 +602,21 @@ class SecAggNode:
         for w in owners:
             try:
                 entry = given.get(w) or {}
-                statement = self._verified_statement(w, round_, entry, keys.check_key_bytes(
-                    entry.get("next_s_pk"), f"next mask key of node {w}"))
-                share, _ = self._open_share(w, cts.get(w), round_, STAGE_B_SHARE,
-                                            commitments.lookup(statement["b_commits"], self.node_id))
+                statement = self._verified_statement(
+                    w, round_, entry, keys.check_key_bytes(entry.get("next_s_pk"), f"next mask key of node {w}")
+                )
+                share, _ = self._open_share(
+                    w, cts.get(w), round_, STAGE_B_SHARE, commitments.lookup(statement["b_commits"], self.node_id)
+                )
             except SecAggError:
                 complaints.append(w)
                 continue
             out[w] = share
         return out, complaints
 
-    def unmask_fast(self, round_: int, b_share_ciphertexts: Mapping[Any, Any],
-                    statements: Mapping[Any, Any]) -> dict[str, Any]:
+    def unmask_fast(
+        self, round_: int, b_share_ciphertexts: Mapping[Any, Any], statements: Mapping[Any, Any]
+    ) -> dict[str, Any]:
         """Nobody dropped: reveal self-mask shares of the nodes it masked with, and nothing else, for
         good: this round will never reveal a mask-key share. Returns {"b": {owner: share}, "complaints"}."""
         rec = self._round(round_)
@@ -529,7 +632,7 @@ class SecAggNode:
         b, complaints = self._open_b_shares(round_, owners, cts, statements)
         if rec["status"] != "fast":
             rec.update(status="fast", owners=owners, shares={})
-        self._save()   # the verified statements, for the next round's keys
+        self._save()  # the verified statements, for the next round's keys
         return {"b": b, "complaints": complaints}
 
     def sign_view(self, round_: int, survivors: Sequence[Any]) -> bytes:
@@ -548,19 +651,28 @@ class SecAggNode:
             raise self._refuse(f"it is not listed as a survivor of round {round_}")
         members = set(self.participants)
         if set(view) - members:
-            raise self._refuse(f"the survivors include nodes {sorted(set(view) - members)} "
-                               "that are not members of this run")
+            raise self._refuse(
+                f"the survivors include nodes {sorted(set(view) - members)} that are not members of this run"
+            )
         alive = set(view) & set(rec["active"])
         if len(alive) < st["t"]:
-            raise TooFewSurvivors(f"{st['name']} refuses to unmask round {round_}: {len(alive)} of the nodes it "
-                                  f"masked with survived, the threshold is {st['t']}")
+            raise TooFewSurvivors(
+                f"{st['name']} refuses to unmask round {round_}: {len(alive)} of the nodes it "
+                f"masked with survived, the threshold is {st['t']}"
+            )
         sig = self._sign(view_message(st["run_id"], round_, view))
         rec.update(status="signed", view=view, view_sig=b64(sig))
         self._save()
         return sig
 
-    def unmask(self, round_: int, survivors: Sequence[Any], signatures: Mapping[Any, Any],
-               b_share_ciphertexts: Mapping[Any, Any], statements: Mapping[Any, Any]) -> dict[str, Any]:
+    def unmask(
+        self,
+        round_: int,
+        survivors: Sequence[Any],
+        signatures: Mapping[Any, Any],
+        b_share_ciphertexts: Mapping[Any, Any],
+        statements: Mapping[Any, Any],
+    ) -> dict[str, Any]:
         """The consistency path: reveal self-mask shares of surviving neighbours and mask-key shares of
         dropped ones, once at least t members of every neighbour's neighbourhood signed the same view.
 
@@ -578,7 +690,8 @@ class SecAggNode:
                 raise self._refuse(
                     f"only {len(hood & signed)} members of node {w}'s neighbourhood signed this view of round "
                     f"{round_}; {st['t']} are needed before any share is revealed",
-                    "the coordinator must gather the view signatures of the survivors")
+                    "the coordinator must gather the view signatures of the survivors",
+                )
         cts = by_node(b_share_ciphertexts, "self-mask share ciphertexts")
         alive = sorted(set(rec["active"]) & set(view))
         dropped = sorted(set(rec["active"]) - set(view))
@@ -597,13 +710,13 @@ class SecAggNode:
     def _verified_signers(self, round_: int, view: list[int], signatures: Mapping[Any, Any]) -> set[int]:
         st = self._st()
         message = view_message(st["run_id"], round_, view)
-        signed = {st["node_id"]}   # its own, which it checked by signing exactly this view
+        signed = {st["node_id"]}  # its own, which it checked by signing exactly this view
         for z, sig in by_node(signatures, "view signatures").items():
             if z not in view or str(z) not in st["ads"]:
                 continue
             try:
                 self._members().check(self._ad(z)["name"], sig, message, f"the view signature of node {z}")
             except SecAggError:
-                continue   # not counted: the coordinator cannot pass off a bad signature as support
+                continue  # not counted: the coordinator cannot pass off a bad signature as support
             signed.add(z)
         return signed

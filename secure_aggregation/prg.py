@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from secure_aggregation.errors import SecAggError
 
 SEED_BYTES = 32
-_KEY_BYTES = 16             # AES-128 key; the seed's other 16 bytes start the counter
-_CHUNK_WORDS = 1 << 16      # 512 KiB of each keystream at a time
+_KEY_BYTES = 16  # AES-128 key; the seed's other 16 bytes start the counter
+_CHUNK_WORDS = 1 << 16  # 512 KiB of each keystream at a time
 
 
 def _keystream(seed: bytes) -> Any:
@@ -44,7 +44,7 @@ def mask_vector(seed: bytes, length: int) -> np.ndarray:
         raise SecAggError(f"a mask length must be >= 0, got {length}")
     out = np.empty(length, dtype="<u8")
     if length:
-        encryptor.update_into(bytes(8 * length), memoryview(out).cast("B"))
+        encryptor.update_into(bytes(8 * length), memoryview(out).cast("B"))  # type: ignore[arg-type]  # numpy declares ndarray a Buffer only for Python >= 3.12
     return out.astype(np.uint64, copy=False)
 
 
@@ -64,10 +64,10 @@ def add_masks(acc: np.ndarray, masks: Iterable[tuple[bytes, int]]) -> None:
     words = min(_CHUNK_WORDS, acc.size)
     zeros = memoryview(bytes(8 * words))
     scratch = np.empty(words, dtype="<u8")
-    raw = memoryview(scratch).cast("B")
+    raw = memoryview(scratch).cast("B")  # type: ignore[arg-type]  # numpy declares ndarray a Buffer only for Python >= 3.12
     for start in range(0, acc.size, words):
         n = min(words, acc.size - start)
-        part, mask = acc[start:start + n], scratch[:n]
+        part, mask = acc[start : start + n], scratch[:n]
         for encryptor, combine in streams:
-            encryptor.update_into(zeros[:8 * n], raw[:8 * n])
+            encryptor.update_into(zeros[: 8 * n], raw[: 8 * n])
             combine(part, mask, out=part)

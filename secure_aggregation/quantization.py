@@ -75,7 +75,7 @@ class Quantizer:
         not finite.
         """
         x = np.asarray(delta, dtype=np.float64).ravel()
-        return self.encode_parts((x[i:i + _CHUNK] for i in range(0, x.size, _CHUNK)), x.size, weight)
+        return self.encode_parts((x[i : i + _CHUNK] for i in range(0, x.size, _CHUNK)), x.size, weight)
 
     def encode_parts(self, parts: Iterable[np.ndarray], length: int, weight: int) -> np.ndarray:
         """``encode`` of the concatenation of ``parts`` (1-D float arrays, ``length`` values in all),
@@ -90,7 +90,7 @@ class Quantizer:
                 "weights are public integer sizes (e.g. training examples) >= 1; raise max_weight if needed",
             )
         out = np.empty(length + 1, dtype=np.uint64)
-        exact = weight * self.levels < 2**53   # the float product is an exact integer (the default: 2**52)
+        exact = weight * self.levels < 2**53  # the float product is an exact integer (the default: 2**52)
         scale = self.levels / (2.0 * self.clip)
         # Piece by piece through one small float buffer: no full-length temporaries, whose page
         # faults cost more than the arithmetic at millions of values.
@@ -104,13 +104,13 @@ class Quantizer:
             if n and not (-self.clip <= float(part.min()) and float(part.max()) <= self.clip):
                 self._raise_out_of_range(part)
             for offset in range(0, n, _CHUNK):
-                piece = part[offset:offset + _CHUNK]
-                t = scratch[:piece.size]
+                piece = part[offset : offset + _CHUNK]
+                t = scratch[: piece.size]
                 np.add(piece, self.clip, out=t)
                 t *= scale
                 np.rint(t, out=t)
                 np.clip(t, 0, self.levels, out=t)
-                target = out[start + offset:start + offset + piece.size]
+                target = out[start + offset : start + offset + piece.size]
                 if exact:
                     t *= weight
                     target[:] = t
@@ -148,8 +148,8 @@ class Quantizer:
         # exact mean, far inside the half-step bound (the integer division this replaced was ~4x slower).
         mean = np.empty(body.size, dtype=np.float64)
         for start in range(0, body.size, _CHUNK):
-            m = mean[start:start + _CHUNK]
-            np.divide(body[start:start + _CHUNK], float(w), out=m)
+            m = mean[start : start + _CHUNK]
+            np.divide(body[start : start + _CHUNK], float(w), out=m)
             m *= 2.0 * self.clip / self.levels
             m -= self.clip
         return mean, w

@@ -20,16 +20,26 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from secure_aggregation import commitments, keys, masking, shamir
 from secure_aggregation.errors import SecAggError, ShamirError, TamperingDetected, TooFewSurvivors
 from secure_aggregation.identity import verify
-from secure_aggregation.node_half import (SETUP_ROUND, SIG_BYTES, STAGE_B_SHARE, STAGE_S_SHARE,
-                                          advertisement_message, check_graph_parameters, closed_neighbourhoods,
-                                          participants_digest, read_advertisement, seed_hash, share_hash)
+from secure_aggregation.node_half import (
+    SETUP_ROUND,
+    SIG_BYTES,
+    STAGE_B_SHARE,
+    STAGE_S_SHARE,
+    advertisement_message,
+    check_graph_parameters,
+    closed_neighbourhoods,
+    participants_digest,
+    read_advertisement,
+    seed_hash,
+    share_hash,
+)
 from secure_aggregation.prg import SEED_BYTES
 from secure_aggregation.validation import by_node, ciphertext, node_id, node_ids
 
@@ -59,37 +69,38 @@ class RoundOutcome:
 
     survivors: list[int] = field(default_factory=list)
     dropped: list[int] = field(default_factory=list)
-    blamed: dict[int, str] = field(default_factory=dict)    # node -> what it did wrong (the sender)
-    silent: list[int] = field(default_factory=list)         # survivors that did not answer the unmask
+    blamed: dict[int, str] = field(default_factory=dict)  # node -> what it did wrong (the sender)
+    silent: list[int] = field(default_factory=list)  # survivors that did not answer the unmask
 
 
 @dataclass
 class _Round:
     number: int
     active: list[int]
-    keys: dict[int, bytes]                      # the mask key each active node masks with this round
-    key_commits: dict[int, dict[int, bytes]]    # each key's share commitments (to check a revealed share)
+    keys: dict[int, bytes]  # the mask key each active node masks with this round
+    key_commits: dict[int, dict[int, bytes]]  # each key's share commitments (to check a revealed share)
     sum: _ModularSum
-    peers: dict[int, list[int]] = field(default_factory=dict)   # what each node was asked to mask with
+    peers: dict[int, list[int]] = field(default_factory=dict)  # what each node was asked to mask with
     contributors: list[int] = field(default_factory=list)
     statements: dict[int, dict[str, Any]] = field(default_factory=dict)
     b_cts: dict[int, dict[int, bytes]] = field(default_factory=dict)
     next_cts: dict[int, dict[int, bytes]] = field(default_factory=dict)
-    b_commit_maps: dict[int, dict[int, bytes]] = field(default_factory=dict)   # statements' commitments, unpacked
+    b_commit_maps: dict[int, dict[int, bytes]] = field(default_factory=dict)  # statements' commitments, unpacked
     s_commit_maps: dict[int, dict[int, bytes]] = field(default_factory=dict)
     view: list[int] | None = None
-    in_view: frozenset[int] = frozenset()       # the view as a set (membership tests at O(1))
+    in_view: frozenset[int] = frozenset()  # the view as a set (membership tests at O(1))
     view_sigs: dict[int, bytes] = field(default_factory=dict)
-    path: str | None = None                     # "fast" or "consistency", once the unmask starts
+    path: str | None = None  # "fast" or "consistency", once the unmask starts
     status: str = "open"
-    keys_dealt_in: int = SETUP_ROUND            # the round whose dealing carried this round's mask-key shares
+    keys_dealt_in: int = SETUP_ROUND  # the round whose dealing carried this round's mask-key shares
 
 
 class SecAggServer:
     """Server half for one run. Not persisted: a server restart needs a new run (new setup)."""
 
-    def __init__(self, run_id: keys.RunId, threshold: int, neighbours: int, node_ids_: Sequence[int],
-                 vector_length: int) -> None:
+    def __init__(
+        self, run_id: keys.RunId, threshold: int, neighbours: int, node_ids_: Sequence[int], vector_length: int
+    ) -> None:
         self.run_id = run_id
         self.node_ids = node_ids(node_ids_, "node_ids")
         self.threshold, self.neighbours = check_graph_parameters(threshold, neighbours)
@@ -99,7 +110,7 @@ class SecAggServer:
         self._ads: dict[int, dict[str, Any]] = {}
         self._keys_closed = False
         self._setup: dict[int, dict[str, Any]] = {}
-        self._setup_commits: dict[int, dict[int, bytes]] = {}   # setup statements' commitments, unpacked
+        self._setup_commits: dict[int, dict[int, bytes]] = {}  # setup statements' commitments, unpacked
         self.hoods: dict[int, list[int]] = {}
         self._round: _Round | None = None
         self._last_round = 0
@@ -145,9 +156,11 @@ class SecAggServer:
     def advertisements(self) -> dict[int, dict[str, Any]]:
         """Close the first exchange: every advertisement, for every advertiser."""
         if len(self._ads) < self.threshold:
-            raise TooFewSurvivors(f"only {len(self._ads)} of {len(self.node_ids)} nodes advertised keys; "
-                                  f"the threshold is {self.threshold}",
-                                  "wait for more hospitals or start the run with a lower threshold")
+            raise TooFewSurvivors(
+                f"only {len(self._ads)} of {len(self.node_ids)} nodes advertised keys; "
+                f"the threshold is {self.threshold}",
+                "wait for more hospitals or start the run with a lower threshold",
+            )
         self._keys_closed = True
         self.hoods = closed_neighbourhoods(self.run_id, self._ads, self.neighbours)
         return {nid: dict(ad) for nid, ad in sorted(self._ads.items())}
@@ -159,15 +172,22 @@ class SecAggServer:
             raise SecAggError(f"setup from node {nid}, which is not in the distributed key list")
         if bytes(reply.get("participants", b"")) != participants_digest(self.run_id, sorted(self._ads)):
             raise SecAggError(f"node {nid} set up for another participant set")
-        shares = {h: ciphertext(c, f"setup share from node {nid}")
-                  for h, c in by_node(reply.get("shares") or {}, "setup shares").items()}
+        shares = {
+            h: ciphertext(c, f"setup share from node {nid}")
+            for h, c in by_node(reply.get("shares") or {}, "setup shares").items()
+        }
         if set(shares) != set(self.hoods[nid]):
             raise SecAggError(f"node {nid} dealt setup shares to {sorted(shares)}, not its neighbourhood")
         blob = commitments.checked(reply.get("s_commits"), f"the setup share commitments of node {nid}")
-        self._setup[nid] = {"shares": shares, "sig": bytes(reply["sig"]), "s_pk": self._ads[nid]["s_pk"],
-                            "s_commits": blob}
-        self._setup_commits[nid] = commitments.unpack(blob, self.hoods[nid],
-                                                      f"the setup share commitments of node {nid}")
+        self._setup[nid] = {
+            "shares": shares,
+            "sig": bytes(reply["sig"]),
+            "s_pk": self._ads[nid]["s_pk"],
+            "s_commits": blob,
+        }
+        self._setup_commits[nid] = commitments.unpack(
+            blob, self.hoods[nid], f"the setup share commitments of node {nid}"
+        )
 
     # ---- per round -----------------------------------------------------------------------------------
     def start_round(self, round_: int) -> dict[int, dict[str, Any]]:
@@ -183,35 +203,51 @@ class SecAggServer:
             raise SecAggError(f"round {self._round.number} is still open", "finish or abort it first")
         prev = self._round
         if prev is None:
-            holders = {v: (s["s_pk"], s["shares"], {"sig": s["sig"], "s_commits": s["s_commits"]})
-                       for v, s in self._setup.items()}
+            holders = {
+                v: (s["s_pk"], s["shares"], {"sig": s["sig"], "s_commits": s["s_commits"]})
+                for v, s in self._setup.items()
+            }
             key_commits = self._setup_commits
         else:
-            holders = {v: (prev.statements[v]["next_s_pk"], prev.next_cts[v],
-                           {f: prev.statements[v][f] for f in ("sig", "active", "b_hash", "b_commits", "s_commits")})
-                       for v in prev.contributors}
+            holders = {
+                v: (
+                    prev.statements[v]["next_s_pk"],
+                    prev.next_cts[v],
+                    {f: prev.statements[v][f] for f in ("sig", "active", "b_hash", "b_commits", "s_commits")},
+                )
+                for v in prev.contributors
+            }
             key_commits = prev.s_commit_maps
         active = sorted(set(holders) - self._out)
         holding = len(active)
-        while True:   # a node needs t active neighbours (itself included) to mask; drop those that cannot
+        while True:  # a node needs t active neighbours (itself included) to mask; drop those that cannot
             active_set = set(active)
             keep = [u for u in active if len(active_set.intersection(self.hoods[u])) >= self.threshold]
             if keep == active:
                 break
             active = keep
         if len(active) < self.threshold:
-            raise TooFewSurvivors(f"only {holding} nodes hold mask keys for round {round_}; the threshold is "
-                                  f"{self.threshold}", "the run cannot continue with secure aggregation")
+            raise TooFewSurvivors(
+                f"only {holding} nodes hold mask keys for round {round_}; the threshold is {self.threshold}",
+                "the run cannot continue with secure aggregation",
+            )
         self._last_round = round_
-        rnd = _Round(round_, active, {v: holders[v][0] for v in active},
-                     {v: key_commits[v] for v in active}, _ModularSum(self.vector_length),
-                     keys_dealt_in=SETUP_ROUND if prev is None else prev.number)
+        rnd = _Round(
+            round_,
+            active,
+            {v: holders[v][0] for v in active},
+            {v: key_commits[v] for v in active},
+            _ModularSum(self.vector_length),
+            keys_dealt_in=SETUP_ROUND if prev is None else prev.number,
+        )
         requests = {}
         for u in active:
             peers = sorted(active_set.intersection(self.hoods[u]))
             rnd.peers[u] = peers
-            requests[u] = {"round": round_, "peers": {
-                v: {"s_pk": holders[v][0], "ct": holders[v][1][u], **holders[v][2]} for v in peers}}
+            requests[u] = {
+                "round": round_,
+                "peers": {v: {"s_pk": holders[v][0], "ct": holders[v][1][u], **holders[v][2]} for v in peers},
+            }
         self._round = rnd
         return requests
 
@@ -222,7 +258,7 @@ class SecAggServer:
         nid = node_id(node)
         if rnd.view is not None:
             raise SecAggError(f"the masked input of node {nid} arrived after the round's survivors were fixed")
-        if nid not in rnd.peers or nid in rnd.statements:   # peers: the active nodes; statements: who sent
+        if nid not in rnd.peers or nid in rnd.statements:  # peers: the active nodes; statements: who sent
             raise SecAggError(f"node {nid} is not expected to send a masked input for round {rnd.number}")
         masked = np.asarray(reply.get("masked"))
         if masked.dtype != np.uint64 or masked.shape != (self.vector_length,):
@@ -236,9 +272,14 @@ class SecAggServer:
         s_blob = commitments.checked(reply.get("s_commits"), f"the mask-key commitments of node {nid}")
         b_map = commitments.unpack(b_blob, peers, f"the self-mask commitments of node {nid}")
         s_map = commitments.unpack(s_blob, peers, f"the mask-key commitments of node {nid}")
-        statement = {"active": peers, "b_hash": bytes(reply["b_hash"]),
-                     "next_s_pk": keys.check_key_bytes(reply.get("next_s_pk"), f"next mask key of node {nid}"),
-                     "b_commits": b_blob, "s_commits": s_blob, "sig": bytes(reply["sig"])}
+        statement = {
+            "active": peers,
+            "b_hash": bytes(reply["b_hash"]),
+            "next_s_pk": keys.check_key_bytes(reply.get("next_s_pk"), f"next mask key of node {nid}"),
+            "b_commits": b_blob,
+            "s_commits": s_blob,
+            "sig": bytes(reply["sig"]),
+        }
         rnd.sum.add(masked)
         rnd.contributors.append(nid)
         rnd.statements[nid], rnd.b_cts[nid], rnd.next_cts[nid] = statement, b_cts, s_cts
@@ -252,13 +293,20 @@ class SecAggServer:
     def unmask_fast_requests(self) -> dict[int, dict[str, Any]]:
         """Fast path: each contributor is asked for its self-mask shares of the nodes it masked with."""
         rnd = self._fix_survivors("fast")
-        return {h: {"round": rnd.number, "b_share_ciphertexts": {w: rnd.b_cts[w][h] for w in rnd.peers[h]},
-                    "statements": {w: rnd.statements[w] for w in rnd.peers[h]}} for h in rnd.view}
+        return {
+            h: {
+                "round": rnd.number,
+                "b_share_ciphertexts": {w: rnd.b_cts[w][h] for w in rnd.peers[h]},
+                "statements": {w: rnd.statements[w] for w in rnd.peers[h]},
+            }
+            for h in cast(list[int], rnd.view)  # fixed by _fix_survivors
+        }
 
     def view_requests(self) -> dict[int, dict[str, Any]]:
         """Consistency path, step 1: ask every survivor to sign the round's one view of who survived."""
         rnd = self._fix_survivors("consistency")
-        return {h: {"round": rnd.number, "survivors": list(rnd.view)} for h in rnd.view}
+        view = cast(list[int], rnd.view)  # fixed by _fix_survivors
+        return {h: {"round": rnd.number, "survivors": list(view)} for h in view}
 
     def add_view_signature(self, node: Any, signature: Any) -> None:
         rnd = self._open_round()
@@ -276,16 +324,22 @@ class SecAggServer:
         if rnd.path != "consistency":
             raise SecAggError("view signatures are only gathered on the consistency path")
         if len(rnd.view_sigs) < self.threshold:
-            raise TooFewSurvivors(f"only {len(rnd.view_sigs)} survivors signed the view of round {rnd.number}; "
-                                  f"{self.threshold} are needed", "the round cannot be unmasked; nothing was revealed")
+            raise TooFewSurvivors(
+                f"only {len(rnd.view_sigs)} survivors signed the view of round {rnd.number}; "
+                f"{self.threshold} are needed",
+                "the round cannot be unmasked; nothing was revealed",
+            )
         requests = {}
         for h in sorted(rnd.view_sigs):
             backers = set().union(*(self.hoods[w] for w in rnd.peers[h]))
             alive = [w for w in rnd.peers[h] if w in rnd.in_view]
-            requests[h] = {"round": rnd.number, "survivors": list(rnd.view),
-                           "signatures": {z: rnd.view_sigs[z] for z in sorted(backers) if z in rnd.view_sigs},
-                           "b_share_ciphertexts": {w: rnd.b_cts[w][h] for w in alive},
-                           "statements": {w: rnd.statements[w] for w in alive}}
+            requests[h] = {
+                "round": rnd.number,
+                "survivors": list(cast(list[int], rnd.view)),
+                "signatures": {z: rnd.view_sigs[z] for z in sorted(backers) if z in rnd.view_sigs},
+                "b_share_ciphertexts": {w: rnd.b_cts[w][h] for w in alive},
+                "statements": {w: rnd.statements[w] for w in alive},
+            }
         return requests
 
     def finish(self, revealed: Mapping[Any, Mapping[str, Any]]) -> tuple[np.ndarray, RoundOutcome]:
@@ -309,21 +363,36 @@ class SecAggServer:
                 outcome.blamed[holder] = f"sent a malformed unmask reply ({exc.problem})"
         outcome.silent = sorted(set(rnd.view) - set(replies) - set(outcome.blamed))
         unmasks: list[tuple[bytes, int]] = []
-        for w in rnd.view:   # w's shares are held by its peers: per node O(k), not O(n)
+        for w in rnd.view:  # w's shares are held by its peers: per node O(k), not O(n)
             shares = {h: replies[h][0][w] for h in rnd.peers[w] if h in replies and w in replies[h][0]}
-            seed = self._reconstruct(shares, w, rnd.number, STAGE_B_SHARE, rnd.b_commit_maps[w], outcome,
-                                     lambda s, w=w: len(s) == SEED_BYTES and
-                                     seed_hash(self.run_id, rnd.number, w, s) == rnd.statements[w]["b_hash"])
+            seed = self._reconstruct(
+                shares,
+                w,
+                rnd.number,
+                STAGE_B_SHARE,
+                rnd.b_commit_maps[w],
+                outcome,
+                lambda s, w=w: (
+                    len(s) == SEED_BYTES and seed_hash(self.run_id, rnd.number, w, s) == rnd.statements[w]["b_hash"]
+                ),
+            )
             unmasks.append((seed, -1))
         for d in outcome.dropped:
             shares = {h: replies[h][1][d] for h in rnd.peers[d] if h in replies and d in replies[h][1]}
-            sk = self._reconstruct(shares, d, rnd.keys_dealt_in, STAGE_S_SHARE, rnd.key_commits[d], outcome,
-                                   lambda s, d=d: len(s) == keys.KEY_BYTES and keys.public_key_of(s) == rnd.keys[d])
+            sk = self._reconstruct(
+                shares,
+                d,
+                rnd.keys_dealt_in,
+                STAGE_S_SHARE,
+                rnd.key_commits[d],
+                outcome,
+                lambda s, d=d: len(s) == keys.KEY_BYTES and keys.public_key_of(s) == rnd.keys[d],
+            )
             for u in rnd.peers[d]:
                 if u in view:
                     seed = masking.pairwise_seed(self.run_id, rnd.number, d, sk, u, rnd.keys[u])
                     unmasks.append((seed, -masking.pairwise_sign(u, d)))
-        total = rnd.sum.take_total()   # nothing below can fail: the sum leaves the round
+        total = rnd.sum.take_total()  # nothing below can fail: the sum leaves the round
         masking.add_masks(total, unmasks)
         rnd.status, rnd.sum = "finished", _ModularSum(0)
         self._out |= set(outcome.dropped) | set(outcome.blamed)
@@ -334,7 +403,7 @@ class SecAggServer:
         rnd = self._open_round()
         rnd.status = "aborted"
         self._out |= set(rnd.active) - set(rnd.contributors) | set(blame)
-        if rnd.path is not None:   # shares may have been revealed: nobody of this round continues unchecked
+        if rnd.path is not None:  # shares may have been revealed: nobody of this round continues unchecked
             self._out |= set(rnd.active) - set(rnd.view or [])
         rnd.sum = _ModularSum(0)
 
@@ -356,9 +425,11 @@ class SecAggServer:
             raise SecAggError(f"round {rnd.number} is already on the {rnd.path} path")
         if rnd.view is None:
             if len(rnd.contributors) < self.threshold:
-                raise TooFewSurvivors(f"only {len(rnd.contributors)} of {len(rnd.active)} nodes sent masked inputs "
-                                      f"for round {rnd.number}; the threshold is {self.threshold}",
-                                      "the round cannot be unmasked; nothing was revealed")
+                raise TooFewSurvivors(
+                    f"only {len(rnd.contributors)} of {len(rnd.active)} nodes sent masked inputs "
+                    f"for round {rnd.number}; the threshold is {self.threshold}",
+                    "the round cannot be unmasked; nothing was revealed",
+                )
             if path == "fast" and sorted(rnd.contributors) != rnd.active:
                 raise SecAggError("the fast path needs every active node's input")
             rnd.view, rnd.path = sorted(rnd.contributors), path
@@ -371,8 +442,16 @@ class SecAggServer:
             raise SecAggError(f"node {nid} dealt {what} to {sorted(cts)}, not to the nodes it masked with")
         return cts
 
-    def _reconstruct(self, shares: dict[int, Any], owner: int, dealt_in: int, stage: str,
-                     commits: dict[int, bytes], outcome: RoundOutcome, good) -> bytes:
+    def _reconstruct(
+        self,
+        shares: dict[int, Any],
+        owner: int,
+        dealt_in: int,
+        stage: str,
+        commits: dict[int, bytes],
+        outcome: RoundOutcome,
+        good,
+    ) -> bytes:
         """``owner``'s secret from its holders' shares: a share that is malformed, or is not the one the
         owner's signed statement committed to for that holder, is dropped and its holder (the sender)
         named; a secret whose committed shares do not rebuild it names its dealer."""
@@ -388,12 +467,17 @@ class SecAggServer:
             else:
                 valid[h] = bytes(raw)
         if len(valid) < t:
-            raise TooFewSurvivors(f"only {len(valid)} good shares of node {owner}'s {_what(stage)} for round "
-                                  f"{self._round.number}; {t} are needed", "the round fails; the model is unchanged")
+            raise TooFewSurvivors(
+                f"only {len(valid)} good shares of node {owner}'s {_what(stage)} for round "
+                f"{cast(_Round, self._round).number}; {t} are needed",
+                "the round fails; the model is unchanged",
+            )
         secret = self._combine(valid, good)
         if secret is None:
-            error = TamperingDetected(f"node {owner} dealt shares of its {_what(stage)} that do not reconstruct it",
-                                      "the round fails; that node is left out of the rest of the run")
+            error = TamperingDetected(
+                f"node {owner} dealt shares of its {_what(stage)} that do not reconstruct it",
+                "the round fails; that node is left out of the rest of the run",
+            )
             error.blame = [owner]
             raise error
         return secret
@@ -406,7 +490,7 @@ class SecAggServer:
         if len(shares) < self.threshold:
             return None
         try:
-            secret = shamir.combine(dict(sorted(shares.items())[:self.threshold]), self.threshold)
+            secret = shamir.combine(dict(sorted(shares.items())[: self.threshold]), self.threshold)
         except ShamirError:
             return None
         return secret if good(secret) else None

@@ -23,10 +23,33 @@ def run_started(log: AuditLog, run_id: Any, settings: dict[str, Any], initial_ar
     log.run(ServerRunRecord(run_id=str(run_id), settings=settings, initial_model_digest=digest_arrays(initial_arrays)))
 
 
-def round_done(log: AuditLog, *, run_id: Any, round_: int, strategy: str, sampled: list[str], responded: list[str],
-               failed: dict[str, str], refused: dict[str, str], arrays: Any, secagg: dict[str, Any] | None,
-               received: dict[str, Any], checkpoint: str = "") -> None:
-    log.round(ServerRoundRecord(
-        run_id=str(run_id), round=round_, strategy=strategy, sampled=sorted(sampled), responded=sorted(responded),
-        failed=dict(failed), refused=dict(refused), aggregate_digest=digest_arrays(arrays), secagg=secagg,
-        checkpoint_digest=checkpoint, received_digests={name: digest_arrays(a) for name, a in received.items()}))
+def round_done(
+    log: AuditLog,
+    *,
+    run_id: Any,
+    round_: int,
+    strategy: str,
+    sampled: list[str],
+    responded: list[str],
+    failed: dict[str, str],
+    refused: dict[str, str],
+    arrays: Any,
+    secagg: dict[str, Any] | None,
+    received: dict[str, Any],
+    checkpoint: str = "",
+) -> None:
+    log.round(
+        ServerRoundRecord(
+            run_id=str(run_id),
+            round=round_,
+            strategy=strategy,
+            sampled=sorted(sampled),
+            responded=sorted(responded),
+            failed=dict(failed),
+            refused=dict(refused),
+            aggregate_digest=digest_arrays(arrays),
+            secagg=secagg,
+            checkpoint_digest=checkpoint,
+            received_digests={name: digest_arrays(a) for name, a in received.items()},
+        )
+    )

@@ -17,7 +17,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
@@ -28,7 +28,7 @@ CHECKPOINT_DIR = "checkpoint"
 STATE = "state.json"
 ARRAYS = "arrays.npz"
 VERSION = 1
-STRATEGY_STATE = ("m_t", "v_t")   # FedOpt family (FedAdam): first and second moments
+STRATEGY_STATE = ("m_t", "v_t")  # FedOpt family (FedAdam): first and second moments
 # Settings a resumed run may change without changing what it computes.
 RESUMABLE_CHANGES = ("resume", "output_dir", "ledger_dir", "data_root")
 
@@ -53,10 +53,16 @@ def save_checkpoint(out_dir: str | Path, ckpt: Checkpoint) -> None:
     arrays = {f"model/{k}": v.numpy() for k, v in ckpt.arrays.items()}
     for name, values in ckpt.strategy_state.items():
         arrays |= {f"{name}/{k}": v for k, v in values.items()}
-    np.savez(tmp / ARRAYS, **arrays)
-    state = {"version": VERSION, "completed_round": ckpt.completed_round, "plan_run_id": ckpt.plan_run_id,
-             "settings": ckpt.settings, "normalisation": ckpt.normalisation, "rounds": ckpt.rounds,
-             "crash_cost": ckpt.crash_cost}
+    np.savez(tmp / ARRAYS, **arrays)  # type: ignore[arg-type]  # numpy's stub: **arrays is also matched against allow_pickle: bool
+    state = {
+        "version": VERSION,
+        "completed_round": ckpt.completed_round,
+        "plan_run_id": ckpt.plan_run_id,
+        "settings": ckpt.settings,
+        "normalisation": ckpt.normalisation,
+        "rounds": ckpt.rounds,
+        "crash_cost": ckpt.crash_cost,
+    }
     (tmp / STATE).write_text(json.dumps(state, indent=1, default=_jsonable))
     final = out / CHECKPOINT_DIR
     old = out / ".checkpoint-old"
@@ -85,13 +91,18 @@ def load_checkpoint(out_dir: str | Path) -> Checkpoint:
         if (old / STATE).is_file():
             folder = old  # the crash hit between the two renames
         else:
-            raise FedcareError(f"no checkpoint to resume in {folder}",
-                               "resume with the output-dir of the run that stopped, or start without resume")
+            raise FedcareError(
+                f"no checkpoint to resume in {folder}",
+                "resume with the output-dir of the run that stopped, or start without resume",
+            )
     state = json.loads((folder / STATE).read_text())
     if state.get("version") != VERSION:
-        raise FedcareError(f"checkpoint {folder} has format {state.get('version')}, expected {VERSION}",
-                           "start a new run (the old one was written by another fedcare version)")
-    model, strategy_state = {}, {}
+        raise FedcareError(
+            f"checkpoint {folder} has format {state.get('version')}, expected {VERSION}",
+            "start a new run (the old one was written by another fedcare version)",
+        )
+    model: dict[str, Any] = {}
+    strategy_state: dict[str, Any] = {}
     with np.load(folder / ARRAYS) as saved:
         for key in saved.files:
             group, name = key.split("/", 1)
@@ -99,18 +110,29 @@ def load_checkpoint(out_dir: str | Path) -> Checkpoint:
                 model[name] = Array(saved[key])
             else:
                 strategy_state.setdefault(group, {})[name] = saved[key]
-    return Checkpoint(state["completed_round"], state["plan_run_id"], state["settings"], state["normalisation"],
-                      state["rounds"], ArrayRecord(model), strategy_state, state.get("crash_cost", {}))
+    return Checkpoint(
+        state["completed_round"],
+        state["plan_run_id"],
+        state["settings"],
+        state["normalisation"],
+        state["rounds"],
+        ArrayRecord(model),
+        strategy_state,
+        state.get("crash_cost", {}),
+    )
 
 
 def check_compatible(ckpt: Checkpoint, settings: dict[str, Any]) -> None:
     """Refuse to resume with settings that would change the computation (model, data, privacy...)."""
     ignore = {k.replace("_", "-") for k in RESUMABLE_CHANGES}
-    changed = sorted(k for k in set(ckpt.settings) | set(settings)
-                     if k not in ignore and ckpt.settings.get(k) != settings.get(k))
+    changed = sorted(
+        k for k in set(ckpt.settings) | set(settings) if k not in ignore and ckpt.settings.get(k) != settings.get(k)
+    )
     if changed:
-        raise FedcareError(f"cannot resume: these settings differ from the checkpointed run: {', '.join(changed)}",
-                           "resume with the same run config (only output-dir, ledger-dir and data-root may move)")
+        raise FedcareError(
+            f"cannot resume: these settings differ from the checkpointed run: {', '.join(changed)}",
+            "resume with the same run config (only output-dir, ledger-dir and data-root may move)",
+        )
 
 
 def strategy_state(strategy: Any) -> dict[str, dict[str, np.ndarray]]:
@@ -130,7 +152,7 @@ def restore_strategy(strategy: Any, state: dict[str, dict[str, np.ndarray]]) -> 
 
 def _jsonable(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
-        return dataclasses.asdict(value)
+        return dataclasses.asdict(cast(Any, value))  # an instance: _jsonable is given values, never classes
     if isinstance(value, np.generic):
         return value.item()
     raise TypeError(f"not JSON-serialisable: {type(value).__name__}")

@@ -29,7 +29,7 @@ from fedcare.wire import STATS_OBSERVED_WEIGHT as OBSERVED_WEIGHT
 from fedcare.wire import STATS_SECOND_WEIGHT as SECOND_WEIGHT
 
 MIN_SCALE_FRACTION = 1e-3  # a feature constant everywhere: scale 0.1 % of its range, not zero
-MAX_SCALE_FRACTION = 0.5   # no variable within its range has a larger standard deviation
+MAX_SCALE_FRACTION = 0.5  # no variable within its range has a larger standard deviation
 
 
 @dataclass
@@ -44,15 +44,16 @@ class Normalisation:
 class HospitalSums:
     """One hospital's statistics release as the server pools it."""
 
-    count: float                 # public training size
+    count: float  # public training size
     sum: Sequence[float]
     second: Sequence[float]
     observed: Sequence[float]
-    noise_std: float = 0.0       # standard deviation of the noise on each sum
+    noise_std: float = 0.0  # standard deviation of the noise on each sum
 
 
-def pooled_normalisation(features: list[str], bounds: list[tuple[float, float]],
-                         replies: list[HospitalSums]) -> Normalisation:
+def pooled_normalisation(
+    features: list[str], bounds: list[tuple[float, float]], replies: list[HospitalSums]
+) -> Normalisation:
     """Centre and scale per feature, in original units, from per-hospital sums."""
     if not replies:
         raise FedcareError("no hospital answered the statistics round", "check that the nodes are running")
@@ -61,16 +62,16 @@ def pooled_normalisation(features: list[str], bounds: list[tuple[float, float]],
         raise FedcareError(f"the statistics round counted {count:.1f} patients in total; too few to normalise")
     if not features:
         return Normalisation([], [], [], count)
-    s1, s2, so = (np.sum([np.asarray(getattr(r, k), dtype=float) for r in replies], axis=0)
-                  for k in ("sum", "second", "observed"))
-    noise_sd = float(np.sqrt(sum(r.noise_std ** 2 for r in replies)))
+    s1, s2, so = (
+        np.sum([np.asarray(getattr(r, k), dtype=float) for r in replies], axis=0) for k in ("sum", "second", "observed")
+    )
+    noise_sd = float(np.sqrt(sum(r.noise_std**2 for r in replies)))
     observed = np.clip(so / OBSERVED_WEIGHT, 1.0, count)
     mean_u = np.clip(s1 / observed, -0.5, 0.5)
     second_u = s2 / SECOND_WEIGHT / observed + 0.125
-    variance_floor = noise_sd / SECOND_WEIGHT / observed       # standard error of the second moment
-    var_u = np.maximum(second_u - mean_u ** 2, np.maximum(variance_floor, MIN_SCALE_FRACTION ** 2))
+    variance_floor = noise_sd / SECOND_WEIGHT / observed  # standard error of the second moment
+    var_u = np.maximum(second_u - mean_u**2, np.maximum(variance_floor, MIN_SCALE_FRACTION**2))
     sd_u = np.minimum(np.sqrt(var_u), MAX_SCALE_FRACTION)
     lo = np.array([b[0] for b in bounds], dtype=float)
     width = np.array([b[1] - b[0] for b in bounds], dtype=float)
     return Normalisation(list(features), (lo + (mean_u + 0.5) * width).tolist(), (sd_u * width).tolist(), count)
-

@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -45,8 +45,8 @@ class Hospital:
     refusal_kind: str | None = None  # "budget" or "data", as the hospital said
     epsilon: float | None = None
     weight: float | None = None
-    delta: float | None = None        # the delta this hospital accounts at (its own policy's)
-    private_noise: bool = True        # False: its noise was reproducible (a simulation's benchmark switch)
+    delta: float | None = None  # the delta this hospital accounts at (its own policy's)
+    private_noise: bool = True  # False: its noise was reproducible (a simulation's benchmark switch)
 
     def note_privacy(self, note: wire.PrivacyNote) -> None:
         """Take the hospital's own statement about its release (its delta; reproducible noise)."""
@@ -78,7 +78,7 @@ class FederationResult:
     normalisation: Normalisation
     hospitals: dict[int, Hospital]
     rounds: list[RoundRecord] = field(default_factory=list)
-    stopped_early: str | None = None   # why the run did not do all its planned rounds (None: it did)
+    stopped_early: str | None = None  # why the run did not do all its planned rounds (None: it did)
     final_summaries: dict[str, BinarySummary] = field(default_factory=dict)
     # each hospital's test of its personalised model (the final model fine-tuned locally), when released
     personalised: dict[str, BinarySummary] = field(default_factory=dict)
@@ -153,13 +153,13 @@ class PromptGrid:
         kinds = sorted({m.metadata.message_type for m in messages})
         timing.trace("server-push", type=",".join(kinds), round=_group(messages), n=len(messages))
         if self._flower:
-            replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+            replies: list[Message] = list(self._grid.send_and_receive(messages, timeout=timeout))
             _trace_replies(replies)
             return replies
         waiting = set(self._grid.push_messages(messages))
         del messages
         end = time.time() + (timeout if timeout is not None else 0.0)
-        replies: list[Message] = []
+        replies = []
         delay = self._first_poll
         while timeout is None or time.time() < end:
             got = list(self._grid.pull_messages(waiting))
@@ -180,8 +180,9 @@ def _group(messages: list[Message]) -> str:
 def _trace_replies(replies: list[Message]) -> None:
     if timing.enabled():
         for m in replies:
-            timing.trace("server-reply", type=m.metadata.message_type, round=m.metadata.group_id,
-                         node=m.metadata.src_node_id)
+            timing.trace(
+                "server-reply", type=m.metadata.message_type, round=m.metadata.group_id, node=m.metadata.src_node_id
+            )
 
 
 def _wait_for_nodes(grid: Grid, expected: int, timeout: float, progress: Progress) -> list[int]:
@@ -210,8 +211,14 @@ def _sender(msg: Message, sent: list[Message]) -> int:
     message it replies to."""
     node = msg.metadata.src_node_id
     if node not in {m.metadata.dst_node_id for m in sent}:
-        node = next((m.metadata.dst_node_id for m in sent
-                     if m.metadata.message_id and m.metadata.message_id == msg.metadata.reply_to_message_id), node)
+        node = next(
+            (
+                m.metadata.dst_node_id
+                for m in sent
+                if m.metadata.message_id and m.metadata.message_id == msg.metadata.reply_to_message_id
+            ),
+            node,
+        )
     return node
 
 
@@ -223,11 +230,19 @@ def _refuse(hospital: Hospital, refusal: wire.Refusal) -> None:
     hospital.active, hospital.refusal, hospital.refusal_kind = False, refusal.reason, refusal.kind
 
 
-def _statistics_round(grid: Grid, nodes: list[int], config: dict[str, Any], hospitals: dict[int, Hospital],
-                      timeout: float, progress: Progress) -> tuple[Normalisation, tuple[int, ...], str]:
+def _statistics_round(
+    grid: Grid,
+    nodes: list[int],
+    config: dict[str, Any],
+    hospitals: dict[int, Hospital],
+    timeout: float,
+    progress: Progress,
+) -> tuple[Normalisation, tuple[int, ...], str]:
     """The statistics phase: every hospital's (noisy) feature sums, pooled into the normalisation."""
-    messages = [Message(RecordDict({protocol.CONFIG: ConfigRecord(config)}), dst_node_id=n,
-                        message_type=protocol.FEATURE_STATS) for n in nodes]
+    messages = [
+        Message(RecordDict({protocol.CONFIG: ConfigRecord(config)}), dst_node_id=n, message_type=protocol.FEATURE_STATS)
+        for n in nodes
+    ]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     sums, schema = [], None
     answered = set()
@@ -236,7 +251,9 @@ def _statistics_round(grid: Grid, nodes: list[int], config: dict[str, Any], hosp
         answered.add(node)
         if msg.has_error():
             hospitals[node] = Hospital(node, f"node {node}", active=False, refusal=f"failed: {msg.error.reason}")
-            progress(f"statistics: node {node} failed ({msg.error.reason.splitlines()[0] if msg.error.reason else 'no reason'})")
+            progress(
+                f"statistics: node {node} failed ({msg.error.reason.splitlines()[0] if msg.error.reason else 'no reason'})"
+            )
             continue
         name = _name(msg)
         hospital = hospitals.setdefault(node, Hospital(node, name))
@@ -249,8 +266,10 @@ def _statistics_round(grid: Grid, nodes: list[int], config: dict[str, Any], hosp
         if schema is None:
             schema = reply.schema
         elif reply.schema != schema:
-            raise FedcareError(f"{name} describes its features differently from the other hospitals",
-                               "every hospital must use the same dataset schema and version")
+            raise FedcareError(
+                f"{name} describes its features differently from the other hospitals",
+                "every hospital must use the same dataset schema and version",
+            )
         hospital.weight = reply.num_examples
         hospital.note_privacy(reply.privacy)
         sums.append(HospitalSums(hospital.weight, reply.sums, reply.second, reply.observed, reply.noise_std))
@@ -268,8 +287,9 @@ def _nobody_can_take_part(hospitals: dict[int, Hospital]) -> NoReturn:
     """Stop the run: every hospital refused, failed or was silent in the statistics round."""
     reasons = "; ".join(h.refusal or "" for h in hospitals.values())
     if all(h.refusal_kind == "budget" for h in hospitals.values()):
-        raise BudgetExhausted(f"no hospital can take part: {reasons}",
-                              "every hospital has spent its privacy budget on this data")
+        raise BudgetExhausted(
+            f"no hospital can take part: {reasons}", "every hospital has spent its privacy budget on this data"
+        )
     raise FedcareError(f"no hospital can take part: {reasons}")
 
 
@@ -279,8 +299,14 @@ def _in_process(grid: Any) -> bool:
     return module is not None and isinstance(grid, module.InMemoryGrid)
 
 
-def run_federation(grid: Grid, s: RunSettings, expected_hospitals: int, progress: Progress,
-                   timeout: float = EXCHANGE_TIMEOUT, run_id: int = 0) -> FederationResult:
+def run_federation(
+    grid: Grid,
+    s: RunSettings,
+    expected_hospitals: int,
+    progress: Progress,
+    timeout: float = EXCHANGE_TIMEOUT,
+    run_id: int = 0,
+) -> FederationResult:
     """Run the whole federation and return the final model and per-round records.
 
     Phases, in order: statistics (with resume and the initial model), key agreement (secure
@@ -331,23 +357,25 @@ class _Federation:
         if s.resume:
             resumed = load_checkpoint(s.output_dir)
             check_compatible(resumed, s.to_config())
-            self.progress(f"resuming run {resumed.plan_run_id} after round {resumed.completed_round} of "
-                          f"{s.num_rounds}")
+            self.progress(f"resuming run {resumed.plan_run_id} after round {resumed.completed_round} of {s.num_rounds}")
         self.resumed = resumed
         self.plan_run_id = resumed.plan_run_id if resumed else str(self.run_id)
         # hospitals keep that run's privacy plan (same noise, no recount)
         self.config["plan-run-id"] = self.plan_run_id
-        normalisation, input_shape, task = _statistics_round(self.grid, nodes, self.config, self.hospitals,
-                                                             self.timeout, self.progress)
+        normalisation, input_shape, task = _statistics_round(
+            self.grid, nodes, self.config, self.hospitals, self.timeout, self.progress
+        )
         if resumed is not None:
             normalisation = Normalisation(**resumed.normalisation)
         self.normalisation = normalisation
         self.active = [h for h in self.hospitals.values() if h.active]
-        self.progress(f"statistics round: {len(self.active)} of {len(nodes)} hospitals, "
-                      f"~{normalisation.pooled_count:.0f} training patients (to a batch)")
+        self.progress(
+            f"statistics round: {len(self.active)} of {len(nodes)} hospitals, "
+            f"~{normalisation.pooled_count:.0f} training patients (to a batch)"
+        )
         self.inputs = wire.ModelInputs(normalisation.mean, normalisation.std)
         self.config |= self.inputs.to_config()
-        with torch.random.fork_rng(devices=[]):   # the run seed sets the initial model only, nothing after it
+        with torch.random.fork_rng(devices=[]):  # the run seed sets the initial model only, nothing after it
             torch.manual_seed(s.seed)
             self.arrays = model_to_arrays(build_model(resolve_model(s.model, task), input_shape, s.hidden_units))
         self.strategy = build_strategy(s)
@@ -361,17 +389,23 @@ class _Federation:
         from server import audit_trail
 
         s, resumed = self.s, self.resumed
-        result = self.result = FederationResult(self.arrays, self.normalisation, self.hospitals,
-                                                min_hospitals=s.min_hospitals)
+        result = self.result = FederationResult(
+            self.arrays, self.normalisation, self.hospitals, min_hospitals=s.min_hospitals
+        )
         if resumed is not None:
             result.rounds = [RoundRecord(**r) for r in resumed.rounds]
             result.crash_cost = dict(resumed.crash_cost)
         self.audit = audit_trail.open_log(s.output_dir)
-        audit_trail.run_started(self.audit, self.run_id, s.to_config() | {
-            "resumed-from": resumed.plan_run_id if resumed else None}, self.arrays)
+        audit_trail.run_started(
+            self.audit,
+            self.run_id,
+            s.to_config() | {"resumed-from": resumed.plan_run_id if resumed else None},
+            self.arrays,
+        )
         if len(self.active) < s.min_hospitals:
-            result.stopped_early = (f"only {len(self.active)} hospital(s) can train "
-                                    f"(min-hospitals={s.min_hospitals}); no round was run")
+            result.stopped_early = (
+                f"only {len(self.active)} hospital(s) can train (min-hospitals={s.min_hospitals}); no round was run"
+            )
             self.progress(result.stopped_early)
         # A round's global model is evaluated in the next round's train exchange (each hospital tests the
         # model it receives before training on it), so a round costs one exchange fewer; hospitals that do
@@ -387,8 +421,9 @@ class _Federation:
         from server.secure_rounds import SecureAggregation
 
         s = self.s
-        self.secure = SecureAggregation(self.grid, dict(self.config), s.secagg_threshold, s.secagg_clip_range,
-                                        self.timeout, self.progress)
+        self.secure = SecureAggregation(
+            self.grid, dict(self.config), s.secagg_threshold, s.secagg_clip_range, self.timeout, self.progress
+        )
         keyed = set(self.secure.setup([h.node_id for h in self.active], self.run_id, self.arrays))
         for h in self.active:
             if h.node_id not in keyed:
@@ -414,8 +449,11 @@ class _Federation:
         missing = {m.metadata.dst_node_id for m in messages} - {_sender(r, messages) for r in replies}
         for node in missing:
             record.failed[self.hospitals[node].name] = "no reply before the timeout"
-        received = {self.hospitals[m.metadata.src_node_id].name: wire.plain_update(m.content)
-                    for m in valid if self.secure is None}
+        received = {
+            self.hospitals[m.metadata.src_node_id].name: wire.plain_update(m.content)
+            for m in valid
+            if self.secure is None
+        }
         valid, secure_outcome = self._unmask(rnd, record, valid)
         self._aggregate(rnd, record, valid)
         if self.unevaluated is not None:
@@ -432,30 +470,43 @@ class _Federation:
         self._audit_round(rnd, record, messages, received, secure_outcome)
         still = sum(1 for h in self.hospitals.values() if h.active)
         if still < self.s.min_hospitals and rnd < self.s.num_rounds:
-            return (f"stopped after round {rnd}: only {still} hospital(s) can still train "
-                    f"(min-hospitals={self.s.min_hospitals})")
+            return (
+                f"stopped after round {rnd}: only {still} hospital(s) can still train "
+                f"(min-hospitals={self.s.min_hospitals})"
+            )
         return None
 
     def _train_messages(self, rnd: int) -> list[Message]:
         inputs = dataclasses.replace(self.inputs, evaluate_incoming=self.unevaluated is not None)
         train_config = dict(self.config) | inputs.to_config()
-        return [m for m in self.strategy.configure_train(rnd, self.arrays, ConfigRecord(train_config), self.grid)
-                if self.hospitals.get(m.metadata.dst_node_id, Hospital(0, "")).active]
+        return [
+            m
+            for m in self.strategy.configure_train(rnd, self.arrays, ConfigRecord(train_config), self.grid)
+            if self.hospitals.get(m.metadata.dst_node_id, Hospital(0, "")).active
+        ]
 
     def _evaluation_alongside(self, messages: list[Message]) -> tuple[set[int], list[Message]]:
         """Who tests the previous round's model in this exchange, and the evaluate messages for those of
         them that do not train this round."""
         if self.unevaluated is None:
             return set(), []
-        eval_messages = _evaluation_messages(self.strategy, self.unevaluated.round, self.arrays, self.config,
-                                             self.grid)
+        eval_messages = _evaluation_messages(self.strategy, self.unevaluated.round, self.arrays, self.config, self.grid)
         training = {m.metadata.dst_node_id for m in messages}
-        return ({m.metadata.dst_node_id for m in eval_messages},
-                [m for m in eval_messages if m.metadata.dst_node_id not in training])
+        return (
+            {m.metadata.dst_node_id for m in eval_messages},
+            [m for m in eval_messages if m.metadata.dst_node_id not in training],
+        )
 
-    def _take_train_replies(self, rnd: int, record: RoundRecord, replies: list[Message], sent: list[Message],
-                            evaluators: set[int], eval_only: list[Message],
-                            summaries: dict[str, BinarySummary]) -> list[Message]:
+    def _take_train_replies(
+        self,
+        rnd: int,
+        record: RoundRecord,
+        replies: list[Message],
+        sent: list[Message],
+        evaluators: set[int],
+        eval_only: list[Message],
+        summaries: dict[str, BinarySummary],
+    ) -> list[Message]:
         """Evaluations, refusals, failures and reports from one train exchange; the replies to aggregate."""
         evaluating_only = {m.metadata.dst_node_id for m in eval_only}
         valid = []
@@ -467,7 +518,7 @@ class _Federation:
                 continue
             hospital = self.hospitals[node]
             if msg.has_error():
-                record.failed[hospital.name] = msg.error.reason
+                record.failed[hospital.name] = cast(str, msg.error.reason)  # an error message names its reason
                 continue
             if (refusal := _refusal(msg)) is not None:
                 _refuse(hospital, refusal)
@@ -492,9 +543,10 @@ class _Federation:
         if not valid or self.secure is None:
             return valid, None
         hospitals = self.hospitals
-        valid, outcome = self.secure.aggregate(rnd, valid, self.arrays, record.failed,
-                                               {n: h.name for n, h in hospitals.items()})
-        for node in outcome.failed:   # named for misbehaving: out for the rest of the run
+        valid, outcome = self.secure.aggregate(
+            rnd, valid, self.arrays, record.failed, {n: h.name for n, h in hospitals.items()}
+        )
+        for node in outcome.failed:  # named for misbehaving: out for the rest of the run
             if node in hospitals:
                 hospitals[node].active, hospitals[node].refusal = False, outcome.failed[node]
         for node in outcome.dropped:  # its round key was revealed: it cannot rejoin this run
@@ -502,9 +554,11 @@ class _Federation:
                 hospitals[node].active = False
                 hospitals[node].refusal = f"dropped out during secure aggregation in round {rnd}"
         named = {n: h.name for n, h in hospitals.items()}
-        record.secagg = {"path": outcome.path,
-                         "dropped": [named.get(n, f"node {n}") for n in outcome.dropped],
-                         "silent": [named.get(n, f"node {n}") for n in outcome.silent]}
+        record.secagg = {
+            "path": outcome.path,
+            "dropped": [named.get(n, f"node {n}") for n in outcome.dropped],
+            "silent": [named.get(n, f"node {n}") for n in outcome.silent],
+        }
         record.trained = [name for name in record.trained if name not in record.failed]
         return valid, outcome
 
@@ -514,29 +568,47 @@ class _Federation:
             if new_arrays is not None:
                 self.arrays = new_arrays
             if train_metrics is not None and "train-loss" in train_metrics:
-                record.train_loss = float(train_metrics["train-loss"])
+                record.train_loss = float(cast(float, train_metrics["train-loss"]))
         self.result.arrays = self.arrays
 
     def _save(self, rounds_done: int) -> None:
         from server.checkpoint import Checkpoint, save_checkpoint, strategy_state
 
         s, result = self.s, self.result
-        save_checkpoint(s.output_dir, Checkpoint(
-            rounds_done, self.plan_run_id, s.to_config(), dataclasses.asdict(self.normalisation),
-            [dataclasses.asdict(r) for r in result.rounds], self.arrays, strategy_state(self.strategy),
-            result.crash_cost))
+        save_checkpoint(
+            s.output_dir,
+            Checkpoint(
+                rounds_done,
+                self.plan_run_id,
+                s.to_config(),
+                dataclasses.asdict(self.normalisation),
+                [dataclasses.asdict(r) for r in result.rounds],
+                self.arrays,
+                strategy_state(self.strategy),
+                result.crash_cost,
+            ),
+        )
 
-    def _audit_round(self, rnd: int, record: RoundRecord, messages: list[Message], received: dict[str, Any],
-                     secure_outcome: Any) -> None:
+    def _audit_round(
+        self, rnd: int, record: RoundRecord, messages: list[Message], received: dict[str, Any], secure_outcome: Any
+    ) -> None:
         from server import audit_trail
         from server.checkpoint import checkpoint_digest
 
         audit_trail.round_done(
-            self.audit, run_id=self.run_id, round_=rnd, strategy=self.s.strategy,
-            sampled=[self.hospitals[m.metadata.dst_node_id].name for m in messages], responded=record.trained,
-            failed=record.failed, refused=record.refused, arrays=self.arrays,
+            self.audit,
+            run_id=self.run_id,
+            round_=rnd,
+            strategy=self.s.strategy,
+            sampled=[self.hospitals[m.metadata.dst_node_id].name for m in messages],
+            responded=record.trained,
+            failed=record.failed,
+            refused=record.refused,
+            arrays=self.arrays,
             secagg=self.secure.audit_summary(secure_outcome) if self.secure is not None else None,
-            received=received, checkpoint=checkpoint_digest(self.s.output_dir))
+            received=received,
+            checkpoint=checkpoint_digest(self.s.output_dir),
+        )
 
     # ---- evaluate --------------------------------------------------------------------------------
     def evaluate_last(self) -> None:
@@ -583,8 +655,10 @@ def _note_replan(cost: dict[str, Any], hospital: str, report: wire.TrainReport) 
     if report.planned_noise_multiplier is None:
         return
     cost.setdefault("noise", {})[hospital] = {
-        "planned": report.planned_noise_multiplier, "now": report.noise_multiplier,
-        "from_round": report.replanned_from_round}
+        "planned": report.planned_noise_multiplier,
+        "now": report.noise_multiplier,
+        "from_round": report.replanned_from_round,
+    }
     for lost in report.lost_rounds:
         names = cost.setdefault("lost_rounds", {}).setdefault(str(lost), [])
         if hospital not in names:
@@ -598,11 +672,12 @@ def _crash_cost_line(cost: dict[str, Any], rnd: int) -> str | None:
     if not replanned:
         return None
     lost = {r: names for r, names in cost.get("lost_rounds", {}).items() if set(names) & set(replanned)}
-    charged = "; ".join(f"round {r} was charged at {len(names)} hospital{'s' if len(names) != 1 else ''} "
-                        f"({', '.join(names)}) but its update was lost in the crash"
-                        for r, names in sorted(lost.items(), key=lambda kv: int(kv[0])))
-    noise = ", ".join(f"{n['now']:.4g} instead of {n['planned']:.4g} ({name})"
-                      for name, n in sorted(replanned.items()))
+    charged = "; ".join(
+        f"round {r} was charged at {len(names)} hospital{'s' if len(names) != 1 else ''} "
+        f"({', '.join(names)}) but its update was lost in the crash"
+        for r, names in sorted(lost.items(), key=lambda kv: int(kv[0]))
+    )
+    noise = ", ".join(f"{n['now']:.4g} instead of {n['planned']:.4g} ({name})" for name, n in sorted(replanned.items()))
     why = charged or f"round {rnd}: hospitals re-planned their noise to stay within their planned epsilon"
     return f"{why}; the remaining rounds use noise multiplier {noise}"
 
@@ -619,8 +694,10 @@ def _short_rounds(result: FederationResult, s: RunSettings) -> str | None:
     reasons = []
     for r in short:
         why = [f"{name}: {reason}" for name, reason in {**r.refused, **r.failed}.items()]
-        reasons.append(f"round {r.round} trained by {len(r.trained)} of {r.asked} hospital(s)"
-                       + (f" ({'; '.join(why)})" if why else ""))
+        reasons.append(
+            f"round {r.round} trained by {len(r.trained)} of {r.asked} hospital(s)"
+            + (f" ({'; '.join(why)})" if why else "")
+        )
     last_trained = max((r.round for r in result.rounds if len(r.trained) >= s.min_hospitals), default=0)
     model = f"the final model is round {last_trained}'s" if last_trained else "the final model is the initial one"
     return f"{result.rounds_done} of {s.num_rounds} planned rounds done; {'; '.join(reasons)}; {model}"
@@ -631,8 +708,9 @@ def _unevaluated(rounds: list[RoundRecord]) -> RoundRecord | None:
     return rounds[-1] if rounds and not rounds[-1].evaluation else None
 
 
-def _evaluation_messages(strategy: Any, rnd: int, arrays: ArrayRecord, config: dict[str, Any],
-                         grid: Grid) -> list[Message]:
+def _evaluation_messages(
+    strategy: Any, rnd: int, arrays: ArrayRecord, config: dict[str, Any], grid: Grid
+) -> list[Message]:
     return list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(config)), grid))
 
 
@@ -659,7 +737,7 @@ def _collect_evaluation(msg: Message, summaries: dict[str, BinarySummary]) -> No
     evaluation record of a train reply (present even when the hospital then refused to train)."""
     evaluation = wire.EvaluationMetrics.in_train_reply(msg.content)
     if evaluation is None and msg.metadata.message_type == MessageType.EVALUATE and _refusal(msg) is None:
-        evaluation = wire.EvaluationMetrics.in_evaluate_reply(msg.content)   # None: the hospital's policy withholds it
+        evaluation = wire.EvaluationMetrics.in_evaluate_reply(msg.content)  # None: the hospital's policy withholds it
     if evaluation is not None:
         summaries[_name(msg)] = evaluation.summary()
 

@@ -35,7 +35,7 @@ def write_report(out_dir: str | Path, s: RunSettings, result: FederationResult, 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     weights = arrays_to_numpy(result.arrays)
-    np.savez(out / MODEL, **weights)
+    np.savez(out / MODEL, **weights)  # type: ignore[arg-type]  # numpy's stub: **arrays is also matched against allow_pickle: bool
     final = result.rounds[-1].evaluation if result.rounds else {}
     results = {
         "run_id": run_id,
@@ -43,9 +43,15 @@ def write_report(out_dir: str | Path, s: RunSettings, result: FederationResult, 
         "model_digest": weights_digest(weights),
         "normalisation": dataclasses.asdict(result.normalisation),
         "hospitals": {
-            h.name: {"node_id": h.node_id, "active": h.active, "refusal": h.refusal,
-                     "epsilon": h.epsilon, "delta": h.delta, "released_count": h.weight,
-                     "private_noise": h.private_noise}
+            h.name: {
+                "node_id": h.node_id,
+                "active": h.active,
+                "refusal": h.refusal,
+                "epsilon": h.epsilon,
+                "delta": h.delta,
+                "released_count": h.weight,
+                "private_noise": h.private_noise,
+            }
             for h in result.hospitals.values()
         },
         # False when any hospital's noise was reproducible: then no epsilon above is a guarantee
@@ -93,11 +99,16 @@ def plot_rounds(results: dict[str, Any], path: Path) -> None:
     names = sorted({n for r in rounds for n in r["evaluation"]} - {"pooled"})
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for metric, ax in zip(("accuracy", "auc"), axes[:2]):
-        for name in names + ["pooled"]:
+        for name in [*names, "pooled"]:
             ys = [(r["evaluation"].get(name) or {}).get(metric) for r in rounds]
             ys = [np.nan if y is None else y for y in ys]
-            ax.plot(xs, ys, label=name, linewidth=2.5 if name == "pooled" else 1.2,
-                    color="black" if name == "pooled" else None)
+            ax.plot(
+                xs,
+                ys,
+                label=name,
+                linewidth=2.5 if name == "pooled" else 1.2,
+                color="black" if name == "pooled" else None,
+            )
         ax.set_title(f"test {metric} per round")
         ax.set_xlabel("round")
         ax.set_ylim(0, 1.02)

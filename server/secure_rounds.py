@@ -35,16 +35,19 @@ from secure_aggregation.graph import find_parameters
 from secure_aggregation.records import flatten, unflatten, unpack_vector
 
 Progress = Callable[[str], None]
-CORRUPT_FRACTION = 0.05   # hospitals assumed to collude with a malicious coordinator (SecAgg+ parameters)
-DROPOUT_FRACTION = 0.05   # hospitals assumed to drop in a round (SecAgg+ parameters)
-END_TIMEOUT_S = 30.0      # the end-of-run message: best effort, nodes also expire abandoned keys
-SPARSE_FROM = 100         # hospitals from which SecAgg+'s neighbourhoods replace the complete graph
+CORRUPT_FRACTION = 0.05  # hospitals assumed to collude with a malicious coordinator (SecAgg+ parameters)
+DROPOUT_FRACTION = 0.05  # hospitals assumed to drop in a round (SecAgg+ parameters)
+END_TIMEOUT_S = 30.0  # the end-of-run message: best effort, nodes also expire abandoned keys
+SPARSE_FROM = 100  # hospitals from which SecAgg+'s neighbourhoods replace the complete graph
 
 
 def graph_parameters(n_nodes: int, threshold: int = 0) -> tuple[int, int]:
     """(t, k) for ``n_nodes``: SecAgg+'s neighbourhoods for large federations, else the complete graph."""
-    sparse = (find_parameters(n_nodes, CORRUPT_FRACTION, DROPOUT_FRACTION, semi_malicious=True)
-              if n_nodes >= SPARSE_FROM and not threshold else None)
+    sparse = (
+        find_parameters(n_nodes, CORRUPT_FRACTION, DROPOUT_FRACTION, semi_malicious=True)
+        if n_nodes >= SPARSE_FROM and not threshold
+        else None
+    )
     if sparse is not None and sparse.k + 1 < n_nodes:
         return sparse.t, sparse.k
     corrupt = math.floor(CORRUPT_FRACTION * n_nodes)
@@ -59,29 +62,31 @@ def vector_length(arrays: ArrayRecord) -> int:
 
 @dataclass
 class SecureRoundOutcome:
-    mean_arrays: ArrayRecord | None      # global + weighted mean delta; None when the round failed
+    mean_arrays: ArrayRecord | None  # global + weighted mean delta; None when the round failed
     total_weight: int = 0
     survivors: list[int] = field(default_factory=list)
     dropped: list[int] = field(default_factory=list)
-    failed: dict[int, str] = field(default_factory=dict)   # node -> why it is out (named, by sender)
-    silent: list[int] = field(default_factory=list)        # survivors that did not answer the unmask
-    path: str = ""                                         # "fast" or "consistency"
-    reason: str | None = None                              # why the whole round failed
+    failed: dict[int, str] = field(default_factory=dict)  # node -> why it is out (named, by sender)
+    silent: list[int] = field(default_factory=list)  # survivors that did not answer the unmask
+    path: str = ""  # "fast" or "consistency"
+    reason: str | None = None  # why the whole round failed
 
 
 class SecureAggregation:
     """One run's secure aggregation, server side."""
 
-    def __init__(self, grid: Grid, run_config: dict, threshold: int, clip: float, timeout: float,
-                 progress: Progress) -> None:
+    def __init__(
+        self, grid: Grid, run_config: dict, threshold: int, clip: float, timeout: float, progress: Progress
+    ) -> None:
         self.grid, self.config, self.timeout, self.progress = grid, run_config, timeout, progress
         self.threshold = threshold
         self.quantizer = Quantizer(clip)
         self.server: SecAggServer | None = None
         self.participants: list[int] = []
 
-    def _query(self, node_payloads: dict[int, dict], message_type: str,
-               timeout: float | None = None) -> list[tuple[int, Message]]:
+    def _query(
+        self, node_payloads: dict[int, dict], message_type: str, timeout: float | None = None
+    ) -> list[tuple[int, Message]]:
         """Send each node its payload; (node, reply) pairs, a SuperLink's reply for a lost node attributed."""
         messages = []
         for node, payload in node_payloads.items():
@@ -99,7 +104,8 @@ class SecureAggregation:
                 f"({len(nodes)} hospital(s), threshold {t})",
                 "add hospitals, lower secagg-threshold (`fedcare simulate --secagg-threshold`, run-config "
                 "secagg-threshold), or turn secure aggregation off (`fedcare simulate --no-secure-aggregation`, "
-                "run-config secure-aggregation=false)")
+                "run-config secure-aggregation=false)",
+            )
         self.quantizer.check_capacity(len(nodes))
         self.server = SecAggServer(run_id, t, k, nodes, vector_length(arrays))
         advertise = {n: {"threshold": t, "neighbours": k, "nodes": list(nodes)} for n in nodes}
@@ -109,8 +115,9 @@ class SecureAggregation:
             except (SecAggError, KeyError) as exc:
                 self.progress(f"secure aggregation: {_name(msg, node)}'s keys refused ({_problem(exc)})")
         ads = self.server.advertisements()
-        for node, msg in self._ok(self._query({n: {"ads": ads} for n in ads}, protocol.SECAGG_SHARE_KEYS),
-                                  "key sharing"):
+        for node, msg in self._ok(
+            self._query({n: {"ads": ads} for n in ads}, protocol.SECAGG_SHARE_KEYS), "key sharing"
+        ):
             try:
                 self.server.add_setup(node, _payload(msg))
             except (SecAggError, KeyError) as exc:
@@ -125,7 +132,7 @@ class SecureAggregation:
         for node, msg in replies:
             refusal = None if msg.has_error() else wire.Refusal.from_content(msg.content)
             if msg.has_error() or refusal is not None:
-                why = msg.error.reason if msg.has_error() else refusal.reason
+                why = msg.error.reason if refusal is None else refusal.reason
                 self.progress(f"secure aggregation {stage}: {_name(msg, node)} dropped ({_first_line(why)})")
                 continue
             good.append((node, msg))
@@ -134,11 +141,18 @@ class SecureAggregation:
     def audit_summary(self, outcome: SecureRoundOutcome | None = None) -> dict:
         """What the audit log records about this round's secure aggregation."""
         assert self.server is not None
-        summary = {"threshold": self.server.threshold, "neighbours": self.server.neighbours,
-                   "survivors": sorted(outcome.survivors) if outcome else []}
+        summary = {
+            "threshold": self.server.threshold,
+            "neighbours": self.server.neighbours,
+            "survivors": sorted(outcome.survivors) if outcome else [],
+        }
         if outcome is not None:
-            summary |= {"path": outcome.path, "dropped": sorted(outcome.dropped),
-                        "silent": sorted(outcome.silent), "failed": {str(n): r for n, r in outcome.failed.items()}}
+            summary |= {
+                "path": outcome.path,
+                "dropped": sorted(outcome.dropped),
+                "silent": sorted(outcome.silent),
+                "failed": {str(n): r for n, r in outcome.failed.items()},
+            }
         return summary
 
     def attach_requests(self, rnd: int, messages: list[Message]) -> list[Message]:
@@ -159,8 +173,9 @@ class SecureAggregation:
                 kept.append(msg)
         return kept
 
-    def aggregate(self, rnd: int, replies: list[Message], arrays: ArrayRecord, failed: dict[str, str],
-                  names: dict[int, str]) -> tuple[list[Message], SecureRoundOutcome]:
+    def aggregate(
+        self, rnd: int, replies: list[Message], arrays: ArrayRecord, failed: dict[str, str], names: dict[int, str]
+    ) -> tuple[list[Message], SecureRoundOutcome]:
         """The round's replies reduced to one carrying only the weighted mean model and total weight.
 
         That one message goes to the Flower strategy's ``aggregate_train`` (FedAvg, FedProx and
@@ -172,17 +187,21 @@ class SecureAggregation:
             failed[names.get(node, f"node {node}")] = why
             self.progress(f"round {rnd}: {names.get(node, f'node {node}')} {why}")
         for node in outcome.silent:
-            self.progress(f"round {rnd}: {names.get(node, f'node {node}')} did not answer the unmask exchange "
-                          "(its update was still summed)")
+            self.progress(
+                f"round {rnd}: {names.get(node, f'node {node}')} did not answer the unmask exchange "
+                "(its update was still summed)"
+            )
         if outcome.mean_arrays is None:
             failed["secure aggregation"] = outcome.reason or "failed"
             self.progress(outcome.reason or f"round {rnd}: secure aggregation failed")
             return [], outcome
         carrier = next(m for m in replies if m.metadata.src_node_id in outcome.survivors)
-        carrier.content = RecordDict({
-            protocol.ARRAYS: outcome.mean_arrays,
-            protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: float(outcome.total_weight)}),
-        })
+        carrier.content = RecordDict(
+            {
+                protocol.ARRAYS: outcome.mean_arrays,
+                protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: float(outcome.total_weight)}),
+            }
+        )
         return [carrier], outcome
 
     def finish_round(self, rnd: int, replies: list[Message], arrays: ArrayRecord) -> SecureRoundOutcome:
@@ -241,7 +260,7 @@ class SecureAggregation:
             return
         try:
             self._query({n: {"end": True} for n in self.participants}, protocol.SECAGG_END, timeout=END_TIMEOUT_S)
-        except Exception as exc:  # noqa: BLE001 - best effort: nodes also expire abandoned keys themselves
+        except Exception as exc:  # best effort: nodes also expire abandoned keys themselves
             self.progress(f"secure aggregation: could not tell every hospital the run ended ({exc})")
 
 
@@ -251,7 +270,7 @@ def apply_delta(arrays: ArrayRecord, delta: np.ndarray) -> ArrayRecord:
     for name, array in arrays.items():
         current = array.numpy()
         size = current.size
-        out[name] = Array((current + delta[start:start + size].reshape(current.shape)).astype(current.dtype))
+        out[name] = Array((current + delta[start : start + size].reshape(current.shape)).astype(current.dtype))
         start += size
     return ArrayRecord(out)
 
@@ -268,8 +287,14 @@ def _sender(msg: Message, sent: list[Message]) -> int:
     """The node a reply stands for: Flower's SuperLink answers for a node it lost (an error from node 1)."""
     node = msg.metadata.src_node_id
     if node not in {m.metadata.dst_node_id for m in sent}:
-        node = next((m.metadata.dst_node_id for m in sent
-                     if m.metadata.message_id and m.metadata.message_id == msg.metadata.reply_to_message_id), node)
+        node = next(
+            (
+                m.metadata.dst_node_id
+                for m in sent
+                if m.metadata.message_id and m.metadata.message_id == msg.metadata.reply_to_message_id
+            ),
+            node,
+        )
     return node
 
 

@@ -20,10 +20,13 @@ def _log_progress(line: str) -> None:
     log(INFO, "[fedcare] %s", line)
 
 
-def make_server_app(settings: RunSettings | None = None, expected_hospitals: int | None = None,
-                    progress: Callable[[str], None] | None = None,
-                    on_result: Callable[[FederationResult, dict[str, Any]], None] | None = None,
-                    timeout: float = EXCHANGE_TIMEOUT) -> ServerApp:
+def make_server_app(
+    settings: RunSettings | None = None,
+    expected_hospitals: int | None = None,
+    progress: Callable[[str], None] | None = None,
+    on_result: Callable[[FederationResult, dict[str, Any]], None] | None = None,
+    timeout: float = EXCHANGE_TIMEOUT,
+) -> ServerApp:
     """The ServerApp. In-process simulations pass settings directly (their run config is empty)
     and a ``timeout`` per exchange that allows for their hospitals running in waves."""
     server_app = ServerApp()
@@ -44,8 +47,10 @@ def make_server_app(settings: RunSettings | None = None, expected_hospitals: int
             on_result(result, results)
         elif result.status != "completed":
             # a deployed run that did not do its planned rounds must not end as Flower's finished:completed
-            incomplete = FedcareError(f"the run is incomplete: {result.stopped_early}",
-                                      f"results.json in {s.output_dir} says which rounds were done and why")
+            incomplete = FedcareError(
+                f"the run is incomplete: {result.stopped_early}",
+                f"results.json in {s.output_dir} says which rounds were done and why",
+            )
             say(f"run failed: {incomplete.problem}")
             raise incomplete
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from fedcare.errors import FedcareError
@@ -14,7 +16,7 @@ def build_strategy(s: RunSettings) -> FedAvg:
     The round loop waits for all expected hospitals before the first round; after that a
     strategy must not block on a hospital that went away, hence ``min_available_nodes=1``.
     """
-    common = dict(
+    common: dict[str, Any] = dict(
         fraction_train=1.0,
         fraction_evaluate=1.0,
         min_train_nodes=1,

@@ -29,7 +29,7 @@ class BinarySummary:
     def n(self) -> int:
         return self.tp + self.fp + self.tn + self.fn
 
-    def __add__(self, other: "BinarySummary") -> "BinarySummary":
+    def __add__(self, other: BinarySummary) -> BinarySummary:
         return BinarySummary(
             self.tp + other.tp,
             self.fp + other.fp,

@@ -26,13 +26,14 @@ def resolve_model(name: str, task: str) -> str:
         raise FedcareError(f"unknown model '{name}'", f"choose one of: auto, {', '.join(sorted(MODEL_TASKS))}")
     if MODEL_TASKS[name] != task:
         fits = sorted(m for m, t in MODEL_TASKS.items() if t == task)
-        raise FedcareError(f"model '{name}' trains on {MODEL_TASKS[name]} data, but this dataset is {task} data",
-                           f"use model {' or '.join(['auto', *fits])} (`fedcare simulate --model`, "
-                           "or run-config model)")
+        raise FedcareError(
+            f"model '{name}' trains on {MODEL_TASKS[name]} data, but this dataset is {task} data",
+            f"use model {' or '.join(['auto', *fits])} (`fedcare simulate --model`, or run-config model)",
+        )
     return name
 
 
-def build_model(name: str, input_shape: int | Sequence[int], hidden_units: int = 32) -> "nn.Module":
+def build_model(name: str, input_shape: int | Sequence[int], hidden_units: int = 32) -> nn.Module:
     """A freshly initialised model (seed torch first for reproducible weights).
 
     ``hidden_units`` sets the MLP's width (the other models have a fixed size).
@@ -58,5 +59,7 @@ def build_model(name: str, input_shape: int | Sequence[int], hidden_units: int =
 
 def _expect(name: str, shape: tuple[int, ...], rank: int, what: str) -> None:
     if len(shape) != rank:
-        raise FedcareError(f"model '{name}' needs inputs shaped {what}, got {shape}",
-                           "pick the model that matches the dataset (or --model auto)")
+        raise FedcareError(
+            f"model '{name}' needs inputs shaped {what}, got {shape}",
+            "pick the model that matches the dataset (or --model auto)",
+        )

@@ -38,12 +38,11 @@ class SequenceGRU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.n_features + 1:
-            raise ValueError(f"SequenceGRU expects (batch, steps, {self.n_features} + 1 mask), "
-                             f"got {tuple(x.shape)}")
-        real = x[..., -1:] > 0.5                                  # (B, T, 1)
+            raise ValueError(f"SequenceGRU expects (batch, steps, {self.n_features} + 1 mask), got {tuple(x.shape)}")
+        real = x[..., -1:] > 0.5  # (B, T, 1)
         steps = torch.where(real, x[..., :-1], torch.zeros((), dtype=x.dtype, device=x.device))
         gate = real.to(x.dtype)
-        gates_x = self.cell.ih(steps)                                 # (B, T, 3H), all steps at once
+        gates_x = self.cell.ih(steps)  # (B, T, 3H), all steps at once
         h = x.new_zeros(x.shape[0], self.hidden)
         # unbind, not gates_x[:, t]: backward then stacks the T step gradients once instead of
         # writing each into its own zero-filled (B, T, 3H) tensor and adding those up
@@ -60,14 +59,14 @@ class GRUGates(nn.Module):
         self.hidden = hidden
         self.ih = nn.Linear(n_features, 3 * hidden)
         self.hh = nn.Linear(hidden, 3 * hidden)
-        bound = hidden ** -0.5
+        bound = hidden**-0.5
         for p in self.parameters():
             nn.init.uniform_(p, -bound, bound)
 
     def step(self, gates_x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """h_t from the input map's output for this step and h_{t-1} (order r, z, n as in PyTorch)."""
         gates_h = self.hh(h)
-        rz = torch.sigmoid(gates_x[:, :2 * self.hidden] + gates_h[:, :2 * self.hidden])
-        r, z = rz[:, :self.hidden], rz[:, self.hidden:]
-        n = torch.tanh(gates_x[:, 2 * self.hidden:] + r * gates_h[:, 2 * self.hidden:])
+        rz = torch.sigmoid(gates_x[:, : 2 * self.hidden] + gates_h[:, : 2 * self.hidden])
+        r, z = rz[:, : self.hidden], rz[:, self.hidden :]
+        n = torch.tanh(gates_x[:, 2 * self.hidden :] + r * gates_h[:, 2 * self.hidden :])
         return n + z * (h - n)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ def pack_arrays(arrays: ArrayRecord) -> ConfigRecord:
     object however many parameters the model has; a model shared by all nodes of an exchange stays
     one stored object, since objects are addressed by their content.
     """
-    packed: dict[str, bytes] = {}
+    packed: dict[str, Any] = {}
     for name, array in arrays.items():
         buffer = io.BytesIO()
         np.save(buffer, array.numpy(), allow_pickle=False)
@@ -76,16 +77,12 @@ def load_arrays(model: nn.Module, arrays: ArrayRecord | dict[str, np.ndarray]) -
     missing = sorted(set(params) - set(values))
     extra = sorted(set(values) - set(params))
     if missing or extra:
-        raise ValueError(
-            f"weights do not match the model: missing {missing or 'none'}, unexpected {extra or 'none'}"
-        )
+        raise ValueError(f"weights do not match the model: missing {missing or 'none'}, unexpected {extra or 'none'}")
     with torch.no_grad():
         for name, param in params.items():
             value = torch.as_tensor(values[name], dtype=param.dtype)
             if value.shape != param.shape:
-                raise ValueError(
-                    f"weight '{name}' has shape {tuple(value.shape)}, model expects {tuple(param.shape)}"
-                )
+                raise ValueError(f"weight '{name}' has shape {tuple(value.shape)}, model expects {tuple(param.shape)}")
             param.copy_(value)
 
 

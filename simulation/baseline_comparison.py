@@ -9,9 +9,13 @@ from client.datasets import HospitalData
 from fedcare.run_config import RunSettings
 
 
-def compare_with_local(hospitals: list[HospitalData], results: dict[str, Any], s: RunSettings,
-                       local_baseline: bool, pooled_baseline: bool = False
-                       ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def compare_with_local(
+    hospitals: list[HospitalData],
+    results: dict[str, Any],
+    s: RunSettings,
+    local_baseline: bool,
+    pooled_baseline: bool = False,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows of the final table: the federated run's figures beside each hospital's local-only model
     and (``pooled_baseline``) a model trained on all hospitals' rows pooled in one place."""
     from simulation.local_baseline import local_only
@@ -21,9 +25,14 @@ def compare_with_local(hospitals: list[HospitalData], results: dict[str, Any], s
 
     rows, local_summaries = [], []
     for h in hospitals:
-        row = {"name": h.name, "train_n": len(h.y_train), "test_n": len(h.y_test),
-               "fed": results["final"].get(h.name), "personalised": results.get("personalised", {}).get(h.name),
-               "epsilon": (results["hospitals"].get(h.name) or {}).get("epsilon")}
+        row = {
+            "name": h.name,
+            "train_n": len(h.y_train),
+            "test_n": len(h.y_test),
+            "fed": results["final"].get(h.name),
+            "personalised": results.get("personalised", {}).get(h.name),
+            "epsilon": (results["hospitals"].get(h.name) or {}).get("epsilon"),
+        }
         if local_baseline:
             summary = local_only(h, s)
             local_summaries.append(summary)
@@ -31,9 +40,14 @@ def compare_with_local(hospitals: list[HospitalData], results: dict[str, Any], s
         if h.name in central:
             row["central"] = central[h.name].metrics()
         rows.append(row)
-    pooled = {"name": "pooled", "train_n": sum(r["train_n"] for r in rows), "test_n": sum(r["test_n"] for r in rows),
-              "fed": results["final"].get("pooled"), "personalised": results.get("personalised", {}).get("pooled"),
-              "epsilon": max((r["epsilon"] for r in rows if r["epsilon"] is not None), default=None)}
+    pooled = {
+        "name": "pooled",
+        "train_n": sum(r["train_n"] for r in rows),
+        "test_n": sum(r["test_n"] for r in rows),
+        "fed": results["final"].get("pooled"),
+        "personalised": results.get("personalised", {}).get("pooled"),
+        "epsilon": max((r["epsilon"] for r in rows if r["epsilon"] is not None), default=None),
+    }
     if local_summaries:
         pooled["local"] = sum(local_summaries[1:], local_summaries[0]).metrics()
     if central:

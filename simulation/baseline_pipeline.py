@@ -10,6 +10,8 @@ release anything, so they need none, and the comparison is federation against is
 
 from __future__ import annotations
 
+from typing import cast
+
 from client.datasets import HospitalData
 from client.feature_stats import local_sums
 from server.feature_statistics import HospitalSums, pooled_normalisation
@@ -23,6 +25,13 @@ def federation_normalisation(hospitals: list[HospitalData]) -> tuple[list[float]
     replies = []
     for h in hospitals:
         v = local_sums(h.per_patient_numeric(h.x_train), bounds, None, None)
-        replies.append(HospitalSums(float(len(h.y_train)), v["sum"], v["second"], v["observed"]))
+        replies.append(
+            HospitalSums(
+                float(len(h.y_train)),
+                cast(list[float], v["sum"]),
+                cast(list[float], v["second"]),
+                cast(list[float], v["observed"]),
+            )
+        )
     norm = pooled_normalisation(list(first.numeric_features), bounds, replies)
     return norm.mean, norm.std

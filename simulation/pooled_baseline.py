@@ -14,8 +14,8 @@ import torch
 
 from client.datasets import HospitalData
 from client.dp_trainer import DPSettings, evaluate, steps_per_epoch, train
-from client.secret_randomness import SecretRandom
 from client.privacy_ledger import calibrate_noise
+from client.secret_randomness import SecretRandom
 from fedcare.run_config import RunSettings
 from shared_models.classification_metrics import BinarySummary
 from shared_models.registry import build_model, resolve_model
@@ -32,12 +32,20 @@ def pooled_training(hospitals: list[HospitalData], s: RunSettings) -> dict[str, 
     dp = None
     if s.dp:
         steps = steps_per_epoch(len(y), s.batch_size)
-        dp = DPSettings(calibrate_noise([], (1.0 / steps, steps * epochs), s.delta, s.target_epsilon),
-                        s.max_grad_norm)
+        dp = DPSettings(calibrate_noise([], (1.0 / steps, steps * epochs), s.delta, s.target_epsilon), s.max_grad_norm)
     torch.manual_seed(s.seed)
     model = build_model(resolve_model(s.model, first.task), first.input_shape, s.hidden_units)
-    train(model, first.prepared(x, mean, std), y, epochs=epochs, batch_size=s.batch_size, lr=s.learning_rate,
-          weight_decay=s.weight_decay, dp=dp, rng=SecretRandom.reproducible(s.seed))
+    train(
+        model,
+        first.prepared(x, mean, std),
+        y,
+        epochs=epochs,
+        batch_size=s.batch_size,
+        lr=s.learning_rate,
+        weight_decay=s.weight_decay,
+        dp=dp,
+        rng=SecretRandom.reproducible(s.seed),
+    )
     out = {h.name: evaluate(model, h.prepared(h.x_test, mean, std), h.y_test) for h in hospitals}
     out["pooled"] = sum(list(out.values())[1:], next(iter(out.values())))
     return out

@@ -57,15 +57,45 @@ def backend_config(num_hospitals: int, max_workers: int | None = None) -> dict[s
     gpus = 1.0 / workers if torch.cuda.is_available() else 0.0
     return {
         "client_resources": {"num_cpus": 1, "num_gpus": gpus},
-        "init_args": {"num_cpus": workers, "include_dashboard": False, "log_to_driver": False,
-                      "logging_level": logging.ERROR},
+        "init_args": {
+            "num_cpus": workers,
+            "include_dashboard": False,
+            "log_to_driver": False,
+            "logging_level": logging.ERROR,
+        },
     }
 
 
-def run(s: RunSettings, *, ledger_dir: str | Path, epsilon_budget: float | None = None,
-        progress: Callable[[str], None] = print, verbose: bool = False,
-        max_workers: int | None = None, policy: NodePolicy | None = None,
-        reproducible_noise: bool = False) -> SimulationOutcome:
+def _node_defaults(
+    s: RunSettings, ledger_dir: str | Path, policy: NodePolicy, reproducible_noise: bool
+) -> dict[str, Any]:
+    """The node config every simulated hospital starts from: its ledgers, its policy, its data."""
+    from client.client_app import REPRODUCIBLE_NOISE, SIMULATED_CONSORTIUM
+
+    # the simulated hospitals' identity keys derive from a secret kept with their state, never the ServerApp's
+    node_defaults: dict[str, Any] = {
+        "ledger-dir": str(ledger_dir),
+        **policy.to_node_config(),
+        SIMULATED_CONSORTIUM: str(Path(ledger_dir) / "consortium"),
+    }
+    if s.data_root:
+        node_defaults |= {"data-root": s.data_root, "cache-dir": str(Path(s.data_root) / ".fedcare-cache")}
+    if reproducible_noise:
+        node_defaults[REPRODUCIBLE_NOISE] = s.seed
+    return node_defaults
+
+
+def run(
+    s: RunSettings,
+    *,
+    ledger_dir: str | Path,
+    epsilon_budget: float | None = None,
+    progress: Callable[[str], None] = print,
+    verbose: bool = False,
+    max_workers: int | None = None,
+    policy: NodePolicy | None = None,
+    reproducible_noise: bool = False,
+) -> SimulationOutcome:
     """Run one federated simulation; returns the results written to ``s.output_dir``.
 
     Every simulated hospital applies ``policy`` (default: ``simulated_policy(s, epsilon_budget)``).
@@ -79,32 +109,29 @@ def run(s: RunSettings, *, ledger_dir: str | Path, epsilon_budget: float | None 
 
     from client.client_app import make_client_app
     from server.server_app import make_server_app
-
-    from client.client_app import REPRODUCIBLE_NOISE, SIMULATED_CONSORTIUM
     from simulation.hospital_policy import simulated_policy
 
     policy = policy or simulated_policy(s, epsilon_budget)
-    # the simulated hospitals' identity keys derive from a secret kept with their state, never the ServerApp's
-    node_defaults: dict[str, Any] = {"ledger-dir": str(ledger_dir), **policy.to_node_config(),
-                                     SIMULATED_CONSORTIUM: str(Path(ledger_dir) / "consortium")}
-    if s.data_root:
-        node_defaults |= {"data-root": s.data_root, "cache-dir": str(Path(s.data_root) / ".fedcare-cache")}
-    if reproducible_noise:
-        node_defaults[REPRODUCIBLE_NOISE] = s.seed
+    node_defaults = _node_defaults(s, ledger_dir, policy, reproducible_noise)
     captured: dict[str, Any] = {}
 
     def keep(federation: Any, results: dict[str, Any]) -> None:
         captured.update(federation=federation, results=results)
 
     workers = parallel_workers(s.hospitals, max_workers)
-    server_app = make_server_app(s, s.hospitals, progress, on_result=keep,
-                                 timeout=exchange_timeout(s.hospitals, workers))
+    server_app = make_server_app(
+        s, s.hospitals, progress, on_result=keep, timeout=exchange_timeout(s.hospitals, workers)
+    )
     client_app = make_client_app(node_defaults)
     if not verbose:
         FLOWER_LOGGER.setLevel(logging.ERROR)
     try:
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=s.hospitals,
-                       backend_config=backend_config(s.hospitals, workers))
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=s.hospitals,
+            backend_config=backend_config(s.hospitals, workers),
+        )
     except FedcareError:
         raise
     except Exception as exc:  # the ServerApp's own error was already reported by progress()

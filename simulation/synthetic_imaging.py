@@ -23,9 +23,10 @@ import csv
 import json
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -152,42 +153,121 @@ def read_labels(hospital: HospitalFolder) -> list[tuple[Path, int]]:
 
 
 def _scanner(
-    name: str, modality: str, rows: int, columns: int, fov_mm: float, photometric: str, signed: bool,
-    bits_stored: int, slope: float, intercept: float, gain: float, offset: float, noise: float,
+    name: str,
+    modality: str,
+    rows: int,
+    columns: int,
+    fov_mm: float,
+    photometric: str,
+    signed: bool,
+    bits_stored: int,
+    slope: float,
+    intercept: float,
+    gain: float,
+    offset: float,
+    noise: float,
     blur_px: float,
 ) -> Scanner:
     # Window over densities 0.35..1.15: the body (~0.75) sits mid-grey, lesions and other
     # dense structures stay below white, air is clipped to black.
     low, high = offset + gain * 0.35, offset + gain * 1.15
     return Scanner(
-        name=name, modality=modality, rows=rows, columns=columns,
-        pixel_spacing_mm=round(fov_mm / max(rows, columns), 4), photometric=photometric,
-        signed=signed, bits_stored=bits_stored, rescale_slope=slope, rescale_intercept=intercept,
-        rescale_type="HU" if modality == "CT" else "US", gain=gain, offset=offset, noise=noise,
-        blur_px=blur_px, window_center=round((low + high) / 2, 1), window_width=round(abs(high - low), 1),
+        name=name,
+        modality=modality,
+        rows=rows,
+        columns=columns,
+        pixel_spacing_mm=round(fov_mm / max(rows, columns), 4),
+        photometric=photometric,
+        signed=signed,
+        bits_stored=bits_stored,
+        rescale_slope=slope,
+        rescale_intercept=intercept,
+        rescale_type="HU" if modality == "CT" else "US",
+        gain=gain,
+        offset=offset,
+        noise=noise,
+        blur_px=blur_px,
+        window_center=round((low + high) / 2, 1),
+        window_width=round(abs(high - low), 1),
     )
 
 
 _BASE_SCANNERS = (
     # CT in Hounsfield units, stored unsigned 12-bit with the usual -1024 intercept.
-    _scanner("scanner-A", "CT", 64, 64, 350.0, "MONOCHROME2", False, 12, 1.0, -1024.0,
-             gain=1250.0, offset=-1000.0, noise=0.03, blur_px=0.5),
+    _scanner(
+        "scanner-A",
+        "CT",
+        64,
+        64,
+        350.0,
+        "MONOCHROME2",
+        False,
+        12,
+        1.0,
+        -1024.0,
+        gain=1250.0,
+        offset=-1000.0,
+        noise=0.03,
+        blur_px=0.5,
+    ),
     # CT stored signed 16-bit directly in HU (intercept 0), finer resolution, noisier.
-    _scanner("scanner-B", "CT", 96, 96, 330.0, "MONOCHROME2", True, 16, 1.0, 0.0,
-             gain=1250.0, offset=-1000.0, noise=0.05, blur_px=0.8),
+    _scanner(
+        "scanner-B",
+        "CT",
+        96,
+        96,
+        330.0,
+        "MONOCHROME2",
+        True,
+        16,
+        1.0,
+        0.0,
+        gain=1250.0,
+        offset=-1000.0,
+        noise=0.05,
+        blur_px=0.8,
+    ),
     # Radiograph-like, MONOCHROME1: dense tissue stored as LOW values; slope 0.9.
-    _scanner("scanner-C", "CR", 128, 128, 360.0, "MONOCHROME1", False, 12, 0.9, 0.0,
-             gain=-2000.0, offset=3400.0, noise=0.04, blur_px=1.0),
+    _scanner(
+        "scanner-C",
+        "CR",
+        128,
+        128,
+        360.0,
+        "MONOCHROME1",
+        False,
+        12,
+        0.9,
+        0.0,
+        gain=-2000.0,
+        offset=3400.0,
+        noise=0.04,
+        blur_px=1.0,
+    ),
     # Non-square MR-like arbitrary units, coarse quantisation (slope 2.5, intercept -100).
-    _scanner("scanner-D", "MR", 80, 100, 340.0, "MONOCHROME2", False, 16, 2.5, -100.0,
-             gain=900.0, offset=40.0, noise=0.06, blur_px=0.7),
+    _scanner(
+        "scanner-D",
+        "MR",
+        80,
+        100,
+        340.0,
+        "MONOCHROME2",
+        False,
+        16,
+        2.5,
+        -100.0,
+        gain=900.0,
+        offset=40.0,
+        noise=0.06,
+        blur_px=0.7,
+    ),
 )
 
 
 def _replace(scanner: Scanner, **changes: object) -> Scanner:
     fields = asdict(scanner)
     fields.update(changes)
-    return Scanner(**fields)  # type: ignore[arg-type]
+    return Scanner(**fields)
 
 
 # --------------------------------------------------------------------------- images
@@ -218,7 +298,7 @@ class _Grid:
         self.spacing = spacing
 
     def ellipse(
-        self, cx: float, cy: float, a: float, b: float, theta: float, edge_mm: float
+        self, cx: float, cy: float, a: float, b: float, theta: float, *, edge_mm: float
     ) -> tuple[tuple[slice, slice], np.ndarray]:
         """A soft elliptical mask in [0, 1] on the bounding box where it is not ~0."""
         reach = max(a, b) + 10.0 * edge_mm
@@ -245,6 +325,41 @@ class _Grid:
         return slice(start, max(start, int(np.searchsorted(axis, centre + reach))))
 
 
+def _add_structures(
+    rng: np.random.Generator, grid: _Grid, tissue: np.ndarray, inside: Callable[[float], tuple[float, float]]
+) -> None:
+    """Organs and lesion look-alikes, added into ``tissue`` at points ``inside`` gives."""
+    # Darker organs (fat / air-filled structures), present in every image.
+    for _ in range(rng.integers(1, 3)):
+        cx, cy = inside(0.6)
+        a = rng.uniform(18.0, 40.0)
+        grid.add(
+            tissue, -rng.uniform(0.08, 0.2), cx, cy, a, a * rng.uniform(0.5, 1.0), rng.uniform(0, np.pi), edge_mm=4.0
+        )
+    # Look-alikes in both classes: thin bright vessels, tiny bright calcifications (as bright
+    # as lesions, but a few mm), faint large masses. What tells a lesion apart is size + shape.
+    for _ in range(rng.integers(1, 4)):
+        cx, cy = inside(0.8)
+        grid.add(
+            tissue,
+            rng.uniform(0.08, 0.25),
+            cx,
+            cy,
+            rng.uniform(15.0, 35.0),
+            rng.uniform(1.5, 3.0),
+            rng.uniform(0, np.pi),
+            edge_mm=1.0,
+        )
+    for _ in range(rng.integers(0, 3)):
+        cx, cy = inside(0.85)
+        r = rng.uniform(1.5, 2.5)
+        grid.add(tissue, rng.uniform(0.2, 0.4), cx, cy, r, r, 0.0, edge_mm=0.7)
+    for _ in range(rng.integers(0, 3)):
+        cx, cy = inside(0.7)
+        r = rng.uniform(20.0, 40.0)
+        grid.add(tissue, rng.uniform(0.04, 0.1), cx, cy, r, r * rng.uniform(0.7, 1.0), 0.0, edge_mm=8.0)
+
+
 def _density(rng: np.random.Generator, scanner: Scanner, lesion: bool) -> np.ndarray:
     """Tissue density (air 0, soft tissue ~0.75, dense findings up to ~1.2) on the scanner grid."""
     rows, cols, spacing = scanner.rows, scanner.columns, scanner.pixel_spacing_mm
@@ -269,32 +384,14 @@ def _density(rng: np.random.Generator, scanner: Scanner, lesion: bool) -> np.nda
         c, s = np.cos(btheta), np.sin(btheta)
         return bx + u * c - v * s, by + u * s + v * c
 
-    # Darker organs (fat / air-filled structures), present in every image.
-    for _ in range(rng.integers(1, 3)):
-        cx, cy = inside(0.6)
-        a = rng.uniform(18.0, 40.0)
-        grid.add(tissue, -rng.uniform(0.08, 0.2), cx, cy, a, a * rng.uniform(0.5, 1.0), rng.uniform(0, np.pi),
-                 edge_mm=4.0)
-    # Look-alikes in both classes: thin bright vessels, tiny bright calcifications (as bright
-    # as lesions, but a few mm), faint large masses. What tells a lesion apart is size + shape.
-    for _ in range(rng.integers(1, 4)):
-        cx, cy = inside(0.8)
-        grid.add(tissue, rng.uniform(0.08, 0.25), cx, cy, rng.uniform(15.0, 35.0), rng.uniform(1.5, 3.0),
-                 rng.uniform(0, np.pi), edge_mm=1.0)
-    for _ in range(rng.integers(0, 3)):
-        cx, cy = inside(0.85)
-        r = rng.uniform(1.5, 2.5)
-        grid.add(tissue, rng.uniform(0.2, 0.4), cx, cy, r, r, 0.0, edge_mm=0.7)
-    for _ in range(rng.integers(0, 3)):
-        cx, cy = inside(0.7)
-        r = rng.uniform(20.0, 40.0)
-        grid.add(tissue, rng.uniform(0.04, 0.1), cx, cy, r, r * rng.uniform(0.7, 1.0), 0.0, edge_mm=8.0)
+    _add_structures(rng, grid, tissue, inside)
 
     if lesion:  # a round-to-oval bright mass, 24-44 mm across, of varying contrast
         cx, cy = inside(0.75)
         r = rng.uniform(12.0, 22.0)
-        grid.add(tissue, rng.uniform(0.14, 0.45), cx, cy, r, r / rng.uniform(1.0, 1.4), rng.uniform(0, np.pi),
-                 edge_mm=1.5)
+        grid.add(
+            tissue, rng.uniform(0.14, 0.45), cx, cy, r, r / rng.uniform(1.0, 1.4), rng.uniform(0, np.pi), edge_mm=1.5
+        )
 
     density = body * tissue
     return np.clip(_blur(density, scanner.blur_px), 0.0, None)
@@ -348,8 +445,15 @@ def _set_deidentified_header(ds: Dataset, scanner: Scanner, is_ct: bool, sop_cla
     # Type-2 identifying attributes are present but EMPTY (PS3.15 basic profile: Z);
     # names, IDs, dates, times, institutions and private tags are never written.
     for keyword in (
-        "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-        "ReferringPhysicianName", "StudyID", "AccessionNumber",
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyDate",
+        "StudyTime",
+        "ReferringPhysicianName",
+        "StudyID",
+        "AccessionNumber",
     ):
         setattr(ds, keyword, "")
     ds.PatientIdentityRemoved = "YES"
@@ -463,18 +567,29 @@ def _write_all(root: Path, params: dict, counts: list[int], seed: int) -> list[H
     manifest_path.unlink(missing_ok=True)  # the old set, if any, is no longer complete
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
     try:
-        entries = []
+        entries: list[dict[str, Any]] = []
         for index, n_images in enumerate(counts):
             scanner, positives = _write_hospital(staging / f"hospital-{index}", index, n_images, seed)
-            entries.append({"name": f"hospital-{index}", "n_images": n_images, "n_positive": positives,
-                            "prevalence": prevalence_for(index), "scanner": asdict(scanner)})
+            entries.append(
+                {
+                    "name": f"hospital-{index}",
+                    "n_images": n_images,
+                    "n_positive": positives,
+                    "prevalence": prevalence_for(index),
+                    "scanner": asdict(scanner),
+                }
+            )
         _remove_previous(root)
         for entry in entries:
             (staging / entry["name"]).rename(root / entry["name"])
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    manifest = {"generator": "fedcare.synthetic_imaging", "version": GENERATOR_VERSION,
-                "params": params, "hospitals": entries}
+    manifest = {
+        "generator": "fedcare.synthetic_imaging",
+        "version": GENERATOR_VERSION,
+        "params": params,
+        "hospitals": entries,
+    }
     replace_file(manifest_path, json.dumps(manifest, indent=2), mode=SHARED)
     return [_hospital(root, entry) for entry in entries]
 
@@ -512,7 +627,11 @@ def _reuse(root: Path, params: dict) -> list[HospitalFolder] | None:
 def _hospital(root: Path, entry: dict) -> HospitalFolder:
     folder = root / entry["name"]
     return HospitalFolder(
-        name=entry["name"], folder=folder, labels_csv=folder / "labels.csv",
-        scanner=Scanner(**entry["scanner"]), n_images=int(entry["n_images"]),
-        n_positive=int(entry["n_positive"]), prevalence=float(entry["prevalence"]),
+        name=entry["name"],
+        folder=folder,
+        labels_csv=folder / "labels.csv",
+        scanner=Scanner(**entry["scanner"]),
+        n_images=int(entry["n_images"]),
+        n_positive=int(entry["n_positive"]),
+        prevalence=float(entry["prevalence"]),
     )

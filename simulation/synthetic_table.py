@@ -30,9 +30,9 @@ if TYPE_CHECKING:
 GENERATOR_VERSION = 1
 MANIFEST_NAME = "synthetic-table.json"
 _MARKER_NAME = ".written-by-fedcare-synthetic-table"
-DEFAULT_ROWS_PER_HOSPITAL = 100   # 70 train rows after the 30 % test split: above the default batch (30)
-MIN_ROWS_PER_HOSPITAL = 10        # fewer leaves a test split of 2 or less
-MAX_HOSPITALS = 4096              # secure aggregation's 2^64 ring sums at most this many nodes
+DEFAULT_ROWS_PER_HOSPITAL = 100  # 70 train rows after the 30 % test split: above the default batch (30)
+MIN_ROWS_PER_HOSPITAL = 10  # fewer leaves a test split of 2 or less
+MAX_HOSPITALS = 4096  # secure aggregation's 2^64 ring sums at most this many nodes
 
 # name -> (unit, public plausible range, population mean, sd, weight in the risk score)
 NUMERIC = {
@@ -47,8 +47,15 @@ MALE_WEIGHT = 0.5
 
 def schema_text() -> str:
     """The federation's shared schema (no patient data: public ranges only)."""
-    lines = ["# fedcare synthetic-table: generated patients for scale runs (no clinical meaning)", "",
-             "[table]", 'id = "patient_id"', 'label = "event"', "test-fraction = 0.3", ""]
+    lines = [
+        "# fedcare synthetic-table: generated patients for scale runs (no clinical meaning)",
+        "",
+        "[table]",
+        'id = "patient_id"',
+        'label = "event"',
+        "test-fraction = 0.3",
+        "",
+    ]
     for name, (unit, (lo, hi), *_rest) in NUMERIC.items():
         lines += [f"[numeric.{name}]", f'unit = "{unit}"', f"range = [{lo}, {hi}]", ""]
     lines += ["[categorical.sex]", 'levels = ["F", "M"]', ""]
@@ -60,8 +67,8 @@ def hospital_rows(index: int, rows: int, seed: int) -> pd.DataFrame:
     import pandas as pd
 
     rng = np.random.default_rng([seed, index])
-    shift = rng.normal(0.0, 0.4, size=len(NUMERIC))       # case mix, in population sds
-    baseline = rng.normal(-0.3, 0.3)                       # hospital's baseline log-odds
+    shift = rng.normal(0.0, 0.4, size=len(NUMERIC))  # case mix, in population sds
+    baseline = rng.normal(-0.3, 0.3)  # hospital's baseline log-odds
     columns, score = {}, np.full(rows, baseline)
     for (name, (_unit, (lo, hi), mean, sd, weight)), s in zip(NUMERIC.items(), shift):
         z = rng.normal(s, 1.0, size=rows)
@@ -74,8 +81,9 @@ def hospital_rows(index: int, rows: int, seed: int) -> pd.DataFrame:
     return pd.DataFrame({"patient_id": ids, **columns, "sex": np.where(male, "M", "F"), "event": event})
 
 
-def write_table_hospitals(root: Path, n_hospitals: int, rows_per_hospital: int = DEFAULT_ROWS_PER_HOSPITAL,
-                          seed: int = 0) -> list[Path]:
+def write_table_hospitals(
+    root: Path, n_hospitals: int, rows_per_hospital: int = DEFAULT_ROWS_PER_HOSPITAL, seed: int = 0
+) -> list[Path]:
     """Write (or reuse) ``root/hospital-<i>`` (table.csv + schema.toml) for ``n_hospitals`` hospitals.
 
     Folders a previous call wrote with other settings are replaced; anything else named
@@ -83,8 +91,10 @@ def write_table_hospitals(root: Path, n_hospitals: int, rows_per_hospital: int =
     never overwritten.
     """
     if isinstance(n_hospitals, bool) or not isinstance(n_hospitals, int) or not 1 <= n_hospitals <= MAX_HOSPITALS:
-        raise FedcareError(f"synthetic-table supports 1 to {MAX_HOSPITALS} hospitals, got {n_hospitals!r}",
-                           f"pass --hospitals between 1 and {MAX_HOSPITALS}")
+        raise FedcareError(
+            f"synthetic-table supports 1 to {MAX_HOSPITALS} hospitals, got {n_hospitals!r}",
+            f"pass --hospitals between 1 and {MAX_HOSPITALS}",
+        )
     if rows_per_hospital < MIN_ROWS_PER_HOSPITAL:
         raise FedcareError(f"rows per hospital must be >= {MIN_ROWS_PER_HOSPITAL}, got {rows_per_hospital}")
     root = Path(root)
@@ -97,14 +107,18 @@ def write_table_hospitals(root: Path, n_hospitals: int, rows_per_hospital: int =
             old = json.loads(manifest.read_text())
         except (OSError, ValueError):
             old = None
-        if (old == {"version": GENERATOR_VERSION, "params": params}
-                and sorted(root.glob("hospital-*")) == sorted(folders)
-                and all((f / "table.csv").is_file() for f in folders)):
+        if (
+            old == {"version": GENERATOR_VERSION, "params": params}
+            and sorted(root.glob("hospital-*")) == sorted(folders)
+            and all((f / "table.csv").is_file() for f in folders)
+        ):
             return folders
         for folder in sorted(root.glob("hospital-*")):
             if not (folder / _MARKER_NAME).is_file():
-                raise FedcareError(f"{folder} exists and was not written by the synthetic-table generator",
-                                   "point the generator at an empty or dedicated folder")
+                raise FedcareError(
+                    f"{folder} exists and was not written by the synthetic-table generator",
+                    "point the generator at an empty or dedicated folder",
+                )
         manifest.unlink(missing_ok=True)
         for folder in sorted(root.glob("hospital-*")):
             shutil.rmtree(folder)

@@ -60,13 +60,12 @@ def test_a_shared_file_gets_the_mode_open_would_give_it(tmp_path: Path, umask) -
     assert _mode(target) == 0o664
 
 
-def test_a_crash_before_the_rename_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Path,
-                                                                             monkeypatch) -> None:
+def test_a_crash_before_the_rename_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Path, monkeypatch) -> None:
     target = tmp_path / "ledger.json"
     target.write_text("old, whole")
 
     def crash(src, dst):
-        assert Path(src).read_text() == "new"   # the temporary was complete when the "crash" came
+        assert Path(src).read_text() == "new"  # the temporary was complete when the "crash" came
         raise OSError("simulated crash")
 
     monkeypatch.setattr(atomic_files.os, "replace", crash)
@@ -93,8 +92,11 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Pat
 def test_the_file_is_fsynced_and_the_folder_only_when_asked(tmp_path: Path, monkeypatch) -> None:
     synced: list[str] = []
     real = os.fsync
-    monkeypatch.setattr(atomic_files.os, "fsync",
-                        lambda fd: (synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"), real(fd)))
+    monkeypatch.setattr(
+        atomic_files.os,
+        "fsync",
+        lambda fd: (synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"), real(fd)),
+    )
     replace_file(tmp_path / "a", b"1")
     assert synced == ["file"]
     synced.clear()
@@ -105,9 +107,13 @@ def test_the_file_is_fsynced_and_the_folder_only_when_asked(tmp_path: Path, monk
 # Writers that replace a file by hand (a temporary + rename) instead of calling replace_file. The
 # checkpoint swaps a whole folder (server/checkpoint.py), which a file helper cannot do.
 _HAND_WRITTEN = re.compile(r"\bos\.replace\(|\bmkstemp\(|\bNamedTemporaryFile\(|\.rename\(")
-_ALLOWED = {"fedcare/atomic_files.py", "server/checkpoint.py",
-            # moving finished hospital folders out of a staging folder, not replacing a file
-            "simulation/pbc2.py:rename", "simulation/synthetic_imaging.py:rename"}
+_ALLOWED = {
+    "fedcare/atomic_files.py",
+    "server/checkpoint.py",
+    # moving finished hospital folders out of a staging folder, not replacing a file
+    "simulation/pbc2.py:rename",
+    "simulation/synthetic_imaging.py:rename",
+}
 
 
 def test_product_code_replaces_files_only_through_the_helper() -> None:
@@ -117,6 +123,10 @@ def test_product_code_replaces_files_only_through_the_helper() -> None:
             name = path.relative_to(ROOT).as_posix()
             for number, line in enumerate(path.read_text().splitlines(), 1):
                 match = _HAND_WRITTEN.search(line)
-                if match and name not in _ALLOWED and not (match.group(0) == ".rename(" and f"{name}:rename" in _ALLOWED):
+                if (
+                    match
+                    and name not in _ALLOWED
+                    and not (match.group(0) == ".rename(" and f"{name}:rename" in _ALLOWED)
+                ):
                     offenders.append(f"{name}:{number}: {line.strip()}")
     assert not offenders, "replace files with fedcare.atomic_files.replace_file:\n" + "\n".join(offenders)

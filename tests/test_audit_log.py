@@ -13,8 +13,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from audit.audit_log import (GENESIS, AuditLog, AuditLogError, DPParams, ReleaseRecord, SecAggInfo,
-                             canonical_json, code_digest, digest_arrays, line_hash)
+from audit.audit_log import (
+    GENESIS,
+    AuditLog,
+    AuditLogError,
+    DPParams,
+    ReleaseRecord,
+    SecAggInfo,
+    canonical_json,
+    code_digest,
+    digest_arrays,
+    line_hash,
+)
 from audit.signing import load_or_create_key, public_key_bytes, sign, verify_signature
 from audit.verify import verify
 from fedcare.errors import FedcareError
@@ -23,9 +33,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _release(rnd: int = 1, eps: float | None = 0.5) -> ReleaseRecord:
-    return ReleaseRecord("7", rnd, "train", "a" * 64, "f" * 64, "b" * 64, "c" * 64,
-                         DPParams(1.1, 0.1, 10, 1.0, 1e-5) if eps is not None else None, eps,
-                         SecAggInfo("masked", [1, 2, 3], 2))
+    return ReleaseRecord(
+        "7",
+        rnd,
+        "train",
+        "a" * 64,
+        "f" * 64,
+        "b" * 64,
+        "c" * 64,
+        DPParams(1.1, 0.1, 10, 1.0, 1e-5) if eps is not None else None,
+        eps,
+        SecAggInfo("masked", [1, 2, 3], 2),
+    )
 
 
 def test_key_is_private_and_reloaded(tmp_path: Path) -> None:
@@ -56,8 +75,13 @@ def test_append_writes_a_signed_chained_canonical_line(tmp_path: Path) -> None:
     assert first["seq"] == 0 and first["prev"] == GENESIS and second["seq"] == 1
     assert second["prev"] == line_hash(raw[0])
     assert second["time"].endswith("+00:00") and second["body"]["round"] == 2
-    assert first["body"]["dp"] == {"noise_multiplier": 1.1, "sample_rate": 0.1, "steps": 10, "max_grad_norm": 1.0,
-                                   "delta": 1e-5}
+    assert first["body"]["dp"] == {
+        "noise_multiplier": 1.1,
+        "sample_rate": 0.1,
+        "steps": 10,
+        "max_grad_norm": 1.0,
+        "delta": 1e-5,
+    }
     unsigned = {k: v for k, v in second.items() if k != "sig"}
     assert verify_signature(bytes.fromhex(second["pubkey"]), canonical_json(unsigned), bytes.fromhex(second["sig"]))
     assert stat.S_IMODE((tmp_path / "node.jsonl").stat().st_mode) == 0o600
@@ -70,8 +94,9 @@ def test_malformed_records_are_refused(tmp_path: Path) -> None:
     with pytest.raises(AuditLogError, match="not plain JSON"):
         log.release(_release(1, eps=math.nan))
     with pytest.raises(AuditLogError, match="stage"):
-        log.append("release", {**_release().__dict__, "stage": "weights", "dp": None, "epsilon_after": None,
-                               "secagg": None})
+        log.append(
+            "release", {**_release().__dict__, "stage": "weights", "dp": None, "epsilon_after": None, "secagg": None}
+        )
     with pytest.raises(AuditLogError, match="mixes"):
         DPParams.from_entries([(1.0, 0.1, 3), (2.0, 0.1, 3)], 1.0, 1e-5)
     assert DPParams.from_entries([(1.0, 0.1, 3), (1.0, 0.1, 4)], 1.0, 1e-5).steps == 7

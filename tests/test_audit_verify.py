@@ -19,8 +19,16 @@ from audit.audit_log import AuditLog, BudgetRecord, canonical_json, line_hash
 from audit.signing import load_or_create_key
 from audit.verify import verify
 from client.privacy_ledger import PrivacyLedger
-from tests.support.audit_federation import (DELTA, HOSPITALS, ROUNDS, RUN, STATS_SIGMA, TRAIN_SIGMA, Federation,
-                                            build_federation)
+from tests.support.audit_federation import (
+    DELTA,
+    HOSPITALS,
+    ROUNDS,
+    RUN,
+    STATS_SIGMA,
+    TRAIN_SIGMA,
+    Federation,
+    build_federation,
+)
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +41,14 @@ def fed(_template: Federation, tmp_path: Path) -> Federation:
     """A private copy of the clean federation (built once per module: tests tamper with files)."""
     root = tmp_path / "fed"
     shutil.copytree(_template.root, root)
-    return Federation(root, {h: root / p.name for h, p in _template.node_logs.items()}, root / "server.jsonl",
-                      root / "ledgers", dict(_template.final_epsilon), dict(_template.stats_sent))
+    return Federation(
+        root,
+        {h: root / p.name for h, p in _template.node_logs.items()},
+        root / "server.jsonl",
+        root / "ledgers",
+        dict(_template.final_epsilon),
+        dict(_template.stats_sent),
+    )
 
 
 def _lines(path: Path) -> list[bytes]:
@@ -46,8 +60,9 @@ def _write(path: Path, lines: list[bytes]) -> None:
 
 
 def _has(report, file: Path, line: int, reason: str) -> bool:
-    return any(f.file == str(file) and f.line == line and reason in f.reason and f.level == "error"
-               for f in report.findings)
+    return any(
+        f.file == str(file) and f.line == line and reason in f.reason and f.level == "error" for f in report.findings
+    )
 
 
 def _explain(report) -> str:
@@ -89,7 +104,7 @@ def test_flipped_byte_in_body(fed: Federation) -> None:
     path = fed.node_logs["Cleveland"]
     lines = _lines(path)
     at = lines[1].index(b'"epsilon_after":') + len(b'"epsilon_after":') + 3
-    lines[1] = lines[1][:at] + bytes([lines[1][at] ^ 0x01]) + lines[1][at + 1:]  # a digit of epsilon
+    lines[1] = lines[1][:at] + bytes([lines[1][at] ^ 0x01]) + lines[1][at + 1 :]  # a digit of epsilon
     _write(path, lines)
     report = verify(fed.logs)
     assert _has(report, path, 2, "signature does not verify"), _explain(report)
@@ -115,7 +130,7 @@ def test_flipped_byte_in_signature(fed: Federation) -> None:
     path = fed.server_log
     lines = _lines(path)
     at = lines[1].index(b'"sig":"') + 10
-    lines[1] = lines[1][:at] + (b"0" if lines[1][at:at + 1] != b"0" else b"1") + lines[1][at + 1:]
+    lines[1] = lines[1][:at] + (b"0" if lines[1][at : at + 1] != b"0" else b"1") + lines[1][at + 1 :]
     _write(path, lines)
     report = verify(fed.logs)
     assert _has(report, path, 2, "signature does not verify"), _explain(report)
@@ -131,8 +146,9 @@ def test_deleted_line(fed: Federation) -> None:
     assert _has(report, path, 2, "prev hash does not match line 1")
     # ... and the cross-checks see it too: the server says Hungary responded in round 1
     assert _has(report, fed.server_log, 2, "Hungary's log has no release")
-    assert any("Hungary: ledger release run 4242 round 1 (train) has no audit-log record" in f.reason
-               for f in report.errors)
+    assert any(
+        "Hungary: ledger release run 4242 round 1 (train) has no audit-log record" in f.reason for f in report.errors
+    )
 
 
 def test_deleted_first_line(fed: Federation) -> None:
@@ -162,9 +178,15 @@ def test_inserted_line_signed_by_another_key(fed: Federation, tmp_path: Path) ->
     from audit.signing import public_key_bytes, sign
 
     prev = json.loads(lines[1])
-    forged = {"seq": prev["seq"] + 1, "time": prev["time"], "actor": "Switzerland", "kind": "refusal",
-              "prev": line_hash(lines[1]), "body": {"run_id": RUN, "round": 2, "reason": "x", "kind": "data"},
-              "pubkey": public_key_bytes(forger).hex()}
+    forged = {
+        "seq": prev["seq"] + 1,
+        "time": prev["time"],
+        "actor": "Switzerland",
+        "kind": "refusal",
+        "prev": line_hash(lines[1]),
+        "body": {"run_id": RUN, "round": 2, "reason": "x", "kind": "data"},
+        "pubkey": public_key_bytes(forger).hex(),
+    }
     forged["sig"] = sign(forger, canonical_json(forged)).hex()
     lines.insert(2, canonical_json(forged))
     _write(path, lines)
@@ -194,8 +216,9 @@ def test_wrong_epsilon_claim(tmp_path: Path) -> None:
 
 
 def test_edited_privacy_ledger(fed: Federation) -> None:
-    ledger = next(p for p in fed.ledger_dir.glob("privacy-ledger-*.json")
-                  if json.loads(p.read_text())["hospital"] == "Cleveland")
+    ledger = next(
+        p for p in fed.ledger_dir.glob("privacy-ledger-*.json") if json.loads(p.read_text())["hospital"] == "Cleveland"
+    )
     data = json.loads(ledger.read_text())
     data["history"][-1][2] -= 3  # hide one round of steps
     ledger.write_text(json.dumps(data))
@@ -232,13 +255,14 @@ def test_model_received_must_be_the_servers(fed: Federation, tmp_path: Path) -> 
             body["global_model_digest"] = "f" * 64
         log.append(line["kind"], body)
     report = verify([log.path, fed.node_logs["Hungary"], fed.node_logs["Switzerland"], fed.server_log])
-    assert any(f.file == str(log.path) and "not the server's global model for round 2" in f.reason
-               for f in report.errors), _explain(report)
+    assert any(
+        f.file == str(log.path) and "not the server's global model for round 2" in f.reason for f in report.errors
+    ), _explain(report)
 
 
 def test_garbage_never_raises(tmp_path: Path) -> None:
     junk = tmp_path / "junk.jsonl"
-    junk.write_bytes(b"\xff\xfe not json\n{\"seq\": \"1\"}\n[1,2]\n\n" + bytes(range(256)))
+    junk.write_bytes(b'\xff\xfe not json\n{"seq": "1"}\n[1,2]\n\n' + bytes(range(256)))
     empty = tmp_path / "empty.jsonl"
     empty.write_bytes(b"")
     wrong = tmp_path / "wrong.jsonl"
@@ -261,8 +285,15 @@ def test_malformed_body_with_valid_signature(tmp_path: Path) -> None:
     key = load_or_create_key(tmp_path / "k.pem")
     from audit.signing import public_key_bytes, sign
 
-    line = {"seq": 0, "time": "t", "actor": "A", "kind": "release", "prev": "0" * 64,
-            "body": {"run_id": RUN, "round": 1}, "pubkey": public_key_bytes(key).hex()}
+    line = {
+        "seq": 0,
+        "time": "t",
+        "actor": "A",
+        "kind": "release",
+        "prev": "0" * 64,
+        "body": {"run_id": RUN, "round": 1},
+        "pubkey": public_key_bytes(key).hex(),
+    }
     line["sig"] = sign(key, canonical_json(line)).hex()
     path = tmp_path / "a.jsonl"
     path.write_bytes(canonical_json(line) + b"\n")
@@ -287,8 +318,15 @@ def _resumed(tmp_path: Path, **changes) -> Federation:
     """The coordinator dies after logging round 2 (hospitals already released round 3); the run is resumed
     as run 4343 from the round-2 checkpoint, and the statistics answer is re-sent at no cost."""
     fed = build_federation(tmp_path, server_stops_after=changes.pop("server_stops_after", 2))
-    return build_federation(tmp_path, reuse=fed, run_id="4343", first_round=3, resumed_from=RUN,
-                            resend_stats=changes.pop("resend_stats", lambda paid: paid), **changes)
+    return build_federation(
+        tmp_path,
+        reuse=fed,
+        run_id="4343",
+        first_round=3,
+        resumed_from=RUN,
+        resend_stats=changes.pop("resend_stats", lambda paid: paid),
+        **changes,
+    )
 
 
 def test_a_crashed_and_resumed_run_verifies_clean_with_a_note_for_the_round_in_flight(tmp_path: Path) -> None:
@@ -296,24 +334,27 @@ def test_a_crashed_and_resumed_run_verifies_clean_with_a_note_for_the_round_in_f
     report = verify(fed.logs, fed.ledger_dir)
     assert report.ok, _explain(report)
     crashed = [f for f in report.notes if "charged, not aggregated (server crash)" in f.reason]
-    assert sorted(Path(f.file).name for f in crashed) == ["node-Cleveland.jsonl", "node-Hungary.jsonl"], \
-        _explain(report)
+    assert sorted(Path(f.file).name for f in crashed) == ["node-Cleveland.jsonl", "node-Hungary.jsonl"], _explain(
+        report
+    )
     assert all("run 4242 round 3" in f.reason for f in crashed)
 
 
 def test_only_the_round_in_flight_when_the_server_stopped_is_a_note(tmp_path: Path) -> None:
-    fed = build_federation(tmp_path, server_stops_after=1)   # rounds 2 and 3 released, neither logged
+    fed = build_federation(tmp_path, server_stops_after=1)  # rounds 2 and 3 released, neither logged
     report = verify(fed.logs, fed.ledger_dir)
     assert any("run 4242 round 2: charged, not aggregated (server crash)" in f.reason for f in report.notes)
-    assert _has(report, fed.node_logs["Cleveland"], 6, "released in run 4242 round 3, but the server logged no "
-                                                       "such round"), _explain(report)
+    assert _has(
+        report, fed.node_logs["Cleveland"], 6, "released in run 4242 round 3, but the server logged no such round"
+    ), _explain(report)
 
 
 def test_a_free_statistics_answer_must_be_one_paid_for_earlier(tmp_path: Path) -> None:
-    fed = _resumed(tmp_path, resend_stats=lambda paid: "0" * 64)   # something else, sent at zero steps
+    fed = _resumed(tmp_path, resend_stats=lambda paid: "0" * 64)  # something else, sent at zero steps
     report = verify(fed.logs, fed.ledger_dir)
-    assert any("at no privacy cost in run 4343, but it is not an answer it paid for" in f.reason
-               for f in report.errors), _explain(report)
+    assert any(
+        "at no privacy cost in run 4343, but it is not an answer it paid for" in f.reason for f in report.errors
+    ), _explain(report)
 
 
 def test_two_consecutive_runs_sharing_ledgers_verify_clean(fed: Federation) -> None:
@@ -330,15 +371,18 @@ def _raise_by_hand(ledger: Path, to: float) -> None:
 
 def _ledger_of(fed: Federation, hospital: str) -> Path:
     digest = hashlib.sha256(hospital.encode()).hexdigest()
-    return next(p for p in fed.ledger_dir.glob("privacy-ledger-*.json")
-                if json.loads(p.read_text())["dataset_id"] == digest)
+    return next(
+        p for p in fed.ledger_dir.glob("privacy-ledger-*.json") if json.loads(p.read_text())["dataset_id"] == digest
+    )
 
 
 def test_a_ledger_budget_raised_by_hand_fails_against_the_signed_budget(fed: Federation, tmp_path: Path) -> None:
     _raise_by_hand(_ledger_of(fed, "Hungary"), 50.0)
     report = verify(fed.logs, fed.ledger_dir)
-    assert any("Hungary: the ledger's budget 50 is above the 10 last signed" in f.reason and "raised by hand"
-               in f.reason for f in report.errors), _explain(report)
+    assert any(
+        "Hungary: the ledger's budget 50 is above the 10 last signed" in f.reason and "raised by hand" in f.reason
+        for f in report.errors
+    ), _explain(report)
     # a ledger with no release yet (its hospital refused everything) is checked against its signed budget too
     log = AuditLog(fed.node_logs["Cleveland"], load_or_create_key(fed.root / "keys" / "Cleveland.pem"), "Cleveland")
     log.budget(BudgetRecord("cleveland-second-table", 2.0, None, "initial"))
@@ -349,8 +393,9 @@ def test_a_ledger_budget_raised_by_hand_fails_against_the_signed_budget(fed: Fed
     second = next(p for p in fed.ledger_dir.glob("privacy-ledger-cleveland-second-table-*.json"))
     _raise_by_hand(second, 9.0)
     report = verify(fed.logs, fed.ledger_dir)
-    assert any("Cleveland: the ledger's budget 9 is above the 2 last signed" in f.reason for f in report.errors), \
+    assert any("Cleveland: the ledger's budget 9 is above the 2 last signed" in f.reason for f in report.errors), (
         _explain(report)
+    )
 
 
 def test_a_ledger_whose_budget_was_never_signed_fails(tmp_path: Path) -> None:

@@ -64,7 +64,9 @@ def test_flower_contract_the_verified_version_is_installed():
     from flwr.supercore import version
 
     assert flower_compat.flower_version() == importlib.metadata.version("flwr") == str(version.package_version)
-    assert flower_compat.flower_version() == flower_compat.PATCHED_FLOWER, "Flower changed: re-verify fedcare.compat.flower"
+    assert flower_compat.flower_version() == flower_compat.PATCHED_FLOWER, (
+        "Flower changed: re-verify fedcare.compat.flower"
+    )
     assert flower_compat.flower_verified() and flower_compat.executor_supported()
 
 
@@ -92,7 +94,13 @@ def test_flower_contract_clientapp_runtime():
     from flwr.supernode.runtime import run_clientapp as runtime
 
     assert list(inspect.signature(runtime.run_clientapp).parameters) == [
-        "runtime_api_address", "token", "insecure", "certificates", "parent_pid", "runtime_dependency_install"]
+        "runtime_api_address",
+        "token",
+        "insecure",
+        "certificates",
+        "parent_pid",
+        "runtime_dependency_install",
+    ]
     assert list(inspect.signature(runtime.pull_task_input).parameters) == ["client"]
     install = runtime.install_from_fab
     if not isinstance(install, flower_compat._FabGuard):
@@ -110,13 +118,19 @@ def test_flower_contract_executor_runtime_api():
     from flwr.supercore.runtime import RuntimeHttpClient
 
     assert list(inspect.signature(RuntimeHttpClient.from_server_address).parameters)[:4] == [
-        "server_address", "insecure", "root_certificates", "interceptors"]
+        "server_address",
+        "insecure",
+        "root_certificates",
+        "interceptors",
+    ]
     assert callable(RuntimeHttpClient.AcquireTask)
     assert "supported_task_types" in AcquireTaskRequest.DESCRIPTOR.fields_by_name
     assert {"task", "token"} <= set(AcquireTaskResponse.DESCRIPTOR.fields_by_name)
     task = AcquireTaskResponse.DESCRIPTOR.fields_by_name["task"].message_type
     assert {"task_id", "run_id"} <= set(task.fields_by_name)
-    assert TaskType.CLIENT_APP and list(inspect.signature(RuntimeVersionHttpInterceptor).parameters) == ["component_name"]
+    assert TaskType.CLIENT_APP and list(inspect.signature(RuntimeVersionHttpInterceptor).parameters) == [
+        "component_name"
+    ]
     assert list(inspect.signature(start_parent_process_monitor).parameters) == ["parent_pid"]
 
 
@@ -141,7 +155,7 @@ def test_on_another_flower_every_hook_keeps_flowers_behaviour_with_one_warning(m
     assert not flower_compat.reuse_installed_fab()
     assert not flower_compat.guard_fab_install(lambda *a, **k: None)
     assert not flower_compat.executor_supported()
-    assert iu.pull_objects.__kwdefaults__ == backoff                       # nothing patched
+    assert iu.pull_objects.__kwdefaults__ == backoff  # nothing patched
     warned = _unverified(warnings_on("flwr"), "Flower")
     assert len(warned) == 1 and "1.41.0" in warned[0] and "1.42.0" in warned[0] and "no warm executor" in warned[0]
 
@@ -168,8 +182,18 @@ def test_on_another_flower_the_warm_node_runs_flowers_own_clientapp_processes(mo
     monkeypatch.setattr(entry, "flower_supernode", lambda: ran.append(list(sys.argv)))
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     monkeypatch.setattr(flower_compat, "flower_version", lambda: "1.42.0")
-    node_launcher.main(["--warm-clientapp", "--poll-interval", "0.5", "--allow-any-fab", "--",
-                        "--insecure", "--superlink", "127.0.0.1:1"])
+    node_launcher.main(
+        [
+            "--warm-clientapp",
+            "--poll-interval",
+            "0.5",
+            "--allow-any-fab",
+            "--",
+            "--insecure",
+            "--superlink",
+            "127.0.0.1:1",
+        ]
+    )
     assert started == [] and len(ran) == 1
     assert "--isolation" not in ran[0] and ran[0][1:] == ["--insecure", "--superlink", "127.0.0.1:1"]
     warned = _unverified(warnings_on("flwr"), "Flower")
@@ -195,15 +219,18 @@ def test_on_the_verified_flower_the_warm_node_starts_fedcares_executor(monkeypat
 def test_opacus_contract_private_helpers_and_state():
     from opacus.optimizers import DPOptimizerFastGradientClipping
 
-    assert opacus_compat.opacus_version() == opacus_compat.VERIFIED_OPACUS, "Opacus changed: re-verify fedcare.compat.opacus"
+    assert opacus_compat.opacus_version() == opacus_compat.VERIFIED_OPACUS, (
+        "Opacus changed: re-verify fedcare.compat.opacus"
+    )
     used = torch.zeros(3)
-    opacus_compat.check_processed_flag(used)           # fresh: passes
+    opacus_compat.check_processed_flag(used)  # fresh: passes
     opacus_compat.mark_as_processed(used)
     with pytest.raises(ValueError):
-        opacus_compat.check_processed_flag(used)       # used once already
+        opacus_compat.check_processed_flag(used)  # used once already
     model = nn.Linear(2, 1)
-    optimizer = DPOptimizerFastGradientClipping(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0,
-                                                max_grad_norm=1.0, expected_batch_size=2)
+    optimizer = DPOptimizerFastGradientClipping(
+        torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=2
+    )
     assert opacus_compat.last_step_skipped(optimizer) is False
     assert opacus_compat.noise_multiplier_in_use(optimizer) == 1.0
     order = inspect.getsource(DPOptimizerFastGradientClipping.pre_step)
@@ -222,24 +249,42 @@ def test_on_another_opacus_dp_sgd_uses_opacuss_public_step_with_one_warning(monk
     torch.manual_seed(0)
     model = build_model("mlp", 5, hidden_units=4)
     x, y = torch.randn(8, 5), torch.ones(8)
-    assert type(make_dp_optimizer(torch.optim.SGD(model.parameters(), lr=1.0), noise=SecretRandom(),
-                                  noise_multiplier=0.0, max_grad_norm=1.0,
-                                  expected_batch_size=4)) is ClippedSumDPOptimizer
+    assert (
+        type(
+            make_dp_optimizer(
+                torch.optim.SGD(model.parameters(), lr=1.0),
+                noise=SecretRandom(),
+                noise_multiplier=0.0,
+                max_grad_norm=1.0,
+                expected_batch_size=4,
+            )
+        )
+        is ClippedSumDPOptimizer
+    )
     monkeypatch.setattr(opacus_compat, "opacus_version", lambda: "1.7.0")
-    optimizers = [make_dp_optimizer(torch.optim.SGD(model.parameters(), lr=1.0), noise=SecretRandom(),
-                                    noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=4) for _ in range(2)]
+    optimizers = [
+        make_dp_optimizer(
+            torch.optim.SGD(model.parameters(), lr=1.0),
+            noise=SecretRandom(),
+            noise_multiplier=0.0,
+            max_grad_norm=1.0,
+            expected_batch_size=4,
+        )
+        for _ in range(2)
+    ]
     for optimizer in optimizers:
         assert type(optimizer) is DPOptimizerFastGradientClipping
-        assert optimizer.secure_mode and optimizer.generator is not None   # noise from the secret stream's seed
+        assert optimizer.secure_mode and optimizer.generator is not None  # noise from the secret stream's seed
     before = [p.detach().clone() for p in model.parameters()]
     sums = dp_step(optimizers[0], model, x, y)
     for b, s, p in zip(before, sums, model.parameters()):
-        torch.testing.assert_close(p.detach(), b - s / 4)                   # the same DP-SGD update
+        torch.testing.assert_close(p.detach(), b - s / 4)  # the same DP-SGD update
     warned = _unverified(warnings_on("fedcare"), "Opacus")
     assert len(warned) == 1 and "1.6.0" in warned[0] and "1.7.0" in warned[0]
     with pytest.raises(FedcareError, match=r"verified on Opacus 1\.6\.0, this is Opacus 1\.7\.0"):
-        ClippedSumDPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=1.0,
-                              max_grad_norm=1.0, expected_batch_size=4)
+        ClippedSumDPOptimizer(
+            torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4
+        )
 
 
 # ---------------------------------------------------------------- torch 2.13.x
@@ -264,7 +309,7 @@ def test_torch_contract_engine_edges_and_reference_counts():
     flat = torch.zeros(6)
     views = [flat[:2], flat[2:]]
     counts = internals.reference_counts(flat, views)
-    kept = views[0]   # noqa: F841 - another reference, as an optimizer still holding a gradient
+    kept = views[0]  # noqa: F841 - another reference, as an optimizer still holding a gradient
     assert internals.reference_counts(flat, views)[1] == counts[1] + 1
 
 
@@ -292,14 +337,14 @@ def test_on_another_torch_clipping_uses_torchs_public_api_with_one_warning(monke
     model = build_model("mlp", 5, hidden_units=4)
     x, y = torch.randn(8, 5), torch.ones(8)
     verified, reused = _clipped_grads(model, x, y)
-    assert reused[0] == reused[1]                                   # the buffer is reused on torch 2.13
+    assert reused[0] == reused[1]  # the buffer is reused on torch 2.13
     monkeypatch.setattr(torch_compat, "torch_version", lambda: "2.14.0")
     internals = torch_compat.clipping_internals()
     assert internals.reference_counts is None and internals.edge is torch.autograd.graph.get_gradient_edge
     public, _ = _clipped_grads(model, x, y)
     for a, b in zip(verified, public):
         for g, h in zip(a, b):
-            torch.testing.assert_close(g, h)                        # the same clipped sums
+            torch.testing.assert_close(g, h)  # the same clipped sums
     warned = _unverified(warnings_on("fedcare"), "torch")
     assert len(warned) == 1 and "2.13.x" in warned[0] and "2.14.0" in warned[0]
 
@@ -307,26 +352,38 @@ def test_on_another_torch_clipping_uses_torchs_public_api_with_one_warning(monke
 # ---------------------------------------------------------------- one place
 
 
-PRIVATE_USES = re.compile(r"_check_processed_flag|_mark_as_processed|_is_last_step_skipped|_adjusted_noise_multiplier"
-                          r"|_execution_engine|getrefcount|_FunctionBase|RuntimeHttpClient|AcquireTaskRequest"
-                          r"|start_parent_process_monitor|runtime\.run_clientapp\(|inflatable_utils"
-                          r"|start_client_internal|install_from_fab")
+PRIVATE_USES = re.compile(
+    r"_check_processed_flag|_mark_as_processed|_is_last_step_skipped|_adjusted_noise_multiplier"
+    r"|_execution_engine|getrefcount|_FunctionBase|RuntimeHttpClient|AcquireTaskRequest"
+    r"|start_parent_process_monitor|runtime\.run_clientapp\(|inflatable_utils"
+    r"|start_client_internal|install_from_fab"
+)
 
 
 def _code_without_docstrings(path: Path) -> str:
     tree = ast.parse(path.read_text())
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
-        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
-                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+        if (
+            isinstance(body, list)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
             body[0] = ast.Pass()
     return ast.unparse(tree)
 
 
 def test_private_apis_are_used_only_in_fedcare_compat():
     offenders = []
-    for path in ("fedcare/warm_clientapp.py", "fedcare/node_launcher.py", "client/dp_optimizer.py",
-                 "client/per_sample_clipping.py", "client/dp_trainer.py"):
+    for path in (
+        "fedcare/warm_clientapp.py",
+        "fedcare/node_launcher.py",
+        "client/dp_optimizer.py",
+        "client/per_sample_clipping.py",
+        "client/dp_trainer.py",
+    ):
         code = _code_without_docstrings(ROOT / path)
         offenders += [f"{path}: {line.strip()}" for line in code.splitlines() if PRIVATE_USES.search(line)]
     assert not (ROOT / "fedcare" / "flower_latency.py").exists()

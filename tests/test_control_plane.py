@@ -37,9 +37,19 @@ from fedcare.errors import FedcareError
 from fedcare.fleet_allowlist import FleetOnly
 from fedcare.superlink_app import VERIFIED_FLOWER, require_verified_flower
 from tests.conftest import ROOT
-from tests.support.deployment_processes import (BIN, HANG_GUARD_S, Processes, descendants, deployment_env, free_port,
-                                        group_members, https_status, listening_addresses, stock_superlink_command,
-                                        wait_for_port)
+from tests.support.deployment_processes import (
+    BIN,
+    HANG_GUARD_S,
+    Processes,
+    deployment_env,
+    descendants,
+    free_port,
+    group_members,
+    https_status,
+    listening_addresses,
+    stock_superlink_command,
+    wait_for_port,
+)
 
 STOCK = os.environ.get("FEDCARE_CONTROL_PLANE_STOCK") == "1"
 
@@ -62,8 +72,8 @@ class ControlPlane:
     link: subprocess.Popen
     link_log: Path
     public_port: int
-    hospital: HospitalFiles            # the hospital's own copy of its folder (the attacker)
-    hospital_home: Path                # the FLWR_HOME the hospital wrote itself
+    hospital: HospitalFiles  # the hospital's own copy of its folder (the attacker)
+    hospital_home: Path  # the FLWR_HOME the hospital wrote itself
 
     def coordinator(self, *args: str) -> subprocess.CompletedProcess:
         """`flwr` on the coordinator's machine (the deployment's FLWR_HOME: the control connection)."""
@@ -72,8 +82,9 @@ class ControlPlane:
     def hospital_flwr(self, *args: str) -> subprocess.CompletedProcess:
         """`flwr` at the hospital: its own FLWR_HOME, connection `attack` = the public address + its ca.crt."""
         env = {**self.processes.env, "FLWR_HOME": str(self.hospital_home)}
-        return subprocess.run([str(BIN / "flwr"), *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=300)
+        return subprocess.run(
+            [str(BIN / "flwr"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        )
 
     def runs(self) -> list[dict]:
         listing = self.coordinator("ls", self.files.connection, "--format", "json")
@@ -92,18 +103,20 @@ def _hospital_copy(files: DeploymentFiles, index: int, where: Path) -> HospitalF
     folder = where / given.name
     shutil.copytree(given.folder, folder)
     assert {"ca.crt", "hospital.toml", "node.key", "node.pub"} <= {p.name for p in folder.iterdir()}
-    return HospitalFiles(given.name, folder, folder / "node.key", folder / "node.pub", folder / "ca.crt",
-                         folder / "hospital.toml")
+    return HospitalFiles(
+        given.name, folder, folder / "node.key", folder / "node.pub", folder / "ca.crt", folder / "hospital.toml"
+    )
 
 
 @pytest.fixture(scope="module")
 def plane(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("control-plane")
     public, control = _two_ports()
-    files = init_deployment(tmp_path / "deploy", ["cleveland", "hungary"], superlink_address=f"127.0.0.1:{public}",
-                            control_port=control)
+    files = init_deployment(
+        tmp_path / "deploy", ["cleveland", "hungary"], superlink_address=f"127.0.0.1:{public}", control_port=control
+    )
     processes = Processes(tmp_path, deployment_env(files))
-    if STOCK:    # Flower's one port: the coordinator's connection is the public address too
+    if STOCK:  # Flower's one port: the coordinator's connection is the public address too
         command = stock_superlink_command(files, str(BIN / "flower-superlink"))
         config = files.flwr_home / "config.toml"
         config.write_text(config.read_text().replace(f"127.0.0.1:{control}", f"127.0.0.1:{public}"))
@@ -122,7 +135,8 @@ def plane(tmp_path_factory):
         home.mkdir()
         (home / "config.toml").write_text(
             '[superlink]\ndefault = "attack"\n\n[superlink.attack]\n'
-            f'address = "127.0.0.1:{public}"\nroot-certificates = "{hospital.root_certificate}"\n')
+            f'address = "127.0.0.1:{public}"\nroot-certificates = "{hospital.root_certificate}"\n'
+        )
         yield ControlPlane(tmp_path, files, processes, link, link_log, public, hospital, home)
     finally:
         processes.stop_all()
@@ -136,6 +150,7 @@ def _refused(done: subprocess.CompletedProcess) -> None:
 
 
 # --- the attacks, each through the hospital's own `flwr` and files ---------------------------------------
+
 
 @pytest.mark.e2e
 def test_hospital_cannot_list_runs(plane):
@@ -156,7 +171,7 @@ def test_hospital_cannot_start_a_run(plane):
 @pytest.mark.e2e
 def test_hospital_cannot_register_or_remove_node_keys(plane):
     before = plane.nodes()
-    own = make_node_key(plane.hospital.folder / "extra.key")     # a key of the hospital's own making
+    own = make_node_key(plane.hospital.folder / "extra.key")  # a key of the hospital's own making
     _refused(plane.hospital_flwr("supernode", "register", str(own), "attack"))
     for node in before:
         _refused(plane.hospital_flwr("supernode", "unregister", str(node["node-id"]), "attack"))
@@ -173,23 +188,49 @@ def _signed_node_headers(hospital: HospitalFiles) -> dict[str, str]:
 
     key = load_ssh_private_key(hospital.private_key.read_bytes(), password=None)
     stamp = now().isoformat()
-    return {"flwr-public-key": b64encode(public_key_to_bytes(key.public_key())).decode(),
-            "flwr-timestamp": stamp, "flwr-signature": b64encode(sign_message(key, stamp.encode())).decode()}
+    return {
+        "flwr-public-key": b64encode(public_key_to_bytes(key.public_key())).decode(),
+        "flwr-timestamp": stamp,
+        "flwr-signature": b64encode(sign_message(key, stamp.encode())).decode(),
+    }
 
 
 HIDDEN_TARGETS = [
-    "/v1/control/list-runs", "/v1/control/start-run", "/v1/control/stop-run", "/v1/control/register-node",
-    "/v1/control/unregister-node", "/v1/control/list-nodes",
-    "/v1/runtime/get-nodes", "/v1/runtime/acquire-task", "/v1/runtime/create-task", "/v1/runtime/responses",
-    "/docs", "/openapi.json", "/docs/oauth2-redirect",
+    "/v1/control/list-runs",
+    "/v1/control/start-run",
+    "/v1/control/stop-run",
+    "/v1/control/register-node",
+    "/v1/control/unregister-node",
+    "/v1/control/list-nodes",
+    "/v1/runtime/get-nodes",
+    "/v1/runtime/acquire-task",
+    "/v1/runtime/create-task",
+    "/v1/runtime/responses",
+    "/docs",
+    "/openapi.json",
+    "/docs/oauth2-redirect",
     # traversal and encoding variants: none may reach a Control or Runtime route
-    "//v1/control/list-runs", "/v1/fleet/../control/list-runs", "/v1/fleet/./../control/list-runs",
-    "/v1/fleet/%2e%2e/control/list-runs", "/v1/fleet/%2E%2E/control/list-runs", "/v1/fleet/..%2fcontrol/list-runs",
-    "/v1/fleet%2f..%2fcontrol/list-runs", "/v1%2Fcontrol%2Flist-runs", "/%761/control/list-runs",
-    "/v1/fleet/get-run/../../control/list-runs", "/health/../v1/control/list-runs", "/./v1/control/list-runs",
-    "/v1/control/list-runs/", "/V1/CONTROL/LIST-RUNS", "/v1/control/list-runs?x=/v1/fleet/get-run",
-    "/v1/fleet/%67et-run", "/v1/fleet/get-run%00", "/v1//fleet/get-run", "/v1/fleet//get-run",
-    "https://127.0.0.1/v1/control/list-runs", "*",
+    "//v1/control/list-runs",
+    "/v1/fleet/../control/list-runs",
+    "/v1/fleet/./../control/list-runs",
+    "/v1/fleet/%2e%2e/control/list-runs",
+    "/v1/fleet/%2E%2E/control/list-runs",
+    "/v1/fleet/..%2fcontrol/list-runs",
+    "/v1/fleet%2f..%2fcontrol/list-runs",
+    "/v1%2Fcontrol%2Flist-runs",
+    "/%761/control/list-runs",
+    "/v1/fleet/get-run/../../control/list-runs",
+    "/health/../v1/control/list-runs",
+    "/./v1/control/list-runs",
+    "/v1/control/list-runs/",
+    "/V1/CONTROL/LIST-RUNS",
+    "/v1/control/list-runs?x=/v1/fleet/get-run",
+    "/v1/fleet/%67et-run",
+    "/v1/fleet/get-run%00",
+    "/v1//fleet/get-run",
+    "/v1/fleet//get-run",
+    "https://127.0.0.1/v1/control/list-runs",
+    "*",
 ]
 
 
@@ -198,8 +239,11 @@ HIDDEN_TARGETS = [
 def test_raw_requests_to_anything_but_fleet_get_404(plane, target):
     ca = plane.hospital.root_certificate
     signed = _signed_node_headers(plane.hospital)
-    statuses = {(method, bool(headers)): https_status(plane.public_port, method, target, ca, headers)
-                for method in ("POST", "GET") for headers in ({}, signed)}
+    statuses = {
+        (method, bool(headers)): https_status(plane.public_port, method, target, ca, headers)
+        for method in ("POST", "GET")
+        for headers in ({}, signed)
+    }
     assert set(statuses.values()) == {404}, statuses
 
 
@@ -214,10 +258,16 @@ def test_fleet_and_health_still_reach_flower_publicly(plane):
 
 @pytest.mark.e2e
 def test_public_listener_refuses_websockets_and_plain_http(plane):
-    upgrade = {"connection": "Upgrade", "upgrade": "websocket", "sec-websocket-version": "13",
-               "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ=="}
-    assert https_status(plane.public_port, "GET", "/v1/fleet/pull-messages", plane.hospital.root_certificate,
-                        upgrade) != 101
+    upgrade = {
+        "connection": "Upgrade",
+        "upgrade": "websocket",
+        "sec-websocket-version": "13",
+        "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==",
+    }
+    assert (
+        https_status(plane.public_port, "GET", "/v1/fleet/pull-messages", plane.hospital.root_certificate, upgrade)
+        != 101
+    )
     with socket.create_connection(("127.0.0.1", plane.public_port), timeout=30) as plain:
         plain.sendall(b"POST /v1/control/list-runs HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n")
         try:
@@ -229,9 +279,10 @@ def test_public_listener_refuses_websockets_and_plain_http(plane):
 
 # --- what must keep working ----------------------------------------------------------------------------
 
+
 @pytest.mark.e2e
 def test_coordinator_controls_over_loopback_and_a_registered_node_joins_publicly(plane):
-    assert isinstance(plane.runs(), list)                       # `flwr ls` over the control connection
+    assert isinstance(plane.runs(), list)  # `flwr ls` over the control connection
     registered = plane.nodes()
     assert len(registered) == 2 and all(n["status"] == "registered" for n in registered), registered
     assert plane.files.connection == "fedcare"
@@ -240,12 +291,13 @@ def test_coordinator_controls_over_loopback_and_a_registered_node_joins_publicly
         assert f'address = "{plane.files.control_address}"' in config
 
     # The attacking hospital's own node, from its own copy of hospital.toml (which dials the public address)
-    settings = plane.hospital.settings       # relative paths (key, ledgers, cache) stay in the hospital's copy
+    settings = plane.hospital.settings  # relative paths (key, ledgers, cache) stay in the hospital's copy
     text = settings.read_text()
     assert f'address = "127.0.0.1:{plane.public_port}"' in text
     settings.write_text(re.sub(r"clientappio-port = \d+", f"clientappio-port = {free_port()}", text))
-    node, log = plane.processes.start("cleveland-node", [str(BIN / "fedcare"), "node", "start", "--config",
-                                                         str(settings)])
+    node, log = plane.processes.start(
+        "cleveland-node", [str(BIN / "fedcare"), "node", "start", "--config", str(settings)]
+    )
     deadline = time.monotonic() + HANG_GUARD_S
     online = []
     while time.monotonic() < deadline and not online:
@@ -262,27 +314,35 @@ def test_coordinator_controls_over_loopback_and_a_registered_node_joins_publicly
 @pytest.mark.skipif(STOCK, reason="fedcare's launcher only")
 def test_only_the_two_given_addresses_listen(plane):
     pids = [plane.link.pid, *descendants(plane.link.pid)]
-    assert listening_addresses(pids) == {("127.0.0.1", plane.public_port),
-                                         ("127.0.0.1", int(plane.files.control_address.rsplit(":", 1)[1]))}
+    assert listening_addresses(pids) == {
+        ("127.0.0.1", plane.public_port),
+        ("127.0.0.1", int(plane.files.control_address.rsplit(":", 1)[1])),
+    }
 
 
 # --- the launcher itself --------------------------------------------------------------------------------
+
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_stops_both_listeners_and_the_superexec(tmp_path, signum):
     public, control = _two_ports()
-    files = init_deployment(tmp_path / "deploy", ["a"], superlink_address=f"127.0.0.1:{public}",
-                            control_port=control, superlink_state="memory")
+    files = init_deployment(
+        tmp_path / "deploy",
+        ["a"],
+        superlink_address=f"127.0.0.1:{public}",
+        control_port=control,
+        superlink_state="memory",
+    )
     processes = Processes(tmp_path, deployment_env(files))
     link, log = processes.start("superlink", files.superlink_command(sys.executable))
     try:
         wait_for_port(public, link, log)
         deadline = time.monotonic() + HANG_GUARD_S
         while not (children := descendants(link.pid)) and time.monotonic() < deadline:
-            time.sleep(0.2)                                        # the lifespan's SuperExec
+            time.sleep(0.2)  # the lifespan's SuperExec
         assert children, log.read_text()
-        os.kill(link.pid, signum)                                  # the launcher alone, not its group
+        os.kill(link.pid, signum)  # the launcher alone, not its group
         assert link.wait(timeout=HANG_GUARD_S) == 0, log.read_text()[-3000:]
         deadline = time.monotonic() + HANG_GUARD_S
         while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
@@ -308,24 +368,35 @@ def _launcher(files: DeploymentFiles, prelude: str = "", **env: str) -> subproce
     """Run the launcher's main() in a fresh Python after ``prelude`` (e.g. a pretend Flower version)."""
     command = files.superlink_command(sys.executable)[3:]
     code = f"{prelude}\nfrom fedcare.superlink_launcher import main\nraise SystemExit(main({command!r}))"
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**deployment_env(files), **env})
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**deployment_env(files), **env},
+    )
 
 
-@pytest.mark.parametrize("prelude,env,message", [
-    ("import flwr.supercore.version as v; v.package_version = '1.42.0'", {},
-     f"verified against Flower {VERIFIED_FLOWER} and this is Flower 1.42.0: refusing to start"),
-    ("", {"FLWR_INTERNAL_GRPC_CONTROL_API": "1"}, "FLWR_INTERNAL_GRPC_CONTROL_API=1 would make Flower open"),
-])
+@pytest.mark.parametrize(
+    "prelude,env,message",
+    [
+        (
+            "import flwr.supercore.version as v; v.package_version = '1.42.0'",
+            {},
+            f"verified against Flower {VERIFIED_FLOWER} and this is Flower 1.42.0: refusing to start",
+        ),
+        ("", {"FLWR_INTERNAL_GRPC_CONTROL_API": "1"}, "FLWR_INTERNAL_GRPC_CONTROL_API=1 would make Flower open"),
+    ],
+)
 def test_launcher_refuses_to_start_unverified(tmp_path, prelude, env, message):
     public, control = _two_ports()
-    files = init_deployment(tmp_path / "deploy", ["a"], superlink_address=f"127.0.0.1:{public}",
-                            control_port=control)
+    files = init_deployment(tmp_path / "deploy", ["a"], superlink_address=f"127.0.0.1:{public}", control_port=control)
     done = _launcher(files, prelude, **env)
     assert done.returncode == 2, done.stdout + done.stderr
     lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
-    assert not files.database.exists()                          # nothing created, nothing bound
+    assert not files.database.exists()  # nothing created, nothing bound
     for port in (public, control):
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", port)) != 0
@@ -333,8 +404,7 @@ def test_launcher_refuses_to_start_unverified(tmp_path, prelude, env, message):
 
 def test_launcher_refuses_a_non_loopback_control_host_and_a_busy_port(tmp_path):
     public, control = _two_ports()
-    files = init_deployment(tmp_path / "deploy", ["a"], superlink_address=f"127.0.0.1:{public}",
-                            control_port=control)
+    files = init_deployment(tmp_path / "deploy", ["a"], superlink_address=f"127.0.0.1:{public}", control_port=control)
     command = files.superlink_command(sys.executable)[3:]
     from fedcare.superlink_launcher import main
 
@@ -348,7 +418,7 @@ def test_launcher_refuses_a_non_loopback_control_host_and_a_busy_port(tmp_path):
 
 def test_flower_gate_names_version_enterprise_and_legacy_listeners():
     require_verified_flower(VERIFIED_FLOWER, enterprise=False, environ={})
-    with pytest.raises(FedcareError, match="this is Flower 1.40.0"):
+    with pytest.raises(FedcareError, match=r"this is Flower 1.40.0"):
         require_verified_flower("1.40.0", enterprise=False, environ={})
     with pytest.raises(FedcareError, match="Flower Enterprise"):
         require_verified_flower(VERIFIED_FLOWER, enterprise=True, environ={})
@@ -389,19 +459,22 @@ def _through_gate(scope: dict) -> tuple[bool, list[dict]]:
     return bool(reached), sent
 
 
-@pytest.mark.parametrize("path,raw_path,root_path,passes", [
-    ("/v1/fleet/get-run", b"/v1/fleet/get-run", "", True),
-    ("/health", b"/health", "", True),
-    ("/v1/fleet/get-run", None, "", True),                           # a server that sets no raw_path
-    ("/v1/fleet/get-run", b"/v1/fleet/%67et-run", "", False),        # decoded path allowed, raw path encoded
-    ("/v1/fleet/get-run", b"/v1/fleet/get-run", "/v1/fleet", False),  # a root_path shifts what routes match
-    ("/v1/fleet/get-run", b"/v1/fleet/get-run", "/", False),
-    ("/v1/control/list-runs", b"/v1/control/list-runs", "", False),
-    ("/v1/fleet/../control/list-runs", b"/v1/fleet/../control/list-runs", "", False),
-    ("/v1/fleet/unknown", b"/v1/fleet/unknown", "", False),           # under the prefix, not a listed route
-    ("/docs", b"/docs", "", False),
-    ("/openapi.json", b"/openapi.json", "", False),
-])
+@pytest.mark.parametrize(
+    "path,raw_path,root_path,passes",
+    [
+        ("/v1/fleet/get-run", b"/v1/fleet/get-run", "", True),
+        ("/health", b"/health", "", True),
+        ("/v1/fleet/get-run", None, "", True),  # a server that sets no raw_path
+        ("/v1/fleet/get-run", b"/v1/fleet/%67et-run", "", False),  # decoded path allowed, raw path encoded
+        ("/v1/fleet/get-run", b"/v1/fleet/get-run", "/v1/fleet", False),  # a root_path shifts what routes match
+        ("/v1/fleet/get-run", b"/v1/fleet/get-run", "/", False),
+        ("/v1/control/list-runs", b"/v1/control/list-runs", "", False),
+        ("/v1/fleet/../control/list-runs", b"/v1/fleet/../control/list-runs", "", False),
+        ("/v1/fleet/unknown", b"/v1/fleet/unknown", "", False),  # under the prefix, not a listed route
+        ("/docs", b"/docs", "", False),
+        ("/openapi.json", b"/openapi.json", "", False),
+    ],
+)
 def test_gate_admits_exactly_the_listed_paths(path, raw_path, root_path, passes):
     scope = {"path": path, "root_path": root_path, **({"raw_path": raw_path} if raw_path is not None else {})}
     reached, sent = _through_gate(scope)
@@ -425,12 +498,23 @@ def test_gate_closes_websockets_refuses_other_scopes_and_unsafe_allowlists():
         sent.append(message)
 
     gate = FleetOnly(app, FLEET)
-    asyncio.run(gate({"type": "websocket", "path": "/v1/fleet/get-run", "raw_path": b"/v1/fleet/get-run",
-                      "root_path": ""}, receive, send))
+    asyncio.run(
+        gate(
+            {"type": "websocket", "path": "/v1/fleet/get-run", "raw_path": b"/v1/fleet/get-run", "root_path": ""},
+            receive,
+            send,
+        )
+    )
     assert not reached and sent == [{"type": "websocket.close", "code": 1008}]
     with pytest.raises(RuntimeError, match="does not serve 'lifespan'"):
         asyncio.run(gate({"type": "lifespan"}, receive, send))
-    for bad in ([], ["/v1/control/list-runs"], ["/v1/fleet/{node_id}"], ["/v1/fleet/../control/x"],
-                ["/docs"], ["/v1/fleet/"]):
+    for bad in (
+        [],
+        ["/v1/control/list-runs"],
+        ["/v1/fleet/{node_id}"],
+        ["/v1/fleet/../control/x"],
+        ["/docs"],
+        ["/v1/fleet/"],
+    ):
         with pytest.raises(ValueError, match="only literal Fleet paths"):
             FleetOnly(app, bad)

@@ -81,9 +81,11 @@ def test_cli_exit_codes_and_json(tmp_path):
 
 
 def test_cli_usage_errors_exit_2_with_one_line(tmp_path):
-    for args, message in [([str(tmp_path / "absent")], "not a folder"),
-                          ([str(tmp_path), "--multiframe", "all"], "unknown multiframe policy"),
-                          ([str(tmp_path), "--image-size", "2"], "image size must be an integer")]:
+    for args, message in [
+        ([str(tmp_path / "absent")], "not a folder"),
+        ([str(tmp_path), "--multiframe", "all"], "unknown multiframe policy"),
+        ([str(tmp_path), "--image-size", "2"], "image size must be an integer"),
+    ]:
         done = runner.invoke(data_app, ["check", *args])
         assert done.exit_code == 2, done.output
         assert message in done.stderr and "Traceback" not in done.output
@@ -91,7 +93,7 @@ def test_cli_usage_errors_exit_2_with_one_line(tmp_path):
 
 
 def test_file_and_folder_names_are_printed_as_written_not_as_markup(tmp_path):
-    root = hospital(tmp_path / "a[" / "x][bold]", n=2)          # the folder's path holds "a[/x]"
+    root = hospital(tmp_path / "a[" / "x][bold]", n=2)  # the folder's path holds "a[/x]"
     (root / "bad[kg].dcm").write_bytes(b"DICM? no: not a DICOM file at all")
     (root / "labels.csv").write_text("file,label\nimg00.dcm,0\nimg01.dcm,1\nbad[kg].dcm,1\n")
     done = runner.invoke(data_app, ["check", str(root), "--image-size", "16"])
@@ -123,11 +125,23 @@ def ehr_hospital(folder, rows: int):
 def test_ehr_check_refuses_what_simulate_refuses_at_the_run_batch_size(tmp_path):
     from fedcare.cli import app
 
-    site = ehr_hospital(tmp_path / "root", rows=40)               # 28 training rows; default batch 30
+    site = ehr_hospital(tmp_path / "root", rows=40)  # 28 training rows; default batch 30
     args = ["data", "check", str(site / "table.csv"), "--schema", str(site / "schema.toml")]
     checked = runner.invoke(app, args)
-    simulated = runner.invoke(app, ["simulate", "--dataset", "ehr-table", "--data-root", str(tmp_path / "root"),
-                                    "--rounds", "1", "--output-dir", str(tmp_path / "run")])
+    simulated = runner.invoke(
+        app,
+        [
+            "simulate",
+            "--dataset",
+            "ehr-table",
+            "--data-root",
+            str(tmp_path / "root"),
+            "--rounds",
+            "1",
+            "--output-dir",
+            str(tmp_path / "run"),
+        ],
+    )
     for done in (checked, simulated):
         text = " ".join(done.output.split())
         assert done.exit_code == 1, done.output

@@ -22,8 +22,9 @@ from tests.conftest import ROOT
 
 
 def _python(code: str) -> str:
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -32,19 +33,20 @@ def test_prompt_clock_is_fast_only_while_a_run_is_active(monkeypatch):
     slept = []
     monkeypatch.setattr(flower_latency.time, "sleep", slept.append)
     clock = _PromptClock(0.5)
-    clock.sleep(3)                     # idle node: Flower's 3 s
-    clock.message_stored()             # a message arrived: poll soon, then back off to 0.5 s
+    clock.sleep(3)  # idle node: Flower's 3 s
+    clock.message_stored()  # a message arrived: poll soon, then back off to 0.5 s
     for _ in range(6):
         clock.sleep(3)
-    clock.sleep(0.5)                   # waiting for the ClientApp's reply
-    clock.sleep(1.25)                  # anything else: unchanged
+    clock.sleep(0.5)  # waiting for the ClientApp's reply
+    clock.sleep(1.25)  # anything else: unchanged
     clock.last_message -= flower_latency.ACTIVE_WINDOW_S + 1
-    clock.sleep(3)                     # no message for a while: Flower's 3 s again
-    assert slept == pytest.approx([3, 0.05, 0.075, 0.1125, 0.16875, 0.253125, 0.3796875,
-                                   flower_latency.REPLY_POLL_S, 1.25, 3])
+    clock.sleep(3)  # no message for a while: Flower's 3 s again
+    assert slept == pytest.approx(
+        [3, 0.05, 0.075, 0.1125, 0.16875, 0.253125, 0.3796875, flower_latency.REPLY_POLL_S, 1.25, 3]
+    )
     clock.message_stored()
     assert [clock.sleep(3) or slept[-1] for _ in range(12)][-1] == 0.5
-    assert clock.monotonic() > 0       # every other attribute is the time module's
+    assert clock.monotonic() > 0  # every other attribute is the time module's
 
 
 def test_flower_hooks_apply_to_the_pinned_flower_and_its_waits_are_still_there():
@@ -74,15 +76,18 @@ def test_an_installed_fab_is_not_unzipped_again(tmp_path, monkeypatch):
 
     monkeypatch.setenv("FLWR_HOME", str(tmp_path))
     unzipped = []
-    monkeypatch.setattr(runtime, "install_from_fab", lambda fab, install_dir=None, skip_prompt=False:
-                        unzipped.append(fab) or tmp_path / "fresh")
+    monkeypatch.setattr(
+        runtime,
+        "install_from_fab",
+        lambda fab, install_dir=None, skip_prompt=False: unzipped.append(fab) or tmp_path / "fresh",
+    )
     assert flower_latency.reuse_installed_fab()
     fab = b"a FAB's bytes"
     installed = tmp_path / "apps" / f"fedcare.fedcare.0.1.0.{hashlib.sha256(fab).hexdigest()[:8]}"
-    assert runtime.install_from_fab(fab, skip_prompt=True) == tmp_path / "fresh"        # not installed yet
+    assert runtime.install_from_fab(fab, skip_prompt=True) == tmp_path / "fresh"  # not installed yet
     installed.mkdir(parents=True)
     (installed / "pyproject.toml").write_text("[project]\n")
-    assert runtime.install_from_fab(fab, skip_prompt=True) == installed                  # reused, no unzip
+    assert runtime.install_from_fab(fab, skip_prompt=True) == installed  # reused, no unzip
     assert runtime.install_from_fab(b"another FAB", skip_prompt=True) == tmp_path / "fresh"
     assert unzipped == [fab, b"another FAB"]
 
@@ -106,8 +111,11 @@ def test_warm_executor_keeps_libraries_but_never_the_apps_own_modules():
 
 
 def _msg(mid: str, kind: str = "train", reply_to: str = ""):
-    return SimpleNamespace(metadata=SimpleNamespace(message_type=kind, group_id="1", reply_to_message_id=reply_to,
-                                                    src_node_id=7, message_id=mid))
+    return SimpleNamespace(
+        metadata=SimpleNamespace(
+            message_type=kind, group_id="1", reply_to_message_id=reply_to, src_node_id=7, message_id=mid
+        )
+    )
 
 
 class _FakeGrid:
@@ -141,7 +149,7 @@ def test_prompt_grid_polls_until_every_reply_is_in(monkeypatch):
     replies = grid.send_and_receive([_msg("a"), _msg("b"), _msg("c")], timeout=30)
     assert [r.metadata.reply_to_message_id for r in replies] == ["m0", "m1", "m2"] and fake.pulls == 6
     stand_in = SimpleNamespace(send_and_receive=lambda messages, timeout=None: [])
-    assert PromptGrid.wrap(stand_in) is stand_in             # test doubles with only send_and_receive
+    assert PromptGrid.wrap(stand_in) is stand_in  # test doubles with only send_and_receive
 
 
 def test_prompt_grid_gives_up_at_the_timeout_and_can_defer_to_flower(monkeypatch):
@@ -181,11 +189,14 @@ def test_prompt_grid_polls_the_simulation_engines_grid_every_10_ms(monkeypatch):
         assert waits == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("args,address", [
-    (["--superlink", "x:1", "--host", "127.0.0.1", "--port", "9105"], "127.0.0.1:9105"),
-    (["--port", "9200"], "127.0.0.1:9200"),
-    (["--host", "::1", "--port", "9201"], "[::1]:9201"),
-])
+@pytest.mark.parametrize(
+    "args,address",
+    [
+        (["--superlink", "x:1", "--host", "127.0.0.1", "--port", "9105"], "127.0.0.1:9105"),
+        (["--port", "9200"], "127.0.0.1:9200"),
+        (["--host", "::1", "--port", "9201"], "[::1]:9201"),
+    ],
+)
 def test_launcher_finds_the_runtime_api_address(args, address):
     from fedcare.node_launcher import _runtime_api_address
 

@@ -15,8 +15,12 @@ from fedcare.errors import FedcareError
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     out = tmp_path_factory.mktemp("deploy")
-    return init_deployment(out, ["alpha", "beta", "gamma"], sans=["127.0.0.1", "localhost", "link.example.org"],
-                           superlink_address="127.0.0.1:19092")
+    return init_deployment(
+        out,
+        ["alpha", "beta", "gamma"],
+        sans=["127.0.0.1", "localhost", "link.example.org"],
+        superlink_address="127.0.0.1:19092",
+    )
 
 
 def _cert(path):
@@ -31,7 +35,7 @@ def test_server_certificate_chains_to_the_ca_with_the_sans(deployment):
     ca, server = _cert(deployment.ca_certificate), _cert(deployment.server_certificate)
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     ca.verify_directly_issued_by(ca)
-    server.verify_directly_issued_by(ca)            # signature, issuer name, CA constraints
+    server.verify_directly_issued_by(ca)  # signature, issuer name, CA constraints
     assert not server.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert sans.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
@@ -46,16 +50,21 @@ def test_control_certificate_names_loopback_only(deployment):
     control.verify_directly_issued_by(ca)
     sans = control.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert sans.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
-    assert sans.get_values_for_type(x509.DNSName) == ["localhost"]      # not the public names
+    assert sans.get_values_for_type(x509.DNSName) == ["localhost"]  # not the public names
     assert ExtendedKeyUsageOID.SERVER_AUTH in control.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
 
 
 def test_secrets_are_0600_in_0700_folders(deployment):
-    secrets = [deployment.ca_key, deployment.server_key, deployment.control_key] + \
-        [h.private_key for h in deployment.hospitals]
+    secrets = [deployment.ca_key, deployment.server_key, deployment.control_key] + [
+        h.private_key for h in deployment.hospitals
+    ]
     assert all(_mode(p) == 0o600 for p in secrets), {str(p): oct(_mode(p)) for p in secrets}
-    folders = [deployment.out_dir, deployment.ca_key.parent, deployment.server_key.parent,
-               *(h.folder for h in deployment.hospitals)]
+    folders = [
+        deployment.out_dir,
+        deployment.ca_key.parent,
+        deployment.server_key.parent,
+        *(h.folder for h in deployment.hospitals),
+    ]
     assert all(_mode(f) == 0o700 for f in folders)
 
 
@@ -68,13 +77,13 @@ def test_node_keys_load_with_flowers_own_loaders(deployment):
 
     for h in deployment.hospitals:
         Args.auth_supernode_private_key = str(h.private_key)
-        private, public = _try_setup_client_authentication(Args)      # what flower-supernode runs
+        private, public = _try_setup_client_authentication(Args)  # what flower-supernode runs
         assert private.curve.name == "secp384r1"
-        registered = try_load_public_key(h.public_key)               # what `flwr supernode register` runs
+        registered = try_load_public_key(h.public_key)  # what `flwr supernode register` runs
         assert registered == try_load_public_key(h.public_key) and len(registered) > 0
         from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
-        assert public_key_to_bytes(public) == registered            # the .pub is this key's half
+        assert public_key_to_bytes(public) == registered  # the .pub is this key's half
     assert len({h.public_key.read_bytes() for h in deployment.hospitals}) == 3
 
 
@@ -87,13 +96,17 @@ def test_connection_snippet_and_commands(deployment):
     commands = deployment.commands_file.read_text()
     start = next(line for line in commands.splitlines() if "fedcare.superlink_launcher" in line).split()
     assert start[:3] == ["python", "-m", "fedcare.superlink_launcher"]
-    for flag, value in (("--host", "127.0.0.1"), ("--port", "19092"), ("--control-port", "19093"),
-                        ("--ssl-ca-certfile", str(deployment.ca_certificate)),
-                        ("--ssl-certfile", str(deployment.server_certificate)),
-                        ("--ssl-keyfile", str(deployment.server_key)),
-                        ("--control-ssl-certfile", str(deployment.control_certificate)),
-                        ("--control-ssl-keyfile", str(deployment.control_key)),
-                        ("--database", str(deployment.database))):
+    for flag, value in (
+        ("--host", "127.0.0.1"),
+        ("--port", "19092"),
+        ("--control-port", "19093"),
+        ("--ssl-ca-certfile", str(deployment.ca_certificate)),
+        ("--ssl-certfile", str(deployment.server_certificate)),
+        ("--ssl-keyfile", str(deployment.server_key)),
+        ("--control-ssl-certfile", str(deployment.control_certificate)),
+        ("--control-ssl-keyfile", str(deployment.control_key)),
+        ("--database", str(deployment.database)),
+    ):
         assert start[start.index(flag) + 1] == value, flag
     assert "--disable-runtime-dependency-installation" in start
     assert not any(line.strip().startswith("flower-superlink") for line in commands.splitlines())
@@ -102,7 +115,7 @@ def test_connection_snippet_and_commands(deployment):
     for h in deployment.hospitals:
         assert f"flwr supernode register {h.public_key} fedcare" in commands
         assert f"fedcare node start --config {h.settings}" in commands
-        assert 'address = "127.0.0.1:19092"' in h.settings.read_text()     # hospitals dial the public listener
+        assert 'address = "127.0.0.1:19092"' in h.settings.read_text()  # hospitals dial the public listener
 
 
 def test_control_port_option_and_the_launcher_command(tmp_path):
@@ -144,17 +157,20 @@ def test_refuses_to_overwrite_keys_unless_forced(deployment, tmp_path):
     assert forced.hospitals[0].private_key.read_bytes() != b"" and _mode(again.hospitals[0].private_key) == 0o600
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(hospitals=[]), "no hospitals"),
-    (dict(hospitals=["a", "a"]), "named twice"),
-    (dict(hospitals=["../evil"]), "cannot be a folder name"),
-    (dict(hospitals=["a"], superlink_address="10.0.0.5:9092"), "not among the certificate SANs"),
-    (dict(hospitals=["a"], superlink_address="nohost"), "is not HOST:PORT"),
-    (dict(hospitals=["a"], sans=["bad name!"]), "neither an IP address nor a DNS name"),
-    (dict(hospitals=["a"], superlink_state="redis"), "unknown SuperLink state 'redis'"),
-    (dict(hospitals=["a"], superlink_address="127.0.0.1:9092", control_port=9092), "control port and the public"),
-    (dict(hospitals=["a"], control_port=70000), "control port 70000 is not a port number"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(hospitals=[]), "no hospitals"),
+        (dict(hospitals=["a", "a"]), "named twice"),
+        (dict(hospitals=["../evil"]), "cannot be a folder name"),
+        (dict(hospitals=["a"], superlink_address="10.0.0.5:9092"), "not among the certificate SANs"),
+        (dict(hospitals=["a"], superlink_address="nohost"), "is not HOST:PORT"),
+        (dict(hospitals=["a"], sans=["bad name!"]), "neither an IP address nor a DNS name"),
+        (dict(hospitals=["a"], superlink_state="redis"), "unknown SuperLink state 'redis'"),
+        (dict(hospitals=["a"], superlink_address="127.0.0.1:9092", control_port=9092), "control port and the public"),
+        (dict(hospitals=["a"], control_port=70000), "control port 70000 is not a port number"),
+    ],
+)
 def test_bad_input_is_one_clear_error(tmp_path, kwargs, message):
     with pytest.raises(FedcareError, match=message):
         init_deployment(tmp_path / "d", **kwargs)

@@ -35,7 +35,7 @@ from fedcare.superlink_probe import SuperLinkUnreachable, probe_superlink
 from tests.conftest import ROOT
 from tests.support.deployment_processes import BIN, TlsStandIn, free_port, kill_group, stop
 
-NOW = dt.datetime.now(dt.timezone.utc)
+NOW = dt.datetime.now(dt.UTC)
 
 
 @pytest.fixture
@@ -81,10 +81,10 @@ def test_a_port_left_in_time_wait_by_a_stopped_node_is_free_but_a_live_listener_
     served.close()
     listener.close()
     client.close()
-    assert "06" in _tcp_states(port)                 # TIME-WAIT, and nothing listening
+    assert "06" in _tcp_states(port)  # TIME-WAIT, and nothing listening
     assert port_is_free(port)
 
-    with socket.socket() as live:                    # a node that is still running (it could bind: SO_REUSEADDR)
+    with socket.socket() as live:  # a node that is still running (it could bind: SO_REUSEADDR)
         live.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         live.bind(("127.0.0.1", port))
         live.listen()
@@ -93,21 +93,38 @@ def test_a_port_left_in_time_wait_by_a_stopped_node_is_free_but_a_live_listener_
         path.write_text(re.sub(r"clientappio-port = \d+", f"clientappio-port = {port}", path.read_text()))
         with pytest.raises(FedcareError, match=rf"127\.0\.0\.1:{port} is already in use") as info:
             load_node_settings(path)
-        assert f"process {os.getpid()}" in info.value.problem            # who holds it, when this user can see
+        assert f"process {os.getpid()}" in info.value.problem  # who holds it, when this user can see
 
 
 def test_a_killed_node_can_start_again_at_once(deployment):
     """A real SuperNode (Flower's, through fedcare's launcher) killed while its Runtime API had a connection:
     its port is left in TIME-WAIT, and the settings check passes at once (it failed for a minute before)."""
     port = free_port()
-    command = [sys.executable, "-m", "fedcare.node_launcher", "--allow-any-fab", "--", "--insecure",
-               "--superlink", f"127.0.0.1:{free_port()}", "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},
-                            start_new_session=True)
+    command = [
+        sys.executable,
+        "-m",
+        "fedcare.node_launcher",
+        "--allow-any-fab",
+        "--",
+        "--insecure",
+        "--superlink",
+        f"127.0.0.1:{free_port()}",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    proc = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},
+        start_new_session=True,
+    )
     try:
         client = None
-        for _ in range(600):                                 # hang guard: the Runtime API listens within seconds
+        for _ in range(600):  # hang guard: the Runtime API listens within seconds
             assert proc.poll() is None, "the node exited"
             try:
                 client = socket.create_connection(("127.0.0.1", port), timeout=1)
@@ -115,17 +132,17 @@ def test_a_killed_node_can_start_again_at_once(deployment):
             except OSError:
                 time.sleep(0.1)
         assert client is not None, "the node's Runtime API never listened"
-        client.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")      # served: the node accepted it,
-        assert client.recv(4096).startswith(b"HTTP/1.1 ")                # and keeps it open (keep-alive)
-        kill_group(proc)                                     # a crash: the node's end closes first
-        while client.recv(4096):                             # read to its FIN (unread data would reset instead)
+        client.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # served: the node accepted it,
+        assert client.recv(4096).startswith(b"HTTP/1.1 ")  # and keeps it open (keep-alive)
+        kill_group(proc)  # a crash: the node's end closes first
+        while client.recv(4096):  # read to its FIN (unread data would reset instead)
             pass
         client.close()
     finally:
         stop(proc)
-    assert "06" in _tcp_states(port) and "0A" not in _tcp_states(port)      # TIME-WAIT, no listener
+    assert "06" in _tcp_states(port) and "0A" not in _tcp_states(port)  # TIME-WAIT, no listener
     with socket.socket() as plain, pytest.raises(OSError):
-        plain.bind(("127.0.0.1", port))                      # what the check did before: "already in use"
+        plain.bind(("127.0.0.1", port))  # what the check did before: "already in use"
     path = deployment.hospitals[0].settings
     path.write_text(re.sub(r"clientappio-port = \d+", f"clientappio-port = {port}", path.read_text()))
     assert load_node_settings(path).clientappio_port == port
@@ -142,11 +159,14 @@ def test_the_deployments_own_files_pass(deployment):
     _check(deployment)
 
 
-@pytest.mark.parametrize("content,message", [
-    (b"-----BEGIN CERTIFICATE-----\n", "is not a PEM certificate"),                 # truncated by a copy
-    (b"-----BEGIN CERTIFICATE-----\nMIIB3zCCAWWgAwIBAgIU\n-----END CERTIFICATE-----\n", "is not a PEM certificate"),
-    (b"\x00\x01garbage", "is not a PEM certificate"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"-----BEGIN CERTIFICATE-----\n", "is not a PEM certificate"),  # truncated by a copy
+        (b"-----BEGIN CERTIFICATE-----\nMIIB3zCCAWWgAwIBAgIU\n-----END CERTIFICATE-----\n", "is not a PEM certificate"),
+        (b"\x00\x01garbage", "is not a PEM certificate"),
+    ],
+)
 def test_a_corrupted_ca_certificate_is_named(deployment, content, message):
     ca = deployment.hospitals[0].root_certificate
     ca.write_bytes(content)
@@ -158,10 +178,10 @@ def test_a_corrupted_ca_certificate_is_named(deployment, content, message):
 
 def test_a_wrong_type_file_as_ca_certificate_is_named(deployment):
     hospital = deployment.hospitals[0]
-    hospital.root_certificate.write_bytes(deployment.server_certificate.read_bytes())   # the SuperLink's, not the CA
+    hospital.root_certificate.write_bytes(deployment.server_certificate.read_bytes())  # the SuperLink's, not the CA
     with pytest.raises(FedcareError, match="holds no CA certificate"):
         _check(deployment)
-    hospital.root_certificate.write_bytes(hospital.public_key.read_bytes())             # the node's public key
+    hospital.root_certificate.write_bytes(hospital.public_key.read_bytes())  # the node's public key
     with pytest.raises(FedcareError, match="is not a PEM certificate"):
         _check(deployment)
 
@@ -172,7 +192,7 @@ def test_an_expired_ca_certificate_is_named(deployment):
     _, old = _make_ca(NOW - dt.timedelta(days=4000))
     ca = deployment.hospitals[0].root_certificate
     ca.write_bytes(old.public_bytes(serialization.Encoding.PEM))
-    with pytest.raises(FedcareError, match="the deployment's CA certificate .* expired on") as info:
+    with pytest.raises(FedcareError, match=r"the deployment's CA certificate .* expired on") as info:
         _check(deployment)
     assert str(ca) in info.value.problem
 
@@ -180,12 +200,15 @@ def test_an_expired_ca_certificate_is_named(deployment):
 def test_a_corrupted_or_wrong_type_node_key_is_named(deployment):
     key = deployment.hospitals[0].private_key
     text = key.read_bytes()
-    key.write_bytes(text[:len(text) // 2] + b"\n-----END OPENSSH PRIVATE KEY-----\n")
+    key.write_bytes(text[: len(text) // 2] + b"\n-----END OPENSSH PRIVATE KEY-----\n")
     with pytest.raises(FedcareError, match=r"\[node\] private-key: .*node.key is not an OpenSSH private key"):
         _check(deployment)
-    other = ed25519.Ed25519PrivateKey.generate()       # an OpenSSH key Flower refuses: not EC
-    key.write_bytes(other.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                        serialization.NoEncryption()))
+    other = ed25519.Ed25519PrivateKey.generate()  # an OpenSSH key Flower refuses: not EC
+    key.write_bytes(
+        other.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        )
+    )
     with pytest.raises(FedcareError, match="is an Ed25519PrivateKey, not an EC key"):
         _check(deployment)
 
@@ -200,7 +223,7 @@ def test_check_only_reads_the_ca_before_anything_starts(deployment):
     done = _cli("start", "--config", str(deployment.hospitals[0].settings), "--check-only")
     assert done.exit_code == 2, done.output
     assert "is not a PEM certificate" in done.output and "ca.crt" in done.output
-    assert "data ok" not in done.output                    # before the data, before any process
+    assert "data ok" not in done.output  # before the data, before any process
 
 
 # -- a SuperLink nobody answers ------------------------------------------------------------------------------
@@ -208,39 +231,50 @@ def test_check_only_reads_the_ca_before_anything_starts(deployment):
 
 def test_a_closed_port_is_named_as_unreachable(deployment):
     port = free_port()
-    with pytest.raises(SuperLinkUnreachable, match=rf"cannot reach the SuperLink at 127\.0\.0\.1:{port} "
-                                                   r"\(connection refused\)") as info:
+    with pytest.raises(
+        SuperLinkUnreachable,
+        match=rf"cannot reach the SuperLink at 127\.0\.0\.1:{port} "
+        r"\(connection refused\)",
+    ) as info:
         probe_superlink(f"127.0.0.1:{port}", deployment.ca_certificate)
     assert "[superlink] address" in info.value.hint
 
 
 def test_a_port_that_does_not_speak_tls_is_named(deployment):
-    with TlsStandIn(None, None) as plain:      # answers, but in plain text
-        with pytest.raises(FedcareError, match=rf"127\.0\.0\.1:{plain.port} answers but does not speak TLS"):
-            probe_superlink(f"127.0.0.1:{plain.port}", deployment.ca_certificate)
+    with (
+        TlsStandIn(None, None) as plain,  # answers, but in plain text
+        pytest.raises(FedcareError, match=rf"127\.0\.0\.1:{plain.port} answers but does not speak TLS"),
+    ):
+        probe_superlink(f"127.0.0.1:{plain.port}", deployment.ca_certificate)
 
 
 def test_node_start_against_a_closed_port_retries_for_a_bounded_time_naming_the_address(deployment):
     """A real `fedcare node start` process: it names the address on every attempt, then stops with exit 1."""
     port = free_port()
     settings = _dial(deployment, f"127.0.0.1:{port}", "connect-wait = 1\n")
-    proc = subprocess.Popen([str(BIN / "fedcare"), "node", "start", "--config", str(settings)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(BIN / "fedcare"), "node", "start", "--config", str(settings)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        output, _ = proc.communicate(timeout=120)            # hang guard: today's node retries forever
+        output, _ = proc.communicate(timeout=120)  # hang guard: today's node retries forever
     except subprocess.TimeoutExpired:
-        stop(proc)                                           # the node runs in a session of its own
+        stop(proc)  # the node runs in a session of its own
         output, _ = proc.communicate()
         pytest.fail(f"the node kept retrying silently:\n{output[-2000:]}")
     assert proc.returncode == 1, output
     named = re.findall(rf"cannot reach the SuperLink at 127\.0\.0\.1:{port} \(connection refused\)", output)
-    assert len(named) >= 2, output                           # each retry, then the final error
+    assert len(named) >= 2, output  # each retry, then the final error
     assert "retrying" in output and "is the SuperLink running" in output
-    assert "Starting Flower SuperNode" not in output              # nothing started
+    assert "Starting Flower SuperNode" not in output  # nothing started
 
 
 def test_the_start_wait_is_a_setting(deployment):
-    assert load_node_settings(deployment.hospitals[0].settings).superlink_wait_s == 120      # the default
+    assert load_node_settings(deployment.hospitals[0].settings).superlink_wait_s == 120  # the default
     path = _dial(deployment, "127.0.0.1:9092", "connect-wait = 0\n")
     assert load_node_settings(path).superlink_wait_s == 0
     path.write_text(path.read_text().replace("connect-wait = 0", "connect-wait = -1"))
@@ -261,10 +295,9 @@ def test_an_expired_superlink_certificate_is_named_with_its_date_and_the_renewal
     certificate, key = _served(deployment, NOW - dt.timedelta(days=900))
     expired = x509.load_pem_x509_certificate(certificate.read_bytes()).not_valid_after_utc
     assert expired < NOW
-    with TlsStandIn(certificate, key) as link:
-        with pytest.raises(FedcareError) as info:
-            probe_superlink(f"127.0.0.1:{link.port}", deployment.hospitals[0].root_certificate)
-    assert not isinstance(info.value, SuperLinkUnreachable)          # no waiting: the coordinator must act
+    with TlsStandIn(certificate, key) as link, pytest.raises(FedcareError) as info:
+        probe_superlink(f"127.0.0.1:{link.port}", deployment.hospitals[0].root_certificate)
+    assert not isinstance(info.value, SuperLinkUnreachable)  # no waiting: the coordinator must act
     assert f"the SuperLink's certificate expired on {expired:%Y-%m-%d %H:%M} UTC" in info.value.problem
     assert "fedcare deploy renew" in info.value.hint
     assert "CA" not in info.value.problem and "SAN" not in info.value.problem
@@ -272,23 +305,29 @@ def test_an_expired_superlink_certificate_is_named_with_its_date_and_the_renewal
 
 def test_a_not_yet_valid_superlink_certificate_is_named(deployment):
     certificate, key = _served(deployment, NOW + dt.timedelta(days=2))
-    with TlsStandIn(certificate, key) as link:
-        with pytest.raises(FedcareError, match=r"the SuperLink's certificate is not valid before \d{4}-\d\d-\d\d") \
-                as info:
-            probe_superlink(f"127.0.0.1:{link.port}", deployment.hospitals[0].root_certificate)
+    with (
+        TlsStandIn(certificate, key) as link,
+        pytest.raises(FedcareError, match=r"the SuperLink's certificate is not valid before \d{4}-\d\d-\d\d") as info,
+    ):
+        probe_superlink(f"127.0.0.1:{link.port}", deployment.hospitals[0].root_certificate)
     assert "clock" in info.value.hint
 
 
 def test_a_certificate_from_another_ca_or_for_another_name_is_named(deployment, tmp_path):
     other = init_deployment(tmp_path / "other", ["x"])
-    with TlsStandIn(other.server_certificate, other.server_key) as link:
-        with pytest.raises(FedcareError, match="not signed by the CA in"):
-            probe_superlink(f"127.0.0.1:{link.port}", deployment.ca_certificate)
-    named = init_deployment(tmp_path / "named", ["x"], sans=["link.example.org"],
-                            superlink_address="link.example.org:9092")
-    with TlsStandIn(named.server_certificate, named.server_key) as link:
-        with pytest.raises(FedcareError, match=r"does not name 127\.0\.0\.1 \(it names link\.example\.org\)"):
-            probe_superlink(f"127.0.0.1:{link.port}", named.ca_certificate)
+    with (
+        TlsStandIn(other.server_certificate, other.server_key) as link,
+        pytest.raises(FedcareError, match="not signed by the CA in"),
+    ):
+        probe_superlink(f"127.0.0.1:{link.port}", deployment.ca_certificate)
+    named = init_deployment(
+        tmp_path / "named", ["x"], sans=["link.example.org"], superlink_address="link.example.org:9092"
+    )
+    with (
+        TlsStandIn(named.server_certificate, named.server_key) as link,
+        pytest.raises(FedcareError, match=r"does not name 127\.0\.0\.1 \(it names link\.example\.org\)"),
+    ):
+        probe_superlink(f"127.0.0.1:{link.port}", named.ca_certificate)
 
 
 def test_the_valid_certificate_passes_and_a_renewal_fixes_an_expired_one(deployment):
@@ -300,7 +339,7 @@ def test_the_valid_certificate_passes_and_a_renewal_fixes_an_expired_one(deploym
     ca = x509.load_pem_x509_certificate(deployment.ca_certificate.read_bytes())
     certificate.verify_directly_issued_by(ca)
     assert certificate.not_valid_after_utc > NOW + dt.timedelta(days=800)
-    assert deployment.hospitals[0].private_key.read_bytes() == node_key           # nothing else replaced
+    assert deployment.hospitals[0].private_key.read_bytes() == node_key  # nothing else replaced
     with TlsStandIn(deployment.server_certificate, deployment.server_key) as link:
         probe_superlink(f"127.0.0.1:{link.port}", deployment.hospitals[0].root_certificate)
 
@@ -318,8 +357,9 @@ def test_the_superlink_launcher_refuses_an_expired_certificate(deployment):
     """A real launcher process: it stops at once, naming the file and the date (hospitals could not connect)."""
     _served(deployment, NOW - dt.timedelta(days=900))
     # hang guard: before the fix the launcher served the certificate
-    returncode, output = _run_until_exit(deployment.superlink_command(sys.executable),
-                                         "the launcher served an expired certificate")
+    returncode, output = _run_until_exit(
+        deployment.superlink_command(sys.executable), "the launcher served an expired certificate"
+    )
     assert returncode == 2, output
     assert f"--ssl-certfile {deployment.server_certificate}: the SuperLink's certificate expired on" in output
     assert "fedcare deploy renew" in output
@@ -327,8 +367,9 @@ def test_the_superlink_launcher_refuses_an_expired_certificate(deployment):
 
 def _run_until_exit(command: list[str], hang: str) -> tuple[int, str]:
     """Run a real process that must stop by itself; a process still running after 60 s fails with ``hang``."""
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         output, _ = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
@@ -342,10 +383,23 @@ def test_the_node_launcher_reads_its_ca_before_flower_starts(deployment):
     """A real `python -m fedcare.node_launcher` (what `node start` runs) given a truncated ca.crt stops at once."""
     hospital = deployment.hospitals[0]
     hospital.root_certificate.write_bytes(b"-----BEGIN CERTIFICATE-----\n")
-    command = [sys.executable, "-m", "fedcare.node_launcher", "--allow-any-fab", "--",
-               "--superlink", f"127.0.0.1:{free_port()}", "--root-certificates", str(hospital.root_certificate),
-               "--auth-supernode-private-key", str(hospital.private_key), "--host", "127.0.0.1",
-               "--port", str(free_port())]
+    command = [
+        sys.executable,
+        "-m",
+        "fedcare.node_launcher",
+        "--allow-any-fab",
+        "--",
+        "--superlink",
+        f"127.0.0.1:{free_port()}",
+        "--root-certificates",
+        str(hospital.root_certificate),
+        "--auth-supernode-private-key",
+        str(hospital.private_key),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(free_port()),
+    ]
     # hang guard: before the fix the node waited with its port held
     returncode, output = _run_until_exit(command, "the node started with a corrupted ca.crt")
     assert returncode == 2, output
@@ -358,9 +412,12 @@ def test_flowers_retry_warning_names_the_superlink():
 
     line = "WARNING :   Connection attempt failed, retrying in 1.92 seconds"
     assert name_the_superlink(line, "10.0.0.5:9092") == (
-        f"{line} (fedcare: cannot reach the SuperLink at 10.0.0.5:9092; the node keeps retrying, Ctrl-C stops it)")
-    assert name_the_superlink("INFO :      Starting Flower SuperNode", "10.0.0.5:9092") == \
-        "INFO :      Starting Flower SuperNode"
+        f"{line} (fedcare: cannot reach the SuperLink at 10.0.0.5:9092; the node keeps retrying, Ctrl-C stops it)"
+    )
+    assert (
+        name_the_superlink("INFO :      Starting Flower SuperNode", "10.0.0.5:9092")
+        == "INFO :      Starting Flower SuperNode"
+    )
 
 
 def test_deploy_renew_reissues_the_superlink_certificates(deployment, tmp_path):
@@ -389,9 +446,11 @@ def test_the_superlink_launcher_reads_its_key_with_its_certificate(deployment):
         return LauncherSettings.from_args(parser().parse_args(command[3:]))
 
     assert settings(deployment.server_key).key == deployment.server_key
-    with pytest.raises(FedcareError, match=f"{deployment.control_key} is not the key of {deployment.server_certificate}"):
+    with pytest.raises(
+        FedcareError, match=f"{deployment.control_key} is not the key of {deployment.server_certificate}"
+    ):
         settings(deployment.control_key)
     broken = deployment.out_dir / "broken.key"
     broken.write_bytes(deployment.server_key.read_bytes()[:60])
-    with pytest.raises(FedcareError, match="broken.key is not a readable PEM private key"):
+    with pytest.raises(FedcareError, match=r"broken.key is not a readable PEM private key"):
         settings(broken)

@@ -27,22 +27,33 @@ from pathlib import Path
 import pytest
 
 from client.privacy_ledger import epsilon_of
+from fedcare.compat.flower import build_fab
 from fedcare.deploy_pki import DeploymentFiles, init_deployment
 from fedcare.fab_approval import approve_digest, fab_digest
-from fedcare.compat.flower import build_fab
 from fedcare.node_settings import supernode_command
 from fedcare.safe_environment import SAFE_ENVIRONMENT
 from server.checkpoint import load_checkpoint
 from tests.conftest import ROOT
-from tests.support.deployment_processes import (BIN, HANG_GUARD_S, Processes, deployment_env, free_port, group_members,
-                                        hospital_settings, kill_group, run_status, start_run, wait_for_port,
-                                        wait_for_run)
+from tests.support.deployment_processes import (
+    BIN,
+    HANG_GUARD_S,
+    Processes,
+    deployment_env,
+    free_port,
+    group_members,
+    hospital_settings,
+    kill_group,
+    run_status,
+    start_run,
+    wait_for_port,
+    wait_for_run,
+)
 
 pytestmark = pytest.mark.e2e
 HOSPITALS = {"cleveland": "Cleveland", "hungary": "Hungary", "switzerland": "Switzerland"}  # folder -> own name
 NAMES = set(HOSPITALS.values())
 ROUNDS = 2
-BUDGET = 4.0   # each node's lifetime epsilon: room for the three runs (1.0 each) on one set of ledgers
+BUDGET = 4.0  # each node's lifetime epsilon: room for the three runs (1.0 each) on one set of ledgers
 
 
 @dataclass
@@ -53,13 +64,13 @@ class Federation:
     files: DeploymentFiles
     processes: Processes
     port: int
-    trace: Path                              # $FEDCARE_TIMING_LOG: one JSON line per traced event
-    ledgers: Path                            # each node's own privacy-ledger folder lives under here
+    trace: Path  # $FEDCARE_TIMING_LOG: one JSON line per traced event
+    ledgers: Path  # each node's own privacy-ledger folder lives under here
     link: tuple[subprocess.Popen, Path] | None = None
     nodes: dict[str, tuple[subprocess.Popen, Path]] = field(default_factory=dict)
 
     @classmethod
-    def create(cls, tmp_path: Path) -> "Federation":
+    def create(cls, tmp_path: Path) -> Federation:
         port = free_port()
         files = init_deployment(tmp_path / "deploy", list(HOSPITALS), superlink_address=f"127.0.0.1:{port}")
         trace = tmp_path / "trace.jsonl"
@@ -94,17 +105,22 @@ class Federation:
                 self.start_node(name)
 
     def run(self, out: Path, extra: str = "") -> str:
-        return start_run(self.processes.flwr, self.files.connection,
-                         f"num-rounds={ROUNDS} hospitals=3 min-hospitals=2 seed=0 output-dir='{out}' "
-                         f"ledger-dir='{self.tmp_path / 'run-ledgers'}' {extra}".strip())
+        return start_run(
+            self.processes.flwr,
+            self.files.connection,
+            f"num-rounds={ROUNDS} hospitals=3 min-hospitals=2 seed=0 output-dir='{out}' "
+            f"ledger-dir='{self.tmp_path / 'run-ledgers'}' {extra}".strip(),
+        )
 
     def wait(self, run_id: str, out: Path, nodes: list[str] | None = None) -> str:
         """The run's final status; `flwr ls` is asked once its results.json is written (or every 20 s)."""
+
         def written() -> bool:
             try:
                 return json.loads((out / "results.json").read_text())["run_id"] == run_id
             except (OSError, ValueError, KeyError):
                 return False
+
         watched = [self.nodes[n] for n in (HOSPITALS if nodes is None else nodes)]
         return wait_for_run(self.processes.flwr, self.files.connection, run_id, watched, poll_s=0.5, done=written)
 
@@ -120,13 +136,16 @@ class Federation:
     def events(self, event: str, since: float = 0.0, **match: object) -> list[dict]:
         """Traced events of one kind, at or after ``since``, whose fields equal ``match``."""
         found = []
-        for line in (self.trace.read_text().splitlines() if self.trace.exists() else []):
+        for line in self.trace.read_text().splitlines() if self.trace.exists() else []:
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:   # a line being appended right now
+            except json.JSONDecodeError:  # a line being appended right now
                 continue
-            if (record.get("ev") == event and record["t"] >= since
-                    and all(str(record.get(k)) == str(v) for k, v in match.items())):
+            if (
+                record.get("ev") == event
+                and record["t"] >= since
+                and all(str(record.get(k)) == str(v) for k, v in match.items())
+            ):
                 found.append(record)
         return found
 
@@ -179,9 +198,11 @@ def federation(tmp_path_factory):
 def _simulate(tmp_path: Path) -> dict:
     """The same run on Flower's Simulation Engine (3 hospitals = partitions 0..2, same seed), in its own group."""
     out = tmp_path / "simulation"
-    code = ("from fedcare.run_config import RunSettings; from simulation.runner import run; "
-            f"run(RunSettings(num_rounds={ROUNDS}, hospitals=3, min_hospitals=2, seed=0, output_dir={str(out)!r}), "
-            f"ledger_dir={str(tmp_path / 'simulation-ledgers')!r}, epsilon_budget={BUDGET})")
+    code = (
+        "from fedcare.run_config import RunSettings; from simulation.runner import run; "
+        f"run(RunSettings(num_rounds={ROUNDS}, hospitals=3, min_hospitals=2, seed=0, output_dir={str(out)!r}), "
+        f"ledger_dir={str(tmp_path / 'simulation-ledgers')!r}, epsilon_budget={BUDGET})"
+    )
     processes = Processes(tmp_path, {**os.environ, **SAFE_ENVIRONMENT})
     proc, log = processes.start("simulation", [sys.executable, "-c", code])
     try:
@@ -203,17 +224,20 @@ def test_three_hospital_deployment_accounts_as_the_simulation_engine_does(federa
     deployed = json.loads((out / "results.json").read_text())
     assert [r["round"] for r in deployed["rounds"]] == [1, 2]
     assert all(set(r["trained"]) == NAMES and not r["failed"] for r in deployed["rounds"]), deployed["rounds"]
-    simulated = _simulate(tmp_path)   # the nodes idle meanwhile (one poll every few seconds)
+    simulated = _simulate(tmp_path)  # the nodes idle meanwhile (one poll every few seconds)
     assert [r["round"] for r in simulated["rounds"]] == [1, 2]
     assert set(deployed["final"]) == set(simulated["final"]) == NAMES | {"pooled"}
     # The noise is each hospital's own (OS entropy, not the seed): the two models differ, by the noise only.
     assert deployed["model_digest"] != simulated["model_digest"]
     # AUC across 25 runs of these settings spreads by 0.013, so two runs differ by 0.018: 0.1 is 5.5 of those.
-    assert deployed["final"]["pooled"]["auc"] == pytest.approx(simulated["final"]["pooled"]["auc"],
-                                                               abs=0.1), (deployed["final"], simulated["final"])
-    for name in NAMES:   # the privacy accounting is exactly the same
-        assert deployed["hospitals"][name]["epsilon"] == pytest.approx(simulated["hospitals"][name]["epsilon"],
-                                                                       rel=1e-6), name
+    assert deployed["final"]["pooled"]["auc"] == pytest.approx(simulated["final"]["pooled"]["auc"], abs=0.1), (
+        deployed["final"],
+        simulated["final"],
+    )
+    for name in NAMES:  # the privacy accounting is exactly the same
+        assert deployed["hospitals"][name]["epsilon"] == pytest.approx(
+            simulated["hospitals"][name]["epsilon"], rel=1e-6
+        ), name
         assert deployed["final"][name]["n"] == simulated["final"][name]["n"]
 
 
@@ -243,10 +267,10 @@ def test_superlink_killed_mid_run_resumes_from_the_checkpoint(federation, tmp_pa
     os.kill(link.pid, signal.SIGSTOP)
     _wait_until(lambda: (out / "checkpoint" / "state.json").is_file(), "the round-1 checkpoint", fed, timeout=60)
     serverapps = {e["pid"] for e in fed.events("server-round", since=started)}
-    killed = kill_group(link)   # the coordinator host "crashes": SuperLink, its SuperExec and the ServerApp
+    killed = kill_group(link)  # the coordinator host "crashes": SuperLink, its SuperExec and the ServerApp
     assert serverapps <= set(killed), (serverapps, killed)
     assert load_checkpoint(out).completed_round == 1
-    assert len(fed.events("server-push", since=started, type="train")) == 1   # round 1's only
+    assert len(fed.events("server-push", since=started, type="train")) == 1  # round 1's only
 
     restarted = time.time()
     fed.start_superlink()  # same command: same --database, same port, same TLS files
@@ -267,14 +291,14 @@ def test_superlink_killed_mid_run_resumes_from_the_checkpoint(federation, tmp_pa
     assert [e["round"] for e in fed.events("server-round", since=restarted)] == [2]
     assert len(fed.events("server-push", since=restarted, type="train")) == 1
 
-    assert all(proc.poll() is None for proc, _ in fed.nodes.values())   # the SuperNodes that started the run
+    assert all(proc.poll() is None for proc, _ in fed.nodes.values())  # the SuperNodes that started the run
     for folder, name in HOSPITALS.items():
         ledger = fed.ledger(folder)
-        new = ledger["releases"][len(before[folder]["releases"]):]
+        new = ledger["releases"][len(before[folder]["releases"]) :]
         trains = [(r["run_id"], r["round"]) for r in new if r["kind"] == "train"]
         # one release per round, round 1 by the crashed run and round 2 by the resumed one: nothing twice
         assert trains == [(first_run, 1), (resumed_run, 2)], (folder, trains)
-        assert set(ledger["plans"]) - set(before[folder]["plans"]) == {first_run}   # the resumed run kept its plan
+        assert set(ledger["plans"]) - set(before[folder]["plans"]) == {first_run}  # the resumed run kept its plan
         spent = epsilon_of([tuple(e) for e in ledger["history"]], ledger["delta"])
         assert spent == pytest.approx(_uninterrupted_epsilon(before[folder], ledger, first_run), rel=1e-9), folder
         assert results["hospitals"][name]["epsilon"] == pytest.approx(spent, rel=1e-9), folder
@@ -297,6 +321,7 @@ def test_a_supernode_killed_mid_round_is_reported_and_the_run_finishes(federatio
     # later, lands mid-round: the node holds round 2's task and never answers.
     def received_round_2_train():
         return log.read_bytes()[offset:].count(b"Receiving: train message") >= 2
+
     _wait_until(received_round_2_train, "the victim's round-2 train message", fed)
     kill_group(node)
     status = fed.wait(run_id, out, nodes=[n for n in HOSPITALS if n != victim])
@@ -306,13 +331,13 @@ def test_a_supernode_killed_mid_round_is_reported_and_the_run_finishes(federatio
     first, second = results["rounds"]
     assert set(first["trained"]) == NAMES and not first["failed"], first
     assert set(second["trained"]) == NAMES - {victim_name}, second
-    assert victim_name in second["failed"], second      # the dropout, by name, with Flower's reason
+    assert victim_name in second["failed"], second  # the dropout, by name, with Flower's reason
     assert "Node Unavailable" in second["failed"][victim_name], second["failed"]
     assert set(second["evaluation"]) == NAMES - {victim_name} | {"pooled"}
     assert results["final"]["pooled"]["n"] == sum(results["final"][n]["n"] for n in NAMES - {victim_name})
-    assert f"failed: {victim_name}" in fed.server_log(run_id)   # ServerApp log: the round-2 progress line
+    assert f"failed: {victim_name}" in fed.server_log(run_id)  # ServerApp log: the round-2 progress line
     # the victim released nothing in round 2 (it died before its update left)
-    new = _ledger_or_empty(fed, victim)["releases"][len(before["releases"]):]
+    new = _ledger_or_empty(fed, victim)["releases"][len(before["releases"]) :]
     assert [(r["run_id"], r["round"]) for r in new if r["kind"] == "train"] == [(run_id, 1)]
 
 
@@ -340,8 +365,8 @@ def test_a_supernode_killed_in_the_unmask_exchange_is_named_and_its_keys_are_rem
     assert second["secagg"]["dropped"] == [victim_name] and second["secagg"]["path"] == "consistency", second
     assert set(second["trained"]) == NAMES - {victim_name}, second
     assert f"{victim_name} did not answer the unmask exchange" in fed.server_log(run_id)
-    for folder in HOSPITALS:   # the others deleted their keys when the run ended
+    for folder in HOSPITALS:  # the others deleted their keys when the run ended
         if folder != victim:
             assert not list((fed.ledgers / folder / "secagg").glob(f"node-*/secagg-run-{run_id}.json")), folder
-    fed.ensure_up()            # the hospital restarts its node: no key of the abandoned run survives that
+    fed.ensure_up()  # the hospital restarts its node: no key of the abandoned run survives that
     _wait_until(lambda: not any(path.exists() for path in keys), "the restarted node's key cleanup", fed, timeout=120)

@@ -164,8 +164,11 @@ def test_empty_labels_file(tmp_path):
 
 
 def test_missing_label_column_names_the_columns_found(tmp_path):
-    fails(hospital(tmp_path / "h", csv="file,diagnosis\nimg00.dcm,1\n"), "lacks column(s): label",
-          "columns found: file, diagnosis")
+    fails(
+        hospital(tmp_path / "h", csv="file,diagnosis\nimg00.dcm,1\n"),
+        "lacks column(s): label",
+        "columns found: file, diagnosis",
+    )
     fails(hospital(tmp_path / "h2", csv="path,label\nimg00.dcm,1\n"), "lacks column(s): file (or sop_instance_uid)")
 
 
@@ -177,8 +180,14 @@ def test_wrong_delimiter_is_named(tmp_path, sep, said):
 
 def test_labels_not_binary_lists_rows_never_values(tmp_path):
     csv = "file,label\nimg00.dcm,0\nimg01.dcm,DOE^JANE\nimg02.dcm,yes\nimg03.dcm,MRN-SECRET-0001\n"
-    message = fails(hospital(tmp_path / "h", csv=csv), "must be 0 or 1", "3 row(s)", "line(s) 3, 4, 5",
-                    "values not shown", absent=("DOE", "JANE", "MRN", "SECRET", "yes"))
+    message = fails(
+        hospital(tmp_path / "h", csv=csv),
+        "must be 0 or 1",
+        "3 row(s)",
+        "line(s) 3, 4, 5",
+        "values not shown",
+        absent=("DOE", "JANE", "MRN", "SECRET", "yes"),
+    )
     assert "'" + "yes" + "'" not in message
 
 
@@ -206,14 +215,25 @@ def test_identifying_headers_stop_the_load_naming_files_and_keywords_only(tmp_pa
     ds.private_block(0x0011, "ACME 1.0", create=True).add_new(0x01, "LO", "SECRET-123")
     ds.save_as(root / "img03.dcm", enforce_file_format=True)
     cache = tmp_path / "cache"
-    message = fails(root, "3 labelled DICOM file(s) still carry identifying attributes", "img01.dcm (PatientName)",
-                    "img02.dcm (BurnedInAnnotation)", "img03.dcm (private tags)", "PS3.15",
-                    "require-deidentified=false", absent=("Doe", "Jane", "SECRET"), cache_dir=cache)
+    message = fails(
+        root,
+        "3 labelled DICOM file(s) still carry identifying attributes",
+        "img01.dcm (PatientName)",
+        "img02.dcm (BurnedInAnnotation)",
+        "img03.dcm (private tags)",
+        "PS3.15",
+        "require-deidentified=false",
+        absent=("Doe", "Jane", "SECRET"),
+        cache_dir=cache,
+    )
     assert "Traceback" not in message
     assert not cache.exists()  # stopped before any pixel was decoded
     images = load(root, require_deidentified=False)
-    assert images.phi == {"img01.dcm": ["PatientName"], "img02.dcm": ["BurnedInAnnotation"],
-                          "img03.dcm": ["private tags"]}
+    assert images.phi == {
+        "img01.dcm": ["PatientName"],
+        "img02.dcm": ["BurnedInAnnotation"],
+        "img03.dcm": ["private tags"],
+    }
     assert len(images.names) == 6
 
 
@@ -228,8 +248,16 @@ def test_unreadable_files_error_or_skip(tmp_path):
     del ds.PixelData
     ds.save_as(root / "img03.dcm", enforce_file_format=True)  # no pixel data
     cache = tmp_path / "cache"
-    fails(root, "3 labelled DICOM file(s) cannot be used", "img01.dcm: truncated", "img02.dcm: not a DICOM file",
-          "img03.dcm: no Pixel Data", "on-unreadable=skip", absent=("Doe",), cache_dir=cache)
+    fails(
+        root,
+        "3 labelled DICOM file(s) cannot be used",
+        "img01.dcm: truncated",
+        "img02.dcm: not a DICOM file",
+        "img03.dcm: no Pixel Data",
+        "on-unreadable=skip",
+        absent=("Doe",),
+        cache_dir=cache,
+    )
     assert not list(cache.rglob("*.tmp"))  # entries of good files may exist; no half-written ones
     images = load(root, on_unreadable="skip")
     assert images.names == ["img00.dcm", "img04.dcm", "img05.dcm"]
@@ -313,8 +341,11 @@ def test_a_changed_guard_rechecks_files_it_passed_before(tmp_path, monkeypatch):
     assert load(root, cache_dir=cache).cache_misses == 2  # passed, header results and pixels cached
     # The guard changes (a new table edition or rule): its version changes, and it now refuses img01.
     monkeypatch.setattr(dicom_folder, "guard_version", lambda: "a-stricter-guard", raising=False)
-    monkeypatch.setattr(dicom_folder, "phi_findings",
-                        lambda ds, **kw: ["PatientName"] if ds.SOPInstanceUID == _uid(root / "img01.dcm") else [])
+    monkeypatch.setattr(
+        dicom_folder,
+        "phi_findings",
+        lambda ds, **kw: ["PatientName"] if ds.SOPInstanceUID == _uid(root / "img01.dcm") else [],
+    )
     fails(root, "img01.dcm (PatientName)", cache_dir=cache)
 
 

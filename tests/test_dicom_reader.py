@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -26,20 +27,27 @@ def read_one(path: Path, size: int = SIZE, **kw) -> np.ndarray:
 # --- policy -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"size": 3}, "image size must be an integer from 8 to 1024"),
-    ({"size": 64.0}, "image size must be an integer"),
-    ({"multiframe": "all"}, "unknown multiframe policy 'all'"),
-    ({"colour": "rgb"}, "unknown colour policy 'rgb'"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"size": 3}, "image size must be an integer from 8 to 1024"),
+        ({"size": 64.0}, "image size must be an integer"),
+        ({"multiframe": "all"}, "unknown multiframe policy 'all'"),
+        ({"colour": "rgb"}, "unknown colour policy 'rgb'"),
+    ],
+)
 def test_policy_rejects_bad_values(kwargs, message):
     with pytest.raises(FedcareError, match=message):
         ImagePolicy(**kwargs)
 
 
 def test_policy_key_names_every_field():
-    keys = {ImagePolicy().key(), ImagePolicy(size=128).key(), ImagePolicy(multiframe="every").key(),
-            ImagePolicy(colour="reject").key()}
+    keys = {
+        ImagePolicy().key(),
+        ImagePolicy(size=128).key(),
+        ImagePolicy(multiframe="every").key(),
+        ImagePolicy(colour="reject").key(),
+    }
     assert len(keys) == 4
 
 
@@ -64,8 +72,15 @@ def test_monochrome1_inverted_equals_monochrome2_of_the_same_image(tmp_path):
 def test_monochrome1_with_window_matches_monochrome2(tmp_path):
     pixels = ramp(hi=4095)
     m2 = read_one(write_dicom(tmp_path / "m2.dcm", pixels, WindowCenter=2000, WindowWidth=1000))
-    m1 = read_one(write_dicom(tmp_path / "m1.dcm", (4095 - pixels).astype(np.uint16), "MONOCHROME1",
-                              WindowCenter=4095 - 2000, WindowWidth=1000))
+    m1 = read_one(
+        write_dicom(
+            tmp_path / "m1.dcm",
+            (4095 - pixels).astype(np.uint16),
+            "MONOCHROME1",
+            WindowCenter=4095 - 2000,
+            WindowWidth=1000,
+        )
+    )
     np.testing.assert_allclose(m1, m2, atol=2e-3)  # LINEAR windows are offset by half a unit
 
 
@@ -78,8 +93,11 @@ def test_rescale_slope_intercept_is_applied_before_the_window(tmp_path):
     np.testing.assert_allclose(rescaled, direct, atol=1e-6)
     ignored = read_one(write_dicom(tmp_path / "raw.dcm", stored, **window))
     assert np.abs(ignored - rescaled).max() > 0.5  # without the intercept the window lands elsewhere
-    doubled = read_one(write_dicom(tmp_path / "slope.dcm", (stored // 2).astype(np.uint16), RescaleSlope=2,
-                                   RescaleIntercept=-1024, **window))
+    doubled = read_one(
+        write_dicom(
+            tmp_path / "slope.dcm", (stored // 2).astype(np.uint16), RescaleSlope=2, RescaleIntercept=-1024, **window
+        )
+    )
     np.testing.assert_allclose(doubled, rescaled, atol=0.02)
 
 
@@ -155,8 +173,16 @@ def test_rgb_becomes_luminance_or_is_rejected(tmp_path):
     assert exc.value.code == "colour"
 
 
-@pytest.mark.parametrize("twin", ["MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm",
-                                  "MR_small_bigendian.dcm", "MR_small_implicit.dcm"])
+@pytest.mark.parametrize(
+    "twin",
+    [
+        "MR_small_RLE.dcm",
+        "MR_small_jp2klossless.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+        "MR_small_bigendian.dcm",
+        "MR_small_implicit.dcm",
+    ],
+)
 def test_compressed_file_decodes_like_its_uncompressed_twin(twin):
     reference = read_dicom(get_testdata_file("MR_small.dcm"), ImagePolicy())[0]
     other = read_dicom(get_testdata_file(twin), ImagePolicy())[0]
@@ -177,8 +203,9 @@ def test_bare_dataset_without_preamble_is_read(tmp_path):
 
 def test_bytes_and_path_give_the_same_pixels(tmp_path):
     path = write_dicom(tmp_path / "a.dcm", ramp())
-    np.testing.assert_array_equal(read_dicom(path, ImagePolicy())[0],
-                                  read_dicom_bytes(path.read_bytes(), ImagePolicy(), "a.dcm")[0])
+    np.testing.assert_array_equal(
+        read_dicom(path, ImagePolicy())[0], read_dicom_bytes(path.read_bytes(), ImagePolicy(), "a.dcm")[0]
+    )
 
 
 # --- rejections ------------------------------------------------------------------------------------------
@@ -247,8 +274,12 @@ def test_rejects_nan_pixels(tmp_path):
 
 
 def test_rejects_non_image_sop_classes():
-    for name, kind in [("rtstruct.dcm", "RT Structure Set Storage"), ("test-SR.dcm", "Comprehensive SR Storage"),
-                       ("rtdose.dcm", "RT Dose Storage"), ("waveform_ecg.dcm", "Waveform")]:
+    for name, kind in [
+        ("rtstruct.dcm", "RT Structure Set Storage"),
+        ("test-SR.dcm", "Comprehensive SR Storage"),
+        ("rtdose.dcm", "RT Dose Storage"),
+        ("waveform_ecg.dcm", "Waveform"),
+    ]:
         exc = _rejected(get_testdata_file(name))
         assert exc.code == "non-image" and kind in exc.reason
 
@@ -268,7 +299,7 @@ def test_missing_decoder_plugin_says_what_to_install(monkeypatch):
 
     class Missing:
         is_available = False
-        missing_dependencies = ["pylibjpeg - requires pylibjpeg-openjpeg"]
+        missing_dependencies: ClassVar[list[str]] = ["pylibjpeg - requires pylibjpeg-openjpeg"]
 
     monkeypatch.setattr(base, "get_decoder", lambda uid: Missing())
     exc = _rejected(get_testdata_file("MR_small_jp2klossless.dcm"))
@@ -308,8 +339,15 @@ def test_every_bundled_pydicom_file_loads_or_is_rejected_with_a_reason(multifram
     assert sum(outcome.values()) == len(files)
     assert outcome["loaded"] >= 75
     assert "rejected: corrupt" not in outcome or outcome["rejected: corrupt"] <= 3
-    for name in ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "SC_rgb_jpeg.dcm", "examples_palette.dcm",
-                 "image_dfl.dcm", "MR_small_bigendian.dcm"):
+    for name in (
+        "CT_small.dcm",
+        "MR_small.dcm",
+        "JPEG2000.dcm",
+        "SC_rgb_jpeg.dcm",
+        "examples_palette.dcm",
+        "image_dfl.dcm",
+        "MR_small_bigendian.dcm",
+    ):
         read_dicom(get_testdata_file(name), policy)
 
 

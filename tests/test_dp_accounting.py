@@ -16,8 +16,11 @@ from tests.conftest import ROOT
 
 DELTA = 1e-5
 # A few (noise, sample rate) pairs, as real histories repeat them (and the per-step cache stays small).
-_RELEASE = st.tuples(st.sampled_from([0.6, 0.9, 1.3, 4.0, 40.0]), st.sampled_from([1 / 7, 0.05, 0.3, 1.0]),
-                     st.integers(min_value=0, max_value=300))
+_RELEASE = st.tuples(
+    st.sampled_from([0.6, 0.9, 1.3, 4.0, 40.0]),
+    st.sampled_from([1 / 7, 0.05, 0.3, 1.0]),
+    st.integers(min_value=0, max_value=300),
+)
 _HISTORY = st.lists(_RELEASE, max_size=6)
 
 
@@ -41,15 +44,15 @@ def test_ledger_and_verifier_agree_on_every_history(history) -> None:
     """Bit for bit, zero-step releases (a statistics answer re-sent at no cost) included."""
     ledger = privacy_ledger.epsilon_of(history, DELTA)
     assert verify._epsilon(history, DELTA) == ledger
-    running = RdpComposition()          # the verifier checks each release's epsilon_after in turn
+    running = RdpComposition()  # the verifier checks each release's epsilon_after in turn
     for i, (sigma, q, steps) in enumerate(history):
         running.add(sigma, q, steps)
-        assert running.epsilon(DELTA) == privacy_ledger.epsilon_of(history[:i + 1], DELTA)
+        assert running.epsilon(DELTA) == privacy_ledger.epsilon_of(history[: i + 1], DELTA)
     if all(steps == 0 for _, _, steps in history):
         assert ledger == 0.0
 
 
-@settings(max_examples=8, deadline=None, derandomize=True)   # Opacus recomputes every release
+@settings(max_examples=8, deadline=None, derandomize=True)  # Opacus recomputes every release
 @given(_HISTORY.filter(lambda h: h and all(steps > 0 for _, _, steps in h)))
 def test_epsilon_is_opacus_rdp_accountant_bit_for_bit(history) -> None:
     accountant = RDPAccountant()

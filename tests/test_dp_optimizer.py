@@ -15,8 +15,9 @@ from tests.support.clipping_cases import dp_step
 def _setup(sigma: float, lr: float = 1.0):
     torch.manual_seed(0)
     model = build_model("mlp", 5, hidden_units=4)
-    optimizer = ClippedSumDPOptimizer(torch.optim.SGD(model.parameters(), lr=lr), noise_multiplier=sigma,
-                                      max_grad_norm=1.0, expected_batch_size=4)
+    optimizer = ClippedSumDPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=lr), noise_multiplier=sigma, max_grad_norm=1.0, expected_batch_size=4
+    )
     return model, optimizer, torch.randn(8, 5), torch.ones(8)
 
 
@@ -32,8 +33,9 @@ def test_without_noise_the_update_is_the_clipped_sum_over_the_expected_batch() -
 def test_noise_has_std_sigma_times_clip_norm_over_the_expected_batch() -> None:
     torch.manual_seed(0)
     model = nn.Linear(1000, 200)
-    optimizer = ClippedSumDPOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=2.0,
-                                      max_grad_norm=3.0, expected_batch_size=5)
+    optimizer = ClippedSumDPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=2.0, max_grad_norm=3.0, expected_batch_size=5
+    )
     x = torch.zeros(0, 1000)  # an empty batch: the update is noise alone
     optimizer.zero_grad(set_to_none=True)
     clipper = PerSampleClipper(model, 3.0)

@@ -41,11 +41,18 @@ Y = 365.25
 
 def events() -> pd.DataFrame:
     """p1: 4 events, deliberately out of time order; p2: 1 event; p3: hb never measured."""
-    return pd.DataFrame([
-        ("p1", 0.0, NAN, 5.0, "A", 1), ("p1", Y, 10.0, 6.0, "B", 1), ("p1", 2 * Y, NAN, 7.0, "A", 1),
-        ("p1", Y / 2, 12.0, 8.0, "B", 1), ("p2", 30.0, 9.0, 1.0, "B", 0),
-        ("p3", 10.0, NAN, 2.0, "A", 0), ("p3", 20.0, NAN, 3.0, "A", 0),
-    ], columns=["pid", "day", "hb", "crp", "code", "y"])
+    return pd.DataFrame(
+        [
+            ("p1", 0.0, NAN, 5.0, "A", 1),
+            ("p1", Y, 10.0, 6.0, "B", 1),
+            ("p1", 2 * Y, NAN, 7.0, "A", 1),
+            ("p1", Y / 2, 12.0, 8.0, "B", 1),
+            ("p2", 30.0, 9.0, 1.0, "B", 0),
+            ("p3", 10.0, NAN, 2.0, "A", 0),
+            ("p3", 20.0, NAN, 3.0, "A", 0),
+        ],
+        columns=["pid", "day", "hb", "crp", "code", "y"],
+    )
 
 
 @pytest.fixture
@@ -100,7 +107,7 @@ def test_normalise_sequences_maps_nan_to_the_mean_and_zeroes_padding(tmp_path, s
     assert np.isfinite(out).all() and out.dtype == np.float32
     np.testing.assert_array_equal(out[..., -1], x[..., -1])
     assert (out[x[..., -1] == 0] == 0).all()
-    assert out[2, 1, 0] == 0.0                     # p3's missing hb -> the federation mean
+    assert out[2, 1, 0] == 0.0  # p3's missing hb -> the federation mean
     assert out[0, 0, 0] == pytest.approx((12 - 10) / 2)
 
 
@@ -171,7 +178,9 @@ def test_missing_value_in_an_error_column_and_missing_columns(tmp_path, schema):
 def test_datetime_times_and_parquet_give_the_same_sequences(tmp_path, schema):
     base = load_event_sequences(write(tmp_path, events()), schema, seed=0)
     frame = events()
-    frame["day"] = (pd.Timestamp("2020-01-01") + pd.to_timedelta(frame["day"], unit="D")).dt.strftime("%Y-%m-%dT%H:%M:%S")
+    frame["day"] = (pd.Timestamp("2020-01-01") + pd.to_timedelta(frame["day"], unit="D")).dt.strftime(
+        "%Y-%m-%dT%H:%M:%S"
+    )
     dated = EhrSchema.from_text(SCHEMA.replace('time-unit = "days"', 'time-unit = "datetime"'))
     as_dates = load_event_sequences(write(tmp_path, frame, "dated.csv"), dated, seed=0)
     np.testing.assert_allclose(as_dates.x_train, base.x_train, atol=1e-5, equal_nan=True)
@@ -214,8 +223,9 @@ def test_a_hospital_folder_takes_labels_csv_beside_events_csv(tmp_path):
     labels = pd.DataFrame({"pid": ["p3", "p1", "p2"], "y": [1, 0, 0]})
     labelled_hospital(tmp_path / "sites" / "hospital-0", labels)
     labelled_hospital(tmp_path / "sites" / "hospital-1", labels.assign(y=[0, 1, 1]))
-    first, second = (load_hospital("ehr-events", DataSource(partition_id=i, data_root=str(tmp_path / "sites")))
-                     for i in range(2))
+    first, second = (
+        load_hospital("ehr-events", DataSource(partition_id=i, data_root=str(tmp_path / "sites"))) for i in range(2)
+    )
     assert first.name == "hospital-0" and first.y_train.tolist() == [0, 0, 1] and first.task == "sequence"
     assert second.y_train.tolist() == [1, 1, 0]
     assert first.x_train.shape == (3, 3, 7)
@@ -253,8 +263,9 @@ def test_a_node_reads_the_labels_file_its_config_names(tmp_path):
 
     labels = pd.DataFrame({"pid": ["p1", "p2", "p3"], "y": [0, 1, 0]})
     folder = labelled_hospital(tmp_path / "data", labels)
-    node = DataSource(data_path=str(folder / "events.csv"), schema=str(folder / "schema.toml"),
-                      labels=str(folder / "labels.csv"))
+    node = DataSource(
+        data_path=str(folder / "events.csv"), schema=str(folder / "schema.toml"), labels=str(folder / "labels.csv")
+    )
     hospital = load_hospital("ehr-events", node)
     assert hospital.name == "events" and hospital.y_train.tolist() == [0, 1, 0]
     msg = load_error("ehr-events", DataSource(data_path=str(folder / "events.csv"), schema=str(folder / "schema.toml")))
@@ -265,16 +276,21 @@ def test_positive_other_makes_every_unlisted_label_value_positive(tmp_path):
     """31 diagnosis codes need not be listed: positive = "*other*" with the negatives named."""
     frame = events().astype({"y": object})
     frame["y"] = frame["pid"].map({"p1": "I21.4", "p2": "none", "p3": "E11.9"})
-    schema = EhrSchema.from_text(SCHEMA.replace('label = "y"', 'label = "y"\npositive = "*other*"\nnegative = ["none"]'))
+    schema = EhrSchema.from_text(
+        SCHEMA.replace('label = "y"', 'label = "y"\npositive = "*other*"\nnegative = ["none"]')
+    )
     assert load_event_sequences(write(tmp_path, frame), schema, seed=0).y_train.tolist() == [1, 0, 1]
-    reverse = EhrSchema.from_text(SCHEMA.replace('label = "y"', 'label = "y"\npositive = ["I21.4"]\nnegative = "*other*"'))
+    reverse = EhrSchema.from_text(
+        SCHEMA.replace('label = "y"', 'label = "y"\npositive = ["I21.4"]\nnegative = "*other*"')
+    )
     assert load_event_sequences(write(tmp_path, frame), reverse, seed=0).y_train.tolist() == [1, 0, 0]
 
 
 def _labelled_sites(root, patients: int = 24):
     """Two hospital folders whose labels live in labels.csv and whose positives are "every other code"."""
     schema = LABELS_SCHEMA.replace("test-fraction = 0", "test-fraction = 0.25").replace(
-        'label-source = "labels-table"', 'label-source = "labels-table"\npositive = "*other*"\nnegative = ["none"]')
+        'label-source = "labels-table"', 'label-source = "labels-table"\npositive = "*other*"\nnegative = ["none"]'
+    )
     for h in range(2):
         ids = [f"h{h}-{i}" for i in range(patients)]
         rows = [(p, day, 10.0 + i % 3, 1.0 + day, "AB"[i % 2]) for i, p in enumerate(ids) for day in (0.0, 20.0)]
@@ -301,12 +317,25 @@ def test_a_federation_trains_on_events_whose_labels_are_a_separate_file(tmp_path
     nodes = {}
     for i in range(2):
         folder = root / f"hospital-{i}"
-        data = ({"data-root": str(root), "partition-id": i} if layout == "hospital folders" else
-                {"data-path": str(folder / "events.csv"), "schema": str(folder / "schema.toml"),
-                 "labels": str(folder / "labels.csv")})
+        data = (
+            {"data-root": str(root), "partition-id": i}
+            if layout == "hospital folders"
+            else {
+                "data-path": str(folder / "events.csv"),
+                "schema": str(folder / "schema.toml"),
+                "labels": str(folder / "labels.csv"),
+            }
+        )
         nodes[100 + i] = {**data, "ledger-dir": str(tmp_path / "ledgers"), "epsilon-budget": 1.0, **PERMISSIVE}
-    s = RunSettings(dataset="ehr-events", num_rounds=1, hospitals=2, batch_size=4, dp=False,
-                    secure_aggregation=False, output_dir=str(tmp_path / "out"))
+    s = RunSettings(
+        dataset="ehr-events",
+        num_rounds=1,
+        hospitals=2,
+        batch_size=4,
+        dp=False,
+        secure_aggregation=False,
+        output_dir=str(tmp_path / "out"),
+    )
     progress: list[str] = []
     result = run_federation(InProcessGrid(nodes), s, 2, progress.append, timeout=5, run_id=RUN_ID)
     assert result.stopped_early is None and len(result.rounds) == 1, progress

@@ -48,14 +48,16 @@ def schema() -> EhrSchema:
 
 def table(n: int = 40, seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
-    return pd.DataFrame({
-        "patient_id": [f"P{i:03d}" for i in range(n)],
-        "age": rng.integers(20, 90, n).astype(float),
-        "creatinine": np.round(rng.uniform(0.5, 3.0, n), 2),
-        "sex": rng.choice(["F", "M"], n),
-        "admission_type": rng.choice(["emergency", "elective", "urgent"], n),
-        "outcome": np.where(np.arange(n) % 3 == 0, "died", "alive"),
-    })
+    return pd.DataFrame(
+        {
+            "patient_id": [f"P{i:03d}" for i in range(n)],
+            "age": rng.integers(20, 90, n).astype(float),
+            "creatinine": np.round(rng.uniform(0.5, 3.0, n), 2),
+            "sex": rng.choice(["F", "M"], n),
+            "admission_type": rng.choice(["emergency", "elective", "urgent"], n),
+            "outcome": np.where(np.arange(n) % 3 == 0, "died", "alive"),
+        }
+    )
 
 
 def write(tmp_path, frame: pd.DataFrame, name: str = "table.csv", **kw):
@@ -163,7 +165,7 @@ def test_wrong_delimiter_says_which_one_to_use(tmp_path, schema):
 
 def test_missing_label_column_lists_only_the_schema_columns_it_has(tmp_path, schema):
     frame = table().drop(columns=["outcome"]).assign(notes=SECRET)
-    frame.columns = [*frame.columns[:-1], "Jane Doe ward 3"]   # a header name may be a patient's value
+    frame.columns = [*frame.columns[:-1], "Jane Doe ward 3"]  # a header name may be a patient's value
     msg = error(write(tmp_path, frame), schema)
     assert "lacks column(s) 'outcome'" in msg and "its header has 6 columns" in msg
     assert "of the schema's: 'patient_id', 'age', 'creatinine', 'sex', 'admission_type'" in msg
@@ -180,25 +182,28 @@ def test_rows_with_one_field_more_than_the_header_are_refused_not_shifted(tmp_pa
     path = tmp_path / "t.csv"
     frame = table()
     frame.insert(0, "row", SECRET)
-    path.write_text(frame.to_csv(index=False).replace("row,", "", 1))   # header one name short
+    path.write_text(frame.to_csv(index=False).replace("row,", "", 1))  # header one name short
     assert "data rows have more fields than its header (6 names)" in error(path, schema)
 
 
 def test_a_very_wide_header_is_checked_in_one_pass_and_names_only_schema_columns(tmp_path, schema):
     names = ["patient_id", "age", "creatinine", "sex", "admission_type", "outcome", "age"]
-    names += [f"{SECRET} {i % 25_000}" for i in range(50_000)]     # every name twice, none the schema's
+    names += [f"{SECRET} {i % 25_000}" for i in range(50_000)]  # every name twice, none the schema's
     path = tmp_path / "wide.csv"
-    path.write_text(",".join(names) + "\n")                        # header only: never handed to pandas
+    path.write_text(",".join(names) + "\n")  # header only: never handed to pandas
     msg = error(path, schema)
     assert "names the schema's column(s) 'age' more than once" in msg
 
 
-@pytest.mark.parametrize("content,match", [
-    ("", "is empty (0 bytes)"),
-    ("patient_id,age,creatinine,sex,admission_type,outcome\n", "has a header but no data rows"),
-    ("patient_id,age,age,b\n1,2,3,4\n", "names the schema's column(s) 'age' more than once"),
-    ("a,a,b\n1,2,3\n", "names none of the schema's columns (3 columns"),
-])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        ("", "is empty (0 bytes)"),
+        ("patient_id,age,creatinine,sex,admission_type,outcome\n", "has a header but no data rows"),
+        ("patient_id,age,age,b\n1,2,3,4\n", "names the schema's column(s) 'age' more than once"),
+        ("a,a,b\n1,2,3\n", "names none of the schema's columns (3 columns"),
+    ],
+)
 def test_empty_and_malformed_files(tmp_path, schema, content, match):
     path = tmp_path / "t.csv"
     path.write_text(content)
@@ -263,7 +268,7 @@ def test_duplicate_patient_ids_are_refused_without_showing_them(tmp_path, schema
 
 def test_out_of_range_and_constant_columns_are_reported_not_refused(tmp_path, schema):
     frame = table()
-    frame.loc[[0, 1], "creatinine"] = 88.4       # umol/L slipped in
+    frame.loc[[0, 1], "creatinine"] = 88.4  # umol/L slipped in
     frame["sex"] = "F"
     split = load_ehr_table(write(tmp_path, frame), schema, seed=0)
     assert split.report.out_of_range == {"creatinine": 2}
@@ -287,8 +292,9 @@ def test_categorical_impute_marks_all_its_one_hot_columns_missing(tmp_path):
 
 
 def test_an_events_schema_is_refused_for_a_table(tmp_path):
-    schema = EhrSchema.from_text('[events]\nid="i"\ntime="t"\ntime-range=[0,1]\nmax-length=2\nlabel="y"\n'
-                                 '[numeric.a]\nrange=[0,1]\n')
+    schema = EhrSchema.from_text(
+        '[events]\nid="i"\ntime="t"\ntime-range=[0,1]\nmax-length=2\nlabel="y"\n[numeric.a]\nrange=[0,1]\n'
+    )
     assert "load_event_sequences" in error(write(tmp_path, table()), schema)
 
 
@@ -296,7 +302,7 @@ def test_integer_levels_match_a_float_column_written_with_blanks(tmp_path):
     schema = EhrSchema.from_text(SCHEMA + '\n[categorical.stage]\nlevels = [1, 2, 3]\nmissing = "impute"\n')
     frame = table()
     frame["stage"] = (np.arange(40) % 3 + 1).astype(float)
-    frame.loc[0, "stage"] = np.nan                       # pandas now writes 1.0, 2.0, ...
+    frame.loc[0, "stage"] = np.nan  # pandas now writes 1.0, 2.0, ...
     path = write(tmp_path, frame)
     assert "2.0" in path.read_text()
     split = load_ehr_table(path, schema, seed=0)

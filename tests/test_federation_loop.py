@@ -24,7 +24,9 @@ def test_a_hospital_out_of_budget_is_reported_by_name_and_the_others_carry_on(tm
     _exhaust(tmp_path, 2)
     progress = []
     s = RunSettings(num_rounds=2, min_hospitals=2, output_dir=str(tmp_path / "out"))
-    result = run_federation(InProcessGrid(node_configs(tmp_path, [1.0] * 4)), s, 4, progress.append, timeout=5, run_id=RUN_ID)
+    result = run_federation(
+        InProcessGrid(node_configs(tmp_path, [1.0] * 4)), s, 4, progress.append, timeout=5, run_id=RUN_ID
+    )
     assert len(result.rounds) == 2 and result.stopped_early is None
     swiss = next(h for h in result.hospitals.values() if h.name == "Switzerland")
     assert not swiss.active and "Switzerland: budget 1.00 exhausted after round 12" in swiss.refusal
@@ -42,7 +44,9 @@ def test_the_run_stops_cleanly_when_too_few_hospitals_can_train(tmp_path):
         _exhaust(tmp_path, p)
     progress = []
     s = RunSettings(num_rounds=2, min_hospitals=2)
-    result = run_federation(InProcessGrid(node_configs(tmp_path, [1.0] * 4)), s, 4, progress.append, timeout=5, run_id=RUN_ID)
+    result = run_federation(
+        InProcessGrid(node_configs(tmp_path, [1.0] * 4)), s, 4, progress.append, timeout=5, run_id=RUN_ID
+    )
     assert result.rounds == []
     assert result.stopped_early.startswith("only 1 hospital(s) can train (min-hospitals=2)")
 
@@ -60,7 +64,9 @@ def test_node_budget_caps_the_coordinators_target(tmp_path):
 @pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam"])
 def test_without_dp_no_ledger_is_written(tmp_path, strategy):
     s = RunSettings(num_rounds=1, dp=False, strategy=strategy, secure_aggregation=False)
-    result = run_federation(InProcessGrid(node_configs(tmp_path, [1.0] * 4)), s, 4, lambda _: None, timeout=5, run_id=RUN_ID)
+    result = run_federation(
+        InProcessGrid(node_configs(tmp_path, [1.0] * 4)), s, 4, lambda _: None, timeout=5, run_id=RUN_ID
+    )
     assert result.rounds[0].train_loss is not None
     assert result.rounds[0].evaluation["pooled"]["n"] == 254
     assert all(h.epsilon is None for h in result.hospitals.values())
@@ -90,26 +96,29 @@ def test_each_model_is_evaluated_in_the_next_train_exchange_and_the_last_one_alo
     grid = RecordingGrid(node_configs(tmp_path, [1.0] * 4))
     s = RunSettings(num_rounds=3, dp=False, secure_aggregation=secure)
     result = run_federation(grid, s, 4, lambda _: None, timeout=5, run_id=RUN_ID)
-    per_round = [["query.secagg_unmask"]] if secure else []   # nobody dropped: the fast path, one exchange
+    per_round = [["query.secagg_unmask"]] if secure else []  # nobody dropped: the fast path, one exchange
     setup = [["query.secagg_advertise"], ["query.secagg_share_keys"]] if secure else []
-    end = [["query.secagg_end"]] if secure else []            # every hospital deletes its keys
-    assert grid.exchanges == [["query.feature_stats"], *setup,
-                              *([["train"], *per_round] * 3), ["evaluate"], *end]
+    end = [["query.secagg_end"]] if secure else []  # every hospital deletes its keys
+    assert grid.exchanges == [["query.feature_stats"], *setup, *([["train"], *per_round] * 3), ["evaluate"], *end]
     # the model rides as one packed record, not an ArrayRecord of arrays and chunks (one wire object each)
     train = grid.train_messages[0][0]
     kinds = Counter(type(o).__name__ for o in get_all_nested_objects(train).values())
     assert kinds == Counter({"Message": 1, "RecordDict": 1, "ConfigRecord": 2})
-    for record, next_train in zip(result.rounds, grid.train_messages[1:] + [None]):
+    for record, next_train in zip(result.rounds, [*grid.train_messages[1:], None]):
         assert set(record.evaluation) == {"Cleveland", "Hungary", "Switzerland", "VA Long Beach", "pooled"}
         if next_train is None:
             continue
         # the model the next round started from, evaluated on its own, gives the reported metrics
         carried = next_train[0]
-        ask = Message(RecordDict({"model": carried.content["model"], "config": carried.content["config"]}),
-                      dst_node_id=carried.metadata.dst_node_id, message_type="evaluate")
+        ask = Message(
+            RecordDict({"model": carried.content["model"], "config": carried.content["config"]}),
+            dst_node_id=carried.metadata.dst_node_id,
+            message_type="evaluate",
+        )
         alone = InProcessGrid.send_and_receive(grid, [ask])[0].content.metric_records["metrics"]
         name = {100: "Cleveland", 101: "Hungary", 102: "Switzerland", 103: "VA Long Beach"}[
-            carried.metadata.dst_node_id]
+            carried.metadata.dst_node_id
+        ]
         assert record.evaluation[name]["n"] == alone["num-examples"]
         assert record.evaluation[name]["accuracy"] == pytest.approx((alone["tp"] + alone["tn"]) / alone["num-examples"])
         assert record.evaluation[name]["loss"] == pytest.approx(alone["loss-sum"] / alone["num-examples"])
@@ -125,8 +134,11 @@ class FlakyGrid(InProcessGrid):
     def send_and_receive(self, messages, timeout=None):
         replies = []
         for msg in messages:
-            if (msg.metadata.message_type == "train" and msg.metadata.dst_node_id == self.crash_node
-                    and not self.crashed):
+            if (
+                msg.metadata.message_type == "train"
+                and msg.metadata.dst_node_id == self.crash_node
+                and not self.crashed
+            ):
                 self.crashed = True
                 replies.append(Message(Error(code=0, reason="ClientApp crashed: out of memory"), reply_to=msg))
             else:
@@ -138,8 +150,9 @@ class FlakyGrid(InProcessGrid):
 def test_a_node_that_fails_mid_round_is_reported_and_the_round_completes(tmp_path, secure):
     s = RunSettings(num_rounds=2, secure_aggregation=secure)
     progress = []
-    result = run_federation(FlakyGrid(node_configs(tmp_path, [1.0] * 4), crash_node=101), s, 4, progress.append,
-                            timeout=5, run_id=RUN_ID)
+    result = run_federation(
+        FlakyGrid(node_configs(tmp_path, [1.0] * 4), crash_node=101), s, 4, progress.append, timeout=5, run_id=RUN_ID
+    )
     first, second = result.rounds
     assert first.failed == {"Hungary": "ClientApp crashed: out of memory"}
     assert sorted(first.trained) == ["Cleveland", "Switzerland", "VA Long Beach"]
@@ -155,7 +168,15 @@ def test_a_node_that_fails_mid_round_is_reported_and_the_round_completes(tmp_pat
 @pytest.mark.parametrize("dp", [True, False])
 def test_mlp_trains_federated_with_and_without_dp(tmp_path, dp):
     s = RunSettings(num_rounds=1, model="mlp", dp=dp)
-    result = run_federation(InProcessGrid(node_configs(tmp_path, [1.0] * 4)), s, 4, lambda _: None, timeout=5, run_id=RUN_ID)
-    assert set(result.arrays.keys()) == {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias",
-                                         "net.4.weight", "net.4.bias"}
+    result = run_federation(
+        InProcessGrid(node_configs(tmp_path, [1.0] * 4)), s, 4, lambda _: None, timeout=5, run_id=RUN_ID
+    )
+    assert set(result.arrays.keys()) == {
+        "net.0.weight",
+        "net.0.bias",
+        "net.2.weight",
+        "net.2.bias",
+        "net.4.weight",
+        "net.4.bias",
+    }
     assert len(result.rounds[0].trained) == 4

@@ -38,8 +38,12 @@ def test_clipped_sum_on_the_gpu_matches_the_cpu_reference(family: str) -> None:
 def _standardised_cleveland() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     data = load_center(0)
     mean, std = data.x_train.mean(0), data.x_train.std(0) + 1e-6
-    return ((data.x_train - mean) / std).astype(np.float32), data.y_train, \
-        ((data.x_test - mean) / std).astype(np.float32), data.y_test
+    return (
+        ((data.x_train - mean) / std).astype(np.float32),
+        data.y_train,
+        ((data.x_test - mean) / std).astype(np.float32),
+        data.y_test,
+    )
 
 
 def _train_on(dev: str, dp: DPSettings, monkeypatch: pytest.MonkeyPatch) -> tuple[nn.Module, list, float]:

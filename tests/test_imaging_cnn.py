@@ -54,8 +54,16 @@ def test_trains_with_dp_sgd_and_poisson_sampling_including_empty_batches() -> No
     torch.manual_seed(0)
     model = SmallCNN(image_size=size)
     before = [p.detach().clone() for p in model.parameters()]
-    outcome = train(model, images.numpy(), labels.numpy(), epochs=3, batch_size=1, lr=0.1,
-                    dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0), rng=SecretRandom.reproducible(0))
+    outcome = train(
+        model,
+        images.numpy(),
+        labels.numpy(),
+        epochs=3,
+        batch_size=1,
+        lr=0.1,
+        dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0),
+        rng=SecretRandom.reproducible(0),
+    )
     assert outcome.steps == [(1.0, 1 / 6, 18)]  # every step, empty Poisson batches included, accounted
     after = list(model.parameters())
     assert all(torch.isfinite(p).all() for p in after)

@@ -25,14 +25,18 @@ from tests.conftest import ROOT
 
 SETTINGS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
 CONTRACTS = {c["id"]: c for c in SETTINGS["contracts"]}
-LINT = [sys.executable, "-c",   # the venv's `lint-imports`
-        "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())",
-        "--no-cache", "--no-logo"]
-BASE_LAYERS = 3   # wire and settings, models, core: the bottom three layers
+LINT = [
+    sys.executable,
+    "-c",  # the venv's `lint-imports`
+    "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())",
+    "--no-cache",
+    "--no-logo",
+]
+BASE_LAYERS = 3  # wire and settings, models, core: the bottom three layers
 
 
 def _lint(root: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "400"}   # one line per contract in the report
+    env = {**os.environ, "COLUMNS": "400"}  # one line per contract in the report
     return subprocess.run(LINT, cwd=root, capture_output=True, text=True, timeout=120, env=env)
 
 
@@ -53,7 +57,8 @@ def _project_modules(root: Path) -> list[str]:
 def test_the_import_contracts_are_kept() -> None:
     result = _lint(ROOT)
     assert result.returncode == 0, (
-        f"an import breaks the layers (docs/architecture.md):\n{result.stdout}{result.stderr}")
+        f"an import breaks the layers (docs/architecture.md):\n{result.stdout}{result.stderr}"
+    )
     assert f"Contracts: {len(CONTRACTS)} kept, 0 broken." in result.stdout
 
 
@@ -66,14 +71,16 @@ def test_every_module_sits_in_exactly_one_layer() -> None:
     layers = [_layer_modules(layer) for layer in CONTRACTS["layers"]["layers"]]
     placed = {}
     for module in _project_modules(ROOT):
-        if module == "fedcare":   # the package itself (empty): its modules are placed one by one
+        if module == "fedcare":  # the package itself (empty): its modules are placed one by one
             continue
-        homes = [i for i, names in enumerate(layers) for name in names
-                 if module == name or module.startswith(name + ".")]
+        homes = [
+            i for i, names in enumerate(layers) for name in names if module == name or module.startswith(name + ".")
+        ]
         placed[module] = homes
     assert {m: homes for m, homes in placed.items() if len(homes) != 1} == {}, (
         "each module must sit in exactly one layer of [tool.importlinter] 'layers' in pyproject.toml "
-        "(module: indexes of the layers naming it); see docs/architecture.md")
+        "(module: indexes of the layers naming it); see docs/architecture.md"
+    )
 
 
 def test_the_base_contract_lists_are_the_layers_own() -> None:
@@ -85,8 +92,10 @@ def test_the_base_contract_lists_are_the_layers_own() -> None:
 
 BROKEN = {
     # a role importing the other role, inside a function: the roles and the layers break
-    "client/dp_trainer.py": ("def _broken():\n    import server.federation_loop\n",
-                             ["Roles: client and server are independent", "Layers:"]),
+    "client/dp_trainer.py": (
+        "def _broken():\n    import server.federation_loop\n",
+        ["Roles: client and server are independent", "Layers:"],
+    ),
     # the base importing the CLI
     "fedcare/errors.py": ("def _broken():\n    import fedcare.cli\n", ["Base:", "Layers:"]),
     # a module importing its caller inside the ClientApp's package
@@ -108,4 +117,4 @@ def test_a_forbidden_import_fails_the_linter(tmp_path: Path, module: str) -> Non
     assert result.returncode == 1, result.stdout + result.stderr
     verdicts = [line.strip() for line in result.stdout.splitlines() if line.strip().endswith(("KEPT", "BROKEN"))]
     for name in broken:
-        assert [v for v in verdicts if v.startswith(name)][0].endswith("BROKEN"), result.stdout
+        assert next(v for v in verdicts if v.startswith(name)).endswith("BROKEN"), result.stdout

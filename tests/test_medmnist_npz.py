@@ -29,7 +29,7 @@ def write_npz(path: Path, classes: int = 2, rgb: bool = False, side: int = 28, *
 def test_binary_task_as_is_with_val_folded_into_train(tmp_path):
     train, test = load_medmnist_npz(write_npz(tmp_path / "pneumoniamnist.npz"), policy=ImagePolicy(size=32))
     assert train.x.shape == (40, 1, 32, 32) and test.x.shape == (12, 1, 32, 32)
-    assert train.x.dtype == np.float32 and 0 <= train.x.min() and train.x.max() <= 1
+    assert train.x.dtype == np.float32 and train.x.min() >= 0 and train.x.max() <= 1
     assert train.y.dtype == np.int64 and train.label_counts == {0: 20, 1: 20}
     assert train.sizes == {(28, 28): 40} and train.groups.tolist() == list(range(40))
 
@@ -51,7 +51,7 @@ def test_multiclass_needs_positive_labels(tmp_path):
     with pytest.raises(FedcareError, match=r"multi-class task \(classes 0, 1, 2, 3\)") as exc:
         load_medmnist_npz(path)
     assert "positive_labels" in exc.value.hint
-    train, test = load_medmnist_npz(path, positive_labels={1, 2}, policy=ImagePolicy(size=16))
+    train, _test = load_medmnist_npz(path, positive_labels={1, 2}, policy=ImagePolicy(size=16))
     assert train.y.tolist()[:8] == [0, 1, 1, 0, 0, 1, 1, 0]
     with pytest.raises(FedcareError, match="positive label\\(s\\) 9 do not occur"):
         load_medmnist_npz(path, positive_labels={9})
@@ -64,7 +64,7 @@ def test_bad_files_give_clear_errors(tmp_path):
         load_medmnist_npz(tmp_path / "absent.npz")
     junk = tmp_path / "junk.npz"
     junk.write_text("not a zip")
-    with pytest.raises(FedcareError, match="is not a readable .npz file"):
+    with pytest.raises(FedcareError, match=r"is not a readable .npz file"):
         load_medmnist_npz(junk)
     with pytest.raises(FedcareError, match="lacks key\\(s\\): test_labels; keys found:"):
         load_medmnist_npz(write_npz(tmp_path / "nolab.npz", test_labels=None))

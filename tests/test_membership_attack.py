@@ -40,8 +40,18 @@ def test_overfit_mlp_leaks_membership() -> None:
 def test_dp_lower_bound_stays_below_the_accountant() -> None:
     x, y = load_dataset("digits")
     fn = FedcareMLP(hidden=64, epochs=10, batch_size=64, lr=0.5, noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5)
-    result = run_lira(x, y, fn, shadows=8, seed=0, dataset="digits", model="mlp-64", dp=True,
-                      accountant_epsilon=fn.last_epsilon, delta=1e-5)
+    result = run_lira(
+        x,
+        y,
+        fn,
+        shadows=8,
+        seed=0,
+        dataset="digits",
+        model="mlp-64",
+        dp=True,
+        accountant_epsilon=fn.last_epsilon,
+        delta=1e-5,
+    )
     assert result.accountant_epsilon is not None and 1.0 < result.accountant_epsilon < 20
     assert result.epsilon_lower_bound <= result.accountant_epsilon
     assert abs(result.auc - 0.5) < 0.05
@@ -78,8 +88,22 @@ def test_cli_attack_smoke(tmp_path: Path) -> None:
     from fedcare.audit_commands import audit_app
 
     out = tmp_path / "attack.json"
-    result = CliRunner().invoke(audit_app, ["attack", "--dataset", "fed-heart-disease", "--shadows", "2",
-                                            "--epochs", "2", "--hidden-units", "16", "--json-out", str(out)])
+    result = CliRunner().invoke(
+        audit_app,
+        [
+            "attack",
+            "--dataset",
+            "fed-heart-disease",
+            "--shadows",
+            "2",
+            "--epochs",
+            "2",
+            "--hidden-units",
+            "16",
+            "--json-out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert data["dataset"] == "fed-heart-disease" and data["n_members"] + data["n_nonmembers"] == 740

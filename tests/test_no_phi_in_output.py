@@ -27,37 +27,53 @@ runner = CliRunner()
 
 # rich markup look-alikes: `[/x]` used to crash rich, the others were silently eaten
 BRACKETED = ["[/x]", "[bold]", "[numeric.age]", "bad[kg]", "[red]x[/red]", "[dim]"]
-FOLDER_BRACKETS = ["[bold]", "[numeric.age]", "bad[kg]", "[dim]"]   # no "/" in one folder's name
+FOLDER_BRACKETS = ["[bold]", "[numeric.age]", "bad[kg]", "[dim]"]  # no "/" in one folder's name
 LEVELS = ["lvlA", "lvlB"]
-KINDS = ["missing-column", "no-header", "header-one-short", "extra-field", "bad-numeric", "bad-label",
-         "missing-value", "duplicate-column", "empty-file", "header-only", "unknown-level", "unknown-section",
-         "section-needs-range", "too-few-rows"]
+KINDS = [
+    "missing-column",
+    "no-header",
+    "header-one-short",
+    "extra-field",
+    "bad-numeric",
+    "bad-label",
+    "missing-value",
+    "duplicate-column",
+    "empty-file",
+    "header-only",
+    "unknown-level",
+    "unknown-section",
+    "section-needs-range",
+    "too-few-rows",
+]
 
 column_names = st.one_of(st.sampled_from(BRACKETED), st.from_regex(r"[a-z][a-z_]{0,7}", fullmatch=True)).filter(
-    lambda n: n not in ("pid", "outcome", "ward") and not n.startswith("lvl"))
+    lambda n: n not in ("pid", "outcome", "ward") and not n.startswith("lvl")
+)
 
 
 @dataclass
 class Hospital:
     """One generated hospital folder and what must (not) appear in any output about it."""
 
-    root: Path                      # the --data-root (its path has "[/x]" in it)
+    root: Path  # the --data-root (its path has "[/x]" in it)
     table: Path
     schema: Path
-    secrets: set[str] = field(default_factory=set)     # cells and non-schema header names
+    secrets: set[str] = field(default_factory=set)  # cells and non-schema header names
     verbatim: list[str] = field(default_factory=list)  # user text the message must show as written
 
 
 def _schema_text(numeric: str, section: str = "numeric", with_range: bool = True) -> str:
     rng = "range = [18, 100]\n" if with_range else ""
-    return (f'[table]\nid = "pid"\nlabel = "outcome"\npositive = "died"\nnegative = "alive"\n\n'
-            f'[{section}."{numeric}"]\nunit = "years"\n{rng}\n'
-            f'[categorical.ward]\nlevels = {LEVELS!r}\n'.replace("'", '"'))
+    return (
+        f'[table]\nid = "pid"\nlabel = "outcome"\npositive = "died"\nnegative = "alive"\n\n'
+        f'[{section}."{numeric}"]\nunit = "years"\n{rng}\n'
+        f"[categorical.ward]\nlevels = {LEVELS!r}\n".replace("'", '"')
+    )
 
 
 def make_hospital(base: Path, kind: str, numeric: str, folder: str, seed: int, n: int) -> Hospital:
     rng = np.random.default_rng(seed)
-    root = base / "a[" / f"x]{folder}"            # data-root path holds "a[/x]" and a bracketed name
+    root = base / "a[" / f"x]{folder}"  # data-root path holds "a[/x]" and a bracketed name
     where = root / "hospital-0"
     where.mkdir(parents=True)
     ids = [f"MRN-SECRET-{seed % 997:03d}{i:04d}" for i in range(n)]
@@ -77,7 +93,7 @@ def make_hospital(base: Path, kind: str, numeric: str, folder: str, seed: int, n
         verbatim.append(numeric)
     elif kind == "no-header":
         header = None
-    elif kind == "header-one-short":     # the header lacks one name: pandas would shift every column
+    elif kind == "header-one-short":  # the header lacks one name: pandas would shift every column
         header = header[1:]
     elif kind == "extra-field":
         rows[2].append(bad)
@@ -91,7 +107,7 @@ def make_hospital(base: Path, kind: str, numeric: str, folder: str, seed: int, n
         secrets.add(bad)
     elif kind == "missing-value":
         rows[0][1] = ""
-        verbatim.append(f"[numeric.{numeric}]")   # the hint names the schema section to change
+        verbatim.append(f"[numeric.{numeric}]")  # the hint names the schema section to change
     elif kind == "duplicate-column":
         header.append(numeric)
         header.append(header[4])
@@ -112,7 +128,7 @@ def make_hospital(base: Path, kind: str, numeric: str, folder: str, seed: int, n
         text = ""
     elif kind == "header-only":
         text = lines[0] + "\n"
-    if kind == "too-few-rows":           # a clean table, smaller than one batch of the default size
+    if kind == "too-few-rows":  # a clean table, smaller than one batch of the default size
         verbatim = ["fewer than one batch (30)"]
     table = where / "table.csv"
     table.write_text(text)
@@ -134,15 +150,29 @@ def assert_safe(result, hospital: Hospital) -> str:
 
 @pytest.mark.parametrize("kind", KINDS)
 @settings(max_examples=3, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-@given(numeric=column_names, folder=st.sampled_from(FOLDER_BRACKETS), seed=st.integers(0, 10_000),
-       n=st.integers(12, 20))
+@given(
+    numeric=column_names, folder=st.sampled_from(FOLDER_BRACKETS), seed=st.integers(0, 10_000), n=st.integers(12, 20)
+)
 def test_data_errors_show_no_cell_and_user_text_verbatim(kind, numeric, folder, seed, n):
     with tempfile.TemporaryDirectory() as tmp:
         hospital = make_hospital(Path(tmp), kind, numeric, folder, seed, n)
         checked = runner.invoke(app, ["data", "check", str(hospital.table), "--schema", str(hospital.schema)])
         message = assert_safe(checked, hospital)
-        simulated = runner.invoke(app, ["simulate", "--dataset", "ehr-table", "--data-root", str(hospital.root),
-                                        "--rounds", "1", "--no-local-baseline", "--output-dir", f"{tmp}/run"])
+        simulated = runner.invoke(
+            app,
+            [
+                "simulate",
+                "--dataset",
+                "ehr-table",
+                "--data-root",
+                str(hospital.root),
+                "--rounds",
+                "1",
+                "--no-local-baseline",
+                "--output-dir",
+                f"{tmp}/run",
+            ],
+        )
         assert_safe(simulated, hospital)
         if kind == "too-few-rows":
             return
@@ -196,8 +226,11 @@ def test_node_start_check_only_shows_no_cell_of_a_headerless_table(tmp_path):
     hospital = make_hospital(tmp_path / "data", "no-header", "[numeric.age]", "bad[kg]", seed=1, n=12)
     settings = tmp_path / "d" / "a" / "hospital.toml"
     text = re.sub(r"clientappio-port = \d+", f"clientappio-port = {port}", settings.read_text())
-    text = re.sub(r'dataset = "fed-heart-disease".*\npartition-id = \d+\n',
-                  f'dataset = "ehr-table"\ndata-path = "{hospital.table}"\nschema = "{hospital.schema}"\n', text)
+    text = re.sub(
+        r'dataset = "fed-heart-disease".*\npartition-id = \d+\n',
+        f'dataset = "ehr-table"\ndata-path = "{hospital.table}"\nschema = "{hospital.schema}"\n',
+        text,
+    )
     settings.write_text(text)
     done = runner.invoke(app, ["node", "start", "--config", str(settings), "--check-only"])
     text = " ".join(assert_safe(done, hospital).split())

@@ -29,26 +29,37 @@ def _strict_nodes(tmp_path, **policy):
     nodes = {}
     for i in range(4):
         config = {"partition-id": i, "ledger-dir": str(tmp_path / "ledgers"), "epsilon-budget": 5.0}
-        config |= (STRICT | policy) if i == 1 else {
-            "require-dp": False, "require-secure-aggregation": False, "min-hospitals": 2,
-            "max-secagg-clip-range": 1000.0}
+        config |= (
+            (STRICT | policy)
+            if i == 1
+            else {
+                "require-dp": False,
+                "require-secure-aggregation": False,
+                "min-hospitals": 2,
+                "max-secagg-clip-range": 1000.0,
+            }
+        )
         nodes[100 + i] = config
     return nodes
 
 
 def _audit_refusals(tmp_path, hospital: str) -> list[dict]:
     path = tmp_path / "ledgers" / "audit" / f"{hospital.replace(' ', '-')}.jsonl"
-    return [json.loads(line)["body"] for line in path.read_text().splitlines()
-            if json.loads(line)["kind"] == "refusal"]
+    return [json.loads(line)["body"] for line in path.read_text().splitlines() if json.loads(line)["kind"] == "refusal"]
 
 
-@pytest.mark.parametrize("run, rule", [
-    (dict(dp=False), "requires DP, the run has dp=false"),
-    (dict(secure_aggregation=False), "requires secure aggregation, the run has secure-aggregation=false"),
-    (dict(secagg_clip_range=50.0), "accepts a secure-aggregation clip range of at most 10, the run has "
-                                   "secagg-clip-range=50"),
-    (dict(hospitals=2, min_hospitals=2), "joins federations of at least 3 hospitals, the run has hospitals=2"),
-])
+@pytest.mark.parametrize(
+    "run, rule",
+    [
+        (dict(dp=False), "requires DP, the run has dp=false"),
+        (dict(secure_aggregation=False), "requires secure aggregation, the run has secure-aggregation=false"),
+        (
+            dict(secagg_clip_range=50.0),
+            "accepts a secure-aggregation clip range of at most 10, the run has secagg-clip-range=50",
+        ),
+        (dict(hospitals=2, min_hospitals=2), "joins federations of at least 3 hospitals, the run has hospitals=2"),
+    ],
+)
 def test_a_run_outside_the_policy_is_refused_by_the_node_and_reported_by_name(tmp_path, run, rule):
     s = RunSettings(num_rounds=1, **run)
     progress: list[str] = []
@@ -75,28 +86,36 @@ def test_a_threshold_a_minority_can_meet_is_refused_at_key_agreement(tmp_path):
     from server.federation_loop import training_config
 
     config = training_config(RunSettings(num_rounds=1)) | flatten(
-        {"threshold": 2, "neighbours": 3, "nodes": [100, 101, 102, 103]}, protocol.SECAGG)
+        {"threshold": 2, "neighbours": 3, "nodes": [100, 101, 102, 103]}, protocol.SECAGG
+    )
     node = _strict_nodes(tmp_path, **{"min-secagg-threshold": 3})[101]
-    reply = make_client_app()(Message(RecordDict({protocol.CONFIG: ConfigRecord(config)}), dst_node_id=101,
-                                      message_type=protocol.SECAGG_ADVERTISE),
-                              Context(RUN_ID, 101, node, RecordDict(), {}))
+    reply = make_client_app()(
+        Message(
+            RecordDict({protocol.CONFIG: ConfigRecord(config)}), dst_node_id=101, message_type=protocol.SECAGG_ADVERTISE
+        ),
+        Context(RUN_ID, 101, node, RecordDict(), {}),
+    )
     refusal = reply.content.config_records[protocol.REFUSAL]
     assert refusal["kind"] == "policy"
-    assert refusal["reason"].startswith("Hungary refuses: accepts a secure-aggregation threshold of at least 3, "
-                                        "the run has t=2; requires a threshold above half the hospitals, "
-                                        "the run has t=2 of n=4")
+    assert refusal["reason"].startswith(
+        "Hungary refuses: accepts a secure-aggregation threshold of at least 3, "
+        "the run has t=2; requires a threshold above half the hospitals, "
+        "the run has t=2 of n=4"
+    )
     assert not any(key.startswith(protocol.SECAGG) for key in reply.content.config_records[protocol.HOSPITAL])
     assert any("threshold" in r["reason"] for r in _audit_refusals(tmp_path, "Hungary"))
 
 
 def test_a_train_request_that_drops_the_promised_masking_is_refused(tmp_path):
     """The server announces secure aggregation, then sends Hungary a plain train request."""
+
     class StrippingGrid(InProcessGrid):
         def send_and_receive(self, messages, timeout=None):
             for msg in messages:
                 if msg.metadata.message_type == "train" and msg.metadata.dst_node_id == 101:
-                    config = {k: v for k, v in msg.content[protocol.CONFIG].items()
-                              if not k.startswith(protocol.SECAGG)}
+                    config = {
+                        k: v for k, v in msg.content[protocol.CONFIG].items() if not k.startswith(protocol.SECAGG)
+                    }
                     from flwr.app import ConfigRecord, RecordDict
 
                     msg.content = RecordDict({**dict(msg.content.items()), protocol.CONFIG: ConfigRecord(config)})
@@ -104,29 +123,44 @@ def test_a_train_request_that_drops_the_promised_masking_is_refused(tmp_path):
 
     s = RunSettings(num_rounds=1)
     result = run_federation(StrippingGrid(_strict_nodes(tmp_path)), s, 4, lambda _: None, timeout=5, run_id=RUN_ID)
-    assert "requires secure aggregation, the train request carries no masking request" in \
-        result.rounds[0].refused["Hungary"]
+    assert (
+        "requires secure aggregation, the train request carries no masking request"
+        in result.rounds[0].refused["Hungary"]
+    )
 
 
 def test_a_node_without_a_budget_refuses_dp_training(tmp_path):
     nodes = _strict_nodes(tmp_path)
     del nodes[101]["epsilon-budget"]
-    result = run_federation(InProcessGrid(nodes), RunSettings(num_rounds=1), 4, lambda _: None, timeout=5,
-                            run_id=RUN_ID)
+    result = run_federation(
+        InProcessGrid(nodes), RunSettings(num_rounds=1), 4, lambda _: None, timeout=5, run_id=RUN_ID
+    )
     hungary = next(h for h in result.hospitals.values() if h.name == "Hungary")
     assert "its policy sets no epsilon-budget" in hungary.refusal
 
 
 def test_a_run_epsilon_above_the_hospitals_per_run_limit_is_refused(tmp_path):
-    result = run_federation(InProcessGrid(_strict_nodes(tmp_path, **{"max-run-epsilon": 0.5})),
-                            RunSettings(num_rounds=1, target_epsilon=1.0), 4, lambda _: None, timeout=5, run_id=RUN_ID)
+    result = run_federation(
+        InProcessGrid(_strict_nodes(tmp_path, **{"max-run-epsilon": 0.5})),
+        RunSettings(num_rounds=1, target_epsilon=1.0),
+        4,
+        lambda _: None,
+        timeout=5,
+        run_id=RUN_ID,
+    )
     hungary = next(h for h in result.hospitals.values() if h.name == "Hungary")
     assert "allows at most epsilon 0.5 per run, the run asks target-epsilon=1" in hungary.refusal
 
 
 def test_a_hospital_that_releases_no_evaluation_still_trains_and_sends_no_metrics(tmp_path):
-    result = run_federation(InProcessGrid(_strict_nodes(tmp_path, **{"release-evaluation": "none"})),
-                            RunSettings(num_rounds=2), 4, lambda _: None, timeout=5, run_id=RUN_ID)
+    result = run_federation(
+        InProcessGrid(_strict_nodes(tmp_path, **{"release-evaluation": "none"})),
+        RunSettings(num_rounds=2),
+        4,
+        lambda _: None,
+        timeout=5,
+        run_id=RUN_ID,
+    )
     assert all("Hungary" in r.trained for r in result.rounds)
     assert all("Hungary" not in r.evaluation and "Cleveland" in r.evaluation for r in result.rounds)
 
@@ -148,7 +182,7 @@ def test_policy_values_are_checked_and_named():
         NodePolicy.from_settings({"require-dp": "maybe"})
     policy = NodePolicy.from_settings({"epsilon-budget": 1.0})
     assert policy.require_dp and policy.require_secure_aggregation and policy.min_hospitals == 3
-    with pytest.raises(PolicyRefusal, match="^X refuses: requires DP"):
+    with pytest.raises(PolicyRefusal, match=r"^X refuses: requires DP"):
         policy.check_request("X", RunRequest(dataset="d", dp=False, hospitals=5))
     policy.check_request("X", RunRequest(dataset="d", hospitals=5))
 
@@ -157,7 +191,10 @@ def test_a_malformed_run_request_is_refused_not_guessed():
     """A text "false" is false (not Python's truthy string); a value of the wrong type, or a
     non-finite epsilon that would slip past every comparison, is refused with what to fix."""
     assert RunRequest.from_config({"dataset": "d", "dp": "false"}).dp is False
-    for bad, field_name in [({"target-epsilon": float("nan")}, "target-epsilon"), ({"hospitals": "many"}, "hospitals"),
-                            ({"dp": "maybe"}, "dp")]:
+    for bad, field_name in [
+        ({"target-epsilon": float("nan")}, "target-epsilon"),
+        ({"hospitals": "many"}, "hospitals"),
+        ({"dp": "maybe"}, "dp"),
+    ]:
         with pytest.raises(FedcareError, match=f"run request's {field_name} is not"):
             RunRequest.from_config({"dataset": "d", **bad})

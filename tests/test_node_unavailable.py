@@ -37,11 +37,10 @@ class DyingNodeGrid(InProcessGrid):
 
 
 def test_a_node_unavailable_reply_from_the_superlink_is_that_hospitals_dropout(tmp_path):
-    nodes = node_configs(tmp_path, [1.0] * 3)             # Cleveland, Hungary, Switzerland (node 102)
+    nodes = node_configs(tmp_path, [1.0] * 3)  # Cleveland, Hungary, Switzerland (node 102)
     progress: list[str] = []
     s = RunSettings(num_rounds=2, hospitals=3, min_hospitals=2, output_dir=str(tmp_path / "out"))
-    result = run_federation(DyingNodeGrid(nodes, dead=102, after=1), s, 3, progress.append, timeout=5,
-                            run_id=RUN_ID)
+    result = run_federation(DyingNodeGrid(nodes, dead=102, after=1), s, 3, progress.append, timeout=5, run_id=RUN_ID)
     assert result.stopped_early is None
     first, second = result.rounds
     assert sorted(first.trained) == ["Cleveland", "Hungary", "Switzerland"] and not first.failed

@@ -80,8 +80,9 @@ def _undeclared(folders: tuple[str, ...], declared: set[str]) -> list[str]:
                 continue
             distributions = to_distributions.get(top, [])
             if not distributions or not declared & {_normalise(d) for d in distributions}:
-                missing.setdefault(f"{top} ({', '.join(distributions) or 'not installed'})",
-                                   f"{path.relative_to(ROOT)}:{line}")
+                missing.setdefault(
+                    f"{top} ({', '.join(distributions) or 'not installed'})", f"{path.relative_to(ROOT)}:{line}"
+                )
     return [f"{name}: {where}" for name, where in sorted(missing.items())]
 
 
@@ -98,16 +99,21 @@ def test_every_top_level_package_is_shipped_or_not_and_neither_wheel_nor_fab_hol
     """Wheel and FAB lists equal to ``PACKAGES``: tests/test_project_packages.py. Here: no package left unclassified."""
     packages = {p.name for p in ROOT.iterdir() if (p / "__init__.py").exists()}
     assert packages == {*PRODUCT, *NOT_SHIPPED}, "a new top-level package: ship it (PACKAGES) or not (NOT_SHIPPED)"
-    shipped = [*PYPROJECT["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"],
-               *PYPROJECT["tool"]["flwr"]["app"]["fab-include"]]
+    shipped = [
+        *PYPROJECT["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"],
+        *PYPROJECT["tool"]["flwr"]["app"]["fab-include"],
+    ]
     assert [entry for entry in shipped if entry.split("/")[0] in NOT_SHIPPED] == []
 
 
 def test_no_product_module_imports_test_or_benchmark_code() -> None:
     assert [m for m in MOVED_OUT if (ROOT / m).exists()] == []
-    offending = [f"{path.relative_to(ROOT)}:{line} imports {module}"
-                 for path in _python_files(*PRODUCT) for module, line in _imports(path)
-                 if module.split(".")[0] in NOT_SHIPPED]
+    offending = [
+        f"{path.relative_to(ROOT)}:{line} imports {module}"
+        for path in _python_files(*PRODUCT)
+        for module, line in _imports(path)
+        if module.split(".")[0] in NOT_SHIPPED
+    ]
     assert offending == []
 
 
@@ -135,8 +141,10 @@ def _references(path: Path, modules: dict[str, Path]) -> set[str]:
 def test_every_product_module_is_reached_from_an_entry_point_not_only_from_tests_or_bench() -> None:
     """Code the product never reaches but tests or benchmarks import is support code shipped by mistake."""
     modules = _product_modules()
-    entry_points = [PYPROJECT["project"]["scripts"]["fedcare"],
-                    *PYPROJECT["tool"]["flwr"]["app"]["components"].values()]
+    entry_points = [
+        PYPROJECT["project"]["scripts"]["fedcare"],
+        *PYPROJECT["tool"]["flwr"]["app"]["components"].values(),
+    ]
     reached, todo = set(), [entry.split(":")[0] for entry in entry_points]
     while todo:
         module = todo.pop()
@@ -156,16 +164,22 @@ def _allowed_in_tests(module: str) -> bool:
 
 
 def test_tests_import_shared_code_only_from_tests_support() -> None:
-    offending = {f"{path.relative_to(ROOT)}:{line}": module      # one entry per import statement
-                 for path in _python_files("tests") for module, line in reversed(list(_imports(path)))
-                 if not _allowed_in_tests(module)}
+    offending = {
+        f"{path.relative_to(ROOT)}:{line}": module  # one entry per import statement
+        for path in _python_files("tests")
+        for module, line in reversed(list(_imports(path)))
+        if not _allowed_in_tests(module)
+    }
     assert offending == {}
 
 
 def test_benchmarks_never_import_tests() -> None:
-    offending = [f"{path.relative_to(ROOT)}:{line} imports {module}"
-                 for path in _python_files("bench") for module, line in _imports(path)
-                 if module.split(".")[0] == "tests"]
+    offending = [
+        f"{path.relative_to(ROOT)}:{line} imports {module}"
+        for path in _python_files("bench")
+        for module, line in _imports(path)
+        if module.split(".")[0] == "tests"
+    ]
     assert offending == []
 
 
@@ -177,4 +191,7 @@ def test_the_import_reader_sees_function_level_imports_and_the_rules_hold(tmp_pa
     assert [m for m in ("tests.support.grid", "tests.conftest", "numpy", "tests") if not _allowed_in_tests(m)] == []
     assert [m for m in ("tests.test_x", "bench.bench_y", "bench") if _allowed_in_tests(m)] == []
     assert _declared("flwr[simulation]==1.41.0", "scikit-learn>=1.4", "tomli-w==1.2.0") == {
-        "flwr", "scikit-learn", "tomli-w"}
+        "flwr",
+        "scikit-learn",
+        "tomli-w",
+    }

@@ -27,8 +27,9 @@ def root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def splits(root):
     folders = sorted(root.glob("hospital-*"))
-    return [load_event_sequences(f / "events.csv", EhrSchema.from_file(f / "schema.toml"), seed=SPLIT_SEED)
-            for f in folders]
+    return [
+        load_event_sequences(f / "events.csv", EhrSchema.from_file(f / "schema.toml"), seed=SPLIT_SEED) for f in folders
+    ]
 
 
 def test_every_patient_is_accounted_for_and_in_exactly_one_hospital(root):
@@ -43,7 +44,7 @@ def test_every_patient_is_accounted_for_and_in_exactly_one_hospital(root):
     sizes = []
     for entry in manifest["hospitals"]:
         frame = pd.read_csv(root / entry["name"] / "events.csv")
-        assert "futime" not in frame and "status" not in frame          # no outcome timing leaks
+        assert "futime" not in frame and "status" not in frame  # no outcome timing leaks
         assert frame["day"].max() <= 2 * 365.25
         patients = frame.groupby("id")["outcome"].first()
         seen += patients.index.tolist()
@@ -56,13 +57,13 @@ def test_every_patient_is_accounted_for_and_in_exactly_one_hospital(root):
 
 def test_hospitals_load_through_the_generic_event_loader(root, splits):
     schemas = {(f / "schema.toml").read_text() for f in root.glob("hospital-*")}
-    assert len(schemas) == 1                                           # one federation schema
+    assert len(schemas) == 1  # one federation schema
     for split in splits:
         assert split.x_train.shape[1:] == (5, len(split.feature_names) + 1)
         assert split.report.events_dropped == 0 and split.report.patients_reordered == 0
         assert set(split.feature_bounds) == set(split.feature_names)
         mask = split.x_train[..., -1] == 1
-        assert (mask[:, -1]).all()                                     # last step is always real
+        assert (mask[:, -1]).all()  # last step is always real
         assert not np.isnan(split.x_train[..., -1]).any()
     rates = [s.y_train.mean() for s in splits]
     assert all(0.35 < r < 0.65 for r in rates)
@@ -74,13 +75,17 @@ def test_writing_is_reproducible_and_idempotent(tmp_path, root):
         assert (folder / "events.csv").read_bytes() == (root / folder.name / "events.csv").read_bytes()
     stamp = (again[0] / "events.csv").stat().st_mtime_ns
     assert write_pbc2_hospitals(tmp_path / "a", n_hospitals=3, seed=0) == again
-    assert (again[0] / "events.csv").stat().st_mtime_ns == stamp        # reused, not rewritten
+    assert (again[0] / "events.csv").stat().st_mtime_ns == stamp  # reused, not rewritten
     with (again[1] / "events.csv").open("a") as handle:
         handle.write("tampered\n")
     write_pbc2_hospitals(tmp_path / "a", n_hospitals=3, seed=0)
     assert (again[1] / "events.csv").read_bytes() == (root / "hospital-1" / "events.csv").read_bytes()
     two = write_pbc2_hospitals(tmp_path / "a", n_hospitals=2, seed=0)
-    assert sorted(p.name for p in (tmp_path / "a").glob("hospital-*")) == ["hospital-0", "hospital-1"] == [p.name for p in two]
+    assert (
+        sorted(p.name for p in (tmp_path / "a").glob("hospital-*"))
+        == ["hospital-0", "hospital-1"]
+        == [p.name for p in two]
+    )
     other = write_pbc2_hospitals(tmp_path / "b", n_hospitals=3, seed=1)
     assert (other[0] / "events.csv").read_bytes() != (root / "hospital-0" / "events.csv").read_bytes()
 

@@ -11,7 +11,7 @@ from torch import nn
 from client.per_sample_clipping import PerSampleClipper
 from fedcare.errors import FedcareError
 from shared_models.registry import build_model
-from tests.support.clipping_cases import C, CASES, one_pass_clipped_sum, reference_clipped_sum
+from tests.support.clipping_cases import CASES, C, one_pass_clipped_sum, reference_clipped_sum
 
 
 @pytest.mark.parametrize("family", sorted(CASES))
@@ -53,8 +53,9 @@ def test_empty_poisson_batch_gives_zero_gradients(family: str) -> None:
     assert [g.shape for g in got] == [p.shape for p in model.parameters()]
 
 
-@pytest.mark.parametrize("layer", [nn.BatchNorm1d(4), nn.Conv2d(4, 4, 3, groups=2),
-                                   nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")])
+@pytest.mark.parametrize(
+    "layer", [nn.BatchNorm1d(4), nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")]
+)
 def test_unsupported_layer_is_refused_with_its_name(layer: nn.Module) -> None:
     model = nn.Sequential(nn.Linear(3, 4), layer)
     with pytest.raises(FedcareError, match=rf"'1' \({type(layer).__name__}\)"):

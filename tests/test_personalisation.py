@@ -23,8 +23,9 @@ def _ledger(tmp_path, hospital: str) -> dict:
 
 def test_personalised_models_are_charged_in_the_plan_audited_and_stay_at_the_hospital(tmp_path):
     s = RunSettings(num_rounds=2, personalise_rounds=2, target_epsilon=1.0, output_dir=str(tmp_path / "out"))
-    result = run_federation(InProcessGrid(node_configs(tmp_path, [3.0] * 4)), s, 4, lambda _: None, timeout=5,
-                            run_id=RUN_ID)
+    result = run_federation(
+        InProcessGrid(node_configs(tmp_path, [3.0] * 4)), s, 4, lambda _: None, timeout=5, run_id=RUN_ID
+    )
     assert sorted(result.personalised) == sorted(HOSPITALS)
     for h in result.hospitals.values():
         # the run's target covers training and personalisation together: never more
@@ -35,8 +36,10 @@ def test_personalised_models_are_charged_in_the_plan_audited_and_stay_at_the_hos
         assert ledger["releases"][-1]["epsilon_after"] == pytest.approx(h.epsilon)
     kept = sorted(p.name for p in (tmp_path / "ledgers" / "personalised").iterdir())
     assert len(kept) == 4 and all(name.endswith(f"-run-{RUN_ID}.npz") for name in kept)
-    report = verify(sorted((tmp_path / "out").rglob("*.jsonl")) + sorted((tmp_path / "ledgers").rglob("*.jsonl")),
-                    tmp_path / "ledgers")
+    report = verify(
+        sorted((tmp_path / "out").rglob("*.jsonl")) + sorted((tmp_path / "ledgers").rglob("*.jsonl")),
+        tmp_path / "ledgers",
+    )
     assert report.errors == []
     results = write_report(tmp_path / "out", s, result, str(RUN_ID))
     assert set(results["personalised"]) == {*HOSPITALS, "pooled"}
@@ -44,15 +47,23 @@ def test_personalised_models_are_charged_in_the_plan_audited_and_stay_at_the_hos
 
 
 def test_personalising_from_the_final_model_differs_from_it_and_is_off_with_zero_rounds(tmp_path):
-    s = RunSettings(num_rounds=1, personalise_rounds=1, dp=False, secure_aggregation=False,
-                    output_dir=str(tmp_path / "out"))
-    result = run_federation(InProcessGrid(node_configs(tmp_path / "a", [1.0] * 4)), s, 4, lambda _: None, timeout=5,
-                            run_id=RUN_ID)
+    s = RunSettings(
+        num_rounds=1, personalise_rounds=1, dp=False, secure_aggregation=False, output_dir=str(tmp_path / "out")
+    )
+    result = run_federation(
+        InProcessGrid(node_configs(tmp_path / "a", [1.0] * 4)), s, 4, lambda _: None, timeout=5, run_id=RUN_ID
+    )
     fed = {name: sm.metrics()["loss"] for name, sm in result.final_summaries.items()}
     own = {name: sm.metrics()["loss"] for name, sm in result.personalised.items()}
     assert set(own) == set(fed) and any(not np.isclose(own[n], fed[n]) for n in own)
-    off = run_federation(InProcessGrid(node_configs(tmp_path / "b", [1.0] * 4)), s.replace(personalise_rounds=0), 4,
-                         lambda _: None, timeout=5, run_id=RUN_ID)
+    off = run_federation(
+        InProcessGrid(node_configs(tmp_path / "b", [1.0] * 4)),
+        s.replace(personalise_rounds=0),
+        4,
+        lambda _: None,
+        timeout=5,
+        run_id=RUN_ID,
+    )
     assert off.personalised == {}
 
 
@@ -67,8 +78,12 @@ def test_a_coordinator_cannot_shrink_the_privacy_plan_with_negative_personalisat
 
     config = training_config(RunSettings(num_rounds=15)) | {"personalise-rounds": -14}
     node = node_configs(tmp_path, [1.0] * 4)[101]
-    reply = make_client_app()(Message(RecordDict({protocol.CONFIG: ConfigRecord(config)}), dst_node_id=101,
-                                      message_type=protocol.FEATURE_STATS), Context(RUN_ID, 101, node, RecordDict(), {}))
+    reply = make_client_app()(
+        Message(
+            RecordDict({protocol.CONFIG: ConfigRecord(config)}), dst_node_id=101, message_type=protocol.FEATURE_STATS
+        ),
+        Context(RUN_ID, 101, node, RecordDict(), {}),
+    )
     refusal = reply.content.config_records[protocol.REFUSAL]
     assert refusal["kind"] == "policy" and "personalise-rounds=-14 is negative" in refusal["reason"]
     assert protocol.METRICS not in reply.content.metric_records

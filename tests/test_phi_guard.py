@@ -14,8 +14,13 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from client.datasets import confidentiality_profile
-from client.datasets.confidentiality_profile import (FEDCARE_ADDITIONS, RETAIN_OPTIONS, SCANNED_SEQUENCES, profile,
-                                                     tag_label)
+from client.datasets.confidentiality_profile import (
+    FEDCARE_ADDITIONS,
+    RETAIN_OPTIONS,
+    SCANNED_SEQUENCES,
+    profile,
+    tag_label,
+)
 from client.datasets.dicom_reader import read_header_bytes
 from client.datasets.phi_guard import MAX_DEPTH, guard_version, phi_findings
 from fedcare.errors import FedcareError
@@ -58,10 +63,27 @@ def test_profile_is_the_pinned_table_plus_explained_policy():
 
 def _value_for(vr: str):
     vr = vr.split(" or ")[0]
-    return {"DA": "20240101", "TM": "120000", "DT": "20240101120000", "PN": "Doe^Jane", "AS": "045Y", "DS": "1.5",
-            "IS": "3", "US": 1, "SS": 1, "UL": 1, "FL": 1.0, "FD": 1.0, "CS": "SECRET", "AE": "AE1",
-            "UR": "http://x", "OB": b"\x01\x02", "OW": b"\x01\x02", "UN": b"\x01\x02", "SQ": None,
-            }.get(vr, "SECRET-VALUE-1")
+    return {
+        "DA": "20240101",
+        "TM": "120000",
+        "DT": "20240101120000",
+        "PN": "Doe^Jane",
+        "AS": "045Y",
+        "DS": "1.5",
+        "IS": "3",
+        "US": 1,
+        "SS": 1,
+        "UL": 1,
+        "FL": 1.0,
+        "FD": 1.0,
+        "CS": "SECRET",
+        "AE": "AE1",
+        "UR": "http://x",
+        "OB": b"\x01\x02",
+        "OW": b"\x01\x02",
+        "UN": b"\x01\x02",
+        "SQ": None,
+    }.get(vr, "SECRET-VALUE-1")
 
 
 def test_every_non_uid_table_attribute_with_a_value_is_refused():
@@ -110,17 +132,39 @@ def test_referenced_and_source_image_sequences_holding_only_uids_pass():
     assert phi_findings(read_header_bytes(_roundtrip(ds).getvalue(), "x.dcm")) == []
 
 
-@pytest.mark.parametrize("keyword,value", [
-    ("PatientName", "Doe^Jane"), ("PatientID", "MRN123456"), ("OtherPatientIDs", "X-99"),
-    ("PatientBirthDate", "19700101"), ("PatientBirthTime", "101010"), ("PatientAddress", "1 Main St"),
-    ("PatientTelephoneNumbers", "555-0100"), ("AccessionNumber", "ACC42"), ("InstitutionName", "St Elsewhere"),
-    ("InstitutionAddress", "2 Hill Rd"), ("InstitutionalDepartmentName", "Radiology"),
-    ("ReferringPhysicianName", "House^Greg"), ("PerformingPhysicianName", "Grey^Meredith"),
-    ("OperatorsName", "Tech^Tom"), ("StudyDate", "20240102"), ("StudyTime", "120000"), ("SeriesDate", "20240102"),
-    ("AcquisitionDate", "20240102"), ("ContentDate", "20240102"), ("ContentTime", "120001"), ("StudyID", "S1"),
-    ("DeviceSerialNumber", "SN-777"), ("StationName", "CT01"), ("PatientAge", "045Y"), ("PatientSex", "F"),
-    ("MedicalRecordLocator", "LOC-1"), ("StudyDescription", "chest for Doe"), ("ImageComments", "call Jane"),
-])
+@pytest.mark.parametrize(
+    "keyword,value",
+    [
+        ("PatientName", "Doe^Jane"),
+        ("PatientID", "MRN123456"),
+        ("OtherPatientIDs", "X-99"),
+        ("PatientBirthDate", "19700101"),
+        ("PatientBirthTime", "101010"),
+        ("PatientAddress", "1 Main St"),
+        ("PatientTelephoneNumbers", "555-0100"),
+        ("AccessionNumber", "ACC42"),
+        ("InstitutionName", "St Elsewhere"),
+        ("InstitutionAddress", "2 Hill Rd"),
+        ("InstitutionalDepartmentName", "Radiology"),
+        ("ReferringPhysicianName", "House^Greg"),
+        ("PerformingPhysicianName", "Grey^Meredith"),
+        ("OperatorsName", "Tech^Tom"),
+        ("StudyDate", "20240102"),
+        ("StudyTime", "120000"),
+        ("SeriesDate", "20240102"),
+        ("AcquisitionDate", "20240102"),
+        ("ContentDate", "20240102"),
+        ("ContentTime", "120001"),
+        ("StudyID", "S1"),
+        ("DeviceSerialNumber", "SN-777"),
+        ("StationName", "CT01"),
+        ("PatientAge", "045Y"),
+        ("PatientSex", "F"),
+        ("MedicalRecordLocator", "LOC-1"),
+        ("StudyDescription", "chest for Doe"),
+        ("ImageComments", "call Jane"),
+    ],
+)
 def test_profile_attribute_with_a_value_is_a_finding(keyword, value):
     ds = clean()
     setattr(ds, keyword, value)
@@ -190,8 +234,9 @@ def test_retain_options_exempt_their_groups_only():
     ds = clean()
     ds.StudyDate, ds.PatientSex, ds.DeviceSerialNumber, ds.InstitutionName = "20240101", "M", "SN", "Hosp"
     ds.SeriesDescription, ds.PatientName = "AX T1", "Doe^Jane"
-    assert phi_findings(ds, retain=["dates", "patient-characteristics", "device-identity", "institution-identity",
-                                    "descriptors"]) == ["PatientName"]
+    assert phi_findings(
+        ds, retain=["dates", "patient-characteristics", "device-identity", "institution-identity", "descriptors"]
+    ) == ["PatientName"]
     with pytest.raises(FedcareError, match="unknown de-identification option"):
         phi_findings(ds, retain=["everything"])
 
@@ -250,8 +295,8 @@ def _file_with_reference_sequence() -> bytes:
 def test_a_sequence_that_cannot_be_parsed_is_refused():
     data = bytearray(_file_with_reference_sequence())
     at = data.index(b"\x08\x00\x40\x11SQ")  # (0008,1140) explicit VR, 4-byte length, then the items
-    length = int.from_bytes(data[at + 8:at + 12], "little")
-    data[at + 12:at + 12 + length] = b"\xff" * length  # the items become garbage
+    length = int.from_bytes(data[at + 8 : at + 12], "little")
+    data[at + 12 : at + 12 + length] = b"\xff" * length  # the items become garbage
     assert phi_findings(read_header_bytes(_file_with_reference_sequence(), "ok.dcm")) == []
     findings = phi_findings(read_header_bytes(bytes(data), "bad.dcm"))
     assert findings == ["ReferencedImageSequence (not inspected: sequence cannot be parsed)"]
@@ -296,11 +341,14 @@ def _with_text(charset: str | None, raw: bytes) -> bytes:
 UNDECODABLE = "Manufacturer (not inspected: cannot be decoded in the declared character set)"
 
 
-@pytest.mark.parametrize("charset,raw,finding", [
-    ("ISO_IR 192", b"ACME \xff\xfe\xfd Medical", UNDECODABLE),
-    (None, b"Sch\xf6n Medical Gm", UNDECODABLE),
-    ("ISO_IR 999", b"ACME Medical Ltd", "SpecificCharacterSet (not inspected: unknown character set)"),
-])
+@pytest.mark.parametrize(
+    "charset,raw,finding",
+    [
+        ("ISO_IR 192", b"ACME \xff\xfe\xfd Medical", UNDECODABLE),
+        (None, b"Sch\xf6n Medical Gm", UNDECODABLE),
+        ("ISO_IR 999", b"ACME Medical Ltd", "SpecificCharacterSet (not inspected: unknown character set)"),
+    ],
+)
 def test_text_in_a_character_set_the_guard_cannot_decode_is_refused(charset, raw, finding):
     findings = phi_findings(read_header_bytes(_with_text(charset, raw), "x.dcm"))
     assert findings == [finding]
@@ -323,11 +371,37 @@ def test_private_tags_inside_sequences_are_refused_too():
 
 
 def test_attributes_the_loader_needs_are_not_refused():
-    needed = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "Rows", "Columns",
-              "NumberOfFrames", "SamplesPerPixel", "PhotometricInterpretation", "PlanarConfiguration",
-              "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "RescaleSlope", "RescaleIntercept",
-              "ModalityLUTSequence", "WindowCenter", "WindowWidth", "VOILUTSequence", "PixelSpacing",
-              "ImagerPixelSpacing", "PixelAspectRatio", "RedPaletteColorLookupTableData", "PixelData",
-              "FloatPixelData", "DoubleFloatPixelData", "SpecificCharacterSet", "PatientIdentityRemoved"]
+    needed = [
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "Modality",
+        "Rows",
+        "Columns",
+        "NumberOfFrames",
+        "SamplesPerPixel",
+        "PhotometricInterpretation",
+        "PlanarConfiguration",
+        "BitsAllocated",
+        "BitsStored",
+        "HighBit",
+        "PixelRepresentation",
+        "RescaleSlope",
+        "RescaleIntercept",
+        "ModalityLUTSequence",
+        "WindowCenter",
+        "WindowWidth",
+        "VOILUTSequence",
+        "PixelSpacing",
+        "ImagerPixelSpacing",
+        "PixelAspectRatio",
+        "RedPaletteColorLookupTableData",
+        "PixelData",
+        "FloatPixelData",
+        "DoubleFloatPixelData",
+        "SpecificCharacterSet",
+        "PatientIdentityRemoved",
+    ]
     rules = profile()
     assert [kw for kw in needed if rules.rule_for(int(tag_for_keyword(kw))) is not None] == []

@@ -32,20 +32,31 @@ class CrashingGrid(InProcessGrid):
 def test_a_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path, strategy, dp):
     s = RunSettings(num_rounds=4, strategy=strategy, dp=dp, output_dir=str(tmp_path / "whole"))
     # the same noise in both runs (reproducible noise: a test's seed), so their models can be compared
-    whole = run_federation(InProcessGrid(node_configs(tmp_path / "a", [1.0] * 4), reproducible_noise=0), s, 4,
-                           lambda _: None, timeout=5, run_id=RUN_ID)
+    whole = run_federation(
+        InProcessGrid(node_configs(tmp_path / "a", [1.0] * 4), reproducible_noise=0),
+        s,
+        4,
+        lambda _: None,
+        timeout=5,
+        run_id=RUN_ID,
+    )
 
     crashed = s.replace(output_dir=str(tmp_path / "crashed"))
     nodes = node_configs(tmp_path / "b", [1.0] * 4)
     with pytest.raises(RuntimeError, match="lost power"):
-        run_federation(CrashingGrid(nodes, crash_round=3, reproducible_noise=0), crashed, 4, lambda _: None,
-                       timeout=5, run_id=RUN_ID)
+        run_federation(
+            CrashingGrid(nodes, crash_round=3, reproducible_noise=0),
+            crashed,
+            4,
+            lambda _: None,
+            timeout=5,
+            run_id=RUN_ID,
+        )
     assert load_checkpoint(crashed.output_dir).completed_round == 2
 
     progress: list[str] = []
     relaunch = InProcessGrid(nodes, run_id=RUN_ID + 1, reproducible_noise=0)  # a relaunch is a new Flower run
-    resumed = run_federation(relaunch, crashed.replace(resume=True), 4, progress.append, timeout=5,
-                             run_id=RUN_ID + 1)
+    resumed = run_federation(relaunch, crashed.replace(resume=True), 4, progress.append, timeout=5, run_id=RUN_ID + 1)
     assert resumed.stopped_early is None, progress
     assert any("resuming run 4242 after round 2 of 4" in line for line in progress)
     assert [r.round for r in resumed.rounds] == [1, 2, 3, 4]
@@ -61,12 +72,24 @@ def test_a_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path, strategy, 
 def test_resume_refuses_changed_settings_and_a_missing_checkpoint(tmp_path):
     s = RunSettings(num_rounds=1, dp=False, output_dir=str(tmp_path / "run"))
     with pytest.raises(FedcareError, match="no checkpoint to resume"):
-        run_federation(InProcessGrid(node_configs(tmp_path, [1.0] * 4)), s.replace(resume=True), 4, lambda _: None,
-                       timeout=5, run_id=RUN_ID)
+        run_federation(
+            InProcessGrid(node_configs(tmp_path, [1.0] * 4)),
+            s.replace(resume=True),
+            4,
+            lambda _: None,
+            timeout=5,
+            run_id=RUN_ID,
+        )
     run_federation(InProcessGrid(node_configs(tmp_path, [1.0] * 4)), s, 4, lambda _: None, timeout=5, run_id=RUN_ID)
     with pytest.raises(FedcareError, match="settings differ from the checkpointed run: learning-rate"):
-        run_federation(InProcessGrid(node_configs(tmp_path, [1.0] * 4)), s.replace(resume=True, learning_rate=0.9), 4,
-                       lambda _: None, timeout=5, run_id=RUN_ID)
+        run_federation(
+            InProcessGrid(node_configs(tmp_path, [1.0] * 4)),
+            s.replace(resume=True, learning_rate=0.9),
+            4,
+            lambda _: None,
+            timeout=5,
+            run_id=RUN_ID,
+        )
 
 
 class CrashAfterTrainingGrid(InProcessGrid):
@@ -98,15 +121,23 @@ def test_a_round_charged_before_a_crash_is_replanned_and_the_resumed_run_finishe
     assert load_checkpoint(s.output_dir).completed_round == 1
 
     progress: list[str] = []
-    resumed = run_federation(InProcessGrid(nodes, run_id=RUN_ID + 1), s.replace(resume=True), 4, progress.append,
-                             timeout=5, run_id=RUN_ID + 1)
+    resumed = run_federation(
+        InProcessGrid(nodes, run_id=RUN_ID + 1),
+        s.replace(resume=True),
+        4,
+        progress.append,
+        timeout=5,
+        run_id=RUN_ID + 1,
+    )
     assert resumed.stopped_early is None and resumed.status == "completed", progress
     assert [sorted(r.trained) for r in resumed.rounds[1:]] == [sorted(h.name for h in resumed.hospitals.values())] * 2
     for h in resumed.hospitals.values():
-        assert 0.99 < h.epsilon <= 1.0 + 1e-9, (h.name, h.epsilon)   # the whole plan, round 2 paid twice, no more
+        assert 0.99 < h.epsilon <= 1.0 + 1e-9, (h.name, h.epsilon)  # the whole plan, round 2 paid twice, no more
     line = next(x for x in progress if "was charged at 4 hospitals" in x)
-    assert line.startswith("round 2 was charged at 4 hospitals (Cleveland, Hungary, Switzerland, VA Long Beach) "
-                           "but its update was lost in the crash")
+    assert line.startswith(
+        "round 2 was charged at 4 hospitals (Cleveland, Hungary, Switzerland, VA Long Beach) "
+        "but its update was lost in the crash"
+    )
     assert "the remaining rounds use noise multiplier" in line and "instead of" in line
     cost = resumed.crash_cost
     assert cost["lost_rounds"] == {"2": sorted(h.name for h in resumed.hospitals.values())}
@@ -117,8 +148,9 @@ def test_a_round_charged_before_a_crash_is_replanned_and_the_resumed_run_finishe
 
     # ... and the audit trail of the crashed and the resumed run verifies clean
     ledgers = tmp_path / "ledgers"
-    report = verify([*sorted((ledgers / "audit").glob("*.jsonl")), tmp_path / "out" / "audit" / "server.jsonl"],
-                    ledgers)
+    report = verify(
+        [*sorted((ledgers / "audit").glob("*.jsonl")), tmp_path / "out" / "audit" / "server.jsonl"], ledgers
+    )
     assert report.ok, "\n".join(map(str, report.findings))
     assert sum("charged, not aggregated (server crash)" in f.reason for f in report.notes) == 4
 
@@ -145,11 +177,12 @@ def test_a_run_whose_last_round_nobody_trained_is_reported_incomplete(tmp_path):
 
     s = RunSettings(num_rounds=2, output_dir=str(tmp_path / "out"))
     progress: list[str] = []
-    app = make_server_app(s, 4, progress.append, timeout=5)   # as deployed: no simulation collecting the result
-    with pytest.raises(FedcareError, match="the run is incomplete: 1 of 2 planned rounds done; round 2 trained by "
-                                           "0 of 4 hospital"):
+    app = make_server_app(s, 4, progress.append, timeout=5)  # as deployed: no simulation collecting the result
+    with pytest.raises(
+        FedcareError, match="the run is incomplete: 1 of 2 planned rounds done; round 2 trained by 0 of 4 hospital"
+    ):
         app._main(BudgetLoweredGrid(node_configs(tmp_path, [1.0] * 4)), Context(RUN_ID, 0, {}, RecordDict(), {}))
-    results = json.loads((tmp_path / "out" / "results.json").read_text())   # written before the run fails
+    results = json.loads((tmp_path / "out" / "results.json").read_text())  # written before the run fails
     assert results["status"] == "incomplete" and results["rounds_done"] == 1
     assert results["rounds"][-1]["trained"] == [] and len(results["rounds"][-1]["refused"]) == 4
     assert "the final model is round 1's" in results["stopped_early"]

@@ -13,15 +13,18 @@ def test_pyproject_run_config_defaults_equal_the_python_defaults():
     assert RunSettings.from_config(flwr_defaults) == RunSettings()
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"dataset": "mnist"}, "unknown dataset 'mnist'"),
-    ({"model": "resnet"}, "unknown model 'resnet'"),
-    ({"strategy": "scaffold"}, "unknown strategy 'scaffold'"),
-    ({"target_epsilon": 0.0}, "target epsilon must be > 0"),
-    ({"target_epsilon": -1.0}, "target epsilon must be > 0"),
-    ({"delta": 1.0}, "delta must be in"),
-    ({"num_rounds": 0}, "num-rounds must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"dataset": "mnist"}, "unknown dataset 'mnist'"),
+        ({"model": "resnet"}, "unknown model 'resnet'"),
+        ({"strategy": "scaffold"}, "unknown strategy 'scaffold'"),
+        ({"target_epsilon": 0.0}, "target epsilon must be > 0"),
+        ({"target_epsilon": -1.0}, "target epsilon must be > 0"),
+        ({"delta": 1.0}, "delta must be in"),
+        ({"num_rounds": 0}, "num-rounds must be >= 1"),
+    ],
+)
 def test_bad_settings_are_refused_with_a_reason(change, message):
     with pytest.raises(FedcareError, match=message):
         RunSettings(**change)
@@ -76,13 +79,16 @@ def test_a_hinted_setting_names_both_its_simulate_option_and_its_run_config_key(
     assert f"run-config {name.replace('_', '-')}" in how_to_set(name)
 
 
-@pytest.mark.parametrize("change,message,option", [
-    ({"secagg_clip_range": 0.0}, "secagg-clip-range must be > 0", "--secagg-clip-range"),
-    ({"secagg_threshold": -1}, "secagg-threshold must be >= 0", "--secagg-threshold"),
-    ({"num_rounds": 0}, "num-rounds must be >= 1", "--rounds"),
-    ({"stats_budget_fraction": 1.0}, "stats-budget-fraction must be in (0, 1)", "--stats-budget-fraction"),
-    ({"proximal_mu": -1.0}, "proximal-mu must be >= 0", "--proximal-mu"),
-])
+@pytest.mark.parametrize(
+    "change,message,option",
+    [
+        ({"secagg_clip_range": 0.0}, "secagg-clip-range must be > 0", "--secagg-clip-range"),
+        ({"secagg_threshold": -1}, "secagg-threshold must be >= 0", "--secagg-threshold"),
+        ({"num_rounds": 0}, "num-rounds must be >= 1", "--rounds"),
+        ({"stats_budget_fraction": 1.0}, "stats-budget-fraction must be in (0, 1)", "--stats-budget-fraction"),
+        ({"proximal_mu": -1.0}, "proximal-mu must be >= 0", "--proximal-mu"),
+    ],
+)
 def test_a_bad_setting_says_how_to_set_it_in_simulate_and_in_a_deployed_run(change, message, option):
     with pytest.raises(FedcareError) as err:
         RunSettings(**change)
@@ -123,12 +129,15 @@ def _a_plain_sgd_batch_larger_than_a_hospital():
     load_center(2).check_trainable(batch_size=64, dp=False)
 
 
-@pytest.mark.parametrize("raise_it,names", [
-    (_secure_rounds_with_one_hospital, ["secagg_threshold", "secure_aggregation"]),
-    (_a_plain_sgd_batch_larger_than_a_hospital, ["batch_size"]),
-    (_quantizer_without_a_range, ["secagg_clip_range"]),
-    (_a_sequence_model_for_a_table, ["model"]),
-])
+@pytest.mark.parametrize(
+    "raise_it,names",
+    [
+        (_secure_rounds_with_one_hospital, ["secagg_threshold", "secure_aggregation"]),
+        (_a_plain_sgd_batch_larger_than_a_hospital, ["batch_size"]),
+        (_quantizer_without_a_range, ["secagg_clip_range"]),
+        (_a_sequence_model_for_a_table, ["model"]),
+    ],
+)
 def test_product_hints_name_the_simulate_option_and_the_run_config_key(raise_it, names):
     from fedcare.run_config import simulate_option
 

@@ -15,7 +15,7 @@ from fedcare.run_config import RunSettings
 from server.federation_loop import run_federation
 from tests.support.inprocess_grid import RUN_ID, InProcessGrid, node_configs, task_identity  # noqa: F401
 
-HOSPITALS = ["Cleveland", "Hungary", "Switzerland", "VA Long Beach"]   # Cleveland holds the most patients
+HOSPITALS = ["Cleveland", "Hungary", "Switzerland", "VA Long Beach"]  # Cleveland holds the most patients
 CLIPPED = "update values were outside the secure-aggregation range and were clipped"
 
 
@@ -49,8 +49,14 @@ def _run(tmp_path, clip: float):
     log, flwr_logger = NodeLog(), logging.getLogger("flwr")
     flwr_logger.addHandler(log)
     try:
-        result = run_federation(grid, RunSettings(num_rounds=3, dp=False, secagg_clip_range=clip), 4,
-                                progress.append, timeout=5, run_id=RUN_ID)
+        result = run_federation(
+            grid,
+            RunSettings(num_rounds=3, dp=False, secagg_clip_range=clip),
+            4,
+            progress.append,
+            timeout=5,
+            run_id=RUN_ID,
+        )
     finally:
         flwr_logger.removeHandler(log)
     return result, grid, progress, log.lines

@@ -9,7 +9,7 @@ import math
 import time
 from collections import Counter
 from fractions import Fraction
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pytest
@@ -137,8 +137,7 @@ FCP_FEASIBLE = [
 
 # Same file, HararyGraphParameterFinderTest_InvalidOrUnfeasible: FCP's finder fails on each.
 FCP_INVALID = [(0, 0.1, 0.1, CURIOUS), (1000, 0.1, 1.0, CURIOUS), (1000, 0.1, -1.0, CURIOUS)]
-FCP_INFEASIBLE = [(1000, 0.5, 0.5, CURIOUS), (1000, 0.5, 0.5, SEMI), (1000, 0.33, 0.33, SEMI),
-                  (1000, 0.5, 0.5, NONE)]
+FCP_INFEASIBLE = [(1000, 0.5, 0.5, CURIOUS), (1000, 0.5, 0.5, SEMI), (1000, 0.33, 0.33, SEMI), (1000, 0.5, 0.5, NONE)]
 
 
 def _semi(adversary_class: str) -> bool:
@@ -146,7 +145,7 @@ def _semi(adversary_class: str) -> bool:
     return adversary_class == SEMI
 
 
-@lru_cache(maxsize=None)
+@cache
 def _found(n: int, gamma: float, delta: float, semi: bool) -> GraphParameters | None:
     return find_parameters(n, gamma, delta, semi)
 
@@ -245,8 +244,10 @@ def test_parameters_unpack_as_k_t() -> None:
 
 def _exact_pmf_numerators(total: int, marked: int, sampled: int) -> tuple[dict[int, int], int]:
     lo, hi = max(0, sampled - (total - marked)), min(marked, sampled)
-    return ({x: math.comb(marked, x) * math.comb(total - marked, sampled - x) for x in range(lo, hi + 1)},
-            math.comb(total, sampled))
+    return (
+        {x: math.comb(marked, x) * math.comb(total - marked, sampled - x) for x in range(lo, hi + 1)},
+        math.comb(total, sampled),
+    )
 
 
 def _exact_upper(total: int, marked: int, sampled: int, q: float) -> int:
@@ -331,8 +332,15 @@ def _reference_find(n: int, gamma: float, delta: float, semi: bool) -> tuple[int
     surviving = math.ceil((1 - delta - 1e-14) * n)
     for k in range(2, n - 1, 2):
         if k <= bad:
-            log_p = (math.log(n) + math.log(n - k - 1) - math.log(2) + math.lgamma(bad + 1)
-                     + math.lgamma(n - k + 1) - math.lgamma(n + 1) - math.lgamma(bad - k + 1))
+            log_p = (
+                math.log(n)
+                + math.log(n - k - 1)
+                - math.log(2)
+                + math.lgamma(bad + 1)
+                + math.lgamma(n - k + 1)
+                - math.lgamma(n + 1)
+                - math.lgamma(bad - k + 1)
+            )
             if log_p >= -41 * math.log(2):
                 continue
         t1 = _exact_upper(n, adversarial, k, math.pow(2, -41) / n)
@@ -394,13 +402,16 @@ def _k(n: int, gamma: float, delta: float, semi: bool = True, **kw: int) -> int 
 @settings(max_examples=60, deadline=None)
 @given(st.integers(3, 3000), st.sampled_from(RATES), st.sampled_from(RATES), st.sampled_from(RATES), st.booleans())
 def test_more_adversaries_or_dropouts_never_need_fewer_neighbours(
-        n: int, r1: float, r2: float, other: float, semi: bool) -> None:
+    n: int, r1: float, r2: float, other: float, semi: bool
+) -> None:
     """Feasibility at each k is monotone in both rates (more bad nodes: a larger disconnection
     bound, a stochastically larger adversarial count, a smaller surviving count), so the first
     feasible k is too, and an instance infeasible at a rate stays infeasible above it."""
     low, high = sorted((r1, r2))
-    for k_low, k_high in ((_k(n, low, other, semi), _k(n, high, other, semi)),
-                          (_k(n, other, low, semi), _k(n, other, high, semi))):
+    for k_low, k_high in (
+        (_k(n, low, other, semi), _k(n, high, other, semi)),
+        (_k(n, other, low, semi), _k(n, other, high, semi)),
+    ):
         if k_high is not None:
             assert k_low is not None and k_low <= k_high
 
@@ -413,8 +424,9 @@ def test_semi_malicious_never_needs_fewer_neighbours_than_curious(n: int, gamma:
         assert curious is not None and curious <= semi
 
 
-@pytest.mark.parametrize("n, gamma, delta", [(100, 0.05, 0.05), (1000, 0.05, 0.05), (1000, 0.1, 0.1),
-                                             (1000, 0.2, 0.1), (10_000, 0.05, 0.05)])
+@pytest.mark.parametrize(
+    "n, gamma, delta", [(100, 0.05, 0.05), (1000, 0.05, 0.05), (1000, 0.1, 0.1), (1000, 0.2, 0.1), (10_000, 0.05, 0.05)]
+)
 def test_stronger_guarantees_never_need_fewer_neighbours(n: int, gamma: float, delta: float) -> None:
     by_security = [_k(n, gamma, delta, security=s) for s in (20, 30, 40, 60, 80)]
     by_correctness = [_k(n, gamma, delta, correctness=c) for c in (10, 20, 30, 40)]
@@ -551,8 +563,10 @@ def test_graph_is_deterministic_for_a_seed_and_a_set(ids: list[int], seed_index:
 
 def test_graph_differs_across_seeds() -> None:
     ids = list(range(1000, 1100))
-    graphs = {tuple(sorted((node, tuple(sorted(adj))) for node, adj in neighbours(_seed(i), ids, 6).items()))
-              for i in range(20)}
+    graphs = {
+        tuple(sorted((node, tuple(sorted(adj))) for node, adj in neighbours(_seed(i), ids, 6).items()))
+        for i in range(20)
+    }
     assert len(graphs) == 20
     assert len({tuple(ring_order(_seed(i), ids)) for i in range(200)}) == 200
 
@@ -586,16 +600,28 @@ def test_graph_follows_fcps_worked_example(monkeypatch: pytest.MonkeyPatch) -> N
     "2 -> 7, 3, 2, 5, 4") gives 0, 6, 7, 3, 2: a typo in the comment, corrected here."""
     permutation = [3, 2, 5, 4, 1, 8, 9, 0, 6, 7]
     monkeypatch.setattr(graph, "ring_order", lambda seed, ids: list(permutation))
-    header = {3: [6, 7, 3, 2, 5], 2: [7, 3, 2, 5, 4], 5: [3, 2, 5, 4, 1], 4: [2, 5, 4, 1, 8],
-              1: [5, 4, 1, 8, 9], 8: [4, 1, 8, 9, 0], 9: [1, 8, 9, 0, 6], 0: [8, 9, 0, 6, 7],
-              6: [9, 0, 6, 7, 3], 7: [0, 6, 7, 3, 2]}
+    header = {
+        3: [6, 7, 3, 2, 5],
+        2: [7, 3, 2, 5, 4],
+        5: [3, 2, 5, 4, 1],
+        4: [2, 5, 4, 1, 8],
+        1: [5, 4, 1, 8, 9],
+        8: [4, 1, 8, 9, 0],
+        9: [1, 8, 9, 0, 6],
+        0: [8, 9, 0, 6, 7],
+        6: [9, 0, 6, 7, 3],
+        7: [0, 6, 7, 3, 2],
+    }
     inverse = {node: i for i, node in enumerate(permutation)}
     degree, n = 5, 10
-    get_neighbor = {node: [permutation[(inverse[node] - degree // 2 + index + n) % n] for index in range(degree)]
-                    for node in permutation}  # FCP SecretSharingHararyGraph::GetNeighbor
+    get_neighbor = {
+        node: [permutation[(inverse[node] - degree // 2 + index + n) % n] for index in range(degree)]
+        for node in permutation
+    }  # FCP SecretSharingHararyGraph::GetNeighbor
     assert get_neighbor == header
-    assert neighbours(bytes(32), list(range(10)), 4) == {node: [v for v in adj if v != node]
-                                                         for node, adj in header.items()}
+    assert neighbours(bytes(32), list(range(10)), 4) == {
+        node: [v for v in adj if v != node] for node, adj in header.items()
+    }
 
 
 def test_graph_input_checks() -> None:

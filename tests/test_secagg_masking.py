@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from secure_aggregation import ShamirError, TamperingDetected, TooFewSurvivors, keys, masking, shamir
-from tests.support import secagg_inprocess as ip
 from secure_aggregation.identity import SimulatedConsortium
 from secure_aggregation.prg import mask_vector
+from tests.support import secagg_inprocess as ip
 
 # ---- PRG --------------------------------------------------------------------------------------
 
@@ -204,7 +204,7 @@ def test_fewer_than_t_shares_do_not_unmask_an_input(tmp_path: Path) -> None:
     with pytest.raises(TooFewSurvivors, match="only 2 good shares"):
         federation.server.finish(replies)
     # The shares of node 1's self-mask seed that the server now holds cannot rebuild it.
-    b_of_1 = {holder: reply["b"][1][:shamir.SHARE_BYTES] for holder, reply in replies.items()}
+    b_of_1 = {holder: reply["b"][1][: shamir.SHARE_BYTES] for holder, reply in replies.items()}
     with pytest.raises(ShamirError):
         shamir.combine(b_of_1, t)
     try:  # pretending the threshold were 2 gives no valid seed either

@@ -5,6 +5,7 @@ hypothesis pick dropout schedules and server behaviours."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -21,16 +22,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from secure_aggregation import Quantizer, SecAggError, SecAggNode, TamperingDetected, TooFewSurvivors
-from tests.support import secagg_inprocess as ip
 from secure_aggregation.identity import Roster, RosterConsortium, SimulatedConsortium, public_bytes
 from secure_aggregation.node_half import advertisement_message
 from secure_aggregation.node_state import unb64
+from tests.support import secagg_inprocess as ip
 
 CLIP = 0.5
 
 
 def _ids(n: int, seed: int | None = None) -> list[int]:
-    rng = random.Random(n if seed is None else seed)   # Flower node ids are random uint64 values
+    rng = random.Random(n if seed is None else seed)  # Flower node ids are random uint64 values
     ids: set[int] = set()
     while len(ids) < n:
         ids.add(rng.getrandbits(63))
@@ -61,10 +62,25 @@ class Fed:
         assert np.max(np.abs(mean - true)) <= self.q.error_bound + 1e-12
 
 
-def _setup(tmp_path: Path, ids: list[int], length: int, t: int | None = None, k: int | None = None,
-           run: Any = 42, after_advertise: Iterable[int] = ()) -> ip.Federation:
-    return ip.setup(tmp_path, run, t or _t(len(ids)), k or len(ids) - 1, ids, length,
-                    SimulatedConsortium(b"\x01" * 32), after_advertise=set(after_advertise))
+def _setup(
+    tmp_path: Path,
+    ids: list[int],
+    length: int,
+    t: int | None = None,
+    k: int | None = None,
+    run: Any = 42,
+    after_advertise: Iterable[int] = (),
+) -> ip.Federation:
+    return ip.setup(
+        tmp_path,
+        run,
+        t or _t(len(ids)),
+        k or len(ids) - 1,
+        ids,
+        length,
+        SimulatedConsortium(b"\x01" * 32),
+        after_advertise=set(after_advertise),
+    )
 
 
 # ---- correctness with dropouts at every stage ----------------------------------------------------
@@ -78,7 +94,7 @@ CASES = [("none", "zero")] + [(stage, k) for stage in STAGES for k in ("one", "n
 def test_secure_mean_equals_plain_weighted_mean(tmp_path: Path, n: int, stage: str, how_many: str) -> None:
     ids, t, length = _ids(n), _t(n), 40
     k = {"zero": 0, "one": 1, "n-t": n - t}[how_many]
-    gone = set(ids[1:1 + k])   # never the first node: keep a mix of smaller/larger ids around
+    gone = set(ids[1 : 1 + k])  # never the first node: keep a mix of smaller/larger ids around
     fed = Fed(ids, length, seed=n)
     federation = _setup(tmp_path, ids, length + 1, after_advertise=gone if stage == "after_advertise" else ())
     silent = gone if stage == "after_share_keys" else set()
@@ -87,7 +103,7 @@ def test_secure_mean_equals_plain_weighted_mean(tmp_path: Path, n: int, stage: s
     expected = sorted(set(ids) - gone) if stage != "after_mask" else ids
     assert outcome.survivors == expected and outcome.silent == (sorted(gone) if mute else [])
     fed.check(total, outcome.survivors)
-    fed2 = Fed(ids, length, seed=n + 100)   # a second round: rotated mask keys, without the dropped
+    fed2 = Fed(ids, length, seed=n + 100)  # a second round: rotated mask keys, without the dropped
     total2, outcome2 = ip.run_round(federation, 2, fed2.encoded())
     assert outcome2.survivors == expected
     fed2.check(total2, outcome2.survivors)
@@ -122,11 +138,11 @@ def test_dropouts_accumulate_over_rounds_and_dropped_nodes_stay_out(tmp_path: Pa
     total, outcome = ip.run_round(federation, 1, fed.encoded(), silent=[ids[0]])
     fed.check(total, outcome.survivors)
     requests = ip.mask_step(federation, 2, fed.encoded(), silent=[ids[5]])
-    assert ids[0] not in requests   # a dropped node gets no further mask requests
+    assert ids[0] not in requests  # a dropped node gets no further mask requests
     total, outcome = federation.server.finish(ip.unmask_step(federation, 2, mute=[ids[1]]))
     fed.check(total, outcome.survivors)
     assert federation.server.excluded == sorted([ids[0], ids[5]])
-    total, outcome = ip.run_round(federation, 5, fed.encoded())   # round numbers may skip
+    total, outcome = ip.run_round(federation, 5, fed.encoded())  # round numbers may skip
     fed.check(total, outcome.survivors)
     assert outcome.survivors == sorted(set(ids) - {ids[0], ids[5]})
 
@@ -138,7 +154,7 @@ def test_below_threshold_survivors_raise_and_reveal_nothing(tmp_path: Path) -> N
     ip.mask_step(federation, 1, fed.encoded(), silent=ids[2:])
     with pytest.raises(TooFewSurvivors, match="only 2 of 5 nodes sent masked inputs for round 1; the threshold"):
         federation.server.view_requests()
-    for nid in ids:   # no node was asked to reveal or sign anything
+    for nid in ids:  # no node was asked to reveal or sign anything
         state = json.loads(ip.state_path(tmp_path, 42, nid).read_text())
         assert state["revealed_s_for"] == [] and all(r["status"] == "masked" for r in state["rounds"].values())
     federation.server.abort_round()
@@ -152,38 +168,41 @@ def test_finish_with_too_few_replies_keeps_the_round_open(tmp_path: Path) -> Non
     federation = _setup(tmp_path, ids, 9)
     ip.mask_step(federation, 1, fed.encoded())
     replies = ip.unmask_step(federation, 1, mute=ids[2:])
-    with pytest.raises(TooFewSurvivors, match="only 2 good shares of node .*self-mask seed"):
+    with pytest.raises(TooFewSurvivors, match=r"only 2 good shares of node .*self-mask seed"):
         federation.server.finish(replies)
     replies.update(ip.unmask_step(federation, 1, mute=ids[:2] + ids[3:]))
-    total, outcome = federation.server.finish(replies)
+    total, _outcome = federation.server.finish(replies)
     fed.check(total, ids)
 
 
 # ---- identities: the coordinator cannot add, impersonate or substitute ---------------------------
 
+
 def _advertised(tmp_path: Path, ids: list[int], consortium=None) -> tuple[dict[int, dict], Any]:
     consortium = consortium or SimulatedConsortium(b"\x02" * 32)
-    ads = {i: SecAggNode(tmp_path / f"{i}.json", consortium).advertise("run", i, ip.name_of(i), 3, len(ids) - 1, ids)
-           for i in ids}
+    ads = {
+        i: SecAggNode(tmp_path / f"{i}.json", consortium).advertise("run", i, ip.name_of(i), 3, len(ids) - 1, ids)
+        for i in ids
+    }
     return ads, consortium
 
 
 def test_a_node_the_server_added_or_impersonates_is_refused(tmp_path: Path) -> None:
     ids = [1, 2, 3, 4]
     ads, consortium = _advertised(tmp_path, ids)
-    server_key = Ed25519PrivateKey.generate()     # the coordinator's own key: it cannot sign for members
+    server_key = Ed25519PrivateKey.generate()  # the coordinator's own key: it cannot sign for members
     fake = {**ads[4], "identity": public_bytes(server_key), "name": "hospital-99"}
     fake["sig"] = server_key.sign(advertisement_message("run", 99, fake))
     node = SecAggNode(tmp_path / "1.json", consortium)
     with pytest.raises(TamperingDetected, match="node 99 advertises an identity key that is not 'hospital-99'"):
         node.share_keys({**ads, 99: fake})
-    impostor = {**fake, "name": "hospital-4"}      # a second node claiming a member's name
+    impostor = {**fake, "name": "hospital-4"}  # a second node claiming a member's name
     with pytest.raises(TamperingDetected, match="not 'hospital-4''s on this hospital's roster"):
         node.share_keys({**ads, 99: impostor})
-    twice = {**ads, 99: ads[4]}                    # a member's signed keys replayed under another node id
+    twice = {**ads, 99: ads[4]}  # a member's signed keys replayed under another node id
     with pytest.raises(TamperingDetected, match="keys of node 99"):
         node.share_keys(twice)
-    assert node.share_keys(ads)["participants"]   # the honest key list still works
+    assert node.share_keys(ads)["participants"]  # the honest key list still works
 
 
 def test_a_substituted_public_key_is_refused(tmp_path: Path) -> None:
@@ -203,34 +222,46 @@ def test_a_roster_member_only_joins_with_its_own_key(tmp_path: Path) -> None:
     for name, key in keys.items():
         from cryptography.hazmat.primitives import serialization
 
-        (tmp_path / f"{name}.key").write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        (tmp_path / f"{name}.key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
     members = {name: RosterConsortium(roster, tmp_path / f"{name}.key") for name in keys}
     ids = {"Cleveland": 5, "Hungary": 6, "Zurich": 7}
-    ads = {ids[n]: SecAggNode(tmp_path / f"{n}.json", members[n]).advertise("r", ids[n], n, 2, 2, list(ids.values()))
-           for n in keys}
+    ads = {
+        ids[n]: SecAggNode(tmp_path / f"{n}.json", members[n]).advertise("r", ids[n], n, 2, 2, list(ids.values()))
+        for n in keys
+    }
     assert SecAggNode(tmp_path / "Cleveland.json", members["Cleveland"]).share_keys(ads)
     with pytest.raises(SecAggError, match="'Basel' is not on this hospital's own consortium roster"):
         SecAggNode(tmp_path / "Basel.json", RosterConsortium(roster, tmp_path / "Zurich.key")).advertise(
-            "r", 8, "Basel", 2, 2, [5, 6, 7, 8])
+            "r", 8, "Basel", 2, 2, [5, 6, 7, 8]
+        )
     with pytest.raises(SecAggError, match="identity key is not the one the roster lists for 'Hungary'"):
         SecAggNode(tmp_path / "x.json", RosterConsortium(roster, tmp_path / "Zurich.key")).advertise(
-            "r", 6, "Hungary", 2, 2, [5, 6, 7])
+            "r", 6, "Hungary", 2, 2, [5, 6, 7]
+        )
 
 
 def test_nodes_told_a_different_federation_refuse(tmp_path: Path) -> None:
     consortium = SimulatedConsortium(b"\x03" * 32)
     ids = [1, 2, 3, 4, 5]
-    ads = {i: SecAggNode(tmp_path / f"{i}.json", consortium).advertise("run", i, ip.name_of(i), 3, 4,
-                                                                          ids if i != 5 else [1, 2, 3, 5])
-           for i in ids}
+    ads = {
+        i: SecAggNode(tmp_path / f"{i}.json", consortium).advertise(
+            "run", i, ip.name_of(i), 3, 4, ids if i != 5 else [1, 2, 3, 5]
+        )
+        for i in ids
+    }
     with pytest.raises(TamperingDetected, match="node 5 was told a different federation"):
         SecAggNode(tmp_path / "1.json", consortium).share_keys(ads)
 
 
 def test_a_federation_below_the_hospitals_minimum_or_a_minority_threshold_is_refused(tmp_path: Path) -> None:
     ads, consortium = _advertised(tmp_path, [1, 2, 3, 4])
-    with pytest.raises(SecAggError, match="only 4 verified members advertised keys; it joins federations of at least 5"):
+    with pytest.raises(
+        SecAggError, match="only 4 verified members advertised keys; it joins federations of at least 5"
+    ):
         SecAggNode(tmp_path / "1.json", consortium).share_keys(ads, min_nodes=5)
     with pytest.raises(SecAggError, match="threshold 2 is invalid for neighbourhoods of 4"):
         SecAggNode(tmp_path / "9.json", consortium).advertise("run", 9, "x", 2, 3, [9, 1, 2, 3])
@@ -239,6 +270,7 @@ def test_a_federation_below_the_hospitals_minimum_or_a_minority_threshold_is_ref
 
 
 # ---- one view per round, and never both masks ------------------------------------------------------
+
 
 def _round_one(tmp_path: Path, n: int = 7, silent: Iterable[int] = ()) -> tuple[ip.Federation, list[int], Fed]:
     ids = _ids(n, seed=123)
@@ -252,7 +284,7 @@ def test_different_survivor_lists_to_different_nodes_are_refused(tmp_path: Path)
     federation, ids, _ = _round_one(tmp_path)
     node = federation.node(ids[0])
     first = node.sign_view(1, ids[:5])
-    assert federation.node(ids[0]).sign_view(1, ids[:5]) == first   # re-delivery: the same signature
+    assert federation.node(ids[0]).sign_view(1, ids[:5]) == first  # re-delivery: the same signature
     with pytest.raises(SecAggError, match="already signed another view of round 1"):
         federation.node(ids[0]).sign_view(1, ids[:6])
     with pytest.raises(SecAggError, match="signed no view, or another one"):
@@ -267,10 +299,10 @@ def test_different_survivor_lists_to_different_nodes_are_refused(tmp_path: Path)
 def test_a_view_without_enough_signatures_reveals_nothing(tmp_path: Path) -> None:
     federation, ids, _ = _round_one(tmp_path)
     view = ids[:5]
-    sigs = {i: federation.node(i).sign_view(1, view) for i in view[:3]}   # 3 < t = 4
-    with pytest.raises(SecAggError, match="only 3 members of node .*neighbourhood signed this view"):
+    sigs = {i: federation.node(i).sign_view(1, view) for i in view[:3]}  # 3 < t = 4
+    with pytest.raises(SecAggError, match=r"only 3 members of node .*neighbourhood signed this view"):
         federation.node(view[0]).unmask(1, view, sigs, {}, {})
-    forged = {**sigs, view[3]: sigs[view[0]]}          # a signature passed off as another node's
+    forged = {**sigs, view[3]: sigs[view[0]]}  # a signature passed off as another node's
     with pytest.raises(SecAggError, match="only 3 members"):
         federation.node(view[0]).unmask(1, view, forged, {}, {})
 
@@ -279,7 +311,7 @@ def test_a_share_tampered_by_one_hospital_is_discarded_and_its_sender_named(tmp_
     ids = _ids(7)
     fed = Fed(ids, 6, seed=31)
     federation = _setup(tmp_path, ids, 7)
-    ip.mask_step(federation, 1, fed.encoded(), silent=[ids[6]])   # a dropout: the consistency path
+    ip.mask_step(federation, 1, fed.encoded(), silent=[ids[6]])  # a dropout: the consistency path
     replies = ip.unmask_step(federation, 1)
     liar = ids[2]
     share = bytearray(replies[liar]["b"][ids[0]])
@@ -291,8 +323,8 @@ def test_a_share_tampered_by_one_hospital_is_discarded_and_its_sender_named(tmp_
     total, outcome = federation.server.finish(replies)
     assert set(outcome.blamed) == {liar}
     assert "never dealt" in outcome.blamed[liar]
-    fed.check(total, outcome.survivors)                  # the round completed with the good shares
-    assert liar in federation.server.excluded            # and the run continues without the offender
+    fed.check(total, outcome.survivors)  # the round completed with the good shares
+    assert liar in federation.server.excluded  # and the run continues without the offender
     requests = ip.mask_step(federation, 2, fed.encoded())
     assert liar not in requests
 
@@ -319,14 +351,14 @@ def test_a_dealer_whose_own_shares_do_not_reconstruct_fails_the_round_by_name(tm
     federation = _setup(tmp_path, ids, 7)
     requests = federation.server.start_round(1)
     cheat = ids[3]
+    honest_split = shamir.split
     for nid, req in requests.items():
         federation.node(nid).receive_keys(1, req["peers"])
         if nid == cheat:
-            honest_split = shamir.split
 
             def inconsistent(secret, t, holders):
                 shares = honest_split(secret, t, holders)
-                if len(secret) == 32 and holders:   # the self-mask seed: one share from another polynomial
+                if len(secret) == 32 and holders:  # the self-mask seed: one share from another polynomial
                     shares[holders[0]] = honest_split(bytes(32), t, holders)[holders[0]]
                 return shares
 
@@ -340,15 +372,16 @@ def test_a_dealer_whose_own_shares_do_not_reconstruct_fails_the_round_by_name(tm
 
 
 def test_the_late_input_of_a_dropped_node_stays_masked(tmp_path: Path) -> None:
-    federation, ids, fed = _round_one(tmp_path, n=5, silent=[])
+    federation, ids, _fed = _round_one(tmp_path, n=5, silent=[])
     # the coordinator claims the last node dropped although its input arrived: the consistency path
     last = ids[-1]
     view = ids[:-1]
     sigs = {i: federation.node(i).sign_view(1, view) for i in view}
     rnd = federation.server._round
     b_cts = {h: {w: rnd.b_cts[w][h] for w in view} for h in view}
-    replies = {h: federation.node(h).unmask(1, view, sigs, b_cts[h], {w: rnd.statements[w] for w in view})
-               for h in view}
+    replies = {
+        h: federation.node(h).unmask(1, view, sigs, b_cts[h], {w: rnd.statements[w] for w in view}) for h in view
+    }
     assert all(set(r["s"]) == {last} and set(r["b"]) == set(view) for r in replies.values())
     # nobody reveals the last node's self mask now: the fast path is closed for every signer ...
     for h in view:
@@ -360,6 +393,7 @@ def test_the_late_input_of_a_dropped_node_stays_masked(tmp_path: Path) -> None:
 
 
 # ---- the coordinator as an adversary: it never gets both masks of an honest node -------------------
+
 
 class Attacker:
     """A coordinator that asks any node anything, in any order, and pools every share it gets.
@@ -391,23 +425,23 @@ class Attacker:
 
     def fast(self, h: int) -> None:
         try:
-            reply = self.fed.node(h).unmask_fast(self.r, self._b_cts(h, self.rnd.peers[h]),
-                                                 self._statements(self.rnd.peers[h]))
+            reply = self.fed.node(h).unmask_fast(
+                self.r, self._b_cts(h, self.rnd.peers[h]), self._statements(self.rnd.peers[h])
+            )
         except SecAggError:
             return
         for w in reply["b"]:
             self.b[w].add(h)
 
     def sign(self, h: int, view: tuple[int, ...]) -> None:
-        try:
+        with contextlib.suppress(SecAggError):
             self.sigs[view][h] = self.fed.node(h).sign_view(self.r, list(view))
-        except SecAggError:
-            pass
 
     def unmask(self, h: int, view: tuple[int, ...]) -> None:
         try:
-            reply = self.fed.node(h).unmask(self.r, list(view), self.sigs[view], self._b_cts(h, view),
-                                            self._statements(view))
+            reply = self.fed.node(h).unmask(
+                self.r, list(view), self.sigs[view], self._b_cts(h, view), self._statements(view)
+            )
         except SecAggError:
             return
         for w in reply["b"]:
@@ -470,10 +504,15 @@ def test_no_schedule_of_requests_exposes_an_honest_node(tmp_path_factory, data) 
     federation = ip.setup(folder, 7, t, n - 1, ids, 4, SimulatedConsortium(b"\x04" * 32))
     silent = data.draw(st.sets(st.sampled_from(ids), max_size=n - t), label="silent")
     ip.mask_step(federation, 1, Fed(ids, 3, seed=1).encoded(), silent=silent)
-    attacker = Attacker(federation, 1, colluders=data.draw(st.sets(st.sampled_from(ids), min_size=corrupt,
-                                                                    max_size=corrupt), label="colluders"))
-    views = [tuple(sorted(data.draw(st.sets(st.sampled_from(ids), min_size=1), label=f"view {i}")))
-             for i in range(data.draw(st.integers(1, 3), label="views"))]
+    attacker = Attacker(
+        federation,
+        1,
+        colluders=data.draw(st.sets(st.sampled_from(ids), min_size=corrupt, max_size=corrupt), label="colluders"),
+    )
+    views = [
+        tuple(sorted(data.draw(st.sets(st.sampled_from(ids), min_size=1), label=f"view {i}")))
+        for i in range(data.draw(st.integers(1, 3), label="views"))
+    ]
     for _ in range(data.draw(st.integers(1, 3 * n), label="requests")):
         h = data.draw(st.sampled_from(ids), label="node")
         action = data.draw(st.sampled_from(["fast", "sign", "unmask"]), label="action")
@@ -484,7 +523,7 @@ def test_no_schedule_of_requests_exposes_an_honest_node(tmp_path_factory, data) 
             attacker.sign(h, view)
         else:
             attacker.unmask(h, view)
-    for h in ids:   # finally everyone is asked everything once more
+    for h in ids:  # finally everyone is asked everything once more
         for view in views:
             attacker.unmask(h, view)
         attacker.fast(h)
@@ -493,6 +532,7 @@ def test_no_schedule_of_requests_exposes_an_honest_node(tmp_path_factory, data) 
 
 
 # ---- state on disk ---------------------------------------------------------------------------------
+
 
 def _all_keys(obj: Any) -> set[str]:
     if isinstance(obj, dict):
@@ -508,11 +548,12 @@ def test_state_file_is_private_json_and_forgets_used_secrets(tmp_path: Path) -> 
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     state = json.loads(path.read_text())
     assert state["format"] == "fedcare-secagg-node/1" and len(state["c_sk"]) == 44
-    assert unb64(state["s_pk"]) != federation.server._round.keys[ids[0]]   # round-1 mask key already gone
-    assert not {"b", "b_seed", "seed"} & _all_keys(state)   # the self-mask seed is never stored
+    assert unb64(state["s_pk"]) != federation.server._round.keys[ids[0]]  # round-1 mask key already gone
+    assert not {"b", "b_seed", "seed"} & _all_keys(state)  # the self-mask seed is never stored
     rnd = federation.server._round
-    federation.node(ids[0]).unmask_fast(1, {w: rnd.b_cts[w][ids[0]] for w in rnd.peers[ids[0]]},
-                                        {w: rnd.statements[w] for w in rnd.peers[ids[0]]})
+    federation.node(ids[0]).unmask_fast(
+        1, {w: rnd.b_cts[w][ids[0]] for w in rnd.peers[ids[0]]}, {w: rnd.statements[w] for w in rnd.peers[ids[0]]}
+    )
     assert json.loads(path.read_text())["rounds"]["1"]["shares"] == {}
 
 
@@ -582,7 +623,7 @@ def test_server_rejects_malformed_or_unexpected_inputs(tmp_path: Path) -> None:
         federation.server.add_masked(9, reply)
     with pytest.raises(SecAggError, match="still open"):
         federation.server.start_round(2)
-    federation.server.add_masked(str(ids[0]), reply)   # transport dicts may carry ids as strings
+    federation.server.add_masked(str(ids[0]), reply)  # transport dicts may carry ids as strings
     with pytest.raises(SecAggError, match="is not expected"):
         federation.server.add_masked(ids[0], reply)
 
@@ -594,10 +635,10 @@ def test_a_substituted_rotated_mask_key_or_share_is_detected(tmp_path: Path) -> 
     ip.run_round(federation, 1, fed.encoded())
     peers = federation.server.start_round(2)[ids[0]]["peers"]
     a, b = ids[2], ids[3]
-    forged = {**peers, a: {**peers[a], "s_pk": peers[b]["s_pk"]}}   # a key node a never announced
+    forged = {**peers, a: {**peers[a], "s_pk": peers[b]["s_pk"]}}  # a key node a never announced
     with pytest.raises(TamperingDetected, match=f"statement of node {a}"):
         federation.node(ids[0]).receive_keys(2, forged)
-    swapped = {**peers, a: {**peers[a], "ct": peers[b]["ct"]}}      # another dealer's share relabelled
+    swapped = {**peers, a: {**peers[a], "ct": peers[b]["ct"]}}  # another dealer's share relabelled
     with pytest.raises(TamperingDetected, match=f"from node {a}"):
         federation.node(ids[0]).receive_keys(2, swapped)
     # the commitments node a signed, with the one to this node's share replaced, or cut short
@@ -606,7 +647,7 @@ def test_a_substituted_rotated_mask_key_or_share_is_detected(tmp_path: Path) -> 
     for commits in (bytes(blob), bytes(blob[:-1])):
         with pytest.raises(TamperingDetected, match=f"node {a}"):
             federation.node(ids[0]).receive_keys(2, {**peers, a: {**peers[a], "s_commits": commits}})
-    federation.node(ids[0]).receive_keys(2, peers)                  # the honest request still works
+    federation.node(ids[0]).receive_keys(2, peers)  # the honest request still works
 
 
 def test_packed_commitments_find_every_holder_and_only_in_order() -> None:

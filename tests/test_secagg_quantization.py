@@ -40,7 +40,7 @@ def test_weighted_mean_round_trip_within_bound(seed: int, n_nodes: int, length: 
 
 
 @pytest.mark.parametrize("weight", [1, 3, 2**12])
-@pytest.mark.parametrize("bits", [32, 44])   # 44 bits with weight 2**12: the exact integer product path
+@pytest.mark.parametrize("bits", [32, 44])  # 44 bits with weight 2**12: the exact integer product path
 def test_vectors_longer_than_one_chunk_encode_and_decode_like_one_value_at_a_time(weight: int, bits: int) -> None:
     """Encode and decode work chunk by chunk: every value, at and across chunk boundaries, must come out
     as the element-wise formula gives it."""

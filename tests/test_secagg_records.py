@@ -11,9 +11,9 @@ from flwr.app import ConfigRecord
 from flwr.common.serde import config_record_from_proto, config_record_to_proto
 
 from secure_aggregation import Quantizer, SecAggError, SecAggNode, SecAggServer
-from tests.support import secagg_inprocess as ip
 from secure_aggregation.identity import SimulatedConsortium
 from secure_aggregation.records import flatten, pack_vector, unflatten, unpack_vector
+from tests.support import secagg_inprocess as ip
 
 IDS = [3, 2**63 + 5, 2**64 - 1]  # Flower node ids are uint64
 
@@ -85,8 +85,11 @@ def test_full_protocol_over_flower_records(tmp_path: Path) -> None:
     replies = {}
     for i, req in server.unmask_requests().items():
         req = _wire(req)
-        replies[i] = _wire(node(i).unmask(req["round"], req["survivors"], req["signatures"],
-                                          req["b_share_ciphertexts"], req["statements"]))
+        replies[i] = _wire(
+            node(i).unmask(
+                req["round"], req["survivors"], req["signatures"], req["b_share_ciphertexts"], req["statements"]
+            )
+        )
     total, outcome = server.finish(replies)
     mean, weight = q.decode_mean(total, len(outcome.survivors))
     assert weight == 2

@@ -27,8 +27,7 @@ from shared_models.weights import model_to_arrays, pack_arrays
 
 RUN_ID = 77
 PARTITION = 0  # Cleveland
-NODE = {"partition-id": PARTITION, "epsilon-budget": 50.0, "require-secure-aggregation": False,
-        "min-hospitals": 2}
+NODE = {"partition-id": PARTITION, "epsilon-budget": 50.0, "require-secure-aggregation": False, "min-hospitals": 2}
 
 
 @pytest.fixture(autouse=True)
@@ -53,8 +52,12 @@ def _settings() -> RunSettings:
 def test_the_same_statistics_request_twice_gets_different_noise_and_seed_replay_recovers_nothing(tmp_path):
     s = _settings()
     config = training_config(s)
-    answers = [np.asarray(_ask(tmp_path / f"h{i}", protocol.FEATURE_STATS, config)
-                          .content.metric_records[protocol.METRICS]["sum"]) for i in range(2)]
+    answers = [
+        np.asarray(
+            _ask(tmp_path / f"h{i}", protocol.FEATURE_STATS, config).content.metric_records[protocol.METRICS]["sum"]
+        )
+        for i in range(2)
+    ]
     data = load_center(PARTITION)
     exact = np.asarray(local_sums(data.per_patient_numeric(data.x_train), data.numeric_bounds(), None, None)["sum"])
     from client.privacy_ledger import PrivacyLedger
@@ -67,9 +70,9 @@ def test_the_same_statistics_request_twice_gets_different_noise_and_seed_replay_
     # the attack: the noise today's code drew from the coordinator's seed, subtracted from the answer
     replayed = np.random.default_rng(s.seed * 1000 + PARTITION).normal(0.0, noise_std, size=exact.shape)
     residual = answers[0] - replayed - exact
-    assert np.sqrt(np.mean(residual ** 2)) > 0.1 * noise_std       # of the order of the noise, not ~0
+    assert np.sqrt(np.mean(residual**2)) > 0.1 * noise_std  # of the order of the noise, not ~0
     difference = answers[0] - answers[1]
-    assert np.sqrt(np.mean(difference ** 2)) > 0.1 * noise_std      # two identical requests: fresh noise each
+    assert np.sqrt(np.mean(difference**2)) > 0.1 * noise_std  # two identical requests: fresh noise each
 
 
 def test_the_same_train_request_twice_releases_updates_that_differ_by_the_noise(tmp_path):
@@ -85,7 +88,7 @@ def test_the_same_train_request_twice_releases_updates_that_differ_by_the_noise(
     report = replies[0].content.config_records[protocol.HOSPITAL]
     sigma, steps = report[f"{protocol.TRAINED}noise-multiplier"], report[f"{protocol.TRAINED}steps"]
     n = len(data.y_train)
-    expected_batch = n // steps    # Opacus's expected batch size: int(n * 1 / steps)
+    expected_batch = n // steps  # Opacus's expected batch size: int(n * 1 / steps)
     # each step adds lr * N(0, (sigma C)^2) / B per value: over `steps` steps, per release
     per_release = s.learning_rate * sigma * s.max_grad_norm * np.sqrt(steps) / expected_batch
     spread = np.std(np.concatenate([updates[i] - updates[i + 1] for i in range(0, len(updates), 2)]))
@@ -100,17 +103,18 @@ def test_secret_streams_are_fresh_and_only_the_reproducible_switch_repeats():
     r1, r2 = SecretRandom.reproducible(5, "x"), SecretRandom.reproducible(5, "x")
     assert not r1.private
     assert np.array_equal(r1.standard_normal(1000), r2.standard_normal(1000))
-    assert not np.array_equal(SecretRandom.reproducible(5, "y").standard_normal(8),
-                              SecretRandom.reproducible(5, "x").standard_normal(8))
+    assert not np.array_equal(
+        SecretRandom.reproducible(5, "y").standard_normal(8), SecretRandom.reproducible(5, "x").standard_normal(8)
+    )
 
 
 def test_gaussian_and_uniform_streams_have_the_right_distribution():
     rng = SecretRandom.reproducible(1, "distribution")
-    z = np.concatenate([rng.standard_normal(7) for _ in range(20_000)])   # many small draws, across refills
+    z = np.concatenate([rng.standard_normal(7) for _ in range(20_000)])  # many small draws, across refills
     assert abs(z.mean()) < 0.01 and abs(z.std() - 1.0) < 0.01
-    assert abs(np.mean(np.abs(z) > 1.96) - 0.05) < 0.004                  # the tails of N(0, 1)
+    assert abs(np.mean(np.abs(z) > 1.96) - 0.05) < 0.004  # the tails of N(0, 1)
     u = rng.uniform(200_000)
-    assert 0.0 <= u.min() and u.max() < 1.0 and abs(u.mean() - 0.5) < 0.003
+    assert u.min() >= 0.0 and u.max() < 1.0 and abs(u.mean() - 0.5) < 0.003
 
 
 def test_poisson_batches_take_exactly_the_planned_steps_including_empty_ones():
@@ -120,9 +124,11 @@ def test_poisson_batches_take_exactly_the_planned_steps_including_empty_ones():
     # 40 examples, batch 13 -> 4 steps an epoch at rate 1/4; Opacus's loader would take int(1/(1/k))
     batches = list(SecretPoissonBatches(x, y, 1 / 4, 4, SecretRandom.reproducible(0, "p")))
     assert len(batches) == 4
-    sizes = [len(b[1]) for b in SecretPoissonBatches(torch.zeros(3, 1), torch.zeros(3), 0.1, 500,
-                                                     SecretRandom.reproducible(0, "q"))]
-    assert len(sizes) == 500 and sizes.count(0) > 300                     # empty batches are steps too
+    sizes = [
+        len(b[1])
+        for b in SecretPoissonBatches(torch.zeros(3, 1), torch.zeros(3), 0.1, 500, SecretRandom.reproducible(0, "q"))
+    ]
+    assert len(sizes) == 500 and sizes.count(0) > 300  # empty batches are steps too
 
 
 def test_reproducible_noise_is_reported_as_not_private_by_every_hospital(tmp_path):
@@ -131,10 +137,22 @@ def test_reproducible_noise_is_reported_as_not_private_by_every_hospital(tmp_pat
     from tests.support.inprocess_grid import InProcessGrid, node_configs
 
     s = RunSettings(num_rounds=1, secure_aggregation=False, output_dir=str(tmp_path / "out"))
-    seeded = run_federation(InProcessGrid(node_configs(tmp_path / "a", [5.0] * 4), run_id=RUN_ID, reproducible_noise=1), s,
-                            4, lambda _: None, timeout=5, run_id=RUN_ID)
+    seeded = run_federation(
+        InProcessGrid(node_configs(tmp_path / "a", [5.0] * 4), run_id=RUN_ID, reproducible_noise=1),
+        s,
+        4,
+        lambda _: None,
+        timeout=5,
+        run_id=RUN_ID,
+    )
     assert all(not h.private_noise for h in seeded.hospitals.values())
     assert write_report(s.output_dir, s, seeded, str(RUN_ID))["private"] is False
-    secret = run_federation(InProcessGrid(node_configs(tmp_path / "b", [5.0] * 4), run_id=RUN_ID), s, 4, lambda _: None,
-                            timeout=5, run_id=RUN_ID)
+    secret = run_federation(
+        InProcessGrid(node_configs(tmp_path / "b", [5.0] * 4), run_id=RUN_ID),
+        s,
+        4,
+        lambda _: None,
+        timeout=5,
+        run_id=RUN_ID,
+    )
     assert all(h.private_noise and h.delta == 1e-4 for h in secret.hospitals.values())

@@ -27,8 +27,11 @@ class DroppingGrid(InProcessGrid):
         for msg in messages:
             if msg.metadata.message_type == "train" and msg.metadata.dst_node_id == self.node:
                 self.rounds_seen += 1
-            if (msg.metadata.dst_node_id == self.node and msg.metadata.message_type == self.message_type
-                    and self.rounds_seen >= self.from_round):
+            if (
+                msg.metadata.dst_node_id == self.node
+                and msg.metadata.message_type == self.message_type
+                and self.rounds_seen >= self.from_round
+            ):
                 self.gone = True
             if self.gone and msg.metadata.dst_node_id == self.node:
                 replies.append(Message(Error(code=0, reason="node lost"), reply_to=msg))
@@ -45,31 +48,57 @@ def _arrays(result) -> dict[str, np.ndarray]:
 def test_secure_aggregate_equals_plain_weighted_average_within_the_quantisation_bound(tmp_path, strategy):
     plain = RunSettings(num_rounds=2, dp=False, strategy=strategy, secure_aggregation=False)
     secure = plain.replace(secure_aggregation=True)
-    a = run_federation(InProcessGrid(node_configs(tmp_path / "a", [1.0] * 4), reproducible_noise=0), plain, 4,
-                       lambda _: None, timeout=5, run_id=RUN_ID)
-    b = run_federation(InProcessGrid(node_configs(tmp_path / "b", [1.0] * 4), reproducible_noise=0), secure, 4,
-                       lambda _: None, timeout=5, run_id=RUN_ID)
+    a = run_federation(
+        InProcessGrid(node_configs(tmp_path / "a", [1.0] * 4), reproducible_noise=0),
+        plain,
+        4,
+        lambda _: None,
+        timeout=5,
+        run_id=RUN_ID,
+    )
+    b = run_federation(
+        InProcessGrid(node_configs(tmp_path / "b", [1.0] * 4), reproducible_noise=0),
+        secure,
+        4,
+        lambda _: None,
+        timeout=5,
+        run_id=RUN_ID,
+    )
     bound = 2 * secure.secagg_clip_range / (2**32 - 1) * secure.num_rounds + 1e-6  # + float32 rounding
     for name, value in _arrays(a).items():
         assert np.abs(_arrays(b)[name] - value).max() <= bound, name
     assert b.rounds[-1].evaluation["pooled"]["accuracy"] == pytest.approx(
-        a.rounds[-1].evaluation["pooled"]["accuracy"], abs=1e-9)
+        a.rounds[-1].evaluation["pooled"]["accuracy"], abs=1e-9
+    )
 
 
 def test_with_dp_the_secure_run_reaches_the_same_accuracy(tmp_path):
     plain = RunSettings(num_rounds=3, secure_aggregation=False, seed=2)
-    a = run_federation(InProcessGrid(node_configs(tmp_path / "a", [1.0] * 4), reproducible_noise=2), plain, 4,
-                       lambda _: None, timeout=5, run_id=RUN_ID)
-    b = run_federation(InProcessGrid(node_configs(tmp_path / "b", [1.0] * 4), reproducible_noise=2),
-                       plain.replace(secure_aggregation=True), 4, lambda _: None, timeout=5, run_id=RUN_ID)
+    a = run_federation(
+        InProcessGrid(node_configs(tmp_path / "a", [1.0] * 4), reproducible_noise=2),
+        plain,
+        4,
+        lambda _: None,
+        timeout=5,
+        run_id=RUN_ID,
+    )
+    b = run_federation(
+        InProcessGrid(node_configs(tmp_path / "b", [1.0] * 4), reproducible_noise=2),
+        plain.replace(secure_aggregation=True),
+        4,
+        lambda _: None,
+        timeout=5,
+        run_id=RUN_ID,
+    )
     acc_a = a.rounds[-1].evaluation["pooled"]["accuracy"]
     acc_b = b.rounds[-1].evaluation["pooled"]["accuracy"]
     assert abs(acc_a - acc_b) <= 0.01
     assert {h.name: h.epsilon for h in a.hospitals.values()} == {h.name: h.epsilon for h in b.hospitals.values()}
 
 
-@pytest.mark.parametrize("stage", [protocol.SECAGG_ADVERTISE, protocol.SECAGG_SHARE_KEYS, "train",
-                                   protocol.SECAGG_UNMASK])
+@pytest.mark.parametrize(
+    "stage", [protocol.SECAGG_ADVERTISE, protocol.SECAGG_SHARE_KEYS, "train", protocol.SECAGG_UNMASK]
+)
 def test_one_dropout_at_any_stage_does_not_stop_the_run(tmp_path, stage):
     progress: list[str] = []
     s = RunSettings(num_rounds=2, dp=False)
@@ -110,13 +139,14 @@ def test_an_update_outside_the_clip_range_is_clipped_at_the_hospital_and_charged
     clip = 1e-6
     s = RunSettings(num_rounds=1, secagg_clip_range=clip)
     progress: list[str] = []
-    result = run_federation(InProcessGrid(node_configs(tmp_path, [1.0] * 4)), s, 4, progress.append, timeout=5,
-                            run_id=RUN_ID)
+    result = run_federation(
+        InProcessGrid(node_configs(tmp_path, [1.0] * 4)), s, 4, progress.append, timeout=5, run_id=RUN_ID
+    )
     first = result.rounds[0]
     assert first.refused == {} and first.failed == {}
     assert sorted(first.trained) == ["Cleveland", "Hungary", "Switzerland", "VA Long Beach"]
     assert not any(ch.isdigit() for line in progress if "clip" in line for ch in line)
-    for h in result.hospitals.values():   # the training round was charged on top of the statistics answer
+    for h in result.hospitals.values():  # the training round was charged on top of the statistics answer
         assert h.epsilon is not None and h.epsilon > 0.5, h
     # the model moved by at most the clip range per value (plus the quantisation step)
     assert all(np.abs(v).max() <= clip * (1 + 1e-6) for v in _arrays(result).values())

@@ -85,8 +85,16 @@ def test_dp_sgd_with_poisson_sampling_survives_empty_batches():
     x, y = batch(30, seed=1), (torch.rand(30, generator=torch.Generator().manual_seed(2)) > 0.5).float()
     m = model()
     before = [p.detach().clone() for p in m.parameters()]
-    outcome = train(m, x.numpy(), y.numpy(), epochs=2, batch_size=1, lr=0.1,
-                    dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0), rng=SecretRandom.reproducible(0))
+    outcome = train(
+        m,
+        x.numpy(),
+        y.numpy(),
+        epochs=2,
+        batch_size=1,
+        lr=0.1,
+        dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0),
+        rng=SecretRandom.reproducible(0),
+    )
     assert outcome.steps == [(1.0, 1 / 30, 60)]
     after = list(m.parameters())
     assert all(torch.isfinite(p).all() for p in after)

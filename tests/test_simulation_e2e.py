@@ -1,5 +1,6 @@
 """Real `fedcare simulate` runs on Flower's Simulation Engine (Ray, loopback only)."""
 
+import contextlib
 import ipaddress
 import json
 import subprocess
@@ -29,10 +30,8 @@ def _simulate(*args: str, listeners: set | None = None) -> subprocess.CompletedP
     deadline = time.monotonic() + 600
     while listeners is not None and proc.poll() is None and time.monotonic() < deadline:
         tree = set()
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             tree = {proc.pid} | {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
-        except psutil.NoSuchProcess:
-            pass
         for conn in psutil.net_connections(kind="inet"):
             if conn.status == psutil.CONN_LISTEN and conn.pid in tree:
                 listeners.add(conn.laddr.ip)
@@ -42,15 +41,27 @@ def _simulate(*args: str, listeners: set | None = None) -> subprocess.CompletedP
 
 
 def _fedcare(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedcare.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "fedcare.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_dp_simulation_end_to_end_then_budget_refusal_on_the_same_data(tmp_path):
     out, ledgers = tmp_path / "run1", tmp_path / "ledgers"
     listeners: set = set()
-    done = _simulate("--rounds", "2", "--epsilon", "1.0", "--seed", "3", "--output-dir", str(out),
-                     "--ledger-dir", str(ledgers), listeners=listeners)
+    done = _simulate(
+        "--rounds",
+        "2",
+        "--epsilon",
+        "1.0",
+        "--seed",
+        "3",
+        "--output-dir",
+        str(out),
+        "--ledger-dir",
+        str(ledgers),
+        listeners=listeners,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert listeners, "Ray started no listening service?"
     assert all(_is_loopback(ip) for ip in listeners), listeners  # Ray stays on loopback
@@ -79,7 +90,7 @@ def test_dp_simulation_end_to_end_then_budget_refusal_on_the_same_data(tmp_path)
     assert np.allclose(claimed, on_disk, rtol=1e-12)
 
     # The auditor: every log verifies offline, and replays to the epsilon the final table showed.
-    logs = sorted((ledgers / "audit").glob("*.jsonl")) + [out / "audit" / "server.jsonl"]
+    logs = [*sorted((ledgers / "audit").glob("*.jsonl")), out / "audit" / "server.jsonl"]
     assert len(logs) == 5
     audit = _fedcare("audit", "verify", *map(str, logs), "--ledger-dir", str(ledgers), "--json")
     assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr[-2000:]
@@ -96,9 +107,10 @@ def test_dp_simulation_end_to_end_then_budget_refusal_on_the_same_data(tmp_path)
     broken = _fedcare("audit", "verify", *map(str, logs))
     assert broken.returncode == 1 and logs[0].name in broken.stdout + broken.stderr
 
-    again = _simulate("--rounds", "2", "--epsilon", "1.0", "--output-dir", str(tmp_path / "run2"),
-                      "--ledger-dir", str(ledgers))
-    assert again.returncode == 1     # the run has a problem (README "Exit codes")
+    again = _simulate(
+        "--rounds", "2", "--epsilon", "1.0", "--output-dir", str(tmp_path / "run2"), "--ledger-dir", str(ledgers)
+    )
+    assert again.returncode == 1  # the run has a problem (README "Exit codes")
     text = " ".join((again.stdout + again.stderr).split())
     assert "budget 1.00 exhausted after round 2" in text
     assert "Traceback" not in text

@@ -13,8 +13,9 @@ pytestmark = pytest.mark.e2e
 
 
 def _simulate(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedcare.cli", "simulate", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "fedcare.cli", "simulate", *args], cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
 
 
 def _check_run(done: subprocess.CompletedProcess, out, hospitals: list[str], rounds: int, epsilon: float) -> dict:
@@ -33,8 +34,21 @@ def _check_run(done: subprocess.CompletedProcess, out, hospitals: list[str], rou
 
 def test_pbc2_sequences_train_a_dp_gru_across_hospitals(tmp_path):
     out, data = tmp_path / "run", tmp_path / "data"
-    done = _simulate("--dataset", "pbc2", "--hospitals", "2", "--rounds", "2", "--epsilon", "2",
-                     "--data-root", str(data), "--output-dir", str(out), "--no-local-baseline")
+    done = _simulate(
+        "--dataset",
+        "pbc2",
+        "--hospitals",
+        "2",
+        "--rounds",
+        "2",
+        "--epsilon",
+        "2",
+        "--data-root",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--no-local-baseline",
+    )
     results = _check_run(done, out, ["hospital-0", "hospital-1"], rounds=2, epsilon=2.0)
     assert "gru" in done.stdout
     assert sorted(p.name for p in data.iterdir() if p.is_dir()) == ["hospital-0", "hospital-1"]
@@ -45,8 +59,21 @@ def test_pbc2_sequences_train_a_dp_gru_across_hospitals(tmp_path):
 
 def test_synthetic_dicom_hospitals_train_a_dp_cnn_from_decoded_and_cached_files(tmp_path):
     out, data = tmp_path / "run", tmp_path / "data"
-    done = _simulate("--dataset", "synthetic-imaging", "--hospitals", "2", "--rounds", "2", "--epsilon", "3",
-                     "--data-root", str(data), "--output-dir", str(out), "--no-local-baseline")
+    done = _simulate(
+        "--dataset",
+        "synthetic-imaging",
+        "--hospitals",
+        "2",
+        "--rounds",
+        "2",
+        "--epsilon",
+        "3",
+        "--data-root",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--no-local-baseline",
+    )
     results = _check_run(done, out, ["hospital-0", "hospital-1"], rounds=2, epsilon=3.0)
     assert "cnn" in done.stdout
     assert len(list((data / "hospital-0" / "images").glob("*.dcm"))) > 50

@@ -1,14 +1,19 @@
 import numpy as np
 import pytest
 import torch
+from flwr.app import Array, ConfigRecord
 from opacus import GradSampleModule
 from opacus.layers import DPGRU
 
 from shared_models.registry import build_model
-from flwr.app import Array, ConfigRecord
-
-from shared_models.weights import (load_arrays, model_to_arrays, pack_arrays, parameter_names, unpack_arrays,
-                                    weights_digest)
+from shared_models.weights import (
+    load_arrays,
+    model_to_arrays,
+    pack_arrays,
+    parameter_names,
+    unpack_arrays,
+    weights_digest,
+)
 
 
 def test_weights_travel_by_name_not_position():
@@ -41,7 +46,7 @@ def test_mismatched_weights_are_named():
     model = build_model("logistic", 15)
     with pytest.raises(ValueError, match=r"missing \['linear.bias'\]"):
         load_arrays(model, {"linear.weight": np.zeros((1, 15), dtype=np.float32)})
-    with pytest.raises(ValueError, match="'linear.weight' has shape"):
+    with pytest.raises(ValueError, match=r"'linear.weight' has shape"):
         load_arrays(model, {"linear.weight": np.zeros((1, 3), np.float32), "linear.bias": np.zeros(1, np.float32)})
 
 
@@ -58,7 +63,7 @@ def test_packed_model_is_one_record_and_unpacks_to_the_same_weights():
 
 def test_corrupt_packed_weight_is_named():
     packed = pack_arrays(model_to_arrays(build_model("logistic", 15)))
-    with pytest.raises(ValueError, match="'linear.bias' in the message is not a packed array"):
+    with pytest.raises(ValueError, match=r"'linear.bias' in the message is not a packed array"):
         unpack_arrays(ConfigRecord({**dict(packed), "linear.bias": packed["linear.bias"][:20]}))
     with pytest.raises(ValueError, match=r"'linear.weight' .*\(a str, not bytes\)"):
         unpack_arrays(ConfigRecord({**dict(packed), "linear.weight": "zeros"}))

@@ -27,11 +27,28 @@ from shared_models.classification_metrics import BinarySummary
 from tests.support.inprocess_grid import task_identity  # noqa: F401  (Flower's task identity, autouse)
 
 SCHEMA = FeatureSchema(("age", "bp"), (0.0, 50.0), (100.0, 250.0), (2,), "binary")
-STATS = StatsReply("St Elsewhere", [12.5, 40.25], [-3.0, 1.5], [29.5, 30.0], 2.25, 60.0, SCHEMA, epsilon=0.25,
-                   privacy=PrivacyNote(1e-5, False))
+STATS = StatsReply(
+    "St Elsewhere",
+    [12.5, 40.25],
+    [-3.0, 1.5],
+    [29.5, 30.0],
+    2.25,
+    60.0,
+    SCHEMA,
+    epsilon=0.25,
+    privacy=PrivacyNote(1e-5, False),
+)
 EVAL = EvaluationMetrics(tp=3, fp=1, tn=5, fn=2, loss_sum=4.5, pos_hist=[0, 2, 3], neg_hist=[4, 1, 1], num_examples=11)
-TRAINED = TrainReport(train_seconds=1.25, epsilon=0.5, noise_multiplier=1.1, steps=8, planned_noise_multiplier=0.9,
-                      replanned_from_round=3, lost_rounds=[2], privacy=PrivacyNote(1e-5))
+TRAINED = TrainReport(
+    train_seconds=1.25,
+    epsilon=0.5,
+    noise_multiplier=1.1,
+    steps=8,
+    planned_noise_multiplier=0.9,
+    replanned_from_round=3,
+    lost_rounds=[2],
+    privacy=PrivacyNote(1e-5),
+)
 
 
 def test_each_message_round_trips() -> None:
@@ -42,8 +59,12 @@ def test_each_message_round_trips() -> None:
     assert Refusal.from_content(RecordDict({protocol.REFUSAL: refusal.to_record()})) == refusal
     assert Refusal.from_content(RecordDict({})) is None
     assert EvaluationMetrics.from_record(EVAL.to_record()) == EVAL
-    assert EvaluationMetrics.in_train_reply(
-        RecordDict({protocol.HOSPITAL: ConfigRecord({"name": "H", **EVAL.to_record(protocol.EVALUATION)})})) == EVAL
+    assert (
+        EvaluationMetrics.in_train_reply(
+            RecordDict({protocol.HOSPITAL: ConfigRecord({"name": "H", **EVAL.to_record(protocol.EVALUATION)})})
+        )
+        == EVAL
+    )
     assert EvaluationMetrics.in_evaluate_reply(RecordDict({protocol.METRICS: MetricRecord(EVAL.to_record())})) == EVAL
     assert EvaluationMetrics.in_train_reply(RecordDict({protocol.HOSPITAL: ConfigRecord({"name": "H"})})) is None
     assert TrainReport.from_record(TRAINED.to_record()) == TRAINED
@@ -61,19 +82,46 @@ def test_each_message_round_trips() -> None:
 def test_the_record_keys_on_the_wire_are_unchanged() -> None:
     """A node and a server of this version interoperate with the previous one: same keys, same values."""
     content = STATS.encode()
-    assert dict(content.config_records[protocol.HOSPITAL]) == {"name": "St Elsewhere", "stats/delta": 1e-5,
-                                                                "stats/not-private": True}
-    assert dict(content.metric_records[protocol.METRICS]) == {"epsilon": 0.25, "sum": [12.5, 40.25],
-                                                               "second": [-3.0, 1.5], "observed": [29.5, 30.0],
-                                                               "noise-std": 2.25, "num-examples": 60.0}
-    assert dict(content.config_records["features"]) == {"names": ["age", "bp"], "input-shape": [2], "task": "binary",
-                                                        "bounds-lo": [0.0, 50.0], "bounds-hi": [100.0, 250.0]}
-    assert EVAL.to_record() == {"tp": 3, "fp": 1, "tn": 5, "fn": 2, "loss-sum": 4.5, "pos-hist": [0, 2, 3],
-                                "neg-hist": [4, 1, 1], "num-examples": 11}
+    assert dict(content.config_records[protocol.HOSPITAL]) == {
+        "name": "St Elsewhere",
+        "stats/delta": 1e-5,
+        "stats/not-private": True,
+    }
+    assert dict(content.metric_records[protocol.METRICS]) == {
+        "epsilon": 0.25,
+        "sum": [12.5, 40.25],
+        "second": [-3.0, 1.5],
+        "observed": [29.5, 30.0],
+        "noise-std": 2.25,
+        "num-examples": 60.0,
+    }
+    assert dict(content.config_records["features"]) == {
+        "names": ["age", "bp"],
+        "input-shape": [2],
+        "task": "binary",
+        "bounds-lo": [0.0, 50.0],
+        "bounds-hi": [100.0, 250.0],
+    }
+    assert EVAL.to_record() == {
+        "tp": 3,
+        "fp": 1,
+        "tn": 5,
+        "fn": 2,
+        "loss-sum": 4.5,
+        "pos-hist": [0, 2, 3],
+        "neg-hist": [4, 1, 1],
+        "num-examples": 11,
+    }
     assert TRAINED.to_record() == {
-        "trained/train-seconds": 1.25, "trained/epsilon": 0.5, "trained/noise-multiplier": 1.1, "trained/steps": 8,
-        "trained/planned-noise-multiplier": 0.9, "trained/replanned-from-round": 3, "trained/lost-rounds": [2],
-        "trained/delta": 1e-5}
+        "trained/train-seconds": 1.25,
+        "trained/epsilon": 0.5,
+        "trained/noise-multiplier": 1.1,
+        "trained/steps": 8,
+        "trained/planned-noise-multiplier": 0.9,
+        "trained/replanned-from-round": 3,
+        "trained/lost-rounds": [2],
+        "trained/delta": 1e-5,
+    }
     assert ModelInputs([1.0], [2.0]).to_config() == {"norm-mean": [1.0], "norm-std": [2.0]}
     assert ModelInputs([1.0], [2.0], personalise=True).to_config()["personalise"] is True
     assert Refusal("no", "data").to_record() == ConfigRecord({"reason": "no", "kind": "data"})
@@ -81,8 +129,7 @@ def test_the_record_keys_on_the_wire_are_unchanged() -> None:
 
 def _stats_with(section: str, key: str, value: object) -> RecordDict:
     content = STATS.encode()
-    record = dict(content.config_records[section] if section != protocol.METRICS
-                  else content.metric_records[section])
+    record = dict(content.config_records[section] if section != protocol.METRICS else content.metric_records[section])
     if value is None:
         del record[key]
     else:
@@ -92,21 +139,24 @@ def _stats_with(section: str, key: str, value: object) -> RecordDict:
     return RecordDict({**records, section: kind(record)})
 
 
-@pytest.mark.parametrize("section, key, value, problem", [
-    (protocol.METRICS, "sum", None, "statistics reply's sum is missing"),
-    (protocol.METRICS, "sum", [1.0, math.nan], "statistics reply's sum is not a list of finite numbers"),
-    (protocol.METRICS, "sum", [1.0], "statistics reply's sum does not have one value per feature"),
-    (protocol.METRICS, "second", [1.0], "statistics reply's second does not have one value per feature"),
-    (protocol.METRICS, "observed", None, "statistics reply's observed is missing"),
-    (protocol.METRICS, "noise-std", -1.0, "statistics reply's noise-std is negative"),
-    (protocol.METRICS, "num-examples", math.inf, "statistics reply's num-examples is not a finite number"),
-    (protocol.METRICS, "epsilon", math.nan, "statistics reply's epsilon is not a finite number"),
-    (protocol.HOSPITAL, "name", None, "statistics reply's name is missing"),
-    (protocol.HOSPITAL, "stats/delta", "tiny", "statistics reply's stats/delta is not a finite number"),
-    ("features", "task", None, "statistics reply's features's task is missing"),
-    ("features", "input-shape", [2.5], "statistics reply's features's input-shape is not a list of whole numbers"),
-    ("features", "bounds-hi", [1.0], "bounds-lo and bounds-hi do not have one bound per feature name"),
-])
+@pytest.mark.parametrize(
+    "section, key, value, problem",
+    [
+        (protocol.METRICS, "sum", None, "statistics reply's sum is missing"),
+        (protocol.METRICS, "sum", [1.0, math.nan], "statistics reply's sum is not a list of finite numbers"),
+        (protocol.METRICS, "sum", [1.0], "statistics reply's sum does not have one value per feature"),
+        (protocol.METRICS, "second", [1.0], "statistics reply's second does not have one value per feature"),
+        (protocol.METRICS, "observed", None, "statistics reply's observed is missing"),
+        (protocol.METRICS, "noise-std", -1.0, "statistics reply's noise-std is negative"),
+        (protocol.METRICS, "num-examples", math.inf, "statistics reply's num-examples is not a finite number"),
+        (protocol.METRICS, "epsilon", math.nan, "statistics reply's epsilon is not a finite number"),
+        (protocol.HOSPITAL, "name", None, "statistics reply's name is missing"),
+        (protocol.HOSPITAL, "stats/delta", "tiny", "statistics reply's stats/delta is not a finite number"),
+        ("features", "task", None, "statistics reply's features's task is missing"),
+        ("features", "input-shape", [2.5], "statistics reply's features's input-shape is not a list of whole numbers"),
+        ("features", "bounds-hi", [1.0], "bounds-lo and bounds-hi do not have one bound per feature name"),
+    ],
+)
 def test_a_malformed_statistics_reply_names_the_message_and_field(section, key, value, problem) -> None:
     with pytest.raises(FedcareError, match=problem):
         StatsReply.decode(_stats_with(section, key, value))
@@ -157,7 +207,7 @@ def test_fields_unknown_to_this_version_are_ignored() -> None:
     assert TrainReport.from_record(TRAINED.to_record() | {"trained/newer": 1}) == TRAINED
     assert ModelInputs.from_config({"norm-mean": [0.0], "norm-std": [1.0], "dataset": "x"}) == ModelInputs([0.0], [1.0])
     newer_kind = RecordDict({protocol.REFUSAL: ConfigRecord({"reason": "x", "kind": "newer-kind"})})
-    assert Refusal.from_content(newer_kind) == Refusal("x", "newer-kind")   # named as sent, acted on as not budget
+    assert Refusal.from_content(newer_kind) == Refusal("x", "newer-kind")  # named as sent, acted on as not budget
 
 
 def test_a_hospital_refuses_a_normalisation_that_is_not_finite(tmp_path) -> None:
@@ -175,13 +225,20 @@ def test_a_hospital_refuses_a_normalisation_that_is_not_finite(tmp_path) -> None
 
     k = len(load_center(0).numeric_features)
     config = training_config(RunSettings(secure_aggregation=False, dp=False)) | {
-        "server-round": 1, "norm-mean": [math.nan] * k, "norm-std": [1.0] * k}
-    content = RecordDict({protocol.CONFIG: ConfigRecord(config),
-                          protocol.MODEL: pack_arrays(model_to_arrays(build_model("logistic", load_center(0).input_shape)))})
-    node = {"partition-id": 0, "ledger-dir": str(tmp_path), "require-dp": False,
-            "require-secure-aggregation": False}
-    reply = make_client_app()(Message(content, dst_node_id=100, message_type="train"),
-                              Context(RUN_ID, 100, node, RecordDict(), {}))
+        "server-round": 1,
+        "norm-mean": [math.nan] * k,
+        "norm-std": [1.0] * k,
+    }
+    content = RecordDict(
+        {
+            protocol.CONFIG: ConfigRecord(config),
+            protocol.MODEL: pack_arrays(model_to_arrays(build_model("logistic", load_center(0).input_shape))),
+        }
+    )
+    node = {"partition-id": 0, "ledger-dir": str(tmp_path), "require-dp": False, "require-secure-aggregation": False}
+    reply = make_client_app()(
+        Message(content, dst_node_id=100, message_type="train"), Context(RUN_ID, 100, node, RecordDict(), {})
+    )
     refusal = Refusal.from_content(reply.content)
     assert refusal is not None and "run request's norm-mean is not a list of finite numbers" in refusal.reason
     assert protocol.ARRAYS not in reply.content.array_records
@@ -204,5 +261,6 @@ def test_the_coordinator_refuses_a_malformed_statistics_reply_by_name(tmp_path) 
 
     s = RunSettings(num_rounds=1, hospitals=2, min_hospitals=2, output_dir=str(tmp_path / "out"))
     with pytest.raises(FedcareError, match="statistics reply's sum is not a list of finite numbers"):
-        run_federation(NaNStatsGrid(node_configs(tmp_path, [1.0] * 2)), s, 2, lambda line: None, timeout=5,
-                       run_id=RUN_ID)
+        run_federation(
+            NaNStatsGrid(node_configs(tmp_path, [1.0] * 2)), s, 2, lambda line: None, timeout=5, run_id=RUN_ID
+        )

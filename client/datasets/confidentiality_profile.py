@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import cast
 
 from fedcare.errors import FedcareError
 
@@ -42,8 +43,14 @@ TABLE_PACKAGE_VERSION = "2.1.0"  # pinned in pyproject.toml
 TABLE_EDITION = "dicomfields_2026c"
 RULES_REVISION = 2  # bump when phi_guard's scanning logic changes what it refuses
 
-RETAIN_OPTIONS = ("patient-characteristics", "dates", "device-identity", "institution-identity", "descriptors",
-                  "private-tags")
+RETAIN_OPTIONS = (
+    "patient-characteristics",
+    "dates",
+    "device-identity",
+    "institution-identity",
+    "descriptors",
+    "private-tags",
+)
 
 # Table E.1-1 attributes passed because they are UIDs (VR UI): see the module docstring.
 SCANNED_SEQUENCES = ("ReferencedImageSequence", "SourceImageSequence")  # X/Z/U*: items are scanned
@@ -126,9 +133,10 @@ def load_table() -> dict[str, list[tuple[int, ...]]]:
     try:
         from dicomanonymizer.dicomfields_selector import dicom_anonymization_database_selector
     except ImportError:
-        raise FedcareError(f"{TABLE_PACKAGE} is not installed: it ships the DICOM PS3.15 table the "
-                           "de-identification check needs",
-                           f"pip install {TABLE_PACKAGE}=={TABLE_PACKAGE_VERSION}") from None
+        raise FedcareError(
+            f"{TABLE_PACKAGE} is not installed: it ships the DICOM PS3.15 table the de-identification check needs",
+            f"pip install {TABLE_PACKAGE}=={TABLE_PACKAGE_VERSION}",
+        ) from None
     return dicom_anonymization_database_selector(TABLE_EDITION)
 
 
@@ -139,9 +147,9 @@ def profile() -> Profile:
 
     table = load_table()
     entries = {tuple(t) for t in table["ALL_TAGS"]}
-    options = {kw: option for option, text in _OPTION_KEYWORDS.items() for kw in text.split()}
+    options: dict[str, str | None] = {kw: option for option, text in _OPTION_KEYWORDS.items() for kw in text.split()}
     options.update(FEDCARE_ADDITIONS)
-    scanned = frozenset(int(tag_for_keyword(kw)) for kw in SCANNED_SEQUENCES)
+    scanned = frozenset(int(cast(int, tag_for_keyword(kw))) for kw in SCANNED_SEQUENCES)
     exact: dict[int, tuple[str, str | None]] = {}
     masked: list[MaskedRule] = []
     uids: set[int] = set()
@@ -168,11 +176,17 @@ def profile() -> Profile:
             option = "dates"
         exact[tag] = (label, option)
     for keyword, option in FEDCARE_ADDITIONS.items():
-        exact[int(tag_for_keyword(keyword))] = (keyword, option)
+        exact[int(cast(int, tag_for_keyword(keyword)))] = (keyword, option)
     rules = repr((sorted(exact.items()), masked, sorted(uids), sorted(scanned), RULES_REVISION))
     version = f"{TABLE_EDITION}/{_installed_version()}/{hashlib.sha256(rules.encode()).hexdigest()[:16]}"
-    return Profile(exact=exact, masked=tuple(masked), allowed_uids=frozenset(uids), scanned_sequences=scanned,
-                   table_size=len(entries), version=version)
+    return Profile(
+        exact=exact,
+        masked=tuple(masked),
+        allowed_uids=frozenset(uids),
+        scanned_sequences=scanned,
+        table_size=len(entries),
+        version=version,
+    )
 
 
 def _installed_version() -> str:

@@ -26,14 +26,23 @@ import csv
 import io
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Iterable
+from typing import cast
 
 import numpy as np
 
-from client.datasets.dicom_reader import (DicomRejected, ImagePolicy, os_error_cause, path_problem, quiet_pydicom,
-                                          read_dicom_bytes, read_header, read_header_bytes)
+from client.datasets.dicom_reader import (
+    DicomRejected,
+    ImagePolicy,
+    os_error_cause,
+    path_problem,
+    quiet_pydicom,
+    read_dicom_bytes,
+    read_header,
+    read_header_bytes,
+)
 from client.datasets.image_cache import HeaderIndex, ImageCache, file_digest
 from client.datasets.phi_guard import guard_version, phi_findings
 from fedcare.errors import FedcareError
@@ -82,9 +91,15 @@ class LabelTable:
     lines: dict[str, int]
 
 
-def load_dicom_folder(folder: Path, labels_csv: Path, policy: ImagePolicy, cache_dir: Path | None = None,
-                      require_deidentified: bool = True, on_unreadable: str = "error",
-                      retain: Iterable[str] = ()) -> ImageSet:
+def load_dicom_folder(
+    folder: Path,
+    labels_csv: Path,
+    policy: ImagePolicy,
+    cache_dir: Path | None = None,
+    require_deidentified: bool = True,
+    on_unreadable: str = "error",
+    retain: Iterable[str] = (),
+) -> ImageSet:
     """Read, check and decode the labelled DICOM files of `folder` (see the module docstring).
 
     `retain` passes PS3.15 E.3 options an approval grants (see phi_guard.RETAIN_OPTIONS).
@@ -101,10 +116,11 @@ def load_dicom_folder(folder: Path, labels_csv: Path, policy: ImagePolicy, cache
     if rejected and on_unreadable == "error":
         raise unreadable_error(rejected)
     if not images:
-        raise FedcareError(f"no usable labelled images in {folder}: {len(rejected)} file(s) rejected",
-                           "run `fedcare data check` on the folder to see why")
-    return _assemble(images, table, labelled, policy, rejected, phi, unlabelled, sizes,
-                     decode_seconds, hits, misses)
+        raise FedcareError(
+            f"no usable labelled images in {folder}: {len(rejected)} file(s) rejected",
+            "run `fedcare data check` on the folder to see why",
+        )
+    return _assemble(images, table, labelled, policy, rejected, phi, unlabelled, sizes, decode_seconds, hits, misses)
 
 
 def _check_load_arguments(folder: Path, on_unreadable: str) -> None:
@@ -112,13 +128,19 @@ def _check_load_arguments(folder: Path, on_unreadable: str) -> None:
     if not folder.is_dir():
         raise FedcareError(_folder_problem(folder), "point the node config at the folder of DICOM files")
     if on_unreadable not in UNREADABLE_MODES:
-        raise FedcareError(f"unknown on_unreadable mode {on_unreadable!r}",
-                           f"choose one of: {', '.join(UNREADABLE_MODES)}")
+        raise FedcareError(
+            f"unknown on_unreadable mode {on_unreadable!r}", f"choose one of: {', '.join(UNREADABLE_MODES)}"
+        )
 
 
-def _guard_headers(folder: Path, labelled: dict[str, int], retain: tuple[str, ...], cache_dir: Path | None,
-                   require_deidentified: bool, rejected: dict[str, str],
-                   ) -> tuple[dict[str, list[str]], dict[str, tuple[int, int]], dict[str, str]]:
+def _guard_headers(
+    folder: Path,
+    labelled: dict[str, int],
+    retain: tuple[str, ...],
+    cache_dir: Path | None,
+    require_deidentified: bool,
+    rejected: dict[str, str],
+) -> tuple[dict[str, list[str]], dict[str, tuple[int, int]], dict[str, str]]:
     """Pass 1, headers only: (phi findings, sizes, content digests) before any pixel is decoded.
 
     Unreadable files go to `rejected`; identifying attributes stop the load when de-identification
@@ -159,8 +181,9 @@ def _guard_headers(folder: Path, labelled: dict[str, int], retain: tuple[str, ..
     return phi, sizes, digests
 
 
-def _read_header_facts(folder: Path, name: str, retain: tuple[str, ...], digests: dict[str, str],
-                       sizes: dict[str, tuple[int, int]]) -> list[str]:
+def _read_header_facts(
+    folder: Path, name: str, retain: tuple[str, ...], digests: dict[str, str], sizes: dict[str, tuple[int, int]]
+) -> list[str]:
     """Read one file's header: record its digest and size, return the guard's findings."""
     data = (folder / name).read_bytes()
     digests[name] = file_digest(data)
@@ -171,9 +194,14 @@ def _read_header_facts(folder: Path, name: str, retain: tuple[str, ...], digests
     return findings
 
 
-def _decode_pixels(folder: Path, labelled: dict[str, int], digests: dict[str, str], policy: ImagePolicy,
-                   cache_dir: Path | None, rejected: dict[str, str],
-                   ) -> tuple[dict[str, list[np.ndarray]], float, int, int]:
+def _decode_pixels(
+    folder: Path,
+    labelled: dict[str, int],
+    digests: dict[str, str],
+    policy: ImagePolicy,
+    cache_dir: Path | None,
+    rejected: dict[str, str],
+) -> tuple[dict[str, list[np.ndarray]], float, int, int]:
     """Pass 2, pixels through the cache (a hit does not even reread the file).
 
     Returns (images, decode seconds, cache hits, cache misses); unusable files go to `rejected`.
@@ -228,17 +256,30 @@ def _assemble(images, table, labelled, policy, rejected, phi, unlabelled, sizes,
     notes = []
     classes = sorted(set(ys))
     if len(classes) == 1:
-        notes.append(f"only class {classes[0]} is present ({len(ys)} samples): this hospital cannot be "
-                     "evaluated on its own, but can still train in the federation")
+        notes.append(
+            f"only class {classes[0]} is present ({len(ys)} samples): this hospital cannot be "
+            "evaluated on its own, but can still train in the federation"
+        )
     if unlabelled:
         notes.append(f"{len(unlabelled)} DICOM file(s) without a label were ignored")
     if rejected:
         notes.append(f"{len(rejected)} unreadable file(s) were skipped")
     sizes_counter = Counter(sizes[name] for name in files if name in sizes)
-    return ImageSet(names=names, x=x, y=y, groups=np.asarray(groups, dtype=np.int64), files=files,
-                    rejected=dict(sorted(rejected.items())), phi=dict(sorted(phi.items())), unlabelled=unlabelled,
-                    sizes=sizes_counter, notes=notes, decode_seconds=decode_seconds, cache_hits=hits,
-                    cache_misses=misses)
+    return ImageSet(
+        names=names,
+        x=x,
+        y=y,
+        groups=np.asarray(groups, dtype=np.int64),
+        files=files,
+        rejected=dict(sorted(rejected.items())),
+        phi=dict(sorted(phi.items())),
+        unlabelled=unlabelled,
+        sizes=sizes_counter,
+        notes=notes,
+        decode_seconds=decode_seconds,
+        cache_hits=hits,
+        cache_misses=misses,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,8 +345,10 @@ def _read_labels_text(path: Path, where: str, layout: str) -> str:
     except UnicodeDecodeError:
         raise FedcareError(f"{where} is not UTF-8 text", f"save it as a UTF-8 CSV with {layout}") from None
     except OSError as exc:
-        raise FedcareError(f"labels file {path} {os_error_cause(exc)}",
-                           "make it readable by the user running fedcare (check its permissions)") from None
+        raise FedcareError(
+            f"labels file {path} {os_error_cause(exc)}",
+            "make it readable by the user running fedcare (check its permissions)",
+        ) from None
     if not text.strip():
         raise FedcareError(f"{where} is empty", f"write a header and one row per image: {layout}")
     return text
@@ -316,35 +359,41 @@ def _key_column(header: list[str], where: str, layout: str) -> str:
     if len(header) == 1:
         for sep, label in ((";", "';'"), ("\t", "a tab")):
             if sep in header[0]:
-                raise FedcareError(f"{where} uses {label} as delimiter: one column was read ({header[0]!r})",
-                                   "save it comma-separated (e.g. `file,label`)")
+                raise FedcareError(
+                    f"{where} uses {label} as delimiter: one column was read ({header[0]!r})",
+                    "save it comma-separated (e.g. `file,label`)",
+                )
     key = next((c for c in KEY_COLUMNS if c in header), None)
     missing = ([] if key else ["file (or sop_instance_uid)"]) + ([] if LABEL_COLUMN in header else [LABEL_COLUMN])
     if missing:
         found = ", ".join(header) or "none"
-        raise FedcareError(f"{where} lacks column(s): {', '.join(missing)}; columns found: {found}",
-                           f"use {layout}")
-    return key
+        raise FedcareError(f"{where} lacks column(s): {', '.join(missing)}; columns found: {found}", f"use {layout}")
+    return cast(str, key)  # not missing: found
 
 
 def _check_label_rows(rows: list[tuple[int, list[str]]], key: str, k: int, lab: int, where: str) -> None:
     """Every row has a key and a 0/1 label (errors name lines, never cell values)."""
     ragged = [line for line, row in rows if len(row) <= max(k, lab)]
     if ragged:
-        raise FedcareError(f"{where}: {len(ragged)} row(s) have too few fields (line(s) {_few(ragged)})",
-                           f"every row needs a value in '{key}' and '{LABEL_COLUMN}'")
+        raise FedcareError(
+            f"{where}: {len(ragged)} row(s) have too few fields (line(s) {_few(ragged)})",
+            f"every row needs a value in '{key}' and '{LABEL_COLUMN}'",
+        )
     blank = [line for line, row in rows if not row[k].strip()]
     if blank:
         raise FedcareError(f"{where}: {len(blank)} row(s) have an empty '{key}' (line(s) {_few(blank)})")
     bad = [line for line, row in rows if row[lab].strip() not in ("0", "1")]
     if bad:  # the cells may hold anything a person typed (names, MRNs): never echoed
-        raise FedcareError(f"{where}: column '{LABEL_COLUMN}' must be 0 or 1 (binary); {len(bad)} row(s) hold "
-                           f"other values (line(s) {_few(bad)}; values not shown)",
-                           "map the classes to 0 (negative) and 1 (positive)")
+        raise FedcareError(
+            f"{where}: column '{LABEL_COLUMN}' must be 0 or 1 (binary); {len(bad)} row(s) hold "
+            f"other values (line(s) {_few(bad)}; values not shown)",
+            "map the classes to 0 (negative) and 1 (positive)",
+        )
 
 
-def _index_label_rows(rows: list[tuple[int, list[str]]], key: str, k: int, lab: int,
-                      where: str) -> tuple[dict[str, int], dict[str, int]]:
+def _index_label_rows(
+    rows: list[tuple[int, list[str]]], key: str, k: int, lab: int, where: str
+) -> tuple[dict[str, int], dict[str, int]]:
     """(key -> label, key -> first CSV line); a key listed twice is an error."""
     labels: dict[str, int] = {}
     lines: dict[str, int] = {}
@@ -356,10 +405,13 @@ def _index_label_rows(rows: list[tuple[int, list[str]]], key: str, k: int, lab: 
         lines.setdefault(value, line)
     duplicates = {v: ls for v, ls in seen.items() if len(ls) > 1}
     if duplicates:
-        listed = "; ".join(f"{v if key == 'file' else 'a UID'} (lines {', '.join(map(str, ls))})"
-                           for v, ls in list(duplicates.items())[:_SHOW])
-        raise FedcareError(f"{where}: {len(duplicates)} {key} value(s) listed more than once: {listed}",
-                           "keep one row per image")
+        listed = "; ".join(
+            f"{v if key == 'file' else 'a UID'} (lines {', '.join(map(str, ls))})"
+            for v, ls in list(duplicates.items())[:_SHOW]
+        )
+        raise FedcareError(
+            f"{where}: {len(duplicates)} {key} value(s) listed more than once: {listed}", "keep one row per image"
+        )
     return labels, lines
 
 
@@ -371,8 +423,9 @@ def _normalise_file(value: str, where: str, line: int) -> str:
     return pure.as_posix()
 
 
-def match_labels(folder: Path, table: LabelTable, candidates: list[str],
-                 rejected: dict[str, str]) -> tuple[dict[str, int], list[str]]:
+def match_labels(
+    folder: Path, table: LabelTable, candidates: list[str], rejected: dict[str, str]
+) -> tuple[dict[str, int], list[str]]:
     """(labelled file -> label, unlabelled DICOM files); labels naming absent files are an error.
 
     In sop_instance_uid mode, files whose UID cannot be read are added to `rejected`.
@@ -382,12 +435,16 @@ def match_labels(folder: Path, table: LabelTable, candidates: list[str],
         problems = {f: path_problem(folder / f) for f in table.labels}
         absent = [f for f, problem in problems.items() if problem == "does not exist"]
         if absent:
-            raise FedcareError(f"{table.path.name}: {len(absent)} labelled file(s) do not exist in {folder}: "
-                               f"{_few(absent)}", "fix the paths (relative to the folder) or remove those rows")
+            raise FedcareError(
+                f"{table.path.name}: {len(absent)} labelled file(s) do not exist in {folder}: {_few(absent)}",
+                "fix the paths (relative to the folder) or remove those rows",
+            )
         unusable = [f"{f} ({problem})" for f, problem in problems.items() if problem is not None]
         if unusable:
-            raise FedcareError(f"{table.path.name}: {len(unusable)} labelled file(s) in {folder} cannot be read: "
-                               f"{_few(unusable)}", "fix those files or links, or remove those rows")
+            raise FedcareError(
+                f"{table.path.name}: {len(unusable)} labelled file(s) in {folder} cannot be read: {_few(unusable)}",
+                "fix those files or links, or remove those rows",
+            )
         labelled = dict(sorted(table.labels.items()))
         return labelled, [f for f in candidates if f not in labelled]
 
@@ -402,12 +459,18 @@ def match_labels(folder: Path, table: LabelTable, candidates: list[str],
             by_uid.setdefault(uid, []).append(name)
     shared = [names for uid, names in by_uid.items() if len(names) > 1 and uid in table.labels]
     if shared:
-        raise FedcareError(f"{len(shared)} SOP Instance UID(s) appear in several files: "
-                           + "; ".join(", ".join(n) for n in shared[:_SHOW]), "remove duplicate copies")
-    absent = sorted(table.lines[u] for u in table.labels if u not in by_uid)
-    if absent:
-        raise FedcareError(f"{table.path.name}: {len(absent)} sop_instance_uid value(s) match no readable DICOM file "
-                           f"in {folder} (line(s) {_few(absent)})", "check the UIDs, or label by `file` instead")
+        raise FedcareError(
+            f"{len(shared)} SOP Instance UID(s) appear in several files: "
+            + "; ".join(", ".join(n) for n in shared[:_SHOW]),
+            "remove duplicate copies",
+        )
+    absent_lines = sorted(table.lines[u] for u in table.labels if u not in by_uid)
+    if absent_lines:
+        raise FedcareError(
+            f"{table.path.name}: {len(absent_lines)} sop_instance_uid value(s) match no readable DICOM file "
+            f"in {folder} (line(s) {_few(absent_lines)})",
+            "check the UIDs, or label by `file` instead",
+        )
     labelled = dict(sorted((by_uid[u][0], lab) for u, lab in table.labels.items()))
     unlabelled = [n for n in candidates if n not in labelled and n not in rejected]
     return labelled, unlabelled
@@ -418,7 +481,7 @@ def _sop_instance_uid(path: Path) -> str:
     with quiet_pydicom():
         try:
             return str(ds.get("SOPInstanceUID", "") or "").strip()
-        except Exception:  # noqa: BLE001 - a malformed UID matches nothing
+        except Exception:  # a malformed UID matches nothing
             return ""
 
 
@@ -444,7 +507,8 @@ def phi_error(phi: dict[str, list[str]], extra: int = 0) -> FedcareError:
         "de-identify them per DICOM PS3.15 Annex E (Basic Application Level Confidentiality Profile); an attribute "
         "marked 'not inspected' could not be read completely by the check (re-export it as standard DICOM, or "
         "remove it); a flag 'not an explicit NO' must read NO; or, if this data is already approved for use as is, "
-        "set node config require-deidentified=false")
+        "set node config require-deidentified=false",
+    )
 
 
 def unreadable_error(rejected: dict[str, str]) -> FedcareError:
@@ -452,8 +516,10 @@ def unreadable_error(rejected: dict[str, str]) -> FedcareError:
     items = sorted(rejected.items())
     listed = "; ".join(f"{name}: {reason}" for name, reason in items[:_SHOW])
     more = f"; and {len(items) - _SHOW} more" if len(items) > _SHOW else ""
-    return FedcareError(f"{len(items)} labelled DICOM file(s) cannot be used: {listed}{more}",
-                        "fix or remove them, or set on-unreadable=skip to train without them")
+    return FedcareError(
+        f"{len(items)} labelled DICOM file(s) cannot be used: {listed}{more}",
+        "fix or remove them, or set on-unreadable=skip to train without them",
+    )
 
 
 def _few(items: list) -> str:

@@ -31,9 +31,10 @@ import os
 import stat
 import struct
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Iterator
+from typing import TYPE_CHECKING, BinaryIO, cast
 
 import numpy as np
 
@@ -75,11 +76,13 @@ class ImagePolicy:
 
     def __post_init__(self) -> None:
         if isinstance(self.size, bool) or not isinstance(self.size, int) or not 8 <= self.size <= 1024:
-            raise FedcareError(f"image size must be an integer from 8 to 1024, got {self.size!r}",
-                               "set --image-size (e.g. 64)")
+            raise FedcareError(
+                f"image size must be an integer from 8 to 1024, got {self.size!r}", "set --image-size (e.g. 64)"
+            )
         if self.multiframe not in MULTIFRAME_MODES:
-            raise FedcareError(f"unknown multiframe policy {self.multiframe!r}",
-                               f"choose one of: {', '.join(MULTIFRAME_MODES)}")
+            raise FedcareError(
+                f"unknown multiframe policy {self.multiframe!r}", f"choose one of: {', '.join(MULTIFRAME_MODES)}"
+            )
         if self.colour not in COLOUR_MODES:
             raise FedcareError(f"unknown colour policy {self.colour!r}", f"choose one of: {', '.join(COLOUR_MODES)}")
 
@@ -118,10 +121,14 @@ def path_problem(path: str | os.PathLike) -> str | None:
 
 def os_error_cause(exc: OSError) -> str:
     """An OSError as a short phrase naming its cause (no path: callers name the file)."""
-    causes = {errno.ELOOP: "is a symbolic link loop", errno.EACCES: "cannot be read: permission denied",
-              errno.EPERM: "cannot be read: operation not permitted", errno.ENOENT: "does not exist",
-              errno.ENOTDIR: "does not exist (a parent in its path is not a folder)",
-              errno.EISDIR: "is a directory, not a file"}
+    causes: dict[int | None, str] = {
+        errno.ELOOP: "is a symbolic link loop",
+        errno.EACCES: "cannot be read: permission denied",
+        errno.EPERM: "cannot be read: operation not permitted",
+        errno.ENOENT: "does not exist",
+        errno.ENOTDIR: "does not exist (a parent in its path is not a folder)",
+        errno.EISDIR: "is a directory, not a file",
+    }
     cause = causes.get(exc.errno)
     if cause is None:
         cause = f"cannot be read: {exc.strerror or type(exc).__name__}"
@@ -147,7 +154,7 @@ def read_dicom_bytes(data: bytes, policy: ImagePolicy, name: str) -> list[np.nda
         return decode_dataset(ds, policy, name)
 
 
-def read_header(path: str | os.PathLike) -> "Dataset":
+def read_header(path: str | os.PathLike) -> Dataset:
     """Every element of the file except large values (pixel data is deferred, not loaded).
 
     Used for PHI checks and sizes. Elements after Pixel Data (e.g. digital signatures) are read
@@ -162,13 +169,13 @@ def read_header(path: str | os.PathLike) -> "Dataset":
         return _parse(str(p), name, p.stat().st_size, defer_size=64 * 1024)
 
 
-def read_header_bytes(data: bytes, name: str) -> "Dataset":
+def read_header_bytes(data: bytes, name: str) -> Dataset:
     """`read_header` for a file already in memory."""
     with _guarded(name):
         return _parse(io.BytesIO(data), name, len(data), defer_size=None)
 
 
-def decode_dataset(ds: "Dataset", policy: ImagePolicy, name: str = "<dataset>") -> list[np.ndarray]:
+def decode_dataset(ds: Dataset, policy: ImagePolicy, name: str = "<dataset>") -> list[np.ndarray]:
     """The pixels of a parsed dataset, per `policy`; raises DicomRejected when it is not usable."""
     with _guarded(name):
         return _decode(ds, policy, name)
@@ -203,7 +210,7 @@ def _guarded(name: str) -> Iterator[None]:
             raise
         except RecursionError:
             raise DicomRejected(name, "corrupt DICOM file (sequences nested too deeply)", "corrupt") from None
-        except Exception as exc:  # noqa: BLE001 - the contract is: every file loads or is rejected
+        except Exception as exc:  # the contract is: every file loads or is rejected
             raise DicomRejected(name, f"unreadable DICOM file ({type(exc).__name__})", "corrupt") from None
 
 
@@ -217,8 +224,19 @@ def _parse(source: str | BinaryIO, name: str, file_size: int, defer_size: int | 
         ds = dcmread(source, defer_size=defer_size)
     except InvalidDicomError:
         ds = _parse_without_preamble(source, name, defer_size)
-    except (OSError, EOFError, struct.error, ValueError, KeyError, TypeError, IndexError, OverflowError,
-            UnicodeError, NotImplementedError, AttributeError) as exc:
+    except (
+        OSError,
+        EOFError,
+        struct.error,
+        ValueError,
+        KeyError,
+        TypeError,
+        IndexError,
+        OverflowError,
+        UnicodeError,
+        NotImplementedError,
+        AttributeError,
+    ) as exc:
         raise DicomRejected(name, f"truncated or corrupt DICOM header ({type(exc).__name__})", "corrupt") from None
     if len(ds) == 0:
         raise DicomRejected(name, "no data elements after the file meta header (truncated file?)", "truncated")
@@ -231,13 +249,14 @@ def _parse_without_preamble(source: str | BinaryIO, name: str, defer_size: int |
     from pydicom import dcmread
     from pydicom.tag import Tag
 
-    not_dicom = DicomRejected(name, "not a DICOM file (no 'DICM' marker and no recognisable DICOM elements)",
-                              "not-dicom")
+    not_dicom = DicomRejected(
+        name, "not a DICOM file (no 'DICM' marker and no recognisable DICOM elements)", "not-dicom"
+    )
     if hasattr(source, "seek"):
         source.seek(0)
     try:
         ds = dcmread(source, force=True, defer_size=defer_size)
-    except Exception:  # noqa: BLE001 - force-parsing arbitrary bytes may fail any way it likes
+    except Exception:  # force-parsing arbitrary bytes may fail any way it likes
         raise not_dicom from None
     if Tag("SOPClassUID") not in ds and Tag("Rows") not in ds:
         raise not_dicom
@@ -260,8 +279,12 @@ def _check_not_truncated(ds, name: str, file_size: int) -> None:
     if raw.value is not None and len(raw.value) < raw.length:
         end = file_size + 1
     if end > file_size:
-        raise DicomRejected(name, "truncated file (an element runs past the end of the file)", "truncated",
-                            "copy or export the file again")
+        raise DicomRejected(
+            name,
+            "truncated file (an element runs past the end of the file)",
+            "truncated",
+            "copy or export the file again",
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,12 +297,19 @@ def _decode(ds, policy: ImagePolicy, name: str) -> list[np.ndarray]:
         raise DicomRejected(name, "no Pixel Data (7FE0,0010) element", "no-pixel-data")
     rows, cols, frames = _geometry(ds, name)
     if frames > 1 and policy.multiframe == "reject":
-        raise DicomRejected(name, f"multi-frame image ({frames} frames) refused by the multiframe policy",
-                            "multiframe", "use --multiframe first or every")
+        raise DicomRejected(
+            name,
+            f"multi-frame image ({frames} frames) refused by the multiframe policy",
+            "multiframe",
+            "use --multiframe first or every",
+        )
     only_first = frames > 1 and policy.multiframe == "first"
     if rows * cols * (1 if only_first else frames) > MAX_PIXELS:
-        raise DicomRejected(name, f"image too large (over {MAX_PIXELS:,} pixels to decode from Rows x Columns x "
-                            "NumberOfFrames)", "too-large")
+        raise DicomRejected(
+            name,
+            f"image too large (over {MAX_PIXELS:,} pixels to decode from Rows x Columns x NumberOfFrames)",
+            "too-large",
+        )
     pi = _photometric(ds, name)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     colour = pi in _COLOUR or samples > 1
@@ -362,8 +392,9 @@ def _transfer_syntax(ds, name: str):
         # Bare datasets: the parser found the encoding; only native (uncompressed) data is usable.
         raw = ds.get_item(next(Tag(kw) for kw in _PIXEL_KEYWORDS if kw in ds))
         if getattr(raw, "length", 0) == _UNDEFINED_LENGTH:
-            raise DicomRejected(name, "compressed pixel data without a Transfer Syntax UID (0002,0010)",
-                                "unsupported-transfer-syntax")
+            raise DicomRejected(
+                name, "compressed pixel data without a Transfer Syntax UID (0002,0010)", "unsupported-transfer-syntax"
+            )
         implicit, little = ds.original_encoding
         ts = ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
         meta.TransferSyntaxUID = ts
@@ -372,13 +403,17 @@ def _transfer_syntax(ds, name: str):
     try:
         decoder = get_decoder(ts)
     except NotImplementedError:
-        raise DicomRejected(name, f"pydicom has no pixel decoder for '{label}' (video or unsupported syntax)",
-                            "unsupported-transfer-syntax",
-                            "re-export the images uncompressed or with JPEG/JPEG-LS/JPEG 2000/RLE") from None
+        raise DicomRejected(
+            name,
+            f"pydicom has no pixel decoder for '{label}' (video or unsupported syntax)",
+            "unsupported-transfer-syntax",
+            "re-export the images uncompressed or with JPEG/JPEG-LS/JPEG 2000/RLE",
+        ) from None
     if not decoder.is_available:
         need = "; ".join(decoder.missing_dependencies) or "a decoder plugin"
-        raise DicomRejected(name, f"no installed plugin decodes '{label}'", "unsupported-transfer-syntax",
-                            f"install one of: {need}")
+        raise DicomRejected(
+            name, f"no installed plugin decodes '{label}'", "unsupported-transfer-syntax", f"install one of: {need}"
+        )
     return ts
 
 
@@ -391,17 +426,25 @@ def _pixels(ds, name: str, ts, index: int | None) -> np.ndarray:
         raise
     except ValueError as exc:
         if "less than expected" in str(exc) or "too short" in str(exc):
-            raise DicomRejected(name, "truncated pixel data (fewer bytes than Rows x Columns x frames need)",
-                                "truncated", "copy or export the file again") from None
-        raise DicomRejected(name, f"pixel data could not be decoded as '{ts.name}' ({type(exc).__name__})",
-                            "undecodable") from None
-    except Exception as exc:  # noqa: BLE001 - each plugin fails its own way
+            raise DicomRejected(
+                name,
+                "truncated pixel data (fewer bytes than Rows x Columns x frames need)",
+                "truncated",
+                "copy or export the file again",
+            ) from None
+        raise DicomRejected(
+            name, f"pixel data could not be decoded as '{ts.name}' ({type(exc).__name__})", "undecodable"
+        ) from None
+    except Exception as exc:  # each plugin fails its own way
         hint = "re-export uncompressed"
         if ts.is_compressed:
-            hint = ("the data may be corrupt or use a codec variant pylibjpeg lacks: try "
-                    f"`pip install python-gdcm`, or {hint}")
-        raise DicomRejected(name, f"pixel data could not be decoded as '{ts.name}' ({type(exc).__name__})",
-                            "undecodable", hint) from None
+            hint = (
+                "the data may be corrupt or use a codec variant pylibjpeg lacks: try "
+                f"`pip install python-gdcm`, or {hint}"
+            )
+        raise DicomRejected(
+            name, f"pixel data could not be decoded as '{ts.name}' ({type(exc).__name__})", "undecodable", hint
+        ) from None
 
 
 def _gray(frame: np.ndarray, ds, pi: str, colour: bool, name: str) -> np.ndarray | None:
@@ -412,24 +455,26 @@ def _gray(frame: np.ndarray, ds, pi: str, colour: bool, name: str) -> np.ndarray
         if pi == "PALETTE COLOR":
             try:
                 frame = apply_color_lut(frame, ds)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 raise DicomRejected(name, "invalid palette colour lookup table (0028,1201-1203)", "corrupt") from None
         values = frame.astype(np.float64) @ _BT601
         return _stretch(values)
     try:
         values = apply_modality_lut(frame, ds).astype(np.float64)
-    except Exception:  # noqa: BLE001
-        raise DicomRejected(name, "invalid Modality LUT / Rescale Slope / Rescale Intercept (0028,1052-3000)",
-                            "corrupt") from None
+    except Exception:
+        raise DicomRejected(
+            name, "invalid Modality LUT / Rescale Slope / Rescale Intercept (0028,1052-3000)", "corrupt"
+        ) from None
     if not np.isfinite(values).all():
-        raise DicomRejected(name, "NaN or infinite pixel values after the modality LUT (Rescale Slope/Intercept)",
-                            "nan")
+        raise DicomRejected(
+            name, "NaN or infinite pixel values after the modality LUT (Rescale Slope/Intercept)", "nan"
+        )
     if values.size == 0 or values.min() == values.max():
         return None
     out = _voi(values, ds)
     if out is None:
         out = _stretch(values)
-    return 1.0 - out if pi == "MONOCHROME1" else out
+    return 1.0 - cast(np.ndarray, out) if pi == "MONOCHROME1" else out
 
 
 def _voi(values: np.ndarray, ds) -> np.ndarray | None:
@@ -449,7 +494,7 @@ def _voi(values: np.ndarray, ds) -> np.ndarray | None:
             out = apply_windowing(values, ds)
         else:
             return None
-    except Exception:  # noqa: BLE001 - a malformed window falls back to the stretch
+    except Exception:  # a malformed window falls back to the stretch
         return None
     if not (np.isfinite(lo) and np.isfinite(hi)) or hi == lo:
         return None
@@ -495,5 +540,5 @@ def _fit(img: np.ndarray, size: int, row_mm: float, col_mm: float) -> np.ndarray
         t = F.interpolate(t, size=(new_rows, new_cols), mode="bilinear", align_corners=False, antialias=True)
     out = np.zeros((size, size), dtype=np.float32)
     top, left = (size - new_rows) // 2, (size - new_cols) // 2
-    out[top:top + new_rows, left:left + new_cols] = t[0, 0].numpy()
+    out[top : top + new_rows, left : left + new_cols] = t[0, 0].numpy()
     return np.clip(out, 0.0, 1.0, out=out)

@@ -25,11 +25,12 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
 
-from client.datasets.ehr_schema import TIME_UNITS, EhrSchema
+from client.datasets.ehr_schema import TIME_UNITS, EhrSchema, EventSpec
 from client.datasets.ehr_table import (
     DataReport,
     TableSplit,
@@ -59,24 +60,38 @@ class SequenceSplit(TableSplit):
         return self.x_train.shape[1], self.x_train.shape[2]
 
 
-def load_event_sequences(events_path: Path, schema: EhrSchema, seed: int, labels_path: Path | None = None,
-                         *, delimiter: str | None = None) -> SequenceSplit:
+def _events_spec(schema: EhrSchema, labels_path: Path | None) -> EventSpec:
+    """The schema's [events] section, checked against whether a labels file was given."""
+    spec = schema.events
+    if spec is None:
+        raise FedcareError(
+            f"{schema.source} describes a patient table ([table]), not event sequences",
+            "load it with load_ehr_table, or use an [events] schema",
+        )
+    if spec.label_source == "labels-table" and labels_path is None:
+        raise FedcareError(
+            f"{schema.source} takes labels from a labels table, but no labels file was given",
+            f"pass the labels file (columns '{schema.id}' and '{schema.label}')",
+        )
+    if spec.label_source == "events" and labels_path is not None:
+        raise FedcareError(
+            f"a labels file was given, but {schema.source} takes the label from column "
+            f"'{schema.label}' of the events table",
+            'set label-source = "labels-table" or drop it',
+        )
+    return spec
+
+
+def load_event_sequences(
+    events_path: Path, schema: EhrSchema, seed: int, labels_path: Path | None = None, *, delimiter: str | None = None
+) -> SequenceSplit:
     """Read, validate and encode one hospital's events; build sequences; split by patient, stratified.
 
     ``labels_path`` is the labels table (id and label columns) when the schema says
     ``label-source = "labels-table"``.
     """
     events_path = Path(events_path)
-    spec = schema.events
-    if spec is None:
-        raise FedcareError(f"{schema.source} describes a patient table ([table]), not event sequences",
-                           "load it with load_ehr_table, or use an [events] schema")
-    if spec.label_source == "labels-table" and labels_path is None:
-        raise FedcareError(f"{schema.source} takes labels from a labels table, but no labels file was given",
-                           f"pass the labels file (columns '{schema.id}' and '{schema.label}')")
-    if spec.label_source == "events" and labels_path is not None:
-        raise FedcareError(f"a labels file was given, but {schema.source} takes the label from column "
-                           f"'{schema.label}' of the events table", "set label-source = \"labels-table\" or drop it")
+    spec = _events_spec(schema, labels_path)
     frame = read_frame(events_path, delimiter, schema.input_columns)
     require_columns(frame, schema.input_columns, events_path)
     report = DataReport(source=str(events_path), rows_read=len(frame))
@@ -86,8 +101,13 @@ def load_event_sequences(events_path: Path, schema: EhrSchema, seed: int, labels
     years = _time_in_years(frame[spec.time], spec.time_unit, events_path, spec.time, rows)
     patients, codes = np.unique(ids.astype(str), return_inverse=True)
     order = _time_order(codes, years, report)
-    frame, ids, codes, years, rows = (frame.iloc[order].reset_index(drop=True), ids[order], codes[order],
-                                      years[order], rows[order])
+    frame, ids, codes, years, rows = (
+        frame.iloc[order].reset_index(drop=True),
+        ids[order],
+        codes[order],
+        years[order],
+        rows[order],
+    )
 
     steps = encode_features(frame, schema, events_path, rows, report, ids=ids)
     since_first = years - pd.Series(years).groupby(ids, sort=False).transform("min").to_numpy()
@@ -95,22 +115,32 @@ def load_event_sequences(events_path: Path, schema: EhrSchema, seed: int, labels
     outside = int(((since_first < lo) | (since_first > hi)).sum())
     if outside:
         report.out_of_range["years-since-first-event"] = outside
-        report.warnings.append(f"{outside} events lie outside the public time-range [{lo:g}, {hi:g}] years "
-                               "since the patient's first event (clipped in the statistics round)")
+        report.warnings.append(
+            f"{outside} events lie outside the public time-range [{lo:g}, {hi:g}] years "
+            "since the patient's first event (clipped in the statistics round)"
+        )
     steps = np.concatenate([steps, since_first[:, None]], axis=1)
 
     if spec.label_source == "events":
         y = _labels_from_events(frame, codes, len(patients), schema, events_path, rows)
     else:
-        y = _labels_from_table(Path(labels_path), patients, schema, delimiter)
+        y = _labels_from_table(Path(cast(Path, labels_path)), patients, schema, delimiter)
 
     x = _sequences(steps, codes, len(patients), spec.max_length, report)
     train, test = stratified_split(patients, y, schema.test_fraction, seed)
     finish_report(report, y, len(train), len(test))
     return SequenceSplit(
-        name=events_path.stem, feature_names=schema.feature_names, numeric_features=schema.feature_names,
-        feature_bounds=schema.feature_bounds, x_train=x[train], y_train=y[train], x_test=x[test], y_test=y[test],
-        ids_train=[str(p) for p in patients[train]], ids_test=[str(p) for p in patients[test]], report=report,
+        name=events_path.stem,
+        feature_names=schema.feature_names,
+        numeric_features=schema.feature_names,
+        feature_bounds=schema.feature_bounds,
+        x_train=x[train],
+        y_train=y[train],
+        x_test=x[test],
+        y_test=y[test],
+        ids_train=[str(p) for p in patients[train]],
+        ids_test=[str(p) for p in patients[test]],
+        report=report,
     )
 
 
@@ -158,7 +188,8 @@ def _time_in_years(series: pd.Series, unit: str, path: Path, column: str, rows: 
         raise FedcareError(
             f"{path}: column '{column}' (the event time) has {int(bad.sum())} empty or unreadable values "
             f"({row_list(rows[bad])}; values not shown), so events cannot be put in time order",
-            f"every event needs a time; the schema's time-unit says {expected}")
+            f"every event needs a time; the schema's time-unit says {expected}",
+        )
     return values.astype(np.float64)
 
 
@@ -170,29 +201,37 @@ def _time_order(codes: np.ndarray, years: np.ndarray, report: DataReport) -> np.
     report.patients_reordered = int(frame.loc[backwards, "id"].nunique())
     report.duplicate_times = int(frame.duplicated(["id", "t"], keep=False).sum())
     if report.patients_reordered:
-        report.warnings.append(f"events of {report.patients_reordered} patients were not in time order in the "
-                               "file; they were sorted by time")
+        report.warnings.append(
+            f"events of {report.patients_reordered} patients were not in time order in the "
+            "file; they were sorted by time"
+        )
     if report.duplicate_times:
-        report.warnings.append(f"{report.duplicate_times} events share their patient and time with another "
-                               "event; they keep their file order")
+        report.warnings.append(
+            f"{report.duplicate_times} events share their patient and time with another "
+            "event; they keep their file order"
+        )
     return order
 
 
-def _labels_from_events(frame: pd.DataFrame, codes: np.ndarray, n: int, schema: EhrSchema, path: Path,
-                        rows: np.ndarray) -> np.ndarray:
+def _labels_from_events(
+    frame: pd.DataFrame, codes: np.ndarray, n: int, schema: EhrSchema, path: Path, rows: np.ndarray
+) -> np.ndarray:
     """One label per patient from a label column that must be constant within each patient."""
     text = category_text(frame[schema.label])
     per = pd.DataFrame({"p": codes, "v": text}).dropna().groupby("p")["v"].nunique().reindex(range(n), fill_value=0)
     if (per == 0).any():
-        raise FedcareError(f"{path}: column '{schema.label}' (the label) is empty for every event of "
-                           f"{int((per == 0).sum())} patients", "give every patient its label on its events")
+        raise FedcareError(
+            f"{path}: column '{schema.label}' (the label) is empty for every event of {int((per == 0).sum())} patients",
+            "give every patient its label on its events",
+        )
     if (per > 1).any():
         varying = np.isin(codes, np.flatnonzero(per.to_numpy() > 1))
         raise FedcareError(
             f"{path}: column '{schema.label}' (the label) changes within {int((per > 1).sum())} patients "
             f"({row_list(rows[varying])}); it must be constant per patient",
             "put the patient's outcome on every event, or move labels to a labels table "
-            "(label-source = \"labels-table\")")
+            '(label-source = "labels-table")',
+        )
     first = pd.DataFrame({"p": codes, "v": text}).dropna().groupby("p")["v"].first().reindex(range(n))
     first_rows = rows[np.flatnonzero(~pd.Series(codes).duplicated().to_numpy())]
     return encode_labels(first.reset_index(drop=True), schema, path, first_rows)
@@ -206,18 +245,25 @@ def _labels_from_table(path: Path, patients: np.ndarray, schema: EhrSchema, deli
     ids = id_values(table[schema.id], path, schema.id, rows)
     repeated = pd.Series(ids).duplicated(keep=False).to_numpy()
     if repeated.any():
-        raise FedcareError(f"{path}: {len(set(ids[repeated]))} patients appear more than once in column "
-                           f"'{schema.id}' ({row_list(rows[repeated])})", "a labels table holds one row per patient")
+        raise FedcareError(
+            f"{path}: {len(set(ids[repeated]))} patients appear more than once in column "
+            f"'{schema.id}' ({row_list(rows[repeated])})",
+            "a labels table holds one row per patient",
+        )
     y = encode_labels(category_text(table[schema.label]), schema, path, rows)
     known = dict(zip(ids, y))
     unlabelled = [p for p in patients if p not in known]
     if unlabelled:
-        raise FedcareError(f"{len(unlabelled)} patients with events have no row in the labels table {path}",
-                           "add their labels, or leave their events out")
+        raise FedcareError(
+            f"{len(unlabelled)} patients with events have no row in the labels table {path}",
+            "add their labels, or leave their events out",
+        )
     no_events = len(set(ids) - set(patients))
     if no_events:
-        raise FedcareError(f"{no_events} patients in the labels table {path} have no events",
-                           "leave them out of the labels table, or export their events too")
+        raise FedcareError(
+            f"{no_events} patients in the labels table {path} have no events",
+            "leave them out of the labels table, or export their events too",
+        )
     return np.array([known[p] for p in patients], dtype=np.int64)
 
 
@@ -225,8 +271,8 @@ def _sequences(steps: np.ndarray, codes: np.ndarray, n: int, length: int, report
     """Left-padded (n, length, d + 1) from rows sorted by (patient, time); keeps the latest events."""
     counts = np.bincount(codes, minlength=n)
     start = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    position = np.arange(len(codes)) - start[codes]              # 0 = the patient's first event
-    from_end = counts[codes] - 1 - position                      # 0 = the patient's latest event
+    position = np.arange(len(codes)) - start[codes]  # 0 = the patient's first event
+    from_end = counts[codes] - 1 - position  # 0 = the patient's latest event
     keep = from_end < length
     x = np.zeros((n, length, steps.shape[1] + 1), dtype=np.float32)
     slot = length - 1 - from_end[keep]
@@ -236,6 +282,8 @@ def _sequences(steps: np.ndarray, codes: np.ndarray, n: int, length: int, report
     report.events_dropped = int((~keep).sum())
     report.patients_truncated = int((counts > length).sum())
     if report.events_dropped:
-        report.warnings.append(f"{report.patients_truncated} patients have more than max-length={length} events: "
-                               f"their {report.events_dropped} oldest events were dropped")
+        report.warnings.append(
+            f"{report.patients_truncated} patients have more than max-length={length} events: "
+            f"their {report.events_dropped} oldest events were dropped"
+        )
     return x

@@ -57,21 +57,21 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from fedcare.errors import FedcareError
 
 MISSING_POLICIES = ("error", "impute", "carry-forward")
 TIME_UNITS = {"days": 1 / 365.25, "hours": 1 / (24 * 365.25), "years": 1.0, "datetime": None}
 LABEL_SOURCES = ("events", "labels-table")
-OTHER_VALUES = "*other*"   # positive/negative = "*other*": every label value the other key does not list
+OTHER_VALUES = "*other*"  # positive/negative = "*other*": every label value the other key does not list
 TIME_FEATURE = "years-since-first-event"
 DEFAULT_TEST_FRACTION = 0.3
 
 _INTEGRAL_TEXT = re.compile(r"^([+-]?\d+)\.0+$")
 _TOP_KEYS = ("table", "events", "numeric", "categorical")
 _TABLE_KEYS = ("id", "label", "positive", "negative", "test-fraction")
-_EVENTS_KEYS = _TABLE_KEYS + ("time", "time-unit", "time-range", "max-length", "label-source")
+_EVENTS_KEYS = (*_TABLE_KEYS, "time", "time-unit", "time-range", "max-length", "label-source")
 _NUMERIC_KEYS = ("unit", "range", "missing", "description")
 _CATEGORICAL_KEYS = ("levels", "missing", "description")
 
@@ -133,7 +133,7 @@ class EventSpec:
 class EhrSchema:
     """A validated schema. Build it with ``from_file`` (or ``from_text`` / ``from_dict``)."""
 
-    source: str                      # where it was read from, for messages
+    source: str  # where it was read from, for messages
     id: str
     label: str
     positive: tuple[str, ...] | None
@@ -143,7 +143,7 @@ class EhrSchema:
     categorical: dict[str, CategoricalSpec]
     events: EventSpec | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
-    other_label: int | None = None   # 1: positive = "*other*" (unlisted values are 1); 0: negative = "*other*"
+    other_label: int | None = None  # 1: positive = "*other*" (unlisted values are 1); 0: negative = "*other*"
 
     # -- construction -------------------------------------------------------------------------
 
@@ -151,8 +151,10 @@ class EhrSchema:
     def from_file(cls, path: str | Path) -> EhrSchema:
         path = Path(path)
         if not path.is_file():
-            raise FedcareError(f"schema file {path} does not exist",
-                               "pass the federation's schema TOML (the coordinator distributes it)")
+            raise FedcareError(
+                f"schema file {path} does not exist",
+                "pass the federation's schema TOML (the coordinator distributes it)",
+            )
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
@@ -164,8 +166,9 @@ class EhrSchema:
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
-            raise FedcareError(f"{source}: not valid TOML ({exc})",
-                               "fix the line named; a name declared twice is also reported here") from None
+            raise FedcareError(
+                f"{source}: not valid TOML ({exc})", "fix the line named; a name declared twice is also reported here"
+            ) from None
         return cls.from_dict(data, source=source)
 
     @classmethod
@@ -176,7 +179,7 @@ class EhrSchema:
 
     @property
     def kind(self) -> str:
-        """"table" (one row per patient) or "events" (event sequences)."""
+        """ "table" (one row per patient) or "events" (event sequences)."""
         return "events" if self.events is not None else "table"
 
     @property
@@ -252,7 +255,7 @@ def _name(source: str, where: str, table: dict, key: str, required: bool = True)
     value = table.get(key)
     if value is None:
         if required:
-            raise _fail(source, where, f"needs '{key}'", f"add {key} = \"<column name>\" under {where}")
+            raise _fail(source, where, f"needs '{key}'", f'add {key} = "<column name>" under {where}')
         return None
     if not isinstance(value, str) or not value.strip():
         raise _fail(source, where, f"'{key}' must be a non-empty column name (text)")
@@ -268,8 +271,12 @@ def _range(source: str, where: str, key: str, value: Any) -> tuple[float, float]
         raise _fail(source, where, f"'{key}' must be two finite numbers [lo, hi]", f"e.g. {key} = [0, 10]")
     lo, hi = float(value[0]), float(value[1])
     if not lo < hi:
-        raise _fail(source, where, f"'{key}' = [{value[0]}, {value[1]}] needs lo < hi",
-                    "declare the public plausible range, lowest value first")
+        raise _fail(
+            source,
+            where,
+            f"'{key}' = [{value[0]}, {value[1]}] needs lo < hi",
+            "declare the public plausible range, lowest value first",
+        )
     return lo, hi
 
 
@@ -285,29 +292,45 @@ def _values(source: str, where: str, key: str, value: Any) -> tuple[str, ...] | 
     return texts
 
 
-def _label_values(source: str, where: str, head: dict) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None,
-                                                                int | None]:
+def _label_values(
+    source: str, where: str, head: dict
+) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None, int | None]:
     """(positive, negative, other_label): the listed label values, and which label every unlisted
     value takes when one key is "*other*" (it is then None, and the other key must list values)."""
     raw = {key: head.get(key) for key in ("positive", "negative")}
     for key, value in raw.items():
         if isinstance(value, list) and OTHER_VALUES in value:
-            raise _fail(source, where, f"'{key}' lists '{OTHER_VALUES}' among values: '{OTHER_VALUES}' stands alone",
-                        f"write {key} = \"{OTHER_VALUES}\" and list the values of the other label")
+            raise _fail(
+                source,
+                where,
+                f"'{key}' lists '{OTHER_VALUES}' among values: '{OTHER_VALUES}' stands alone",
+                f'write {key} = "{OTHER_VALUES}" and list the values of the other label',
+            )
     others = [key for key, value in raw.items() if value == OTHER_VALUES]
     if len(others) == 2:
-        raise _fail(source, where, f"'positive' and 'negative' cannot both be \"{OTHER_VALUES}\"",
-                    f"list the values of one label, e.g. negative = [\"none\"] with positive = \"{OTHER_VALUES}\"")
+        raise _fail(
+            source,
+            where,
+            f"'positive' and 'negative' cannot both be \"{OTHER_VALUES}\"",
+            f'list the values of one label, e.g. negative = ["none"] with positive = "{OTHER_VALUES}"',
+        )
     if others:
         rest, listed = others[0], "negative" if others[0] == "positive" else "positive"
         if raw[listed] is None:
             meaning = "0" if listed == "negative" else "1"
-            raise _fail(source, where, f"{rest} = \"{OTHER_VALUES}\" needs the values that mean {meaning}",
-                        f"add {listed} = [\"<value>\", ...] under {where}")
+            raise _fail(
+                source,
+                where,
+                f'{rest} = "{OTHER_VALUES}" needs the values that mean {meaning}',
+                f'add {listed} = ["<value>", ...] under {where}',
+            )
         values = _values(source, where, listed, raw[listed])
         return (None, values, 1) if rest == "positive" else (values, None, 0)
-    return (_values(source, where, "positive", raw["positive"]),
-            _values(source, where, "negative", raw["negative"]), None)
+    return (
+        _values(source, where, "positive", raw["positive"]),
+        _values(source, where, "negative", raw["negative"]),
+        None,
+    )
 
 
 def _missing(source: str, where: str, spec: dict, events: bool) -> str:
@@ -315,8 +338,12 @@ def _missing(source: str, where: str, spec: dict, events: bool) -> str:
     if policy not in MISSING_POLICIES:
         raise _fail(source, where, f"has missing = {policy!r}", f"use one of: {', '.join(MISSING_POLICIES)}")
     if policy == "carry-forward" and not events:
-        raise _fail(source, where, "has missing = \"carry-forward\", which needs an [events] schema",
-                    "use \"impute\" for a patient-level table")
+        raise _fail(
+            source,
+            where,
+            'has missing = "carry-forward", which needs an [events] schema',
+            'use "impute" for a patient-level table',
+        )
     return policy
 
 
@@ -338,21 +365,25 @@ def _parse_head(source: str, data: dict[str, Any]) -> tuple[bool, str, dict[str,
     """(events_mode, "[table]"/"[events]", that section), after checking the top-level keys."""
     _check_keys(source, "the schema", data, _TOP_KEYS)
     if ("table" in data) == ("events" in data):
-        raise FedcareError(f"{source}: a schema needs exactly one of [table] or [events]",
-                           "[table] for one row per patient, [events] for event sequences")
+        raise FedcareError(
+            f"{source}: a schema needs exactly one of [table] or [events]",
+            "[table] for one row per patient, [events] for event sequences",
+        )
     events_mode = "events" in data
     where = "[events]" if events_mode else "[table]"
-    head = _check_keys(source, where, data["events" if events_mode else "table"],
-                       _EVENTS_KEYS if events_mode else _TABLE_KEYS)
+    head = _check_keys(
+        source, where, data["events" if events_mode else "table"], _EVENTS_KEYS if events_mode else _TABLE_KEYS
+    )
     return events_mode, where, head
 
 
-def _parse_labels(source: str, where: str, head: dict) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None,
-                                                                int | None]:
+def _parse_labels(
+    source: str, where: str, head: dict
+) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None, int | None]:
     """(positive, negative, other_label), checked for consistency between the two keys."""
     positive, negative, other_label = _label_values(source, where, head)
     if negative is not None and positive is None and other_label is None:
-        raise _fail(source, where, "declares 'negative' without 'positive'", "declare positive = \"<value>\" too")
+        raise _fail(source, where, "declares 'negative' without 'positive'", 'declare positive = "<value>" too')
     if positive and negative and set(positive) & set(negative):
         raise _fail(source, where, "lists a value in both 'positive' and 'negative'")
     return positive, negative, other_label
@@ -367,23 +398,29 @@ def _test_fraction(source: str, where: str, head: dict) -> Any:
 
 def _parse_events(source: str, where: str, head: dict) -> EventSpec:
     """The [events] section's sequence keys (time column, unit, range, max-length, label source)."""
-    time = _name(source, where, head, "time")
+    time = cast(str, _name(source, where, head, "time"))  # required: never None
     unit = head.get("time-unit", "days")
     if unit not in TIME_UNITS:
         raise _fail(source, where, f"has time-unit = {unit!r}", f"use one of: {', '.join(TIME_UNITS)}")
     if "time-range" not in head:
-        raise _fail(source, where, "needs 'time-range'",
-                    "the public range of years since a patient's first event, e.g. time-range = [0, 5]")
+        raise _fail(
+            source,
+            where,
+            "needs 'time-range'",
+            "the public range of years since a patient's first event, e.g. time-range = [0, 5]",
+        )
     max_length = head.get("max-length")
     if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
-        raise _fail(source, where, f"'max-length' = {max_length!r} must be a whole number >= 1",
-                    "the number of most recent events kept per patient, e.g. max-length = 16")
+        raise _fail(
+            source,
+            where,
+            f"'max-length' = {max_length!r} must be a whole number >= 1",
+            "the number of most recent events kept per patient, e.g. max-length = 16",
+        )
     label_source = head.get("label-source", "events")
     if label_source not in LABEL_SOURCES:
-        raise _fail(source, where, f"has label-source = {label_source!r}",
-                    f"use one of: {', '.join(LABEL_SOURCES)}")
-    return EventSpec(time, unit, _range(source, where, "time-range", head["time-range"]),
-                     max_length, label_source)
+        raise _fail(source, where, f"has label-source = {label_source!r}", f"use one of: {', '.join(LABEL_SOURCES)}")
+    return EventSpec(time, unit, _range(source, where, "time-range", head["time-range"]), max_length, label_source)
 
 
 def _parse_numeric(source: str, data: dict[str, Any], events_mode: bool) -> dict[str, NumericSpec]:
@@ -395,8 +432,14 @@ def _parse_numeric(source: str, data: dict[str, Any], events_mode: bool) -> dict
         if "range" not in spec:
             raise _fail(source, w, "needs 'range'", "declare the public plausible range, e.g. range = [0, 10]")
         lo, hi = _range(source, w, "range", spec["range"])
-        numeric[name] = NumericSpec(name, lo, hi, _text(source, w, spec, "unit"),
-                                    _missing(source, w, spec, events_mode), _text(source, w, spec, "description"))
+        numeric[name] = NumericSpec(
+            name,
+            lo,
+            hi,
+            _text(source, w, spec, "unit"),
+            _missing(source, w, spec, events_mode),
+            _text(source, w, spec, "description"),
+        )
     return numeric
 
 
@@ -404,7 +447,7 @@ def _levels(source: str, where: str, spec: dict) -> tuple[str, ...]:
     """A categorical column's 'levels' as canonical texts: non-empty, each listed once."""
     levels = spec.get("levels")
     if not isinstance(levels, list) or not levels:
-        raise _fail(source, where, "needs a non-empty 'levels' list", "e.g. levels = [\"F\", \"M\"]")
+        raise _fail(source, where, "needs a non-empty 'levels' list", 'e.g. levels = ["F", "M"]')
     if not all(isinstance(v, (str, int, bool)) for v in levels):
         raise _fail(source, where, "'levels' must be text, whole numbers or booleans")
     texts = tuple(level_text(v) for v in levels)
@@ -423,34 +466,47 @@ def _parse_categorical(source: str, data: dict[str, Any], events_mode: bool) -> 
         w = f"[categorical.{name}]"
         _check_keys(source, w, spec, _CATEGORICAL_KEYS)
         texts = _levels(source, w, spec)
-        categorical[name] = CategoricalSpec(name, texts, _missing(source, w, spec, events_mode),
-                                            _text(source, w, spec, "description"))
+        categorical[name] = CategoricalSpec(
+            name, texts, _missing(source, w, spec, events_mode), _text(source, w, spec, "description")
+        )
     return categorical
 
 
 def _check_features(source: str, numeric: dict[str, NumericSpec], categorical: dict[str, CategoricalSpec]) -> None:
     """At least one feature is declared, and no column is both numeric and categorical."""
     if not numeric and not categorical:
-        raise FedcareError(f"{source}: the schema declares no features",
-                           "add [numeric.<column>] or [categorical.<column>] sections")
+        raise FedcareError(
+            f"{source}: the schema declares no features", "add [numeric.<column>] or [categorical.<column>] sections"
+        )
     both = sorted(set(numeric) & set(categorical))
     if both:
-        raise FedcareError(f"{source}: column '{both[0]}' is declared both [numeric.{both[0]}] and "
-                           f"[categorical.{both[0]}]", "declare each column once")
+        raise FedcareError(
+            f"{source}: column '{both[0]}' is declared both [numeric.{both[0]}] and [categorical.{both[0]}]",
+            "declare each column once",
+        )
 
 
-def _check_roles(source: str, where: str, roles: dict[str, str | None], numeric: dict[str, NumericSpec],
-                 categorical: dict[str, CategoricalSpec]) -> None:
+def _check_roles(
+    source: str,
+    where: str,
+    roles: dict[str, str | None],
+    numeric: dict[str, NumericSpec],
+    categorical: dict[str, CategoricalSpec],
+) -> None:
     """The id, label and time columns are distinct and none of them is also a feature."""
     for role, col in roles.items():
         if col in numeric or col in categorical:
-            raise FedcareError(f"{source}: the {role} column '{col}' is also declared as a feature",
-                               f"remove [numeric.{col}] / [categorical.{col}]: the {role} is not an input")
+            raise FedcareError(
+                f"{source}: the {role} column '{col}' is also declared as a feature",
+                f"remove [numeric.{col}] / [categorical.{col}]: the {role} is not an input",
+            )
     used = list(roles.values())
     if len(set(used)) != len(used):
         listed = ", ".join(f"{role}={col}" for role, col in roles.items())
-        raise FedcareError(f"{source}: {where} uses one column for two roles ({listed})",
-                           "id, label and time must be different columns")
+        raise FedcareError(
+            f"{source}: {where} uses one column for two roles ({listed})",
+            "id, label and time must be different columns",
+        )
 
 
 def _check_encoded_names(source: str, schema: EhrSchema) -> None:
@@ -458,29 +514,40 @@ def _check_encoded_names(source: str, schema: EhrSchema) -> None:
     names = schema.feature_names
     clash = sorted({n for n in names if names.count(n) > 1})
     if clash:
-        raise FedcareError(f"{source}: encoded feature name '{clash[0]}' would occur twice",
-                           "rename the column or level so one-hot (col=level) and indicator (col:missing) "
-                           f"names stay distinct; '{TIME_FEATURE}' is reserved in [events] schemas")
+        raise FedcareError(
+            f"{source}: encoded feature name '{clash[0]}' would occur twice",
+            "rename the column or level so one-hot (col=level) and indicator (col:missing) "
+            f"names stay distinct; '{TIME_FEATURE}' is reserved in [events] schemas",
+        )
 
 
 def _parse(data: dict[str, Any], source: str) -> EhrSchema:
     events_mode, where, head = _parse_head(source, data)
-    id_col = _name(source, where, head, "id")
-    label = _name(source, where, head, "label")
+    id_col = cast(str, _name(source, where, head, "id"))  # required: never None
+    label = cast(str, _name(source, where, head, "label"))
     positive, negative, other_label = _parse_labels(source, where, head)
     fraction = _test_fraction(source, where, head)
     event_spec = _parse_events(source, where, head) if events_mode else None
     numeric = _parse_numeric(source, data, events_mode)
     categorical = _parse_categorical(source, data, events_mode)
     _check_features(source, numeric, categorical)
-    roles = {"id": id_col, "label": label}
+    roles: dict[str, str | None] = {"id": id_col, "label": label}
     if event_spec is not None:
         roles["time"] = event_spec.time
     _check_roles(source, where, roles, numeric, categorical)
 
-    schema = EhrSchema(source=source, id=id_col, label=label, positive=positive, negative=negative,
-                       other_label=other_label,
-                       test_fraction=float(fraction), numeric=numeric, categorical=categorical,
-                       events=event_spec, raw=data)
+    schema = EhrSchema(
+        source=source,
+        id=id_col,
+        label=label,
+        positive=positive,
+        negative=negative,
+        other_label=other_label,
+        test_fraction=float(fraction),
+        numeric=numeric,
+        categorical=categorical,
+        events=event_spec,
+        raw=data,
+    )
     _check_encoded_names(source, schema)
     return schema

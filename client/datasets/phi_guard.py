@@ -69,8 +69,10 @@ def phi_findings(ds, strict: bool = False, retain: Iterable[str] = ()) -> list[s
     if unknown:
         from fedcare.errors import FedcareError
 
-        raise FedcareError(f"unknown de-identification option(s): {', '.join(sorted(unknown))}",
-                           f"choose from: {', '.join(RETAIN_OPTIONS)}")
+        raise FedcareError(
+            f"unknown de-identification option(s): {', '.join(sorted(unknown))}",
+            f"choose from: {', '.join(RETAIN_OPTIONS)}",
+        )
     from client.datasets.dicom_reader import quiet_pydicom
 
     rules = profile()
@@ -80,7 +82,7 @@ def phi_findings(ds, strict: bool = False, retain: Iterable[str] = ()) -> list[s
             _scan(ds, rules, retain, found, depth=0, encodings=["ascii"])
         except RecursionError:
             found.add(f"header ({NOT_INSPECTED}: nested too deeply to parse)")
-        except Exception as exc:  # noqa: BLE001 - whatever stopped the scan, the file was not fully read
+        except Exception as exc:  # whatever stopped the scan, the file was not fully read
             found.add(f"header ({NOT_INSPECTED}: {type(exc).__name__})")
         if strict and _BURNED_IN_TAG not in ds:
             found.add(BURNED_IN_ABSENT)
@@ -207,7 +209,7 @@ def _is_empty(ds, tag: int) -> bool:
 
     try:
         elem = ds.get_item(tag)
-    except Exception:  # noqa: BLE001 - unreadable: cannot be shown empty
+    except Exception:  # unreadable: cannot be shown empty
         return False
     if isinstance(elem, RawDataElement):
         if elem.length == 0:
@@ -218,8 +220,10 @@ def _is_empty(ds, tag: int) -> bool:
     value = elem.value
     if value is None:
         return True
-    if isinstance(value, (str, bytes)):
-        return value.strip(" \x00" if isinstance(value, str) else b" \x00") == ("" if isinstance(value, str) else b"")
+    if isinstance(value, str):
+        return value.strip(" \x00") == ""
+    if isinstance(value, bytes):
+        return value.strip(b" \x00") == b""
     try:
         return len(value) == 0
     except TypeError:
@@ -257,5 +261,5 @@ def _sequence_items(ds, tag: int) -> list:
         raise
     except RecursionError:
         raise _NotInspected("sequence nested too deeply to parse") from None
-    except Exception:  # noqa: BLE001 - an unreadable sequence: its items may hold anything
+    except Exception:  # an unreadable sequence: its items may hold anything
         raise _NotInspected("sequence cannot be parsed") from None

@@ -44,5 +44,7 @@ def warn_once(project: str, message: str, logger: str = "fedcare") -> bool:
 
 def unverified_message(project: str, verified: str, found: str, fallback: str) -> str:
     """The one warning for ``project`` found at version ``found`` where fedcare verified ``verified``."""
-    return (f"fedcare: its use of {project} internals is verified on {project} {verified}, this is {project} "
-            f"{found}: {fallback}")
+    return (
+        f"fedcare: its use of {project} internals is verified on {project} {verified}, this is {project} "
+        f"{found}: {fallback}"
+    )

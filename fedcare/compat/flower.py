@@ -44,10 +44,10 @@ from pathlib import Path
 from fedcare.compat import unverified_message, warn_once
 
 PATCHED_FLOWER = "1.41.0"
-FLOWER_IDLE_POLL_S = 3.0      # start_client_internal: time.sleep(3) when no message was pulled
-FLOWER_REPLY_POLL_S = 0.5     # start_client_internal: time.sleep(0.5) while waiting for the reply / its objects
+FLOWER_IDLE_POLL_S = 3.0  # start_client_internal: time.sleep(3) when no message was pulled
+FLOWER_REPLY_POLL_S = 0.5  # start_client_internal: time.sleep(0.5) while waiting for the reply / its objects
 REPLY_POLL_S = 0.02
-ACTIVE_WINDOW_S = 120.0       # a node that got a message this recently polls fast
+ACTIVE_WINDOW_S = 120.0  # a node that got a message this recently polls fast
 PULL_INITIAL_BACKOFF_S = 0.02
 
 
@@ -58,9 +58,11 @@ def flower_version() -> str:
     return str(version.package_version)
 
 
-UNVERIFIED_FALLBACK = ("fedcare keeps Flower's own behaviour: its polling and object-pull timing, its FAB install, "
-                      "its own executor with a fresh ClientApp process per message (no warm executor), its FAB "
-                      "build; FAB approval cannot be hooked, so a node with approval on does not start")
+UNVERIFIED_FALLBACK = (
+    "fedcare keeps Flower's own behaviour: its polling and object-pull timing, its FAB install, "
+    "its own executor with a fresh ClientApp process per message (no warm executor), its FAB "
+    "build; FAB approval cannot be hooked, so a node with approval on does not start"
+)
 
 
 def flower_verified() -> bool:
@@ -151,7 +153,7 @@ def patch_supernode_polling(poll_s: float) -> bool:
     clock = _PromptClock(poll_s)
     if not on_message_stored(clock.message_stored):
         return False
-    loop.time = clock
+    loop.time = clock  # type: ignore[assignment]  # Flower's module-level clock, replaced on purpose
     return True
 
 
@@ -181,14 +183,16 @@ def reuse_installed_fab() -> bool:
         return install(fab_file, install_dir=install_dir, skip_prompt=skip_prompt)
 
     if guard is not None:
-        guard.install = install_unless_installed    # the FAB check stays in front of the shortcut
+        guard.install = install_unless_installed  # the FAB check stays in front of the shortcut
     else:
         runtime.install_from_fab = install_unless_installed
     return True
 
 
-FAB_GUARD_REFUSAL = ("fedcare's FAB approval is written for Flower {wanted}, this is Flower {found}: "
-                     "this node runs no ClientApp rather than unchecked code")
+FAB_GUARD_REFUSAL = (
+    "fedcare's FAB approval is written for Flower {wanted}, this is Flower {found}: "
+    "this node runs no ClientApp rather than unchecked code"
+)
 
 
 def fab_guard_supported() -> bool:
@@ -197,8 +201,9 @@ def fab_guard_supported() -> bool:
         return False
     from flwr.supernode.runtime import run_clientapp as runtime
 
-    return all(callable(getattr(runtime, name, None)) for name in ("pull_task_input", "install_from_fab",
-                                                                    "run_clientapp"))
+    return all(
+        callable(getattr(runtime, name, None)) for name in ("pull_task_input", "install_from_fab", "run_clientapp")
+    )
 
 
 class _FabGuard:
@@ -230,8 +235,10 @@ class _FabGuard:
         digest = hashlib.sha256(fab_file).hexdigest() if isinstance(fab_file, bytes) else "?"
         try:
             if task is None or not isinstance(fab_file, bytes) or task[1].content is not fab_file:
-                raise RuntimeError(f"refused to install FAB sha256:{digest} outside a pulled ClientApp task: "
-                                   "only Flower's run_clientapp installs FABs on this node")
+                raise RuntimeError(
+                    f"refused to install FAB sha256:{digest} outside a pulled ClientApp task: "
+                    "only Flower's run_clientapp installs FABs on this node"
+                )
             run, fab = task
             self.check(fab_file, claimed_digest=fab.hash_str, app_id=run.fab_id, app_version=run.fab_version)
         except Exception as exc:
@@ -271,7 +278,7 @@ def build_fab(app_dir: Path) -> tuple[bytes, str | None]:
     the files ``fab-include`` selects (plus pyproject.toml and .gitignore), which gives the bytes Flower
     would build once that tree is excluded; the note then says `flwr run` itself will stop there.
     """
-    flower_verified()   # another Flower: a warning, then this Flower's own build function
+    flower_verified()  # another Flower: a warning, then this Flower's own build function
     import tomllib
 
     from flwr.cli.build import build_fab_from_disk, build_fab_from_files
@@ -286,8 +293,11 @@ def build_fab(app_dir: Path) -> tuple[bytes, str | None]:
         if not include:
             raise
         spec = build_pathspec(include)
-        files = {path: file for path, file in collect_files(app_dir).items()
-                 if path in ("pyproject.toml", ".gitignore") or spec.match_file(path)}
+        files = {
+            path: file
+            for path, file in collect_files(app_dir).items()
+            if path in ("pyproject.toml", ".gitignore") or spec.match_file(path)
+        }
         return build_fab_from_files(files)[0], str(exc)
 
 
@@ -322,8 +332,11 @@ def clientapp_task_acquirer(runtime_api_address: str):
     from flwr.supercore.runtime import RuntimeHttpClient
 
     client = RuntimeHttpClient.from_server_address(
-        server_address=runtime_api_address, insecure=True, root_certificates=None,
-        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")])
+        server_address=runtime_api_address,
+        insecure=True,
+        root_certificates=None,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
+    )
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
     return (lambda: client.AcquireTask(request)), httpx.TransportError
 
@@ -332,8 +345,14 @@ def run_clientapp_task(runtime_api_address: str, token: str, parent_pid: int) ->
     """Run one task exactly as `flwr-clientapp --token` does (Flower's ``run_clientapp``; it ends with SystemExit)."""
     from flwr.supernode.runtime import run_clientapp as runtime
 
-    runtime.run_clientapp(runtime_api_address=runtime_api_address, token=token, insecure=True,
-                          certificates=None, parent_pid=parent_pid, runtime_dependency_install=False)
+    runtime.run_clientapp(
+        runtime_api_address=runtime_api_address,
+        token=token,
+        insecure=True,
+        certificates=None,
+        parent_pid=parent_pid,
+        runtime_dependency_install=False,
+    )
 
 
 def time_clientapp_steps(trace) -> None:
@@ -348,6 +367,7 @@ def time_clientapp_steps(trace) -> None:
                 return function(*args, **kwargs)
             finally:
                 trace("clientapp-step", step=name, start=started)
+
         return wrapper
 
     runtime.pull_task_input = timed("pull-task-input", runtime.pull_task_input)

@@ -44,9 +44,11 @@ def require_verified(what: str) -> None:
     """Refuse ``what`` (which has no public fallback) on any Opacus but the verified one."""
     found = opacus_version()
     if found != VERIFIED_OPACUS:
-        raise FedcareError(f"{what} uses Opacus internals verified on Opacus {VERIFIED_OPACUS}, this is Opacus {found}",
-                           f"install opacus=={VERIFIED_OPACUS} (the version fedcare pins), or build the optimizer "
-                           "with client.dp_optimizer.make_dp_optimizer (Opacus's public step on other versions)")
+        raise FedcareError(
+            f"{what} uses Opacus internals verified on Opacus {VERIFIED_OPACUS}, this is Opacus {found}",
+            f"install opacus=={VERIFIED_OPACUS} (the version fedcare pins), or build the optimizer "
+            "with client.dp_optimizer.make_dp_optimizer (Opacus's public step on other versions)",
+        )
 
 
 def check_processed_flag(tensor) -> None:

@@ -27,9 +27,11 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from fedcare.compat import installed_version, unverified_message, warn_once
 
-VERIFIED_TORCH = "2.13"   # any 2.13.x release (local builds: "2.13.0+cpu", "2.13.1+cu128", ...)
-FALLBACK = ("per-sample clipping uses torch.autograd.grad, get_gradient_edge and a fresh gradient buffer per step "
-            "(the same sums, slower)")
+VERIFIED_TORCH = "2.13"  # any 2.13.x release (local builds: "2.13.0+cpu", "2.13.1+cu128", ...)
+FALLBACK = (
+    "per-sample clipping uses torch.autograd.grad, get_gradient_edge and a fresh gradient buffer per step "
+    "(the same sums, slower)"
+)
 
 
 def torch_version() -> str:

@@ -14,8 +14,18 @@ from pathlib import Path
 
 import numpy as np
 
-from audit.audit_log import (AuditLog, BudgetRecord, DPParams, RefusalRecord, ReleaseRecord, SecAggInfo,
-                             ServerRoundRecord, ServerRunRecord, UnmaskRecord, digest_arrays)
+from audit.audit_log import (
+    AuditLog,
+    BudgetRecord,
+    DPParams,
+    RefusalRecord,
+    ReleaseRecord,
+    SecAggInfo,
+    ServerRoundRecord,
+    ServerRunRecord,
+    UnmaskRecord,
+    digest_arrays,
+)
 from audit.signing import load_or_create_key
 from client.privacy_ledger import PrivacyLedger
 
@@ -35,18 +45,27 @@ class Federation:
     server_log: Path | None = None
     ledger_dir: Path | None = None
     final_epsilon: dict[str, float] = field(default_factory=dict)
-    stats_sent: dict[str, str] = field(default_factory=dict)   # hospital -> digest of its paid statistics answer
+    stats_sent: dict[str, str] = field(default_factory=dict)  # hospital -> digest of its paid statistics answer
 
     @property
     def logs(self) -> list[Path]:
         return [*self.node_logs.values(), self.server_log]
 
 
-def build_federation(root: Path, *, claim: Callable[[str, int, float], float] = lambda h, r, e: e,
-                     skip_release: tuple[str, int] | None = None, hide_from_server: tuple[str, int] | None = None,
-                     run_id: str = RUN, reuse: Federation | None = None, sign_budget: bool = True,
-                     server_stops_after: int | None = None, resend_stats: Callable[[str], str] | None = None,
-                     first_round: int = 1, resumed_from: str | None = None) -> Federation:
+def build_federation(
+    root: Path,
+    *,
+    claim: Callable[[str, int, float], float] = lambda h, r, e: e,
+    skip_release: tuple[str, int] | None = None,
+    hide_from_server: tuple[str, int] | None = None,
+    run_id: str = RUN,
+    reuse: Federation | None = None,
+    sign_budget: bool = True,
+    server_stops_after: int | None = None,
+    resend_stats: Callable[[str], str] | None = None,
+    first_round: int = 1,
+    resumed_from: str | None = None,
+) -> Federation:
     """A 3-hospital, 3-round DP run with secure aggregation; Switzerland refuses round 3.
 
     ``sign_budget``: each hospital signs its ledger's initial budget (as ``client/ledger_guard.py``
@@ -62,14 +81,28 @@ def build_federation(root: Path, *, claim: Callable[[str, int, float], float] = 
     fed.node_logs = {h: log.path for h, log in nodes.items()}
     rng = np.random.default_rng(7)
     model = {"net.0.weight": rng.normal(size=(8, 4)).astype(np.float32), "net.0.bias": np.zeros(8, np.float32)}
-    for _ in range(first_round - 1):   # a resumed run starts from the checkpoint's model
+    for _ in range(first_round - 1):  # a resumed run starts from the checkpoint's model
         model = {k: v + 0.01 for k, v in model.items()}
     app = "a" * 64
-    server.run(ServerRunRecord(run_id, {"resumed-from": resumed_from,
-                                        "dp": True, "target-epsilon": 1.0, "delta": DELTA, "max-grad-norm": 1.0,
-                                  "secure-aggregation": True, "secagg-threshold": 2, "strategy": "fedavg",
-                                  "num-rounds": ROUNDS, "tls": True, "node-auth": True},
-                         initial_model_digest=digest_arrays(model)))
+    server.run(
+        ServerRunRecord(
+            run_id,
+            {
+                "resumed-from": resumed_from,
+                "dp": True,
+                "target-epsilon": 1.0,
+                "delta": DELTA,
+                "max-grad-norm": 1.0,
+                "secure-aggregation": True,
+                "secagg-threshold": 2,
+                "strategy": "fedavg",
+                "num-rounds": ROUNDS,
+                "tls": True,
+                "node-auth": True,
+            },
+            initial_model_digest=digest_arrays(model),
+        )
+    )
     ledgers, steps = {}, {}
     for h, n in HOSPITALS.items():
         fp = hashlib.sha256(h.encode()).hexdigest()
@@ -78,15 +111,38 @@ def build_federation(root: Path, *, claim: Callable[[str, int, float], float] = 
         if reuse is None:
             sums = {"sum": rng.normal(size=5)}
             fed.stats_sent[h] = digest_arrays(sums)
-            eps = ledgers[h].record(run_id, 0, "feature-stats", [(STATS_SIGMA, 1.0, 1)],
-                                    stats_key="k", values={"sum": sums["sum"].tolist()})
-            nodes[h].release(ReleaseRecord(run_id, 0, "feature-stats", app, fp, "", digest_arrays(sums),
-                                           DPParams(STATS_SIGMA, 1.0, 1, None, DELTA),
-                                           claim(h, 0, eps), SecAggInfo("plain")))
-        elif resend_stats is not None:   # post-processing: the stored answer again, zero steps, not in the ledger
-            nodes[h].release(ReleaseRecord(run_id, 0, "feature-stats", app, fp, "", resend_stats(fed.stats_sent[h]),
-                                           DPParams(STATS_SIGMA, 1.0, 0, None, DELTA), ledgers[h].epsilon(),
-                                           SecAggInfo("plain")))
+            eps = ledgers[h].record(
+                run_id, 0, "feature-stats", [(STATS_SIGMA, 1.0, 1)], stats_key="k", values={"sum": sums["sum"].tolist()}
+            )
+            nodes[h].release(
+                ReleaseRecord(
+                    run_id,
+                    0,
+                    "feature-stats",
+                    app,
+                    fp,
+                    "",
+                    digest_arrays(sums),
+                    DPParams(STATS_SIGMA, 1.0, 1, None, DELTA),
+                    claim(h, 0, eps),
+                    SecAggInfo("plain"),
+                )
+            )
+        elif resend_stats is not None:  # post-processing: the stored answer again, zero steps, not in the ledger
+            nodes[h].release(
+                ReleaseRecord(
+                    run_id,
+                    0,
+                    "feature-stats",
+                    app,
+                    fp,
+                    "",
+                    resend_stats(fed.stats_sent[h]),
+                    DPParams(STATS_SIGMA, 1.0, 0, None, DELTA),
+                    ledgers[h].epsilon(),
+                    SecAggInfo("plain"),
+                )
+            )
     for rnd in range(first_round, ROUNDS + 1):
         sampled = list(HOSPITALS)
         responded, refused = [], {}
@@ -97,14 +153,25 @@ def build_federation(root: Path, *, claim: Callable[[str, int, float], float] = 
                 refused[h] = reason
                 continue
             entries = [(TRAIN_SIGMA, 1.0 / steps[h], steps[h])]
-            eps = ledgers[h].record(run_id, rnd, "train", entries, noise_multiplier=TRAIN_SIGMA,
-                                    max_grad_norm=MAX_GRAD_NORM)
+            eps = ledgers[h].record(
+                run_id, rnd, "train", entries, noise_multiplier=TRAIN_SIGMA, max_grad_norm=MAX_GRAD_NORM
+            )
             if skip_release != (h, rnd):
                 masked = {"masked": rng.integers(0, 2**63, size=40, dtype=np.uint64)}
-                nodes[h].release(ReleaseRecord(
-                    run_id, rnd, "train", app, hashlib.sha256(h.encode()).hexdigest(), digest_arrays(model),
-                    digest_arrays(masked), DPParams.from_entries(entries, MAX_GRAD_NORM, DELTA), claim(h, rnd, eps),
-                    SecAggInfo("masked", sorted(NODE_IDS.values()), 2)))
+                nodes[h].release(
+                    ReleaseRecord(
+                        run_id,
+                        rnd,
+                        "train",
+                        app,
+                        hashlib.sha256(h.encode()).hexdigest(),
+                        digest_arrays(model),
+                        digest_arrays(masked),
+                        DPParams.from_entries(entries, MAX_GRAD_NORM, DELTA),
+                        claim(h, rnd, eps),
+                        SecAggInfo("masked", sorted(NODE_IDS.values()), 2),
+                    )
+                )
             if hide_from_server != (h, rnd):
                 responded.append(h)
         survivors = [NODE_IDS[h] for h in responded]
@@ -112,9 +179,21 @@ def build_federation(root: Path, *, claim: Callable[[str, int, float], float] = 
             nodes[h].unmask(UnmaskRecord(run_id, rnd, survivors, []))
         model = {k: v + 0.01 for k, v in model.items()}
         if server_stops_after is not None and rnd > server_stops_after:
-            continue   # the coordinator's host died before it logged this round
-        server.round(ServerRoundRecord(run_id, rnd, "fedavg", sampled, responded, {}, refused, digest_arrays(model),
-                                 {"threshold": 2, "survivors": survivors}, "c" * 64))
+            continue  # the coordinator's host died before it logged this round
+        server.round(
+            ServerRoundRecord(
+                run_id,
+                rnd,
+                "fedavg",
+                sampled,
+                responded,
+                {},
+                refused,
+                digest_arrays(model),
+                {"threshold": 2, "survivors": survivors},
+                "c" * 64,
+            )
+        )
     if reuse is None and sign_budget:
         # the ledgers' signed budget (a real node signs it first; last here, so the tests' line numbers hold)
         for h in HOSPITALS:

@@ -12,7 +12,7 @@ from torch import nn
 from client.per_sample_clipping import PerSampleClipper
 from shared_models.registry import build_model
 
-C = 1.0   # the clip norm every case uses
+C = 1.0  # the clip norm every case uses
 
 
 def reference_clipped_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
@@ -21,7 +21,7 @@ def reference_clipped_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor) ->
     total = [torch.zeros_like(p) for p in params]
     for i in range(len(y)):
         model.zero_grad(set_to_none=True)
-        nn.functional.binary_cross_entropy_with_logits(model(x[i:i + 1]), y[i:i + 1], reduction="sum").backward()
+        nn.functional.binary_cross_entropy_with_logits(model(x[i : i + 1]), y[i : i + 1], reduction="sum").backward()
         grads = [p.grad.detach().clone() for p in params]
         norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
         coef = (C / (norm + 1e-6)).clamp(max=1.0)
@@ -54,9 +54,17 @@ CASES = {
     "mlp": lambda: (build_model("mlp", 7, hidden_units=16), torch.randn(12, 7, dtype=torch.float64) * 3),
     "cnn": lambda: (build_model("cnn", (1, 16, 16)), torch.randn(6, 1, 16, 16, dtype=torch.float64)),
     "cnn-rgb": lambda: (build_model("cnn", (3, 8, 8)), torch.randn(5, 3, 8, 8, dtype=torch.float64)),
-    "conv-strided": lambda: (nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, dilation=2, padding=1), nn.GroupNorm(1, 3),
-                                           nn.ReLU(), nn.Flatten(), nn.Linear(48, 1), nn.Flatten(0)),
-                             torch.randn(5, 2, 9, 9, dtype=torch.float64)),
+    "conv-strided": lambda: (
+        nn.Sequential(
+            nn.Conv2d(2, 3, 3, stride=2, dilation=2, padding=1),
+            nn.GroupNorm(1, 3),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(48, 1),
+            nn.Flatten(0),
+        ),
+        torch.randn(5, 2, 9, 9, dtype=torch.float64),
+    ),
     "gru": lambda: (build_model("gru", (6, 5)), _sequences(9, 6, 4)),
     "gru-long": lambda: (build_model("gru", (40, 3)), _sequences(4, 40, 2)),  # more steps than weights
     # enough samples x steps that the (T, T) Gram products are taken a chunk of samples at a time
@@ -64,8 +72,9 @@ CASES = {
 }
 
 
-def dp_step(optimizer: torch.optim.Optimizer, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-            flat: bool = True) -> list[torch.Tensor]:
+def dp_step(
+    optimizer: torch.optim.Optimizer, model: nn.Module, x: torch.Tensor, y: torch.Tensor, flat: bool = True
+) -> list[torch.Tensor]:
     """One DP-SGD step through fedcare's clipper; returns the clipped sums it started from.
 
     ``flat=False`` gives the gradients separate tensors (Opacus's own per-parameter path).

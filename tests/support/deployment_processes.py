@@ -6,6 +6,7 @@ file, and stopped by PID through that group, so nothing outlives a test. Waits a
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import ipaddress
 import json
@@ -54,7 +55,7 @@ class TlsStandIn:
         while True:
             try:
                 connection, _ = self.listener.accept()
-            except OSError:              # closed: the test is done
+            except OSError:  # closed: the test is done
                 return
             with connection:
                 connection.settimeout(10)
@@ -64,10 +65,10 @@ class TlsStandIn:
                     else:
                         with self.context.wrap_socket(connection, server_side=True):
                             pass
-                except OSError:          # the client refused the certificate, or hung up
+                except OSError:  # the client refused the certificate, or hung up
                     pass
 
-    def __enter__(self) -> "TlsStandIn":
+    def __enter__(self) -> TlsStandIn:
         self.thread.start()
         return self
 
@@ -81,10 +82,22 @@ def stock_superlink_command(files: DeploymentFiles, executable: str = "flower-su
     """Flower's own `flower-superlink` as fedcare started it before its launcher: Fleet, Control and Runtime APIs
     on the one public port (TLS, node authentication). The baseline the control-plane attacks are checked against."""
     host, port = split_address(files.superlink_address)
-    return [executable, "--ssl-ca-certfile", str(files.ca_certificate), "--ssl-certfile", str(files.server_certificate),
-            "--ssl-keyfile", str(files.server_key), "--enable-supernode-auth", "--host", host, "--port", str(port),
-            *(["--database", str(files.database)] if files.database is not None else []),
-            "--disable-runtime-dependency-installation"]
+    return [
+        executable,
+        "--ssl-ca-certfile",
+        str(files.ca_certificate),
+        "--ssl-certfile",
+        str(files.server_certificate),
+        "--ssl-keyfile",
+        str(files.server_key),
+        "--enable-supernode-auth",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        *(["--database", str(files.database)] if files.database is not None else []),
+        "--disable-runtime-dependency-installation",
+    ]
 
 
 def listening_addresses(pids: list[int]) -> set[tuple[str, int]]:
@@ -93,31 +106,35 @@ def listening_addresses(pids: list[int]) -> set[tuple[str, int]]:
     for pid in pids:
         try:
             links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
-        except OSError:   # the process is gone (or a descriptor closed meanwhile)
+        except OSError:  # the process is gone (or a descriptor closed meanwhile)
             continue
         inodes |= {link[8:-1] for link in links if link.startswith("socket:[")}
     found = set()
     for table, width in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
-            if fields[3] != "0A" or fields[9] not in inodes:        # 0A: LISTEN
+            if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN
                 continue
             address, port = fields[1].split(":")
-            raw = b"".join(bytes.fromhex(address[i:i + 8])[::-1] for i in range(0, len(address), 8))
+            raw = b"".join(bytes.fromhex(address[i : i + 8])[::-1] for i in range(0, len(address), 8))
             found.add((str(ipaddress.ip_address(raw[:width])), int(port, 16)))
     return found
 
 
-def https_status(port: int, method: str, target: str, ca: Path, headers: dict[str, str] | None = None,
-                 body: bytes = b"") -> int:
+def https_status(
+    port: int, method: str, target: str, ca: Path, headers: dict[str, str] | None = None, body: bytes = b""
+) -> int:
     """Send one request with ``target`` exactly as given (no normalising) over TLS to 127.0.0.1:``port``,
     verifying the server against ``ca``; return the HTTP status."""
     context = ssl.create_default_context(cafile=str(ca))
     connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=60)
     try:
         connection.putrequest(method, target, skip_accept_encoding=True)
-        for name, value in {"content-type": "application/protobuf", "content-length": str(len(body)),
-                            **(headers or {})}.items():
+        for name, value in {
+            "content-type": "application/protobuf",
+            "content-length": str(len(body)),
+            **(headers or {}),
+        }.items():
             connection.putheader(name, value)
         connection.endheaders(body)
         response = connection.getresponse()
@@ -145,7 +162,7 @@ def stop(proc: subprocess.Popen) -> None:
     Processes it started in groups of their own (the SuperLink's SuperExec and the ServerApps under it) are
     given 10 s to follow their parent out, as Flower makes them, then killed by group.
     """
-    others = child_groups(proc.pid) if proc.poll() is None else []   # (a reaped PID may be reused)
+    others = child_groups(proc.pid) if proc.poll() is None else []  # (a reaped PID may be reused)
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -154,10 +171,8 @@ def stop(proc: subprocess.Popen) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     else:  # the leader exited; make sure no child of its group is left behind
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     deadline = time.monotonic() + 10
     while any(group_members(g) for g in others) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -183,10 +198,8 @@ def kill_group(proc: subprocess.Popen, timeout: float = 30) -> list[int]:
 
 
 def _killpg(group: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(group, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _proc_stat(pid: int) -> tuple[str, int, int] | None:
@@ -195,7 +208,7 @@ def _proc_stat(pid: int) -> tuple[str, int, int] | None:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    state, ppid, pgrp = stat[stat.rindex(")") + 2:].split()[:3]
+    state, ppid, pgrp = stat[stat.rindex(")") + 2 :].split()[:3]
     return state, int(ppid), int(pgrp)
 
 
@@ -243,8 +256,13 @@ def hospital_settings(files: DeploymentFiles, index: int, partition: int, ledger
 
 def deployment_env(files: DeploymentFiles, **extra: str) -> dict[str, str]:
     """The environment of every process: loopback-only, no telemetry, the deployment's FLWR_HOME."""
-    return {**os.environ, **SAFE_ENVIRONMENT, "FLWR_HOME": str(files.flwr_home),
-            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **extra}   # flower-superexec must be on PATH
+    return {
+        **os.environ,
+        **SAFE_ENVIRONMENT,
+        "FLWR_HOME": str(files.flwr_home),
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        **extra,
+    }  # flower-superexec must be on PATH
 
 
 class Processes:
@@ -259,14 +277,21 @@ class Processes:
     def start(self, name: str, command: list[str]) -> tuple[subprocess.Popen, Path]:
         log = self.logs / f"{name}.log"
         with open(log, "a") as out:
-            proc = subprocess.Popen(command, cwd=ROOT if command[0] == sys.executable else self.tmp_path,
-                                    env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                command,
+                cwd=ROOT if command[0] == sys.executable else self.tmp_path,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.procs.append(proc)
         return proc, log
 
     def flwr(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "flwr"), *args], cwd=ROOT, env=self.env, capture_output=True, text=True,
-                              timeout=300)
+        return subprocess.run(
+            [str(BIN / "flwr"), *args], cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=300
+        )
 
     def stop_all(self) -> None:
         for proc in reversed(self.procs):
@@ -290,9 +315,16 @@ def run_status(flwr: Callable[..., subprocess.CompletedProcess], connection: str
     return runs[0]["status"].lower() if runs else ""
 
 
-def wait_for_run(flwr: Callable[..., subprocess.CompletedProcess], connection: str, run_id: str,
-                 nodes: list[tuple[subprocess.Popen, Path]], timeout: float = HANG_GUARD_S,
-                 poll_s: float = 5, done: Callable[[], bool] | None = None, fallback_s: float = 20) -> str:
+def wait_for_run(
+    flwr: Callable[..., subprocess.CompletedProcess],
+    connection: str,
+    run_id: str,
+    nodes: list[tuple[subprocess.Popen, Path]],
+    timeout: float = HANG_GUARD_S,
+    poll_s: float = 5,
+    done: Callable[[], bool] | None = None,
+    fallback_s: float = 20,
+) -> str:
     """Poll `flwr ls` until the run finished (its status returned); every SuperNode in ``nodes`` must stay up.
 
     Each `flwr` call costs ~2 s of CPU (imports), which slows a run on a 2-core machine: with ``done`` (a cheap

@@ -18,15 +18,21 @@ RUN_ID = 4242
 class InProcessGrid:
     """Routes each message to the ClientApp of its node, like a SuperLink would."""
 
-    def __init__(self, node_configs: dict[int, dict], run_config: dict | None = None, run_id: int = RUN_ID,
-                 reproducible_noise: int | None = None):
+    def __init__(
+        self,
+        node_configs: dict[int, dict],
+        run_config: dict | None = None,
+        run_id: int = RUN_ID,
+        reproducible_noise: int | None = None,
+    ):
         # reproducible_noise: every hospital's noise and batches keyed from this seed (comparisons of two runs)
         defaults = {SIMULATED_CONSORTIUM: str(next(iter(node_configs.values()))["ledger-dir"]) + "/consortium"}
         if reproducible_noise is not None:
             defaults[REPRODUCIBLE_NOISE] = reproducible_noise
         self.app = make_client_app(defaults)
-        self.contexts = {n: Context(run_id, n, cfg, RecordDict(), dict(run_config or {}))
-                         for n, cfg in node_configs.items()}
+        self.contexts = {
+            n: Context(run_id, n, cfg, RecordDict(), dict(run_config or {})) for n, cfg in node_configs.items()
+        }
 
     def get_node_ids(self):
         return list(self.contexts)
@@ -52,5 +58,13 @@ PERMISSIVE = {"require-dp": False, "require-secure-aggregation": False, "min-hos
 
 def node_configs(tmp_path, budgets, **policy) -> dict[int, dict]:
     """Node configs of len(budgets) Fed-Heart-Disease hospitals sharing one ledger folder, PERMISSIVE unless ``policy``."""
-    return {100 + i: {"partition-id": i, "ledger-dir": str(tmp_path / "ledgers"), "epsilon-budget": b,
-                      **PERMISSIVE, **policy} for i, b in enumerate(budgets)}
+    return {
+        100 + i: {
+            "partition-id": i,
+            "ledger-dir": str(tmp_path / "ledgers"),
+            "epsilon-budget": b,
+            **PERMISSIVE,
+            **policy,
+        }
+        for i, b in enumerate(budgets)
+    }

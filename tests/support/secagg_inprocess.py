@@ -40,10 +40,20 @@ class Federation:
         return SecAggNode(state_path(self.state_dir, self.run_id, nid), self.consortium)
 
 
-def setup(state_dir: Path, run_id: RunId, threshold: int, neighbours: int, node_ids: Sequence[int],
-          vector_length: int, consortium: Consortium, after_advertise: Collection[int] = ()) -> Federation:
+def setup(
+    state_dir: Path,
+    run_id: RunId,
+    threshold: int,
+    neighbours: int,
+    node_ids: Sequence[int],
+    vector_length: int,
+    consortium: Consortium,
+    after_advertise: Collection[int] = (),
+) -> Federation:
     """Run the two setup exchanges; nodes in ``after_advertise`` vanish before sharing keys."""
-    fed = Federation(state_dir, run_id, consortium, SecAggServer(run_id, threshold, neighbours, node_ids, vector_length))
+    fed = Federation(
+        state_dir, run_id, consortium, SecAggServer(run_id, threshold, neighbours, node_ids, vector_length)
+    )
     for nid in node_ids:
         ad = fed.node(nid).advertise(run_id, nid, name_of(nid), threshold, neighbours, list(node_ids))
         fed.server.add_advertisement(nid, ad)
@@ -54,8 +64,9 @@ def setup(state_dir: Path, run_id: RunId, threshold: int, neighbours: int, node_
     return fed
 
 
-def mask_step(fed: Federation, round_: int, inputs: Mapping[int, np.ndarray],
-              silent: Collection[int] = ()) -> dict[int, dict[str, Any]]:
+def mask_step(
+    fed: Federation, round_: int, inputs: Mapping[int, np.ndarray], silent: Collection[int] = ()
+) -> dict[int, dict[str, Any]]:
     """Start the round and deliver every active, non-silent node's masked reply; returns the requests."""
     requests = fed.server.start_round(round_)
     for nid, req in requests.items():
@@ -80,13 +91,19 @@ def unmask_step(fed: Federation, round_: int, mute: Collection[int] = ()) -> dic
         if nid not in mute:
             server.add_view_signature(nid, fed.node(nid).sign_view(round_, req["survivors"]))
     for nid, req in server.unmask_requests().items():
-        replies[nid] = fed.node(nid).unmask(round_, req["survivors"], req["signatures"], req["b_share_ciphertexts"],
-                                            req["statements"])
+        replies[nid] = fed.node(nid).unmask(
+            round_, req["survivors"], req["signatures"], req["b_share_ciphertexts"], req["statements"]
+        )
     return replies
 
 
-def run_round(fed: Federation, round_: int, inputs: Mapping[int, np.ndarray], silent: Collection[int] = (),
-              mute: Collection[int] = ()) -> tuple[np.ndarray, RoundOutcome]:
+def run_round(
+    fed: Federation,
+    round_: int,
+    inputs: Mapping[int, np.ndarray],
+    silent: Collection[int] = (),
+    mute: Collection[int] = (),
+) -> tuple[np.ndarray, RoundOutcome]:
     """One full round; returns the modular sum of the survivors' inputs and what finish found."""
     mask_step(fed, round_, inputs, silent)
     return fed.server.finish(unmask_step(fed, round_, mute))
