@@ -45,6 +45,7 @@ from bench.markdown_report import replace_section
 from client.client_app import make_client_app
 from fedcare.run_config import RunSettings
 from server.federation_loop import run_federation
+from simulation.hospital_policy import simulated_policy
 
 RUN_ID = 7
 HEADING = "### Fed-Heart-Disease: where DP-SGD loses accuracy"
@@ -75,13 +76,15 @@ VARIANTS = [
 class _InProcessGrid:
     """Routes each message to its node's ClientApp in this process, as a SuperLink would."""
 
-    def __init__(self, ledger_dir: Path, epsilon: float) -> None:
+    def __init__(self, ledger_dir: Path, s: RunSettings) -> None:
         self.app = make_client_app()
+        # the hospitals accept the run as `fedcare simulate`'s do (its DP and aggregation, budget = epsilon)
+        policy = simulated_policy(s, s.target_epsilon).to_node_config()
         self.contexts = {
             100 + i: Context(
                 RUN_ID,
                 100 + i,
-                {"partition-id": i, "ledger-dir": str(ledger_dir), "epsilon-budget": epsilon},
+                {"partition-id": i, "ledger-dir": str(ledger_dir), **policy},
                 RecordDict(),
                 {},
             )
@@ -122,7 +125,7 @@ def pooled_accuracy(seed: int, dp: bool, override, settings: dict) -> float:
         with tempfile.TemporaryDirectory() as tmp:
             s = RunSettings(seed=seed, dp=dp, secure_aggregation=False, output_dir=str(Path(tmp) / "out"), **settings)
             result = run_federation(
-                _InProcessGrid(Path(tmp) / "ledgers", s.target_epsilon),
+                _InProcessGrid(Path(tmp) / "ledgers", s),
                 s,
                 4,
                 lambda _: None,

@@ -502,8 +502,25 @@ def _charge_training(
     return eps, trained
 
 
-def _train_received(node: _Node, msg: Message, report: dict[str, Any]) -> Message:
+def _local_training(node: _Node, data: HospitalData, model: Any, dp: Any, rng: Any, proximal_mu: float = 0.0) -> Any:
+    """One round of local training on this hospital's training split with the run's settings."""
     from client.dp_trainer import train
+
+    return train(
+        model,
+        _prepared(node, data, data.x_train),
+        data.y_train,
+        epochs=node.request.local_epochs,
+        batch_size=node.request.batch_size,
+        lr=node.request.learning_rate,
+        weight_decay=node.request.weight_decay,
+        dp=dp,
+        rng=rng,
+        proximal_mu=proximal_mu,
+    )
+
+
+def _train_received(node: _Node, msg: Message, report: dict[str, Any]) -> Message:
     from shared_models.weights import load_arrays, model_to_arrays, parameter_values
 
     data = node.data()
@@ -516,17 +533,8 @@ def _train_received(node: _Node, msg: Message, report: dict[str, Any]) -> Messag
     load_arrays(model, global_arrays)
     dp, ledger, planned, replan = _dp_round(node, data)
     started = time.perf_counter()
-    outcome = train(
-        model,
-        _prepared(node, data, data.x_train),
-        data.y_train,
-        epochs=node.request.local_epochs,
-        batch_size=node.request.batch_size,
-        lr=node.request.learning_rate,
-        weight_decay=node.request.weight_decay,
-        dp=dp,
-        rng=node.rng(data, "train", server_round),
-        proximal_mu=node.request.proximal_mu,
+    outcome = _local_training(
+        node, data, model, dp, node.rng(data, "train", server_round), proximal_mu=node.request.proximal_mu
     )
     # local training wall time (to 10 ms), so the coordinator can tell training from round overhead
     train_seconds = round(time.perf_counter() - started, 2)
@@ -621,7 +629,7 @@ def _personalise(node: _Node, global_arrays: Any) -> tuple[EvaluationMetrics, fl
     run's start, DP, charged to the ledger and audited as stage ``personalise``), keep the model on
     this hospital's disk and return its test metrics and the epsilon spent after it (None without
     DP). The personalised model never leaves."""
-    from client.dp_trainer import evaluate, train
+    from client.dp_trainer import evaluate
     from shared_models.weights import load_arrays
 
     data = node.data()
@@ -631,17 +639,7 @@ def _personalise(node: _Node, global_arrays: Any) -> tuple[EvaluationMetrics, fl
     for j in range(1, node.request.personalise_rounds + 1):
         rnd = node.request.num_rounds + j
         dp, ledger, _, _ = _dp_round(node, data, rnd)
-        outcome = train(
-            model,
-            _prepared(node, data, data.x_train),
-            data.y_train,
-            epochs=node.request.local_epochs,
-            batch_size=node.request.batch_size,
-            lr=node.request.learning_rate,
-            weight_decay=node.request.weight_decay,
-            dp=dp,
-            rng=node.rng(data, "personalise", rnd),
-        )
+        outcome = _local_training(node, data, model, dp, node.rng(data, "personalise", rnd))
         if ledger is not None:
             eps = ledger.record(
                 str(node.context.run_id),
