@@ -36,7 +36,8 @@ def app_digest() -> str:
     return code_digest(sorted(p for pkg in APP_PACKAGES for p in (root / pkg).rglob("*.py")))
 
 
-def _slug(name: str) -> str:
+def file_slug(name: str) -> str:
+    """A hospital's name as a file-name part (what its audit log, key and kept models are named by)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "hospital"
 
 
@@ -44,9 +45,9 @@ def open_log(ledger_dir: str | Path, hospital: str) -> AuditLog:
     """The hospital's log; ``key_existed_before`` tells whether its signing key was already there
     (a key without a log means the log was removed: ``client/ledger_guard.py`` refuses then)."""
     folder = Path(ledger_dir) / "audit"
-    key_path = folder / f"{_slug(hospital)}-signing-key.pem"
+    key_path = folder / f"{file_slug(hospital)}-signing-key.pem"
     existed = key_path.exists()
-    log = AuditLog(folder / f"{_slug(hospital)}.jsonl", load_or_create_key(key_path), actor=hospital)
+    log = AuditLog(folder / f"{file_slug(hospital)}.jsonl", load_or_create_key(key_path), actor=hospital)
     log.key_existed_before = existed
     return log
 
@@ -90,4 +91,14 @@ def unmask(log: AuditLog, *, run_id: Any, round_: int, survivors: list[int], dro
     log.unmask(UnmaskRecord(run_id=str(run_id), round=round_, survivors=survivors, dropped=dropped))
 
 
-__all__ = ["BudgetRecord", "DPParams", "SecAggInfo", "app_digest", "open_log", "refusal", "release", "unmask"]
+__all__ = [
+    "BudgetRecord",
+    "DPParams",
+    "SecAggInfo",
+    "app_digest",
+    "file_slug",
+    "open_log",
+    "refusal",
+    "release",
+    "unmask",
+]

@@ -479,16 +479,7 @@ def _charge_training(
     """Charge the round's training to the ledger; (epsilon spent so far, the report with what DP did)."""
     dp, ledger, planned, replan = round_dp
     # Charged as soon as training ran: whatever happens to the update next, the round is paid for.
-    eps = ledger.record(
-        str(node.context.run_id),
-        node.request.server_round,
-        "train",
-        outcome.steps,
-        noise_multiplier=dp.noise_multiplier,
-        max_grad_norm=dp.max_grad_norm,
-        data_fingerprint=data.fingerprint(),
-        plan_run_id=node.plan_id,
-    )
+    eps = _charge(node, data, ledger, dp, outcome, node.request.server_round, "train")
     trained = dataclasses.replace(
         trained, epsilon=eps, noise_multiplier=dp.noise_multiplier, steps=sum(k for _, _, k in outcome.steps)
     )
@@ -500,6 +491,22 @@ def _charge_training(
             lost_rounds=list(replan.lost_rounds),
         )
     return eps, trained
+
+
+def _charge(node: _Node, data: HospitalData, ledger: Any, dp: Any, outcome: Any, round_: int, stage: str) -> float:
+    """Record local training's DP steps in the ledger under this run's plan; the epsilon spent after it."""
+    return float(
+        ledger.record(
+            str(node.context.run_id),
+            round_,
+            stage,
+            outcome.steps,
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            data_fingerprint=data.fingerprint(),
+            plan_run_id=node.plan_id,
+        )
+    )
 
 
 def _local_training(node: _Node, data: HospitalData, model: Any, dp: Any, rng: Any, proximal_mu: float = 0.0) -> Any:
@@ -587,6 +594,24 @@ def _audit_train(
         if masked_with is not None
         else audit_trail.SecAggInfo(role="plain")
     )
+    _audit_release(node, data, global_arrays, sent, secagg, outcome, dp, eps, node.request.server_round, "train")
+
+
+def _audit_release(
+    node: _Node,
+    data: HospitalData,
+    global_arrays: Any,
+    sent: Any,
+    secagg: Any,
+    outcome: Any,
+    dp: Any,
+    eps: float | None,
+    round_: int,
+    stage: str,
+) -> None:
+    """One local-training release in the hospital's signed audit log, with the DP steps it took."""
+    from client import audit_trail
+
     dp_params = (
         audit_trail.DPParams.from_entries(outcome.steps, dp.max_grad_norm, node.policy.delta)
         if dp is not None
@@ -595,8 +620,8 @@ def _audit_train(
     audit_trail.release(
         node.audit_log(data.name),
         run_id=node.context.run_id,
-        round_=node.request.server_round,
-        stage="train",
+        round_=round_,
+        stage=stage,
         data_fingerprint=data.fingerprint(),
         global_arrays=global_arrays,
         sent=sent,
@@ -641,60 +666,26 @@ def _personalise(node: _Node, global_arrays: Any) -> tuple[EvaluationMetrics, fl
         dp, ledger, _, _ = _dp_round(node, data, rnd)
         outcome = _local_training(node, data, model, dp, node.rng(data, "personalise", rnd))
         if ledger is not None:
-            eps = ledger.record(
-                str(node.context.run_id),
-                rnd,
-                "personalise",
-                outcome.steps,
-                noise_multiplier=dp.noise_multiplier,
-                max_grad_norm=dp.max_grad_norm,
-                data_fingerprint=data.fingerprint(),
-                plan_run_id=node.plan_id,
-            )
-        _audit_personalise(node, data, global_arrays, rnd, outcome, dp, eps)
+            eps = _charge(node, data, ledger, dp, outcome, rnd, "personalise")
+        # a charged release of its own: only the personalised model's test metrics leave the hospital
+        _audit_release(node, data, global_arrays, {}, None, outcome, dp, eps, rnd, "personalise")
     _keep_personalised(node, data, model)
     return EvaluationMetrics.from_summary(evaluate(model, _prepared(node, data, data.x_test), data.y_test)), eps
-
-
-def _audit_personalise(
-    node: _Node, data: HospitalData, global_arrays: Any, rnd: int, outcome: Any, dp: Any, eps: float | None
-) -> None:
-    """A personalisation round is a charged release of its own (only its test metrics leave the hospital)."""
-    from client import audit_trail
-
-    dp_params = (
-        audit_trail.DPParams.from_entries(outcome.steps, dp.max_grad_norm, node.policy.delta)
-        if dp is not None
-        else None
-    )
-    audit_trail.release(
-        node.audit_log(data.name),
-        run_id=node.context.run_id,
-        round_=rnd,
-        stage="personalise",
-        data_fingerprint=data.fingerprint(),
-        global_arrays=global_arrays,
-        sent={},
-        dp=dp_params,
-        epsilon=eps,
-        secagg=None,
-        dataset_id=node.dataset_id(data),
-    )
 
 
 def _keep_personalised(node: _Node, data: HospitalData, model: Any) -> None:
     """The personalised model, on this hospital's disk: <ledger-dir>/personalised/<hospital>-run-<run>.npz."""
     import io
 
+    from client.audit_trail import file_slug
     from fedcare.atomic_files import replace_file
     from shared_models.weights import arrays_to_numpy, model_to_arrays
 
     buffer = io.BytesIO()
     np.savez(buffer, **arrays_to_numpy(model_to_arrays(model)))  # type: ignore[arg-type]  # numpy's stub: **arrays is also matched against allow_pickle: bool
-    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in data.name)
     folder = Path(node.ledger_dir) / "personalised"
     folder.mkdir(parents=True, exist_ok=True)
-    replace_file(folder / f"{slug}-run-{node.plan_id}.npz", buffer.getvalue())
+    replace_file(folder / f"{file_slug(data.name)}-run-{node.plan_id}.npz", buffer.getvalue())
 
 
 def _test_metrics(node: _Node, msg: Message) -> EvaluationMetrics:
