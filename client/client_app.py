@@ -509,8 +509,11 @@ def _charge(node: _Node, data: HospitalData, ledger: Any, dp: Any, outcome: Any,
     )
 
 
-def _local_training(node: _Node, data: HospitalData, model: Any, dp: Any, rng: Any, proximal_mu: float = 0.0) -> Any:
-    """One round of local training on this hospital's training split with the run's settings."""
+def _local_training(
+    node: _Node, data: HospitalData, model: Any, dp: Any, rng: Any, proximal_mu: float = 0.0, lr_scale: float = 1.0
+) -> Any:
+    """One round of local training on this hospital's training split with the run's settings
+    (``lr_scale`` x its learning rate: personalisation fine-tunes more gently than a round trains)."""
     from client.dp_trainer import train
 
     return train(
@@ -519,7 +522,7 @@ def _local_training(node: _Node, data: HospitalData, model: Any, dp: Any, rng: A
         data.y_train,
         epochs=node.request.local_epochs,
         batch_size=node.request.batch_size,
-        lr=node.request.learning_rate,
+        lr=node.request.learning_rate * lr_scale,
         weight_decay=node.request.weight_decay,
         dp=dp,
         rng=rng,
@@ -664,7 +667,8 @@ def _personalise(node: _Node, global_arrays: Any) -> tuple[EvaluationMetrics, fl
     for j in range(1, node.request.personalise_rounds + 1):
         rnd = node.request.num_rounds + j
         dp, ledger, _, _ = _dp_round(node, data, rnd)
-        outcome = _local_training(node, data, model, dp, node.rng(data, "personalise", rnd))
+        rng = node.rng(data, "personalise", rnd)
+        outcome = _local_training(node, data, model, dp, rng, lr_scale=node.request.personalise_lr_scale)
         if ledger is not None:
             eps = _charge(node, data, ledger, dp, outcome, rnd, "personalise")
         # a charged release of its own: only the personalised model's test metrics leave the hospital

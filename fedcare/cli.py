@@ -53,6 +53,7 @@ def simulate(
     rounds: opt.Rounds = None,
     local_epochs: opt.LocalEpochs = None,
     personalise_rounds: opt.PersonaliseRounds = None,
+    personalise_lr_scale: opt.PersonaliseLrScale = None,
     strategy: opt.Strategy = None,
     model: opt.Model = None,
     epsilon: opt.Epsilon = None,
@@ -86,6 +87,7 @@ def simulate(
 ) -> None:
     """Run a local multi-hospital simulation on Flower's Simulation Engine."""
     options: dict[str, Any] = dict(num_rounds=rounds, local_epochs=local_epochs, personalise_rounds=personalise_rounds)
+    options |= dict(personalise_lr_scale=personalise_lr_scale)
     options |= dict(strategy=strategy, model=model, target_epsilon=epsilon, delta=delta, dp=dp)
     options |= dict(secure_aggregation=secure_aggregation, batch_size=batch_size, learning_rate=learning_rate)
     options |= dict(weight_decay=weight_decay, hospitals=hospitals, min_hospitals=min_hospitals)

@@ -65,6 +65,7 @@ class RunRequest:
     num_rounds: int = 1
     local_epochs: int = 1
     personalise_rounds: int = 0  # local fine-tuning rounds after the last round (planned, charged)
+    personalise_lr_scale: float = 1.0  # their learning rate: this x learning_rate
     batch_size: int = 30
     learning_rate: float = 0.3
     weight_decay: float = 0.0

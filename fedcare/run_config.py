@@ -57,6 +57,7 @@ class RunSettings:
     num_rounds: int = 15
     local_epochs: int = 1
     personalise_rounds: int = 2  # rounds of local fine-tuning of the final model at each hospital (DP, charged)
+    personalise_lr_scale: float = 1.0  # personalisation's learning rate = this x learning-rate
     batch_size: int = 30
     learning_rate: float = 0.3
     weight_decay: float = 0.0  # chosen over real multi-site tables (docs/benchmarks.md), not one dataset
@@ -181,7 +182,7 @@ def validate(s: RunSettings) -> None:
             f"secagg-threshold must be >= 0 (0 = a strict majority), got {s.secagg_threshold}",
             f"set it with {how_to_set('secagg_threshold')}",
         )
-    for name in ("learning_rate", "server_learning_rate", "max_grad_norm", "secagg_clip_range"):
+    for name in ("learning_rate", "personalise_lr_scale", "server_learning_rate", "max_grad_norm", "secagg_clip_range"):
         value = getattr(s, name)
         if not (value > 0 and math.isfinite(value)):
             raise FedcareError(

@@ -30,6 +30,10 @@ PersonaliseRounds = Annotated[
         help="rounds of local fine-tuning of the final model at each hospital, under its DP plan (0: none) [2]"
     ),
 ]
+PersonaliseLrScale = Annotated[
+    float | None,
+    typer.Option(help="personalisation's learning rate as a multiple of --learning-rate [1.0]"),
+]
 Strategy = Annotated[str | None, typer.Option(help="fedavg | fedprox | fedadam [fedavg]")]
 Model = Annotated[str | None, typer.Option(help="auto | logistic | mlp (tables) | gru (sequences) | cnn (images)")]
 Epsilon = Annotated[float | None, typer.Option(help="target epsilon each hospital may spend in this run [preset]")]
