@@ -105,19 +105,7 @@ class _Node:
 
     def source(self) -> DataSource:
         """Where this hospital's data is: node config (run config only for a shared data root)."""
-        c = self.settings
-        return DataSource(
-            partition_id=c.partition_id,
-            data_root=c.data_root,
-            data_path=c.data_path,
-            labels=c.labels,
-            schema=c.schema,
-            cache_dir=c.cache_dir,
-            image_size=self.request.image_size,
-            multiframe=c.multiframe,
-            require_deidentified=c.require_deidentified,
-            on_unreadable=c.on_unreadable,
-        )
+        return self.settings.data_source(self.request.image_size)
 
     def data(self, for_training: bool = True) -> HospitalData:
         data = _hospital(self.request.dataset, self.source())

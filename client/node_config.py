@@ -13,11 +13,14 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from client.datasets import DataSource
 from fedcare.config_values import typed
 from fedcare.errors import FedcareError
+from fedcare.run_config import RunSettings
 
 DEFAULT_LEDGER_DIR = "fedcare-ledgers"
 DEFAULT_CACHE_DIR = "fedcare-cache"
+DEFAULT_IMAGE_SIZE = RunSettings().image_size  # what a run asks for unless it says otherwise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +74,22 @@ class NodeConfig:
             secagg_name=text("secagg-name"),
             secagg_roster=text("secagg-roster"),
             secagg_identity_key=str(setting("secagg-identity-key", "")),
+        )
+
+    def data_source(self, image_size: int = DEFAULT_IMAGE_SIZE) -> DataSource:
+        """Where this hospital's data is and how to read it: the one way a ``DataSource`` is built
+        (the ClientApp, ``fedcare node start``'s data check and ``fedcare simulate``/``data check``)."""
+        return DataSource(
+            partition_id=self.partition_id,
+            data_root=self.data_root,
+            data_path=self.data_path,
+            labels=self.labels,
+            schema=self.schema,
+            cache_dir=self.cache_dir,
+            image_size=image_size,
+            multiframe=self.multiframe,
+            require_deidentified=self.require_deidentified,
+            on_unreadable=self.on_unreadable,
         )
 
 

@@ -173,17 +173,19 @@ def _simulate(
 def _with_hospital_data(dataset: str, s: RunSettings, data_root: Path | None) -> tuple[RunSettings, int]:
     """The settings pointed at the hospitals' data (generated ones written first) and how many hospitals there are."""
     from client.datasets import num_hospitals
-    from simulation.generated_data import GENERATED_DATASETS, prepare_dataset
+    from fedcare.dataset_registry import dataset_spec
+    from simulation.generated_data import prepare_dataset
 
-    if dataset in GENERATED_DATASETS:
+    spec = dataset_spec(dataset)
+    if spec.generated:
         root = data_root or Path("runs/data") / dataset
         console.print(_plain(f"preparing {s.hospitals} {dataset} hospitals in {root} (reused when already there)"))
         prepare_dataset(dataset, root, s.hospitals)
         s = s.replace(data_root=str(root))
         n = s.hospitals
-    elif dataset == "fed-heart-disease":
+    elif spec.hospitals is not None:
         n = num_hospitals(dataset)
-    elif dataset in ("ehr-table", "ehr-events") and data_root is not None:
+    elif spec.hospital_folders and data_root is not None:
         s = s.replace(data_root=str(data_root))
         n = num_hospitals(dataset, str(data_root))
         if n == 0:
@@ -205,11 +207,12 @@ def _with_hospital_data(dataset: str, s: RunSettings, data_root: Path | None) ->
 
 def _load_hospitals(dataset: str, s: RunSettings, n: int) -> list[HospitalData]:
     """Load every hospital's data and check it can train (fail fast on missing or bad data); print their notes."""
-    from client.datasets import DataSource, load_hospital
+    from client.datasets import load_hospital
+    from client.node_config import DEFAULT_CACHE_DIR, NodeConfig
 
-    cache = str(Path(s.data_root) / ".fedcare-cache") if s.data_root else "fedcare-cache"
+    cache = str(Path(s.data_root) / ".fedcare-cache") if s.data_root else DEFAULT_CACHE_DIR
     sources = [
-        DataSource(partition_id=i, data_root=s.data_root or None, cache_dir=cache, image_size=s.image_size)
+        NodeConfig(partition_id=i, data_root=s.data_root or None, cache_dir=cache).data_source(s.image_size)
         for i in range(n)
     ]
     hospitals = [load_hospital(dataset, src) for src in sources]  # fail fast on missing/bad data

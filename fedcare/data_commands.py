@@ -74,8 +74,9 @@ def _check_ehr(
 ) -> None:
     """Load the table/events with the loader `fedcare simulate` and a node use, and run their
     trainability check at the run's batch size: exit 0 when it would train, 1 with the reason if not."""
-    from client.datasets import DataSource, load_hospital
+    from client.datasets import load_hospital
     from client.datasets.ehr_schema import EhrSchema
+    from client.node_config import NodeConfig
     from fedcare.run_config import RunSettings
 
     try:
@@ -86,9 +87,9 @@ def _check_ehr(
             fail(exc, EXIT_USAGE)
         hospital = load_hospital(
             dataset,
-            DataSource(
+            NodeConfig(
                 data_path=str(path), schema=str(schema_path), labels=str(labels) if labels is not None else None
-            ),
+            ).data_source(),
         )
         hospital.check_trainable(batch, dp=dp)
     except FedcareError as exc:

@@ -67,17 +67,12 @@ from pathlib import Path
 from typing import Any
 
 from client.node_policy import NODE_CONFIG_KEYS, NodePolicy
+from fedcare.dataset_registry import REGISTRY
 from fedcare.errors import FedcareError
 from fedcare.tls_files import read_ca_certificates, read_node_key
 
-DATA_KEYS = {
-    # dataset -> (required keys, optional keys) in [data]
-    "fed-heart-disease": ({"partition-id"}, set()),
-    "dicom": ({"data-path"}, {"labels", "multiframe", "require-deidentified", "on-unreadable"}),
-    "ehr-table": ({"data-path", "schema"}, set()),
-    "ehr-events": ({"data-path", "schema"}, {"labels"}),
-    "pbc2": ({"data-root", "partition-id"}, set()),
-    "synthetic-imaging": ({"data-root", "partition-id"}, {"multiframe", "require-deidentified", "on-unreadable"}),
+DATA_KEYS = {  # dataset -> (required keys, optional keys) in [data], from the dataset registry
+    name: (set(spec.required_keys), set(spec.optional_keys)) for name, spec in REGISTRY.items()
 }
 SECTIONS: dict[str, set[str]] = {
     "superlink": {"address", "root-certificates", "connect-wait"},
@@ -100,7 +95,6 @@ SECTIONS: dict[str, set[str]] = {
     "consortium": {"name", "roster", "identity-key"},
 }
 CHOICES = {"multiframe": ("first", "every", "reject"), "on-unreadable": ("error", "skip")}
-FHD_PARTITIONS = 4
 DEFAULT_POLL_S = 0.5  # longest poll wait while a run is active (Flower 1.41: a fixed 3 s)
 DEFAULT_SUPERLINK_WAIT_S = 120.0  # how long `node start` waits for an unreachable SuperLink before it gives up
 MAX_SUPERLINK_WAIT_S = 86400.0
@@ -292,7 +286,7 @@ def _data_config(reader: _Reader, dataset: str) -> dict[str, str | int | float |
     config: dict[str, str | int | float | bool] = {}
     if "partition-id" in required:
         pid = reader.get("data", "partition-id", int, True)
-        limit = FHD_PARTITIONS if dataset == "fed-heart-disease" else None
+        limit = REGISTRY[dataset].hospitals  # a bundled dataset's fixed count; else any partition
         if pid < 0 or (limit is not None and pid >= limit):
             raise _err(
                 reader.path,
@@ -566,23 +560,9 @@ def _flower_args(settings: NodeSettings) -> list[str]:
 
 def check_data(settings: NodeSettings):
     """Load the node's data with the ClientApp's own loader, so bad data fails before the node joins."""
-    from client.datasets import DataSource, load_hospital
+    from client.datasets import load_hospital
+    from client.node_config import NodeConfig
 
-    c = settings.node_config
-
-    def text(key: str) -> str | None:
-        return str(c[key]) if key in c else None
-
-    source = DataSource(
-        partition_id=int(c["partition-id"]) if "partition-id" in c else None,
-        data_root=text("data-root"),
-        data_path=text("data-path"),
-        labels=text("labels"),
-        schema=text("schema"),
-        cache_dir=str(c.get("cache-dir", "fedcare-cache")),
-        multiframe=str(c.get("multiframe", "first")),
-        require_deidentified=bool(c.get("require-deidentified", True)),
-        on_unreadable=str(c.get("on-unreadable", "error")),
-    )
+    source = NodeConfig.read(settings.node_config, {}, {}).data_source()
     Path(source.cache_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
     return load_hospital(settings.dataset, source)

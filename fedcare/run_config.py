@@ -12,38 +12,17 @@ from collections.abc import Mapping
 from typing import Any
 
 from fedcare.config_values import typed
+from fedcare.dataset_registry import DATASET_NAMES, REGISTRY, dataset_spec
 from fedcare.errors import FedcareError
 
-# dataset -> the kind of input its hospitals hold (which models can train on it)
-DATASET_TASKS = {
-    "fed-heart-disease": "tabular",  # bundled: 4 real hospitals
-    "pbc2": "sequence",  # generated from bundled PBC2 labs: `fedcare data prepare pbc2 DIR`
-    "synthetic-imaging": "image",  # generated DICOM hospitals: `fedcare data prepare synthetic-imaging DIR`
-    "ehr-table": "tabular",  # a hospital's own CSV/Parquet + schema (node config)
-    "ehr-events": "sequence",  # a hospital's own events table + schema (node config)
-    "dicom": "image",  # a hospital's own DICOM folder + labels.csv (node config)
-}
-DATASETS = tuple(DATASET_TASKS)
+# derived from the dataset registry (fedcare/dataset_registry.py), the one place dataset facts live
+DATASET_TASKS = {name: spec.task for name, spec in REGISTRY.items()}  # which models can train on it
+DATASETS = DATASET_NAMES
 MODELS = ("auto", "logistic", "mlp", "cnn", "gru")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
-
 # Per-dataset starting points (measured in bench/; see docs/benchmarks.md). `fedcare simulate`
 # applies them under whatever the user passes; `flwr run` users pass them as run config.
-DATASET_PRESETS: dict[str, dict[str, Any]] = {
-    "fed-heart-disease": {},
-    "ehr-table": {},
-    "pbc2": {"num_rounds": 15, "batch_size": 16, "learning_rate": 0.2, "target_epsilon": 3.0, "hospitals": 3},
-    "ehr-events": {"batch_size": 16, "learning_rate": 0.2},
-    "synthetic-imaging": {
-        "num_rounds": 15,
-        "local_epochs": 3,
-        "batch_size": 32,
-        "learning_rate": 0.2,
-        "target_epsilon": 8.0,
-        "hospitals": 4,
-    },
-    "dicom": {"local_epochs": 3, "batch_size": 32, "learning_rate": 0.2},
-}
+DATASET_PRESETS: dict[str, dict[str, Any]] = {name: dict(spec.preset) for name, spec in REGISTRY.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,9 +87,7 @@ class RunSettings:
     @classmethod
     def for_dataset(cls, dataset: str, **overrides: Any) -> RunSettings:
         """The dataset's preset under explicit ``overrides`` (None values mean "not given")."""
-        if dataset not in DATASET_PRESETS:
-            raise FedcareError(f"unknown dataset '{dataset}'", f"choose one of: {', '.join(DATASETS)}")
-        values = dict(DATASET_PRESETS[dataset]) | {k: v for k, v in overrides.items() if v is not None}
+        values = dict(dataset_spec(dataset).preset) | {k: v for k, v in overrides.items() if v is not None}
         return cls(dataset=dataset, **values)
 
 
@@ -147,13 +124,12 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
 
 def validate(s: RunSettings) -> None:
     """Reject settings that cannot run, with a one-line reason and a fix."""
-    if s.dataset not in DATASETS:
-        raise FedcareError(f"unknown dataset '{s.dataset}'", f"choose one of: {', '.join(DATASETS)}")
+    task = dataset_spec(s.dataset).task
     if s.model not in MODELS:
         raise FedcareError(f"unknown model '{s.model}'", f"choose one of: {', '.join(MODELS)} ({how_to_set('model')})")
     from shared_models.registry import resolve_model
 
-    resolve_model(s.model, DATASET_TASKS[s.dataset])
+    resolve_model(s.model, task)
     if s.strategy not in STRATEGIES:
         raise FedcareError(
             f"unknown strategy '{s.strategy}'", f"choose one of: {', '.join(STRATEGIES)} ({how_to_set('strategy')})"

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fedcare.dataset_registry import GENERATED
 from fedcare.errors import FedcareError
 
-GENERATED_DATASETS = ("pbc2", "synthetic-imaging")  # `fedcare simulate --dataset X` writes these itself
+GENERATED_DATASETS = GENERATED  # `fedcare simulate --dataset X` writes these itself (the dataset registry says which)
 TABLE_LAYOUTS = ("synthetic-table",)  # written as an ehr-table layout, read as `ehr-table`
 
 

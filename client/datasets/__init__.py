@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from client.datasets.hospital_data import HospitalData
+from fedcare.dataset_registry import dataset_spec
 from fedcare.errors import FedcareError
 from fedcare.run_config import DATASET_TASKS
 
 if TYPE_CHECKING:  # the EHR loaders are imported only when a hospital holds EHR data
     from client.datasets.ehr_schema import EhrSchema
 
-GENERATED = ("pbc2", "synthetic-imaging")  # written by `fedcare data prepare` / the simulation
 SPLIT_SEED = 43  # fixed: the training set, hence the ledger, never moves
 IMAGE_TEST_FRACTION = 0.3
 
@@ -45,10 +45,8 @@ class DataSource:
 
 
 def dataset_task(dataset: str) -> str:
-    try:
-        return DATASET_TASKS[dataset]
-    except KeyError:
-        raise FedcareError(f"unknown dataset '{dataset}'", f"choose one of: {', '.join(DATASET_TASKS)}") from None
+    """tabular | sequence | image: the kind of input a dataset's hospitals hold (the registry's)."""
+    return dataset_spec(dataset).task
 
 
 def hospital_folder(source: DataSource, dataset: str) -> Path:
@@ -252,11 +250,10 @@ def _from_split(name: str, split, task: str) -> HospitalData:
 
 def num_hospitals(dataset: str, data_root: str | None = None) -> int:
     """How many hospitals a bundled or generated dataset has."""
-    if dataset == "fed-heart-disease":
-        from client.datasets.fed_heart_disease import CENTERS
-
-        return len(CENTERS)
-    if data_root and dataset in (*GENERATED, "ehr-table", "ehr-events"):
+    spec = dataset_spec(dataset)
+    if spec.hospitals is not None:
+        return spec.hospitals
+    if data_root and spec.hospital_folders:
         return len(sorted(Path(data_root).glob("hospital-*")))
     raise FedcareError(
         f"dataset '{dataset}' has no fixed hospital count",

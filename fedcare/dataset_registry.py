@@ -1,0 +1,122 @@
+"""The datasets fedcare knows: one entry each, the only place dataset facts are kept.
+
+Everything else derives from here: which model family a dataset trains (run settings check the
+model against it), its run-setting presets (``fedcare simulate`` applies them), the ``[data]``
+keys a hospital's ``hospital.toml`` needs for it (``fedcare node``), whether ``fedcare simulate``
+writes its hospitals itself, and how many hospitals a bundled dataset has.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+from fedcare.errors import FedcareError
+
+TASKS = ("tabular", "sequence", "image")
+# [data] keys every DICOM source takes (the de-identification guard and unreadable-file handling)
+_DICOM_KEYS = frozenset({"multiframe", "require-deidentified", "on-unreadable"})
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset: what its hospitals hold and how a node and a simulation find it."""
+
+    name: str
+    task: str  # tabular | sequence | image: which models can train on it
+    summary: str  # one line for help texts
+    required_keys: frozenset[str]  # hospital.toml [data] keys a node must set for it
+    optional_keys: frozenset[str] = frozenset()
+    preset: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # run settings fedcare simulate applies
+    generated: bool = False  # `fedcare data prepare` / `fedcare simulate` write its hospital folders
+    hospitals: int | None = None  # a bundled dataset's fixed hospital count
+    hospital_folders: bool = False  # a simulation reads DATA_ROOT/hospital-<i> folders (own or generated)
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"dataset {self.name}: unknown task {self.task!r}")
+        object.__setattr__(self, "preset", MappingProxyType(dict(self.preset)))
+
+
+REGISTRY: Mapping[str, DatasetSpec] = MappingProxyType(
+    {
+        spec.name: spec
+        for spec in (
+            DatasetSpec(
+                "fed-heart-disease",
+                "tabular",
+                "bundled: 4 real hospitals (Cleveland, Hungary, Switzerland, VA Long Beach)",
+                frozenset({"partition-id"}),
+                hospitals=4,
+            ),
+            DatasetSpec(
+                "pbc2",
+                "sequence",
+                "real PBC2 lab sequences split across generated hospitals (`fedcare data prepare pbc2 DIR`)",
+                frozenset({"data-root", "partition-id"}),
+                preset={
+                    "num_rounds": 15,
+                    "batch_size": 16,
+                    "learning_rate": 0.2,
+                    "target_epsilon": 3.0,
+                    "hospitals": 3,
+                },
+                generated=True,
+                hospital_folders=True,
+            ),
+            DatasetSpec(
+                "synthetic-imaging",
+                "image",
+                "generated DICOM hospitals (`fedcare data prepare synthetic-imaging DIR`)",
+                frozenset({"data-root", "partition-id"}),
+                _DICOM_KEYS,
+                preset={
+                    "num_rounds": 15,
+                    "local_epochs": 3,
+                    "batch_size": 32,
+                    "learning_rate": 0.2,
+                    "target_epsilon": 8.0,
+                    "hospitals": 4,
+                },
+                generated=True,
+                hospital_folders=True,
+            ),
+            DatasetSpec(
+                "ehr-table",
+                "tabular",
+                "a hospital's own CSV/Parquet table + schema",
+                frozenset({"data-path", "schema"}),
+                hospital_folders=True,
+            ),
+            DatasetSpec(
+                "ehr-events",
+                "sequence",
+                "a hospital's own events table + schema",
+                frozenset({"data-path", "schema"}),
+                frozenset({"labels"}),
+                preset={"batch_size": 16, "learning_rate": 0.2},
+                hospital_folders=True,
+            ),
+            DatasetSpec(
+                "dicom",
+                "image",
+                "a hospital's own DICOM folder + labels.csv",
+                frozenset({"data-path"}),
+                _DICOM_KEYS | {"labels"},
+                preset={"local_epochs": 3, "batch_size": 32, "learning_rate": 0.2},
+            ),
+        )
+    }
+)
+DATASET_NAMES: tuple[str, ...] = tuple(REGISTRY)
+GENERATED: tuple[str, ...] = tuple(name for name, spec in REGISTRY.items() if spec.generated)
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    """The registry entry for ``name``; an unknown name is refused with the known ones."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise FedcareError(f"unknown dataset '{name}'", f"choose one of: {', '.join(DATASET_NAMES)}") from None
