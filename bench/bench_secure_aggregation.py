@@ -103,8 +103,8 @@ def wire_bytes(params: int, n_nodes: int) -> tuple[int, int]:
 
     from bench import secagg_setup
     from secure_aggregation.identity import SimulatedConsortium
+    from secure_aggregation.messages import MaskedUpdate
     from secure_aggregation.quantization import Quantizer
-    from secure_aggregation.records import flatten, pack_vector
     from server.secure_rounds import graph_parameters
 
     plain = array_record_to_proto(ArrayRecord({"w": Array(np.zeros(params, dtype=np.float32))})).ByteSize()
@@ -116,9 +116,9 @@ def wire_bytes(params: int, n_nodes: int) -> tuple[int, int]:
         requests = fed.server.start_round(1)
         node = fed.node(nodes[0])
         node.receive_keys(1, requests[nodes[0]]["peers"])
-        reply = node.mask(1, Quantizer(10.0).encode(np.zeros(params), 1))
-        reply["masked"] = pack_vector(reply["masked"])
-        secure = config_record_to_proto(ConfigRecord(flatten(reply))).ByteSize()
+        statement = node.mask(1, Quantizer(10.0).encode(np.zeros(params), 1))
+        reply = MaskedUpdate(statement.pop("masked"), statement)
+        secure = config_record_to_proto(ConfigRecord(reply.to_config())).ByteSize()
     finally:
         shutil.rmtree(state, ignore_errors=True)
     return plain, secure

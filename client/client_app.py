@@ -39,7 +39,6 @@ from fedcare.protocol import RunRequest
 from fedcare.wire import (
     EvaluationMetrics,
     FeatureSchema,
-    KeyAgreementRequest,
     ModelInputs,
     PrivacyNote,
     Refusal,
@@ -51,7 +50,6 @@ from fedcare.wire import (
     plain_train_reply,
     read,
     received_model,
-    unmask_round,
 )
 
 if TYPE_CHECKING:
@@ -545,19 +543,21 @@ def _train_received(node: _Node, msg: Message, report: dict[str, Any]) -> Messag
     masked_with: list[int] = []
     if secure:
         from client import secure_update
+        from secure_aggregation.messages import MaskRequest
 
         # The whole reply is then the hospital record: the weight travels masked, not as a metric.
-        masked, secagg, masked_with = secure_update.masked_update(
+        update = secure_update.masked_update(
             node.secagg_state(),
             node.consortium(),
-            secure_update.payload(msg.content),
+            MaskRequest.from_config(node.config),
             global_arrays,
             parameter_values(model),
             int(weight),
             node.request.secagg_clip_range,
         )
-        sent: Any = {"masked": masked}
-        report = report | secagg
+        sent: Any = {"masked": update.masked}
+        masked_with = update.active
+        report = report | update.to_config()
     else:
         sent = model_to_arrays(model)
         # the training loss only without DP or secure aggregation
@@ -695,49 +695,54 @@ def _secagg_setup(node: _Node, msg: Message) -> Message:
     """Key agreement: advertise signed keys (policy: federation size and threshold), then check every
     member's advertisement and deal the first mask key's shares (policy: verified members >= minimum)."""
     from client import secure_update
+    from secure_aggregation import messages
 
-    request = secure_update.payload(msg.content)
     path = node.secagg_state()
     secure_update.forget_abandoned(node.ledger_dir, keep=path)
+    reply: messages.AdvertiseReply | messages.ShareKeysReply
     if msg.metadata.message_type == protocol.SECAGG_ADVERTISE:
-        asked = KeyAgreementRequest.from_payload(request)
+        asked = messages.KeyAgreementRequest.from_config(node.config)
         node.policy.check_federation(node.name(), len(asked.nodes), asked.threshold, asked.neighbours)
-        report = secure_update.advertise(
+        reply = secure_update.advertise(
             path,
             node.consortium(),
             node.context.run_id,
             node.context.node_id,
             node.member_name(),
-            request,
+            asked,
             floor=node.policy.min_secagg_threshold,
         )
     else:
-        report = secure_update.share_keys(path, node.consortium(), request, min_nodes=node.policy.min_hospitals)
-    return _reply(msg, node.name(), report)
+        request = messages.ShareKeysRequest.from_config(node.config)
+        reply = secure_update.share_keys(path, node.consortium(), request, min_nodes=node.policy.min_hospitals)
+    return _reply(msg, node.name(), reply.to_config())
 
 
 def _secagg_view(node: _Node, msg: Message) -> Message:
     """Some hospital dropped: sign the one view of who survived that this node will act on."""
     from client import secure_update
+    from secure_aggregation import messages
 
-    report = secure_update.sign_view(node.secagg_state(), node.consortium(), secure_update.payload(msg.content))
-    return _reply(msg, node.name(), report)
+    reply = secure_update.sign_view(
+        node.secagg_state(), node.consortium(), messages.ViewRequest.from_config(node.config)
+    )
+    return _reply(msg, node.name(), reply.to_config())
 
 
 def _secagg_unmask(node: _Node, msg: Message) -> Message:
     from client import audit_trail, secure_update
+    from secure_aggregation import messages
 
-    request = secure_update.payload(msg.content)
-    rnd = unmask_round(request)
-    report, revealed = secure_update.unmask(node.secagg_state(), node.consortium(), request)
+    request = messages.UnmaskRequest.from_config(node.config)
+    reply = secure_update.unmask(node.secagg_state(), node.consortium(), request)
     audit_trail.unmask(
         node.audit_log(node.name()),
         run_id=node.context.run_id,
-        round_=rnd,
-        survivors=sorted(int(v) for v in revealed["b"]),
-        dropped=sorted(int(v) for v in revealed["s"]),
+        round_=request.round,
+        survivors=reply.survivors,
+        dropped=reply.dropped,
     )
-    return _reply(msg, node.name(), report)
+    return _reply(msg, node.name(), reply.to_config())
 
 
 def _secagg_end(node: _Node, msg: Message) -> Message:

@@ -25,9 +25,8 @@ import numpy as np
 from flwr.app import ArrayRecord, RecordDict
 
 from fedcare import protocol
-from secure_aggregation import ClipRangeError, Quantizer, SecAggNode
+from secure_aggregation import ClipRangeError, Quantizer, SecAggNode, messages
 from secure_aggregation.identity import Consortium
-from secure_aggregation.records import flatten, pack_vector, unflatten
 
 ABANDONED_AFTER_S = 24 * 3600
 
@@ -57,41 +56,43 @@ def forget_all(ledger_dir: str | Path) -> int:
     return forget_abandoned(ledger_dir, older_than_s=-1.0)
 
 
-def payload(content: RecordDict) -> dict:
-    """The server's request, from the ``secagg/`` keys of the message's config record."""
-    return unflatten(dict(content[protocol.CONFIG]), protocol.SECAGG)
+def config(content: RecordDict) -> Mapping[str, Any]:
+    """The message's config record, where the server's secure-aggregation request rides."""
+    return content[protocol.CONFIG]
 
 
 def advertise(
-    path: Path, consortium: Consortium, run_id: int, node_id: int, name: str, request: dict, floor: int
-) -> dict[str, Any]:
+    path: Path,
+    consortium: Consortium,
+    run_id: int,
+    node_id: int,
+    name: str,
+    request: messages.KeyAgreementRequest,
+    floor: int,
+) -> messages.AdvertiseReply:
     ad = SecAggNode(path, consortium).advertise(
-        run_id,
-        node_id,
-        name,
-        int(request["threshold"]),
-        int(request["neighbours"]),
-        [int(n) for n in request["nodes"]],
-        floor=floor,
+        run_id, node_id, name, request.threshold, request.neighbours, request.nodes, floor=floor
     )
-    return flatten(ad, protocol.SECAGG)
+    return messages.AdvertiseReply(ad)
 
 
-def share_keys(path: Path, consortium: Consortium, request: dict, min_nodes: int) -> dict[str, Any]:
-    return flatten(SecAggNode(path, consortium).share_keys(request["ads"], min_nodes=min_nodes), protocol.SECAGG)
+def share_keys(
+    path: Path, consortium: Consortium, request: messages.ShareKeysRequest, min_nodes: int
+) -> messages.ShareKeysReply:
+    return messages.ShareKeysReply(SecAggNode(path, consortium).share_keys(request.ads, min_nodes=min_nodes))
 
 
 def masked_update(
     path: Path,
     consortium: Consortium,
-    request: dict,
+    request: messages.MaskRequest,
     global_arrays: ArrayRecord,
     trained: Mapping[str, np.ndarray],
     weight: int,
     clip: float,
-) -> tuple[np.ndarray, dict[str, Any], list[int]]:
-    """Quantise weight x (trained - global), mask it for this round: the masked vector, the reply's
-    ``secagg/`` keys (the masked vector packed among them), and the nodes it masked with.
+) -> messages.MaskedUpdate:
+    """Quantise weight x (trained - global) and mask it for this round: the masked vector with its
+    signed round statement (which names the nodes it masked with).
     ``trained``: the trained parameters by name (views of the model are fine: only read here).
 
     Values outside the agreed range [-clip, clip] are clipped into it here, at the hospital, and a
@@ -108,12 +109,10 @@ def masked_update(
         delta = np.concatenate([np.asarray(trained[name], dtype=np.float64).ravel() - b for name, b in before.items()])
         _clip_in_place(delta, clip)
         encoded = quantizer.encode(delta, weight)
-    rnd = int(request["round"])
     node = SecAggNode(path, consortium)
-    node.receive_keys(rnd, request["peers"])
-    reply = node.mask(rnd, encoded, in_place=True)
-    masked = reply.pop("masked")
-    return masked, flatten(reply | {"masked": pack_vector(masked)}, protocol.SECAGG), list(reply["active"])
+    node.receive_keys(request.round, request.peers)
+    statement = node.mask(request.round, encoded, in_place=True)
+    return messages.MaskedUpdate(statement.pop("masked"), statement)
 
 
 def _delta_parts(
@@ -148,27 +147,20 @@ def _clip_in_place(delta: np.ndarray, clip: float) -> None:
     )
 
 
-def sign_view(path: Path, consortium: Consortium, request: dict) -> dict[str, Any]:
-    sig = SecAggNode(path, consortium).sign_view(int(request["round"]), [int(n) for n in request["survivors"]])
-    return flatten({"sig": sig}, protocol.SECAGG)
+def sign_view(path: Path, consortium: Consortium, request: messages.ViewRequest) -> messages.ViewReply:
+    return messages.ViewReply(SecAggNode(path, consortium).sign_view(request.round, request.survivors))
 
 
-def unmask(path: Path, consortium: Consortium, request: dict) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Reveal this round's shares on the path the request names; returns (reply keys, what was revealed)."""
+def unmask(path: Path, consortium: Consortium, request: messages.UnmaskRequest) -> messages.UnmaskReply:
+    """Reveal this round's shares on the path the request names."""
     node = SecAggNode(path, consortium)
-    rnd = int(request["round"])
-    if request.get("path") == "fast":
-        revealed = node.unmask_fast(rnd, request.get("b_share_ciphertexts", {}), request.get("statements", {}))
-        revealed["s"] = {}
-    else:
-        revealed = node.unmask(
-            rnd,
-            [int(n) for n in request["survivors"]],
-            request.get("signatures", {}),
-            request.get("b_share_ciphertexts", {}),
-            request.get("statements", {}),
-        )
-    return flatten(revealed, protocol.SECAGG), revealed
+    if request.path == "fast":
+        revealed = node.unmask_fast(request.round, request.b_share_ciphertexts, request.statements)
+        return messages.UnmaskReply(revealed["b"], {}, list(revealed["complaints"]))
+    revealed = node.unmask(
+        request.round, request.survivors, request.signatures, request.b_share_ciphertexts, request.statements
+    )
+    return messages.UnmaskReply(revealed["b"], revealed["s"], list(revealed["complaints"]))
 
 
 def end(path: Path) -> bool:

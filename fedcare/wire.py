@@ -28,6 +28,7 @@ from shared_models.classification_metrics import BinarySummary
 STATS_SECOND_WEIGHT = 2.0  # second moment: 2 (u^2 - 1/8), in [-1/4, 1/4]
 STATS_OBSERVED_WEIGHT = 0.5  # observed count: 1/2 per observed value
 
+TRAIN_LOSS = "train-loss"  # a plain train reply's metric (without DP): the strategy averages it
 _MISSING = object()
 _WHAT = {
     "str": "text",
@@ -434,31 +435,6 @@ def plain_update(content: RecordDict) -> ArrayRecord:
     return content.array_records[protocol.ARRAYS]
 
 
-# ---- secure aggregation requests (server -> node): the fields the ClientApp itself checks ----------
-@dataclasses.dataclass(frozen=True)
-class KeyAgreementRequest:
-    """Setup 1 (``protocol.SECAGG_ADVERTISE``): who the federation is and the threshold the coordinator
-    asks for; the hospital checks both against its policy before it advertises its keys."""
-
-    threshold: int
-    neighbours: int
-    nodes: list[int]
-
-    @classmethod
-    def from_payload(cls, payload: Mapping[str, Any]) -> KeyAgreementRequest:
-        what = "key-agreement request"
-        return cls(
-            read(payload, "threshold", "int", what),
-            read(payload, "neighbours", "int", what),
-            read(payload, "nodes", "ints", what),
-        )
-
-
-def unmask_round(payload: Mapping[str, Any]) -> int:
-    """The round an unmask request (``protocol.SECAGG_UNMASK``) reveals shares for."""
-    return read(payload, "round", "int", "unmask request")
-
-
 # ---- train and evaluate messages: the model, and a plain train reply --------------------------------
 def received_model(content: RecordDict) -> ArrayRecord:
     """The global model a train or evaluate message carries (packed by the server; an ArrayRecord also works)."""
@@ -481,8 +457,15 @@ def plain_train_reply(update: ArrayRecord, num_examples: float, train_loss: floa
     aggregates (its weight; the training loss only without DP)."""
     metrics: dict[str, Any] = {protocol.NUM_EXAMPLES: num_examples}
     if train_loss is not None:
-        metrics["train-loss"] = train_loss
+        metrics[TRAIN_LOSS] = train_loss
     return {protocol.ARRAYS: update, protocol.METRICS: MetricRecord(metrics)}
+
+
+def aggregated_train_loss(metrics: Mapping[str, Any] | None) -> float | None:
+    """The strategy's weighted mean of the hospitals' training losses (None: none was reported)."""
+    if metrics is None:
+        return None
+    return read(metrics, TRAIN_LOSS, "number", "aggregated train metrics", None)
 
 
 def evaluation_withheld() -> dict[str, Any]:

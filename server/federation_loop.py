@@ -567,8 +567,7 @@ class _Federation:
             new_arrays, train_metrics = self.strategy.aggregate_train(rnd, valid)
             if new_arrays is not None:
                 self.arrays = new_arrays
-            if train_metrics is not None and "train-loss" in train_metrics:
-                record.train_loss = float(cast(float, train_metrics["train-loss"]))
+            record.train_loss = wire.aggregated_train_loss(train_metrics)
         self.result.arrays = self.arrays
 
     def _save(self, rounds_done: int) -> None:

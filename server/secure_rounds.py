@@ -21,8 +21,9 @@ rounding the assumed colluders and dropouts down to zero or one (n = 10 gives k 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -30,11 +31,25 @@ from flwr.serverapp import Grid
 
 from fedcare import protocol, wire
 from fedcare.errors import FedcareError
-from secure_aggregation import Quantizer, SecAggError, SecAggServer, TooFewSurvivors
+from secure_aggregation import Quantizer, SecAggError, SecAggServer, TooFewSurvivors, messages
 from secure_aggregation.graph import find_parameters
-from secure_aggregation.records import flatten, unflatten, unpack_vector
 
 Progress = Callable[[str], None]
+Request = (
+    messages.KeyAgreementRequest
+    | messages.ShareKeysRequest
+    | messages.ViewRequest
+    | messages.UnmaskRequest
+    | messages.EndRequest
+)
+Reply = TypeVar(
+    "Reply",
+    messages.AdvertiseReply,
+    messages.ShareKeysReply,
+    messages.MaskedUpdate,
+    messages.ViewReply,
+    messages.UnmaskReply,
+)
 CORRUPT_FRACTION = 0.05  # hospitals assumed to collude with a malicious coordinator (SecAgg+ parameters)
 DROPOUT_FRACTION = 0.05  # hospitals assumed to drop in a round (SecAgg+ parameters)
 END_TIMEOUT_S = 30.0  # the end-of-run message: best effort, nodes also expire abandoned keys
@@ -85,15 +100,15 @@ class SecureAggregation:
         self.participants: list[int] = []
 
     def _query(
-        self, node_payloads: dict[int, dict], message_type: str, timeout: float | None = None
+        self, requests: Mapping[int, Request], message_type: str, timeout: float | None = None
     ) -> list[tuple[int, Message]]:
-        """Send each node its payload; (node, reply) pairs, a SuperLink's reply for a lost node attributed."""
-        messages = []
-        for node, payload in node_payloads.items():
-            content = RecordDict({protocol.CONFIG: ConfigRecord(self.config | flatten(payload, protocol.SECAGG))})
-            messages.append(Message(content, dst_node_id=node, message_type=message_type))
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout or self.timeout))
-        return [(_sender(reply, messages), reply) for reply in replies]
+        """Send each node its request; (node, reply) pairs, a SuperLink's reply for a lost node attributed."""
+        sent = []
+        for node, request in requests.items():
+            content = RecordDict({protocol.CONFIG: ConfigRecord(self.config | request.to_config())})
+            sent.append(Message(content, dst_node_id=node, message_type=message_type))
+        replies = list(self.grid.send_and_receive(sent, timeout=timeout or self.timeout))
+        return [(_sender(reply, sent), reply) for reply in replies]
 
     def setup(self, nodes: list[int], run_id: int, arrays: ArrayRecord) -> list[int]:
         """Agree keys with ``nodes``; returns the nodes that completed setup."""
@@ -108,18 +123,19 @@ class SecureAggregation:
             )
         self.quantizer.check_capacity(len(nodes))
         self.server = SecAggServer(run_id, t, k, nodes, vector_length(arrays))
-        advertise = {n: {"threshold": t, "neighbours": k, "nodes": list(nodes)} for n in nodes}
+        advertise = {n: messages.KeyAgreementRequest(t, k, list(nodes)) for n in nodes}
         for node, msg in self._ok(self._query(advertise, protocol.SECAGG_ADVERTISE), "key advertisement"):
             try:
-                self.server.add_advertisement(node, _payload(msg))
+                self.server.add_advertisement(node, _reply(msg, messages.AdvertiseReply).advertisement)
             except (SecAggError, KeyError) as exc:
                 self.progress(f"secure aggregation: {_name(msg, node)}'s keys refused ({_problem(exc)})")
         ads = self.server.advertisements()
         for node, msg in self._ok(
-            self._query({n: {"ads": ads} for n in ads}, protocol.SECAGG_SHARE_KEYS), "key sharing"
+            self._query({n: messages.ShareKeysRequest(dict(ads)) for n in ads}, protocol.SECAGG_SHARE_KEYS),
+            "key sharing",
         ):
             try:
-                self.server.add_setup(node, _payload(msg))
+                self.server.add_setup(node, _reply(msg, messages.ShareKeysReply).setup)
             except (SecAggError, KeyError) as exc:
                 self.progress(f"secure aggregation: {_name(msg, node)}'s key shares refused ({_problem(exc)})")
         self.participants = sorted(ads)
@@ -155,7 +171,7 @@ class SecureAggregation:
             }
         return summary
 
-    def attach_requests(self, rnd: int, messages: list[Message]) -> list[Message]:
+    def attach_requests(self, rnd: int, train_messages: list[Message]) -> list[Message]:
         """Open round ``rnd`` and put each active node's mask request into its train message.
 
         Nodes that are out of the run (dropped earlier, or named for misbehaving) get no message.
@@ -164,11 +180,12 @@ class SecureAggregation:
         assert self.server is not None
         requests = self.server.start_round(rnd)
         kept = []
-        for msg in messages:
+        for msg in train_messages:
             request = requests.get(msg.metadata.dst_node_id)
             if request is not None:
                 # Flower's strategies give every train message the same RecordDict: copy, then add.
-                config = dict(msg.content[protocol.CONFIG]) | flatten(request, protocol.SECAGG)
+                mask = messages.MaskRequest(request["round"], request["peers"])
+                config = dict(msg.content[protocol.CONFIG]) | mask.to_config()
                 msg.content = RecordDict({**dict(msg.content.items()), protocol.CONFIG: ConfigRecord(config)})
                 kept.append(msg)
         return kept
@@ -212,9 +229,8 @@ class SecureAggregation:
         for msg in replies:
             node = msg.metadata.src_node_id
             try:
-                reply = _payload(msg)
-                reply["masked"] = unpack_vector(reply.get("masked"), f"the masked update of node {node}")
-                server.add_masked(node, reply)
+                update = _reply(msg, messages.MaskedUpdate)
+                server.add_masked(node, {**update.statement, "masked": update.masked})
             except (SecAggError, KeyError, TypeError, ValueError) as exc:
                 outcome.failed[node] = f"masked update rejected: {_problem(exc)}"
         try:
@@ -237,20 +253,21 @@ class SecureAggregation:
         assert server is not None
         if server.fast_path():
             outcome.path = "fast"
-            requests = {n: r | {"path": "fast"} for n, r in server.unmask_fast_requests().items()}
+            requests = {n: _unmask_request(r, "fast") for n, r in server.unmask_fast_requests().items()}
         else:
             outcome.path = "consistency"
-            for node, msg in self._ok(self._query(server.view_requests(), protocol.SECAGG_VIEW), f"view (round {rnd})"):
+            views = {n: messages.ViewRequest(r["round"], r["survivors"]) for n, r in server.view_requests().items()}
+            for node, msg in self._ok(self._query(views, protocol.SECAGG_VIEW), f"view (round {rnd})"):
                 try:
-                    server.add_view_signature(node, _payload(msg).get("sig"))
+                    server.add_view_signature(node, _reply(msg, messages.ViewReply).sig)
                 except (SecAggError, KeyError) as exc:
                     outcome.failed[node] = f"sent a malformed view signature ({_problem(exc)})"
-            requests = {n: r | {"path": "consistency"} for n, r in server.unmask_requests().items()}
+            requests = {n: _unmask_request(r, "consistency") for n, r in server.unmask_requests().items()}
         revealed = {}
         for node, msg in self._ok(self._query(requests, protocol.SECAGG_UNMASK), f"unmask (round {rnd})"):
             try:
-                revealed[node] = _payload(msg)
-            except KeyError as exc:
+                revealed[node] = _reply(msg, messages.UnmaskReply).revealed()
+            except (SecAggError, KeyError) as exc:
                 outcome.failed[node] = f"sent a malformed unmask reply ({_problem(exc)})"
         return revealed
 
@@ -259,7 +276,8 @@ class SecureAggregation:
         if self.server is None or not self.participants:
             return
         try:
-            self._query({n: {"end": True} for n in self.participants}, protocol.SECAGG_END, timeout=END_TIMEOUT_S)
+            end = messages.EndRequest()
+            self._query({n: end for n in self.participants}, protocol.SECAGG_END, timeout=END_TIMEOUT_S)
         except Exception as exc:  # best effort: nodes also expire abandoned keys themselves
             self.progress(f"secure aggregation: could not tell every hospital the run ended ({exc})")
 
@@ -275,12 +293,21 @@ def apply_delta(arrays: ArrayRecord, delta: np.ndarray) -> ArrayRecord:
     return ArrayRecord(out)
 
 
-def _payload(msg: Message) -> dict:
-    """A node's reply payload: the ``secagg/`` keys of its hospital record."""
-    record = dict(msg.content.config_records.get(protocol.HOSPITAL, {}))
-    if not any(key.startswith(protocol.SECAGG) for key in record):
-        raise KeyError("the reply carries no secure-aggregation payload")
-    return unflatten(record, protocol.SECAGG)
+def _reply(msg: Message, kind: type[Reply]) -> Reply:
+    """A node's typed reply, from the ``secagg/`` keys of its hospital record (a malformed one is named)."""
+    return kind.from_config(dict(msg.content.config_records.get(protocol.HOSPITAL, {})))
+
+
+def _unmask_request(request: Mapping[str, Any], path: str) -> messages.UnmaskRequest:
+    """The server half's unmask request for one node, typed, on ``path`` (fast or consistency)."""
+    return messages.UnmaskRequest(
+        round=request["round"],
+        path=path,
+        b_share_ciphertexts=request["b_share_ciphertexts"],
+        statements=request["statements"],
+        survivors=list(request.get("survivors", [])),
+        signatures=dict(request.get("signatures", {})),
+    )
 
 
 def _sender(msg: Message, sent: list[Message]) -> int:

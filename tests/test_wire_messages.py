@@ -14,15 +14,14 @@ from fedcare.errors import FedcareError
 from fedcare.wire import (
     EvaluationMetrics,
     FeatureSchema,
-    KeyAgreementRequest,
     ModelInputs,
     PrivacyNote,
     Refusal,
     StatsReply,
     TrainReport,
     hospital_name,
-    unmask_round,
 )
+from secure_aggregation.messages import KeyAgreementRequest, UnmaskRequest
 from shared_models.classification_metrics import BinarySummary
 from tests.support.inprocess_grid import task_identity  # noqa: F401  (Flower's task identity, autouse)
 
@@ -73,7 +72,7 @@ def test_each_message_round_trips() -> None:
     assert ModelInputs.from_config(inputs.to_config()) == inputs
     asked = KeyAgreementRequest.from_payload({"threshold": 2, "neighbours": 3, "nodes": [100, 101, 102]})
     assert asked == KeyAgreementRequest(2, 3, [100, 101, 102])
-    assert unmask_round({"round": 4, "survivors": [1]}) == 4
+    assert UnmaskRequest.from_payload({"round": 4, "path": "consistency", "survivors": [1]}).round == 4
     summary = EVAL.summary()
     assert EvaluationMetrics.from_summary(summary) == EVAL
     assert isinstance(summary, BinarySummary) and summary.pos_hist.dtype == np.int64
@@ -189,7 +188,7 @@ def test_a_missing_record_or_malformed_field_in_any_message_is_a_fedcare_error()
     with pytest.raises(FedcareError, match="key-agreement request's nodes is missing"):
         KeyAgreementRequest.from_payload({"threshold": 2, "neighbours": 3})
     with pytest.raises(FedcareError, match="unmask request's round is not a whole number"):
-        unmask_round({"round": "one"})
+        UnmaskRequest.from_payload({"round": "one", "path": "fast"})
     with pytest.raises(FedcareError, match="hospital record's name is not text"):
         hospital_name(RecordDict({protocol.HOSPITAL: ConfigRecord({"name": 7})}))
 
