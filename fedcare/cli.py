@@ -86,15 +86,7 @@ def simulate(
     verbose: opt.Verbose = False,
 ) -> None:
     """Run a local multi-hospital simulation on Flower's Simulation Engine."""
-    options: dict[str, Any] = dict(num_rounds=rounds, local_epochs=local_epochs, personalise_rounds=personalise_rounds)
-    options |= dict(personalise_lr_scale=personalise_lr_scale)
-    options |= dict(strategy=strategy, model=model, target_epsilon=epsilon, delta=delta, dp=dp)
-    options |= dict(secure_aggregation=secure_aggregation, batch_size=batch_size, learning_rate=learning_rate)
-    options |= dict(weight_decay=weight_decay, hospitals=hospitals, min_hospitals=min_hospitals)
-    options |= dict(image_size=image_size, hidden_units=hidden_units, seed=seed, output_dir=str(output_dir))
-    options |= dict(resume=resume or None, proximal_mu=proximal_mu, server_learning_rate=server_learning_rate)
-    options |= dict(max_grad_norm=max_grad_norm, stats_budget_fraction=stats_budget_fraction)
-    options |= dict(secagg_threshold=secagg_threshold, secagg_clip_range=secagg_clip_range)
+    options = _run_options(dict(locals()))
     try:
         _simulate(
             dataset,
@@ -110,6 +102,25 @@ def simulate(
         )
     except FedcareError as exc:  # the data or the run: usage errors have exited already
         fail(_with_simulation_hint(exc), EXIT_PROBLEM)
+
+
+# `fedcare simulate` parameters named otherwise than the run setting they give, and those that are
+# not per-run settings of RunSettings.for_dataset (the dataset, and where ledgers and data live)
+_PARAMETER_SETTINGS = {"rounds": "num_rounds", "epsilon": "target_epsilon"}
+_NOT_OPTIONS = {"dataset", "ledger_dir", "data_root"}
+
+
+def _run_options(given: dict[str, Any]) -> dict[str, Any]:
+    """The run settings among ``fedcare simulate``'s parameters, by setting name (None: not given,
+    so the dataset's preset or the default applies)."""
+    import dataclasses
+
+    from fedcare.run_config import RunSettings
+
+    fields = {f.name for f in dataclasses.fields(RunSettings)} - _NOT_OPTIONS
+    options = {_PARAMETER_SETTINGS.get(k, k): v for k, v in given.items()}
+    options = {k: v for k, v in options.items() if k in fields}
+    return options | {"output_dir": str(options["output_dir"]), "resume": options["resume"] or None}
 
 
 def _with_simulation_hint(exc: FedcareError) -> FedcareError:

@@ -464,27 +464,6 @@ def _commands_md(files: DeploymentFiles) -> str:
     )
     lines = _commands_md_overview(files)
     lines += [
-        "",
-        f"Public SuperLink address (hospitals dial it): `{files.superlink_address}`.",
-        f"Control address (this machine only): `{files.control_address}`; connection name for `flwr`: "
-        f"`{files.connection}` (in `{files.flwr_home / 'config.toml'}`).",
-        "Keep `ca/ca.key` offline once the SuperLink certificates are issued.",
-        f"They expire after {SERVER_DAYS} days: `fedcare deploy renew {shlex.quote(str(files.out_dir))}` "
-        "reissues them (with ca/ca.key back in place), then restart the SuperLink.",
-        "",
-        "## The SuperLink's two listeners",
-        "",
-        f"- public `{files.superlink_address}` (TLS, `superlink/server.crt`): only the Fleet API and `/health`,",
-        "  and only to registered node keys. Open this port to the hospitals, and nothing else.",
-        f"- control `{files.control_address}` (TLS, `superlink/control.crt`): the Control API (runs, node",
-        "  registration), the Runtime API (ServerApps) and Fleet; it binds loopback only. Flower 1.41's",
-        "  Control API has no authentication of its own: whoever reaches this port controls the federation,",
-        "  so never forward or proxy it. `flwr supernode register` and `flwr run` / `flwr ls` use the",
-        f"  `{files.connection}` connection on this machine, which points here.",
-        "",
-        "A hospital holding its own files (ca.crt, node.key, hospital.toml) reaches only the public",
-        "listener: any `flwr` command or Control/Runtime request sent there gets 404 Not Found.",
-        "",
         (
             "## 1. Coordinator: start the SuperLink (TLS, node authentication, persistent state)"
             if files.database is not None

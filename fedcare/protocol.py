@@ -13,6 +13,7 @@ from typing import Any
 
 from fedcare.config_values import typed
 from fedcare.errors import FedcareError
+from fedcare.run_config import RUN_DEFAULTS as _RUN  # a key a request leaves out means the run default
 
 FEATURE_STATS = "query.feature_stats"  # message type of the federated statistics round
 ARRAYS = "arrays"  # ArrayRecord: a plain train reply's update
@@ -60,25 +61,25 @@ class RunRequest:
     """
 
     dataset: str
-    model: str = "auto"
-    hidden_units: int = 32
+    model: str = _RUN["model"]
+    hidden_units: int = _RUN["hidden_units"]
     num_rounds: int = 1
-    local_epochs: int = 1
-    personalise_rounds: int = 0  # local fine-tuning rounds after the last round (planned, charged)
-    personalise_lr_scale: float = 1.0  # their learning rate: this x learning_rate
-    batch_size: int = 30
-    learning_rate: float = 0.3
-    weight_decay: float = 0.0
-    proximal_mu: float = 0.0
-    dp: bool = True
-    target_epsilon: float = 1.0
-    delta: float = 1e-4
-    max_grad_norm: float = 1.0
-    stats_budget_fraction: float = 0.1
-    seed: int = 0  # model initialisation and simulated splits only: never noise
-    image_size: int = 64
-    secure_aggregation: bool = True
-    secagg_clip_range: float = 10.0
+    local_epochs: int = _RUN["local_epochs"]
+    personalise_rounds: int = 0  # not asked for: no local fine-tuning, and none planned
+    personalise_lr_scale: float = _RUN["personalise_lr_scale"]  # their learning rate: this x learning_rate
+    batch_size: int = _RUN["batch_size"]
+    learning_rate: float = _RUN["learning_rate"]
+    weight_decay: float = _RUN["weight_decay"]
+    proximal_mu: float = 0.0  # only FedProx sets it
+    dp: bool = _RUN["dp"]
+    target_epsilon: float = _RUN["target_epsilon"]
+    delta: float = _RUN["delta"]
+    max_grad_norm: float = _RUN["max_grad_norm"]
+    stats_budget_fraction: float = _RUN["stats_budget_fraction"]
+    seed: int = _RUN["seed"]  # model initialisation and simulated splits only: never noise
+    image_size: int = _RUN["image_size"]
+    secure_aggregation: bool = _RUN["secure_aggregation"]
+    secagg_clip_range: float = _RUN["secagg_clip_range"]
     hospitals: int = 0  # how many hospitals the coordinator says the federation has
     plan_run_id: str = ""  # the run whose privacy plan this one continues (resume)
     server_round: int = 0  # set by Flower's strategies in train/evaluate messages

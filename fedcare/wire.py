@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedcare import protocol
 from fedcare.errors import FedcareError
@@ -101,6 +101,23 @@ def hospital_name(content: RecordDict) -> str | None:
     if record is None or "name" not in record:
         return None
     return read(record, "name", "str", "reply's hospital record")
+
+
+def reply_sender(msg: Message, sent: list[Message]) -> int:
+    """The node a reply stands for. Flower's SuperLink answers by itself for a node that stopped sending
+    heartbeats (an error reply from node 1, ``SUPERLINK_NODE_ID``): that reply is the node's, found by the
+    message it replies to."""
+    node = msg.metadata.src_node_id
+    if node not in {m.metadata.dst_node_id for m in sent}:
+        node = next(
+            (
+                m.metadata.dst_node_id
+                for m in sent
+                if m.metadata.message_id and m.metadata.message_id == msg.metadata.reply_to_message_id
+            ),
+            node,
+        )
+    return node
 
 
 def hospital_record(name: str, *reports: Mapping[str, Any]) -> ConfigRecord:

@@ -205,23 +205,6 @@ def _name(msg: Message) -> str:
     return wire.hospital_name(msg.content) or f"node {msg.metadata.src_node_id}"
 
 
-def _sender(msg: Message, sent: list[Message]) -> int:
-    """The node a reply stands for. Flower's SuperLink answers by itself for a node that stopped sending
-    heartbeats (an error reply from node 1, ``SUPERLINK_NODE_ID``): that reply is the node's, found by the
-    message it replies to."""
-    node = msg.metadata.src_node_id
-    if node not in {m.metadata.dst_node_id for m in sent}:
-        node = next(
-            (
-                m.metadata.dst_node_id
-                for m in sent
-                if m.metadata.message_id and m.metadata.message_id == msg.metadata.reply_to_message_id
-            ),
-            node,
-        )
-    return node
-
-
 def _refusal(msg: Message) -> wire.Refusal | None:
     return None if msg.has_error() else wire.Refusal.from_content(msg.content)
 
@@ -247,7 +230,7 @@ def _statistics_round(
     sums, schema = [], None
     answered = set()
     for msg in replies:
-        node = _sender(msg, messages)
+        node = wire.reply_sender(msg, messages)
         answered.add(node)
         if msg.has_error():
             hospitals[node] = Hospital(node, f"node {node}", active=False, refusal=f"failed: {msg.error.reason}")
@@ -446,7 +429,7 @@ class _Federation:
         replies = list(self.grid.send_and_receive(_model_packed(sent), timeout=self.timeout))
         summaries: dict[str, BinarySummary] = {}
         valid = self._take_train_replies(rnd, record, replies, sent, evaluators, eval_only, summaries)
-        missing = {m.metadata.dst_node_id for m in messages} - {_sender(r, messages) for r in replies}
+        missing = {m.metadata.dst_node_id for m in messages} - {wire.reply_sender(r, messages) for r in replies}
         for node in missing:
             record.failed[self.hospitals[node].name] = "no reply before the timeout"
         received = {
@@ -511,7 +494,7 @@ class _Federation:
         evaluating_only = {m.metadata.dst_node_id for m in eval_only}
         valid = []
         for msg in replies:
-            node = _sender(msg, sent)
+            node = wire.reply_sender(msg, sent)
             if not msg.has_error() and node in evaluators:
                 _collect_evaluation(msg, summaries)
             if node in evaluating_only:

@@ -108,7 +108,7 @@ class SecureAggregation:
             content = RecordDict({protocol.CONFIG: ConfigRecord(self.config | request.to_config())})
             sent.append(Message(content, dst_node_id=node, message_type=message_type))
         replies = list(self.grid.send_and_receive(sent, timeout=timeout or self.timeout))
-        return [(_sender(reply, sent), reply) for reply in replies]
+        return [(wire.reply_sender(reply, sent), reply) for reply in replies]
 
     def setup(self, nodes: list[int], run_id: int, arrays: ArrayRecord) -> list[int]:
         """Agree keys with ``nodes``; returns the nodes that completed setup."""
@@ -308,21 +308,6 @@ def _unmask_request(request: Mapping[str, Any], path: str) -> messages.UnmaskReq
         survivors=list(request.get("survivors", [])),
         signatures=dict(request.get("signatures", {})),
     )
-
-
-def _sender(msg: Message, sent: list[Message]) -> int:
-    """The node a reply stands for: Flower's SuperLink answers for a node it lost (an error from node 1)."""
-    node = msg.metadata.src_node_id
-    if node not in {m.metadata.dst_node_id for m in sent}:
-        node = next(
-            (
-                m.metadata.dst_node_id
-                for m in sent
-                if m.metadata.message_id and m.metadata.message_id == msg.metadata.reply_to_message_id
-            ),
-            node,
-        )
-    return node
 
 
 def _name(msg: Message, node: int) -> str:

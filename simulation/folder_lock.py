@@ -1,10 +1,14 @@
-"""A cross-process lock on a folder that generated hospital data is written into."""
+"""A folder that generated hospital data is written into: a cross-process lock on it, and the rule that
+a generator replaces only the hospital folders it wrote itself (each carries the generator's marker file)."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from fedcare.errors import FedcareError
 
 
 @contextmanager
@@ -21,3 +25,17 @@ def locked_folder(root: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def remove_previous(root: Path, marker: str, generator: str) -> None:
+    """Delete the hospital-* folders under ``root`` that carry ``marker`` (a previous call of the
+    ``generator`` wrote them); refuse, touching nothing, when any does not."""
+    folders = sorted(root.glob("hospital-*"))
+    for folder in folders:
+        if not (folder / marker).is_file():
+            raise FedcareError(
+                f"{folder} exists and was not written by the {generator} generator",
+                f"point the {generator} data set at an empty or dedicated folder",
+            )
+    for folder in folders:
+        shutil.rmtree(folder)

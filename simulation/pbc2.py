@@ -45,7 +45,7 @@ import pandas as pd
 
 from fedcare.atomic_files import SHARED, replace_file
 from fedcare.errors import FedcareError
-from simulation.folder_lock import locked_folder
+from simulation.folder_lock import locked_folder, remove_previous
 
 GENERATOR_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -269,7 +269,7 @@ def _write_all(root: Path, params: dict) -> list[Path]:
                     "sha256": {f: _sha256(folder / f) for f in ("events.csv", "schema.toml")},
                 }
             )
-        _remove_previous(root)
+        remove_previous(root, _MARKER_NAME, "PBC2")
         for entry in entries:
             (staging / entry["name"]).rename(root / entry["name"])
     finally:
@@ -292,17 +292,6 @@ def _write_all(root: Path, params: dict) -> list[Path]:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _remove_previous(root: Path) -> None:
-    """Delete hospital folders a previous call wrote; refuse to touch anything else."""
-    for folder in sorted(root.glob("hospital-*")):
-        if not (folder / _MARKER_NAME).is_file():
-            raise FedcareError(
-                f"{folder} exists and was not written by the PBC2 generator",
-                "point the PBC2 data set at an empty or dedicated folder",
-            )
-        shutil.rmtree(folder)
 
 
 def _reuse(root: Path, params: dict) -> list[Path] | None:

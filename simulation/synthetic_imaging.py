@@ -40,7 +40,7 @@ from pydicom.uid import (
 
 from fedcare.atomic_files import SHARED, replace_file
 from fedcare.errors import FedcareError
-from simulation.folder_lock import locked_folder
+from simulation.folder_lock import locked_folder, remove_previous
 
 GENERATOR_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -579,7 +579,7 @@ def _write_all(root: Path, params: dict, counts: list[int], seed: int) -> list[H
                     "scanner": asdict(scanner),
                 }
             )
-        _remove_previous(root)
+        remove_previous(root, _MARKER_NAME, "synthetic")
         for entry in entries:
             (staging / entry["name"]).rename(root / entry["name"])
     finally:
@@ -592,17 +592,6 @@ def _write_all(root: Path, params: dict, counts: list[int], seed: int) -> list[H
     }
     replace_file(manifest_path, json.dumps(manifest, indent=2), mode=SHARED)
     return [_hospital(root, entry) for entry in entries]
-
-
-def _remove_previous(root: Path) -> None:
-    """Delete hospital folders a previous call wrote; refuse to touch anything else."""
-    for folder in sorted(root.glob("hospital-*")):
-        if not (folder / _MARKER_NAME).is_file():
-            raise FedcareError(
-                f"{folder} exists and was not written by the synthetic generator",
-                "point the synthetic data set at an empty or dedicated folder",
-            )
-        shutil.rmtree(folder)
 
 
 def _reuse(root: Path, params: dict) -> list[HospitalFolder] | None:

@@ -15,14 +15,13 @@ would; they carry no clinical meaning.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedcare.errors import FedcareError
-from simulation.folder_lock import locked_folder
+from simulation.folder_lock import locked_folder, remove_previous
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -113,15 +112,8 @@ def write_table_hospitals(
             and all((f / "table.csv").is_file() for f in folders)
         ):
             return folders
-        for folder in sorted(root.glob("hospital-*")):
-            if not (folder / _MARKER_NAME).is_file():
-                raise FedcareError(
-                    f"{folder} exists and was not written by the synthetic-table generator",
-                    "point the generator at an empty or dedicated folder",
-                )
+        remove_previous(root, _MARKER_NAME, "synthetic-table")
         manifest.unlink(missing_ok=True)
-        for folder in sorted(root.glob("hospital-*")):
-            shutil.rmtree(folder)
         schema = schema_text()
         for index, folder in enumerate(folders):
             folder.mkdir()

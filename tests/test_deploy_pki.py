@@ -112,6 +112,8 @@ def test_connection_snippet_and_commands(deployment):
     assert not any(line.strip().startswith("flower-superlink") for line in commands.splitlines())
     assert "public `127.0.0.1:19092`" in commands and "control `127.0.0.1:19093`" in commands
     assert "never forward or proxy it" in commands
+    for heading in ("## The SuperLink's two listeners", "Public SuperLink address", "## 1. Coordinator"):
+        assert commands.count(heading) == 1, heading  # each step once, in order
     for h in deployment.hospitals:
         assert f"flwr supernode register {h.public_key} fedcare" in commands
         assert f"fedcare node start --config {h.settings}" in commands
