@@ -75,15 +75,18 @@ class FlowerSuperLink:
     log_config: dict[str, Any]
 
 
-def _lifespan_config(
-    control_host: str,
-    control_port: int,
-    ca_certificate: Path,
-    control_certificate: Path,
-    control_key: Path,
-    database: str | None,
-    runtime_dependency_install: bool,
-) -> Any:
+@dataclass(frozen=True)
+class ControlListener:
+    """The loopback listener for the Control and Runtime APIs: where it binds and its TLS files."""
+
+    host: str
+    port: int
+    ca_certificate: Path  # the deployment's CA: the SuperExec trusts it to reach this listener
+    certificate: Path  # must name ``host``
+    key: Path
+
+
+def _lifespan_config(control: ControlListener, database: str | None, runtime_dependency_install: bool) -> Any:
     """Flower's SuperLink settings: TLS on the control listener, node authentication on, no event logs."""
     from flwr.common.constant import (
         CONTROL_API_DEFAULT_SERVER_ADDRESS,
@@ -93,12 +96,13 @@ def _lifespan_config(
     from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
     from flwr.superlink.config_loader import SuperLinkLifespanConfig, load_control_authn_plugin
 
+    ca_certificate, control_certificate, control_key = control.ca_certificate, control.certificate, control.key
     certificates = (ca_certificate.read_bytes(), control_certificate.read_bytes(), control_key.read_bytes())
     return SuperLinkLifespanConfig(
         control_address=CONTROL_API_DEFAULT_SERVER_ADDRESS,  # used only by the legacy gRPC Control API (refused above)
         health_server_address=None,
-        host=control_host,
-        port=control_port,
+        host=control.host,
+        port=control.port,
         insecure=False,
         certificates=certificates,
         superexec_auth_secret=None,
@@ -121,19 +125,12 @@ def _lifespan_config(
 
 
 def build_superlink_app(
-    control_host: str,
-    control_port: int,
-    ca_certificate: Path,
-    control_certificate: Path,
-    control_key: Path,
-    database: str | None,
-    runtime_dependency_install: bool = False,
+    control: ControlListener, database: str | None, runtime_dependency_install: bool = False
 ) -> FlowerSuperLink:
     """Flower's full SuperLink app (Control, Runtime, Fleet), with node authentication on.
 
-    The lifespan's SuperExec connects to ``control_host:control_port`` (the loopback listener) over
-    TLS, trusting ``ca_certificate`` (so ``control_certificate`` must name that host). ``database``
-    None keeps Flower's in-memory state.
+    The lifespan's SuperExec connects to the control listener (loopback) over TLS, trusting its CA
+    (so its certificate must name that host). ``database`` None keeps Flower's in-memory state.
     """
     require_verified_flower()
     from fastapi.routing import iter_route_contexts
@@ -155,15 +152,7 @@ def build_superlink_app(
                     superexec.kill()
                     superexec.wait()
 
-    config = _lifespan_config(
-        control_host,
-        control_port,
-        ca_certificate,
-        control_certificate,
-        control_key,
-        database,
-        runtime_dependency_install,
-    )
+    config = _lifespan_config(control, database, runtime_dependency_install)
     app = create_app(config, Lifespan)
     routes = [cast(str, c.path) for c in iter_route_contexts(app.routes)]  # every route of Flower's app has a path
     paths = frozenset(p for p in routes if p.startswith(FLEET_PREFIX) or p == HEALTH_PATH)

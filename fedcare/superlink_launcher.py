@@ -345,23 +345,24 @@ def main(argv: list[str] | None = None) -> int:
     apply_safe_environment()  # no telemetry, no update check, no runtime pip/uv installs
     args = parser().parse_args(argv)
     try:
-        from fedcare.superlink_app import build_superlink_app, require_verified_flower
+        from fedcare.superlink_app import ControlListener, build_superlink_app, require_verified_flower
 
         settings = LauncherSettings.from_args(args)
         require_verified_flower()  # before anything is bound or created
         control_sockets = bind(settings.control_host, settings.control_port)
         public_sockets = bind(settings.public_host, settings.public_port)
-        flower = build_superlink_app(
+        control = ControlListener(
             settings.control_host,
             settings.control_port,
             settings.ca_certificate,
             settings.control_certificate,
             settings.control_key,
-            settings.database,
-            settings.runtime_dependency_install,
         )
+        flower = build_superlink_app(control, settings.database, settings.runtime_dependency_install)
     except FedcareError as exc:
-        print(f"error: {exc.problem}" + (f" -> {exc.hint}" if exc.hint else ""), file=sys.stderr, flush=True)
+        from fedcare.error_output import print_error
+
+        print_error(exc)
         return 2
     import uvicorn
 

@@ -39,3 +39,11 @@ def remove_previous(root: Path, marker: str, generator: str) -> None:
             )
     for folder in folders:
         shutil.rmtree(folder)
+
+
+def publish_staged(root: Path, staging: Path, names: list[str], marker: str, generator: str) -> None:
+    """Replace the generator's previous hospital folders under ``root`` with the ones written in
+    ``staging`` (``names``); a folder the generator did not write is refused, and nothing moves."""
+    remove_previous(root, marker, generator)
+    for name in names:
+        (staging / name).rename(root / name)

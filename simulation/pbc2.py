@@ -45,7 +45,7 @@ import pandas as pd
 
 from fedcare.atomic_files import SHARED, replace_file
 from fedcare.errors import FedcareError
-from simulation.folder_lock import locked_folder, remove_previous
+from simulation.folder_lock import locked_folder, publish_staged
 
 GENERATOR_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -269,9 +269,7 @@ def _write_all(root: Path, params: dict) -> list[Path]:
                     "sha256": {f: _sha256(folder / f) for f in ("events.csv", "schema.toml")},
                 }
             )
-        remove_previous(root, _MARKER_NAME, "PBC2")
-        for entry in entries:
-            (staging / entry["name"]).rename(root / entry["name"])
+        publish_staged(root, staging, [entry["name"] for entry in entries], _MARKER_NAME, "PBC2")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     manifest = {

@@ -40,7 +40,7 @@ from pydicom.uid import (
 
 from fedcare.atomic_files import SHARED, replace_file
 from fedcare.errors import FedcareError
-from simulation.folder_lock import locked_folder, remove_previous
+from simulation.folder_lock import locked_folder, publish_staged
 
 GENERATOR_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -579,9 +579,7 @@ def _write_all(root: Path, params: dict, counts: list[int], seed: int) -> list[H
                     "scanner": asdict(scanner),
                 }
             )
-        remove_previous(root, _MARKER_NAME, "synthetic")
-        for entry in entries:
-            (staging / entry["name"]).rename(root / entry["name"])
+        publish_staged(root, staging, [entry["name"] for entry in entries], _MARKER_NAME, "synthetic")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     manifest = {

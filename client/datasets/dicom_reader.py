@@ -137,11 +137,7 @@ def os_error_cause(exc: OSError) -> str:
 
 def read_dicom(path: str | os.PathLike, policy: ImagePolicy) -> list[np.ndarray]:
     """Decode the file at `path` into one (or, with multiframe="every", one per frame) image."""
-    name = str(path)
-    p = Path(path)
-    problem = path_problem(p)
-    if problem is not None:
-        raise DicomRejected(name, problem, "not-a-file")
+    name, p = _readable(path)
     with _guarded(name):
         ds = _parse(str(p), name, p.stat().st_size, defer_size=None)
         return decode_dataset(ds, policy, name)
@@ -160,13 +156,18 @@ def read_header(path: str | os.PathLike) -> Dataset:
     Used for PHI checks and sizes. Elements after Pixel Data (e.g. digital signatures) are read
     too, unlike with `stop_before_pixels`.
     """
-    name = str(path)
-    p = Path(path)
+    name, p = _readable(path)
+    with _guarded(name):
+        return _parse(str(p), name, p.stat().st_size, defer_size=64 * 1024)
+
+
+def _readable(path: str | os.PathLike) -> tuple[str, Path]:
+    """The file's name and path, refused (``not-a-file``) when it is not a regular readable file."""
+    name, p = str(path), Path(path)
     problem = path_problem(p)
     if problem is not None:
         raise DicomRejected(name, problem, "not-a-file")
-    with _guarded(name):
-        return _parse(str(p), name, p.stat().st_size, defer_size=64 * 1024)
+    return name, p
 
 
 def read_header_bytes(data: bytes, name: str) -> Dataset:
