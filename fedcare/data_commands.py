@@ -50,11 +50,16 @@ def check(
         "rows [the dataset's preset, as `fedcare simulate`]",
     ),
     dp: bool = typer.Option(True, "--dp/--no-dp", help="EHR: whether the run trains with DP-SGD (the default)"),
+    series: bool = typer.Option(
+        False, "--series", help="DICOM: read the folder as CT/MR series assembled into 3D volumes"
+    ),
 ) -> None:
     """Report files found, readable and rejected DICOM, label balance, sizes and identifying attributes
     (or, with --schema, an EHR table's rows, patients, missing values and label balance)."""
     if schema is not None:
         _check_ehr(path, schema, labels, as_json, batch_size, dp)
+    if series:
+        _check_series(path, as_json)
     try:
         from client.data_check import check_imaging_folder, render
         from client.datasets.dicom_reader import ImagePolicy
@@ -66,6 +71,21 @@ def check(
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
         Console(width=None if sys.stdout.isatty() else 160).print(render(report))
+    raise typer.Exit(EXIT_OK if report.ok else EXIT_PROBLEM)
+
+
+def _check_series(path: Path, as_json: bool) -> None:
+    """Read every series under ``path`` as a volume: exit 0 when all can train, 1 with the reasons if not."""
+    from client.series_check import check_series_folder, render_series
+
+    try:
+        report = check_series_folder(path)
+    except FedcareError as exc:
+        fail(exc, EXIT_USAGE)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        Console(width=None if sys.stdout.isatty() else 160).print(render_series(report))
     raise typer.Exit(EXIT_OK if report.ok else EXIT_PROBLEM)
 
 

@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
     CTImageStorage,
     ExplicitVRLittleEndian,
@@ -40,6 +39,7 @@ from pydicom.uid import (
 
 from fedcare.atomic_files import SHARED, replace_file
 from fedcare.errors import FedcareError
+from simulation.dicom_writing import deidentified_header
 from simulation.folder_lock import locked_folder, publish_staged
 
 GENERATOR_VERSION = 1
@@ -434,37 +434,10 @@ def _dicom_template(scanner: Scanner) -> Dataset:
 
 def _set_deidentified_header(ds: Dataset, scanner: Scanner, is_ct: bool, sop_class: str) -> None:
     """The identity-free attributes: SOP class, equipment, de-identification record, CT/SC geometry."""
-    ds.SpecificCharacterSet = "ISO_IR 100"
     ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"] if is_ct else ["DERIVED", "SECONDARY"]
-    ds.SOPClassUID = sop_class
-    ds.Modality = scanner.modality
-    ds.Manufacturer = "fedcare"
-    ds.ManufacturerModelName = f"synthetic {scanner.name}"
+    deidentified_header(ds, sop_class, scanner.modality, f"synthetic {scanner.name}")
     if not is_ct:
         ds.ConversionType = "SYN"  # Secondary Capture of a synthetic image
-    # Type-2 identifying attributes are present but EMPTY (PS3.15 basic profile: Z);
-    # names, IDs, dates, times, institutions and private tags are never written.
-    for keyword in (
-        "PatientName",
-        "PatientID",
-        "PatientBirthDate",
-        "PatientSex",
-        "StudyDate",
-        "StudyTime",
-        "ReferringPhysicianName",
-        "StudyID",
-        "AccessionNumber",
-    ):
-        setattr(ds, keyword, "")
-    ds.PatientIdentityRemoved = "YES"
-    ds.DeidentificationMethod = "fedcare synthetic"
-    code = Dataset()
-    code.CodeValue = "113100"
-    code.CodingSchemeDesignator = "DCM"
-    code.CodeMeaning = "Basic Application Confidentiality Profile"
-    ds.DeidentificationMethodCodeSequence = DicomSequence([code])
-    ds.LongitudinalTemporalInformationModified = "REMOVED"
-    ds.BurnedInAnnotation = "NO"
     ds.SeriesNumber = 1
     ds.InstanceNumber = 1
     if is_ct:

@@ -336,6 +336,12 @@ def _decode(ds, policy: ImagePolicy, name: str) -> list[np.ndarray]:
     return out
 
 
+def check_image_class(ds: Dataset, name: str) -> None:
+    """Refuse (``DicomRejected``, code ``non-image``) an object that is not an image: a structured
+    report, waveform, presentation state, document, segmentation, RT object or DICOMDIR."""
+    _check_sop_class(ds, name)
+
+
 def _check_sop_class(ds, name: str) -> None:
     sop = str(ds.get("SOPClassUID", "") or "")
     meta = getattr(ds, "file_meta", None)
