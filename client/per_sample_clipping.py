@@ -15,9 +15,9 @@ and reports the step to the accountant, exactly as for Opacus's own ghost clippi
 follow Opacus: ``min(1, C / (||g_i|| + 1e-6))`` over all parameters together (flat clipping).
 
 Supported layers: ``nn.Linear`` (any number of leading position dimensions, and called any
-number of times in one forward pass), ``nn.Conv2d`` (``groups=1``, zero padding),
-``nn.GroupNorm`` and the masked GRU's ``GRUGates``. A model with any other parameterised layer
-is refused.
+number of times in one forward pass), convolutions in 1, 2 or 3 dimensions, plain or transposed
+(``groups=1``, zero padding), ``nn.GroupNorm``, affine ``nn.InstanceNorm1d/2d/3d`` and the masked
+GRU's ``GRUGates``. A model with any other parameterised layer is refused.
 
 ``GRUGates`` is handled as one layer: the backward pass stops at its input map's output (the
 gate pre-activations of every time step, one tensor), and the hidden map's output gradients are
@@ -46,7 +46,9 @@ from fedcare.compat.torch import clipping_internals
 from fedcare.errors import FedcareError
 from shared_models.sequence_gru import GRUGates
 
-SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d, nn.GroupNorm, GRUGates)
+CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+SUPPORTED_LAYERS = (nn.Linear, *CONVOLUTIONS, nn.GroupNorm, *INSTANCE_NORMS, GRUGates)
 
 
 @dataclass(slots=True)
@@ -90,11 +92,13 @@ class PerSampleClipper:
                 own = [p for p in module.parameters(recurse=False) if p.requires_grad]
             if not own:
                 continue
-            if not isinstance(module, SUPPORTED_LAYERS) or (isinstance(module, nn.Conv2d) and not _plain_conv(module)):
+            if not isinstance(module, SUPPORTED_LAYERS) or (
+                isinstance(module, CONVOLUTIONS) and not _plain_conv(module)
+            ):
                 raise FedcareError(
                     f"layer '{name}' ({type(module).__name__}) has no fast per-sample gradient rule",
-                    "use Linear, Conv2d (groups=1, zero padding given in pixels) and GroupNorm layers, "
-                    "or train without DP",
+                    "use Linear, convolutions (1D/2D/3D, transposed too; groups=1, zero padding given in "
+                    "pixels), GroupNorm and InstanceNorm layers, or train without DP",
                 )
             self.layers.append((module, cast(_Rule, next(r for kind, r in _RULES.items() if isinstance(module, kind)))))
             covered.update(id(p) for p in own)
@@ -103,7 +107,7 @@ class PerSampleClipper:
         if missing:
             raise FedcareError(
                 f"parameters outside supported layers: {', '.join(missing)}",
-                "use Linear, Conv2d and GroupNorm layers, or train without DP",
+                "use Linear, convolution, GroupNorm and InstanceNorm layers, or train without DP",
             )
         self._own_params = [
             [p for p in m.parameters(recurse=isinstance(m, GRUGates)) if p.requires_grad] for m, _ in self.layers
@@ -245,8 +249,12 @@ _Rule = Callable[
 ]
 
 
-def _plain_conv(module: nn.Conv2d) -> bool:
-    return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+def _plain_conv(module: nn.Module) -> bool:
+    return (
+        module.groups == 1  # type: ignore[return-value]  # a convolution's attributes
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
+    )
 
 
 def _pairs(record: _Record) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -347,44 +355,60 @@ def _positions(tensors: list[torch.Tensor], batch: int) -> torch.Tensor:
     return torch.cat([t.reshape(batch, -1, t.shape[-1]) for t in tensors], dim=1)
 
 
-def _conv2d(module: nn.Conv2d, records: dict[nn.Module, _Record], out_views: dict[int, torch.Tensor]):
+# a convolution's weight gradient by its spatial dimensions (torch.nn.grad; its stub omits the module)
+_CONV_WEIGHT = {
+    1: torch.nn.grad.conv1d_weight,  # type: ignore[attr-defined]
+    2: torch.nn.grad.conv2d_weight,  # type: ignore[attr-defined]
+    3: torch.nn.grad.conv3d_weight,  # type: ignore[attr-defined]
+}
+
+
+def _conv(module: nn.Module, records: dict[nn.Module, _Record], out_views: dict[int, torch.Tensor]):
+    """Convolutions of any dimension, plain or transposed. Every sample's weight gradient at once: the
+    batch becomes the groups of one grouped convolution's weight gradient (several times faster on a
+    CPU than unfold + bmm). A transposed convolution's weight gradient is the weight gradient of the
+    convolution it is the adjoint of: its output gradient as that convolution's input, its input as
+    that convolution's output gradient."""
     record = records[module]
     pairs = _pairs(record)
     if not pairs:
         return None, None
+    conv = cast(nn.modules.conv._ConvNd, module)
+    transposed = isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
     per_sample_w: Any = None
     per_sample_b: Any = None
-    bias = module.bias is not None and module.bias.requires_grad
+    bias = conv.bias is not None and conv.bias.requires_grad
     for x, g in pairs:
-        # Every sample's weight gradient at once: the batch becomes the groups of one grouped
-        # convolution's weight gradient (several times faster on a CPU than unfold + bmm).
-        batch, c_in, c_out = x.shape[0], x.shape[1], g.shape[1]
-        w = torch.nn.grad.conv2d_weight(  # type: ignore[attr-defined]  # torch.nn's stub omits its grad module
-            x.reshape(1, batch * c_in, *x.shape[2:]),
-            (batch * c_out, c_in, *module.kernel_size),
-            g.reshape(1, batch * c_out, *g.shape[2:]),
-            stride=module.stride,
-            padding=module.padding,
-            dilation=module.dilation,
+        source, target = (g, x) if transposed else (x, g)  # the weight gradient's input and output gradient
+        batch, c_source, c_target = x.shape[0], source.shape[1], target.shape[1]
+        w = _CONV_WEIGHT[x.dim() - 2](
+            source.reshape(1, batch * c_source, *source.shape[2:]),
+            (batch * c_target, c_source, *conv.kernel_size),
+            target.reshape(1, batch * c_target, *target.shape[2:]),
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
             groups=batch,
-        ).reshape(batch, -1)  # (B, out*C*k*k)
+        ).reshape(batch, -1)  # (B, weight size)
         per_sample_w = w if per_sample_w is None else per_sample_w + w
         if bias:
-            b = g.sum((2, 3))
+            b = g.sum(tuple(range(2, g.dim())))
             per_sample_b = b if per_sample_b is None else per_sample_b + b
     sq = torch.linalg.vecdot(per_sample_w, per_sample_w)
     if bias:
         sq = sq + torch.linalg.vecdot(per_sample_b, per_sample_b)
 
     def summer(coef: torch.Tensor, column: torch.Tensor) -> None:
-        torch.mv(per_sample_w.t(), coef, out=out_views[id(module.weight)].view(-1))
+        torch.mv(per_sample_w.t(), coef, out=out_views[id(conv.weight)].view(-1))
         if bias:
-            torch.mv(per_sample_b.t(), coef, out=out_views[id(module.bias)])
+            torch.mv(per_sample_b.t(), coef, out=out_views[id(conv.bias)])
 
     return summer, sq
 
 
-def _group_norm(module: nn.GroupNorm, records: dict[nn.Module, _Record], out_views: dict[int, torch.Tensor]):
+def _group_norm(module: nn.Module, records: dict[nn.Module, _Record], out_views: dict[int, torch.Tensor]):
+    """GroupNorm and InstanceNorm (GroupNorm with one channel per group): per-sample gradients of the
+    affine scale and shift are sums over positions of the output gradient (times the normalised input)."""
     record = records[module]
     pairs = _pairs(record)
     if not pairs:
@@ -392,7 +416,8 @@ def _group_norm(module: nn.GroupNorm, records: dict[nn.Module, _Record], out_vie
     gamma: Any = None
     beta: Any = None
     for x, g in pairs:
-        normed = F.group_norm(x, module.num_groups, eps=module.eps)
+        groups = module.num_groups if isinstance(module, nn.GroupNorm) else x.shape[1]
+        normed = F.group_norm(x, groups, eps=cast(float, module.eps))
         dims = tuple(range(2, x.dim()))
         w = (g * normed).sum(dims) if dims else g * normed  # (B, C)
         b = g.sum(dims) if dims else g
@@ -467,4 +492,10 @@ def _summed_map_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return sq.add_(g.sum(1).pow_(2).sum(1))
 
 
-_RULES = {nn.Linear: _linear, nn.Conv2d: _conv2d, nn.GroupNorm: _group_norm, GRUGates: _gru_gates}
+_RULES: dict[type[nn.Module], Any] = {
+    nn.Linear: _linear,
+    **dict.fromkeys(CONVOLUTIONS, _conv),
+    nn.GroupNorm: _group_norm,
+    **dict.fromkeys(INSTANCE_NORMS, _group_norm),
+    GRUGates: _gru_gates,
+}

@@ -65,11 +65,44 @@ CASES = {
         ),
         torch.randn(5, 2, 9, 9, dtype=torch.float64),
     ),
+    # 3D imaging layers: strided and transposed convolutions, 3D group and instance norm, a skip connection
+    "conv3d-unet": lambda: (_TinyUNet3d(), torch.randn(4, 1, 6, 8, 8, dtype=torch.float64)),
+    "conv1d-transposed": lambda: (
+        nn.Sequential(
+            nn.Conv1d(2, 3, 3, padding=1),
+            nn.ConvTranspose1d(3, 2, 4, stride=2, padding=1, output_padding=1, dilation=1),
+            nn.InstanceNorm1d(2, affine=True),
+            nn.Flatten(),
+            nn.Linear(2 * 19, 1),
+            nn.Flatten(0),
+        ),
+        torch.randn(5, 2, 9, dtype=torch.float64),
+    ),
     "gru": lambda: (build_model("gru", (6, 5)), _sequences(9, 6, 4)),
     "gru-long": lambda: (build_model("gru", (40, 3)), _sequences(4, 40, 2)),  # more steps than weights
     # enough samples x steps that the (T, T) Gram products are taken a chunk of samples at a time
     "gru-chunked": lambda: (build_model("gru", (40, 3)), _sequences(23, 40, 2)),
 }
+
+
+class _TinyUNet3d(nn.Module):
+    """A U-Net's parts in miniature: a strided 3D encoder, a transposed-convolution decoder, group and
+    instance norm, and the skip connection that feeds one input to two branches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Conv3d(1, 3, 3, padding=1)
+        self.norm = nn.GroupNorm(1, 3)
+        self.down = nn.Conv3d(3, 4, 3, stride=2, padding=1, dilation=1)
+        self.inorm = nn.InstanceNorm3d(4, affine=True)
+        self.up = nn.ConvTranspose3d(4, 3, 2, stride=2)
+        self.head = nn.Conv3d(6, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = torch.relu(self.norm(self.enc(x)))
+        deep = torch.relu(self.inorm(self.down(skip)))
+        joined = torch.cat([skip, self.up(deep)], dim=1)
+        return self.head(joined).mean(dim=(1, 2, 3, 4))
 
 
 def dp_step(
