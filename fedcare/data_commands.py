@@ -132,7 +132,7 @@ def _check_ehr(
 
 @data_app.command()
 def prepare(
-    dataset: str = typer.Argument(..., help="pbc2 | synthetic-imaging"),
+    dataset: str = typer.Argument(..., help="pbc2 | synthetic-imaging | synthetic-table | synthetic-ct"),
     root: Path = typer.Argument(..., help="where to write the hospital folders (root/hospital-<i>)"),
     hospitals: int | None = typer.Option(None, help="how many hospitals [the dataset's preset]"),
     seed: int = typer.Option(0, help="seed of the split / generator"),

@@ -16,6 +16,7 @@ from fedcare.errors import FedcareError
 
 GENERATED_DATASETS = GENERATED  # `fedcare simulate --dataset X` writes these itself (the dataset registry says which)
 TABLE_LAYOUTS = ("synthetic-table",)  # written as an ehr-table layout, read as `ehr-table`
+SERIES_LAYOUTS = ("synthetic-ct",)  # CT series with DICOM SEG masks: `fedcare data check DIR/hospital-0 --series`
 
 
 def prepare_dataset(dataset: str, root: Path, hospitals: int, seed: int = 0) -> list[Path]:
@@ -34,6 +35,11 @@ def prepare_dataset(dataset: str, root: Path, hospitals: int, seed: int = 0) -> 
         from simulation.synthetic_table import write_table_hospitals
 
         return write_table_hospitals(Path(root), hospitals, seed=seed)
+    if dataset == "synthetic-ct":
+        from simulation.synthetic_ct import write_ct_hospitals
+
+        return write_ct_hospitals(Path(root), hospitals, seed=seed)
     raise FedcareError(
-        f"dataset '{dataset}' is not generated", f"generated datasets: {', '.join(GENERATED_DATASETS + TABLE_LAYOUTS)}"
+        f"dataset '{dataset}' is not generated",
+        f"generated datasets: {', '.join(GENERATED_DATASETS + TABLE_LAYOUTS + SERIES_LAYOUTS)}",
     )

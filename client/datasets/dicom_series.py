@@ -58,6 +58,7 @@ class SliceHeader:
     shape: tuple[int, int]  # (Rows, Columns)
     slope: float = 1.0
     intercept: float = 0.0
+    instance_uid: str = ""  # SOPInstanceUID: how a segmentation refers to this slice (never printed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +115,7 @@ def slice_headers(ds: Any, file: str) -> list[SliceHeader]:
             shape,
             _number(ds, "RescaleSlope", 1.0, file),
             _number(ds, "RescaleIntercept", 0.0, file),
+            str(ds.get("SOPInstanceUID", "")),
         )
     ]
 
@@ -273,6 +275,7 @@ class SeriesFolder:
     refused: list[tuple[str, str]]  # (the series' name, the reason): two series may share a folder
     unreadable: dict[str, str]
     identifying: dict[str, list[str]]
+    segmentations: dict[str, str] = dataclasses.field(default_factory=dict)  # DICOM SEG file -> its series UID
 
 
 def read_series_folder(root: Path, names: Iterable[str], retain: tuple[str, ...] = ()) -> SeriesFolder:
@@ -280,44 +283,86 @@ def read_series_folder(root: Path, names: Iterable[str], retain: tuple[str, ...]
 
     The de-identification guard runs on every slice's header before any pixel is decoded; whether
     its findings stop the load is the caller's policy (``identifying`` lists them)."""
-    groups, unreadable, identifying = group_series(root, names, retain)
+    grouped = group_series(root, names, retain)
     volumes, refused = [], []
-    for headers in groups.values():
+    for headers in grouped.series.values():
         try:
             volumes.append(assemble_volume(headers, root))
         except SeriesRejected as exc:
             refused.append((exc.where, exc.reason))
     volumes.sort(key=lambda v: v.where)
     refused.sort()
-    return SeriesFolder(volumes, refused, unreadable, identifying)
+    return SeriesFolder(volumes, refused, grouped.unreadable, grouped.identifying, grouped.segmentations)
 
 
-def group_series(
-    root: Path, names: Iterable[str], retain: tuple[str, ...] = ()
-) -> tuple[dict[str, list[tuple[Any, str]]], dict[str, str], dict[str, list[str]]]:
-    """Each readable file's header grouped by SeriesInstanceUID, the files that are not DICOM images
-    with their reason, and the guard's findings per file."""
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+@dataclasses.dataclass
+class GroupedFiles:
+    """A folder's files sorted by what they are: image headers by series, segmentations by the
+    series they segment, files that are neither (with the reason), and the guard's findings."""
+
+    series: dict[str, list[tuple[Any, str]]] = dataclasses.field(default_factory=dict)
+    segmentations: dict[str, str] = dataclasses.field(default_factory=dict)  # SEG file -> series UID
+    unreadable: dict[str, str] = dataclasses.field(default_factory=dict)
+    identifying: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+
+
+def group_series(root: Path, names: Iterable[str], retain: tuple[str, ...] = ()) -> GroupedFiles:
+    """Read every file's header once: the de-identification guard runs on each (images and
+    segmentations alike), then images are grouped by SeriesInstanceUID and DICOM SEG objects by the
+    series they reference."""
     from client.datasets.phi_guard import phi_findings
 
-    groups: dict[str, list[tuple[Any, str]]] = {}
-    rejected: dict[str, str] = {}
-    identifying: dict[str, list[str]] = {}
+    grouped = GroupedFiles()
     for name in names:
         try:
             ds = read_header(root / name)
-            check_image_class(ds, name)
         except DicomRejected as exc:
-            rejected[name] = exc.reason
+            grouped.unreadable[name] = exc.reason
             continue
         findings = phi_findings(ds, retain=retain)
         if findings:
-            identifying[name] = findings
+            grouped.identifying[name] = findings
+        if str(ds.get("SOPClassUID", "")) == SEGMENTATION_STORAGE:
+            referenced = ds.get("ReferencedSeriesSequence") or []
+            if len(referenced) != 1 or not referenced[0].get("SeriesInstanceUID"):
+                grouped.unreadable[name] = "a segmentation that does not reference exactly one series"
+            else:
+                grouped.segmentations[name] = str(referenced[0].SeriesInstanceUID)
+            continue
+        try:
+            check_image_class(ds, name)
+        except DicomRejected as exc:
+            grouped.unreadable[name] = exc.reason
+            continue
         uid = ds.get("SeriesInstanceUID")
         if not uid:
-            rejected[name] = "no SeriesInstanceUID (0020,000E): cannot tell which series it belongs to"
+            grouped.unreadable[name] = "no SeriesInstanceUID (0020,000E): cannot tell which series it belongs to"
             continue
-        groups.setdefault(str(uid), []).append((ds, name))
-    return groups, rejected, identifying
+        grouped.series.setdefault(str(uid), []).append((ds, name))
+    return grouped
+
+
+def read_mask(root: Path, seg_name: str, volume: SeriesVolume) -> np.ndarray:
+    """A DICOM SEG object's segments combined into one boolean mask aligned with ``volume``'s slices
+    (by the SOP Instance UIDs its frames were derived from); refused naming the file when it does
+    not fit the series."""
+    import highdicom as hd
+
+    uids = [s.instance_uid for s in volume.geometry.slices]
+    with quiet_pydicom():
+        try:
+            seg = hd.seg.segread(str(root / seg_name))
+            pixels = seg.get_pixels_by_source_instance(
+                source_sop_instance_uids=uids, combine_segments=True, skip_overlap_checks=True
+            )
+        except Exception as exc:  # highdicom refuses a SEG that does not match its source its own way
+            raise SeriesRejected(seg_name, f"segmentation does not fit {volume.where} ({type(exc).__name__})") from None
+    if pixels.shape != volume.voxels.shape:
+        raise SeriesRejected(seg_name, f"segmentation frames are not the size of {volume.where}'s slices")
+    return pixels > 0
 
 
 def assemble_volume(headers: Sequence[tuple[Any, str]], root: Path) -> SeriesVolume:
