@@ -74,34 +74,7 @@ class PerSampleClipper:
             raise FedcareError(f"max_grad_norm must be > 0, got {max_grad_norm}")
         self.max_grad_norm = float(max_grad_norm)
         self._torch = clipping_internals()  # torch's internals, or their public equivalents on another torch
-        self.layers: list[tuple[nn.Module, _Rule]] = []
-        covered: set[int] = set()
-        inside: set[int] = set()  # the parts of a composite layer, recorded for it
-        for name, module in model.named_modules():
-            if id(module) in inside:
-                continue
-            if isinstance(module, GRUGates):
-                inside.update(id(m) for m in module.modules())
-                own = [p for p in module.parameters() if p.requires_grad]
-                if own and len(own) != len(list(module.parameters())):
-                    raise FedcareError(
-                        f"layer '{name}' (GRUGates) has some parameters frozen",
-                        "train all of a GRU cell's parameters or none of them",
-                    )
-            else:
-                own = [p for p in module.parameters(recurse=False) if p.requires_grad]
-            if not own:
-                continue
-            if not isinstance(module, SUPPORTED_LAYERS) or (
-                isinstance(module, CONVOLUTIONS) and not _plain_conv(module)
-            ):
-                raise FedcareError(
-                    f"layer '{name}' ({type(module).__name__}) has no fast per-sample gradient rule",
-                    "use Linear, convolutions (1D/2D/3D, transposed too; groups=1, zero padding given in "
-                    "pixels), GroupNorm and InstanceNorm layers, or train without DP",
-                )
-            self.layers.append((module, cast(_Rule, next(r for kind, r in _RULES.items() if isinstance(module, kind)))))
-            covered.update(id(p) for p in own)
+        self.layers, covered = _supported_layers(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
         missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
         if missing:
@@ -239,6 +212,38 @@ class PerSampleClipper:
         if reference_counts is not None:
             free.extend(reference_counts(flat, views))
         return flat, views, out
+
+
+def _supported_layers(model: nn.Module) -> tuple[list[tuple[nn.Module, _Rule]], set[int]]:
+    """Each parameterised layer with its per-sample rule, and the ids of the parameters they cover;
+    a layer without a rule is refused by name."""
+    layers: list[tuple[nn.Module, _Rule]] = []
+    covered: set[int] = set()
+    inside: set[int] = set()  # the parts of a composite layer, recorded for it
+    for name, module in model.named_modules():
+        if id(module) in inside:
+            continue
+        if isinstance(module, GRUGates):
+            inside.update(id(m) for m in module.modules())
+            own = [p for p in module.parameters() if p.requires_grad]
+            if own and len(own) != len(list(module.parameters())):
+                raise FedcareError(
+                    f"layer '{name}' (GRUGates) has some parameters frozen",
+                    "train all of a GRU cell's parameters or none of them",
+                )
+        else:
+            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        if not isinstance(module, SUPPORTED_LAYERS) or (isinstance(module, CONVOLUTIONS) and not _plain_conv(module)):
+            raise FedcareError(
+                f"layer '{name}' ({type(module).__name__}) has no fast per-sample gradient rule",
+                "use Linear, convolutions (1D/2D/3D, transposed too; groups=1, zero padding given in "
+                "pixels), GroupNorm and InstanceNorm layers, or train without DP",
+            )
+        layers.append((module, cast(_Rule, next(r for kind, r in _RULES.items() if isinstance(module, kind)))))
+        covered.update(id(p) for p in own)
+    return layers, covered
 
 
 # Writes a layer's clipped sum into its gradient views, given the clip factors as (B,) and (B, 1).

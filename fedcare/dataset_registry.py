@@ -15,7 +15,7 @@ from typing import Any
 
 from fedcare.errors import FedcareError
 
-TASKS = ("tabular", "sequence", "image")
+TASKS = ("tabular", "sequence", "image", "volume")
 # [data] keys every DICOM source takes (the de-identification guard and unreadable-file handling)
 _DICOM_KEYS = frozenset({"multiframe", "require-deidentified", "on-unreadable"})
 
@@ -25,7 +25,7 @@ class DatasetSpec:
     """One dataset: what its hospitals hold and how a node and a simulation find it."""
 
     name: str
-    task: str  # tabular | sequence | image: which models can train on it
+    task: str  # tabular | sequence | image | volume: which models can train on it
     summary: str  # one line for help texts
     required_keys: frozenset[str]  # hospital.toml [data] keys a node must set for it
     optional_keys: frozenset[str] = frozenset()
@@ -82,6 +82,31 @@ REGISTRY: Mapping[str, DatasetSpec] = MappingProxyType(
                 },
                 generated=True,
                 hospital_folders=True,
+            ),
+            DatasetSpec(
+                "synthetic-ct",
+                "volume",
+                "generated CT hospitals: DICOM series with SEG lesion masks (`fedcare data prepare synthetic-ct DIR`)",
+                frozenset({"data-root", "partition-id"}),
+                frozenset({"require-deidentified", "on-unreadable"}),
+                preset={
+                    "num_rounds": 10,
+                    "local_epochs": 2,
+                    "batch_size": 8,
+                    "learning_rate": 0.1,
+                    "target_epsilon": 8.0,
+                    "hospitals": 4,
+                },
+                generated=True,
+                hospital_folders=True,
+            ),
+            DatasetSpec(
+                "dicom-series",
+                "volume",
+                "a hospital's own CT/MR series folder + labels.csv (StudyInstanceUID,label)",
+                frozenset({"data-path"}),
+                frozenset({"labels", "require-deidentified", "on-unreadable"}),
+                preset={"local_epochs": 2, "batch_size": 8, "learning_rate": 0.1},
             ),
             DatasetSpec(
                 "ehr-table",

@@ -1,7 +1,8 @@
 """Build a model by name, so server and hospitals instantiate the same architecture.
 
 Each model says which input kind it trains on; ``input_shape`` is one sample's shape as the
-statistics round reports it: (d,) for tables, (T, d + 1) for masked sequences, (C, S, S) for images.
+statistics round reports it: (d,) for tables, (T, d + 1) for masked sequences, (C, S, S) for images,
+(C, X, Y, Z) for volumes.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from fedcare.errors import FedcareError
 if TYPE_CHECKING:  # torch is imported only when a model is built: run-config checks stay light
     from torch import nn
 
-MODEL_TASKS = {"logistic": "tabular", "mlp": "tabular", "cnn": "image", "gru": "sequence"}
-DEFAULT_MODEL = {"tabular": "logistic", "image": "cnn", "sequence": "gru"}
+MODEL_TASKS = {"logistic": "tabular", "mlp": "tabular", "cnn": "image", "gru": "sequence", "densenet3d": "volume"}
+DEFAULT_MODEL = {"tabular": "logistic", "image": "cnn", "sequence": "gru", "volume": "densenet3d"}
 
 
 def resolve_model(name: str, task: str) -> str:
@@ -49,6 +50,11 @@ def build_model(name: str, input_shape: int | Sequence[int], hidden_units: int =
 
         _expect(name, shape, 3, "(channels, size, size)")
         return SmallCNN(image_size=shape[-1], channels=shape[0])
+    if name == "densenet3d":
+        from shared_models.volume_densenet import VolumeDenseNet
+
+        _expect(name, shape, 4, "(channels, x, y, z)")
+        return VolumeDenseNet(channels=shape[0], spatial=shape[1:])
     if name == "gru":
         from shared_models.sequence_gru import SequenceGRU
 

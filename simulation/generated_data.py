@@ -16,7 +16,6 @@ from fedcare.errors import FedcareError
 
 GENERATED_DATASETS = GENERATED  # `fedcare simulate --dataset X` writes these itself (the dataset registry says which)
 TABLE_LAYOUTS = ("synthetic-table",)  # written as an ehr-table layout, read as `ehr-table`
-SERIES_LAYOUTS = ("synthetic-ct",)  # CT series with DICOM SEG masks: `fedcare data check DIR/hospital-0 --series`
 
 
 def prepare_dataset(dataset: str, root: Path, hospitals: int, seed: int = 0) -> list[Path]:
@@ -41,5 +40,5 @@ def prepare_dataset(dataset: str, root: Path, hospitals: int, seed: int = 0) -> 
         return write_ct_hospitals(Path(root), hospitals, seed=seed)
     raise FedcareError(
         f"dataset '{dataset}' is not generated",
-        f"generated datasets: {', '.join(GENERATED_DATASETS + TABLE_LAYOUTS + SERIES_LAYOUTS)}",
+        f"generated datasets: {', '.join(GENERATED_DATASETS + TABLE_LAYOUTS)}",
     )

@@ -22,7 +22,7 @@ def test_every_consumer_reads_the_registry():
         assert DATA_KEYS[name] == (set(spec.required_keys), set(spec.optional_keys))
         resolve_model("auto", spec.task)  # every dataset has a default model
         assert RunSettings.for_dataset(name).replace(data_root="x").dataset == name
-    assert GENERATED_DATASETS == GENERATED == ("pbc2", "synthetic-imaging")
+    assert GENERATED_DATASETS == GENERATED == ("pbc2", "synthetic-imaging", "synthetic-ct")
 
 
 def test_the_bundled_hospital_count_is_the_loaders():

@@ -78,7 +78,7 @@ def hospital_name(dataset: str, source: DataSource) -> str:
             return load_hospital(dataset, source).name  # raises the error that says what to set
         return CENTERS[source.partition_id]
     if (
-        dataset_task(dataset) == "image"
+        dataset_task(dataset) in ("image", "volume")
         or dataset == "pbc2"
         or (dataset in ("ehr-table", "ehr-events") and not source.data_path)
     ):
@@ -98,6 +98,8 @@ def load_hospital(dataset: str, source: DataSource) -> HospitalData:
                 "start the node with --node-config 'partition-id=N' (0-based hospital index)",
             )
         return load_center(source.partition_id)
+    if task == "volume":
+        return _volume_hospital(hospital_folder(source, dataset), source)
     if task == "image":
         folder = hospital_folder(source, dataset)
         return _image_hospital(folder, Path(source.labels) if source.labels else folder / "labels.csv", source)
@@ -140,6 +142,19 @@ def _own_files(dataset: str, source: DataSource) -> tuple[Path, Path]:
             "start the node with --node-config \"data-path='/data/table.csv' schema='/data/schema.toml'\"",
         )
     return Path(source.data_path), Path(source.schema)
+
+
+def _volume_hospital(folder: Path, source: DataSource) -> HospitalData:
+    from client.datasets.volume_hospital import VolumePolicy, load_volume_hospital
+
+    return load_volume_hospital(
+        folder,
+        Path(source.labels) if source.labels else folder / "labels.csv",
+        VolumePolicy(),
+        Path(source.cache_dir),
+        require_deidentified=source.require_deidentified,
+        on_unreadable=source.on_unreadable,
+    )
 
 
 def _image_hospital(folder: Path, labels: Path, source: DataSource) -> HospitalData:

@@ -6,7 +6,8 @@ treat them alike:
 - ``tabular``: x is (n, d) encoded features;
 - ``sequence``: x is (n, T, d + 1), left-padded per-patient event sequences whose last channel is
   the mask (1 = real step), so the latest event is always the last step;
-- ``image``: x is (n, C, S, S) pixels already windowed into [0, 1] by the DICOM reader.
+- ``image``: x is (n, C, S, S) pixels already windowed into [0, 1] by the DICOM reader;
+- ``volume``: x is (n, 1, X, Y, Z) CT/MR volumes resampled and windowed into [0, 1].
 
 Numeric features (tabular columns, sequence step channels) are clipped to their public ranges and
 standardised with the federation's agreed mean and scale; missing values arrive as NaN and land on the pooled mean (0 after
@@ -24,7 +25,7 @@ import numpy as np
 
 from fedcare.errors import FedcareError
 
-TASKS = ("tabular", "sequence", "image")
+TASKS = ("tabular", "sequence", "image", "volume")
 
 
 @dataclass
@@ -81,7 +82,7 @@ class HospitalData:
         Clipping keeps an impossible value (an age of 65,526) from training as it is: it would
         dominate its patient's gradient and can push an update outside the secure-aggregation range.
         """
-        if self.task == "image" or not self.numeric_features:
+        if self.task in ("image", "volume") or not self.numeric_features:
             return x.astype(np.float32, copy=False)
         cols = self.numeric_columns()
         out = x.astype(np.float32, copy=True)
@@ -132,7 +133,7 @@ class HospitalData:
                 f"hospital '{self.name}' has {n} training samples, fewer than one batch ({batch_size})", hint
             )
         x = self.x_train
-        if self.task != "image" and self.numeric_features:
+        if self.task not in ("image", "volume") and self.numeric_features:
             x = np.delete(x, self.numeric_columns(), axis=-1)
         bad = ~np.isfinite(x)
         if bad.any():

@@ -1,0 +1,46 @@
+"""The 3D classification network: MONAI's DenseNet, sized for CT volumes trained with DP-SGD.
+
+GroupNorm instead of BatchNorm (batch statistics mix patients, which DP-SGD's per-sample
+gradients cannot allow), no dropout, and a small configuration (8 initial features, growth 8,
+blocks of 2, 4 and 4 layers) so a DP step on a CPU stays affordable. Every layer it uses has a
+per-sample clipping rule (``client/per_sample_clipping.py``: Conv3d, GroupNorm, Linear).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from fedcare.errors import FedcareError
+
+
+class VolumeDenseNet(nn.Module):
+    """(B, C, X, Y, Z) volumes -> (B,) logits."""
+
+    def __init__(self, channels: int = 1, spatial: Sequence[int] = (32, 32, 20)) -> None:
+        from monai.networks.nets import DenseNet
+
+        super().__init__()
+        self.channels, self.spatial = channels, tuple(int(s) for s in spatial)
+        self.net = DenseNet(
+            spatial_dims=3,
+            in_channels=channels,
+            out_channels=1,
+            init_features=8,
+            growth_rate=8,
+            block_config=(2, 4, 4),
+            bn_size=2,
+            norm=("group", {"num_groups": 2}),
+            dropout_prob=0.0,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5 or x.shape[1] != self.channels or tuple(x.shape[2:]) != self.spatial:
+            raise FedcareError(
+                f"VolumeDenseNet expects volumes shaped (B, {self.channels}, {', '.join(map(str, self.spatial))}), "
+                f"got {tuple(x.shape)}",
+                "load volumes with the policy the model was built for",
+            )
+        return self.net(x).squeeze(-1)
