@@ -2,7 +2,9 @@
 
 GroupNorm instead of BatchNorm (batch statistics mix patients, which DP-SGD's per-sample
 gradients cannot allow), no dropout, and a small configuration (8 initial features, growth 8,
-blocks of 2, 4 and 4 layers) so a DP step on a CPU stays affordable. Every layer it uses has a
+blocks of 2, 4 and 4 layers) so a DP step on a CPU stays affordable. MONAI's own head averages the
+last features over the volume, which washes out a lesion of a few dozen voxels; the head here
+reads both the maximum and the mean of each feature map (as the 2D CNN does). Every layer it uses has a
 per-sample clipping rule (``client/per_sample_clipping.py``: Conv3d, GroupNorm, Linear).
 """
 
@@ -35,6 +37,11 @@ class VolumeDenseNet(nn.Module):
             norm=("group", {"num_groups": 2}),
             dropout_prob=0.0,
         )
+        del self.net.class_layers  # replaced: a small lesion is found by a maximum, not an average
+        last_norm = self.net.features[-1]
+        assert isinstance(last_norm, nn.GroupNorm)  # MONAI's DenseNet ends its features with the norm
+        features = last_norm.num_channels
+        self.head = nn.Linear(2 * features, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 5 or x.shape[1] != self.channels or tuple(x.shape[2:]) != self.spatial:
@@ -43,4 +50,6 @@ class VolumeDenseNet(nn.Module):
                 f"got {tuple(x.shape)}",
                 "load volumes with the policy the model was built for",
             )
-        return self.net(x).squeeze(-1)
+        h = torch.relu(self.net.features(x))
+        pooled = torch.cat([h.amax(dim=(2, 3, 4)), h.mean(dim=(2, 3, 4))], dim=1)
+        return self.head(pooled).squeeze(-1)

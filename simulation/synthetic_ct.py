@@ -6,7 +6,7 @@ its own CT scanner, as hospitals' scanners differ:
 - slice spacing (1.5 to 5 mm) and pixel spacing (1.0 to 1.6 mm): the same body gives different
   matrix sizes, so a model must see volumes resampled to one spacing;
 - patient orientation (head first, or feet first with the slice normal reversed);
-- noise (10 to 30 HU) and intensity calibration (an offset of up to 25 HU), and how values are
+- noise (10 to 22 HU) and intensity calibration (an offset of up to 25 HU), and how values are
   stored (RescaleIntercept -1024 with slope 1, or slope 0.5 with intercept -2048).
 
 Each study is one series of a phantom abdomen: an ellipsoid body (fat, muscle), one organ, and in
@@ -39,14 +39,14 @@ from fedcare.errors import FedcareError
 from simulation.dicom_writing import CTGeometry, WrittenSeries, write_ct_series
 from simulation.folder_lock import locked_folder, publish_staged
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 _MARKER_NAME = ".fedcare-synthetic-ct"
 FIELD_OF_VIEW_MM = (40.0, 64.0, 64.0)  # (along the body, rows, columns): the phantom's box
-STUDIES_PER_HOSPITAL = (40, 32, 26, 20)  # non-IID sizes, cycled past four hospitals
+STUDIES_PER_HOSPITAL = (64, 52, 44, 36)  # non-IID sizes, cycled past four hospitals
 PREVALENCE = (0.5, 0.4, 0.6, 0.45)  # chance of a lesion, per hospital (cycled)
-LESION_RADIUS_MM = (4.0, 8.0)
-LESION_CONTRAST_HU = (25.0, 45.0)  # |lesion - organ|, darker or brighter at random
+LESION_RADIUS_MM = (5.0, 9.0)
+LESION_CONTRAST_HU = (50.0, 90.0)  # |lesion - organ|, darker or brighter at random
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,10 +83,10 @@ class CTScanner:
 
 
 SCANNERS = (
-    CTScanner("scanner A", 2.5, 1.0, False, 12.0, 0.0, 1.0, -1024.0),
-    CTScanner("scanner B", 5.0, 1.25, True, 20.0, 15.0, 0.5, -2048.0),
-    CTScanner("scanner C", 1.5, 1.6, False, 30.0, -25.0, 1.0, -1024.0),
-    CTScanner("scanner D", 3.0, 1.0, True, 16.0, 8.0, 1.0, -1024.0),
+    CTScanner("scanner A", 2.5, 1.0, False, 10.0, 0.0, 1.0, -1024.0),
+    CTScanner("scanner B", 5.0, 1.25, True, 16.0, 15.0, 0.5, -2048.0),
+    CTScanner("scanner C", 1.5, 1.6, False, 22.0, -25.0, 1.0, -1024.0),
+    CTScanner("scanner D", 3.0, 1.0, True, 14.0, 8.0, 1.0, -1024.0),
 )
 
 
@@ -119,7 +119,7 @@ def phantom(scanner: CTScanner, rng: np.random.Generator, lesion: bool) -> tuple
     hu = np.full(shape, -1000.0)
     hu[body] = -90.0  # fat
     hu[body & (((y - half[1]) / 22.0) ** 2 + ((x - half[2]) / 24.0) ** 2 <= 1.0)] = 45.0  # muscle/soft tissue
-    hu[organ] = 60.0 + rng.normal(0.0, 5.0)
+    hu[organ] = 90.0 + rng.normal(0.0, 5.0)  # an enhancing organ, brighter than the muscle around it
     mask = np.zeros(shape, dtype=bool)
     if lesion:
         radius = rng.uniform(*LESION_RADIUS_MM)
