@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -67,25 +69,26 @@ def check(
         report = check_imaging_folder(path, labels, ImagePolicy(size=image_size, multiframe=multiframe))
     except FedcareError as exc:
         fail(exc, EXIT_USAGE)
-    if as_json:
-        typer.echo(json.dumps(report.to_dict(), indent=2))
-    else:
-        Console(width=None if sys.stdout.isatty() else 160).print(render(report))
-    raise typer.Exit(EXIT_OK if report.ok else EXIT_PROBLEM)
+    _emit(report, render, as_json)
 
 
 def _check_series(path: Path, as_json: bool) -> None:
     """Read every series under ``path`` as a volume: exit 0 when all can train, 1 with the reasons if not."""
-    from client.series_check import check_series_folder, render_series
+    from client.data_check import check_series_folder, render_series
 
     try:
-        report = check_series_folder(path)
+        series_report = check_series_folder(path)
     except FedcareError as exc:
         fail(exc, EXIT_USAGE)
+    _emit(series_report, render_series, as_json)
+
+
+def _emit(report: Any, render: Callable[[Any], Any], as_json: bool) -> NoReturn:
+    """Print a check's report (JSON or a rich table) and exit 0 when it is ok, 1 when not."""
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
-        Console(width=None if sys.stdout.isatty() else 160).print(render_series(report))
+        Console(width=None if sys.stdout.isatty() else 160).print(render(report))
     raise typer.Exit(EXIT_OK if report.ok else EXIT_PROBLEM)
 
 
