@@ -1,7 +1,7 @@
 """DP-SGD step time and peak memory against a plain step, per model family, side by side in one run.
 
-For each family (logistic and MLP on tables, the GroupNorm CNN on images, the masked GRU on event
-sequences) one step of the same architecture on the same batch is timed in four ways:
+For each family (logistic and MLP on tables, the GroupNorm CNN on images, MONAI's 3D DenseNet and
+U-Net on CT volumes, the masked GRU on event sequences) one step of the same architecture on the same batch is timed in four ways:
 
 - ``plain``: non-DP SGD (for sequences: PyTorch's fused ``nn.GRU``, the issue's baseline; the
   fedcare GRU without DP is shown too),
@@ -96,6 +96,36 @@ class Case:
     plain_model: Callable[[], nn.Module] | None = None  # baseline architecture when it differs
 
 
+class VoxelMean(nn.Module):
+    """A segmentation network reduced to one logit per volume (the mean over voxels), so its DP step
+    is timed with the same per-sample loss as the other cases: the backward pass still runs through
+    every voxel's output."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).mean(dim=(1, 2, 3, 4))
+
+
+def _unet3d() -> nn.Module:
+    from monai.networks.nets import UNet
+
+    return VoxelMean(
+        UNet(
+            spatial_dims=3,
+            in_channels=1,
+            out_channels=1,
+            channels=(8, 16, 32),
+            strides=(2, 2),
+            num_res_units=1,
+            norm=("group", {"num_groups": 1}),
+            act="RELU",
+        )
+    )
+
+
 def _sequences(steps: int, features: int) -> Callable[[int], torch.Tensor]:
     def make(n: int) -> torch.Tensor:
         x = torch.randn(n, steps, features + 1)
@@ -139,6 +169,22 @@ CASES = [
         lambda n: torch.randn(n, 1, 64, 64),
         32,
         1.8,
+    ),
+    Case(
+        "3D DenseNet (MONAI, GroupNorm) 1x32x32x20, batch 8 (synthetic-ct preset)",
+        "volume",
+        lambda: build_model("densenet3d", (1, 32, 32, 20)),
+        lambda n: torch.rand(n, 1, 32, 32, 20),
+        8,
+        1.8,
+    ),
+    Case(
+        "3D U-Net (MONAI, GroupNorm, residual units) 1x32x32x20, batch 8",
+        "volume",
+        _unet3d,
+        lambda n: torch.rand(n, 1, 32, 32, 20),
+        8,
+        2.0,
     ),
     Case(
         "GRU h32, 5 steps x 18 features, batch 16 (PBC2 preset)",
