@@ -18,7 +18,8 @@ Dataset = Annotated[
     typer.Option(
         help="fed-heart-disease (4 real hospitals, tables) | "
         "pbc2 (real PBC2 lab sequences split across hospitals) | "
-        "synthetic-imaging (generated DICOM hospitals) | ehr-table / ehr-events "
+        "synthetic-imaging (generated DICOM hospitals) | synthetic-ct (generated CT series, 3D) | "
+        "ehr-table / ehr-events "
         "(your own multi-site tables under --data-root)"
     ),
 ]

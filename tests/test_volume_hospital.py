@@ -129,3 +129,14 @@ def test_identifying_attributes_in_a_slice_or_a_seg_stop_the_load(ct_root, tmp_p
     assert "Doe" not in str(caught.value)
     with (copy / "hospital-1" / "labels.csv").open() as handle:
         assert len(list(csv.reader(handle))) == 7
+
+
+def test_a_hospitals_own_series_folder_loads_as_dicom_series(ct_root, tmp_path):
+    from client.node_config import NodeConfig
+
+    source = NodeConfig.read(
+        {"data-path": str(ct_root / "hospital-0"), "cache-dir": str(tmp_path)}, {}, {}
+    ).data_source()
+    own = load_hospital("dicom-series", source)
+    generated = load_hospital("synthetic-ct", _source(ct_root, 0, tmp_path))
+    assert own.fingerprint() == generated.fingerprint() and own.name == "hospital-0"

@@ -294,12 +294,13 @@ def find_dicom_files(folder: Path, exclude: Iterable[Path] = ()) -> list[str]:
     """
     folder = Path(folder)
     skip = {p.resolve() for p in exclude}
+    skip_names = {p.name for p in skip}  # resolving every file's path would double a cached load's time
     found = []
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
         if any(part.startswith(".") for part in rel.parts) or path.name.upper() == "DICOMDIR":
             continue
-        if not path.is_file() or path.resolve() in skip:
+        if not path.is_file() or (path.name in skip_names and path.resolve() in skip):
             continue
         if path.suffix.lower() in DICOM_SUFFIXES or _has_dicm_marker(path):
             found.append(rel.as_posix())
