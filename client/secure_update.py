@@ -19,12 +19,10 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import ArrayRecord
 
-from fedcare import protocol
 from secure_aggregation import ClipRangeError, Quantizer, SecAggNode, messages
 from secure_aggregation.identity import Consortium
 
@@ -54,11 +52,6 @@ def forget_abandoned(ledger_dir: str | Path, keep: Path | None = None, older_tha
 def forget_all(ledger_dir: str | Path) -> int:
     """Delete every secure-aggregation state of this hospital (at node start: no run survives it)."""
     return forget_abandoned(ledger_dir, older_than_s=-1.0)
-
-
-def config(content: RecordDict) -> Mapping[str, Any]:
-    """The message's config record, where the server's secure-aggregation request rides."""
-    return content[protocol.CONFIG]
 
 
 def advertise(
