@@ -281,9 +281,14 @@ class SeriesFolder:
 def read_series_folder(root: Path, names: Iterable[str], retain: tuple[str, ...] = ()) -> SeriesFolder:
     """Every series among the files ``names`` (relative to ``root``): grouped, guarded, ordered, decoded.
 
-    The de-identification guard runs on every slice's header before any pixel is decoded; whether
-    its findings stop the load is the caller's policy (``identifying`` lists them)."""
-    grouped = group_series(root, names, retain)
+    The de-identification guard runs on every slice's header first; whether its findings stop the
+    load is the caller's policy (``identifying`` lists them). A caller that refuses identifying
+    files calls ``group_series`` and ``assemble_series`` itself, so no pixel is decoded first."""
+    return assemble_series(root, group_series(root, names, retain))
+
+
+def assemble_series(root: Path, grouped: GroupedFiles) -> SeriesFolder:
+    """Every grouped series assembled into a volume, or refused with its reason."""
     volumes, refused = [], []
     for headers in grouped.series.values():
         try:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from client.datasets.dicom_folder import find_dicom_files, phi_error
-from client.datasets.dicom_series import SeriesVolume, read_series_folder
+from client.datasets.dicom_series import SeriesVolume, assemble_series, group_series
 from client.datasets.hospital_data import HospitalData
 from fedcare.atomic_files import replace_file
 from fedcare.errors import FedcareError
@@ -77,9 +77,10 @@ def _read_and_process(
     require_deidentified: bool,
     on_unreadable: str,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    found = read_series_folder(folder, names)
-    if found.identifying and require_deidentified:
-        raise phi_error(found.identifying)
+    grouped = group_series(folder, names)
+    if grouped.identifying and require_deidentified:  # refused before any pixel is decoded
+        raise phi_error(grouped.identifying)
+    found = assemble_series(folder, grouped)
     problems = [f"{where}: {reason}" for where, reason in found.refused]
     problems += [f"{name}: {reason}" for name, reason in found.unreadable.items() if name not in found.segmentations]
     notes = []
