@@ -20,20 +20,19 @@ import time
 from datetime import date
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.bench_dicom_decode import train_epoch_seconds
 from bench.markdown_report import replace_section
-from client.datasets import DataSource, load_hospital
+from client.datasets import DataSource, HospitalData, load_hospital
 from simulation.synthetic_ct import SCANNERS, STUDIES_PER_HOSPITAL, write_ct_hospitals
 
 HEADING = "### CT series decode: first load and cached loads"
 DATASET = "synthetic-ct"
 
 
-def timed_loads(root: Path, index: int, cache: Path, loads: int) -> list[tuple[float, object]]:
+def timed_loads(root: Path, index: int, cache: Path, loads: int) -> list[tuple[float, HospitalData]]:
     """Load hospital ``index`` ``loads`` times with one cache: the first reads and resamples every series."""
     out = []
     for _ in range(loads):
@@ -41,38 +40,6 @@ def timed_loads(root: Path, index: int, cache: Path, loads: int) -> list[tuple[f
         data = load_hospital(DATASET, DataSource(partition_id=index, data_root=str(root), cache_dir=str(cache)))
         out.append((time.perf_counter() - t0, data))
     return out
-
-
-def train_epoch_seconds(x: np.ndarray, y: np.ndarray, dp: bool, batch_size: int) -> float:
-    """One local epoch of the 3D DenseNet at the preset batch (DP-SGD, or plain SGD)."""
-    from client.dp_trainer import DPSettings, train
-    from client.secret_randomness import SecretRandom
-    from shared_models.registry import build_model
-
-    model = build_model("densenet3d", x.shape[1:])
-    warm = build_model("densenet3d", x.shape[1:])  # first calls (imports, allocator) are not the epoch's cost
-    train(
-        warm,
-        x[:batch_size],
-        y[:batch_size],
-        epochs=1,
-        batch_size=batch_size,
-        lr=0.1,
-        dp=DPSettings(1.0, 1.0) if dp else None,
-        rng=SecretRandom.reproducible(1),
-    )
-    t0 = time.perf_counter()
-    train(
-        model,
-        x,
-        y,
-        epochs=1,
-        batch_size=batch_size,
-        lr=0.1,
-        dp=DPSettings(1.0, 1.0) if dp else None,
-        rng=SecretRandom.reproducible(0),
-    )
-    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -96,10 +63,10 @@ def main() -> None:
         for i in range(args.hospitals):
             loads = timed_loads(root, i, Path(tmp) / "cache", args.loads)
             data = loads[0][1]
-            n = len(data.y_train) + len(data.y_test)  # type: ignore[attr-defined]
+            n = len(data.y_train) + len(data.y_test)
             cached = min(s for s, _ in loads[1:])
-            dp_s = train_epoch_seconds(data.x_train, data.y_train, True, batch)  # type: ignore[attr-defined]
-            plain_s = train_epoch_seconds(data.x_train, data.y_train, False, batch)  # type: ignore[attr-defined]
+            dp_s = train_epoch_seconds(data.x_train, data.y_train, True, "densenet3d", batch, warm_up=True)
+            plain_s = train_epoch_seconds(data.x_train, data.y_train, False, "densenet3d", batch, warm_up=True)
             scanner = SCANNERS[i % len(SCANNERS)]
             rows.append(
                 f"| hospital-{i} ({scanner.slice_mm:g} mm slices, {scanner.pixel_mm:g} mm pixels"

@@ -29,6 +29,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -155,8 +156,6 @@ def write_ct_hospitals(root: Path, n_hospitals: int = 4, seed: int = 0) -> list[
                 _write_hospital(staging / f"hospital-{i}", i, seed)
             publish_staged(root, staging, [f.name for f in folders], _MARKER_NAME, "synthetic CT")
         finally:
-            import shutil
-
             shutil.rmtree(staging, ignore_errors=True)
         replace_file(manifest_path, json.dumps({"version": GENERATOR_VERSION, "params": params}), mode=SHARED)
     return folders

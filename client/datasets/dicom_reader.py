@@ -293,7 +293,7 @@ def _check_not_truncated(ds, name: str, file_size: int) -> None:
 
 
 def _decode(ds, policy: ImagePolicy, name: str) -> list[np.ndarray]:
-    _check_sop_class(ds, name)
+    check_image_class(ds, name)
     if not any(kw in ds for kw in _PIXEL_KEYWORDS):
         raise DicomRejected(name, "no Pixel Data (7FE0,0010) element", "no-pixel-data")
     rows, cols, frames = _geometry(ds, name)
@@ -339,10 +339,6 @@ def _decode(ds, policy: ImagePolicy, name: str) -> list[np.ndarray]:
 def check_image_class(ds: Dataset, name: str) -> None:
     """Refuse (``DicomRejected``, code ``non-image``) an object that is not an image: a structured
     report, waveform, presentation state, document, segmentation, RT object or DICOMDIR."""
-    _check_sop_class(ds, name)
-
-
-def _check_sop_class(ds, name: str) -> None:
     sop = str(ds.get("SOPClassUID", "") or "")
     meta = getattr(ds, "file_meta", None)
     if not sop and meta is not None:

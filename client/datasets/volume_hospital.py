@@ -82,7 +82,7 @@ def _read_and_process(
         raise phi_error(grouped.identifying)
     found = assemble_series(folder, grouped)
     problems = [f"{where}: {reason}" for where, reason in found.refused]
-    problems += [f"{name}: {reason}" for name, reason in found.unreadable.items() if name not in found.segmentations]
+    problems += [f"{name}: {reason}" for name, reason in found.unreadable.items()]
     notes = []
     if problems and on_unreadable == "error":
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")

@@ -67,6 +67,12 @@ CASES = {
     ),
     # 3D imaging layers: strided and transposed convolutions, 3D group and instance norm, a skip connection
     "conv3d-unet": lambda: (_TinyUNet3d(), torch.randn(4, 1, 6, 8, 8, dtype=torch.float64)),
+    # MONAI's own 3D networks as fedcare builds them: the DenseNet classifier and a GroupNorm U-Net
+    "densenet3d": lambda: (
+        build_model("densenet3d", (1, 16, 16, 16)),
+        torch.randn(3, 1, 16, 16, 16, dtype=torch.float64),
+    ),
+    "monai-unet3d": lambda: (_monai_unet3d(), torch.randn(3, 1, 8, 8, 8, dtype=torch.float64)),
     "conv1d-transposed": lambda: (
         nn.Sequential(
             nn.Conv1d(2, 3, 3, padding=1),
@@ -83,6 +89,19 @@ CASES = {
     # enough samples x steps that the (T, T) Gram products are taken a chunk of samples at a time
     "gru-chunked": lambda: (build_model("gru", (40, 3)), _sequences(23, 40, 2)),
 }
+
+
+def _monai_unet3d() -> nn.Module:
+    """MONAI's UNet (residual units, strided and transposed convolutions, GroupNorm), one logit per volume."""
+    from monai.networks.nets import UNet
+
+    unet = UNet(3, 1, 1, channels=(4, 8), strides=(2,), num_res_units=1, norm=("group", {"num_groups": 1}), act="RELU")
+    return nn.Sequential(unet, nn.Flatten(1), _Mean())
+
+
+class _Mean(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=1)
 
 
 class _TinyUNet3d(nn.Module):
