@@ -3,7 +3,7 @@ MONAI) and on cached loads, and a cached epoch's split between loading and DP tr
 
 Four generated CT hospitals (simulation/synthetic_ct.py: four scanners with different slice and
 pixel spacing, orientation and rescale), each loaded three times with one cache, side by side in one
-run; then one local epoch of the 3D DenseNet on each hospital's training volumes, with DP-SGD and
+run; then one local epoch of the default 3D model on each hospital's training volumes, with DP-SGD and
 without.
 
     .venv/bin/python bench/bench_series_decode.py --write docs/benchmarks.md
@@ -26,10 +26,12 @@ sys.path.insert(0, str(ROOT))
 from bench.bench_dicom_decode import train_epoch_seconds
 from bench.markdown_report import replace_section
 from client.datasets import DataSource, HospitalData, load_hospital
+from shared_models.registry import resolve_model
 from simulation.synthetic_ct import SCANNERS, STUDIES_PER_HOSPITAL, write_ct_hospitals
 
 HEADING = "### CT series decode: first load and cached loads"
 DATASET = "synthetic-ct"
+MODEL = resolve_model("auto", "volume")  # the model a synthetic-ct run trains
 
 
 def timed_loads(root: Path, index: int, cache: Path, loads: int) -> list[tuple[float, HospitalData]]:
@@ -65,8 +67,8 @@ def main() -> None:
             data = loads[0][1]
             n = len(data.y_train) + len(data.y_test)
             cached = min(s for s, _ in loads[1:])
-            dp_s = train_epoch_seconds(data.x_train, data.y_train, True, "densenet3d", batch, warm_up=True)
-            plain_s = train_epoch_seconds(data.x_train, data.y_train, False, "densenet3d", batch, warm_up=True)
+            dp_s = train_epoch_seconds(data.x_train, data.y_train, True, MODEL, batch, warm_up=True)
+            plain_s = train_epoch_seconds(data.x_train, data.y_train, False, MODEL, batch, warm_up=True)
             scanner = SCANNERS[i % len(SCANNERS)]
             rows.append(
                 f"| hospital-{i} ({scanner.slice_mm:g} mm slices, {scanner.pixel_mm:g} mm pixels"
@@ -87,7 +89,7 @@ def main() -> None:
             f"{args.hospitals} generated CT hospitals ({', '.join(map(str, STUDIES_PER_HOSPITAL[: args.hospitals]))} "
             f"studies, one series each, written in {write_s:.0f} s); {args.loads} loads per hospital with one "
             "cache (the first reads every slice, orders and decodes the series and resamples them with "
-            f"MONAI to 1x32x32x20 at 2 mm; later loads read the cache); 3D DenseNet, batch {batch}.",
+            f"MONAI to 1x32x32x20 at 2 mm; later loads read the cache); {MODEL}, batch {batch}.",
             "",
             "    .venv/bin/python bench/bench_series_decode.py --write docs/benchmarks.md",
             "",

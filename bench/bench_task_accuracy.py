@@ -57,6 +57,36 @@ def run(dataset: str, seed: int, work: Path) -> tuple[dict, float]:
     return json.loads((out / "results.json").read_text())["table"], time.perf_counter() - t0
 
 
+def dataset_section(title: str, tables: list[dict], seconds: list[float]) -> str:
+    """One dataset's per-hospital table: mean ± std over the seeds' ``results.json`` tables."""
+    names = [r["name"] for r in tables[0]["hospitals"]] + ["pooled"]
+    lines = [
+        f"#### {title}",
+        "",
+        "| hospital | train | test | fed acc | fed AUC | local acc | local AUC | pooled-trained acc | "
+        "pooled-trained AUC | epsilon spent |",
+        "|" + "---|" * 10,
+    ]
+    for name in names:
+        rows = [
+            t["pooled"] if name == "pooled" else next(r for r in t["hospitals"] if r["name"] == name) for t in tables
+        ]
+
+        def ms(kind: str, metric: str) -> str:
+            vals = [r[kind][metric] for r in rows if r.get(kind)]  # noqa: B023 - called in this iteration
+            return f"{np.mean(vals):.3f} ± {np.std(vals):.3f}" if vals else "-"
+
+        eps = max(r["epsilon"] or 0.0 for r in rows)
+        label = f"**{name}**" if name == "pooled" else name
+        lines.append(
+            f"| {label} | {rows[0]['train_n']} | {rows[0]['test_n']} | {ms('fed', 'accuracy')} | "
+            f"{ms('fed', 'auc')} | {ms('local', 'accuracy')} | {ms('local', 'auc')} | "
+            f"{ms('central', 'accuracy')} | {ms('central', 'auc')} | {eps:.2f} |"
+        )
+    lines += ["", f"Wall time per run (data prepared once, reused): {np.mean(seconds):.0f} s.", ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=2)
@@ -75,33 +105,7 @@ def main() -> None:
                     f"{dataset} seed {seed}: pooled fed acc {table['pooled']['fed']['accuracy']:.3f} ({sec:.0f} s)",
                     flush=True,
                 )
-            names = [r["name"] for r in tables[0]["hospitals"]] + ["pooled"]
-            lines = [
-                f"#### {title}",
-                "",
-                "| hospital | train | test | fed acc | fed AUC | local acc | local AUC | pooled-trained acc | "
-                "pooled-trained AUC | epsilon spent |",
-                "|" + "---|" * 10,
-            ]
-            for name in names:
-                rows = [
-                    t["pooled"] if name == "pooled" else next(r for r in t["hospitals"] if r["name"] == name)
-                    for t in tables
-                ]
-
-                def ms(kind: str, metric: str) -> str:
-                    vals = [r[kind][metric] for r in rows if r.get(kind)]  # noqa: B023 - called in this iteration
-                    return f"{np.mean(vals):.3f} ± {np.std(vals):.3f}" if vals else "-"
-
-                eps = max(r["epsilon"] or 0.0 for r in rows)
-                label = f"**{name}**" if name == "pooled" else name
-                lines.append(
-                    f"| {label} | {rows[0]['train_n']} | {rows[0]['test_n']} | {ms('fed', 'accuracy')} | "
-                    f"{ms('fed', 'auc')} | {ms('local', 'accuracy')} | {ms('local', 'auc')} | "
-                    f"{ms('central', 'accuracy')} | {ms('central', 'auc')} | {eps:.2f} |"
-                )
-            lines += ["", f"Wall time per run (data prepared once, reused): {np.mean(seconds):.0f} s.", ""]
-            sections.append("\n".join(lines))
+            sections.append(dataset_section(title, tables, seconds))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     text = "\n".join(

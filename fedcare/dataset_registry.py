@@ -92,7 +92,7 @@ REGISTRY: Mapping[str, DatasetSpec] = MappingProxyType(
                 preset={
                     "num_rounds": 10,
                     "local_epochs": 2,
-                    "batch_size": 8,
+                    "batch_size": 16,
                     "learning_rate": 0.1,
                     "target_epsilon": 8.0,
                     "hospitals": 4,
@@ -106,7 +106,7 @@ REGISTRY: Mapping[str, DatasetSpec] = MappingProxyType(
                 "a hospital's own CT/MR series folder + labels.csv (StudyInstanceUID,label)",
                 frozenset({"data-path"}),
                 frozenset({"labels", "require-deidentified", "on-unreadable"}),
-                preset={"local_epochs": 2, "batch_size": 8, "learning_rate": 0.1},
+                preset={"local_epochs": 2, "batch_size": 16, "learning_rate": 0.1},
             ),
             DatasetSpec(
                 "ehr-table",

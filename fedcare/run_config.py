@@ -18,7 +18,7 @@ from fedcare.errors import FedcareError
 # derived from the dataset registry (fedcare/dataset_registry.py), the one place dataset facts live
 DATASET_TASKS = {name: spec.task for name, spec in REGISTRY.items()}  # which models can train on it
 DATASETS = DATASET_NAMES
-MODELS = ("auto", "logistic", "mlp", "cnn", "gru", "densenet3d")
+MODELS = ("auto", "logistic", "mlp", "cnn", "gru", "cnn3d", "densenet3d")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 # Per-dataset starting points (measured in bench/; see docs/benchmarks.md). `fedcare simulate`
 # applies them under whatever the user passes; `flwr run` users pass them as run config.

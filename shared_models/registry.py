@@ -15,8 +15,15 @@ from fedcare.errors import FedcareError
 if TYPE_CHECKING:  # torch is imported only when a model is built: run-config checks stay light
     from torch import nn
 
-MODEL_TASKS = {"logistic": "tabular", "mlp": "tabular", "cnn": "image", "gru": "sequence", "densenet3d": "volume"}
-DEFAULT_MODEL = {"tabular": "logistic", "image": "cnn", "sequence": "gru", "volume": "densenet3d"}
+MODEL_TASKS = {
+    "logistic": "tabular",
+    "mlp": "tabular",
+    "cnn": "image",
+    "gru": "sequence",
+    "cnn3d": "volume",
+    "densenet3d": "volume",
+}
+DEFAULT_MODEL = {"tabular": "logistic", "image": "cnn", "sequence": "gru", "volume": "cnn3d"}
 
 
 def resolve_model(name: str, task: str) -> str:
@@ -50,6 +57,11 @@ def build_model(name: str, input_shape: int | Sequence[int], hidden_units: int =
 
         _expect(name, shape, 3, "(channels, size, size)")
         return SmallCNN(image_size=shape[-1], channels=shape[0])
+    if name == "cnn3d":
+        from shared_models.volume_cnn import VolumeCNN
+
+        _expect(name, shape, 4, "(channels, x, y, z)")
+        return VolumeCNN(channels=shape[0], spatial=shape[1:])
     if name == "densenet3d":
         from shared_models.volume_densenet import VolumeDenseNet
 

@@ -45,8 +45,8 @@ def test_every_scanner_lands_on_one_grid_split_by_study(ct_root, tmp_path):
     again = load_hospital("synthetic-ct", _source(ct_root, 0, tmp_path))  # from the cache
     assert again.fingerprint() == fingerprints[0]
     assert list((tmp_path / "cache" / "volumes").glob("*.npz"))
-    assert resolve_model("auto", "volume") == "densenet3d"
-    model = build_model("densenet3d", again.input_shape)
+    assert resolve_model("auto", "volume") == "cnn3d"
+    model = build_model("cnn3d", again.input_shape)
     import torch
 
     assert model(torch.from_numpy(again.x_test[:2])).shape == (2,)

@@ -67,7 +67,9 @@ CASES = {
     ),
     # 3D imaging layers: strided and transposed convolutions, 3D group and instance norm, a skip connection
     "conv3d-unet": lambda: (_TinyUNet3d(), torch.randn(4, 1, 6, 8, 8, dtype=torch.float64)),
-    # MONAI's own 3D networks as fedcare builds them: the DenseNet classifier and a GroupNorm U-Net
+    # MONAI's own 3D networks as fedcare builds them: the default classifier (MONAI convolution
+    # blocks), the DenseNet classifier and a GroupNorm U-Net
+    "cnn3d": lambda: (build_model("cnn3d", (1, 8, 8, 6)), torch.randn(4, 1, 8, 8, 6, dtype=torch.float64)),
     "densenet3d": lambda: (
         build_model("densenet3d", (1, 16, 16, 16)),
         torch.randn(3, 1, 16, 16, 16, dtype=torch.float64),
