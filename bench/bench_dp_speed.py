@@ -171,7 +171,15 @@ CASES = [
         1.8,
     ),
     Case(
-        "3D DenseNet (MONAI, GroupNorm) 1x32x32x20, batch 8 (synthetic-ct preset)",
+        "3D CNN (MONAI convolution blocks, GroupNorm) 1x32x32x20, batch 16 (synthetic-ct preset)",
+        "volume",
+        lambda: build_model("cnn3d", (1, 32, 32, 20)),
+        lambda n: torch.rand(n, 1, 32, 32, 20),
+        16,
+        1.8,
+    ),
+    Case(
+        "3D DenseNet (MONAI, GroupNorm) 1x32x32x20, batch 8",
         "volume",
         lambda: build_model("densenet3d", (1, 32, 32, 20)),
         lambda n: torch.rand(n, 1, 32, 32, 20),

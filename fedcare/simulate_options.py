@@ -36,7 +36,10 @@ PersonaliseLrScale = Annotated[
     typer.Option(help="personalisation's learning rate as a multiple of --learning-rate [1.0]"),
 ]
 Strategy = Annotated[str | None, typer.Option(help="fedavg | fedprox | fedadam [fedavg]")]
-Model = Annotated[str | None, typer.Option(help="auto | logistic | mlp (tables) | gru (sequences) | cnn (images)")]
+Model = Annotated[
+    str | None,
+    typer.Option(help="auto | logistic | mlp (tables) | gru (sequences) | cnn (images) | cnn3d | densenet3d (volumes)"),
+]
 Epsilon = Annotated[float | None, typer.Option(help="target epsilon each hospital may spend in this run [preset]")]
 Delta = Annotated[float | None, typer.Option(help="delta per hospital [1e-4]")]
 Dp = Annotated[bool, typer.Option("--dp/--no-dp", help="DP-SGD at every hospital (default) or plain SGD")]
