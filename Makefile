@@ -28,9 +28,10 @@ demo: $(STAMP)
 	rm -rf runs/demo
 	$(BIN)/fedcare simulate --output-dir runs/demo
 
-## Everything the CI runs.
+## Everything the CI runs: 2 workers, each test file on one of them (its module fixtures start
+## a federation once); the real-process tests spend most of their time waiting on each other.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_heart_accuracy.py --seeds 5 --write docs/benchmarks.md

@@ -1,11 +1,11 @@
 """The default 3D classification network: a compact CNN of MONAI convolution blocks, for DP-SGD.
 
 DP-SGD adds noise of the same size to every parameter, so at the data sizes a hospital holds a
-3D network must be small to learn at all. Measured on the generated CT hospitals at epsilon 8
-(docs/benchmarks.md): this network (about 2,800 parameters) learns the lesion task federated;
-with 8 channels (10,700 parameters) the hospitals' noisy updates no longer average into a
-working model; MONAI's DenseNet does not learn at this volume size even without DP, its 7-voxel
-strided stem and pooling blur a lesion of a few voxels away.
+3D network must be small to learn at all. On the generated CT hospitals at epsilon 8
+(docs/benchmarks.md, "3D CT classification") this network (about 2,800 parameters) learns the
+lesion task federated; with twice the channels (10,700 parameters) the hospitals' noisy updates
+no longer averaged into a working model; MONAI's DenseNet does not learn at this volume size even
+without DP (``shared_models/volume_densenet.py``).
 
 Three MONAI ``Convolution`` blocks (3x3x3 convolution, GroupNorm, ReLU; the second strided), then
 the maximum and the mean of each feature map: a lesion is found by a maximum, not an average.

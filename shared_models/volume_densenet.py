@@ -1,4 +1,8 @@
-"""The 3D classification network: MONAI's DenseNet, sized for CT volumes trained with DP-SGD.
+"""MONAI's DenseNet as a 3D classifier (``--model densenet3d``), for volumes larger than the preset's.
+
+At the synthetic-ct preset (32x32x20 at 2 mm) it does not learn, with or without DP: the stem's
+strided 7-voxel convolution and pooling blur a lesion of a few voxels away. The default 3D
+model is ``shared_models/volume_cnn.py``.
 
 GroupNorm instead of BatchNorm (batch statistics mix patients, which DP-SGD's per-sample
 gradients cannot allow), no dropout, and a small configuration (8 initial features, growth 8,
