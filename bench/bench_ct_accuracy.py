@@ -20,8 +20,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_task_accuracy import dataset_section, run
+from bench.bench_task_accuracy import dataset_section, run_seeds
 from bench.markdown_report import replace_section
+from fedcare.dataset_registry import REGISTRY
 
 HEADING = "### 3D CT classification"
 DATASET = "synthetic-ct"
@@ -48,23 +49,20 @@ def main() -> None:
     parser.add_argument("--write", type=Path, default=None)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fedcare-bench-ct-"))
-    tables, seconds = [], []
     try:
-        for seed in range(args.seeds):
-            table, sec = run(DATASET, seed, work)
-            tables.append(table)
-            seconds.append(sec)
-            print(f"seed {seed}: pooled federated AUC {table['pooled']['fed']['auc']:.3f} ({sec:.0f} s)", flush=True)
+        tables, seconds = run_seeds(DATASET, args.seeds, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    p = REGISTRY[DATASET].preset
     text = "\n".join(
         [
             HEADING,
             "",
             f"Measured {date.today().isoformat()} on {platform.machine()}, {os.cpu_count()} cores: real Simulation "
-            "Engine runs of `fedcare simulate --dataset synthetic-ct --pooled-baseline` at the preset (4 hospitals, "
-            "each its own scanner; 10 rounds of 2 local epochs, batch 16, learning rate 0.1, DP at epsilon 8, secure "
-            f"aggregation); mean ± std over {args.seeds} seeds (each seed its own model initialisation and generated "
+            "Engine runs of `fedcare simulate --dataset synthetic-ct --pooled-baseline` at the preset "
+            f"({p['hospitals']} hospitals, each its own scanner; {p['num_rounds']} rounds of {p['local_epochs']} local "
+            f"epochs, batch {p['batch_size']}, learning rate {p['learning_rate']}, DP at epsilon "
+            f"{p['target_epsilon']:g}, secure aggregation); mean ± std over {args.seeds} seeds (each seed its own model initialisation and generated "
             "studies). Local-only and pooled-trained models are trained with the same DP budget and pipeline.",
             "",
             f"    .venv/bin/python bench/bench_ct_accuracy.py --seeds {args.seeds} --write docs/benchmarks.md",

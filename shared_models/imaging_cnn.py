@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fedcare.errors import FedcareError
+from shared_models.conv_parts import check_input, max_and_mean
 
 _POOLINGS = 3  # each conv block halves the image
 
@@ -43,15 +44,10 @@ class SmallCNN(nn.Module):
         self.head = nn.Linear(2 * 32, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != self.channels or x.shape[-2:] != (self.image_size, self.image_size):
-            raise FedcareError(
-                f"SmallCNN expects images shaped (B, {self.channels}, {self.image_size}, {self.image_size}), "
-                f"got {tuple(x.shape)}",
-                "load images with the same size and channel count the model was built for",
-            )
-        h = self.features(x)
-        pooled = torch.cat([h.amax(dim=(2, 3)), h.mean(dim=(2, 3))], dim=1)
-        return self.head(pooled).squeeze(-1)
+        size = (self.image_size, self.image_size)
+        hint = "load images with the same size and channel count the model was built for"
+        check_input("SmallCNN", "images", x, self.channels, size, hint)
+        return self.head(max_and_mean(self.features(x))).squeeze(-1)
 
 
 def _block(c_in: int, c_out: int, groups: int) -> nn.Sequential:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fedcare.errors import FedcareError
+from shared_models.conv_parts import VOLUME_HINT, check_input, max_and_mean
 
 CHANNELS = (4, 8, 8)
 STRIDES = (1, 2, 1)
@@ -44,12 +44,5 @@ class VolumeCNN(nn.Module):
         self.head = nn.Linear(2 * width, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 5 or x.shape[1] != self.channels or tuple(x.shape[2:]) != self.spatial:
-            raise FedcareError(
-                f"VolumeCNN expects volumes shaped (B, {self.channels}, {', '.join(map(str, self.spatial))}), "
-                f"got {tuple(x.shape)}",
-                "load volumes with the policy the model was built for",
-            )
-        h = self.features(x)
-        pooled = torch.cat([h.amax(dim=(2, 3, 4)), h.mean(dim=(2, 3, 4))], dim=1)
-        return self.head(pooled).squeeze(-1)
+        check_input("VolumeCNN", "volumes", x, self.channels, self.spatial, VOLUME_HINT)
+        return self.head(max_and_mean(self.features(x))).squeeze(-1)

@@ -8,7 +8,7 @@ GroupNorm instead of BatchNorm (batch statistics mix patients, which DP-SGD's pe
 gradients cannot allow), no dropout, and a small configuration (8 initial features, growth 8,
 blocks of 2, 4 and 4 layers) so a DP step on a CPU stays affordable. MONAI's own head averages the
 last features over the volume, which washes out a lesion of a few dozen voxels; the head here
-reads both the maximum and the mean of each feature map (as the 2D CNN does). Every layer it uses has a
+reads both the maximum and the mean of each feature map (``shared_models/conv_parts.py``). Every layer it uses has a
 per-sample clipping rule (``client/per_sample_clipping.py``: Conv3d, GroupNorm, Linear).
 """
 
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fedcare.errors import FedcareError
+from shared_models.conv_parts import VOLUME_HINT, check_input, max_and_mean
 
 
 class VolumeDenseNet(nn.Module):
@@ -48,12 +48,5 @@ class VolumeDenseNet(nn.Module):
         self.head = nn.Linear(2 * features, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 5 or x.shape[1] != self.channels or tuple(x.shape[2:]) != self.spatial:
-            raise FedcareError(
-                f"VolumeDenseNet expects volumes shaped (B, {self.channels}, {', '.join(map(str, self.spatial))}), "
-                f"got {tuple(x.shape)}",
-                "load volumes with the policy the model was built for",
-            )
-        h = torch.relu(self.net.features(x))
-        pooled = torch.cat([h.amax(dim=(2, 3, 4)), h.mean(dim=(2, 3, 4))], dim=1)
-        return self.head(pooled).squeeze(-1)
+        check_input("VolumeDenseNet", "volumes", x, self.channels, self.spatial, VOLUME_HINT)
+        return self.head(max_and_mean(torch.relu(self.net.features(x)))).squeeze(-1)
