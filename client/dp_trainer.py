@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from client.per_sample_clipping import PerSampleClipper
 from client.secret_randomness import SecretPoissonBatches, SecretRandom
+from client.task_losses import sample_losses
 from shared_models.classification_metrics import BinarySummary, summarize
 
 if TYPE_CHECKING:
@@ -89,7 +90,6 @@ def train(
         optimizer, loader = private.optimizer, cast(Any, private.loader)
     else:
         loader = DataLoader(TensorDataset(xt, yt), batch_size=batch_size, shuffle=True, generator=rng.torch_generator())
-    bce = nn.functional.binary_cross_entropy_with_logits
     total, batches = 0.0, 0
     try:
         for _ in range(epochs):
@@ -97,11 +97,11 @@ def train(
                 xb, yb = xb.to(dev), yb.to(dev)
                 optimizer.zero_grad(set_to_none=True)
                 if private is None:
-                    loss = bce(model(xb), yb)
+                    loss = sample_losses(model(xb), yb).mean()
                     loss.backward()
                 else:
                     with private.clipper.recording():
-                        loss = bce(model(xb), yb, reduction="sum")  # each sample's own gradient
+                        loss = sample_losses(model(xb), yb).sum()  # each sample's own gradient
                     private.clipper.clip_and_sum(loss, len(yb))
                     loss = loss / max(len(yb), 1)
                 optimizer.step()

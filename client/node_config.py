@@ -76,7 +76,7 @@ class NodeConfig:
             secagg_identity_key=str(setting("secagg-identity-key", "")),
         )
 
-    def data_source(self, image_size: int = DEFAULT_IMAGE_SIZE) -> DataSource:
+    def data_source(self, image_size: int = DEFAULT_IMAGE_SIZE, task: str = "classify") -> DataSource:
         """Where this hospital's data is and how to read it: the one way a ``DataSource`` is built
         (the ClientApp, ``fedcare node start``'s data check and ``fedcare simulate``/``data check``)."""
         return DataSource(
@@ -90,6 +90,7 @@ class NodeConfig:
             multiframe=self.multiframe,
             require_deidentified=self.require_deidentified,
             on_unreadable=self.on_unreadable,
+            task=task,
         )
 
 

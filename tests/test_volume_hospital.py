@@ -75,7 +75,7 @@ def test_a_feet_first_series_is_reoriented_not_mirrored():
             for k in range(n)
         )
         geometry = SeriesGeometry(slices, (step, px, px), np.stack([row_direction, (0.0, 1.0, 0.0), normal]), origin)
-        return preprocess(SeriesVolume("s", "", "", hu, geometry), VolumePolicy(size=(24, 24, 16)))
+        return preprocess(SeriesVolume("s", "", "", hu, geometry), VolumePolicy(size=(24, 24, 16)))[0]
 
     a = volume(head, (1.0, 0.0, 0.0), (0.0, 0.0, 0.0))
     feet = np.ascontiguousarray(head[::-1, :, ::-1])  # the scanner's first slice is at the feet, rows run right

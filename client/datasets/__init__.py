@@ -42,6 +42,7 @@ class DataSource:
     multiframe: str = "first"
     require_deidentified: bool = True
     on_unreadable: str = "error"
+    task: str = "classify"  # volumes: a label per series (classify) or a lesion mask per series (segment)
 
 
 def dataset_task(dataset: str) -> str:
@@ -154,6 +155,7 @@ def _volume_hospital(folder: Path, source: DataSource) -> HospitalData:
         Path(source.cache_dir),
         require_deidentified=source.require_deidentified,
         on_unreadable=source.on_unreadable,
+        task=source.task,
     )
 
 

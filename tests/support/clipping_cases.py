@@ -10,18 +10,20 @@ import torch
 from torch import nn
 
 from client.per_sample_clipping import PerSampleClipper
+from client.task_losses import sample_losses
 from shared_models.registry import build_model
 
 C = 1.0  # the clip norm every case uses
 
 
 def reference_clipped_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
-    """sum_i clip(g_i), with microbatches of one sample and Opacus's clip factor."""
+    """sum_i clip(g_i), with microbatches of one sample and Opacus's clip factor (the trainer's loss:
+    labels or masks)."""
     params = [p for p in model.parameters() if p.requires_grad]
     total = [torch.zeros_like(p) for p in params]
     for i in range(len(y)):
         model.zero_grad(set_to_none=True)
-        nn.functional.binary_cross_entropy_with_logits(model(x[i : i + 1]), y[i : i + 1], reduction="sum").backward()
+        sample_losses(model(x[i : i + 1]), y[i : i + 1]).sum().backward()
         grads = [p.grad.detach().clone() for p in params]
         norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
         coef = (C / (norm + 1e-6)).clamp(max=1.0)
@@ -34,7 +36,7 @@ def one_pass_clipped_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
     """sum_i clip(g_i) as fedcare computes it: one recorded pass through ``PerSampleClipper``."""
     clipper = PerSampleClipper(model, C)
     with clipper.recording():
-        loss = nn.functional.binary_cross_entropy_with_logits(model(x), y, reduction="sum")
+        loss = sample_losses(model(x), y).sum()
     clipper.clip_and_sum(loss, len(y))
     return [p.grad.detach().clone() for p in model.parameters() if p.requires_grad]
 
@@ -136,7 +138,7 @@ def dp_step(
     optimizer.zero_grad(set_to_none=True)
     clipper = PerSampleClipper(model, optimizer.max_grad_norm)
     with clipper.recording():
-        loss = nn.functional.binary_cross_entropy_with_logits(model(x), y, reduction="sum")
+        loss = sample_losses(model(x), y).sum()
     clipper.clip_and_sum(loss, len(y))
     clipper.close()
     sums = [p.grad.detach().clone() for p in model.parameters()]
