@@ -2,7 +2,7 @@
 
 Each model says which input kind it trains on; ``input_shape`` is one sample's shape as the
 statistics round reports it: (d,) for tables, (T, d + 1) for masked sequences, (C, S, S) for images,
-(C, X, Y, Z) for volumes.
+(C, X, Y, Z) for volumes (classified, or segmented voxel by voxel).
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ MODEL_TASKS = {
     "gru": "sequence",
     "cnn3d": "volume",
     "densenet3d": "volume",
+    "unet3d": "segmentation",  # volumes with lesion masks; not a run-config model until the task is wired
 }
-DEFAULT_MODEL = {"tabular": "logistic", "image": "cnn", "sequence": "gru", "volume": "cnn3d"}
+DEFAULT_MODEL = {"tabular": "logistic", "image": "cnn", "sequence": "gru", "volume": "cnn3d", "segmentation": "unet3d"}
 
 
 def resolve_model(name: str, task: str) -> str:
@@ -67,6 +68,11 @@ def build_model(name: str, input_shape: int | Sequence[int], hidden_units: int =
 
         _expect(name, shape, 4, "(channels, x, y, z)")
         return VolumeDenseNet(channels=shape[0], spatial=shape[1:])
+    if name == "unet3d":
+        from shared_models.volume_unet import VolumeUNet
+
+        _expect(name, shape, 4, "(channels, x, y, z)")
+        return VolumeUNet(channels=shape[0], spatial=shape[1:])
     if name == "gru":
         from shared_models.sequence_gru import SequenceGRU
 

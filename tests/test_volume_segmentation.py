@@ -12,6 +12,7 @@ from client.datasets import DataSource, load_hospital
 from client.datasets.volume_hospital import VolumePolicy
 from client.task_losses import sample_losses
 from fedcare.errors import FedcareError
+from shared_models.registry import build_model, resolve_model
 from shared_models.volume_unet import VolumeUNet
 from simulation import synthetic_ct
 from tests.support.clipping_cases import one_pass_clipped_sum, reference_clipped_sum
@@ -69,7 +70,8 @@ def test_a_series_without_a_segmentation_is_left_out_with_a_note(ct_root, tmp_pa
 
 
 def test_the_unet_gives_one_logit_per_voxel_and_refuses_sides_it_cannot_halve_twice():
-    model = VolumeUNet(spatial=(16, 16, 8))
+    assert resolve_model("auto", "segmentation") == "unet3d"
+    model = build_model("unet3d", (1, 16, 16, 8))
     assert model(torch.zeros(2, 1, 16, 16, 8)).shape == (2, 1, 16, 16, 8)
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     with pytest.raises(FedcareError, match="divisible by 4"):
