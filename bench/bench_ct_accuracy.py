@@ -1,7 +1,9 @@
-"""3D CT classification (generated CT series, DP 3D CNN): federated vs local-only vs pooled-trained
-AUC per hospital, through the real `fedcare simulate --dataset synthetic-ct` at its preset.
+"""3D CT classification (DP 3D CNN) or lesion segmentation (DP U-Net) on generated CT series:
+federated vs local-only vs pooled-trained AUC (Dice) per hospital, through the real
+`fedcare simulate --dataset synthetic-ct [--task segment]` at its preset.
 
     .venv/bin/python bench/bench_ct_accuracy.py --seeds 3 --write docs/benchmarks.md
+    .venv/bin/python bench/bench_ct_accuracy.py --task segment --seeds 3 --write docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -20,25 +22,35 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_task_accuracy import dataset_section, run_seeds
+from bench.bench_task_accuracy import LABELS, dataset_section, run_seeds
 from bench.markdown_report import replace_section
 from fedcare.dataset_registry import REGISTRY
 
-HEADING = "### 3D CT classification"
 DATASET = "synthetic-ct"
-TITLE = "generated CT series, 4 scanners, DP 3D CNN (preset: epsilon 8)"
+# per task: the section heading, the table's title, its two figures (the first one is the target's)
+TASKS = {
+    "classify": ("### 3D CT classification", "generated CT series, 4 scanners, DP 3D CNN", ("auc", "accuracy")),
+    "segment": (
+        "### 3D CT lesion segmentation",
+        "generated CT series with DICOM SEG masks, 4 scanners, DP U-Net; Dice over the test studies with a "
+        "lesion, AUC of lesion detection per study (largest voxel probability)",
+        ("dice", "auc"),
+    ),
+}
 
 
-def federation_pays_off(tables: list[dict]) -> list[str]:
-    """One line per hospital: mean federated AUC against mean local-only AUC over the seeds."""
+def federation_pays_off(tables: list[dict], metric: str) -> list[str]:
+    """One line per hospital: mean federated ``metric`` against mean local-only over the seeds."""
     lines = []
+    label = LABELS[metric]
     for index, row in enumerate(tables[0]["hospitals"]):
-        fed = np.mean([t["hospitals"][index]["fed"]["auc"] for t in tables])
-        local = np.mean([t["hospitals"][index]["local"]["auc"] for t in tables])
-        wins = sum(t["hospitals"][index]["fed"]["auc"] >= t["hospitals"][index]["local"]["auc"] for t in tables)
+        pairs = [(t["hospitals"][index]["fed"].get(metric), t["hospitals"][index]["local"].get(metric)) for t in tables]
+        pairs = [(f, v) for f, v in pairs if f is not None and v is not None]
+        fed, local = np.mean([f for f, _ in pairs]), np.mean([v for _, v in pairs])
+        wins = sum(f >= v for f, v in pairs)
         lines.append(
-            f"- {row['name']}: federated AUC {fed:.3f} against local-only {local:.3f} "
-            f"({'>=' if fed >= local else '<'}; federated >= local-only in {wins} of {len(tables)} seeds)"
+            f"- {row['name']}: federated {label} {fed:.3f} against local-only {local:.3f} "
+            f"({'>=' if fed >= local else '<'}; federated >= local-only in {wins} of {len(pairs)} seeds)"
         )
     return lines
 
@@ -46,37 +58,45 @@ def federation_pays_off(tables: list[dict]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--task", choices=tuple(TASKS), default="classify")
     parser.add_argument("--write", type=Path, default=None)
     args = parser.parse_args()
+    heading, title, (target, other) = TASKS[args.task]
+    metrics = (target, other) if target == "dice" else (other, target)  # the table reads acc, AUC or Dice, AUC
     work = Path(tempfile.mkdtemp(prefix="fedcare-bench-ct-"))
     try:
-        tables, seconds = run_seeds(DATASET, args.seeds, work)
+        tables, seconds = run_seeds(DATASET, args.seeds, work, ("--task", args.task), metrics)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    p = REGISTRY[DATASET].preset
+    p = REGISTRY[DATASET].preset_for(args.task)
+    command = "bench/bench_ct_accuracy.py" + (" --task segment" if args.task == "segment" else "")
+    optimizer = f"DP-{p['local_optimizer'].upper()}" if "local_optimizer" in p else "DP-SGD"
     text = "\n".join(
         [
-            HEADING,
+            heading,
             "",
             f"Measured {date.today().isoformat()} on {platform.machine()}, {os.cpu_count()} cores: real Simulation "
-            "Engine runs of `fedcare simulate --dataset synthetic-ct --pooled-baseline` at the preset "
+            f"Engine runs of `fedcare simulate --dataset synthetic-ct --task {args.task} --pooled-baseline` at the preset "
             f"({p['hospitals']} hospitals, each its own scanner; {p['num_rounds']} rounds of {p['local_epochs']} local "
-            f"epochs, batch {p['batch_size']}, learning rate {p['learning_rate']}, DP at epsilon "
+            f"epochs, batch {p['batch_size']}, {optimizer} at learning rate {p['learning_rate']}"
+            + (f", clipping norm {p['max_grad_norm']}" if "max_grad_norm" in p else "")
+            + ", epsilon "
             f"{p['target_epsilon']:g}, secure aggregation); mean ± std over {args.seeds} seeds (each seed its own model initialisation and generated "
             "studies). Local-only and pooled-trained models are trained with the same DP budget and pipeline.",
             "",
-            f"    .venv/bin/python bench/bench_ct_accuracy.py --seeds {args.seeds} --write docs/benchmarks.md",
+            f"    .venv/bin/python {command} --seeds {args.seeds} --write docs/benchmarks.md",
             "",
-            dataset_section(TITLE, tables, seconds),
-            "Federated against local-only, per hospital (target: federated >= local-only at every hospital):",
+            dataset_section(f"{title} (preset: epsilon {p['target_epsilon']:g})", tables, seconds, metrics),
+            f"Federated against local-only, per hospital (target: federated >= local-only {LABELS[target]} at every "
+            "hospital):",
             "",
-            *federation_pays_off(tables),
+            *federation_pays_off(tables, target),
             "",
         ]
     )
     print(text)
     if args.write:
-        replace_section(args.write, HEADING, text)
+        replace_section(args.write, heading, text)
 
 
 if __name__ == "__main__":

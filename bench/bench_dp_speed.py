@@ -110,20 +110,7 @@ class VoxelMean(nn.Module):
 
 
 def _unet3d() -> nn.Module:
-    from monai.networks.nets import UNet
-
-    return VoxelMean(
-        UNet(
-            spatial_dims=3,
-            in_channels=1,
-            out_channels=1,
-            channels=(8, 16, 32),
-            strides=(2, 2),
-            num_res_units=1,
-            norm=("group", {"num_groups": 1}),
-            act="RELU",
-        )
-    )
+    return VoxelMean(build_model("unet3d", (1, 32, 32, 20)))
 
 
 def _sequences(steps: int, features: int) -> Callable[[int], torch.Tensor]:
@@ -187,11 +174,11 @@ CASES = [
         1.8,
     ),
     Case(
-        "3D U-Net (MONAI, GroupNorm, residual units) 1x32x32x20, batch 8",
+        "3D U-Net (MONAI, instance norm, residual units) 1x32x32x20, batch 16 (synthetic-ct segment preset)",
         "volume",
         _unet3d,
         lambda n: torch.rand(n, 1, 32, 32, 20),
-        8,
+        16,
         2.0,
     ),
     Case(

@@ -33,8 +33,9 @@ TASKS = {
 }
 
 
-def run(dataset: str, seed: int, work: Path) -> tuple[dict, float]:
-    out = work / f"{dataset}-{seed}"
+def run(dataset: str, seed: int, work: Path, extra: tuple[str, ...] = ()) -> tuple[dict, float]:
+    """One `fedcare simulate` run (``extra``: more options, e.g. ``--task segment``); its table and wall time."""
+    out = work / f"{dataset}-{seed}{'-'.join(('', *extra)).replace('--', '')}"
     cmd = [
         sys.executable,
         "-m",
@@ -49,6 +50,7 @@ def run(dataset: str, seed: int, work: Path) -> tuple[dict, float]:
         str(work / "data" / dataset),
         "--output-dir",
         str(out),
+        *extra,
     ]
     t0 = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -57,29 +59,35 @@ def run(dataset: str, seed: int, work: Path) -> tuple[dict, float]:
     return json.loads((out / "results.json").read_text())["table"], time.perf_counter() - t0
 
 
-def run_seeds(dataset: str, seeds: int, work: Path) -> tuple[list[dict], list[float]]:
+def run_seeds(
+    dataset: str, seeds: int, work: Path, extra: tuple[str, ...] = (), metrics: tuple[str, str] = ("accuracy", "auc")
+) -> tuple[list[dict], list[float]]:
     """``run`` for seeds 0..seeds-1, a line printed per seed; the tables and the wall times."""
     tables, seconds = [], []
     for seed in range(seeds):
-        table, sec = run(dataset, seed, work)
+        table, sec = run(dataset, seed, work, extra)
         tables.append(table)
         seconds.append(sec)
         fed = table["pooled"]["fed"]
-        print(
-            f"{dataset} seed {seed}: pooled federated acc {fed['accuracy']:.3f} AUC {fed['auc']:.3f} ({sec:.0f} s)",
-            flush=True,
-        )
+        figures = " ".join(f"{LABELS[m]} {fed[m]:.3f}" for m in metrics)
+        print(f"{dataset} seed {seed}: pooled federated {figures} ({sec:.0f} s)", flush=True)
     return tables, seconds
 
 
-def dataset_section(title: str, tables: list[dict], seconds: list[float]) -> str:
+LABELS = {"accuracy": "acc", "auc": "AUC", "dice": "Dice"}
+
+
+def dataset_section(
+    title: str, tables: list[dict], seconds: list[float], metrics: tuple[str, str] = ("accuracy", "auc")
+) -> str:
     """One dataset's per-hospital table: mean ± std over the seeds' ``results.json`` tables."""
     names = [r["name"] for r in tables[0]["hospitals"]] + ["pooled"]
+    a, b = (LABELS[m] for m in metrics)
     lines = [
         f"#### {title}",
         "",
-        "| hospital | train | test | fed acc | fed AUC | local acc | local AUC | pooled-trained acc | "
-        "pooled-trained AUC | epsilon spent |",
+        f"| hospital | train | test | fed {a} | fed {b} | local {a} | local {b} | pooled-trained {a} | "
+        f"pooled-trained {b} | epsilon spent |",
         "|" + "---|" * 10,
     ]
     for name in names:
@@ -88,15 +96,15 @@ def dataset_section(title: str, tables: list[dict], seconds: list[float]) -> str
         ]
 
         def ms(kind: str, metric: str) -> str:
-            vals = [r[kind][metric] for r in rows if r.get(kind)]  # noqa: B023 - called in this iteration
+            vals = [r[kind][metric] for r in rows if (r.get(kind) or {}).get(metric) is not None]  # noqa: B023
             return f"{np.mean(vals):.3f} ± {np.std(vals):.3f}" if vals else "-"
 
         eps = max(r["epsilon"] or 0.0 for r in rows)
         label = f"**{name}**" if name == "pooled" else name
         lines.append(
-            f"| {label} | {rows[0]['train_n']} | {rows[0]['test_n']} | {ms('fed', 'accuracy')} | "
-            f"{ms('fed', 'auc')} | {ms('local', 'accuracy')} | {ms('local', 'auc')} | "
-            f"{ms('central', 'accuracy')} | {ms('central', 'auc')} | {eps:.2f} |"
+            f"| {label} | {rows[0]['train_n']} | {rows[0]['test_n']} | {ms('fed', metrics[0])} | "
+            f"{ms('fed', metrics[1])} | {ms('local', metrics[0])} | {ms('local', metrics[1])} | "
+            f"{ms('central', metrics[0])} | {ms('central', metrics[1])} | {eps:.2f} |"
         )
     lines += ["", f"Wall time per run, data preparation included: {np.mean(seconds):.0f} s.", ""]
     return "\n".join(lines)

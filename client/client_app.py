@@ -103,7 +103,7 @@ class _Node:
 
     def source(self) -> DataSource:
         """Where this hospital's data is: node config (run config only for a shared data root)."""
-        return self.settings.data_source(self.request.image_size)
+        return self.settings.data_source(self.request.image_size, self.request.task)
 
     def data(self, for_training: bool = True) -> HospitalData:
         data = _hospital(self.request.dataset, self.source())
@@ -513,6 +513,7 @@ def _local_training(
         dp=dp,
         rng=rng,
         proximal_mu=proximal_mu,
+        optimizer_name=node.request.local_optimizer,
     )
 
 

@@ -306,6 +306,7 @@ class SeriesReport(_Checked):
     folder: str
     files_found: int = 0
     volumes: dict[str, str] = field(default_factory=dict)  # series -> "slices x rows x columns"
+    segmented: int = 0  # of those, series a DICOM SEG object masks (what `--task segment` trains on)
     refused: list[tuple[str, str]] = field(default_factory=list)  # (series, reason)
     unreadable: dict[str, str] = field(default_factory=dict)  # file -> reason
     phi: dict[str, list[str]] = field(default_factory=dict)  # file -> attribute keywords
@@ -325,6 +326,7 @@ def check_series_folder(folder: Path) -> SeriesReport:
         folder=str(folder),
         files_found=len(names),
         volumes={v.where: " x ".join(str(n) for n in v.voxels.shape) for v in found.volumes},
+        segmented=sum(v.series_uid in set(found.segmentations.values()) for v in found.volumes),
         refused=found.refused,
         unreadable=found.unreadable,
         phi=found.identifying,
@@ -355,6 +357,7 @@ def render_series(report: SeriesReport) -> Any:
     for key, value in [
         ("DICOM files found", report.files_found),
         ("series as volumes", len(report.volumes)),
+        ("... with a segmentation (task segment)", report.segmented),
         ("series refused", len(report.refused)),
         ("files not usable", len(report.unreadable)),
         ("files with identifying attributes", len(report.phi)),

@@ -21,7 +21,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from client.per_sample_clipping import PerSampleClipper
 from client.secret_randomness import SecretPoissonBatches, SecretRandom
+from client.segmentation_scores import segmentation_summary
 from client.task_losses import sample_losses
+from fedcare.run_config import LOCAL_OPTIMIZERS
 from shared_models.classification_metrics import BinarySummary, summarize
 
 if TYPE_CHECKING:
@@ -57,6 +59,15 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return max(1, math.ceil(n / batch_size))
 
 
+def local_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """The torch optimizer a hospital's local steps use (Opacus wraps it under DP)."""
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown local optimizer {name!r}; one of {', '.join(LOCAL_OPTIMIZERS)}")
+
+
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -73,18 +84,20 @@ def train(
     dp: DPSettings | None,
     rng: SecretRandom,
     proximal_mu: float = 0.0,
+    optimizer_name: str = "sgd",
 ) -> TrainOutcome:
     """Train ``model`` in place for ``epochs`` local epochs; returns the privacy steps taken.
 
     ``rng`` draws the batches (Poisson sampling under DP, shuffling without) and the DP noise: a
     fresh ``SecretRandom()`` for anything released, ``SecretRandom.reproducible`` only where no
-    privacy is claimed (baselines, benchmarks).
+    privacy is claimed (baselines, benchmarks). ``optimizer_name`` (``LOCAL_OPTIMIZERS``) steps on
+    the noisy clipped gradient under DP (DP-SGD, DP-Adam): the choice costs no privacy.
     """
     dev = device()
     model.to(dev).train()
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     xt, yt = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = local_optimizer(optimizer_name, model, lr, weight_decay)
     private = _make_private(model, optimizer, xt, yt, batch_size, dp, rng) if dp is not None else None
     if private is not None:  # the loader: secret Poisson batches with DP, torch's DataLoader without
         optimizer, loader = private.optimizer, cast(Any, private.loader)
@@ -106,10 +119,7 @@ def train(
                     loss = loss / max(len(yb), 1)
                 optimizer.step()
                 if anchor is not None:
-                    # FedProx's proximal term is data-independent: a decoupled step costs no privacy.
-                    with torch.no_grad():
-                        for p, p0 in zip(model.parameters(), anchor):
-                            p.sub_(lr * proximal_mu * (p - p0))
+                    _proximal_step(model, anchor, lr * proximal_mu)
                 if len(yb):
                     total += float(loss.detach())
                     batches += 1
@@ -120,6 +130,13 @@ def train(
     if private is not None:
         model.cpu()
     return TrainOutcome(steps=steps, mean_loss=total / max(batches, 1))
+
+
+@torch.no_grad()
+def _proximal_step(model: nn.Module, anchor: list[torch.Tensor], rate: float) -> None:
+    """FedProx's pull towards the round's global model: data-independent, so this decoupled step costs no privacy."""
+    for p, p0 in zip(model.parameters(), anchor):
+        p.sub_(rate * (p - p0))
 
 
 @dataclass
@@ -167,7 +184,7 @@ def _make_private(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray) -> BinarySummary:
-    """Confusion matrix, loss and score histograms on (x, y)."""
+    """Confusion matrix, loss and score histograms on (x, y); with masks for y, Dice and HD95 too."""
     dev = device()
     model = model.to(dev).eval()
     probs, loss_sum = [], 0.0
@@ -175,6 +192,9 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray) -> BinarySummary:
         xt = torch.as_tensor(x[start : start + EVAL_BATCH], dtype=torch.float32, device=dev)
         yt = torch.as_tensor(y[start : start + EVAL_BATCH], dtype=torch.float32, device=dev)
         logits = model(xt)
-        loss_sum += float(nn.functional.binary_cross_entropy_with_logits(logits, yt, reduction="sum"))
+        loss_sum += float(sample_losses(logits, yt).sum())
         probs.append(torch.sigmoid(logits).cpu().numpy())
-    return summarize(np.concatenate(probs) if probs else np.zeros(0), y, loss_sum)
+    scores = np.concatenate(probs) if probs else np.zeros((0, *np.shape(y)[1:]))
+    if np.ndim(y) > 1:  # a mask per sample: Dice, HD95 and lesion detection per study
+        return segmentation_summary(scores, y, loss_sum)
+    return summarize(scores, y, loss_sum)

@@ -55,6 +55,7 @@ def simulate(
     personalise_rounds: opt.PersonaliseRounds = None,
     personalise_lr_scale: opt.PersonaliseLrScale = None,
     strategy: opt.Strategy = None,
+    task: opt.Task = None,
     model: opt.Model = None,
     epsilon: opt.Epsilon = None,
     delta: opt.Delta = None,
@@ -63,6 +64,7 @@ def simulate(
     epsilon_budget: opt.EpsilonBudget = None,
     batch_size: opt.BatchSize = None,
     learning_rate: opt.LearningRate = None,
+    local_optimizer: opt.LocalOptimizer = None,
     weight_decay: opt.WeightDecay = None,
     hospitals: opt.Hospitals = None,
     min_hospitals: opt.MinHospitals = None,
@@ -191,7 +193,7 @@ def _with_hospital_data(dataset: str, s: RunSettings, data_root: Path | None) ->
     if spec.generated:
         root = data_root or Path("runs/data") / dataset
         console.print(_plain(f"preparing {s.hospitals} {dataset} hospitals in {root} (reused when already there)"))
-        prepare_dataset(dataset, root, s.hospitals)
+        prepare_dataset(dataset, root, s.hospitals, seed=s.seed)
         s = s.replace(data_root=str(root))
         n = s.hospitals
     elif spec.hospitals is not None:
@@ -223,7 +225,7 @@ def _load_hospitals(dataset: str, s: RunSettings, n: int) -> list[HospitalData]:
 
     cache = str(Path(s.data_root) / ".fedcare-cache") if s.data_root else DEFAULT_CACHE_DIR
     sources = [
-        NodeConfig(partition_id=i, data_root=s.data_root or None, cache_dir=cache).data_source(s.image_size)
+        NodeConfig(partition_id=i, data_root=s.data_root or None, cache_dir=cache).data_source(s.image_size, s.task)
         for i in range(n)
     ]
     hospitals = [load_hospital(dataset, src) for src in sources]  # fail fast on missing/bad data

@@ -16,6 +16,15 @@ from typing import Any
 from fedcare.errors import FedcareError
 
 TASKS = ("tabular", "sequence", "image", "volume")
+# What a run learns from the data: a 0/1 label per patient (classify, every kind of data), or a lesion
+# mask per volume (segment: volume data whose series have segmentation objects).
+LEARNING_TASKS = ("classify", "segment")
+SEGMENTABLE = frozenset({"volume"})
+# 3D segmentation (the U-Net), measured on synthetic-ct (docs/benchmarks.md): plain SGD leaves it
+# predicting one fixed blob; DP-Adam at this rate, with more local steps a round, learns the lesions.
+# Its per-study gradients are small (median norm 0.03-0.3 while it learns): clipping at 0.1 keeps the
+# noise, which scales with the clipping norm, near the signal instead of 10x above it.
+_SEGMENT_PRESET = {"local_optimizer": "adam", "learning_rate": 0.01, "local_epochs": 4, "max_grad_norm": 0.1}
 # [data] keys every DICOM source takes (the de-identification guard and unreadable-file handling)
 _DICOM_KEYS = frozenset({"multiframe", "require-deidentified", "on-unreadable"})
 
@@ -30,6 +39,7 @@ class DatasetSpec:
     required_keys: frozenset[str]  # hospital.toml [data] keys a node must set for it
     optional_keys: frozenset[str] = frozenset()
     preset: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # run settings fedcare simulate applies
+    segment_preset: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # ...over those, for task=segment
     generated: bool = False  # `fedcare data prepare` / `fedcare simulate` write its hospital folders
     hospitals: int | None = None  # a bundled dataset's fixed hospital count
     hospital_folders: bool = False  # a simulation reads DATA_ROOT/hospital-<i> folders (own or generated)
@@ -38,6 +48,11 @@ class DatasetSpec:
         if self.task not in TASKS:
             raise ValueError(f"dataset {self.name}: unknown task {self.task!r}")
         object.__setattr__(self, "preset", MappingProxyType(dict(self.preset)))
+        object.__setattr__(self, "segment_preset", MappingProxyType(dict(self.segment_preset)))
+
+    def preset_for(self, task: str) -> dict[str, Any]:
+        """The run settings ``fedcare simulate`` starts from for ``task`` (classify or segment)."""
+        return dict(self.preset) | (dict(self.segment_preset) if task == "segment" else {})
 
 
 REGISTRY: Mapping[str, DatasetSpec] = MappingProxyType(
@@ -97,6 +112,7 @@ REGISTRY: Mapping[str, DatasetSpec] = MappingProxyType(
                     "target_epsilon": 8.0,
                     "hospitals": 4,
                 },
+                segment_preset=_SEGMENT_PRESET,
                 generated=True,
                 hospital_folders=True,
             ),
@@ -107,6 +123,7 @@ REGISTRY: Mapping[str, DatasetSpec] = MappingProxyType(
                 frozenset({"data-path"}),
                 frozenset({"labels", "require-deidentified", "on-unreadable"}),
                 preset={"local_epochs": 2, "batch_size": 16, "learning_rate": 0.1},
+                segment_preset=_SEGMENT_PRESET,
             ),
             DatasetSpec(
                 "ehr-table",
@@ -137,6 +154,11 @@ REGISTRY: Mapping[str, DatasetSpec] = MappingProxyType(
 )
 DATASET_NAMES: tuple[str, ...] = tuple(REGISTRY)
 GENERATED: tuple[str, ...] = tuple(name for name, spec in REGISTRY.items() if spec.generated)
+
+
+def model_input_kind(data_kind: str, task: str) -> str:
+    """What the model is built for: the data's kind, or "segmentation" for volumes segmented voxel by voxel."""
+    return "segmentation" if task == "segment" and data_kind in SEGMENTABLE else data_kind
 
 
 def dataset_spec(name: str) -> DatasetSpec:

@@ -61,6 +61,7 @@ class RunRequest:
     """
 
     dataset: str
+    task: str = _RUN["task"]  # classify (a label per patient) or segment (a mask per volume)
     model: str = _RUN["model"]
     hidden_units: int = _RUN["hidden_units"]
     num_rounds: int = 1
@@ -69,6 +70,7 @@ class RunRequest:
     personalise_lr_scale: float = _RUN["personalise_lr_scale"]  # their learning rate: this x learning_rate
     batch_size: int = _RUN["batch_size"]
     learning_rate: float = _RUN["learning_rate"]
+    local_optimizer: str = _RUN["local_optimizer"]
     weight_decay: float = _RUN["weight_decay"]
     proximal_mu: float = 0.0  # only FedProx sets it
     dp: bool = _RUN["dp"]

@@ -20,6 +20,27 @@ def _f(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
+# the columns of the federated, local-only and other (personalised, pooled-trained) models, by whether
+# the run classifies (False) or segments (True)
+_METRICS = {
+    False: (
+        ("accuracy", "recall", "specificity", "f1", "auc"),
+        ("accuracy", "recall", "f1", "auc"),
+        ("accuracy", "auc"),
+    ),
+    True: (("dice", "hd95", "auc"), ("dice", "hd95", "auc"), ("dice", "auc")),
+}
+_LABELS = {
+    "accuracy": "acc",
+    "recall": "recall",
+    "specificity": "spec",
+    "f1": "F1",
+    "auc": "AUC",
+    "dice": "Dice",
+    "hd95": "HD95\n(vox)",
+}
+
+
 def build_table(rows: list[dict[str, Any]], pooled: dict[str, Any], dp: bool, local_columns: bool = True) -> Table:
     """``rows``: name, train_n, test_n, fed / local / central (metrics), epsilon. ``local_columns=False``
     leaves out the local-only columns (a deployed run: the coordinator has no hospital's data)."""
@@ -32,10 +53,12 @@ def build_table(rows: list[dict[str, Any]], pooled: dict[str, Any], dp: bool, lo
     table.add_column("hospital", no_wrap=True)
     central = any(r.get("central") for r in rows)
     personal = any(r.get("personalised") for r in rows)
-    columns = ["train", "test", "fed\nacc", "fed\nrecall", "fed\nspec", "fed\nF1", "fed\nAUC"]
-    columns += ["person-\nalised\nacc", "person-\nalised\nAUC"] if personal else []
-    columns += ["local\nacc", "local\nrecall", "local\nF1", "local\nAUC"] if local_columns else []
-    columns += ["pooled-\ntrained\nacc", "pooled-\ntrained\nAUC"] if central else []
+    segmentation = any("dice" in (r.get("fed") or {}) for r in [*rows, pooled])
+    fed_metrics, local_metrics, other_metrics = _METRICS[segmentation]
+    columns = ["train", "test", *(f"fed\n{_LABELS[m]}" for m in fed_metrics)]
+    columns += [f"person-\nalised\n{_LABELS[m]}" for m in other_metrics] if personal else []
+    columns += [f"local\n{_LABELS[m]}" for m in local_metrics] if local_columns else []
+    columns += [f"pooled-\ntrained\n{_LABELS[m]}" for m in other_metrics] if central else []
     for col in [*columns, "epsilon\nspent"]:
         table.add_column(col, justify="right", no_wrap=True)
     for r in [*rows, pooled]:
@@ -43,23 +66,11 @@ def build_table(rows: list[dict[str, Any]], pooled: dict[str, Any], dp: bool, lo
         own = r.get("personalised") or {}
         eps = r.get("epsilon")
         # a hospital's name is its folder's (user text): a Text cell, never read as rich markup
-        cells: list[Any] = [
-            Text(str(r["name"])),
-            str(r.get("train_n", "-")),
-            str(r.get("test_n", "-")),
-            _f(fed.get("accuracy")),
-            _f(fed.get("recall")),
-            _f(fed.get("specificity")),
-            _f(fed.get("f1")),
-            _f(fed.get("auc")),
-        ]
-        cells += [_f(own.get("accuracy")), _f(own.get("auc"))] if personal else []
-        cells += (
-            [_f(loc.get("accuracy")), _f(loc.get("recall")), _f(loc.get("f1")), _f(loc.get("auc"))]
-            if local_columns
-            else []
-        )
-        cells += [_f(cen.get("accuracy")), _f(cen.get("auc"))] if central else []
+        cells: list[Any] = [Text(str(r["name"])), str(r.get("train_n", "-")), str(r.get("test_n", "-"))]
+        cells += [_f(fed.get(m)) for m in fed_metrics]
+        cells += [_f(own.get(m)) for m in other_metrics] if personal else []
+        cells += [_f(loc.get(m)) for m in local_metrics] if local_columns else []
+        cells += [_f(cen.get(m)) for m in other_metrics] if central else []
         cells.append((_f(eps, 3) if eps is not None else "-") if dp else "no DP")
         table.add_row(*cells, style="bold" if r is pooled else None)
     return table

@@ -12,13 +12,21 @@ from collections.abc import Mapping
 from typing import Any
 
 from fedcare.config_values import typed
-from fedcare.dataset_registry import DATASET_NAMES, REGISTRY, dataset_spec
+from fedcare.dataset_registry import (
+    DATASET_NAMES,
+    LEARNING_TASKS,
+    REGISTRY,
+    SEGMENTABLE,
+    dataset_spec,
+    model_input_kind,
+)
 from fedcare.errors import FedcareError
 
 # derived from the dataset registry (fedcare/dataset_registry.py), the one place dataset facts live
 DATASET_TASKS = {name: spec.task for name, spec in REGISTRY.items()}  # which models can train on it
 DATASETS = DATASET_NAMES
-MODELS = ("auto", "logistic", "mlp", "cnn", "gru", "cnn3d", "densenet3d")
+MODELS = ("auto", "logistic", "mlp", "cnn", "gru", "cnn3d", "densenet3d", "unet3d")
+LOCAL_OPTIMIZERS = ("sgd", "adam")  # the hospitals' local steps; under DP both step on the noisy gradient
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 # Per-dataset starting points (measured in bench/; see docs/benchmarks.md). `fedcare simulate`
 # applies them under whatever the user passes; `flwr run` users pass them as run config.
@@ -30,7 +38,8 @@ class RunSettings:
     """Everything a run is configured by. Field names map to run-config keys (``_`` -> ``-``)."""
 
     dataset: str = "fed-heart-disease"
-    model: str = "auto"  # the dataset's default: logistic (tables), gru (sequences), cnn (images)
+    task: str = "classify"  # classify: a label per patient; segment: a lesion mask per volume (volume data)
+    model: str = "auto"  # the data's default: logistic (tables), gru (sequences), cnn (images), cnn3d / unet3d
     hidden_units: int = 32  # MLP width
     strategy: str = "fedavg"
     num_rounds: int = 15
@@ -39,6 +48,7 @@ class RunSettings:
     personalise_lr_scale: float = 1.0  # personalisation's learning rate = this x learning-rate
     batch_size: int = 30
     learning_rate: float = 0.3
+    local_optimizer: str = "sgd"  # sgd | adam (DP-SGD / DP-Adam under DP: the same clipped, noised gradient)
     weight_decay: float = 0.0  # chosen over real multi-site tables (docs/benchmarks.md), not one dataset
     proximal_mu: float = 0.01
     server_learning_rate: float = 0.1
@@ -87,7 +97,8 @@ class RunSettings:
     @classmethod
     def for_dataset(cls, dataset: str, **overrides: Any) -> RunSettings:
         """The dataset's preset under explicit ``overrides`` (None values mean "not given")."""
-        values = dict(dataset_spec(dataset).preset) | {k: v for k, v in overrides.items() if v is not None}
+        given = {k: v for k, v in overrides.items() if v is not None}
+        values = dataset_spec(dataset).preset_for(given.get("task", "classify")) | given
         return cls(dataset=dataset, **values)
 
 
@@ -124,12 +135,18 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
 
 def validate(s: RunSettings) -> None:
     """Reject settings that cannot run, with a one-line reason and a fix."""
-    task = dataset_spec(s.dataset).task
+    data_kind = dataset_spec(s.dataset).task
+    _validate_task(s.task, data_kind)
     if s.model not in MODELS:
         raise FedcareError(f"unknown model '{s.model}'", f"choose one of: {', '.join(MODELS)} ({how_to_set('model')})")
     from shared_models.registry import resolve_model
 
-    resolve_model(s.model, task)
+    resolve_model(s.model, model_input_kind(data_kind, s.task))
+    if s.local_optimizer not in LOCAL_OPTIMIZERS:
+        raise FedcareError(
+            f"unknown local optimizer '{s.local_optimizer}'",
+            f"choose one of: {', '.join(LOCAL_OPTIMIZERS)} ({how_to_set('local_optimizer')})",
+        )
     if s.strategy not in STRATEGIES:
         raise FedcareError(
             f"unknown strategy '{s.strategy}'", f"choose one of: {', '.join(STRATEGIES)} ({how_to_set('strategy')})"
@@ -171,6 +188,19 @@ def validate(s: RunSettings) -> None:
             )
     if s.dp:
         _validate_dp(s)
+
+
+def _validate_task(task: str, data_kind: str) -> None:
+    """classify on any data; segment only where the data can carry masks (volumes)."""
+    if task not in LEARNING_TASKS:
+        raise FedcareError(
+            f"unknown task '{task}'", f"choose one of: {', '.join(LEARNING_TASKS)} ({how_to_set('task')})"
+        )
+    if task == "segment" and data_kind not in SEGMENTABLE:
+        raise FedcareError(
+            f"task 'segment' needs volume data with segmentation masks; this dataset is {data_kind} data",
+            f"use task classify, or a volume dataset (synthetic-ct, dicom-series) ({how_to_set('task')})",
+        )
 
 
 def _validate_dp(s: RunSettings) -> None:

@@ -36,9 +36,18 @@ PersonaliseLrScale = Annotated[
     typer.Option(help="personalisation's learning rate as a multiple of --learning-rate [1.0]"),
 ]
 Strategy = Annotated[str | None, typer.Option(help="fedavg | fedprox | fedadam [fedavg]")]
+Task = Annotated[
+    str | None,
+    typer.Option(
+        help="classify (a label per patient) | segment (a lesion mask per volume: synthetic-ct, dicom-series) [classify]"
+    ),
+]
 Model = Annotated[
     str | None,
-    typer.Option(help="auto | logistic | mlp (tables) | gru (sequences) | cnn (images) | cnn3d | densenet3d (volumes)"),
+    typer.Option(
+        help="auto | logistic | mlp (tables) | gru (sequences) | cnn (images) | cnn3d | densenet3d (volumes) | "
+        "unet3d (--task segment)"
+    ),
 ]
 Epsilon = Annotated[float | None, typer.Option(help="target epsilon each hospital may spend in this run [preset]")]
 Delta = Annotated[float | None, typer.Option(help="delta per hospital [1e-4]")]
@@ -54,7 +63,10 @@ EpsilonBudget = Annotated[
     float | None, typer.Option(help="each hospital's lifetime budget on its data (default: --epsilon)")
 ]
 BatchSize = Annotated[int | None, typer.Option(help="expected local batch size (Poisson sampling) [preset]")]
-LearningRate = Annotated[float | None, typer.Option(help="local SGD learning rate [preset]")]
+LearningRate = Annotated[float | None, typer.Option(help="local learning rate [preset]")]
+LocalOptimizer = Annotated[
+    str | None, typer.Option(help="sgd | adam: the hospitals' local steps (DP-SGD / DP-Adam under DP) [preset]")
+]
 WeightDecay = Annotated[float | None, typer.Option(help="local L2 weight decay [preset]")]
 Hospitals = Annotated[int | None, typer.Option(help="generated datasets: how many hospitals [preset]")]
 MinHospitals = Annotated[int | None, typer.Option(help="stop when fewer hospitals can train [2]")]

@@ -318,6 +318,10 @@ class EvaluationMetrics:
     pos_hist: list[int]
     neg_hist: list[int]
     num_examples: int
+    dice_sum: float = 0.0  # segmentation tests only (absent from a classification reply)
+    dice_n: int = 0
+    hd95_sum: float = 0.0
+    hd95_n: int = 0
 
     _KEYS = (
         ("tp", "int"),
@@ -329,16 +333,20 @@ class EvaluationMetrics:
         ("neg-hist", "ints"),
         (protocol.NUM_EXAMPLES, "int"),
     )
+    _SEGMENTATION_KEYS = (("dice-sum", "number"), ("dice-n", "int"), ("hd95-sum", "number"), ("hd95-n", "int"))
 
     def to_record(self, prefix: str = "") -> dict[str, Any]:
         values = dataclasses.astuple(self)
-        return {f"{prefix}{key}": value for (key, _), value in zip(self._KEYS, values)}
+        keys = self._KEYS + (self._SEGMENTATION_KEYS if self.dice_n else ())
+        return {f"{prefix}{key}": value for (key, _), value in zip(keys, values)}
 
     @classmethod
     def from_record(
         cls, record: Mapping[str, Any], prefix: str = "", message: str = "evaluation reply"
     ) -> EvaluationMetrics:
-        return cls(*(read(record, f"{prefix}{key}", kind, message) for key, kind in cls._KEYS))
+        required = [read(record, f"{prefix}{key}", kind, message) for key, kind in cls._KEYS]
+        segmentation = [read(record, f"{prefix}{key}", kind, message, 0) for key, kind in cls._SEGMENTATION_KEYS]
+        return cls(*required, *segmentation)
 
     @classmethod
     def from_summary(cls, s: BinarySummary) -> EvaluationMetrics:
@@ -351,6 +359,10 @@ class EvaluationMetrics:
             cast(np.ndarray, s.pos_hist).tolist(),
             cast(np.ndarray, s.neg_hist).tolist(),
             int(s.n),
+            float(s.dice_sum),
+            int(s.dice_n),
+            float(s.hd95_sum),
+            int(s.hd95_n),
         )
 
     def summary(self) -> BinarySummary:
@@ -362,6 +374,10 @@ class EvaluationMetrics:
             loss_sum=self.loss_sum,
             pos_hist=np.asarray(self.pos_hist, dtype=np.int64),
             neg_hist=np.asarray(self.neg_hist, dtype=np.int64),
+            dice_sum=self.dice_sum,
+            dice_n=self.dice_n,
+            hd95_sum=self.hd95_sum,
+            hd95_n=self.hd95_n,
         )
 
     @classmethod

@@ -738,7 +738,10 @@ def _progress_line(r: RoundRecord, total: int) -> str:
     if r.train_loss is not None:
         parts.append(f"train loss {r.train_loss:.3f}")
     if pooled:
-        parts.append(f"pooled acc {pooled['accuracy']:.3f} AUC {pooled['auc']:.3f} F1 {pooled['f1']:.3f}")
+        if "dice" in pooled:  # a segmentation test: Dice over lesion studies, AUC of lesion detection
+            parts.append(f"pooled Dice {pooled['dice']:.3f} detection AUC {pooled['auc']:.3f}")
+        else:
+            parts.append(f"pooled acc {pooled['accuracy']:.3f} AUC {pooled['auc']:.3f} F1 {pooled['f1']:.3f}")
     if r.epsilon:
         parts.append(f"epsilon max {max(r.epsilon.values()):.3f}")
     if r.failed:

@@ -85,7 +85,7 @@ def save_results(out_dir: str | Path, results: dict[str, Any]) -> None:
 
 
 def plot_rounds(results: dict[str, Any], path: Path) -> None:
-    """Accuracy and AUC per hospital and pooled, and epsilon spent, by round."""
+    """Accuracy (Dice for segmentation) and AUC per hospital and pooled, and epsilon spent, by round."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,7 +98,8 @@ def plot_rounds(results: dict[str, Any], path: Path) -> None:
     xs = [r["round"] for r in rounds]
     names = sorted({n for r in rounds for n in r["evaluation"]} - {"pooled"})
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for metric, ax in zip(("accuracy", "auc"), axes[:2]):
+    segmentation = any("dice" in (r["evaluation"].get("pooled") or {}) for r in rounds)
+    for metric, ax in zip(("dice" if segmentation else "accuracy", "auc"), axes[:2]):
         for name in [*names, "pooled"]:
             ys = [(r["evaluation"].get(name) or {}).get(metric) for r in rounds]
             ys = [np.nan if y is None else y for y in ys]

@@ -2,6 +2,8 @@
 
 A hospital reports a confusion matrix and score histograms per label (never per-patient scores),
 so pooled metrics across hospitals are exact sums; AUC from histograms is exact up to binning.
+A segmentation test adds Dice and HD95 sums over its studies (``client/segmentation_scores.py``);
+its confusion matrix is then lesion detection per study.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ class BinarySummary:
     loss_sum: float = 0.0
     pos_hist: np.ndarray | None = None
     neg_hist: np.ndarray | None = None
+    dice_sum: float = 0.0  # segmentation: Dice summed over the test studies that hold a lesion
+    dice_n: int = 0
+    hd95_sum: float = 0.0  # ... 95th-percentile Hausdorff distance (voxels) where both masks mark voxels
+    hd95_n: int = 0
 
     @property
     def n(self) -> int:
@@ -38,10 +44,15 @@ class BinarySummary:
             self.loss_sum + other.loss_sum,
             _add(self.pos_hist, other.pos_hist),
             _add(self.neg_hist, other.neg_hist),
+            self.dice_sum + other.dice_sum,
+            self.dice_n + other.dice_n,
+            self.hd95_sum + other.hd95_sum,
+            self.hd95_n + other.hd95_n,
         )
 
     def metrics(self) -> dict[str, float]:
-        """accuracy, recall (sensitivity), specificity, F1, ROC AUC, loss and n."""
+        """accuracy, recall (sensitivity), specificity, F1, ROC AUC, loss and n; for a segmentation
+        test also dice and hd95 (means over the studies behind them)."""
         n = self.n
         tp, fp, tn, fn = self.tp, self.fp, self.tn, self.fn
         recall = tp / (tp + fn) if tp + fn else float("nan")
@@ -56,7 +67,11 @@ class BinarySummary:
             "f1": f1,
             "auc": auc_from_histograms(self.pos_hist, self.neg_hist),
             "loss": self.loss_sum / n if n else float("nan"),
-        }
+        } | ({"dice": self.dice_sum / self.dice_n, "hd95": _mean(self.hd95_sum, self.hd95_n)} if self.dice_n else {})
+
+
+def _mean(total: float, count: int) -> float:
+    return total / count if count else float("nan")
 
 
 def _add(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:

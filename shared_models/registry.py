@@ -22,7 +22,7 @@ MODEL_TASKS = {
     "gru": "sequence",
     "cnn3d": "volume",
     "densenet3d": "volume",
-    "unet3d": "segmentation",  # volumes with lesion masks; not a run-config model until the task is wired
+    "unet3d": "segmentation",  # volumes with lesion masks (run task "segment")
 }
 DEFAULT_MODEL = {"tabular": "logistic", "image": "cnn", "sequence": "gru", "volume": "cnn3d", "segmentation": "unet3d"}
 

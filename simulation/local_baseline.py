@@ -43,5 +43,6 @@ def local_only(data: HospitalData, s: RunSettings) -> BinarySummary:
         weight_decay=s.weight_decay,
         dp=dp,
         rng=SecretRandom.reproducible(s.seed),
+        optimizer_name=s.local_optimizer,
     )
     return evaluate(model, x_te, data.y_test)

@@ -45,6 +45,7 @@ def pooled_training(hospitals: list[HospitalData], s: RunSettings) -> dict[str, 
         weight_decay=s.weight_decay,
         dp=dp,
         rng=SecretRandom.reproducible(s.seed),
+        optimizer_name=s.local_optimizer,
     )
     out = {h.name: evaluate(model, h.prepared(h.x_test, mean, std), h.y_test) for h in hospitals}
     out["pooled"] = sum(list(out.values())[1:], next(iter(out.values())))

@@ -4,6 +4,7 @@ into the volume and mask they were written from, on every scanner's geometry."""
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import numpy as np
@@ -87,3 +88,4 @@ def test_prepare_then_check_a_ct_hospital_from_the_command_line(tmp_path, monkey
     checked = CliRunner().invoke(app, ["data", "check", str(tmp_path / "hospital-0"), "--series"])
     assert checked.exit_code == 0, checked.output
     assert "series as volumes" in checked.output and "ok: every series can train as a volume" in checked.output
+    assert re.search(r"with a segmentation \(task segment\)\s*│\s*3\b", checked.output)  # each study has its SEG

@@ -78,6 +78,13 @@ def test_the_unet_gives_one_logit_per_voxel_and_refuses_sides_it_cannot_halve_tw
         VolumeUNet(spatial=(16, 16, 10))
 
 
+def test_a_fresh_unet_starts_every_voxel_near_the_lesion_prior_not_at_one_half():
+    torch.manual_seed(0)
+    with torch.no_grad():
+        probabilities = torch.sigmoid(VolumeUNet()(torch.rand(2, 1, 32, 32, 20)))
+    assert float((probabilities > 0.5).float().mean()) < 0.01 and 0.005 < float(probabilities.mean()) < 0.08
+
+
 def test_each_study_loss_depends_on_that_study_alone_and_labels_keep_cross_entropy():
     torch.manual_seed(0)
     logits, masks = torch.randn(3, 1, 4, 4, 4), (torch.rand(3, 1, 4, 4, 4) > 0.8).float()
@@ -93,6 +100,18 @@ def test_each_study_loss_depends_on_that_study_alone_and_labels_keep_cross_entro
         sample_losses(logits[:, 0, 0, 0, 0], y),
         torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0, 0, 0, 0], y, reduction="none"),
     )
+
+
+def test_a_study_without_a_lesion_costs_nothing_when_nothing_is_marked_and_more_per_voxel_marked():
+    """Smoothed Dice: a lesion-free study is not scored 1 - 0 whatever the model does (that loss
+    would teach nothing), and cross-entropy at a tenth keeps the background from saturating."""
+    empty = torch.zeros(1, 1, 4, 4, 4)
+    quiet = torch.full((1, 1, 4, 4, 4), -6.0)
+    some, more = quiet.clone(), quiet.clone()
+    some[..., :1] = 6.0
+    more[..., :2] = 6.0
+    losses = [float(sample_losses(logits, empty)) for logits in (quiet, some, more)]
+    assert losses[0] < 0.2 and losses[0] < losses[1] < losses[2]
 
 
 def test_unet_clipped_per_study_gradients_match_one_study_at_a_time():

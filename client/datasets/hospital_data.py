@@ -7,7 +7,8 @@ treat them alike:
 - ``sequence``: x is (n, T, d + 1), left-padded per-patient event sequences whose last channel is
   the mask (1 = real step), so the latest event is always the last step;
 - ``image``: x is (n, C, S, S) pixels already windowed into [0, 1] by the DICOM reader;
-- ``volume``: x is (n, 1, X, Y, Z) CT/MR volumes resampled and windowed into [0, 1].
+- ``volume``: x is (n, 1, X, Y, Z) CT/MR volumes resampled and windowed into [0, 1];
+- ``segmentation``: the same volumes, with y a (n, 1, X, Y, Z) 0/1 lesion mask instead of a label.
 
 Numeric features (tabular columns, sequence step channels) are clipped to their public ranges and
 standardised with the federation's agreed mean and scale; missing values arrive as NaN and land on the pooled mean (0 after
@@ -25,7 +26,8 @@ import numpy as np
 
 from fedcare.errors import FedcareError
 
-TASKS = ("tabular", "sequence", "image", "volume")
+TASKS = ("tabular", "sequence", "image", "volume", "segmentation")
+PIXEL_TASKS = ("image", "volume", "segmentation")  # inputs already scaled into [0, 1]: no feature statistics
 
 
 @dataclass
@@ -82,7 +84,7 @@ class HospitalData:
         Clipping keeps an impossible value (an age of 65,526) from training as it is: it would
         dominate its patient's gradient and can push an update outside the secure-aggregation range.
         """
-        if self.task in ("image", "volume") or not self.numeric_features:
+        if self.task in PIXEL_TASKS or not self.numeric_features:
             return x.astype(np.float32, copy=False)
         cols = self.numeric_columns()
         out = x.astype(np.float32, copy=True)
@@ -133,7 +135,7 @@ class HospitalData:
                 f"hospital '{self.name}' has {n} training samples, fewer than one batch ({batch_size})", hint
             )
         x = self.x_train
-        if self.task not in ("image", "volume") and self.numeric_features:
+        if self.task not in PIXEL_TASKS and self.numeric_features:
             x = np.delete(x, self.numeric_columns(), axis=-1)
         bad = ~np.isfinite(x)
         if bad.any():
