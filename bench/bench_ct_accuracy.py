@@ -70,7 +70,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     p = REGISTRY[DATASET].preset_for(args.task)
     command = "bench/bench_ct_accuracy.py" + (" --task segment" if args.task == "segment" else "")
-    optimizer = f"DP-{p['local_optimizer'].upper()}" if "local_optimizer" in p else "DP-SGD"
+    optimizer = {"adam": "DP-Adam", "sgd": "DP-SGD"}[p.get("local_optimizer", "sgd")]
     text = "\n".join(
         [
             heading,
