@@ -27,11 +27,13 @@ from bench.markdown_report import replace_section
 from fedcare.dataset_registry import REGISTRY
 
 DATASET = "synthetic-ct"
+CLASSIFY_HEADING = "### 3D CT classification"
+SEGMENT_HEADING = "### 3D CT lesion segmentation"
 # per task: the section heading, the table's title, its two figures (the first one is the target's)
 TASKS = {
-    "classify": ("### 3D CT classification", "generated CT series, 4 scanners, DP 3D CNN", ("auc", "accuracy")),
+    "classify": (CLASSIFY_HEADING, "generated CT series, 4 scanners, DP 3D CNN", ("auc", "accuracy")),
     "segment": (
-        "### 3D CT lesion segmentation",
+        SEGMENT_HEADING,
         "generated CT series with DICOM SEG masks, 4 scanners, DP U-Net; Dice over the test studies with a "
         "lesion, AUC of lesion detection per study (largest voxel probability)",
         ("dice", "auc"),
@@ -96,7 +98,7 @@ def main() -> None:
     )
     print(text)
     if args.write:
-        replace_section(args.write, heading, text)
+        replace_section(args.write, SEGMENT_HEADING if args.task == "segment" else CLASSIFY_HEADING, text)
 
 
 if __name__ == "__main__":
