@@ -37,11 +37,12 @@ from client.datasets.dicom_series import (
 )
 from client.datasets.hospital_data import HospitalData
 from fedcare.atomic_files import replace_file
+from fedcare.dataset_registry import LEARNING_TASKS
 from fedcare.errors import FedcareError
 
 VOLUME_PREPROCESSING_VERSION = 2  # bump whenever the processed volumes change (invalidates caches)
 KEY_COLUMNS = ("StudyInstanceUID", "SeriesInstanceUID")
-VOLUME_TASKS = ("classify", "segment")  # a study label per series, or a lesion mask per series
+VOLUME_TASKS = LEARNING_TASKS  # a study label per series, or a lesion mask per series
 TEST_FRACTION = 0.3
 SPLIT_SEED = 43
 
