@@ -35,7 +35,7 @@ TASKS = {
 
 def run(dataset: str, seed: int, work: Path, extra: tuple[str, ...] = ()) -> tuple[dict, float]:
     """One `fedcare simulate` run (``extra``: more options, e.g. ``--task segment``); its table and wall time."""
-    out = work / f"{dataset}-{seed}{'-'.join(('', *extra)).replace('--', '')}"
+    out = work / "-".join([dataset, str(seed), *(arg.lstrip("-") for arg in extra)])
     cmd = [
         sys.executable,
         "-m",

@@ -37,7 +37,7 @@ from client.datasets.dicom_series import (
 )
 from client.datasets.hospital_data import HospitalData
 from fedcare.atomic_files import replace_file
-from fedcare.dataset_registry import LEARNING_TASKS
+from fedcare.dataset_registry import LEARNING_TASKS, model_input_kind
 from fedcare.errors import FedcareError
 
 VOLUME_PREPROCESSING_VERSION = 2  # bump whenever the processed volumes change (invalidates caches)
@@ -92,7 +92,7 @@ def load_volume_hospital(
             )
         if cache is not None:
             _save_cache(cache, x, y, studies, notes)
-    return _split(folder.name, x, y, studies, notes, "volume" if task == "classify" else "segmentation")
+    return _split(folder.name, x, y, studies, notes, model_input_kind("volume", task))
 
 
 def _read_series(
