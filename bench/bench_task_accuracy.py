@@ -83,12 +83,15 @@ def dataset_section(
     """One dataset's per-hospital table: mean ± std over the seeds' ``results.json`` tables."""
     names = [r["name"] for r in tables[0]["hospitals"]] + ["pooled"]
     a, b = (LABELS[m] for m in metrics)
+    # the federated model fine-tuned at each hospital inside its epsilon, where the run personalised
+    personal = any(r.get("personalised") for t in tables for r in t["hospitals"])
     lines = [
         f"#### {title}",
         "",
-        f"| hospital | train | test | fed {a} | fed {b} | local {a} | local {b} | pooled-trained {a} | "
-        f"pooled-trained {b} | epsilon spent |",
-        "|" + "---|" * 10,
+        f"| hospital | train | test | fed {a} | fed {b} | "
+        + (f"personalised {a} | personalised {b} | " if personal else "")
+        + f"local {a} | local {b} | pooled-trained {a} | pooled-trained {b} | epsilon spent |",
+        "|" + "---|" * (12 if personal else 10),
     ]
     for name in names:
         rows = [
@@ -103,7 +106,9 @@ def dataset_section(
         label = f"**{name}**" if name == "pooled" else name
         lines.append(
             f"| {label} | {rows[0]['train_n']} | {rows[0]['test_n']} | {ms('fed', metrics[0])} | "
-            f"{ms('fed', metrics[1])} | {ms('local', metrics[0])} | {ms('local', metrics[1])} | "
+            f"{ms('fed', metrics[1])} | "
+            + (f"{ms('personalised', metrics[0])} | {ms('personalised', metrics[1])} | " if personal else "")
+            + f"{ms('local', metrics[0])} | {ms('local', metrics[1])} | "
             f"{ms('central', metrics[0])} | {ms('central', metrics[1])} | {eps:.2f} |"
         )
     lines += ["", f"Wall time per run, data preparation included: {np.mean(seconds):.0f} s.", ""]

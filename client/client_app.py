@@ -166,7 +166,13 @@ class _Node:
     def model(self, data: HospitalData):
         from shared_models.registry import build_model, resolve_model
 
-        return build_model(resolve_model(self.request.model, data.task), data.input_shape, self.request.hidden_units)
+        patches = self.request.patch_plan()
+        return build_model(
+            resolve_model(self.request.model, data.task),
+            data.input_shape,
+            self.request.hidden_units,
+            patch=patches.size if patches is not None else None,
+        )
 
     def ledger(self, data: HospitalData) -> PrivacyLedger:
         """The dataset's privacy ledger at this hospital's budget and delta, once it agrees with the
@@ -514,6 +520,7 @@ def _local_training(
         rng=rng,
         proximal_mu=proximal_mu,
         optimizer_name=node.request.local_optimizer,
+        patches=node.request.patch_plan(),
     )
 
 

@@ -23,7 +23,8 @@ from client.per_sample_clipping import PerSampleClipper
 from client.secret_randomness import SecretPoissonBatches, SecretRandom
 from client.segmentation_scores import segmentation_summary
 from client.task_losses import sample_losses
-from fedcare.run_config import LOCAL_OPTIMIZERS
+from client.volume_patches import cut_patches
+from fedcare.run_config import LOCAL_OPTIMIZERS, PatchPlan
 from shared_models.classification_metrics import BinarySummary, summarize
 
 if TYPE_CHECKING:
@@ -85,6 +86,7 @@ def train(
     rng: SecretRandom,
     proximal_mu: float = 0.0,
     optimizer_name: str = "sgd",
+    patches: PatchPlan | None = None,
 ) -> TrainOutcome:
     """Train ``model`` in place for ``epochs`` local epochs; returns the privacy steps taken.
 
@@ -92,13 +94,15 @@ def train(
     fresh ``SecretRandom()`` for anything released, ``SecretRandom.reproducible`` only where no
     privacy is claimed (baselines, benchmarks). ``optimizer_name`` (``LOCAL_OPTIMIZERS``) steps on
     the noisy clipped gradient under DP (DP-SGD, DP-Adam): the choice costs no privacy.
+    ``patches``: each step trains on patches cut from the sampled studies, a study's patches
+    clipped together as one sample (``client/volume_patches.py``); None: whole volumes.
     """
     dev = device()
     model.to(dev).train()
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     xt, yt = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)
     optimizer = local_optimizer(optimizer_name, model, lr, weight_decay)
-    private = _make_private(model, optimizer, xt, yt, batch_size, dp, rng) if dp is not None else None
+    private = _make_private(model, optimizer, xt, yt, batch_size, dp, rng, patches) if dp is not None else None
     if private is not None:  # the loader: secret Poisson batches with DP, torch's DataLoader without
         optimizer, loader = private.optimizer, cast(Any, private.loader)
     else:
@@ -107,21 +111,13 @@ def train(
     try:
         for _ in range(epochs):
             for xb, yb in loader:
-                xb, yb = xb.to(dev), yb.to(dev)
-                optimizer.zero_grad(set_to_none=True)
-                if private is None:
-                    loss = sample_losses(model(xb), yb).mean()
-                    loss.backward()
-                else:
-                    with private.clipper.recording():
-                        loss = sample_losses(model(xb), yb).sum()  # each sample's own gradient
-                    private.clipper.clip_and_sum(loss, len(yb))
-                    loss = loss / max(len(yb), 1)
-                optimizer.step()
+                if patches is not None:  # cut where the studies are (CPU), train where the model is
+                    xb, yb = cut_patches(xb, yb, patches, rng)
+                loss, studies = _step(model, optimizer, private, xb.to(dev), yb.to(dev), patches)
                 if anchor is not None:
                     _proximal_step(model, anchor, lr * proximal_mu)
-                if len(yb):
-                    total += float(loss.detach())
+                if studies:
+                    total += loss
                     batches += 1
     finally:
         if private is not None:
@@ -130,6 +126,37 @@ def train(
     if private is not None:
         model.cpu()
     return TrainOutcome(steps=steps, mean_loss=total / max(batches, 1))
+
+
+def _step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    private: _PrivateTraining | None,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    patches: PatchPlan | None,
+) -> tuple[float, int]:
+    """One optimizer step on a batch (of studies' patches with ``patches``): (mean loss per study,
+    studies in the batch). Under DP the clipped sum of each study's gradient, noised by the optimizer."""
+    studies = len(y) // (patches.per_study if patches is not None else 1)
+    optimizer.zero_grad(set_to_none=True)
+    if private is None:
+        loss = _row_losses(model, x, y, patches).sum() / max(studies, 1)
+        loss.backward()
+    else:
+        with private.clipper.recording():
+            loss = _row_losses(model, x, y, patches).sum()  # each study's own gradient
+        private.clipper.clip_and_sum(loss, studies)
+        loss = loss / max(studies, 1)
+    optimizer.step()
+    return float(loss.detach()), studies
+
+
+def _row_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor, patches: PatchPlan | None) -> torch.Tensor:
+    """Each row's loss; with patches, a patch's loss over the study's patch count, so a study's
+    rows sum to the mean loss over its patches."""
+    losses = sample_losses(model(x), y)
+    return losses if patches is None else losses / patches.per_study
 
 
 @torch.no_grad()
@@ -155,6 +182,7 @@ def _make_private(
     batch_size: int,
     dp: DPSettings,
     rng: SecretRandom,
+    patches: PatchPlan | None = None,
 ) -> _PrivateTraining:
     """Opacus's DP-SGD pieces, wired as ``PrivacyEngine.make_private`` wires them: Poisson sampling
     at rate 1 / batches per epoch, the optimizer's step hook feeding an RDP accountant. The batches
@@ -179,7 +207,9 @@ def _make_private(
     accountant = RDPAccountant()
     private_optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
     loader = SecretPoissonBatches(x, y, sample_rate, steps, rng)
-    return _PrivateTraining(PerSampleClipper(model, dp.max_grad_norm), private_optimizer, loader, accountant)
+    rows = patches.per_study if patches is not None else 1  # a study's patches are one sample
+    clipper = PerSampleClipper(model, dp.max_grad_norm, rows_per_sample=rows)
+    return _PrivateTraining(clipper, private_optimizer, loader, accountant)
 
 
 @torch.no_grad()

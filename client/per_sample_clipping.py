@@ -19,6 +19,12 @@ number of times in one forward pass), convolutions in 1, 2 or 3 dimensions, plai
 (``groups=1``, zero padding), ``nn.GroupNorm``, affine ``nn.InstanceNorm1d/2d/3d`` and the masked
 GRU's ``GRUGates``. A model with any other parameterised layer is refused.
 
+A sample may span several rows of the batch (``rows_per_sample``): patch-based 3D training feeds
+each patient's patches as consecutive rows, and the privacy unit stays the patient, so the
+gradient clipped is the sum over the patient's rows (``client/volume_patches.py``). The rules then
+sum each layer's per-row gradients (or merge its positions) over the rows of a sample before the
+norm.
+
 ``GRUGates`` is handled as one layer: the backward pass stops at its input map's output (the
 gate pre-activations of every time step, one tensor), and the hidden map's output gradients are
 derived from those: for the r and z gates they are the same values, for the candidate gate they
@@ -67,12 +73,17 @@ class PerSampleClipper:
     ``with clipper.recording(): loss = per_sample_losses.sum()``, then
     ``clipper.clip_and_sum(loss, batch_size)`` leaves the clipped sum in every ``p.grad``.
     The loss must be *summed* over the batch, so each sample's output gradient is its own.
+    With ``rows_per_sample`` = k, rows k*i .. k*i + k - 1 of every layer's batch are sample i
+    (``batch_size`` still counts samples).
     """
 
-    def __init__(self, model: nn.Module, max_grad_norm: float) -> None:
+    def __init__(self, model: nn.Module, max_grad_norm: float, rows_per_sample: int = 1) -> None:
         if max_grad_norm <= 0:
             raise FedcareError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+        if rows_per_sample < 1:
+            raise FedcareError(f"rows_per_sample must be >= 1, got {rows_per_sample}")
         self.max_grad_norm = float(max_grad_norm)
+        self.rows_per_sample = int(rows_per_sample)
         self._torch = clipping_internals()  # torch's internals, or their public equivalents on another torch
         self.layers, covered = _supported_layers(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -166,7 +177,8 @@ class PerSampleClipper:
             r.grads[i] = g
         del wanted, grads  # the records now hold the only references: rules can free as they go
         with torch.no_grad():
-            parts = [rule(module, records, out) for module, rule in self.layers]
+            rows = self.rows_per_sample
+            parts = [rule(module, records, out, rows) for module, rule in self.layers]
             squares = [sq for _, sq in parts if sq is not None]
             if not squares:  # no recorded layer reached the loss: every gradient is zero
                 squares = [torch.zeros(batch_size, device=flat.device, dtype=flat.dtype)]
@@ -248,10 +260,17 @@ def _supported_layers(model: nn.Module) -> tuple[list[tuple[nn.Module, _Rule]], 
 
 # Writes a layer's clipped sum into its gradient views, given the clip factors as (B,) and (B, 1).
 _Summer = Callable[[torch.Tensor, torch.Tensor], None]
-# (layer, the records by module, the gradient views by parameter id) -> (summer, per-sample squared norms)
+# (layer, the records by module, the gradient views by parameter id, rows per sample)
+#   -> (summer, per-sample squared norms)
 _Rule = Callable[
-    [nn.Module, dict[nn.Module, "_Record"], dict[int, torch.Tensor]], tuple[_Summer | None, torch.Tensor | None]
+    [nn.Module, dict[nn.Module, "_Record"], dict[int, torch.Tensor], int],
+    tuple[_Summer | None, torch.Tensor | None],
 ]
+
+
+def _per_sample(per_row: torch.Tensor, rows: int) -> torch.Tensor:
+    """(B * rows, ...) per-row gradients -> (B, ...): each sample's the sum over its rows."""
+    return per_row if rows == 1 else per_row.view(-1, rows, *per_row.shape[1:]).sum(1)
 
 
 def _plain_conv(module: nn.Module) -> bool:
@@ -267,13 +286,13 @@ def _pairs(record: _Record) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(x, g) for x, g in zip(record.inputs, record.grads) if g is not None]
 
 
-def _linear(module: nn.Linear, records: dict[nn.Module, _Record], out_views: dict[int, torch.Tensor]):
+def _linear(module: nn.Linear, records: dict[nn.Module, _Record], out_views: dict[int, torch.Tensor], rows: int = 1):
     record = records[module]
     pairs = _pairs(record)
     if not pairs:
         return None, None
     bias = module.bias is not None and module.bias.requires_grad
-    if len(pairs) == 1 and pairs[0][0].dim() == 2:  # one position per sample: ||g a^T|| = ||g|| ||a||
+    if len(pairs) == 1 and pairs[0][0].dim() == 2 and rows == 1:  # one position per sample: ||g a^T|| = ||g|| ||a||
         a2, g2 = pairs[0]
         a_sq, g_sq = torch.linalg.vecdot(a2, a2), torch.linalg.vecdot(g2, g2)
         sq = torch.addcmul(g_sq, g_sq, a_sq) if bias else g_sq * a_sq
@@ -294,9 +313,11 @@ def _linear(module: nn.Linear, records: dict[nn.Module, _Record], out_views: dic
 
         return summer, sq
     batch = pairs[0][0].shape[0]
-    a = _positions([x for x, _ in pairs], batch)  # (B, T, in)
-    g = _positions([y for _, y in pairs], batch)  # (B, T, out)
+    a = _positions([x for x, _ in pairs], batch)  # (B * rows, T, in)
+    g = _positions([y for _, y in pairs], batch)  # (B * rows, T, out)
     del pairs
+    if rows > 1:  # a sample's rows are more positions of the same sample
+        a, g = a.reshape(batch // rows, -1, a.shape[2]), g.reshape(batch // rows, -1, g.shape[2])
     record.inputs, record.grads = [], []  # per-call tensors, now copied into a and g (or viewed)
     return _over_positions(a, g, out_views[id(module.weight)], out_views[id(module.bias)] if bias else None)
 
@@ -368,7 +389,7 @@ _CONV_WEIGHT = {
 }
 
 
-def _conv(module: nn.Module, records: dict[nn.Module, _Record], out_views: dict[int, torch.Tensor]):
+def _conv(module: nn.Module, records: dict[nn.Module, _Record], out_views: dict[int, torch.Tensor], rows: int = 1):
     """Convolutions of any dimension, plain or transposed. Every sample's weight gradient at once: the
     batch becomes the groups of one grouped convolution's weight gradient (several times faster on a
     CPU than unfold + bmm). A transposed convolution's weight gradient is the weight gradient of the
@@ -399,6 +420,9 @@ def _conv(module: nn.Module, records: dict[nn.Module, _Record], out_views: dict[
         if bias:
             b = g.sum(tuple(range(2, g.dim())))
             per_sample_b = b if per_sample_b is None else per_sample_b + b
+    per_sample_w = _per_sample(per_sample_w, rows)
+    if bias:
+        per_sample_b = _per_sample(per_sample_b, rows)
     sq = torch.linalg.vecdot(per_sample_w, per_sample_w)
     if bias:
         sq = sq + torch.linalg.vecdot(per_sample_b, per_sample_b)
@@ -411,7 +435,9 @@ def _conv(module: nn.Module, records: dict[nn.Module, _Record], out_views: dict[
     return summer, sq
 
 
-def _group_norm(module: nn.Module, records: dict[nn.Module, _Record], out_views: dict[int, torch.Tensor]):
+def _group_norm(
+    module: nn.Module, records: dict[nn.Module, _Record], out_views: dict[int, torch.Tensor], rows: int = 1
+):
     """GroupNorm and InstanceNorm (GroupNorm with one channel per group): per-sample gradients of the
     affine scale and shift are sums over positions of the output gradient (times the normalised input)."""
     record = records[module]
@@ -428,6 +454,7 @@ def _group_norm(module: nn.Module, records: dict[nn.Module, _Record], out_views:
         b = g.sum(dims) if dims else g
         gamma = w if gamma is None else gamma + w
         beta = b if beta is None else beta + b
+    gamma, beta = _per_sample(gamma, rows), _per_sample(beta, rows)
     weight = module.weight is not None and module.weight.requires_grad
     bias = module.bias is not None and module.bias.requires_grad
     sq = (gamma.pow(2).sum(1) if weight else 0.0) + (beta.pow(2).sum(1) if bias else 0.0)
@@ -441,7 +468,12 @@ def _group_norm(module: nn.Module, records: dict[nn.Module, _Record], out_views:
     return summer, sq
 
 
-def _gru_gates(module: GRUGates, records: dict[nn.Module, _Record], out_views: dict[int, torch.Tensor]):
+def _gru_gates(module: GRUGates, records: dict[nn.Module, _Record], out_views: dict[int, torch.Tensor], rows: int = 1):
+    if rows != 1:
+        raise FedcareError(
+            "a GRU's per-sample gradients are one sequence per sample",
+            "train sequence models with one row per patient (patches are for 3D volumes)",
+        )
     ih, hh, hidden = module.ih, module.hh, module.hidden
     pairs = _pairs(records[ih])
     if not pairs:

@@ -15,6 +15,8 @@ Only these sums and counts leave the hospital, as for classification: never a ma
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -40,6 +42,8 @@ def segmentation_summary(probabilities: np.ndarray, masks: np.ndarray, loss_sum:
         summary.dice_sum, summary.dice_n = float(dice.sum()), int(has_lesion.sum())
     both = has_lesion & marked
     if both.any():
-        hd95 = compute_hausdorff_distance(pred_t[both], ref_t[both], include_background=True, percentile=95)
+        with warnings.catch_warnings():  # MONAI 1.6 warns of its own internal call's argument, every time
+            warnings.filterwarnings("ignore", "monai.metrics.utils get_mask_edges", FutureWarning)
+            hd95 = compute_hausdorff_distance(pred_t[both], ref_t[both], include_background=True, percentile=95)
         summary.hd95_sum, summary.hd95_n = float(hd95.sum()), int(both.sum())
     return summary

@@ -65,6 +65,8 @@ def simulate(
     batch_size: opt.BatchSize = None,
     learning_rate: opt.LearningRate = None,
     local_optimizer: opt.LocalOptimizer = None,
+    patch_size: opt.PatchSize = None,
+    patches_per_study: opt.PatchesPerStudy = None,
     weight_decay: opt.WeightDecay = None,
     hospitals: opt.Hospitals = None,
     min_hospitals: opt.MinHospitals = None,

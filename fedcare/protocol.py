@@ -13,7 +13,10 @@ from typing import Any
 
 from fedcare.config_values import typed
 from fedcare.errors import FedcareError
-from fedcare.run_config import RUN_DEFAULTS as _RUN  # a key a request leaves out means the run default
+
+# a key a request leaves out means the run default
+from fedcare.run_config import RUN_DEFAULTS as _RUN
+from fedcare.run_config import PatchPlan
 
 FEATURE_STATS = "query.feature_stats"  # message type of the federated statistics round
 ARRAYS = "arrays"  # ArrayRecord: a plain train reply's update
@@ -71,6 +74,8 @@ class RunRequest:
     batch_size: int = _RUN["batch_size"]
     learning_rate: float = _RUN["learning_rate"]
     local_optimizer: str = _RUN["local_optimizer"]
+    patch_size: str = _RUN["patch_size"]  # "" whole volumes; "XxYxZ": patches, a study's patches one DP sample
+    patches_per_study: int = _RUN["patches_per_study"]
     weight_decay: float = _RUN["weight_decay"]
     proximal_mu: float = 0.0  # only FedProx sets it
     dp: bool = _RUN["dp"]
@@ -96,6 +101,10 @@ class RunRequest:
                 kind = f.type if isinstance(f.type, str) else f.type.__name__
                 values[f.name] = _typed(key, kind, config[key])
         return cls(**values)
+
+    def patch_plan(self) -> PatchPlan | None:
+        """The patches a segmentation step trains on (a malformed request is refused here); None: whole volumes."""
+        return PatchPlan.parse(self.patch_size, self.patches_per_study)
 
     def to_config(self) -> dict[str, Any]:
         return {

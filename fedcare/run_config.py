@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -49,6 +50,8 @@ class RunSettings:
     batch_size: int = 30
     learning_rate: float = 0.3
     local_optimizer: str = "sgd"  # sgd | adam (DP-SGD / DP-Adam under DP: the same clipped, noised gradient)
+    patch_size: str = ""  # segment: train on XxYxZ-voxel patches, a study's patches one DP sample ("": whole volumes)
+    patches_per_study: int = 4  # patches cut from each sampled study per step (with patch-size)
     weight_decay: float = 0.0  # chosen over real multi-site tables (docs/benchmarks.md), not one dataset
     proximal_mu: float = 0.01
     server_learning_rate: float = 0.1
@@ -94,6 +97,10 @@ class RunSettings:
     def replace(self, **changes: Any) -> RunSettings:
         return dataclasses.replace(self, **changes)
 
+    def patch_plan(self) -> PatchPlan | None:
+        """The patches a segmentation step trains on; None: whole volumes."""
+        return PatchPlan.parse(self.patch_size, self.patches_per_study)
+
     @classmethod
     def for_dataset(cls, dataset: str, **overrides: Any) -> RunSettings:
         """The dataset's preset under explicit ``overrides`` (None values mean "not given")."""
@@ -137,6 +144,11 @@ def validate(s: RunSettings) -> None:
     """Reject settings that cannot run, with a one-line reason and a fix."""
     data_kind = dataset_spec(s.dataset).task
     _validate_task(s.task, data_kind)
+    if PatchPlan.parse(s.patch_size, s.patches_per_study) is not None and s.task != "segment":
+        raise FedcareError(
+            f"patch-size {s.patch_size} is for segmentation (a patch of a study keeps its mask, not its label)",
+            f"train task segment, or leave patch-size empty ({how_to_set('patch_size')})",
+        )
     if s.model not in MODELS:
         raise FedcareError(f"unknown model '{s.model}'", f"choose one of: {', '.join(MODELS)} ({how_to_set('model')})")
     from shared_models.registry import resolve_model
@@ -188,6 +200,46 @@ def validate(s: RunSettings) -> None:
             )
     if s.dp:
         _validate_dp(s)
+
+
+_PATCH_SIDES = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*x\s*(\d+)\s*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchPlan:
+    """Patch-based 3D training: patch side lengths in voxels (x, y, z) and how many patches each
+    sampled study gives a step (``client/volume_patches.py`` cuts them)."""
+
+    size: tuple[int, int, int]
+    per_study: int
+
+    @classmethod
+    def parse(cls, size: str, per_study: int) -> PatchPlan | None:
+        """``"XxYxZ"`` voxels and a patch count; ``""`` (whole volumes) gives None."""
+        if not size.strip():
+            return None
+        match = _PATCH_SIDES.match(size)
+        if match is None:
+            raise FedcareError(
+                f"patch-size must be three voxel counts like 16x16x12, got '{size}'",
+                f"set patch-size to XxYxZ, or leave it empty to train on whole volumes ({how_to_set('patch_size')})",
+            )
+        x, y, z = (int(v) for v in match.groups())
+        if min(x, y, z) < 1 or per_study < 1:
+            raise FedcareError(
+                f"patch-size {size} with patches-per-study {per_study}: every side and the count must be >= 1",
+                f"set positive patch sides and at least one patch per study ({how_to_set('patches_per_study')})",
+            )
+        return cls((x, y, z), int(per_study))
+
+    def check_fits(self, spatial: tuple[int, ...]) -> None:
+        """Refuse a patch larger than the volumes it is cut from."""
+        if len(spatial) != 3 or any(p > v for p, v in zip(self.size, spatial)):
+            raise FedcareError(
+                f"patch-size {'x'.join(map(str, self.size))} does not fit in volumes of "
+                f"{'x'.join(map(str, spatial))} voxels",
+                f"choose a patch no larger than the volume policy's size ({how_to_set('patch_size')})",
+            )
 
 
 def _validate_task(task: str, data_kind: str) -> None:

@@ -67,6 +67,14 @@ LearningRate = Annotated[float | None, typer.Option(help="local learning rate [p
 LocalOptimizer = Annotated[
     str | None, typer.Option(help="sgd | adam: the hospitals' local steps (DP-SGD / DP-Adam under DP) [preset]")
 ]
+PatchSize = Annotated[
+    str | None,
+    typer.Option(
+        help="segmentation: train on XxYxZ-voxel patches, a study's patches clipped as one DP sample "
+        "(e.g. 16x16x12; empty: whole volumes) ['']"
+    ),
+]
+PatchesPerStudy = Annotated[int | None, typer.Option(help="with --patch-size: patches per sampled study a step [4]")]
 WeightDecay = Annotated[float | None, typer.Option(help="local L2 weight decay [preset]")]
 Hospitals = Annotated[int | None, typer.Option(help="generated datasets: how many hospitals [preset]")]
 MinHospitals = Annotated[int | None, typer.Option(help="stop when fewer hospitals can train [2]")]

@@ -42,10 +42,14 @@ def resolve_model(name: str, task: str) -> str:
     return name
 
 
-def build_model(name: str, input_shape: int | Sequence[int], hidden_units: int = 32) -> nn.Module:
+def build_model(
+    name: str, input_shape: int | Sequence[int], hidden_units: int = 32, patch: Sequence[int] | None = None
+) -> nn.Module:
     """A freshly initialised model (seed torch first for reproducible weights).
 
-    ``hidden_units`` sets the MLP's width (the other models have a fixed size).
+    ``hidden_units`` sets the MLP's width (the other models have a fixed size). ``patch``: the
+    patch size a U-Net trains on (it then predicts whole volumes window by window); the same
+    parameters whatever it is, so the server builds the model without it.
     """
     shape = (int(input_shape),) if isinstance(input_shape, int) else tuple(int(v) for v in input_shape)
     if name in ("logistic", "mlp"):
@@ -72,7 +76,7 @@ def build_model(name: str, input_shape: int | Sequence[int], hidden_units: int =
         from shared_models.volume_unet import VolumeUNet
 
         _expect(name, shape, 4, "(channels, x, y, z)")
-        return VolumeUNet(channels=shape[0], spatial=shape[1:])
+        return VolumeUNet(channels=shape[0], spatial=shape[1:], patch=patch)
     if name == "gru":
         from shared_models.sequence_gru import SequenceGRU
 

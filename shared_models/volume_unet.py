@@ -11,12 +11,18 @@ norm reached a test Dice of 0.75 with no false-positive study; GroupNorm with on
 group count MONAI's one-channel last layer allows) learned a fixed blob at the organ's centre
 (Dice 0.42-0.49, a lesion "found" in every negative study). Plain SGD learned only that blob too,
 with or without momentum: runs segment with Adam (``local-optimizer``, the segmentation preset).
+
+Built with a ``patch`` size (patch-based training, ``client/volume_patches.py``), it takes a
+training step's patches as they are and predicts a whole volume window by window (MONAI's
+``sliding_window_inference``, Gaussian-weighted overlaps), so instance norm sees at test time
+windows of the size it was trained on.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -32,24 +38,31 @@ STRIDES = (2, 2)
 # at epsilon 8); from 0.02 the first rounds already place the lesion (docs/benchmarks.md).
 LESION_PRIOR = 0.02
 PRIOR_LOGIT = math.log(LESION_PRIOR / (1 - LESION_PRIOR))
+WINDOWS_PER_CALL = 8  # patches through the network at once when a whole volume is predicted
 
 
 class VolumeUNet(nn.Module):
     """(B, C, X, Y, Z) volumes -> (B, 1, X, Y, Z) lesion logits."""
 
-    def __init__(self, channels: int = 1, spatial: Sequence[int] = (32, 32, 20)) -> None:
+    def __init__(
+        self, channels: int = 1, spatial: Sequence[int] = (32, 32, 20), patch: Sequence[int] | None = None
+    ) -> None:
         from monai.networks.nets import UNet
 
         super().__init__()
         self.channels, self.spatial = channels, tuple(int(s) for s in spatial)
+        # trained on patches of this size (client/volume_patches.py): a whole volume is predicted
+        # window by window at it, so instance norm sees windows like those it was trained on
+        self.patch = tuple(int(s) for s in patch) if patch is not None else None
         factor = 1
         for stride in STRIDES:
             factor *= stride
-        if any(s % factor for s in self.spatial):
-            raise FedcareError(
-                f"the U-Net needs every volume side divisible by {factor}, got {self.spatial}",
-                "load volumes with a policy size divisible by it (the default 32 x 32 x 20 is)",
-            )
+        for what, sides in (("volume", self.spatial), ("patch", self.patch or ())):
+            if any(s % factor for s in sides):
+                raise FedcareError(
+                    f"the U-Net needs every {what} side divisible by {factor}, got {sides}",
+                    f"choose a {what} size divisible by it (the default volume 32 x 32 x 20 is)",
+                )
         self.unet = UNet(
             spatial_dims=3,
             in_channels=channels,
@@ -62,5 +75,12 @@ class VolumeUNet(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.patch is not None and tuple(x.shape[2:]) == self.patch:
+            return self.unet(x) + PRIOR_LOGIT  # a training step's patches
         check_input("VolumeUNet", "volumes", x, self.channels, self.spatial, VOLUME_HINT)
-        return self.unet(x) + PRIOR_LOGIT  # a constant: no parameter, no gradient, no privacy cost
+        if self.patch is None:
+            return self.unet(x) + PRIOR_LOGIT  # a constant: no parameter, no gradient, no privacy cost
+        from monai.inferers import sliding_window_inference
+
+        logits = sliding_window_inference(x, self.patch, WINDOWS_PER_CALL, self.unet, overlap=0.5, mode="gaussian")
+        return cast(torch.Tensor, logits) + PRIOR_LOGIT

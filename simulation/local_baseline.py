@@ -8,16 +8,13 @@ target epsilon and delta as the federated run, and the federation's preprocessin
 
 from __future__ import annotations
 
-import torch
-
 from client.datasets import HospitalData
 from client.dp_trainer import DPSettings, evaluate, steps_per_epoch, train
 from client.privacy_ledger import calibrate_noise
 from client.secret_randomness import SecretRandom
 from fedcare.run_config import RunSettings
 from shared_models.classification_metrics import BinarySummary
-from shared_models.registry import build_model, resolve_model
-from simulation.baseline_pipeline import federation_normalisation
+from simulation.baseline_pipeline import baseline_model, federation_normalisation
 
 
 def local_only(data: HospitalData, s: RunSettings) -> BinarySummary:
@@ -31,8 +28,7 @@ def local_only(data: HospitalData, s: RunSettings) -> BinarySummary:
         steps = steps_per_epoch(len(data.y_train), s.batch_size)
         sigma = calibrate_noise([], (1.0 / steps, steps * epochs), s.delta, s.target_epsilon)
         dp = DPSettings(sigma, s.max_grad_norm)
-    torch.manual_seed(s.seed)
-    model = build_model(resolve_model(s.model, data.task), data.input_shape, s.hidden_units)
+    model = baseline_model(s, data)
     train(
         model,
         x_tr,
@@ -44,5 +40,6 @@ def local_only(data: HospitalData, s: RunSettings) -> BinarySummary:
         dp=dp,
         rng=SecretRandom.reproducible(s.seed),
         optimizer_name=s.local_optimizer,
+        patches=s.patch_plan(),
     )
     return evaluate(model, x_te, data.y_test)

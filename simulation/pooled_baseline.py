@@ -10,7 +10,6 @@ features go through the federation's preprocessing with exact pooled sums
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from client.datasets import HospitalData
 from client.dp_trainer import DPSettings, evaluate, steps_per_epoch, train
@@ -18,8 +17,7 @@ from client.privacy_ledger import calibrate_noise
 from client.secret_randomness import SecretRandom
 from fedcare.run_config import RunSettings
 from shared_models.classification_metrics import BinarySummary
-from shared_models.registry import build_model, resolve_model
-from simulation.baseline_pipeline import federation_normalisation
+from simulation.baseline_pipeline import baseline_model, federation_normalisation
 
 
 def pooled_training(hospitals: list[HospitalData], s: RunSettings) -> dict[str, BinarySummary]:
@@ -33,8 +31,7 @@ def pooled_training(hospitals: list[HospitalData], s: RunSettings) -> dict[str, 
     if s.dp:
         steps = steps_per_epoch(len(y), s.batch_size)
         dp = DPSettings(calibrate_noise([], (1.0 / steps, steps * epochs), s.delta, s.target_epsilon), s.max_grad_norm)
-    torch.manual_seed(s.seed)
-    model = build_model(resolve_model(s.model, first.task), first.input_shape, s.hidden_units)
+    model = baseline_model(s, first)
     train(
         model,
         first.prepared(x, mean, std),
@@ -46,6 +43,7 @@ def pooled_training(hospitals: list[HospitalData], s: RunSettings) -> dict[str, 
         dp=dp,
         rng=SecretRandom.reproducible(s.seed),
         optimizer_name=s.local_optimizer,
+        patches=s.patch_plan(),
     )
     out = {h.name: evaluate(model, h.prepared(h.x_test, mean, std), h.y_test) for h in hospitals}
     out["pooled"] = sum(list(out.values())[1:], next(iter(out.values())))

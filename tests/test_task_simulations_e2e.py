@@ -82,16 +82,20 @@ def test_synthetic_dicom_hospitals_train_a_dp_cnn_from_decoded_and_cached_files(
     assert results["final"]["pooled"]["n"] == sum(results["final"][h]["n"] for h in ("hospital-0", "hospital-1"))
 
 
-def test_synthetic_ct_segmentation_trains_a_dp_unet_and_reports_dice_per_hospital(tmp_path):
+@pytest.mark.parametrize(
+    "patches", [(), ("--patch-size", "16x16x12", "--patches-per-study", "2")], ids=["whole", "patches"]
+)
+def test_synthetic_ct_segmentation_trains_a_dp_unet_and_reports_dice_per_hospital(tmp_path, patches):
     """`--task segment`: the hospitals read their SEG masks, train the U-Net with DP-Adam through
     secure aggregation, and the run reports Dice, HD95 and lesion detection per hospital, beside a
-    local-only model trained on the same masks."""
+    local-only model trained on the same masks; on whole volumes or on patches (a study's patches
+    one DP sample, whole volumes predicted window by window)."""
     out, data = tmp_path / "run", tmp_path / "data"
     small = "from simulation import synthetic_ct; synthetic_ct.STUDIES_PER_HOSPITAL = (14, 12)"  # small hospitals
     done = subprocess.run(
         [sys.executable, "-c", f"{small}; from fedcare.cli import app; app()", "simulate",
          "--dataset", "synthetic-ct", "--task", "segment", "--hospitals", "2", "--rounds", "2",
-         "--local-epochs", "1", "--batch-size", "4", "--data-root", str(data), "--output-dir", str(out)],
+         "--local-epochs", "1", "--batch-size", "4", "--data-root", str(data), "--output-dir", str(out), *patches],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     results = _check_run(done, out, ["hospital-0", "hospital-1"], rounds=2, epsilon=8.0)
@@ -102,3 +106,4 @@ def test_synthetic_ct_segmentation_trains_a_dp_unet_and_reports_dice_per_hospita
         final = results["final"][name]
         assert 0.0 <= final["dice"] <= 1.0 and final["n"] > 0  # Dice over the studies with a lesion
     assert results["settings"]["task"] == "segment" and results["settings"]["local-optimizer"] == "adam"
+    assert results["settings"]["patch-size"] == (patches[1] if patches else "")
