@@ -165,3 +165,19 @@ def test_dp_training_on_patches_counts_the_same_steps_and_learns_lesions():
     assert steps[True] == steps[False] == [(0.5, 8 / 24, 90)]  # 3 batches x 30 epochs
     summary = evaluate(model, x, masks)
     assert summary.dice_sum / summary.dice_n > 0.5
+
+
+def test_an_empty_poisson_batch_of_studies_steps_on_noise_alone():
+    """No study sampled: no patches to cut, every clipped gradient zero (the optimizer adds noise)."""
+    unet = build_model("unet3d", (1, 32, 32, 20), patch=(16, 16, 12))
+    x, masks = cut_patches(
+        torch.zeros(0, 1, 32, 32, 20),
+        torch.zeros(0, 1, 32, 32, 20),
+        PatchPlan((16, 16, 12), 4),
+        SecretRandom.reproducible(0),
+    )
+    clipper = PerSampleClipper(unet, 0.1, rows_per_sample=4)
+    with clipper.recording():
+        loss = sample_losses(unet(x), masks).sum()
+    assert clipper.clip_and_sum(loss, 0).numel() == 0
+    assert all(torch.count_nonzero(p.grad) == 0 for p in unet.parameters())
