@@ -36,6 +36,7 @@ from client.secret_randomness import SecretRandom
 from fedcare import protocol, timing
 from fedcare.errors import BudgetExhausted, FedcareError
 from fedcare.protocol import RunRequest
+from fedcare.run_config import personalise_lr_scale
 from fedcare.wire import (
     EvaluationMetrics,
     FeatureSchema,
@@ -664,7 +665,8 @@ def _personalise(node: _Node, global_arrays: Any) -> tuple[EvaluationMetrics, fl
         rnd = node.request.num_rounds + j
         dp, ledger, _, _ = _dp_round(node, data, rnd)
         rng = node.rng(data, "personalise", rnd)
-        outcome = _local_training(node, data, model, dp, rng, lr_scale=node.request.personalise_lr_scale)
+        lr_scale = personalise_lr_scale(node.request.personalise_lr_scale, node.dp)
+        outcome = _local_training(node, data, model, dp, rng, lr_scale=lr_scale)
         if ledger is not None:
             eps = _charge(node, data, ledger, dp, outcome, rnd, "personalise")
         # a charged release of its own: only the personalised model's test metrics leave the hospital

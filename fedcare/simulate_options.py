@@ -33,7 +33,7 @@ PersonaliseRounds = Annotated[
 ]
 PersonaliseLrScale = Annotated[
     float | None,
-    typer.Option(help="personalisation's learning rate as a multiple of --learning-rate [1.0]"),
+    typer.Option(help="personalisation's learning rate as a multiple of --learning-rate [0: 0.3 with DP, 1.0 without]"),
 ]
 Strategy = Annotated[str | None, typer.Option(help="fedavg | fedprox | fedadam [fedavg]")]
 Task = Annotated[

@@ -3,7 +3,7 @@ import tomllib
 import pytest
 
 from fedcare.errors import FedcareError
-from fedcare.run_config import RunSettings
+from fedcare.run_config import RunSettings, personalise_lr_scale
 from tests.conftest import ROOT
 
 
@@ -145,3 +145,13 @@ def test_product_hints_name_the_simulate_option_and_the_run_config_key(raise_it,
     for name in names:
         option = simulate_option(name).split("/")[-1]
         assert f"`fedcare simulate {option}`" in hint and f"run-config {name.replace('_', '-')}" in hint, hint
+
+
+def test_personalisation_fine_tunes_more_gently_under_dp_unless_told():
+    """personalise-lr-scale 0 (the default) is 0.3 of the learning rate with DP and 1.0 without (the
+    cross-table choice); a scale the coordinator sets is kept; a negative one is refused."""
+    assert RunSettings().personalise_lr_scale == 0.0
+    assert personalise_lr_scale(0.0, dp=True) == 0.3 and personalise_lr_scale(0.0, dp=False) == 1.0
+    assert personalise_lr_scale(0.5, dp=True) == 0.5 and personalise_lr_scale(2.0, dp=False) == 2.0
+    with pytest.raises(FedcareError, match="personalise-lr-scale must be >= 0"):
+        RunSettings(personalise_lr_scale=-0.1)
