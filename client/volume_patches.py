@@ -4,11 +4,10 @@ A study too large for a whole-volume step is trained on patches: each step crops
 ``PatchPlan.per_study`` patches (``fedcare/run_config.py``) from every sampled study with MONAI's
 ``RandCropByPosNegLabeld`` (each patch centred on a lesion voxel with probability 1/2 where the
 study has a lesion, anywhere otherwise), and the patches of one study go through the network as
-consecutive rows of the batch. The DP trainer clips the sum of
-a study's patch gradients as one sample (``PerSampleClipper(rows_per_sample=per_study)``), so the
-sampling rate, the noise and the accountant are those of whole-volume training: a patient is in a
-step with all their patches or not at all. One patch per sample would multiply the patient's
-privacy loss by the number of patches.
+consecutive rows of the batch. The DP trainer clips the sum of a study's patch gradients as one
+sample (``PerSampleClipper(rows_per_sample=per_study)``), so the sampling rate, the noise and the
+accountant are those of whole-volume training: a patient is in a step with all their patches or not
+at all. One patch per sample would multiply the patient's privacy loss by the number of patches.
 
 Only the activations of the patches are held, not those of the whole volume; the U-Net predicts a
 whole volume window by window at the patch size (``shared_models/volume_unet.py``).

@@ -51,9 +51,7 @@ class RunSettings:
     num_rounds: int = 15
     local_epochs: int = 1
     personalise_rounds: int = 2  # rounds of local fine-tuning of the final model at each hospital (DP, charged)
-    personalise_lr_scale: float = (
-        0.0  # personalisation's learning rate = this x learning-rate (0: AUTO_PERSONALISE_LR_SCALE)
-    )
+    personalise_lr_scale: float = 0.0  # fine-tuning's rate = this x learning-rate (0: AUTO_PERSONALISE_LR_SCALE)
     batch_size: int = 30
     learning_rate: float = 0.3
     local_optimizer: str = "sgd"  # sgd | adam (DP-SGD / DP-Adam under DP: the same clipped, noised gradient)
