@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from bench.bench_task_accuracy import LABELS, dataset_section, run_seeds
 from bench.markdown_report import replace_section
 from fedcare.dataset_registry import REGISTRY
-from fedcare.run_config import RUN_DEFAULTS
+from fedcare.run_config import RUN_DEFAULTS, personalise_lr_scale
 
 DATASET = "synthetic-ct"
 CLASSIFY_HEADING = "### 3D CT classification"
@@ -103,7 +103,9 @@ def main() -> None:
             "",
             dataset_section(f"{title} (preset: epsilon {p['target_epsilon']:g})", tables, seconds, metrics),
             f"Federated and personalised (the federated model fine-tuned at the hospital for "
-            f"{p.get('personalise_rounds', RUN_DEFAULTS['personalise_rounds'])} rounds inside the same epsilon) against "
+            f"{p.get('personalise_rounds', RUN_DEFAULTS['personalise_rounds'])} rounds at "
+            f"{personalise_lr_scale(p.get('personalise_lr_scale', RUN_DEFAULTS['personalise_lr_scale']), dp=True):g} "
+            "of the learning rate, inside the same epsilon) against "
             f"local-only, per hospital (target: federated >= local-only {LABELS[target]} at every hospital):",
             "",
             *federation_pays_off(tables, target),
