@@ -42,8 +42,8 @@ def cut_patches(
     cropper = RandCropByPosNegLabeld(
         ["image", "label"], "label", spatial_size=plan.size, pos=1.0, neg=1.0, num_samples=plan.per_study
     )
-    # the crop positions need no secrecy (the clipped sum over a study's patches is the sample);
-    # drawn from the trainer's generator, so a seeded test run repeats
+    # MONAI draws crop centres from a numpy RandomState: its state comes from the trainer's secret
+    # stream (the hospital's OS entropy), never from the run's seed or anything a message carries
     seed = int(np.frombuffer(rng.random_bytes(4), dtype=np.uint32)[0])
     cropper.set_random_state(seed=seed)
     images, labels = [], []

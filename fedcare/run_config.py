@@ -149,7 +149,7 @@ def validate(s: RunSettings) -> None:
     """Reject settings that cannot run, with a one-line reason and a fix."""
     data_kind = dataset_spec(s.dataset).task
     _validate_task(s.task, data_kind)
-    if PatchPlan.parse(s.patch_size, s.patches_per_study) is not None and s.task != "segment":
+    if s.patch_plan() is not None and s.task != "segment":
         raise FedcareError(
             f"patch-size {s.patch_size} is for segmentation (a patch of a study keeps its mask, not its label)",
             f"train task segment, or leave patch-size empty ({how_to_set('patch_size')})",

@@ -75,12 +75,16 @@ class VolumeUNet(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.patch is not None and tuple(x.shape[2:]) == self.patch:
-            return self.unet(x) + PRIOR_LOGIT  # a training step's patches
-        check_input("VolumeUNet", "volumes", x, self.channels, self.spatial, VOLUME_HINT)
-        if self.patch is None:
-            return self.unet(x) + PRIOR_LOGIT  # a constant: no parameter, no gradient, no privacy cost
-        from monai.inferers import sliding_window_inference
+        patches = self.patch is not None and tuple(x.shape[2:]) == self.patch  # a training step's patches
+        if not patches:
+            check_input("VolumeUNet", "volumes", x, self.channels, self.spatial, VOLUME_HINT)
+        if self.patch is None or patches:
+            logits = self.unet(x)
+        else:  # a whole volume from a patch-trained network: window by window
+            from monai.inferers import sliding_window_inference
 
-        logits = sliding_window_inference(x, self.patch, WINDOWS_PER_CALL, self.unet, overlap=0.5, mode="gaussian")
-        return cast(torch.Tensor, logits) + PRIOR_LOGIT
+            logits = cast(
+                torch.Tensor,
+                sliding_window_inference(x, self.patch, WINDOWS_PER_CALL, self.unet, overlap=0.5, mode="gaussian"),
+            )
+        return logits + PRIOR_LOGIT  # a constant: no parameter, no gradient, no privacy cost

@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from client.dp_trainer import DPSettings, evaluate, train
 from client.per_sample_clipping import PerSampleClipper
@@ -18,24 +17,9 @@ from fedcare.errors import FedcareError
 from fedcare.protocol import RunRequest
 from fedcare.run_config import PatchPlan, RunSettings
 from shared_models.registry import build_model
-from tests.support.clipping_cases import CASES, C
+from tests.support.clipping_cases import CASES, C, reference_clipped_sum
 
 ROWS = 3  # patches per study in the clipping checks
-
-
-def _reference_per_study(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: int) -> list[torch.Tensor]:
-    """sum_i clip(sum over study i's rows of the row gradients), one study at a time."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    total = [torch.zeros_like(p) for p in params]
-    for i in range(0, len(y), rows):
-        model.zero_grad(set_to_none=True)
-        sample_losses(model(x[i : i + rows]), y[i : i + rows]).sum().backward()
-        grads = [p.grad.detach().clone() for p in params]
-        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
-        coef = (C / (norm + 1e-6)).clamp(max=1.0)
-        total = [t + coef * g for t, g in zip(total, grads)]
-    model.zero_grad(set_to_none=True)
-    return total
 
 
 @pytest.mark.parametrize("family", ["conv3d-unet", "monai-unet3d", "cnn3d", "mlp", "cnn", "conv1d-transposed"])
@@ -47,7 +31,7 @@ def test_a_study_s_patches_are_clipped_together_as_one_sample(family: str) -> No
     model = model.double()
     x = torch.cat([x, x.flip(0)])[: (2 * len(x)) // ROWS * ROWS] * 3  # several studies, some clipped
     y = (torch.rand(len(x), dtype=torch.float64) > 0.5).to(torch.float64)
-    expected = _reference_per_study(model, x, y, ROWS)
+    expected = reference_clipped_sum(model, x, y, ROWS)
     clipper = PerSampleClipper(model, C, rows_per_sample=ROWS)
     with clipper.recording():
         loss = sample_losses(model(x), y).sum()
@@ -57,7 +41,7 @@ def test_a_study_s_patches_are_clipped_together_as_one_sample(family: str) -> No
     assert norms.shape == (len(y) // ROWS,)
     for e, g in zip(expected, got):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10)
-    per_patch = _reference_per_study(model, x, y, 1)
+    per_patch = reference_clipped_sum(model, x, y)
     assert any(not torch.allclose(a, b) for a, b in zip(per_patch, expected))
 
 

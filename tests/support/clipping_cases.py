@@ -16,14 +16,14 @@ from shared_models.registry import build_model
 C = 1.0  # the clip norm every case uses
 
 
-def reference_clipped_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+def reference_clipped_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: int = 1) -> list[torch.Tensor]:
     """sum_i clip(g_i), with microbatches of one sample and Opacus's clip factor (the trainer's loss:
-    labels or masks)."""
+    labels or masks); a sample is ``rows`` consecutive rows (a study's patches), its gradient their sum."""
     params = [p for p in model.parameters() if p.requires_grad]
     total = [torch.zeros_like(p) for p in params]
-    for i in range(len(y)):
+    for i in range(0, len(y), rows):
         model.zero_grad(set_to_none=True)
-        sample_losses(model(x[i : i + 1]), y[i : i + 1]).sum().backward()
+        sample_losses(model(x[i : i + rows]), y[i : i + rows]).sum().backward()
         grads = [p.grad.detach().clone() for p in params]
         norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
         coef = (C / (norm + 1e-6)).clamp(max=1.0)
