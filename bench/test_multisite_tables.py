@@ -54,3 +54,16 @@ def test_registry_has_heterogeneous_tables():
         rates = [r["positive_rate"] for r in site_summary(name)]
         ratios[name] = max(rates) / min(rates)
     assert sum(r >= 2 for r in ratios.values()) >= 2, ratios
+
+
+def test_each_split_holds_out_other_patients_with_the_same_class_counts(tmp_path):
+    """The benchmark's seed k runs on split k: another stratified hold-out at every hospital."""
+    held_out, counts = [], []
+    for split in (0, 1):
+        root = tmp_path / f"split-{split}"
+        write_hospitals("aids2", root, split=split)
+        data = load_hospital("ehr-table", DataSource(data_root=str(root), partition_id=0))
+        counts.append((len(data.y_train), len(data.y_test), int(data.y_test.sum())))
+        held_out.append(sorted(map(tuple, data.x_test.tolist())))
+    assert counts[0] == counts[1]  # the same patients and class counts ...
+    assert held_out[0] != held_out[1]  # ... another set of them held out
