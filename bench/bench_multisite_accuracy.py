@@ -163,6 +163,22 @@ def _personalised_check(runs: list[dict], names: list[str], personalised: bool) 
     return f"; personalised {_cell(pers)} {verdict} local-only {_cell(local)} on the mean over hospitals"
 
 
+def chance_bound(test_n: int, positives: int) -> float:
+    """AUC above which a model ranks better than chance on this test split: 0.5 plus two null standard
+    errors of the Mann-Whitney AUC, sqrt((P + N + 1) / (12 P N))."""
+    negatives = test_n - positives
+    return 0.5 + 2 * math.sqrt((positives + negatives + 1) / (12 * positives * negatives))
+
+
+def _signal_check(central: float, test_n, positives: int) -> str:
+    """The check's signal clause: whether pooled training found anything the pooled test split shows."""
+    if math.isnan(central) or not isinstance(test_n, int) or not 0 < positives < test_n:
+        return ""
+    bound = chance_bound(test_n, positives)
+    verdict = "signal" if central > bound else "no signal: every comparison above is between noise draws"
+    return f"; pooled-trained {_cell(central)} against chance bound {bound:.3f}: {verdict}"
+
+
 def summarise(table: str, config: str, runs: list[dict], positives: list[int]) -> tuple[list[str], str]:
     """Markdown rows (per hospital + pooled, means over seeds) and the bar-check line."""
     names = [h["name"] for h in runs[0]["hospitals"]]
@@ -209,6 +225,7 @@ def summarise(table: str, config: str, runs: list[dict], positives: list[int]) -
         + f"; pooled fed {_cell(p_fed)} vs pooled-trained {_cell(p_central)} - {POOLED_MARGIN}: "
         + ("ok" if pooled_ok else "FAIL")
         + _personalised_check(runs, names, personalised)
+        + _signal_check(p_central, ps[0]["test_n"], sum(positives))
     )
     return rows, check
 
@@ -222,6 +239,9 @@ def main() -> None:
         "--extra", default="", help='arguments passed through to `fedcare simulate`, e.g. "--weight-decay 0"'
     )
     parser.add_argument("--raw", type=Path, default=None, help="append one JSON line per run to this file")
+    parser.add_argument(
+        "--from-raw", type=Path, default=None, help="summarise the runs of a --raw file of this command; run nothing"
+    )
     parser.add_argument("--write", type=Path, default=None, help="markdown file to (re)write the results into")
     args = parser.parse_args()
     tables = [t.strip() for t in args.tables.split(",") if t.strip()]
@@ -232,9 +252,7 @@ def main() -> None:
     for c in configs:
         if c not in CONFIGS:
             parser.error(f"unknown config {c!r}; choose from {', '.join(CONFIGS)}")
-    extra = shlex.split(args.extra)
     seeds = list(range(args.seeds))
-
     sections, checks, walls = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for table in tables:
@@ -244,40 +262,66 @@ def main() -> None:
                 sites = write_hospitals(table, root, split=seed)
             positives = test_positives(roots[seeds[0]], sites)
             for config in configs:
-                runs = []
-                for seed in seeds:
-                    run = run_one(table, sites, roots[seed], config, seed, extra, Path(tmp) / table)
-                    runs.append(run)
-                    walls.append(run["wall"])
-                    print(
-                        f"{table} / {config} / seed {seed}: pooled fed AUC {_cell(run['pooled']['fed'])}, "
-                        f"local {_cell(run['pooled']['local'])}, pooled-trained {_cell(run['pooled']['central'])}"
-                        f"  ({run['wall']:.0f} s)",
-                        flush=True,
-                    )
-                    if args.raw:
-                        args.raw.parent.mkdir(parents=True, exist_ok=True)
-                        with args.raw.open("a") as handle:
-                            handle.write(json.dumps(_clean(run)) + "\n")
+                if args.from_raw:
+                    runs = _raw_runs(args.from_raw, table, config, seeds)
+                else:
+                    runs = [_run_and_keep(table, sites, roots[seed], config, seed, args, Path(tmp)) for seed in seeds]
+                walls += [run["wall"] for run in runs]
                 rows, check = summarise(table, config, runs, positives)
                 checks.append(check)
-                sections += [
-                    f"#### {table} ({TABLES[table].source}), {config}",
-                    "",
-                    TABLES[table].description + "; label: " + TABLES[table].label_rule + ".",
-                    "",
-                    (
-                        "| hospital | test n (positive) | federated AUC | personalised AUC | local-only AUC | "
-                        "pooled-trained AUC |"
-                    ),
-                    "|---|---|---|---|---|---|",
-                    *rows,
-                    "",
-                    check,
-                    "",
-                ]
+                sections += _table_section(table, config, rows, check)
                 print("\n".join(sections[-(len(rows) + 9) :]), flush=True)
+    text = "\n".join(_header(args, seeds, walls) + sections)
+    print("\nbar checks:\n" + "\n".join(checks))
+    if args.write:
+        replace_section(args.write, HEADING, text)
 
+
+def _run_and_keep(table: str, sites: list[str], root: Path, config: str, seed: int, args, tmp: Path) -> dict:
+    """One run, printed and (--raw) appended to the raw file."""
+    run = run_one(table, sites, root, config, seed, shlex.split(args.extra), tmp / table)
+    print(
+        f"{table} / {config} / seed {seed}: pooled fed AUC {_cell(run['pooled']['fed'])}, "
+        f"local {_cell(run['pooled']['local'])}, pooled-trained {_cell(run['pooled']['central'])}"
+        f"  ({run['wall']:.0f} s)",
+        flush=True,
+    )
+    if args.raw:
+        args.raw.parent.mkdir(parents=True, exist_ok=True)
+        with args.raw.open("a") as handle:
+            handle.write(json.dumps(_clean(run)) + "\n")
+    return run
+
+
+def _raw_runs(path: Path, table: str, config: str, seeds: list[int]) -> list[dict]:
+    """The runs of ``table`` / ``config`` for ``seeds`` in a --raw file (the last line per seed wins)."""
+    found: dict[int, dict] = {}
+    for line in path.read_text().splitlines():
+        run = json.loads(line)
+        if run["table"] == table and run["config"] == config and run["seed"] in seeds:
+            found[run["seed"]] = _unclean(run)
+    missing = [seed for seed in seeds if seed not in found]
+    if missing:
+        raise SystemExit(f"{path} holds no run of {table} / {config} for seed(s) {missing}")
+    return [found[seed] for seed in seeds]
+
+
+def _table_section(table: str, config: str, rows: list[str], check: str) -> list[str]:
+    return [
+        f"#### {table} ({TABLES[table].source}), {config}",
+        "",
+        TABLES[table].description + "; label: " + TABLES[table].label_rule + ".",
+        "",
+        "| hospital | test n (positive) | federated AUC | personalised AUC | local-only AUC | pooled-trained AUC |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+        check,
+        "",
+    ]
+
+
+def _header(args, seeds: list[int], walls: list[float]) -> list[str]:
     command = "    .venv/bin/python bench/bench_multisite_accuracy.py " + shlex.join(
         [
             *(["--tables", args.tables] if args.tables != ",".join(TABLES) else []),
@@ -289,7 +333,7 @@ def main() -> None:
             "docs/benchmarks.md",
         ]
     )
-    lines = [
+    return [
         HEADING,
         "",
         (
@@ -308,14 +352,12 @@ def main() -> None:
         "central reference). Bar: no hospital whose test split holds at least "
         f"{MIN_TEST_N} patients and {MIN_TEST_CLASS} of each class",
         f"where max(federated, personalised) < local-only - {LOCAL_MARGIN}, and pooled federated "
-        f">= pooled-trained - {POOLED_MARGIN}.",
+        f">= pooled-trained - {POOLED_MARGIN}. Signal: whether pooled-trained's pooled AUC is above chance by",
+        "two null standard errors of an AUC on that test split, sqrt((P + N + 1) / (12 P N)) for P positive",
+        "and N negative patients (Mann-Whitney); where it is not, no model has learned anything the test",
+        "split can show, and the comparisons in that table are between noise draws.",
         "",
-        *sections,
     ]
-    text = "\n".join(lines)
-    print("\nbar checks:\n" + "\n".join(checks))
-    if args.write:
-        replace_section(args.write, HEADING, text)
 
 
 def _clean(value):
@@ -327,6 +369,18 @@ def _clean(value):
     if isinstance(value, float) and math.isnan(value):
         return None
     return value
+
+
+def _unclean(value):
+    """A --raw run as summarise reads it: null AUCs back to NaN."""
+    if isinstance(value, dict):
+        return {k: (float("nan") if v is None and k in AUC_FIELDS else _unclean(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unclean(v) for v in value]
+    return value
+
+
+AUC_FIELDS = ("fed", "personalised", "local", "central")
 
 
 if __name__ == "__main__":
