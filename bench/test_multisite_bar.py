@@ -25,10 +25,18 @@ def _run(local: float, fed: float, central: float = 0.7) -> dict:
 
 
 def test_the_bar_compares_only_hospitals_with_ten_patients_of_each_class():
-    _, check = summarise("t", "no DP", [_run(local=0.80, fed=0.70)], positives=[40, 6])
+    runs = [_run(local=0.80, fed=0.70), _run(local=0.81, fed=0.70)]
+    _, check = summarise("t", "no DP", runs, positives=[40, 6])
     assert "1 of 2 hospitals" in check
-    assert "big (0.700 < local 0.800)" in check
+    assert "big (-0.105 ± 0.005, measurably)" in check  # paired per split: -0.10, -0.11
     assert "few-positives" not in check
+
+
+def test_a_gap_within_its_standard_error_is_reported_but_not_measurable():
+    runs = [_run(local=0.80, fed=0.70), _run(local=0.80, fed=0.86)]  # -0.10 then +0.06
+    _, check = summarise("t", "no DP", runs, positives=[40, 6])
+    assert "big (-0.020 ± 0.080)" in check
+    assert "measurably" not in check.split("big")[1].split(")")[0]
 
 
 def test_a_table_has_signal_only_above_chance_by_two_null_standard_errors():
