@@ -136,7 +136,7 @@ def _cell(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.3f}"
 
 
-def test_positives(data_root: Path, sites: list[str]) -> list[int]:
+def positives_per_hospital(data_root: Path, sites: list[str]) -> list[int]:
     """Positive patients in each hospital's test split, read by the product's loader (the split is
     stratified, so every split of a table has the same class counts)."""
     from client.datasets import DataSource, load_hospital
@@ -265,7 +265,7 @@ def main() -> None:
             roots = {seed: Path(tmp) / table / f"split-{seed}" for seed in seeds}
             for seed, root in roots.items():
                 sites = write_hospitals(table, root, split=seed)
-            positives = test_positives(roots[seeds[0]], sites)
+            positives = positives_per_hospital(roots[seeds[0]], sites)
             for config in configs:
                 if args.from_raw:
                     runs = _raw_runs(args.from_raw, table, config, seeds)
