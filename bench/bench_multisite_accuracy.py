@@ -45,6 +45,7 @@ MIN_TEST_N = 30  # the bar check looks at hospitals with at least this many test
 MIN_TEST_CLASS = 10  # ... and at least this many of each class (an AUC over fewer positives is one patient's rank)
 LOCAL_MARGIN = 0.01  # a hospital fails when max(fed, personalised) < local - this
 POOLED_MARGIN = 0.02  # the pooled row fails when fed < pooled-trained - this
+AUC_FIELDS = ("fed", "personalised", "local", "central")  # a run's AUCs per model (null in --raw: undefined)
 
 
 def _auc(metrics: dict | None) -> float:
@@ -153,12 +154,10 @@ def _comparable(test_n, positives: int) -> bool:
     return isinstance(test_n, int) and test_n >= MIN_TEST_N and min(positives, test_n - positives) >= MIN_TEST_CLASS
 
 
-def _personalised_check(runs: list[dict], names: list[str], personalised: bool) -> str:
-    """The check's last clause: personalised against local-only AUC, each the mean over hospitals."""
-    if not personalised:
-        return ""
-    pers = _mean([_mean([r["hospitals"][i]["personalised"] for r in runs]) for i in range(len(names))])
-    local = _mean([_mean([r["hospitals"][i]["local"] for r in runs]) for i in range(len(names))])
+def _personalised_check(pers_means: list[float], local_means: list[float]) -> str:
+    """The check's personalisation clause: personalised against local-only AUC, each the mean over
+    hospitals of the hospitals' means over seeds."""
+    pers, local = _mean(pers_means), _mean(local_means)
     verdict = "beats" if pers > local else "does not beat"
     return f"; personalised {_cell(pers)} {verdict} local-only {_cell(local)} on the mean over hospitals"
 
@@ -196,10 +195,14 @@ def summarise(table: str, config: str, runs: list[dict], positives: list[int]) -
     names = [h["name"] for h in runs[0]["hospitals"]]
     personalised = any(h["has_personalised"] for r in runs for h in r["hospitals"])
     rows, failing = [], []
+    pers_means: list[float] = []
+    local_means: list[float] = []
     for i, _name in enumerate(names):
         hs = [r["hospitals"][i] for r in runs]
         fed, pers = _mean([h["fed"] for h in hs]), _mean([h["personalised"] for h in hs])
         local, central = _mean([h["local"] for h in hs]), _mean([h["central"] for h in hs])
+        pers_means.append(pers)
+        local_means.append(local)
         test_n = hs[0]["test_n"]
         rows.append(
             f"| {hs[0]['site']} | {test_n} ({positives[i]}) | {_cell(fed)} | "
@@ -229,7 +232,7 @@ def summarise(table: str, config: str, runs: list[dict], positives: list[int]) -
         )
         + f"; pooled fed {_cell(p_fed)} vs pooled-trained {_cell(p_central)} - {POOLED_MARGIN}: "
         + ("ok" if pooled_ok else "FAIL")
-        + _personalised_check(runs, names, personalised)
+        + (_personalised_check(pers_means, local_means) if personalised else "")
         + _signal_check(p_central, ps[0]["test_n"], sum(positives), len(runs))
     )
     return rows, check
@@ -387,9 +390,6 @@ def _unclean(value):
     if isinstance(value, list):
         return [_unclean(v) for v in value]
     return value
-
-
-AUC_FIELDS = ("fed", "personalised", "local", "central")
 
 
 if __name__ == "__main__":
