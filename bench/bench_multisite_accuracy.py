@@ -55,18 +55,21 @@ def _auc(metrics: dict | None) -> float:
 
 
 def run_one(
-    table: str, sites: list[str], data_root: Path, config: str, seed: int, extra: list[str], workdir: Path
+    table: str, sites: list[str], data_root: Path | None, config: str, seed: int, extra: list[str], workdir: Path
 ) -> dict:
-    out = workdir / f"{table}-{config.replace(' ', '').replace('=', '')}-{seed}"
+    """One `fedcare simulate` run with both baselines: the AUCs per hospital and pooled. ``data_root``
+    None runs the heart data (fed-heart-disease) instead of the table's ehr-table folders."""
+    settings = "".join(ch for ch in "".join(extra) if ch.isalnum() or ch == ".")
+    out = workdir / f"{table}-{config.replace(' ', '').replace('=', '')}-{seed}{settings}"
+    dataset = (
+        ["--dataset", "ehr-table", "--data-root", str(data_root)] if data_root else ["--dataset", "fed-heart-disease"]
+    )
     cmd = [
         sys.executable,
         "-m",
         "fedcare.cli",
         "simulate",
-        "--dataset",
-        "ehr-table",
-        "--data-root",
-        str(data_root),
+        *dataset,
         "--seed",
         str(seed),
         "--output-dir",
