@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import sys
@@ -33,15 +34,16 @@ sys.path.insert(0, str(ROOT))
 from bench.bench_multisite_accuracy import (
     CONFIGS,
     LOCAL_MARGIN,
-    _clean,
     _comparable,
     _mean,
     _unclean,
-    positives_per_hospital,
+    append_raw,
+    parse_choices,
     run_one,
+    write_splits,
 )
 from bench.markdown_report import replace_section
-from bench.multisite_tables import TABLES, write_hospitals
+from bench.multisite_tables import TABLES
 from fedcare.run_config import RUN_DEFAULTS as D
 
 NO_DP_HEADING = "### Training defaults without DP: a sweep over the real multi-site tables and the heart data"
@@ -128,9 +130,7 @@ def _run_or_reuse(key: tuple, sites: list[str], root: Path | None, args, stored:
         flush=True,
     )
     if args.raw:
-        args.raw.parent.mkdir(parents=True, exist_ok=True)
-        with args.raw.open("a") as handle:
-            handle.write(json.dumps(_clean(run)) + "\n")
+        append_raw(args.raw, run)
     stored[key] = run
     return run
 
@@ -145,14 +145,8 @@ def main() -> None:
     parser.add_argument("--raw", type=Path, default=None, help="keep (and reuse) one JSON line per run in this file")
     parser.add_argument("--write", type=Path, default=None, help="markdown file to (re)write the results into")
     args = parser.parse_args()
-    data_sets = [d.strip() for d in args.data.split(",") if d.strip()]
-    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
-    for d in data_sets:
-        if d not in every:
-            parser.error(f"unknown data set {d!r}; choose from {', '.join(every)}")
-    for s in settings:
-        if s not in SETTINGS:
-            parser.error(f"unknown setting {s!r}; choose from {', '.join(SETTINGS)}")
+    data_sets = parse_choices(parser, args.data, every, "data set")
+    settings = parse_choices(parser, args.settings, list(SETTINGS), "setting")
     seeds = list(range(args.seeds))
     stored = _stored(args.raw)
     rows: list[str] = []
@@ -161,14 +155,12 @@ def main() -> None:
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         for data in data_sets:
-            roots: dict[int, Path | None] = {seed: None for seed in seeds}
+            roots: dict[int, Path | None] = {seed: None for seed in seeds}  # the heart data: no folders
             sites: list[str] = []
             positives = None
             if data != HEART:
-                roots = {seed: Path(tmp) / data / f"split-{seed}" for seed in seeds}
-                for seed, root in roots.items():
-                    sites = write_hospitals(data, root, split=seed)
-                positives = positives_per_hospital(roots[seeds[0]], sites)
+                split_roots, sites, positives = write_splits(data, Path(tmp), seeds)
+                roots = dict(split_roots)
             for setting in settings:
                 keys = [(data, args.config, seed, tuple(SETTINGS[setting])) for seed in seeds]
                 runs = [_run_or_reuse(key, sites, roots[key[2]], args, stored, Path(tmp)) for key in keys]
@@ -199,7 +191,7 @@ def _header(args, seeds: list[int], settings: list[str]) -> list[str]:
         NO_DP_HEADING if args.config == "no DP" else DP_HEADING,
         "",
         f"Measured {date.today().isoformat()} on {platform.machine()}, {platform.system()}, "
-        f"{__import__('os').cpu_count()} CPU cores; {args.config}; seeds {seeds[0]}..{seeds[-1]} (seed k on the k-th split "
+        f"{os.cpu_count()} CPU cores; {args.config}; seeds {seeds[0]}..{seeds[-1]} (seed k on the k-th split "
         "of every multi-site table). Command:",
         "",
         command,

@@ -255,23 +255,13 @@ def main() -> None:
     )
     parser.add_argument("--write", type=Path, default=None, help="markdown file to (re)write the results into")
     args = parser.parse_args()
-    tables = [t.strip() for t in args.tables.split(",") if t.strip()]
-    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    for t in tables:
-        if t not in TABLES:
-            parser.error(f"unknown table {t!r}; choose from {', '.join(TABLES)}")
-    for c in configs:
-        if c not in CONFIGS:
-            parser.error(f"unknown config {c!r}; choose from {', '.join(CONFIGS)}")
+    tables = parse_choices(parser, args.tables, list(TABLES), "table")
+    configs = parse_choices(parser, args.configs, list(CONFIGS), "config")
     seeds = list(range(args.seeds))
     sections, checks, walls = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for table in tables:
-            # seed k runs on split k: every hospital holds out another stratified test split
-            roots = {seed: Path(tmp) / table / f"split-{seed}" for seed in seeds}
-            for seed, root in roots.items():
-                sites = write_hospitals(table, root, split=seed)
-            positives = positives_per_hospital(roots[seeds[0]], sites)
+            roots, sites, positives = write_splits(table, Path(tmp), seeds)
             for config in configs:
                 if args.from_raw:
                     runs = _raw_runs(args.from_raw, table, config, seeds)
@@ -298,10 +288,34 @@ def _run_and_keep(table: str, sites: list[str], root: Path, config: str, seed: i
         flush=True,
     )
     if args.raw:
-        args.raw.parent.mkdir(parents=True, exist_ok=True)
-        with args.raw.open("a") as handle:
-            handle.write(json.dumps(_clean(run)) + "\n")
+        append_raw(args.raw, run)
     return run
+
+
+def parse_choices(parser: argparse.ArgumentParser, text: str, allowed: list[str], what: str) -> list[str]:
+    """A comma-separated option's items, each one of ``allowed`` (else the parser's usage error)."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    for item in items:
+        if item not in allowed:
+            parser.error(f"unknown {what} {item!r}; choose from {', '.join(allowed)}")
+    return items
+
+
+def write_splits(table: str, folder: Path, seeds: list[int]) -> tuple[dict[int, Path], list[str], list[int]]:
+    """The table's hospital folders once per seed, seed k on the k-th stratified split (every hospital
+    holds out another test split); with its sites and each hospital's positive test patients."""
+    roots = {seed: folder / table / f"split-{seed}" for seed in seeds}
+    sites: list[str] = []
+    for seed, root in roots.items():
+        sites = write_hospitals(table, root, split=seed)
+    return roots, sites, positives_per_hospital(roots[seeds[0]], sites)
+
+
+def append_raw(path: Path, run: dict) -> None:
+    """One run as a JSON line at the end of a --raw file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        handle.write(json.dumps(_clean(run)) + "\n")
 
 
 def _raw_runs(path: Path, table: str, config: str, seeds: list[int]) -> list[dict]:
